@@ -1,0 +1,622 @@
+//! The merge Wbar_g = E + alpha * sum_i s[g,i] zeta[g,i] (m_i (.) U_i) and the fused CA-merge
+//! (curvature, mask, DARE, weighted sum, optional dynamic merge), forward and backward (SPEC 3, 4).
+//!
+//! Without element-level DARE the weighted sum over experts is one GEMM [G, N] @ [N, O*I], and in the
+//! backward both sum_g s[g,i] Gbar_g and the inner products <Gbar_g, P_i> are GEMMs: no [G, N, O, I]
+//! tensor is ever formed. Element-level DARE draws zeta per element from Philox on the fly instead.
+
+use super::curvature::{
+    check_curvature, check_weights, curved_unchecked, neg_sum_experts, tau_backward, Curvature,
+    Dims, FactorGrads,
+};
+use super::dynamic::{grad_beta_unchecked, next_base_unchecked};
+use super::gemm::{gemm, View};
+use super::mask::mask_unchecked;
+use crate::error::{Error, Result};
+use crate::options::{Dare, MergeOptions};
+use crate::philox::{DareDraw, Granularity};
+use crate::shape::{expect_nonempty, expect_rank, expect_shape};
+use crate::tensor::{Float, Tensor};
+use rayon::prelude::*;
+
+/// Inputs of [`merge`]: `curved` are the U_i (already curved), `mask` an optional 0/1 [N, O, I].
+#[derive(Debug, Clone, Copy)]
+pub struct MergeInputs<'a, F> {
+    pub base: &'a Tensor<F>,
+    pub curved: &'a Tensor<F>,
+    pub scores: &'a Tensor<F>,
+    pub mask: Option<&'a Tensor<F>>,
+    pub base_bias: Option<&'a Tensor<F>>,
+    pub expert_bias: Option<&'a Tensor<F>>,
+}
+
+/// `merged` [G, O, I] and, with biases, `merged_bias` [G, O].
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergeOutputs<F> {
+    pub merged: Tensor<F>,
+    pub merged_bias: Option<Tensor<F>>,
+}
+
+/// Gradients of [`merge`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergeGrads<F> {
+    pub grad_base: Tensor<F>,
+    pub grad_curved: Tensor<F>,
+    pub grad_scores: Tensor<F>,
+    pub grad_alpha: F,
+    pub grad_base_bias: Option<Tensor<F>>,
+    pub grad_expert_bias: Option<Tensor<F>>,
+}
+
+/// Inputs of the fused [`ca_merge`].
+#[derive(Debug, Clone, Copy)]
+pub struct CaMergeInputs<'a, F> {
+    pub base: &'a Tensor<F>,
+    pub experts: &'a Tensor<F>,
+    pub scores: &'a Tensor<F>,
+    pub curvature: Curvature<'a, F>,
+    pub base_bias: Option<&'a Tensor<F>>,
+    pub expert_bias: Option<&'a Tensor<F>>,
+}
+
+/// Outputs of [`ca_merge`]: `next_base` when `beta` is set, `curved` (unmasked U) when asked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CaMergeOutputs<F> {
+    pub merged: Tensor<F>,
+    pub merged_bias: Option<Tensor<F>>,
+    pub next_base: Option<Tensor<F>>,
+    pub curved: Option<Tensor<F>>,
+}
+
+/// Gradients of [`ca_merge`]: `factors` for the Kronecker curvature, `grad_beta` when beta is set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CaMergeGrads<F> {
+    pub grad_base: Tensor<F>,
+    pub grad_experts: Tensor<F>,
+    pub grad_scores: Tensor<F>,
+    pub factors: Option<FactorGrads<F>>,
+    pub grad_alpha: F,
+    pub grad_beta: Option<F>,
+    pub grad_base_bias: Option<Tensor<F>>,
+    pub grad_expert_bias: Option<Tensor<F>>,
+}
+
+fn check_alpha(alpha: f64) -> Result<()> {
+    if !alpha.is_finite() {
+        return Err(Error::option(
+            "alpha",
+            format!("must be finite, got {alpha}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks `scores` [G, N]; returns G.
+fn check_scores<F>(scores: &Tensor<F>, n: usize) -> Result<usize> {
+    expect_rank("scores", scores.shape(), 2, "[G, N]")?;
+    expect_nonempty("scores", scores.shape())?;
+    let g = scores.shape()[0];
+    expect_shape("scores", scores.shape(), &[g, n])?;
+    Ok(g)
+}
+
+/// Biases come together or not at all: `base_bias` [O], `expert_bias` [N, O].
+fn check_biases<'a, F>(
+    base_bias: Option<&'a Tensor<F>>,
+    expert_bias: Option<&'a Tensor<F>>,
+    n: usize,
+    o: usize,
+) -> Result<Option<(&'a Tensor<F>, &'a Tensor<F>)>> {
+    match (base_bias, expert_bias) {
+        (None, None) => Ok(None),
+        (Some(eb), Some(b)) => {
+            expect_shape("base_bias", eb.shape(), &[o])?;
+            expect_shape("expert_bias", b.shape(), &[n, o])?;
+            Ok(Some((eb, b)))
+        }
+        (Some(_), None) => Err(Error::Missing {
+            tensor: "expert_bias".into(),
+            op: "merge (base_bias was given)".into(),
+        }),
+        (None, Some(_)) => Err(Error::Missing {
+            tensor: "base_bias".into(),
+            op: "merge (expert_bias was given)".into(),
+        }),
+    }
+}
+
+/// Everything the weighted sum needs, validated.
+struct Plan<'a, F> {
+    g: usize,
+    n: usize,
+    oi: usize,
+    o: usize,
+    i: usize,
+    alpha: F,
+    scores: &'a [F],
+    dare: Option<DareDraw>,
+}
+
+impl<F: Float> Plan<'_, F> {
+    /// s[g,i] * zeta[g,i] for expert-level (or no) DARE.
+    fn coef(&self) -> Vec<F> {
+        let mut c = self.scores.to_vec();
+        if let Some(d) = self.dare {
+            debug_assert_eq!(d.granularity, Granularity::Expert);
+            let scale = F::from_f64(d.scale);
+            for g in 0..self.g {
+                for e in 0..self.n {
+                    let z = if d.keep_expert(g, e, self.n) {
+                        scale
+                    } else {
+                        F::ZERO
+                    };
+                    c[g * self.n + e] *= z;
+                }
+            }
+        }
+        c
+    }
+    fn element_dare(&self) -> Option<DareDraw> {
+        self.dare.filter(|d| d.granularity == Granularity::Element)
+    }
+    /// zeta[g, e, q] for element-level DARE.
+    #[inline]
+    fn zeta(&self, d: &DareDraw, g: usize, e: usize, q: usize) -> F {
+        if d.keep_element(g, e, q / self.i, q % self.i, self.n, self.o, self.i) {
+            F::from_f64(d.scale)
+        } else {
+            F::ZERO
+        }
+    }
+}
+
+/// merged[g] = base + alpha * sum_i s[g,i] zeta[g,i] P_i.
+fn weighted_sum<F: Float>(plan: &Plan<F>, base: &[F], p: &[F]) -> Tensor<F> {
+    let (g, n, oi) = (plan.g, plan.n, plan.oi);
+    let mut merged = Tensor::zeros(&[g, plan.o, plan.i]);
+    if let Some(d) = plan.element_dare() {
+        merged
+            .data_mut()
+            .par_chunks_mut(oi)
+            .enumerate()
+            .for_each(|(gg, mg)| {
+                for (q, m) in mg.iter_mut().enumerate() {
+                    let mut s = F::ZERO;
+                    for e in 0..n {
+                        s += plan.scores[gg * n + e] * plan.zeta(&d, gg, e, q) * p[e * oi + q];
+                    }
+                    *m = base[q] + plan.alpha * s;
+                }
+            });
+        return merged;
+    }
+    for gg in 0..g {
+        merged.data_mut()[gg * oi..(gg + 1) * oi].copy_from_slice(base);
+    }
+    let coef = plan.coef();
+    gemm(
+        merged.data_mut(),
+        View::rm(0, g, oi),
+        true,
+        &coef,
+        View::rm(0, g, n),
+        p,
+        View::rm(0, n, oi),
+        plan.alpha,
+        true,
+    );
+    merged
+}
+
+/// merged_bias[g] = e_b + alpha * sum_i s[g,i] (b_i - e_b).
+fn bias_forward<F: Float>(plan: &Plan<F>, eb: &Tensor<F>, b: &Tensor<F>) -> Tensor<F> {
+    let (n, o) = (plan.n, plan.o);
+    Tensor::from_fn(&[plan.g, o], |idx| {
+        let (gg, oo) = (idx / o, idx % o);
+        let e0 = eb.data()[oo];
+        let mut s = F::ZERO;
+        for e in 0..n {
+            s += plan.scores[gg * n + e] * (b.data()[e * o + oo] - e0);
+        }
+        e0 + plan.alpha * s
+    })
+}
+
+/// The merge's reverse: raw inner products ip[g,i] = <Gbar_g, zeta P_i>, sum_g Gbar_g and
+/// H_i = alpha * m_i (.) sum_g s[g,i] zeta[g,i] Gbar_g.
+struct MergeBack<F> {
+    ip: Vec<F>,
+    sum_g: Vec<F>,
+    h: Tensor<F>,
+}
+
+fn merge_back<F: Float>(plan: &Plan<F>, p: &[F], mask: Option<&[F]>, gbar: &[F]) -> MergeBack<F> {
+    let (g, n, oi) = (plan.g, plan.n, plan.oi);
+    let mut sum_g = vec![F::ZERO; oi];
+    sum_g.par_chunks_mut(4096).enumerate().for_each(|(c, ch)| {
+        for (j, v) in ch.iter_mut().enumerate() {
+            let q = c * 4096 + j;
+            let mut s = F::ZERO;
+            for gg in 0..g {
+                s += gbar[gg * oi + q];
+            }
+            *v = s;
+        }
+    });
+    let mut h = Tensor::zeros(&[n, plan.o, plan.i]);
+    let mut ip = vec![F::ZERO; g * n];
+    if let Some(d) = plan.element_dare() {
+        // Inner products per (g, i), then H per expert: both in a fixed order.
+        ip.par_iter_mut().enumerate().for_each(|(gi, v)| {
+            let (gg, e) = (gi / n, gi % n);
+            let mut s = F::ZERO;
+            for q in 0..oi {
+                s += gbar[gg * oi + q] * plan.zeta(&d, gg, e, q) * p[e * oi + q];
+            }
+            *v = s;
+        });
+        h.data_mut()
+            .par_chunks_mut(oi)
+            .enumerate()
+            .for_each(|(e, he)| {
+                for (q, hv) in he.iter_mut().enumerate() {
+                    let mut s = F::ZERO;
+                    for gg in 0..g {
+                        s += plan.scores[gg * n + e] * plan.zeta(&d, gg, e, q) * gbar[gg * oi + q];
+                    }
+                    *hv = s;
+                }
+            });
+    } else {
+        let coef = plan.coef();
+        // ip = Gbar [G, OI] @ P^T [OI, N], then zeta (folded in coef / s) applied per (g, i).
+        gemm(
+            &mut ip,
+            View::rm(0, g, n),
+            false,
+            gbar,
+            View::rm(0, g, oi),
+            p,
+            View::rm(0, n, oi).t(),
+            F::ONE,
+            true,
+        );
+        if let Some(d) = plan.dare {
+            let scale = F::from_f64(d.scale);
+            for gg in 0..g {
+                for e in 0..n {
+                    let z = if d.keep_expert(gg, e, n) {
+                        scale
+                    } else {
+                        F::ZERO
+                    };
+                    ip[gg * n + e] *= z;
+                }
+            }
+        }
+        gemm(
+            h.data_mut(),
+            View::rm(0, n, oi),
+            false,
+            &coef,
+            View::rm(0, g, n).t(),
+            gbar,
+            View::rm(0, g, oi),
+            F::ONE,
+            true,
+        );
+    }
+    let alpha = plan.alpha;
+    match mask {
+        Some(m) => h
+            .data_mut()
+            .par_iter_mut()
+            .zip(m.par_iter())
+            .for_each(|(v, &mv)| *v = alpha * mv * *v),
+        None => h.data_mut().par_iter_mut().for_each(|v| *v = alpha * *v),
+    }
+    MergeBack { ip, sum_g, h }
+}
+
+/// Bias reverse: (grad_base_bias, grad_expert_bias), and adds to ip the bias inner products
+/// <dbbar_g, b_i - e_b> (which feed grad_scores and grad_alpha exactly like the weight's).
+fn bias_back<F: Float>(
+    plan: &Plan<F>,
+    eb: &Tensor<F>,
+    b: &Tensor<F>,
+    dbb: &[F],
+    ip: &mut [F],
+) -> (Tensor<F>, Tensor<F>) {
+    let (g, n, o) = (plan.g, plan.n, plan.o);
+    let alpha = plan.alpha;
+    let grad_eb = Tensor::from_fn(&[o], |oo| {
+        let mut s = F::ZERO;
+        for gg in 0..g {
+            let ssum: F = (0..n).map(|e| plan.scores[gg * n + e]).sum();
+            s += (F::ONE - alpha * ssum) * dbb[gg * o + oo];
+        }
+        s
+    });
+    let grad_b = Tensor::from_fn(&[n, o], |idx| {
+        let (e, oo) = (idx / o, idx % o);
+        let mut s = F::ZERO;
+        for gg in 0..g {
+            s += plan.scores[gg * n + e] * dbb[gg * o + oo];
+        }
+        alpha * s
+    });
+    for gg in 0..g {
+        for e in 0..n {
+            let mut s = F::ZERO;
+            for oo in 0..o {
+                s += dbb[gg * o + oo] * (b.data()[e * o + oo] - eb.data()[oo]);
+            }
+            ip[gg * n + e] += s;
+        }
+    }
+    (grad_eb, grad_b)
+}
+
+/// grad_scores = alpha * ip, grad_alpha = sum s * ip.
+fn score_grads<F: Float>(plan: &Plan<F>, ip: &[F]) -> (Tensor<F>, F) {
+    let gs = Tensor::from_fn(&[plan.g, plan.n], |k| plan.alpha * ip[k]);
+    let ga = ip.iter().zip(plan.scores).map(|(&a, &s)| a * s).sum();
+    (gs, ga)
+}
+
+/// Validates a merge; returns the plan and the biases.
+#[allow(clippy::type_complexity)]
+fn plan_merge<'a, F: Float>(
+    inputs: &'a MergeInputs<'a, F>,
+    alpha: f64,
+    dare: &Dare,
+) -> Result<(Plan<'a, F>, Option<(&'a Tensor<F>, &'a Tensor<F>)>)> {
+    let (n, o, i) = check_weights(inputs.base, inputs.curved).map_err(|e| match e {
+        Error::Shape {
+            tensor,
+            expected,
+            actual,
+        } if tensor == "experts" => Error::Shape {
+            tensor: "curved".into(),
+            expected,
+            actual,
+        },
+        e => e,
+    })?;
+    if let Some(m) = inputs.mask {
+        expect_shape("mask", m.shape(), &[n, o, i])?;
+    }
+    let g = check_scores(inputs.scores, n)?;
+    let biases = check_biases(inputs.base_bias, inputs.expert_bias, n, o)?;
+    check_alpha(alpha)?;
+    dare.validate()?;
+    Ok((
+        Plan {
+            g,
+            n,
+            oi: o * i,
+            o,
+            i,
+            alpha: F::from_f64(alpha),
+            scores: inputs.scores.data(),
+            dare: DareDraw::from_options(dare),
+        },
+        biases,
+    ))
+}
+
+/// P = m (.) U (a copy only when there is a mask).
+fn masked<'a, F: Float>(u: &'a [F], mask: Option<&[F]>) -> std::borrow::Cow<'a, [F]> {
+    match mask {
+        None => std::borrow::Cow::Borrowed(u),
+        Some(m) => std::borrow::Cow::Owned(
+            u.par_iter()
+                .zip(m.par_iter())
+                .map(|(&a, &b)| a * b)
+                .collect(),
+        ),
+    }
+}
+
+/// `merge`: Wbar_g = E + alpha * sum_i s[g,i] zeta[g,i] (m_i (.) curved_i), and the bias merge.
+pub fn merge<F: Float>(
+    inputs: &MergeInputs<F>,
+    alpha: f64,
+    dare: &Dare,
+) -> Result<MergeOutputs<F>> {
+    let (plan, biases) = plan_merge(inputs, alpha, dare)?;
+    let p = masked(inputs.curved.data(), inputs.mask.map(|m| m.data()));
+    Ok(MergeOutputs {
+        merged: weighted_sum(&plan, inputs.base.data(), &p),
+        merged_bias: biases.map(|(eb, b)| bias_forward(&plan, eb, b)),
+    })
+}
+
+/// `merge_backward`: gradients for base, curved, scores, alpha and the biases.
+pub fn merge_backward<F: Float>(
+    inputs: &MergeInputs<F>,
+    alpha: f64,
+    dare: &Dare,
+    grad_merged: &Tensor<F>,
+    grad_merged_bias: Option<&Tensor<F>>,
+) -> Result<MergeGrads<F>> {
+    let (plan, biases) = plan_merge(inputs, alpha, dare)?;
+    expect_shape(
+        "grad_merged",
+        grad_merged.shape(),
+        &[plan.g, plan.o, plan.i],
+    )?;
+    let dbb = check_grad_bias(grad_merged_bias, biases.is_some(), plan.g, plan.o)?;
+    let mask = inputs.mask.map(|m| m.data());
+    let p = masked(inputs.curved.data(), mask);
+    let mut back = merge_back(&plan, &p, mask, grad_merged.data());
+    let (grad_base_bias, grad_expert_bias) = match biases {
+        Some((eb, b)) => {
+            let (ge, gb) = bias_back(&plan, eb, b, &dbb, &mut back.ip);
+            (Some(ge), Some(gb))
+        }
+        None => (None, None),
+    };
+    let (grad_scores, grad_alpha) = score_grads(&plan, &back.ip);
+    Ok(MergeGrads {
+        grad_base: Tensor::new(&[plan.o, plan.i], back.sum_g)?,
+        grad_curved: back.h,
+        grad_scores,
+        grad_alpha,
+        grad_base_bias,
+        grad_expert_bias,
+    })
+}
+
+/// `grad_merged_bias` must match [G, O] and is only meaningful with biases; absent means zero.
+fn check_grad_bias<F: Float>(
+    grad: Option<&Tensor<F>>,
+    has_bias: bool,
+    g: usize,
+    o: usize,
+) -> Result<Vec<F>> {
+    match grad {
+        Some(t) => {
+            if !has_bias {
+                return Err(Error::option(
+                    "grad_merged_bias",
+                    "given, but the merge has no base_bias/expert_bias",
+                ));
+            }
+            expect_shape("grad_merged_bias", t.shape(), &[g, o])?;
+            Ok(t.data().to_vec())
+        }
+        None => Ok(vec![F::ZERO; g * o]),
+    }
+}
+
+/// Validates a CA-merge; returns dims, plan and biases.
+#[allow(clippy::type_complexity)]
+fn plan_ca<'a, F: Float>(
+    inputs: &'a CaMergeInputs<'a, F>,
+    opts: &MergeOptions,
+) -> Result<(Dims, Plan<'a, F>, Option<(&'a Tensor<F>, &'a Tensor<F>)>)> {
+    let (n, o, i) = check_weights(inputs.base, inputs.experts)?;
+    let dims = check_curvature(n, o, i, &inputs.curvature)?;
+    let g = check_scores(inputs.scores, n)?;
+    let biases = check_biases(inputs.base_bias, inputs.expert_bias, n, o)?;
+    opts.validate()?;
+    Ok((
+        dims,
+        Plan {
+            g,
+            n,
+            oi: o * i,
+            o,
+            i,
+            alpha: F::from_f64(opts.alpha),
+            scores: inputs.scores.data(),
+            dare: DareDraw::from_options(&opts.dare),
+        },
+        biases,
+    ))
+}
+
+/// The fused CA-merge forward: curvature, mask, DARE, weighted sum over experts, plus base;
+/// `next_base` when `opts.beta` is set and `curved` when `opts.want_curved`.
+pub fn ca_merge<F: Float>(
+    inputs: &CaMergeInputs<F>,
+    opts: &MergeOptions,
+) -> Result<CaMergeOutputs<F>> {
+    let (dims, plan, biases) = plan_ca(inputs, opts)?;
+    let u = curved_unchecked(inputs.base, inputs.experts, &inputs.curvature, &dims);
+    let next_base = opts.beta.map(|b| next_base_unchecked(inputs.base, &u, b));
+    let m = mask_unchecked(inputs.base, inputs.experts, opts.mask);
+    let p = masked(u.data(), m.as_ref().map(|t| t.data()));
+    let merged = weighted_sum(&plan, inputs.base.data(), &p);
+    drop(p);
+    Ok(CaMergeOutputs {
+        merged,
+        merged_bias: biases.map(|(eb, b)| bias_forward(&plan, eb, b)),
+        next_base,
+        curved: if opts.want_curved { Some(u) } else { None },
+    })
+}
+
+/// The fused CA-merge backward. `grad_next_base` is required exactly when `opts.beta` is set
+/// (absent means zero); `grad_merged_bias` is optional with biases (absent means zero).
+pub fn ca_merge_backward<F: Float>(
+    inputs: &CaMergeInputs<F>,
+    opts: &MergeOptions,
+    grad_merged: &Tensor<F>,
+    grad_merged_bias: Option<&Tensor<F>>,
+    grad_next_base: Option<&Tensor<F>>,
+) -> Result<CaMergeGrads<F>> {
+    let (dims, plan, biases) = plan_ca(inputs, opts)?;
+    expect_shape(
+        "grad_merged",
+        grad_merged.shape(),
+        &[plan.g, plan.o, plan.i],
+    )?;
+    let dbb = check_grad_bias(grad_merged_bias, biases.is_some(), plan.g, plan.o)?;
+    if let Some(gn) = grad_next_base {
+        if opts.beta.is_none() {
+            return Err(Error::option(
+                "grad_next_base",
+                "given, but beta is not set",
+            ));
+        }
+        expect_shape("grad_next_base", gn.shape(), &[plan.o, plan.i])?;
+    }
+    // Recompute U (cheaper than storing [N, O, I] between passes for callers that did not ask).
+    let u = curved_unchecked(inputs.base, inputs.experts, &inputs.curvature, &dims);
+    let m = mask_unchecked(inputs.base, inputs.experts, opts.mask);
+    let mask = m.as_ref().map(|t| t.data());
+    let mut back = {
+        let p = masked(u.data(), mask);
+        merge_back(&plan, &p, mask, grad_merged.data())
+    };
+    let mut grad_beta = None;
+    let oi = plan.oi;
+    if let Some(beta) = opts.beta {
+        let zeros;
+        let gn = match grad_next_base {
+            Some(t) => t.data(),
+            None => {
+                zeros = vec![F::ZERO; oi];
+                &zeros
+            }
+        };
+        grad_beta = Some(grad_beta_unchecked(&u, gn, plan.n));
+        let c = F::from_f64(beta / plan.n as f64);
+        back.h
+            .data_mut()
+            .par_chunks_mut(oi)
+            .for_each(|he| he.iter_mut().zip(gn).for_each(|(h, &g)| *h += c * g));
+        back.sum_g.iter_mut().zip(gn).for_each(|(s, &g)| *s += g);
+    }
+    drop(u);
+    let (grad_tau, factors) = tau_backward(
+        inputs.base,
+        inputs.experts,
+        &inputs.curvature,
+        &dims,
+        back.h,
+    );
+    let neg = neg_sum_experts(&grad_tau, &dims);
+    let grad_base = Tensor::from_fn(&[plan.o, plan.i], |q| back.sum_g[q] + neg.data()[q]);
+    let (grad_base_bias, grad_expert_bias) = match biases {
+        Some((eb, b)) => {
+            let (ge, gb) = bias_back(&plan, eb, b, &dbb, &mut back.ip);
+            (Some(ge), Some(gb))
+        }
+        None => (None, None),
+    };
+    let (grad_scores, grad_alpha) = score_grads(&plan, &back.ip);
+    Ok(CaMergeGrads {
+        grad_base,
+        grad_experts: grad_tau,
+        grad_scores,
+        factors,
+        grad_alpha,
+        grad_beta,
+        grad_base_bias,
+        grad_expert_bias,
+    })
+}

@@ -1,0 +1,28 @@
+//! The CPU path: exact reference for the CUDA kernels and the fallback of the framework adapters.
+//!
+//! One module per operator family, the same split as `kernels/` and `src/cuda/`:
+//! [`curvature`] (domain vectors and M_i), [`mask`] (TIES), [`merge`] (merge and the fused
+//! CA-merge), [`linear`] (merged linear), [`dynamic`] (dynamic merge), [`segment`] (causal segment
+//! scores). Generic over [`Float`](crate::Float) (f32, f64); every reduction accumulates in the storage
+//! type or wider, and results do not depend on the thread count (fixed partitions, no atomics).
+
+pub mod curvature;
+pub mod dynamic;
+pub(crate) mod gemm;
+pub mod linear;
+pub mod mask;
+pub mod merge;
+pub mod segment;
+
+pub use curvature::{
+    curvature, curvature_backward, identity_factors, Curvature, CurvatureGrads, FactorGrads,
+    Factors,
+};
+pub use dynamic::{dynamic_merge, dynamic_merge_backward, DynamicGrads};
+pub use linear::{merged_linear, merged_linear_backward, LinearGrads};
+pub use mask::ties_mask;
+pub use merge::{
+    ca_merge, ca_merge_backward, merge, merge_backward, CaMergeGrads, CaMergeInputs,
+    CaMergeOutputs, MergeGrads, MergeInputs, MergeOutputs,
+};
+pub use segment::{segment_scores, segment_scores_backward};

@@ -1,0 +1,30 @@
+//! # camex: curvature-aware merging of experts, fused
+//!
+//! Operators of CAMEx (Nguyen et al., ICLR 2025) as specified in `SPEC.md` (shared with the project):
+//! the curvature transform of the domain vectors `tau_i = experts[i] - base`, the TIES masks, DARE
+//! dropout, the weighted merge over experts for every group, the merged linear layer, the
+//! dynamic merge and causal segment scores, each forward and backward.
+//!
+//! - [`cpu`]: the exact reference path, parallel (rayon) on a real GEMM micro-kernel (`gemm`).
+//! - `cuda` (feature `cuda`): the fused CUDA kernels over cudarc streams.
+//! - [`named`]: every operator by name over safetensors-style named tensors (the `camex` CLI).
+//!
+//! Layout everywhere: dense, row-major, contiguous; shapes as SPEC section 2.
+
+pub mod cpu;
+pub mod error;
+pub mod named;
+pub mod options;
+pub mod philox;
+pub mod shape;
+pub mod tensor;
+
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(feature = "cuda")]
+pub mod ffi;
+
+pub use error::{Error, Result};
+pub use options::{Dare, Mask, MergeOptions};
+pub use shape::Split;
+pub use tensor::{AnyTensor, DType, Float, Tensor};
