@@ -1,1 +1,1158 @@
-//! Every operator by name over named tensors (SPEC section 7). Filled in by the CLI work.
+//! Every operator by name over named tensors (SPEC section 7): the one interface every frontend
+//! (the `camex` CLI, tests against other frameworks, adapters) goes through.
+//!
+//! - [`ops`] is the table of operators: what each reads (required and optional), what it writes and
+//!   which scalar options it uses. The CLI's `--help` is generated from it.
+//! - [`run_op`] runs one operator on a map of [`AnyTensor`]s and returns the map of outputs.
+//! - [`read_safetensors`] / [`write_safetensors`] move such maps to and from safetensors files
+//!   (F32, F64, F16, BF16; scalars as 0-d tensors), writing atomically.
+//!
+//! Naming follows SPEC section 7: the gradient of `t` is `grad_t`; scalars (alpha, beta) are options
+//! and their gradients 0-d tensors. A `<op>_backward` reads what `<op>` reads plus `grad_` of its
+//! outputs and writes `grad_` of its differentiable inputs (masks and DARE draws are constants, so
+//! `ties_mask` has no backward and `merge_backward` writes no `grad_mask`).
+//!
+//! dtypes: all inputs share one dtype (the storage dtype, unless [`RunOptions::dtype`] overrides it,
+//! in which case the inputs are first rounded to that dtype). f32 and f64 are computed natively;
+//! f16 and bf16 are widened to f32, computed there (every reduction in f32, SPEC section 5), and the
+//! outputs rounded back to the storage dtype.
+//!
+//! Devices: [`Device::Cpu`] runs [`crate::cpu`]; [`Device::Cuda`] (feature `cuda`) runs the CUDA
+//! kernels through the same table, and has not yet run on a GPU (see [`run_op`]).
+//!
+//! Strictness: a tensor the operator does not read is an error (a misspelt `factor_A` would otherwise
+//! silently select the identity curvature). Options an operator does not use are ignored by
+//! [`run_op`] (so one [`RunOptions`] can serve several calls); the CLI rejects them.
+
+use crate::cpu::{self, CaMergeInputs, Curvature, Factors, MergeInputs};
+use crate::error::{Error, Result};
+use crate::options::{Dare, Mask, MergeOptions};
+use crate::tensor::{AnyTensor, DType, Float, Tensor};
+use half::{bf16, f16};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Where an operator runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    #[default]
+    Cpu,
+    /// The fused CUDA kernels (crate feature `cuda`).
+    Cuda,
+}
+
+impl Device {
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        }
+    }
+    /// Parses `cpu` or `cuda`.
+    pub fn parse(s: &str) -> Result<Device> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda),
+            _ => Err(Error::option(
+                "device",
+                format!("expected cpu|cuda, got `{s}`"),
+            )),
+        }
+    }
+}
+
+/// Scalar options of [`run_op`]. Each operator uses the subset listed in its [`OpInfo::options`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RunOptions {
+    /// Scale of the merged domain vectors (`merge`, `ca_merge`); default 1.
+    pub alpha: f64,
+    /// Dynamic-merge step: required by `dynamic_merge`; with `ca_merge` it adds `next_base`.
+    pub beta: Option<f64>,
+    /// TIES mask (`ties_mask`, `ca_merge`).
+    pub mask: Mask,
+    /// DARE dropout (`merge`, `ca_merge`).
+    pub dare: Dare,
+    /// Storage (and so compute) dtype override; `None`: the inputs' dtype.
+    pub dtype: Option<DType>,
+    pub device: Device,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            alpha: 1.0,
+            beta: None,
+            mask: Mask::None,
+            dare: Dare::None,
+            dtype: None,
+            device: Device::Cpu,
+        }
+    }
+}
+
+/// One tensor an operator reads or writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    pub name: &'static str,
+    /// Shape in SPEC section 2 symbols (`[]` for a 0-d scalar).
+    pub shape: &'static str,
+    /// `None`: always read (required) or always written. `Some(when)`: optional input, or an
+    /// output written only in the situation described.
+    pub when: Option<&'static str>,
+}
+
+/// One operator of SPEC section 7.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpInfo {
+    pub name: &'static str,
+    pub summary: &'static str,
+    pub reads: &'static [Slot],
+    pub writes: &'static [Slot],
+    /// The [`RunOptions`] fields it uses: any of `alpha`, `beta`, `mask`, `dare`.
+    pub options: &'static [&'static str],
+}
+
+impl OpInfo {
+    /// Names of the tensors it must be given.
+    pub fn required(&self) -> impl Iterator<Item = &'static str> {
+        self.reads
+            .iter()
+            .filter(|s| s.when.is_none())
+            .map(|s| s.name)
+    }
+    /// Names of the tensors it may be given.
+    pub fn optional(&self) -> impl Iterator<Item = &'static str> {
+        self.reads
+            .iter()
+            .filter(|s| s.when.is_some())
+            .map(|s| s.name)
+    }
+    pub fn reads_tensor(&self, name: &str) -> bool {
+        self.reads.iter().any(|s| s.name == name)
+    }
+    pub fn uses_option(&self, name: &str) -> bool {
+        self.options.contains(&name)
+    }
+}
+
+const fn req(name: &'static str, shape: &'static str) -> Slot {
+    Slot {
+        name,
+        shape,
+        when: None,
+    }
+}
+const fn opt(name: &'static str, shape: &'static str, when: &'static str) -> Slot {
+    Slot {
+        name,
+        shape,
+        when: Some(when),
+    }
+}
+
+const KRON: &str = "Kronecker curvature: all four factors, or none for identity";
+const KRON_OUT: &str = "with the Kronecker factors";
+const BIAS: &str = "both biases, or neither";
+const BIAS_OUT: &str = "when the biases are given";
+const BETA_OUT: &str = "when beta is given";
+
+const BASE: Slot = req("base", "[O, I]");
+const EXPERTS: Slot = req("experts", "[N, O, I]");
+const SCORES: Slot = req("scores", "[G, N]");
+const CURVED: Slot = req("curved", "[N, O, I]");
+const FA: Slot = opt("factor_a", "[R, N, o1, o1]", KRON);
+const FB: Slot = opt("factor_b", "[R, N, o2, o2]", KRON);
+const FC: Slot = opt("factor_c", "[R, N, i1, i1]", KRON);
+const FD: Slot = opt("factor_d", "[R, N, i2, i2]", KRON);
+const BASE_BIAS: Slot = opt("base_bias", "[O]", BIAS);
+const EXPERT_BIAS: Slot = opt("expert_bias", "[N, O]", BIAS);
+const GRAD_FACTORS: [Slot; 4] = [
+    opt("grad_factor_a", "[R, N, o1, o1]", KRON_OUT),
+    opt("grad_factor_b", "[R, N, o2, o2]", KRON_OUT),
+    opt("grad_factor_c", "[R, N, i1, i1]", KRON_OUT),
+    opt("grad_factor_d", "[R, N, i2, i2]", KRON_OUT),
+];
+const GRAD_BIASES: [Slot; 2] = [
+    opt("grad_base_bias", "[O]", BIAS_OUT),
+    opt("grad_expert_bias", "[N, O]", BIAS_OUT),
+];
+
+static OPS: &[OpInfo] = &[
+    OpInfo {
+        name: "curvature",
+        summary: "curved U_i = M_i(experts[i] - base)",
+        reads: &[BASE, EXPERTS, FA, FB, FC, FD],
+        writes: &[req("curved", "[N, O, I]")],
+        options: &[],
+    },
+    OpInfo {
+        name: "curvature_backward",
+        summary: "gradients of curvature",
+        reads: &[
+            BASE,
+            EXPERTS,
+            FA,
+            FB,
+            FC,
+            FD,
+            req("grad_curved", "[N, O, I]"),
+        ],
+        writes: &[
+            req("grad_base", "[O, I]"),
+            req("grad_experts", "[N, O, I]"),
+            GRAD_FACTORS[0],
+            GRAD_FACTORS[1],
+            GRAD_FACTORS[2],
+            GRAD_FACTORS[3],
+        ],
+        options: &[],
+    },
+    OpInfo {
+        name: "ties_mask",
+        summary: "TIES mask m_i (0 or 1) on the raw domain vectors; a constant, no backward",
+        reads: &[BASE, EXPERTS],
+        writes: &[req("mask", "[N, O, I]")],
+        options: &["mask"],
+    },
+    OpInfo {
+        name: "merge",
+        summary: "merged_g = base + alpha * sum_i scores[g,i] zeta[g,i] (mask_i * curved_i)",
+        reads: &[
+            BASE,
+            CURVED,
+            SCORES,
+            opt("mask", "[N, O, I]", "0/1 mask; absent: all ones"),
+            BASE_BIAS,
+            EXPERT_BIAS,
+        ],
+        writes: &[
+            req("merged", "[G, O, I]"),
+            opt("merged_bias", "[G, O]", BIAS_OUT),
+        ],
+        options: &["alpha", "dare"],
+    },
+    OpInfo {
+        name: "merge_backward",
+        summary: "gradients of merge (the mask and the DARE draw are constants)",
+        reads: &[
+            BASE,
+            CURVED,
+            SCORES,
+            opt("mask", "[N, O, I]", "0/1 mask; absent: all ones"),
+            BASE_BIAS,
+            EXPERT_BIAS,
+            req("grad_merged", "[G, O, I]"),
+            opt("grad_merged_bias", "[G, O]", "with the biases; absent: zero"),
+        ],
+        writes: &[
+            req("grad_base", "[O, I]"),
+            req("grad_curved", "[N, O, I]"),
+            req("grad_scores", "[G, N]"),
+            req("grad_alpha", "[]"),
+            GRAD_BIASES[0],
+            GRAD_BIASES[1],
+        ],
+        options: &["alpha", "dare"],
+    },
+    OpInfo {
+        name: "ca_merge",
+        summary: "fused curvature, mask, DARE and merge; next_base = base + beta/N sum_i U_i with beta",
+        reads: &[BASE, EXPERTS, SCORES, FA, FB, FC, FD, BASE_BIAS, EXPERT_BIAS],
+        writes: &[
+            req("merged", "[G, O, I]"),
+            opt("merged_bias", "[G, O]", BIAS_OUT),
+            opt("next_base", "[O, I]", BETA_OUT),
+        ],
+        options: &["alpha", "beta", "mask", "dare"],
+    },
+    OpInfo {
+        name: "ca_merge_backward",
+        summary: "gradients of ca_merge",
+        reads: &[
+            BASE,
+            EXPERTS,
+            SCORES,
+            FA,
+            FB,
+            FC,
+            FD,
+            BASE_BIAS,
+            EXPERT_BIAS,
+            req("grad_merged", "[G, O, I]"),
+            opt("grad_merged_bias", "[G, O]", "with the biases; absent: zero"),
+            opt("grad_next_base", "[O, I]", "with beta; absent: zero"),
+        ],
+        writes: &[
+            req("grad_base", "[O, I]"),
+            req("grad_experts", "[N, O, I]"),
+            req("grad_scores", "[G, N]"),
+            GRAD_FACTORS[0],
+            GRAD_FACTORS[1],
+            GRAD_FACTORS[2],
+            GRAD_FACTORS[3],
+            req("grad_alpha", "[]"),
+            opt("grad_beta", "[]", BETA_OUT),
+            GRAD_BIASES[0],
+            GRAD_BIASES[1],
+        ],
+        options: &["alpha", "beta", "mask", "dare"],
+    },
+    OpInfo {
+        name: "merged_linear",
+        summary: "y[g,t,:] = merged_g x[g,t,:] + merged_bias_g",
+        reads: &[
+            req("x", "[G, T, I]"),
+            req("merged", "[G, O, I]"),
+            opt("merged_bias", "[G, O]", "absent: no bias"),
+        ],
+        writes: &[req("y", "[G, T, O]")],
+        options: &[],
+    },
+    OpInfo {
+        name: "merged_linear_backward",
+        summary: "gradients of merged_linear",
+        reads: &[
+            req("x", "[G, T, I]"),
+            req("merged", "[G, O, I]"),
+            opt("merged_bias", "[G, O]", "absent: no bias"),
+            req("grad_y", "[G, T, O]"),
+        ],
+        writes: &[
+            req("grad_x", "[G, T, I]"),
+            req("grad_merged", "[G, O, I]"),
+            opt("grad_merged_bias", "[G, O]", "when merged_bias is given"),
+        ],
+        options: &[],
+    },
+    OpInfo {
+        name: "dynamic_merge",
+        summary: "next_base = base + beta/N * sum_i curved_i (beta required)",
+        reads: &[BASE, CURVED],
+        writes: &[req("next_base", "[O, I]")],
+        options: &["beta"],
+    },
+    OpInfo {
+        name: "dynamic_merge_backward",
+        summary: "gradients of dynamic_merge (beta required)",
+        reads: &[BASE, CURVED, req("grad_next_base", "[O, I]")],
+        writes: &[
+            req("grad_base", "[O, I]"),
+            req("grad_curved", "[N, O, I]"),
+            req("grad_beta", "[]"),
+        ],
+        options: &["beta"],
+    },
+    OpInfo {
+        name: "segment_scores",
+        summary: "causal segment scores: scores[b,0] = router_scores[b,0], scores[b,j] = router_scores[b,j-1]",
+        reads: &[req("router_scores", "[B, J, N]")],
+        writes: &[req("scores", "[B, J, N]")],
+        options: &[],
+    },
+    OpInfo {
+        name: "segment_scores_backward",
+        summary: "gradient of segment_scores (nothing flows through scores[b,0])",
+        reads: &[
+            req("router_scores", "[B, J, N]"),
+            req("grad_scores", "[B, J, N]"),
+        ],
+        writes: &[req("grad_router_scores", "[B, J, N]")],
+        options: &[],
+    },
+];
+
+/// Every operator of SPEC section 7, forward and backward, in a fixed order.
+pub fn ops() -> &'static [OpInfo] {
+    OPS
+}
+
+/// The table entry of `op`, or [`Error::UnknownOp`].
+pub fn op_info(op: &str) -> Result<&'static OpInfo> {
+    OPS.iter()
+        .find(|o| o.name == op)
+        .ok_or_else(|| Error::UnknownOp(op.to_string()))
+}
+
+/// Runs operator `op` on named `inputs`; returns its named outputs (SPEC section 7).
+///
+/// Errors: [`Error::UnknownOp`]; [`Error::Missing`] for an absent required tensor (or one of the
+/// four factors when only some are given); [`Error::Option`] for a tensor the operator does not read
+/// or a missing `beta` where it is required; [`Error::DType`] when the inputs' dtypes differ;
+/// [`Error::Shape`] from the operator's checks; [`Error::Cuda`] from the CUDA path.
+///
+/// On [`Device::Cuda`], with the `cuda` feature, it runs the `camex::cuda` kernels on device 0
+/// (storage dtypes f32, f16, bf16; f64 is an [`Error::DType`]). **That dispatch has not run on a
+/// GPU yet** (it was written on a machine without one). Without the feature it returns
+/// [`Error::Cuda`] saying the crate was built without `cuda`; it never falls back to the CPU.
+pub fn run_op(
+    op: &str,
+    inputs: &BTreeMap<String, AnyTensor>,
+    opts: &RunOptions,
+) -> Result<BTreeMap<String, AnyTensor>> {
+    let info = op_info(op)?;
+    for name in info.required() {
+        if !inputs.contains_key(name) {
+            return Err(Error::Missing {
+                tensor: name.to_string(),
+                op: op.to_string(),
+            });
+        }
+    }
+    if let Some(name) = inputs.keys().find(|k| !info.reads_tensor(k)) {
+        let reads: Vec<&str> = info.reads.iter().map(|s| s.name).collect();
+        return Err(Error::option(
+            name.clone(),
+            format!(
+                "operator `{op}` does not read a tensor of this name (it reads: {})",
+                reads.join(", ")
+            ),
+        ));
+    }
+    let in_dtype = common_dtype(inputs)?;
+    let dtype = opts.dtype.unwrap_or(in_dtype);
+    match opts.device {
+        Device::Cpu => {}
+        Device::Cuda => return run_cuda(info, inputs, opts, dtype),
+    }
+    if dtype == DType::F64 {
+        let t: BTreeMap<String, Tensor<f64>> = inputs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_f64()))
+            .collect();
+        let out = exec(info, &t, opts)?;
+        Ok(out
+            .into_iter()
+            .map(|(k, v)| (k, AnyTensor::F64(v)))
+            .collect())
+    } else {
+        // f32 compute; inputs given in another dtype are first rounded to the storage dtype.
+        let t: BTreeMap<String, Tensor<f32>> = inputs
+            .iter()
+            .map(|(k, v)| {
+                let v = if v.dtype() == dtype {
+                    v.to_f32()
+                } else {
+                    AnyTensor::from_f64(&v.to_f64(), dtype).to_f32()
+                };
+                (k.clone(), v)
+            })
+            .collect();
+        let out = exec(info, &t, opts)?;
+        Ok(out
+            .into_iter()
+            .map(|(k, v)| {
+                let v = AnyTensor::from_f32(&v, dtype);
+                (k, v)
+            })
+            .collect())
+    }
+}
+
+/// The CUDA dispatch (feature `cuda`): uploads the inputs in the storage dtype, runs the
+/// `camex::cuda` operator on a fresh stream of device 0, downloads the outputs.
+///
+/// **Unverified on hardware**: written and compiled without a GPU, like the kernels themselves
+/// (see [`crate::cuda`]). The kernels store f32, f16 and bf16 (accumulating in f32); f64 is refused.
+#[cfg(feature = "cuda")]
+fn run_cuda(
+    info: &'static OpInfo,
+    inputs: &BTreeMap<String, AnyTensor>,
+    opts: &RunOptions,
+    dtype: DType,
+) -> Result<BTreeMap<String, AnyTensor>> {
+    match dtype {
+        DType::F32 => on_cuda::exec::<f32>(info, inputs, opts, dtype),
+        DType::F16 => on_cuda::exec::<f16>(info, inputs, opts, dtype),
+        DType::BF16 => on_cuda::exec::<bf16>(info, inputs, opts, dtype),
+        DType::F64 => Err(Error::DType {
+            tensor: inputs.keys().next().cloned().unwrap_or_default(),
+            expected: "f32, f16 or bf16 (the CUDA kernels' storage dtypes; use --dtype)".into(),
+            actual: "f64".into(),
+        }),
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod on_cuda {
+    use super::{merge_options, Named, OpInfo, Out, RunOptions};
+    use crate::cuda::{
+        self, CudaCaMergeInputs, CudaCurvature, CudaFactors, CudaMergeInputs, CudaTensor, Element,
+    };
+    use crate::error::Result;
+    use crate::tensor::{AnyTensor, DType, Tensor};
+    use std::collections::BTreeMap;
+
+    impl<'a, T> Named<'a, CudaTensor<T>> {
+        fn curvature(&self) -> Result<CudaCurvature<'a, T>> {
+            Ok(match self.factors()? {
+                None => CudaCurvature::Identity,
+                Some([a, b, c, d]) => CudaCurvature::Kronecker(CudaFactors { a, b, c, d }),
+            })
+        }
+    }
+
+    pub(super) fn exec<T: Element>(
+        info: &'static OpInfo,
+        inputs: &BTreeMap<String, AnyTensor>,
+        opts: &RunOptions,
+        dtype: DType,
+    ) -> Result<BTreeMap<String, AnyTensor>> {
+        let stream = cuda::new_stream(0)?;
+        let mut dev = BTreeMap::new();
+        for (k, v) in inputs {
+            // Rounded to the storage dtype as on the CPU path, then stored as T exactly.
+            let v = if v.dtype() == dtype {
+                v.to_f32()
+            } else {
+                AnyTensor::from_f64(&v.to_f64(), dtype).to_f32()
+            };
+            dev.insert(k.clone(), CudaTensor::upload(&stream, &v.map(T::from_f32))?);
+        }
+        let n = Named {
+            op: info.name,
+            map: &dev,
+        };
+        let s = &stream;
+        let mut out = Out(BTreeMap::new());
+        match info.name {
+            "curvature" => {
+                let curv = n.curvature()?;
+                out.put(
+                    "curved",
+                    cuda::curvature(s, n.req("base")?, n.req("experts")?, &curv)?,
+                );
+            }
+            "curvature_backward" => {
+                let curv = n.curvature()?;
+                let g = cuda::curvature_backward(
+                    s,
+                    n.req("base")?,
+                    n.req("experts")?,
+                    &curv,
+                    n.req("grad_curved")?,
+                )?;
+                out.put("grad_base", g.grad_base);
+                out.put("grad_experts", g.grad_experts);
+                out.put_factors(g.factors.map(|f| {
+                    [
+                        f.grad_factor_a,
+                        f.grad_factor_b,
+                        f.grad_factor_c,
+                        f.grad_factor_d,
+                    ]
+                }));
+            }
+            "ties_mask" => {
+                out.put(
+                    "mask",
+                    cuda::ties_mask(s, n.req("base")?, n.req("experts")?, opts.mask)?,
+                );
+            }
+            "merge" | "merge_backward" => {
+                let (base_bias, expert_bias) = n.biases()?;
+                let inputs = CudaMergeInputs {
+                    base: n.req("base")?,
+                    curved: n.req("curved")?,
+                    scores: n.req("scores")?,
+                    mask: n.opt("mask"),
+                    base_bias,
+                    expert_bias,
+                };
+                if info.name == "merge" {
+                    let o = cuda::merge(s, &inputs, opts.alpha, &opts.dare)?;
+                    out.put("merged", o.merged);
+                    out.put_opt("merged_bias", o.merged_bias);
+                } else {
+                    let g = cuda::merge_backward(
+                        s,
+                        &inputs,
+                        opts.alpha,
+                        &opts.dare,
+                        n.req("grad_merged")?,
+                        n.opt("grad_merged_bias"),
+                    )?;
+                    out.put("grad_base", g.grad_base);
+                    out.put("grad_curved", g.grad_curved);
+                    out.put("grad_scores", g.grad_scores);
+                    out.put("grad_alpha", g.grad_alpha);
+                    out.put_opt("grad_base_bias", g.grad_base_bias);
+                    out.put_opt("grad_expert_bias", g.grad_expert_bias);
+                }
+            }
+            "ca_merge" | "ca_merge_backward" => {
+                let (base_bias, expert_bias) = n.biases()?;
+                let inputs = CudaCaMergeInputs {
+                    base: n.req("base")?,
+                    experts: n.req("experts")?,
+                    scores: n.req("scores")?,
+                    curvature: n.curvature()?,
+                    base_bias,
+                    expert_bias,
+                };
+                let mo = merge_options(opts);
+                if info.name == "ca_merge" {
+                    let o = cuda::ca_merge(s, &inputs, &mo)?;
+                    out.put("merged", o.merged);
+                    out.put_opt("merged_bias", o.merged_bias);
+                    out.put_opt("next_base", o.next_base);
+                } else {
+                    let g = cuda::ca_merge_backward(
+                        s,
+                        &inputs,
+                        &mo,
+                        n.req("grad_merged")?,
+                        n.opt("grad_merged_bias"),
+                        n.opt("grad_next_base"),
+                    )?;
+                    out.put("grad_base", g.grad_base);
+                    out.put("grad_experts", g.grad_experts);
+                    out.put("grad_scores", g.grad_scores);
+                    out.put_factors(g.factors.map(|f| {
+                        [
+                            f.grad_factor_a,
+                            f.grad_factor_b,
+                            f.grad_factor_c,
+                            f.grad_factor_d,
+                        ]
+                    }));
+                    out.put("grad_alpha", g.grad_alpha);
+                    out.put_opt("grad_beta", g.grad_beta);
+                    out.put_opt("grad_base_bias", g.grad_base_bias);
+                    out.put_opt("grad_expert_bias", g.grad_expert_bias);
+                }
+            }
+            "merged_linear" => {
+                out.put(
+                    "y",
+                    cuda::merged_linear(s, n.req("x")?, n.req("merged")?, n.opt("merged_bias"))?,
+                );
+            }
+            "merged_linear_backward" => {
+                let g = cuda::merged_linear_backward(
+                    s,
+                    n.req("x")?,
+                    n.req("merged")?,
+                    n.opt("merged_bias"),
+                    n.req("grad_y")?,
+                )?;
+                out.put("grad_x", g.grad_x);
+                out.put("grad_merged", g.grad_merged);
+                out.put_opt("grad_merged_bias", g.grad_merged_bias);
+            }
+            "dynamic_merge" => {
+                let beta = n.beta(opts)?;
+                out.put(
+                    "next_base",
+                    cuda::dynamic_merge(s, n.req("base")?, n.req("curved")?, beta)?,
+                );
+            }
+            "dynamic_merge_backward" => {
+                let beta = n.beta(opts)?;
+                let g = cuda::dynamic_merge_backward(
+                    s,
+                    n.req("base")?,
+                    n.req("curved")?,
+                    beta,
+                    n.req("grad_next_base")?,
+                )?;
+                out.put("grad_base", g.grad_base);
+                out.put("grad_curved", g.grad_curved);
+                out.put("grad_beta", g.grad_beta);
+            }
+            "segment_scores" => {
+                out.put("scores", cuda::segment_scores(s, n.req("router_scores")?)?);
+            }
+            "segment_scores_backward" => {
+                let r = n.req("router_scores")?;
+                crate::shape::expect_rank("router_scores", r.shape(), 3, "[B, J, N]")?;
+                crate::shape::expect_nonempty("router_scores", r.shape())?;
+                let gs = n.req("grad_scores")?;
+                crate::shape::expect_shape("grad_scores", gs.shape(), r.shape())?;
+                out.put("grad_router_scores", cuda::segment_scores_backward(s, gs)?);
+            }
+            other => return Err(crate::Error::UnknownOp(other.to_string())),
+        }
+        // download waits for the stream's work on each tensor.
+        let mut host = BTreeMap::new();
+        for (k, v) in out.0 {
+            let t: Tensor<T> = v.download(&stream)?;
+            host.insert(k, AnyTensor::from_f32(&t.map(T::to_f32), dtype));
+        }
+        Ok(host)
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda(
+    info: &OpInfo,
+    _inputs: &BTreeMap<String, AnyTensor>,
+    _opts: &RunOptions,
+    _dtype: DType,
+) -> Result<BTreeMap<String, AnyTensor>> {
+    Err(Error::Cuda(format!(
+        "operator `{}` on device cuda: this camex was built without the `cuda` feature \
+         (rebuild with `--features cuda`, or use --device cpu)",
+        info.name
+    )))
+}
+
+/// The one dtype of all inputs, or [`Error::DType`] naming the first tensor that differs.
+fn common_dtype(inputs: &BTreeMap<String, AnyTensor>) -> Result<DType> {
+    let mut it = inputs.iter();
+    let Some((first_name, first)) = it.next() else {
+        // Every operator has a required input, so this is only reached through a bug.
+        return Err(Error::option("inputs", "no tensors given"));
+    };
+    let d = first.dtype();
+    for (name, t) in it {
+        if t.dtype() != d {
+            return Err(Error::DType {
+                tensor: name.clone(),
+                expected: format!("{} (the dtype of `{first_name}`)", d.name()),
+                actual: t.dtype().name().to_string(),
+            });
+        }
+    }
+    Ok(d)
+}
+
+/// (`base_bias`, `expert_bias`): both or neither.
+type BiasPair<'a, V> = (Option<&'a V>, Option<&'a V>);
+
+/// Named inputs of one call (host or device tensors `V`), with the operator's name for the errors.
+struct Named<'a, V> {
+    op: &'static str,
+    map: &'a BTreeMap<String, V>,
+}
+
+impl<'a, V> Named<'a, V> {
+    fn req(&self, name: &str) -> Result<&'a V> {
+        self.map.get(name).ok_or_else(|| Error::Missing {
+            tensor: name.to_string(),
+            op: self.op.to_string(),
+        })
+    }
+    fn opt(&self, name: &str) -> Option<&'a V> {
+        self.map.get(name)
+    }
+    /// `Some([a, b, c, d])` when all four factors are present (Kronecker), `None` when none is
+    /// (identity); otherwise [`Error::Missing`] naming the first absent one.
+    fn factors(&self) -> Result<Option<[&'a V; 4]>> {
+        const NAMES: [&str; 4] = ["factor_a", "factor_b", "factor_c", "factor_d"];
+        let f = NAMES.map(|n| self.opt(n));
+        match f {
+            [None, None, None, None] => Ok(None),
+            [Some(a), Some(b), Some(c), Some(d)] => Ok(Some([a, b, c, d])),
+            _ => {
+                let i = f.iter().position(|t| t.is_none()).unwrap_or(0);
+                let given: Vec<&str> = NAMES
+                    .iter()
+                    .zip(&f)
+                    .filter(|(_, t)| t.is_some())
+                    .map(|(n, _)| *n)
+                    .collect();
+                Err(Error::Missing {
+                    tensor: NAMES[i].to_string(),
+                    op: format!(
+                        "{} (Kronecker curvature needs all four factors; {} given)",
+                        self.op,
+                        given.join(", ")
+                    ),
+                })
+            }
+        }
+    }
+    /// Both biases or neither.
+    fn biases(&self) -> Result<BiasPair<'a, V>> {
+        let (eb, b) = (self.opt("base_bias"), self.opt("expert_bias"));
+        let missing = match (eb, b) {
+            (Some(_), None) => "expert_bias",
+            (None, Some(_)) => "base_bias",
+            _ => return Ok((eb, b)),
+        };
+        Err(Error::Missing {
+            tensor: missing.to_string(),
+            op: format!(
+                "{} (biases come in pairs: base_bias and expert_bias)",
+                self.op
+            ),
+        })
+    }
+    fn beta(&self, opts: &RunOptions) -> Result<f64> {
+        opts.beta
+            .ok_or_else(|| Error::option("beta", format!("operator `{}` needs beta", self.op)))
+    }
+}
+
+impl<'a, F: Float> Named<'a, Tensor<F>> {
+    fn curvature(&self) -> Result<Curvature<'a, F>> {
+        Ok(match self.factors()? {
+            None => Curvature::Identity,
+            Some([a, b, c, d]) => Curvature::Kronecker(Factors { a, b, c, d }),
+        })
+    }
+}
+
+/// Output map under construction.
+struct Out<V>(BTreeMap<String, V>);
+
+impl<V> Out<V> {
+    fn put(&mut self, name: &str, t: V) {
+        self.0.insert(name.to_string(), t);
+    }
+    fn put_opt(&mut self, name: &str, t: Option<V>) {
+        if let Some(t) = t {
+            self.put(name, t);
+        }
+    }
+    /// grad_factor_a..d, in that order.
+    fn put_factors(&mut self, f: Option<[V; 4]>) {
+        if let Some(f) = f {
+            for (name, t) in [
+                "grad_factor_a",
+                "grad_factor_b",
+                "grad_factor_c",
+                "grad_factor_d",
+            ]
+            .into_iter()
+            .zip(f)
+            {
+                self.put(name, t);
+            }
+        }
+    }
+}
+
+fn merge_options(opts: &RunOptions) -> MergeOptions {
+    MergeOptions {
+        alpha: opts.alpha,
+        mask: opts.mask,
+        dare: opts.dare,
+        beta: opts.beta,
+        want_curved: false,
+    }
+}
+
+/// The CPU dispatch, in the compute type F.
+fn exec<F: Float>(
+    info: &'static OpInfo,
+    map: &BTreeMap<String, Tensor<F>>,
+    opts: &RunOptions,
+) -> Result<BTreeMap<String, Tensor<F>>> {
+    let n = Named { op: info.name, map };
+    let mut out = Out(BTreeMap::new());
+    match info.name {
+        "curvature" => {
+            let curv = n.curvature()?;
+            out.put(
+                "curved",
+                cpu::curvature(n.req("base")?, n.req("experts")?, &curv)?,
+            );
+        }
+        "curvature_backward" => {
+            let curv = n.curvature()?;
+            let g = cpu::curvature_backward(
+                n.req("base")?,
+                n.req("experts")?,
+                &curv,
+                n.req("grad_curved")?,
+            )?;
+            out.put("grad_base", g.grad_base);
+            out.put("grad_experts", g.grad_experts);
+            out.put_factors(g.factors.map(|f| {
+                [
+                    f.grad_factor_a,
+                    f.grad_factor_b,
+                    f.grad_factor_c,
+                    f.grad_factor_d,
+                ]
+            }));
+        }
+        "ties_mask" => {
+            out.put(
+                "mask",
+                cpu::ties_mask(n.req("base")?, n.req("experts")?, opts.mask)?,
+            );
+        }
+        "merge" | "merge_backward" => {
+            let (base_bias, expert_bias) = n.biases()?;
+            let inputs = MergeInputs {
+                base: n.req("base")?,
+                curved: n.req("curved")?,
+                scores: n.req("scores")?,
+                mask: n.opt("mask"),
+                base_bias,
+                expert_bias,
+            };
+            if info.name == "merge" {
+                let o = cpu::merge(&inputs, opts.alpha, &opts.dare)?;
+                out.put("merged", o.merged);
+                out.put_opt("merged_bias", o.merged_bias);
+            } else {
+                let g = cpu::merge_backward(
+                    &inputs,
+                    opts.alpha,
+                    &opts.dare,
+                    n.req("grad_merged")?,
+                    n.opt("grad_merged_bias"),
+                )?;
+                out.put("grad_base", g.grad_base);
+                out.put("grad_curved", g.grad_curved);
+                out.put("grad_scores", g.grad_scores);
+                out.put("grad_alpha", Tensor::scalar(g.grad_alpha));
+                out.put_opt("grad_base_bias", g.grad_base_bias);
+                out.put_opt("grad_expert_bias", g.grad_expert_bias);
+            }
+        }
+        "ca_merge" | "ca_merge_backward" => {
+            let (base_bias, expert_bias) = n.biases()?;
+            let inputs = CaMergeInputs {
+                base: n.req("base")?,
+                experts: n.req("experts")?,
+                scores: n.req("scores")?,
+                curvature: n.curvature()?,
+                base_bias,
+                expert_bias,
+            };
+            let mo = merge_options(opts);
+            if info.name == "ca_merge" {
+                let o = cpu::ca_merge(&inputs, &mo)?;
+                out.put("merged", o.merged);
+                out.put_opt("merged_bias", o.merged_bias);
+                out.put_opt("next_base", o.next_base);
+            } else {
+                let g = cpu::ca_merge_backward(
+                    &inputs,
+                    &mo,
+                    n.req("grad_merged")?,
+                    n.opt("grad_merged_bias"),
+                    n.opt("grad_next_base"),
+                )?;
+                out.put("grad_base", g.grad_base);
+                out.put("grad_experts", g.grad_experts);
+                out.put("grad_scores", g.grad_scores);
+                out.put_factors(g.factors.map(|f| {
+                    [
+                        f.grad_factor_a,
+                        f.grad_factor_b,
+                        f.grad_factor_c,
+                        f.grad_factor_d,
+                    ]
+                }));
+                out.put("grad_alpha", Tensor::scalar(g.grad_alpha));
+                out.put_opt("grad_beta", g.grad_beta.map(Tensor::scalar));
+                out.put_opt("grad_base_bias", g.grad_base_bias);
+                out.put_opt("grad_expert_bias", g.grad_expert_bias);
+            }
+        }
+        "merged_linear" => {
+            out.put(
+                "y",
+                cpu::merged_linear(n.req("x")?, n.req("merged")?, n.opt("merged_bias"))?,
+            );
+        }
+        "merged_linear_backward" => {
+            let g = cpu::merged_linear_backward(
+                n.req("x")?,
+                n.req("merged")?,
+                n.opt("merged_bias"),
+                n.req("grad_y")?,
+            )?;
+            out.put("grad_x", g.grad_x);
+            out.put("grad_merged", g.grad_merged);
+            out.put_opt("grad_merged_bias", g.grad_merged_bias);
+        }
+        "dynamic_merge" => {
+            let beta = n.beta(opts)?;
+            out.put(
+                "next_base",
+                cpu::dynamic_merge(n.req("base")?, n.req("curved")?, beta)?,
+            );
+        }
+        "dynamic_merge_backward" => {
+            let beta = n.beta(opts)?;
+            let g = cpu::dynamic_merge_backward(
+                n.req("base")?,
+                n.req("curved")?,
+                beta,
+                n.req("grad_next_base")?,
+            )?;
+            out.put("grad_base", g.grad_base);
+            out.put("grad_curved", g.grad_curved);
+            out.put("grad_beta", Tensor::scalar(g.grad_beta));
+        }
+        "segment_scores" => {
+            out.put("scores", cpu::segment_scores(n.req("router_scores")?)?);
+        }
+        "segment_scores_backward" => {
+            let r = n.req("router_scores")?;
+            // Validates router_scores as the forward does, then requires the same shape of the grad.
+            cpu::segment_scores(r)?;
+            let gs = n.req("grad_scores")?;
+            crate::shape::expect_shape("grad_scores", gs.shape(), r.shape())?;
+            out.put("grad_router_scores", cpu::segment_scores_backward(gs)?);
+        }
+        // Every table entry has an arm above; the table and this match are kept in step by the tests.
+        other => return Err(Error::UnknownOp(other.to_string())),
+    }
+    Ok(out.0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// safetensors I/O
+// ---------------------------------------------------------------------------------------------
+
+fn io_err(path: &Path, what: impl std::fmt::Display) -> Error {
+    Error::Io(format!("{}: {what}", path.display()))
+}
+
+/// Reads every tensor of a safetensors file. Accepted dtypes: F32, F64, F16, BF16 (anything else is
+/// [`Error::DType`] naming the tensor).
+pub fn read_safetensors(path: impl AsRef<Path>) -> Result<BTreeMap<String, AnyTensor>> {
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).map_err(|e| io_err(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| io_err(path, format!("not a valid safetensors file: {e}")))?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.iter() {
+        let shape = view.shape();
+        let data = view.data();
+        let t = match view.dtype() {
+            safetensors::Dtype::F32 => AnyTensor::F32(Tensor::new(
+                shape,
+                le_words::<4, _>(data, f32::from_le_bytes),
+            )?),
+            safetensors::Dtype::F64 => AnyTensor::F64(Tensor::new(
+                shape,
+                le_words::<8, _>(data, f64::from_le_bytes),
+            )?),
+            safetensors::Dtype::F16 => AnyTensor::F16(Tensor::new(
+                shape,
+                le_words::<2, _>(data, |b| f16::from_bits(u16::from_le_bytes(b))),
+            )?),
+            safetensors::Dtype::BF16 => AnyTensor::BF16(Tensor::new(
+                shape,
+                le_words::<2, _>(data, |b| bf16::from_bits(u16::from_le_bytes(b))),
+            )?),
+            other => {
+                return Err(Error::DType {
+                    tensor: name.to_string(),
+                    expected: "F32, F64, F16 or BF16".into(),
+                    actual: format!("{other:?}"),
+                })
+            }
+        };
+        out.insert(name.to_string(), t);
+    }
+    Ok(out)
+}
+
+/// Little-endian words of `W` bytes (the safetensors layout), decoded by `f`.
+fn le_words<const W: usize, T>(data: &[u8], f: impl Fn([u8; W]) -> T) -> Vec<T> {
+    data.chunks_exact(W)
+        .map(|c| {
+            let mut b = [0u8; W];
+            b.copy_from_slice(c);
+            f(b)
+        })
+        .collect()
+}
+
+/// An encoded tensor for the safetensors serializer.
+struct Encoded {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl safetensors::View for &Encoded {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+fn encode(t: &AnyTensor) -> Encoded {
+    let (dtype, bytes): (safetensors::Dtype, Vec<u8>) = match t {
+        AnyTensor::F32(t) => (
+            safetensors::Dtype::F32,
+            t.data().iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ),
+        AnyTensor::F64(t) => (
+            safetensors::Dtype::F64,
+            t.data().iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ),
+        AnyTensor::F16(t) => (
+            safetensors::Dtype::F16,
+            t.data()
+                .iter()
+                .flat_map(|v| v.to_bits().to_le_bytes())
+                .collect(),
+        ),
+        AnyTensor::BF16(t) => (
+            safetensors::Dtype::BF16,
+            t.data()
+                .iter()
+                .flat_map(|v| v.to_bits().to_le_bytes())
+                .collect(),
+        ),
+    };
+    Encoded {
+        dtype,
+        shape: t.shape().to_vec(),
+        bytes,
+    }
+}
+
+/// Writes `tensors` as a safetensors file at `path`, atomically: the bytes go to a temporary file
+/// in the same directory, which is then renamed over `path`; on any failure the temporary file is
+/// removed and `path` is left as it was (absent, or the previous file).
+pub fn write_safetensors(
+    path: impl AsRef<Path>,
+    tensors: &BTreeMap<String, AnyTensor>,
+) -> Result<()> {
+    let path = path.as_ref();
+    let encoded: Vec<(&String, Encoded)> = tensors.iter().map(|(k, v)| (k, encode(v))).collect();
+    let bytes = safetensors::serialize(encoded.iter().map(|(k, e)| (k.as_str(), e)), None)
+        .map_err(|e| io_err(path, format!("cannot serialize: {e}")))?;
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| io_err(path, "not a file path"))?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(file_name);
+    tmp_name.push(format!(".tmp-{}-{nanos}", std::process::id()));
+    let tmp = dir.join(tmp_name);
+    // create_new: never clobber a file we did not create.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| io_err(&tmp, e))?;
+    let result = (|| {
+        use std::io::Write;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)
+    })();
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io_err(path, e)
+    })
+}

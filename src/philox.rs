@@ -98,20 +98,11 @@ impl DareDraw {
         draw(self.seed, (g * n + i) as u64, STREAM_EXPERT) >= self.threshold
     }
 
-    /// Element granularity: is element (p, q) of expert `i` kept in group `g`?
-    /// e = ((g*N + i)*O + p)*I + q, stream 0.
+    /// Element granularity: is element `pq` = p*I + q of expert `i` kept in group `g`?
+    /// e = ((g*N + i)*O + p)*I + q = (g*N + i)*O*I + pq, stream 0.
     #[inline]
-    pub fn keep_element(
-        &self,
-        g: usize,
-        i: usize,
-        p: usize,
-        q: usize,
-        n: usize,
-        o: usize,
-        ii: usize,
-    ) -> bool {
-        let e = (((g * n + i) * o + p) * ii + q) as u64;
+    pub fn keep_element(&self, g: usize, i: usize, pq: usize, n: usize, oi: usize) -> bool {
+        let e = ((g * n + i) * oi + pq) as u64;
         draw(self.seed, e, STREAM_ELEMENT) >= self.threshold
     }
 }

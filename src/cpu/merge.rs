@@ -106,6 +106,7 @@ fn check_biases<'a, F>(
     expert_bias: Option<&'a Tensor<F>>,
     n: usize,
     o: usize,
+    op: &str,
 ) -> Result<Option<(&'a Tensor<F>, &'a Tensor<F>)>> {
     match (base_bias, expert_bias) {
         (None, None) => Ok(None),
@@ -115,12 +116,12 @@ fn check_biases<'a, F>(
             Ok(Some((eb, b)))
         }
         (Some(_), None) => Err(Error::Missing {
-            tensor: "expert_bias".into(),
-            op: "merge (base_bias was given)".into(),
+            tensor: format!("expert_bias [{n}, {o}]"),
+            op: format!("{op} (base_bias was given)"),
         }),
         (None, Some(_)) => Err(Error::Missing {
-            tensor: "base_bias".into(),
-            op: "merge (expert_bias was given)".into(),
+            tensor: format!("base_bias [{o}]"),
+            op: format!("{op} (expert_bias was given)"),
         }),
     }
 }
@@ -163,7 +164,7 @@ impl<F: Float> Plan<'_, F> {
     /// zeta[g, e, q] for element-level DARE.
     #[inline]
     fn zeta(&self, d: &DareDraw, g: usize, e: usize, q: usize) -> F {
-        if d.keep_element(g, e, q / self.i, q % self.i, self.n, self.o, self.i) {
+        if d.keep_element(g, e, q, self.n, self.oi) {
             F::from_f64(d.scale)
         } else {
             F::ZERO
@@ -388,7 +389,7 @@ fn plan_merge<'a, F: Float>(
         expect_shape("mask", m.shape(), &[n, o, i])?;
     }
     let g = check_scores(inputs.scores, n)?;
-    let biases = check_biases(inputs.base_bias, inputs.expert_bias, n, o)?;
+    let biases = check_biases(inputs.base_bias, inputs.expert_bias, n, o, "merge")?;
     check_alpha(alpha)?;
     dare.validate()?;
     Ok((
@@ -500,7 +501,7 @@ fn plan_ca<'a, F: Float>(
     let (n, o, i) = check_weights(inputs.base, inputs.experts)?;
     let dims = check_curvature(n, o, i, &inputs.curvature)?;
     let g = check_scores(inputs.scores, n)?;
-    let biases = check_biases(inputs.base_bias, inputs.expert_bias, n, o)?;
+    let biases = check_biases(inputs.base_bias, inputs.expert_bias, n, o, "ca_merge")?;
     opts.validate()?;
     Ok((
         dims,

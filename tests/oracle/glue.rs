@@ -1,0 +1,292 @@
+//! Test glue: a deterministic RNG, random cases, conversions between `Vec<f64>` and
+//! `camex::Tensor<F>`, and the relative Frobenius error check of SPEC section 5.
+
+use super::{DareRef, Dims, KronRef, MaskRef, Split4};
+use camex::cpu::{Curvature, Factors};
+use camex::{DType, Dare, Float, Mask, Tensor};
+
+/// splitmix64: small, deterministic, good enough for test data.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed ^ 0x5DEE_CE66_D1CE_4E5B)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / 9007199254740992.0)
+    }
+    /// n values uniform in [-1, 1).
+    pub fn vec(&mut self, n: usize) -> Vec<f64> {
+        (0..n).map(|_| 2.0 * self.unit() - 1.0).collect()
+    }
+    /// n values k/32 with k in [-64, 64]: exact in f32, and so are their differences, which keeps
+    /// the sign tests of TIES identical in f32 and f64 (and makes |tau| ties frequent).
+    pub fn dyadic(&mut self, n: usize) -> Vec<f64> {
+        (0..n)
+            .map(|_| ((self.next_u64() % 129) as f64 - 64.0) / 32.0)
+            .collect()
+    }
+    /// n values in [lo, hi).
+    pub fn range(&mut self, n: usize, lo: f64, hi: f64) -> Vec<f64> {
+        (0..n).map(|_| lo + (hi - lo) * self.unit()).collect()
+    }
+}
+
+/// One shape to test: G, N, O, I, the split and the rank R, and T tokens per group.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    pub d: Dims,
+    pub split: Split4,
+    pub r: usize,
+    pub t: usize,
+}
+
+pub fn shape(
+    g: usize,
+    n: usize,
+    (o1, o2): (usize, usize),
+    (i1, i2): (usize, usize),
+    r: usize,
+    t: usize,
+) -> Shape {
+    Shape {
+        d: Dims {
+            g,
+            n,
+            o: o1 * o2,
+            i: i1 * i2,
+        },
+        split: Split4 { o1, o2, i1, i2 },
+        r,
+        t,
+    }
+}
+
+/// Small shapes covering R in {1,2,3}, N in {1,3}, G in {1,4}, non-square splits and splits with a 1.
+pub fn shapes() -> Vec<Shape> {
+    vec![
+        shape(1, 1, (2, 3), (5, 2), 1, 3),
+        shape(4, 3, (2, 3), (5, 2), 2, 2),
+        shape(1, 3, (1, 6), (7, 1), 3, 1),
+        shape(4, 1, (2, 2), (1, 7), 3, 2),
+        shape(4, 3, (5, 1), (3, 2), 2, 3),
+        shape(1, 3, (3, 3), (2, 4), 1, 2),
+    ]
+}
+
+/// Random inputs for every operator at one shape (all f64; tests round them to F first).
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub s: Shape,
+    pub base: Vec<f64>,
+    pub experts: Vec<f64>,
+    pub scores: Vec<f64>,
+    pub kron: KronRef,
+    pub base_bias: Vec<f64>,
+    pub expert_bias: Vec<f64>,
+    pub x: Vec<f64>,
+}
+
+impl Case {
+    pub fn random(s: Shape, seed: u64) -> Case {
+        let mut rng = Rng::new(seed);
+        let d = s.d;
+        let sp = s.split;
+        let r = s.r;
+        Case {
+            s,
+            base: rng.dyadic(d.oi()),
+            experts: rng.dyadic(d.n * d.oi()),
+            scores: rng.range(d.g * d.n, 0.05, 1.0),
+            kron: KronRef {
+                r,
+                split: sp,
+                a: rng.vec(r * d.n * sp.o1 * sp.o1),
+                b: rng.vec(r * d.n * sp.o2 * sp.o2),
+                c: rng.vec(r * d.n * sp.i1 * sp.i1),
+                d: rng.vec(r * d.n * sp.i2 * sp.i2),
+            },
+            base_bias: rng.vec(d.o),
+            expert_bias: rng.vec(d.n * d.o),
+            x: rng.vec(d.g * s.t * d.i),
+        }
+    }
+
+    /// The same values rounded to F (so the oracle sees exactly what the operator sees).
+    pub fn rounded<F: Float>(&self) -> Case {
+        let r = |v: &Vec<f64>| rounded::<F>(v);
+        Case {
+            s: self.s,
+            base: r(&self.base),
+            experts: r(&self.experts),
+            scores: r(&self.scores),
+            kron: KronRef {
+                r: self.kron.r,
+                split: self.kron.split,
+                a: r(&self.kron.a),
+                b: r(&self.kron.b),
+                c: r(&self.kron.c),
+                d: r(&self.kron.d),
+            },
+            base_bias: r(&self.base_bias),
+            expert_bias: r(&self.expert_bias),
+            x: r(&self.x),
+        }
+    }
+
+    pub fn tensors<F: Float>(&self) -> CaseT<F> {
+        let d = self.s.d;
+        let sp = self.s.split;
+        let r = self.s.r;
+        CaseT {
+            base: tensor(&[d.o, d.i], &self.base),
+            experts: tensor(&[d.n, d.o, d.i], &self.experts),
+            scores: tensor(&[d.g, d.n], &self.scores),
+            a: tensor(&[r, d.n, sp.o1, sp.o1], &self.kron.a),
+            b: tensor(&[r, d.n, sp.o2, sp.o2], &self.kron.b),
+            c: tensor(&[r, d.n, sp.i1, sp.i1], &self.kron.c),
+            d: tensor(&[r, d.n, sp.i2, sp.i2], &self.kron.d),
+            base_bias: tensor(&[d.o], &self.base_bias),
+            expert_bias: tensor(&[d.n, d.o], &self.expert_bias),
+            x: tensor(&[d.g, self.s.t, d.i], &self.x),
+        }
+    }
+}
+
+/// A [`Case`] as camex tensors.
+pub struct CaseT<F> {
+    pub base: Tensor<F>,
+    pub experts: Tensor<F>,
+    pub scores: Tensor<F>,
+    pub a: Tensor<F>,
+    pub b: Tensor<F>,
+    pub c: Tensor<F>,
+    pub d: Tensor<F>,
+    pub base_bias: Tensor<F>,
+    pub expert_bias: Tensor<F>,
+    pub x: Tensor<F>,
+}
+
+impl<F: Float> CaseT<F> {
+    pub fn curvature(&self, kronecker: bool) -> Curvature<'_, F> {
+        if kronecker {
+            Curvature::Kronecker(Factors {
+                a: &self.a,
+                b: &self.b,
+                c: &self.c,
+                d: &self.d,
+            })
+        } else {
+            Curvature::Identity
+        }
+    }
+}
+
+pub fn tensor<F: Float>(shape: &[usize], v: &[f64]) -> Tensor<F> {
+    Tensor::new(shape, v.iter().map(|&x| F::from_f64(x)).collect()).expect("tensor shape")
+}
+
+pub fn vals<F: Float>(t: &Tensor<F>) -> Vec<f64> {
+    t.data().iter().map(|x| x.to_f64()).collect()
+}
+
+pub fn rounded<F: Float>(v: &[f64]) -> Vec<f64> {
+    v.iter().map(|&x| F::from_f64(x).to_f64()).collect()
+}
+
+/// ||out - ref|| / ||ref|| (Frobenius); ||out|| when ref is exactly zero.
+pub fn rel_err(out: &[f64], reference: &[f64]) -> f64 {
+    assert_eq!(out.len(), reference.len(), "length");
+    let mut num = 0.0;
+    let mut den = 0.0;
+    for (o, r) in out.iter().zip(reference) {
+        num += (o - r) * (o - r);
+        den += r * r;
+    }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+/// SPEC section 5 tolerance for the storage type (f64 gets 1e-12).
+pub fn tol<F: Float>() -> f64 {
+    match F::DTYPE {
+        DType::F64 => 1e-12,
+        DType::F32 => 1e-5,
+        DType::F16 => 2e-3,
+        DType::BF16 => 1e-2,
+    }
+}
+
+/// Asserts the shape and the relative error of `out` against `reference`.
+pub fn check<F: Float>(what: &str, out: &Tensor<F>, shape: &[usize], reference: &[f64]) {
+    assert_eq!(out.shape(), shape, "{what}: shape");
+    let e = rel_err(&vals(out), reference);
+    assert!(
+        e < tol::<F>(),
+        "{what} ({}): relative error {e:e} >= {:e}",
+        F::DTYPE.name(),
+        tol::<F>()
+    );
+}
+
+/// A scalar gradient against its reference; `scale` is the size of the terms it sums (so a
+/// cancelling sum is judged by the rounding it can carry).
+pub fn check_scalar<F: Float>(what: &str, out: F, reference: f64, scale: f64) {
+    let den = reference.abs().max(scale).max(f64::MIN_POSITIVE);
+    let e = (out.to_f64() - reference).abs() / den;
+    assert!(
+        e < tol::<F>(),
+        "{what} ({}): got {out}, want {reference}, relative error {e:e}",
+        F::DTYPE.name()
+    );
+}
+
+pub fn mask_of(m: MaskRef) -> Mask {
+    match m {
+        MaskRef::None => Mask::None,
+        MaskRef::Sign => Mask::TiesSign,
+        MaskRef::Trim(k) => Mask::TiesTrim(k),
+    }
+}
+
+pub fn dare_of(d: DareRef) -> Dare {
+    match d {
+        DareRef::None => Dare::None,
+        DareRef::Expert { p, seed } => Dare::Expert { p, seed },
+        DareRef::Element { p, seed } => Dare::Element { p, seed },
+    }
+}
+
+/// Every mask kind (trim fractions chosen so that k*O*I is never a rounding-borderline integer).
+pub fn masks() -> Vec<MaskRef> {
+    vec![
+        MaskRef::None,
+        MaskRef::Sign,
+        MaskRef::Trim(1.0),
+        MaskRef::Trim(0.5),
+        MaskRef::Trim(0.37),
+    ]
+}
+
+/// No DARE and both DARE granularities.
+pub fn dares() -> Vec<DareRef> {
+    vec![
+        DareRef::None,
+        DareRef::Expert { p: 0.3, seed: 7 },
+        DareRef::Element {
+            p: 0.25,
+            seed: 0x1234_5678_9abc,
+        },
+    ]
+}
