@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::shape::{expect_nonempty, expect_rank, expect_shape, Split};
 use crate::tensor::{Float, Tensor};
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// The four Kronecker factors `factor_a` [R, N, o1, o1], `factor_b` [R, N, o2, o2],
 /// `factor_c` [R, N, i1, i1], `factor_d` [R, N, i2, i2].
@@ -193,6 +194,18 @@ pub(crate) fn domain_vector<F: Float>(base: &[F], expert: &[F], out: &mut [F]) {
     }
 }
 
+/// Ranks split into two fixed halves that run side by side (`rayon::join`) and are summed in a fixed
+/// order: both cores stay busy for any N, and the bits do not depend on the thread count.
+fn rank_halves(r: usize) -> (Range<usize>, Range<usize>) {
+    let h = r.div_ceil(2);
+    (0..h, h..r)
+}
+
+/// dst += src, elementwise.
+fn add_into<F: Float>(dst: &mut [F], src: &[F]) {
+    dst.iter_mut().zip(src).for_each(|(d, &s)| *d += s);
+}
+
 /// U for validated inputs.
 pub(crate) fn curved_unchecked<F: Float>(
     base: &Tensor<F>,
@@ -212,9 +225,17 @@ pub(crate) fn curved_unchecked<F: Float>(
                 Curvature::Kronecker(f) => {
                     let mut tau = vec![F::ZERO; oi];
                     domain_vector(base.data(), w, &mut tau);
-                    let mut s1 = vec![F::ZERO; oi];
-                    let mut s2 = vec![F::ZERO; oi];
-                    kron_forward(&tau, ue, f, e, dims, &mut s1, &mut s2);
+                    let (lo, hi) = rank_halves(dims.r);
+                    if hi.is_empty() {
+                        kron_forward(&tau, ue, f, e, dims, lo);
+                    } else {
+                        let mut other = vec![F::ZERO; oi];
+                        rayon::join(
+                            || kron_forward(&tau, ue, f, e, dims, lo),
+                            || kron_forward(&tau, &mut other, f, e, dims, hi),
+                        );
+                        add_into(ue, &other);
+                    }
                 }
             }
         });
@@ -227,24 +248,26 @@ fn foff(r: usize, e: usize, n: usize, k: usize) -> usize {
     (r * n + e) * k * k
 }
 
-/// u = sum_r tau x1 A x2 B x3 C x4 D for expert `e`.
+/// u = sum_{r in ranks} tau x1 A x2 B x3 C x4 D for expert `e`.
 fn kron_forward<F: Float>(
     tau: &[F],
     u: &mut [F],
     f: &Factors<F>,
     e: usize,
     dims: &Dims,
-    s1: &mut [F],
-    s2: &mut [F],
+    ranks: Range<usize>,
 ) {
     let d4 = dims.d4();
     let Split { o1, o2, i1, i2 } = dims.split;
     let n = dims.n;
-    for r in 0..dims.r {
-        mode_product(s1, tau, d4, 0, f.a.data(), foff(r, e, n, o1), false, false);
-        mode_product(s2, s1, d4, 1, f.b.data(), foff(r, e, n, o2), false, false);
-        mode_product(s1, s2, d4, 2, f.c.data(), foff(r, e, n, i1), false, false);
-        mode_product(u, s1, d4, 3, f.d.data(), foff(r, e, n, i2), false, r > 0);
+    let mut s1 = vec![F::ZERO; dims.oi()];
+    let mut s2 = vec![F::ZERO; dims.oi()];
+    let first = ranks.start;
+    for r in ranks {
+        mode_product(&mut s1, tau, d4, 0, f.a.data(), foff(r, e, n, o1), false, false);
+        mode_product(&mut s2, &s1, d4, 1, f.b.data(), foff(r, e, n, o2), false, false);
+        mode_product(&mut s1, &s2, d4, 2, f.c.data(), foff(r, e, n, i1), false, false);
+        mode_product(u, &s1, d4, 3, f.d.data(), foff(r, e, n, i2), false, r > first);
     }
 }
 
@@ -298,12 +321,12 @@ pub fn curvature_backward<F: Float>(
     let (n, o, i) = check_weights(base, experts)?;
     let dims = check_curvature(n, o, i, curv)?;
     expect_shape("grad_curved", grad_curved.shape(), &[n, o, i])?;
-    let (grad_tau, factors) = tau_backward(base, experts, curv, &dims, grad_curved.clone());
-    let grad_base = neg_sum_experts(&grad_tau, &dims);
+    let back = fused_backward(base, experts, curv, &dims, grad_curved.clone(), false);
+    let grad_base = neg_sum_experts(&back.grad_tau, &dims);
     Ok(CurvatureGrads {
         grad_base,
-        grad_experts: grad_tau,
-        factors,
+        grad_experts: back.grad_tau,
+        factors: back.factors,
     })
 }
 
@@ -327,32 +350,89 @@ pub(crate) fn neg_sum_experts<F: Float>(grad_tau: &Tensor<F>, dims: &Dims) -> Te
     out
 }
 
-/// From H = dL/dU [N, O, I] (consumed) to dL/dtau [N, O, I] and the factor gradients.
-pub(crate) fn tau_backward<F: Float>(
+/// What the fused reverse pass returns.
+pub(crate) struct FusedBack<F> {
+    /// U = M(tau) [N, O, I], when asked for (the forward, recomputed on the way).
+    pub curved: Option<Tensor<F>>,
+    /// dL/dtau [N, O, I].
+    pub grad_tau: Tensor<F>,
+    pub factors: Option<FactorGrads<F>>,
+}
+
+/// From H = dL/dU [N, O, I] (consumed) to dL/dtau and the factor gradients, recomputing U on the way
+/// when `want_curved` (the CA-merge backward needs it for grad_scores and grad_beta).
+///
+/// Per expert and rank it costs 10 mode products and 4 contractions: the forward chain
+/// tau x1 A x2 B x3 C gives the partial product for dD directly and, one product later, the one for dC;
+/// the transposed chain H x4 D^T x3 C^T gives dA, dB and dL/dtau.
+pub(crate) fn fused_backward<F: Float>(
     base: &Tensor<F>,
     experts: &Tensor<F>,
     curv: &Curvature<F>,
     dims: &Dims,
     h: Tensor<F>,
-) -> (Tensor<F>, Option<FactorGrads<F>>) {
+    want_curved: bool,
+) -> FusedBack<F> {
+    let oi = dims.oi();
     let f = match curv {
-        Curvature::Identity => return (h, None),
+        Curvature::Identity => {
+            let curved = want_curved.then(|| {
+                let mut u = Tensor::zeros(&[dims.n, dims.o, dims.i]);
+                u.data_mut().par_chunks_mut(oi).enumerate().for_each(|(e, ue)| {
+                    domain_vector(base.data(), &experts.data()[e * oi..(e + 1) * oi], ue)
+                });
+                u
+            });
+            return FusedBack {
+                curved,
+                grad_tau: h,
+                factors: None,
+            };
+        }
         Curvature::Kronecker(f) => f,
     };
-    let oi = dims.oi();
     let Split { o1, o2, i1, i2 } = dims.split;
     let (n, rk) = (dims.n, dims.r);
     let mut grad_tau = Tensor::zeros(&[n, dims.o, dims.i]);
-    // Per expert: [R][k*k] for each factor, scattered into [R, N, k, k] afterwards.
+    let u_shape = [if want_curved { n } else { 0 }, dims.o, dims.i];
+    let mut curved = Tensor::zeros(&u_shape);
+    let u_chunks: Vec<&mut [F]> = if want_curved {
+        curved.data_mut().chunks_mut(oi).collect()
+    } else {
+        Vec::new()
+    };
+    let mut u_slots: Vec<Option<&mut [F]>> = u_chunks.into_iter().map(Some).collect();
+    u_slots.resize_with(n, || None);
+    // Per expert: [dA, dB, dC, dD] as [R][k*k], scattered into [R, N, k, k] afterwards.
     let per_expert: Vec<[Vec<F>; 4]> = grad_tau
         .data_mut()
         .par_chunks_mut(oi)
+        .zip(u_slots.into_par_iter())
         .enumerate()
-        .map(|(e, gt)| {
+        .map(|(e, (gt, ue))| {
             let mut tau = vec![F::ZERO; oi];
             domain_vector(base.data(), &experts.data()[e * oi..(e + 1) * oi], &mut tau);
             let he = &h.data()[e * oi..(e + 1) * oi];
-            kron_backward(&tau, he, gt, f, e, dims)
+            let (lo, hi) = rank_halves(rk);
+            if hi.is_empty() {
+                return kron_backward(&tau, he, gt, ue, f, e, dims, lo);
+            }
+            let mut ue = ue;
+            let mut gt2 = vec![F::ZERO; oi];
+            let mut u2 = ue.as_ref().map(|_| vec![F::ZERO; oi]);
+            let (mut g_lo, g_hi) = rayon::join(
+                || kron_backward(&tau, he, gt, ue.as_deref_mut(), f, e, dims, lo),
+                || kron_backward(&tau, he, &mut gt2, u2.as_deref_mut(), f, e, dims, hi),
+            );
+            // The halves are summed in a fixed order; their factor grads are disjoint ranks.
+            add_into(gt, &gt2);
+            if let (Some(u), Some(u2)) = (ue, u2) {
+                add_into(u, &u2);
+            }
+            for (a, b) in g_lo.iter_mut().zip(g_hi) {
+                a.extend(b);
+            }
+            g_lo
         })
         .collect();
     let scatter = |k: usize, which: usize| {
@@ -360,87 +440,69 @@ pub(crate) fn tau_backward<F: Float>(
         for (e, g) in per_expert.iter().enumerate() {
             for r in 0..rk {
                 let dst = foff(r, e, n, k);
-                t.data_mut()[dst..dst + k * k]
-                    .copy_from_slice(&g[which][r * k * k..(r + 1) * k * k]);
+                t.data_mut()[dst..dst + k * k].copy_from_slice(&g[which][r * k * k..(r + 1) * k * k]);
             }
         }
         t
     };
-    let grads = FactorGrads {
+    let factors = FactorGrads {
         grad_factor_a: scatter(o1, 0),
         grad_factor_b: scatter(o2, 1),
         grad_factor_c: scatter(i1, 2),
         grad_factor_d: scatter(i2, 3),
     };
-    (grad_tau, Some(grads))
+    FusedBack {
+        curved: want_curved.then_some(curved),
+        grad_tau,
+        factors: Some(factors),
+    }
 }
 
-/// One expert's reverse chain: writes dL/dtau into `gt`, returns [dA, dB, dC, dD] as [R][k*k].
+/// One expert's fused reverse chain over `ranks`: writes dL/dtau into `gt` and, when given, U into
+/// `u`; returns [dA, dB, dC, dD] for those ranks as [ranks][k*k].
 ///
-/// Moving the other three factors onto H (transposed) turns each factor gradient into one
-/// contraction of a partially transformed H with the raw tau:
-/// dA = (H x2 B^T x3 C^T x4 D^T)_(1) tau_(1)^T, dB from (H x1 A^T x3 C^T x4 D^T), and so on.
+/// dD and dC contract H with the forward partials tau x1 A x2 B x3 C and tau x1 A x2 B x4 D; dA and
+/// dB move C and D (transposed) onto H instead: dA = (H x4 D^T x3 C^T x2 B^T)_(1) tau_(1)^T and
+/// dB from H x4 D^T x3 C^T x1 A^T, whose x2 B^T is also dL/dtau.
+#[allow(clippy::too_many_arguments)]
 fn kron_backward<F: Float>(
     tau: &[F],
     h: &[F],
     gt: &mut [F],
+    mut u: Option<&mut [F]>,
     f: &Factors<F>,
     e: usize,
     dims: &Dims,
+    ranks: Range<usize>,
 ) -> [Vec<F>; 4] {
     let d4 = dims.d4();
     let Split { o1, o2, i1, i2 } = dims.split;
-    let (n, rk, oi, o) = (dims.n, dims.r, dims.oi(), dims.o);
-    let ii = dims.i;
-    let mut ga = vec![F::ZERO; rk * o1 * o1];
-    let mut gb = vec![F::ZERO; rk * o2 * o2];
-    let mut gc = vec![F::ZERO; rk * i1 * i1];
-    let mut gd = vec![F::ZERO; rk * i2 * i2];
-    let mut t1 = vec![F::ZERO; oi];
+    let (n, oi, o, ii) = (dims.n, dims.oi(), dims.o, dims.i);
+    let nr = ranks.len();
+    let mut ga = vec![F::ZERO; nr * o1 * o1];
+    let mut gb = vec![F::ZERO; nr * o2 * o2];
+    let mut gc = vec![F::ZERO; nr * i1 * i1];
+    let mut gd = vec![F::ZERO; nr * i2 * i2];
+    let mut s1 = vec![F::ZERO; oi];
+    let mut s2 = vec![F::ZERO; oi];
     let mut kk = vec![F::ZERO; oi];
-    let mut w = vec![F::ZERO; oi];
-    for r in 0..rk {
+    let first = ranks.start;
+    for r in ranks {
+        let j = r - first;
         let (oa, ob) = (foff(r, e, n, o1), foff(r, e, n, o2));
         let (oc, od) = (foff(r, e, n, i1), foff(r, e, n, i2));
-        // K_CD = H x4 D^T x3 C^T
-        mode_product(&mut t1, h, d4, 3, f.d.data(), od, true, false);
-        mode_product(&mut kk, &t1, d4, 2, f.c.data(), oc, true, false);
-        // Z = K_CD x2 B^T; dA[a, a'] = sum Z[a, :] tau[a', :]
-        mode_product(&mut w, &kk, d4, 1, f.b.data(), ob, true, false);
-        let rest = oi / o1;
-        gemm(
-            &mut ga,
-            View::rm(r * o1 * o1, o1, o1),
-            false,
-            &w,
-            View::rm(0, o1, rest),
-            tau,
-            View::rm(0, o1, rest).t(),
-            F::ONE,
-            false,
-        );
-        // W = K_CD x1 A^T; dB[b, b'] = sum_a W[a, b, :] tau[a, b', :]; dtau += W x2 B^T
-        mode_product(&mut w, &kk, d4, 0, f.a.data(), oa, true, false);
-        for a in 0..o1 {
-            let v = View::rm(a * o2 * ii, o2, ii);
-            gemm(
-                &mut gb,
-                View::rm(r * o2 * o2, o2, o2),
-                a > 0,
-                &w,
-                v,
-                tau,
-                v.t(),
-                F::ONE,
-                false,
-            );
+        // Forward partials: T_AB = tau x1 A x2 B; Y_D = T_AB x3 C; U += Y_D x4 D.
+        mode_product(&mut s1, tau, d4, 0, f.a.data(), oa, false, false);
+        mode_product(&mut s2, &s1, d4, 1, f.b.data(), ob, false, false);
+        mode_product(&mut s1, &s2, d4, 2, f.c.data(), oc, false, false);
+        if let Some(u) = u.as_deref_mut() {
+            mode_product(u, &s1, d4, 3, f.d.data(), od, false, r > first);
         }
-        mode_product(gt, &w, d4, 1, f.b.data(), ob, true, r > 0);
-        // K_AB = H x1 A^T x2 B^T
-        mode_product(&mut t1, h, d4, 0, f.a.data(), oa, true, false);
-        mode_product(&mut kk, &t1, d4, 1, f.b.data(), ob, true, false);
-        // V = K_AB x4 D^T; dC[c, c'] = sum_{p, d} V[p, c, d] tau[p, c', d]
-        mode_product(&mut w, &kk, d4, 3, f.d.data(), od, true, false);
+        // dD[d, d'] = sum_{p, c} H[p, c, d] Y_D[p, c, d']
+        let v = View::rm(0, o * i1, i2);
+        gemm(&mut gd, View::rm(j * i2 * i2, i2, i2), false, h, v.t(), &s1, v, F::ONE, false);
+        // Y_C = T_AB x4 D; dC[c, c'] = sum_{p, d} H[p, c, d] Y_C[p, c', d]
+        mode_product(&mut s1, &s2, d4, 3, f.d.data(), od, false, false);
         for d in 0..i2 {
             let v = View {
                 off: d,
@@ -449,32 +511,23 @@ fn kron_backward<F: Float>(
                 rs: ii,
                 cs: i2,
             };
-            gemm(
-                &mut gc,
-                View::rm(r * i1 * i1, i1, i1),
-                d > 0,
-                &w,
-                v.t(),
-                tau,
-                v,
-                F::ONE,
-                false,
-            );
+            gemm(&mut gc, View::rm(j * i1 * i1, i1, i1), d > 0, h, v.t(), &s1, v, F::ONE, false);
         }
-        // Q = K_AB x3 C^T; dD[d, d'] = sum_{p, c} Q[p, c, d] tau[p, c, d']
-        mode_product(&mut w, &kk, d4, 2, f.c.data(), oc, true, false);
-        let v = View::rm(0, o * i1, i2);
-        gemm(
-            &mut gd,
-            View::rm(r * i2 * i2, i2, i2),
-            false,
-            &w,
-            v.t(),
-            tau,
-            v,
-            F::ONE,
-            false,
-        );
+        // K_CD = H x4 D^T x3 C^T
+        mode_product(&mut s1, h, d4, 3, f.d.data(), od, true, false);
+        mode_product(&mut kk, &s1, d4, 2, f.c.data(), oc, true, false);
+        // Z = K_CD x2 B^T; dA[a, a'] = sum Z[a, :] tau[a', :]
+        mode_product(&mut s2, &kk, d4, 1, f.b.data(), ob, true, false);
+        let rest = oi / o1;
+        let v = View::rm(0, o1, rest);
+        gemm(&mut ga, View::rm(j * o1 * o1, o1, o1), false, &s2, v, tau, v.t(), F::ONE, false);
+        // W = K_CD x1 A^T; dB[b, b'] = sum_a W[a, b, :] tau[a, b', :]; dtau += W x2 B^T
+        mode_product(&mut s2, &kk, d4, 0, f.a.data(), oa, true, false);
+        for a in 0..o1 {
+            let v = View::rm(a * o2 * ii, o2, ii);
+            gemm(&mut gb, View::rm(j * o2 * o2, o2, o2), a > 0, &s2, v, tau, v.t(), F::ONE, false);
+        }
+        mode_product(gt, &s2, d4, 1, f.b.data(), ob, true, r > first);
     }
     [ga, gb, gc, gd]
 }

@@ -6,7 +6,7 @@
 //! tensor is ever formed. Element-level DARE draws zeta per element from Philox on the fly instead.
 
 use super::curvature::{
-    check_curvature, check_weights, curved_unchecked, neg_sum_experts, tau_backward, Curvature,
+    check_curvature, check_weights, curved_unchecked, fused_backward, neg_sum_experts, Curvature,
     Dims, FactorGrads,
 };
 use super::dynamic::{grad_beta_unchecked, next_base_unchecked};
@@ -224,15 +224,14 @@ fn bias_forward<F: Float>(plan: &Plan<F>, eb: &Tensor<F>, b: &Tensor<F>) -> Tens
     })
 }
 
-/// The merge's reverse: raw inner products ip[g,i] = <Gbar_g, zeta P_i>, sum_g Gbar_g and
+/// The merge's reverse, part 1 (needs no U): sum_g Gbar_g and
 /// H_i = alpha * m_i (.) sum_g s[g,i] zeta[g,i] Gbar_g.
 struct MergeBack<F> {
-    ip: Vec<F>,
     sum_g: Vec<F>,
     h: Tensor<F>,
 }
 
-fn merge_back<F: Float>(plan: &Plan<F>, p: &[F], mask: Option<&[F]>, gbar: &[F]) -> MergeBack<F> {
+fn merge_back_h<F: Float>(plan: &Plan<F>, mask: Option<&[F]>, gbar: &[F]) -> MergeBack<F> {
     let (g, n, oi) = (plan.g, plan.n, plan.oi);
     let mut sum_g = vec![F::ZERO; oi];
     sum_g.par_chunks_mut(4096).enumerate().for_each(|(c, ch)| {
@@ -246,17 +245,7 @@ fn merge_back<F: Float>(plan: &Plan<F>, p: &[F], mask: Option<&[F]>, gbar: &[F])
         }
     });
     let mut h = Tensor::zeros(&[n, plan.o, plan.i]);
-    let mut ip = vec![F::ZERO; g * n];
     if let Some(d) = plan.element_dare() {
-        // Inner products per (g, i), then H per expert: both in a fixed order.
-        ip.par_iter_mut().enumerate().for_each(|(gi, v)| {
-            let (gg, e) = (gi / n, gi % n);
-            let mut s = F::ZERO;
-            for q in 0..oi {
-                s += gbar[gg * oi + q] * plan.zeta(&d, gg, e, q) * p[e * oi + q];
-            }
-            *v = s;
-        });
         h.data_mut()
             .par_chunks_mut(oi)
             .enumerate()
@@ -270,32 +259,8 @@ fn merge_back<F: Float>(plan: &Plan<F>, p: &[F], mask: Option<&[F]>, gbar: &[F])
                 }
             });
     } else {
+        // H = (s zeta)^T [N, G] @ Gbar [G, OI]: one GEMM, no [G, N, O, I] tensor.
         let coef = plan.coef();
-        // ip = Gbar [G, OI] @ P^T [OI, N], then zeta (folded in coef / s) applied per (g, i).
-        gemm(
-            &mut ip,
-            View::rm(0, g, n),
-            false,
-            gbar,
-            View::rm(0, g, oi),
-            p,
-            View::rm(0, n, oi).t(),
-            F::ONE,
-            true,
-        );
-        if let Some(d) = plan.dare {
-            let scale = F::from_f64(d.scale);
-            for gg in 0..g {
-                for e in 0..n {
-                    let z = if d.keep_expert(gg, e, n) {
-                        scale
-                    } else {
-                        F::ZERO
-                    };
-                    ip[gg * n + e] *= z;
-                }
-            }
-        }
         gemm(
             h.data_mut(),
             View::rm(0, n, oi),
@@ -317,7 +282,49 @@ fn merge_back<F: Float>(plan: &Plan<F>, p: &[F], mask: Option<&[F]>, gbar: &[F])
             .for_each(|(v, &mv)| *v = alpha * mv * *v),
         None => h.data_mut().par_iter_mut().for_each(|v| *v = alpha * *v),
     }
-    MergeBack { ip, sum_g, h }
+    MergeBack { sum_g, h }
+}
+
+/// The merge's reverse, part 2: raw inner products ip[g,i] = <Gbar_g, zeta[g,i] (.) P_i>.
+fn merge_back_ip<F: Float>(plan: &Plan<F>, p: &[F], gbar: &[F]) -> Vec<F> {
+    let (g, n, oi) = (plan.g, plan.n, plan.oi);
+    let mut ip = vec![F::ZERO; g * n];
+    if let Some(d) = plan.element_dare() {
+        ip.par_iter_mut().enumerate().for_each(|(gi, v)| {
+            let (gg, e) = (gi / n, gi % n);
+            let mut s = F::ZERO;
+            for q in 0..oi {
+                s += gbar[gg * oi + q] * plan.zeta(&d, gg, e, q) * p[e * oi + q];
+            }
+            *v = s;
+        });
+        return ip;
+    }
+    // ip = Gbar [G, OI] @ P^T [OI, N], then the expert-level zeta per (g, i).
+    gemm(
+        &mut ip,
+        View::rm(0, g, n),
+        false,
+        gbar,
+        View::rm(0, g, oi),
+        p,
+        View::rm(0, n, oi).t(),
+        F::ONE,
+        true,
+    );
+    if let Some(d) = plan.dare {
+        let scale = F::from_f64(d.scale);
+        for gg in 0..g {
+            for e in 0..n {
+                if !d.keep_expert(gg, e, n) {
+                    ip[gg * n + e] = F::ZERO;
+                } else {
+                    ip[gg * n + e] *= scale;
+                }
+            }
+        }
+    }
+    ip
 }
 
 /// Bias reverse: (grad_base_bias, grad_expert_bias), and adds to ip the bias inner products
@@ -451,15 +458,16 @@ pub fn merge_backward<F: Float>(
     let dbb = check_grad_bias(grad_merged_bias, biases.is_some(), plan.g, plan.o)?;
     let mask = inputs.mask.map(|m| m.data());
     let p = masked(inputs.curved.data(), mask);
-    let mut back = merge_back(&plan, &p, mask, grad_merged.data());
+    let back = merge_back_h(&plan, mask, grad_merged.data());
+    let mut ip = merge_back_ip(&plan, &p, grad_merged.data());
     let (grad_base_bias, grad_expert_bias) = match biases {
         Some((eb, b)) => {
-            let (ge, gb) = bias_back(&plan, eb, b, &dbb, &mut back.ip);
+            let (ge, gb) = bias_back(&plan, eb, b, &dbb, &mut ip);
             (Some(ge), Some(gb))
         }
         None => (None, None),
     };
-    let (grad_scores, grad_alpha) = score_grads(&plan, &back.ip);
+    let (grad_scores, grad_alpha) = score_grads(&plan, &ip);
     Ok(MergeGrads {
         grad_base: Tensor::new(&[plan.o, plan.i], back.sum_g)?,
         grad_curved: back.h,
@@ -565,26 +573,21 @@ pub fn ca_merge_backward<F: Float>(
         }
         expect_shape("grad_next_base", gn.shape(), &[plan.o, plan.i])?;
     }
-    // Recompute U (cheaper than storing [N, O, I] between passes for callers that did not ask).
-    let u = curved_unchecked(inputs.base, inputs.experts, &inputs.curvature, &dims);
+    // H needs only the mask; U is recomputed inside the fused reverse pass (cheaper than storing
+    // [N, O, I] between passes for callers that did not ask for it).
     let m = mask_unchecked(inputs.base, inputs.experts, opts.mask);
     let mask = m.as_ref().map(|t| t.data());
-    let mut back = {
-        let p = masked(u.data(), mask);
-        merge_back(&plan, &p, mask, grad_merged.data())
-    };
-    let mut grad_beta = None;
+    let mut back = merge_back_h(&plan, mask, grad_merged.data());
     let oi = plan.oi;
+    let zeros;
+    let gn = match grad_next_base {
+        Some(t) => t.data(),
+        None => {
+            zeros = vec![F::ZERO; oi];
+            &zeros
+        }
+    };
     if let Some(beta) = opts.beta {
-        let zeros;
-        let gn = match grad_next_base {
-            Some(t) => t.data(),
-            None => {
-                zeros = vec![F::ZERO; oi];
-                &zeros
-            }
-        };
-        grad_beta = Some(grad_beta_unchecked(&u, gn, plan.n));
         let c = F::from_f64(beta / plan.n as f64);
         back.h
             .data_mut()
@@ -592,24 +595,32 @@ pub fn ca_merge_backward<F: Float>(
             .for_each(|he| he.iter_mut().zip(gn).for_each(|(h, &g)| *h += c * g));
         back.sum_g.iter_mut().zip(gn).for_each(|(s, &g)| *s += g);
     }
-    drop(u);
-    let (grad_tau, factors) = tau_backward(
+    let fused = fused_backward(
         inputs.base,
         inputs.experts,
         &inputs.curvature,
         &dims,
         back.h,
+        true,
     );
+    let u = fused.curved.expect("fused_backward returns U when asked");
+    let grad_beta = opts.beta.map(|_| grad_beta_unchecked(&u, gn, plan.n));
+    let mut ip = {
+        let p = masked(u.data(), mask);
+        merge_back_ip(&plan, &p, grad_merged.data())
+    };
+    drop(u);
+    let (grad_tau, factors) = (fused.grad_tau, fused.factors);
     let neg = neg_sum_experts(&grad_tau, &dims);
     let grad_base = Tensor::from_fn(&[plan.o, plan.i], |q| back.sum_g[q] + neg.data()[q]);
     let (grad_base_bias, grad_expert_bias) = match biases {
         Some((eb, b)) => {
-            let (ge, gb) = bias_back(&plan, eb, b, &dbb, &mut back.ip);
+            let (ge, gb) = bias_back(&plan, eb, b, &dbb, &mut ip);
             (Some(ge), Some(gb))
         }
         None => (None, None),
     };
-    let (grad_scores, grad_alpha) = score_grads(&plan, &back.ip);
+    let (grad_scores, grad_alpha) = score_grads(&plan, &ip);
     Ok(CaMergeGrads {
         grad_base,
         grad_experts: grad_tau,
