@@ -11,6 +11,7 @@
 //!
 //! Layout everywhere: dense, row-major, contiguous; shapes as SPEC section 2.
 
+pub mod bench;
 pub mod cpu;
 pub mod error;
 pub mod named;
@@ -19,6 +20,10 @@ pub mod philox;
 pub mod shape;
 pub mod tensor;
 
+#[cfg(feature = "burn")]
+pub mod burn;
+#[cfg(feature = "candle")]
+pub mod candle;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(feature = "cuda")]

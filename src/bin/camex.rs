@@ -21,11 +21,22 @@ struct Subcommand {
     run: fn(&[String]) -> Result<(), CliError>,
 }
 
-const SUBCOMMANDS: &[Subcommand] = &[Subcommand {
-    name: "run",
-    summary: "run one operator on the named tensors of a safetensors file",
-    run: cmd_run,
-}];
+const SUBCOMMANDS: &[Subcommand] = &[
+    Subcommand {
+        name: "run",
+        summary: "run one operator on the named tensors of a safetensors file",
+        run: cmd_run,
+    },
+    Subcommand {
+        name: "bench",
+        summary: "time every operator at the shapes of SPEC section 8 (one roofline line per case)",
+        run: cmd_bench,
+    },
+];
+
+// `camex bench` reports peak heap memory per case: count live bytes (a few atomics per allocation).
+#[global_allocator]
+static ALLOC: camex::bench::CountingAlloc = camex::bench::CountingAlloc;
 
 /// Why a command stopped: help was printed (success), or an error (exit 2).
 enum CliError {
@@ -284,5 +295,14 @@ fn cmd_run(args: &[String]) -> Result<(), CliError> {
     let inputs = named::read_safetensors(&a.inputs)?;
     let outputs = named::run_op(&a.op, &inputs, &a.opts)?;
     named::write_safetensors(&a.outputs, &outputs)?;
+    Ok(())
+}
+
+/// `camex bench [...]`: see [`camex::bench::USAGE`].
+fn cmd_bench(args: &[String]) -> Result<(), CliError> {
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        return Err(CliError::Help(format!("Usage: {}\n", camex::bench::USAGE)));
+    }
+    camex::bench::run_cli(args, &mut std::io::stdout().lock())?;
     Ok(())
 }

@@ -1,16 +1,17 @@
 //! Domain vectors tau_i = experts[i] - base and the curvature U_i = M_i(tau_i) (SPEC section 3).
 //!
 //! `kronecker`: U_i = sum_r (A_ri (x) B_ri) tau_i (C_ri (x) D_ri)^T, computed as four mode products on
-//! the 4-D view [o1, o2, i1, i2] of each weight, never as an O x O or I x I Kronecker matrix. Each mode
-//! product is a handful of GEMM calls (see [`mode_product`]); experts run in parallel, ranks in order,
-//! so the result is the same for any thread count.
+//! the 4-D view [o1, o2, i1, i2] of each weight, never as an O x O or I x I Kronecker matrix. The x1
+//! product mixes rows o2*I apart, so it runs on packed column blocks ([`mode1`]); the x2, x3, x4
+//! products stay inside one slab [o2, I] of the 4-D view, so they run slab by slab on cache-resident
+//! buffers. Experts and ranks run in order, blocks and slabs in parallel with fixed partitions, so
+//! the result is the same for any thread count.
 
 use super::gemm::{gemm, View};
 use crate::error::{Error, Result};
 use crate::shape::{expect_nonempty, expect_rank, expect_shape, Split};
 use crate::tensor::{Float, Tensor};
 use rayon::prelude::*;
-use std::ops::Range;
 
 /// The four Kronecker factors `factor_a` [R, N, o1, o1], `factor_b` [R, N, o2, o2],
 /// `factor_c` [R, N, i1, i1], `factor_d` [R, N, i2, i2].
@@ -62,9 +63,6 @@ pub(crate) struct Dims {
 impl Dims {
     pub fn oi(&self) -> usize {
         self.o * self.i
-    }
-    fn d4(&self) -> [usize; 4] {
-        [self.split.o1, self.split.o2, self.split.i1, self.split.i2]
     }
 }
 
@@ -194,18 +192,6 @@ pub(crate) fn domain_vector<F: Float>(base: &[F], expert: &[F], out: &mut [F]) {
     }
 }
 
-/// Ranks split into two fixed halves that run side by side (`rayon::join`) and are summed in a fixed
-/// order: both cores stay busy for any N, and the bits do not depend on the thread count.
-fn rank_halves(r: usize) -> (Range<usize>, Range<usize>) {
-    let h = r.div_ceil(2);
-    (0..h, h..r)
-}
-
-/// dst += src, elementwise.
-fn add_into<F: Float>(dst: &mut [F], src: &[F]) {
-    dst.iter_mut().zip(src).for_each(|(d, &s)| *d += s);
-}
-
 /// U for validated inputs.
 pub(crate) fn curved_unchecked<F: Float>(
     base: &Tensor<F>,
@@ -215,100 +201,148 @@ pub(crate) fn curved_unchecked<F: Float>(
 ) -> Tensor<F> {
     let oi = dims.oi();
     let mut u = Tensor::zeros(&[dims.n, dims.o, dims.i]);
-    u.data_mut()
-        .par_chunks_mut(oi)
-        .enumerate()
-        .for_each(|(e, ue)| {
-            let w = &experts.data()[e * oi..(e + 1) * oi];
-            match curv {
-                Curvature::Identity => domain_vector(base.data(), w, ue),
-                Curvature::Kronecker(f) => {
-                    let mut tau = vec![F::ZERO; oi];
-                    domain_vector(base.data(), w, &mut tau);
-                    let (lo, hi) = rank_halves(dims.r);
-                    if hi.is_empty() {
-                        kron_forward(&tau, ue, f, e, dims, lo);
-                    } else {
-                        let mut other = vec![F::ZERO; oi];
-                        rayon::join(
-                            || kron_forward(&tau, ue, f, e, dims, lo),
-                            || kron_forward(&tau, &mut other, f, e, dims, hi),
-                        );
-                        add_into(ue, &other);
-                    }
+    match curv {
+        Curvature::Identity => u
+            .data_mut()
+            .par_chunks_mut(oi)
+            .enumerate()
+            .for_each(|(e, ue)| {
+                domain_vector(base.data(), &experts.data()[e * oi..(e + 1) * oi], ue)
+            }),
+        // Experts in order, each parallel inside (column blocks, then slabs): N = 7 experts do
+        // not split evenly over a few threads, the 32+ blocks of one expert do.
+        Curvature::Kronecker(f) => {
+            let mut tau = vec![F::ZERO; oi];
+            let mut t1 = vec![F::ZERO; oi];
+            for (e, ue) in u.data_mut().chunks_mut(oi).enumerate() {
+                domain_vector(base.data(), &experts.data()[e * oi..(e + 1) * oi], &mut tau);
+                for r in 0..dims.r {
+                    kron_rank_forward(&tau, &mut t1, ue, f, e, r, dims, r > 0);
                 }
             }
-        });
+        }
+    }
     u
+}
+
+/// Column-block width of the mode-1 product: the o1 rows of the 4-D view are o2*I elements apart
+/// (a power of two at every SPEC shape), so they are packed into a contiguous block first;
+/// the strided product thrashes cache sets.
+const PACK_W: usize = 256;
+
+/// y (+)= M x (M^T x when `transpose`) for x, y [o1, rest] row-major and M the o1 x o1 factor at
+/// `m[m_off..]`: the mode-1 product, over packed column blocks in parallel.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn mode1<F: Float>(
+    y: &mut [F],
+    x: &[F],
+    o1: usize,
+    rest: usize,
+    m: &[F],
+    m_off: usize,
+    transpose: bool,
+    accumulate: bool,
+) {
+    let mv = View::rm(m_off, o1, o1);
+    let mv = if transpose { mv.t() } else { mv };
+    let blocks = rest.div_ceil(PACK_W);
+    // Each block writes its own columns of y; the raw pointer is only used for disjoint ranges.
+    let yp = SyncPtr(y.as_mut_ptr());
+    let ylen = y.len();
+    (0..blocks).into_par_iter().for_each_init(
+        || (vec![F::ZERO; o1 * PACK_W], vec![F::ZERO; o1 * PACK_W]),
+        |(bx, by), b| {
+            let c0 = b * PACK_W;
+            let w = PACK_W.min(rest - c0);
+            for a in 0..o1 {
+                bx[a * w..(a + 1) * w].copy_from_slice(&x[a * rest + c0..a * rest + c0 + w]);
+            }
+            let v = View::rm(0, o1, w);
+            gemm(by, v, false, m, mv, bx, v, F::ONE, false);
+            for a in 0..o1 {
+                assert!(a * rest + c0 + w <= ylen);
+                // SAFETY: block b alone owns columns c0..c0+w of every row of y (blocks are
+                // disjoint), and the range is inside y (asserted above).
+                let dst = unsafe { std::slice::from_raw_parts_mut(yp.get().add(a * rest + c0), w) };
+                let src = &by[a * w..(a + 1) * w];
+                if accumulate {
+                    dst.iter_mut().zip(src).for_each(|(d, &s)| *d += s);
+                } else {
+                    dst.copy_from_slice(src);
+                }
+            }
+        },
+    );
+}
+
+/// A raw pointer that may cross threads (disjoint writes only, see [`mode1`]).
+#[derive(Clone, Copy)]
+struct SyncPtr<T>(*mut T);
+// SAFETY: used only for writes to disjoint ranges from different threads.
+unsafe impl<T> Send for SyncPtr<T> {}
+unsafe impl<T> Sync for SyncPtr<T> {}
+impl<T> SyncPtr<T> {
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// Per-row mode-3 product on a slab [o2, i1, i2]: y_b (+)= M x_b (M^T x_b when `transpose`) for
+/// every row b, M the i1 x i1 factor.
+#[allow(clippy::too_many_arguments)]
+fn mode3_rows<F: Float>(
+    y: &mut [F],
+    x: &[F],
+    rows: usize,
+    i1: usize,
+    i2: usize,
+    m: &[F],
+    m_off: usize,
+    transpose: bool,
+) {
+    let mv = View::rm(m_off, i1, i1);
+    let mv = if transpose { mv.t() } else { mv };
+    for b in 0..rows {
+        let v = View::rm(b * i1 * i2, i1, i2);
+        gemm(y, v, false, m, mv, x, v, F::ONE, false);
+    }
+}
+
+/// One rank of U for expert `e`: t1 = tau x1 A, then per slab a (o2 x I, cache-resident):
+/// x2 B, x3 C, x4 D into u (accumulated when `accumulate`).
+#[allow(clippy::too_many_arguments)]
+fn kron_rank_forward<F: Float>(
+    tau: &[F],
+    t1: &mut [F],
+    u: &mut [F],
+    f: &Factors<F>,
+    e: usize,
+    r: usize,
+    dims: &Dims,
+    accumulate: bool,
+) {
+    let Split { o1, o2, i1, i2 } = dims.split;
+    let (n, ii) = (dims.n, dims.i);
+    let slab = o2 * ii;
+    mode1(t1, tau, o1, slab, f.a.data(), foff(r, e, n, o1), false, false);
+    let t1: &[F] = t1;
+    u.par_chunks_mut(slab).enumerate().for_each_init(
+        || (vec![F::ZERO; slab], vec![F::ZERO; slab]),
+        |(t2, t3), (a, ua)| {
+            let xs = &t1[a * slab..(a + 1) * slab];
+            let v = View::rm(0, o2, ii);
+            gemm(t2, v, false, f.b.data(), View::rm(foff(r, e, n, o2), o2, o2), xs, v, F::ONE, false);
+            mode3_rows(t3, t2, o2, i1, i2, f.c.data(), foff(r, e, n, i1), false);
+            let v = View::rm(0, o2 * i1, i2);
+            gemm(ua, v, accumulate, t3, v, f.d.data(), View::rm(foff(r, e, n, i2), i2, i2).t(), F::ONE, false);
+        },
+    );
 }
 
 /// Offset of factor (r, expert) of size k x k in a [R, N, k, k] tensor.
 #[inline]
 fn foff(r: usize, e: usize, n: usize, k: usize) -> usize {
     (r * n + e) * k * k
-}
-
-/// u = sum_{r in ranks} tau x1 A x2 B x3 C x4 D for expert `e`.
-fn kron_forward<F: Float>(
-    tau: &[F],
-    u: &mut [F],
-    f: &Factors<F>,
-    e: usize,
-    dims: &Dims,
-    ranks: Range<usize>,
-) {
-    let d4 = dims.d4();
-    let Split { o1, o2, i1, i2 } = dims.split;
-    let n = dims.n;
-    let mut s1 = vec![F::ZERO; dims.oi()];
-    let mut s2 = vec![F::ZERO; dims.oi()];
-    let first = ranks.start;
-    for r in ranks {
-        mode_product(&mut s1, tau, d4, 0, f.a.data(), foff(r, e, n, o1), false, false);
-        mode_product(&mut s2, &s1, d4, 1, f.b.data(), foff(r, e, n, o2), false, false);
-        mode_product(&mut s1, &s2, d4, 2, f.c.data(), foff(r, e, n, i1), false, false);
-        mode_product(u, &s1, d4, 3, f.d.data(), foff(r, e, n, i2), false, r > first);
-    }
-}
-
-/// y (+)= x x_mode M, i.e. y[.., j, ..] = sum_j' M[j, j'] x[.., j', ..] on the 4-D view `d4`
-/// (M^T when `transpose`). M is the k x k matrix at `m[m_off..]`, k = d4[mode].
-///
-/// A mode product is `outer` independent (k x k) @ (k x inner) products; it runs as whichever of
-/// `outer` GEMMs of width `inner` or `inner` strided GEMMs of height `outer` takes fewer calls.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn mode_product<F: Float>(
-    y: &mut [F],
-    x: &[F],
-    d4: [usize; 4],
-    mode: usize,
-    m: &[F],
-    m_off: usize,
-    transpose: bool,
-    accumulate: bool,
-) {
-    let k = d4[mode];
-    let outer: usize = d4[..mode].iter().product();
-    let inner: usize = d4[mode + 1..].iter().product();
-    let mv = View::rm(m_off, k, k);
-    let mv = if transpose { mv.t() } else { mv };
-    if outer <= inner {
-        for o in 0..outer {
-            let v = View::rm(o * k * inner, k, inner);
-            gemm(y, v, accumulate, m, mv, x, v, F::ONE, false);
-        }
-    } else {
-        for t in 0..inner {
-            let v = View {
-                off: t,
-                rows: outer,
-                cols: k,
-                rs: k * inner,
-                cs: inner,
-            };
-            gemm(y, v, accumulate, x, v, m, mv.t(), F::ONE, false);
-        }
-    }
 }
 
 /// `curvature` backward: from `grad_curved` [N, O, I] to the base, the experts and the factors.
@@ -362,9 +396,10 @@ pub(crate) struct FusedBack<F> {
 /// From H = dL/dU [N, O, I] (consumed) to dL/dtau and the factor gradients, recomputing U on the way
 /// when `want_curved` (the CA-merge backward needs it for grad_scores and grad_beta).
 ///
-/// Per expert and rank it costs 10 mode products and 4 contractions: the forward chain
-/// tau x1 A x2 B x3 C gives the partial product for dD directly and, one product later, the one for dC;
-/// the transposed chain H x4 D^T x3 C^T gives dA, dB and dL/dtau.
+/// Per expert and rank: the forward chain t1 = tau x1 A, t2 = t1 x2 B, t3 = t2 x3 C (and U += t3 x4 D),
+/// then the reverse chain dt3 = H x4 D^T, dt2 = dt3 x3 C^T, dt1 = dt2 x2 B^T, dtau += dt1 x1 A^T with
+/// one contraction per factor (dD from H and t3, dC from dt3 and t2, dB from dt2 and t1, dA from dt1
+/// and tau): 8 mode products and 4 contractions, all but the two x1 products on cache-resident slabs.
 pub(crate) fn fused_backward<F: Float>(
     base: &Tensor<F>,
     experts: &Tensor<F>,
@@ -373,16 +408,10 @@ pub(crate) fn fused_backward<F: Float>(
     h: Tensor<F>,
     want_curved: bool,
 ) -> FusedBack<F> {
-    let oi = dims.oi();
+    let want_u = want_curved;
     let f = match curv {
         Curvature::Identity => {
-            let curved = want_curved.then(|| {
-                let mut u = Tensor::zeros(&[dims.n, dims.o, dims.i]);
-                u.data_mut().par_chunks_mut(oi).enumerate().for_each(|(e, ue)| {
-                    domain_vector(base.data(), &experts.data()[e * oi..(e + 1) * oi], ue)
-                });
-                u
-            });
+            let curved = want_u.then(|| curved_unchecked(base, experts, curv, dims));
             return FusedBack {
                 curved,
                 grad_tau: h,
@@ -391,143 +420,126 @@ pub(crate) fn fused_backward<F: Float>(
         }
         Curvature::Kronecker(f) => f,
     };
+    let oi = dims.oi();
     let Split { o1, o2, i1, i2 } = dims.split;
     let (n, rk) = (dims.n, dims.r);
     let mut grad_tau = Tensor::zeros(&[n, dims.o, dims.i]);
-    let u_shape = [if want_curved { n } else { 0 }, dims.o, dims.i];
-    let mut curved = Tensor::zeros(&u_shape);
-    let u_chunks: Vec<&mut [F]> = if want_curved {
-        curved.data_mut().chunks_mut(oi).collect()
-    } else {
-        Vec::new()
-    };
-    let mut u_slots: Vec<Option<&mut [F]>> = u_chunks.into_iter().map(Some).collect();
-    u_slots.resize_with(n, || None);
-    // Per expert: [dA, dB, dC, dD] as [R][k*k], scattered into [R, N, k, k] afterwards.
-    let per_expert: Vec<[Vec<F>; 4]> = grad_tau
-        .data_mut()
-        .par_chunks_mut(oi)
-        .zip(u_slots.into_par_iter())
-        .enumerate()
-        .map(|(e, (gt, ue))| {
-            let mut tau = vec![F::ZERO; oi];
-            domain_vector(base.data(), &experts.data()[e * oi..(e + 1) * oi], &mut tau);
-            let he = &h.data()[e * oi..(e + 1) * oi];
-            let (lo, hi) = rank_halves(rk);
-            if hi.is_empty() {
-                return kron_backward(&tau, he, gt, ue, f, e, dims, lo);
-            }
-            let mut ue = ue;
-            let mut gt2 = vec![F::ZERO; oi];
-            let mut u2 = ue.as_ref().map(|_| vec![F::ZERO; oi]);
-            let (mut g_lo, g_hi) = rayon::join(
-                || kron_backward(&tau, he, gt, ue.as_deref_mut(), f, e, dims, lo),
-                || kron_backward(&tau, he, &mut gt2, u2.as_deref_mut(), f, e, dims, hi),
+    let mut u = want_u.then(|| Tensor::zeros(&[n, dims.o, dims.i]));
+    let mut ga = Tensor::zeros(&[rk, n, o1, o1]);
+    let mut gb = Tensor::zeros(&[rk, n, o2, o2]);
+    let mut gc = Tensor::zeros(&[rk, n, i1, i1]);
+    let mut gd = Tensor::zeros(&[rk, n, i2, i2]);
+    let mut tau = vec![F::ZERO; oi];
+    let mut t1 = vec![F::ZERO; oi];
+    let mut dt1 = vec![F::ZERO; oi];
+    for e in 0..n {
+        domain_vector(base.data(), &experts.data()[e * oi..(e + 1) * oi], &mut tau);
+        let he = &h.data()[e * oi..(e + 1) * oi];
+        for r in 0..rk {
+            let ue = u.as_mut().map(|t| &mut t.data_mut()[e * oi..(e + 1) * oi]);
+            let [db, dc, dd] = kron_rank_backward(&tau, he, &mut t1, &mut dt1, ue, f, e, r, dims);
+            gb.data_mut()[foff(r, e, n, o2)..][..o2 * o2].copy_from_slice(&db);
+            gc.data_mut()[foff(r, e, n, i1)..][..i1 * i1].copy_from_slice(&dc);
+            gd.data_mut()[foff(r, e, n, i2)..][..i2 * i2].copy_from_slice(&dd);
+            // dA = dt1 [o1, rest] @ tau^T [rest, o1]; dtau (+)= A^T dt1.
+            let rest = oi / o1;
+            gemm(
+                ga.data_mut(),
+                View::rm(foff(r, e, n, o1), o1, o1),
+                false,
+                &dt1,
+                View::rm(0, o1, rest),
+                &tau,
+                View::rm(0, o1, rest).t(),
+                F::ONE,
+                true,
             );
-            // The halves are summed in a fixed order; their factor grads are disjoint ranks.
-            add_into(gt, &gt2);
-            if let (Some(u), Some(u2)) = (ue, u2) {
-                add_into(u, &u2);
-            }
-            for (a, b) in g_lo.iter_mut().zip(g_hi) {
-                a.extend(b);
-            }
-            g_lo
-        })
-        .collect();
-    let scatter = |k: usize, which: usize| {
-        let mut t = Tensor::zeros(&[rk, n, k, k]);
-        for (e, g) in per_expert.iter().enumerate() {
-            for r in 0..rk {
-                let dst = foff(r, e, n, k);
-                t.data_mut()[dst..dst + k * k].copy_from_slice(&g[which][r * k * k..(r + 1) * k * k]);
-            }
+            let gte = &mut grad_tau.data_mut()[e * oi..(e + 1) * oi];
+            mode1(gte, &dt1, o1, rest, f.a.data(), foff(r, e, n, o1), true, r > 0);
         }
-        t
-    };
-    let factors = FactorGrads {
-        grad_factor_a: scatter(o1, 0),
-        grad_factor_b: scatter(o2, 1),
-        grad_factor_c: scatter(i1, 2),
-        grad_factor_d: scatter(i2, 3),
+    }
+    let grads = FactorGrads {
+        grad_factor_a: ga,
+        grad_factor_b: gb,
+        grad_factor_c: gc,
+        grad_factor_d: gd,
     };
     FusedBack {
-        curved: want_curved.then_some(curved),
+        curved: u,
         grad_tau,
-        factors: Some(factors),
+        factors: Some(grads),
     }
 }
 
-/// One expert's fused reverse chain over `ranks`: writes dL/dtau into `gt` and, when given, U into
-/// `u`; returns [dA, dB, dC, dD] for those ranks as [ranks][k*k].
-///
-/// dD and dC contract H with the forward partials tau x1 A x2 B x3 C and tau x1 A x2 B x4 D; dA and
-/// dB move C and D (transposed) onto H instead: dA = (H x4 D^T x3 C^T x2 B^T)_(1) tau_(1)^T and
-/// dB from H x4 D^T x3 C^T x1 A^T, whose x2 B^T is also dL/dtau.
+/// One rank of the reverse chain for expert `e`, slab by slab (o2 x I, cache-resident):
+/// recomputes t1 = tau x1 A (into `t1`), and per slab t2 = t1 x2 B, t3 = t2 x3 C (and U += t3 x4 D
+/// when `u` is given); then dt3 = H x4 D^T, dD = H^T t3; dt2 = dt3 x3 C^T, dC = sum_b dt3_b t2_b^T;
+/// dt1 = dt2 x2 B^T (into `dt1`), dB = dt2 t1^T. Returns [dB, dC, dD] with the per-slab
+/// partial sums added in slab order (deterministic for any thread count).
 #[allow(clippy::too_many_arguments)]
-fn kron_backward<F: Float>(
+fn kron_rank_backward<F: Float>(
     tau: &[F],
     h: &[F],
-    gt: &mut [F],
-    mut u: Option<&mut [F]>,
+    t1: &mut [F],
+    dt1: &mut [F],
+    u: Option<&mut [F]>,
     f: &Factors<F>,
     e: usize,
+    r: usize,
     dims: &Dims,
-    ranks: Range<usize>,
-) -> [Vec<F>; 4] {
-    let d4 = dims.d4();
+) -> [Vec<F>; 3] {
     let Split { o1, o2, i1, i2 } = dims.split;
-    let (n, oi, o, ii) = (dims.n, dims.oi(), dims.o, dims.i);
-    let nr = ranks.len();
-    let mut ga = vec![F::ZERO; nr * o1 * o1];
-    let mut gb = vec![F::ZERO; nr * o2 * o2];
-    let mut gc = vec![F::ZERO; nr * i1 * i1];
-    let mut gd = vec![F::ZERO; nr * i2 * i2];
-    let mut s1 = vec![F::ZERO; oi];
-    let mut s2 = vec![F::ZERO; oi];
-    let mut kk = vec![F::ZERO; oi];
-    let first = ranks.start;
-    for r in ranks {
-        let j = r - first;
-        let (oa, ob) = (foff(r, e, n, o1), foff(r, e, n, o2));
-        let (oc, od) = (foff(r, e, n, i1), foff(r, e, n, i2));
-        // Forward partials: T_AB = tau x1 A x2 B; Y_D = T_AB x3 C; U += Y_D x4 D.
-        mode_product(&mut s1, tau, d4, 0, f.a.data(), oa, false, false);
-        mode_product(&mut s2, &s1, d4, 1, f.b.data(), ob, false, false);
-        mode_product(&mut s1, &s2, d4, 2, f.c.data(), oc, false, false);
-        if let Some(u) = u.as_deref_mut() {
-            mode_product(u, &s1, d4, 3, f.d.data(), od, false, r > first);
+    let (n, ii) = (dims.n, dims.i);
+    let slab = o2 * ii;
+    mode1(t1, tau, o1, slab, f.a.data(), foff(r, e, n, o1), false, false);
+    let t1: &[F] = t1;
+    let (ob, oc, od) = (foff(r, e, n, o2), foff(r, e, n, i1), foff(r, e, n, i2));
+    let up = u.map(|u| (SyncPtr(u.as_mut_ptr()), u.len()));
+    let partials: Vec<[Vec<F>; 3]> = dt1
+        .par_chunks_mut(slab)
+        .enumerate()
+        .map_init(
+            || (vec![F::ZERO; slab], vec![F::ZERO; slab], vec![F::ZERO; slab]),
+            |(t2, t3, w), (a, dt1a)| {
+                let t1a = &t1[a * slab..(a + 1) * slab];
+                let ha = &h[a * slab..(a + 1) * slab];
+                let vs = View::rm(0, o2, ii);
+                let vd = View::rm(0, o2 * i1, i2);
+                gemm(t2, vs, false, f.b.data(), View::rm(ob, o2, o2), t1a, vs, F::ONE, false);
+                mode3_rows(t3, t2, o2, i1, i2, f.c.data(), oc, false);
+                if let Some((p, len)) = up {
+                    assert!((a + 1) * slab <= len);
+                    // SAFETY: slab a of U is written by this task alone, and is inside U.
+                    let ua = unsafe { std::slice::from_raw_parts_mut(p.get().add(a * slab), slab) };
+                    gemm(ua, vd, r > 0, t3, vd, f.d.data(), View::rm(od, i2, i2).t(), F::ONE, false);
+                }
+                let mut dd = vec![F::ZERO; i2 * i2];
+                gemm(&mut dd, View::rm(0, i2, i2), false, ha, vd.t(), t3, vd, F::ONE, false);
+                // dt3 = H D (into w)
+                gemm(w, vd, false, ha, vd, f.d.data(), View::rm(od, i2, i2), F::ONE, false);
+                let mut dc = vec![F::ZERO; i1 * i1];
+                for b in 0..o2 {
+                    let v = View::rm(b * i1 * i2, i1, i2);
+                    gemm(&mut dc, View::rm(0, i1, i1), b > 0, w, v, t2, v.t(), F::ONE, false);
+                }
+                // dt2 = C^T dt3 per row (into t3, no longer needed)
+                mode3_rows(t3, w, o2, i1, i2, f.c.data(), oc, true);
+                let mut db = vec![F::ZERO; o2 * o2];
+                gemm(&mut db, View::rm(0, o2, o2), false, t3, vs, t1a, vs.t(), F::ONE, false);
+                gemm(dt1a, vs, false, f.b.data(), View::rm(ob, o2, o2).t(), t3, vs, F::ONE, false);
+                [db, dc, dd]
+            },
+        )
+        .collect();
+    let mut out = [
+        vec![F::ZERO; o2 * o2],
+        vec![F::ZERO; i1 * i1],
+        vec![F::ZERO; i2 * i2],
+    ];
+    for p in &partials {
+        for k in 0..3 {
+            out[k].iter_mut().zip(&p[k]).for_each(|(o, &v)| *o += v);
         }
-        // dD[d, d'] = sum_{p, c} H[p, c, d] Y_D[p, c, d']
-        let v = View::rm(0, o * i1, i2);
-        gemm(&mut gd, View::rm(j * i2 * i2, i2, i2), false, h, v.t(), &s1, v, F::ONE, false);
-        // Y_C = T_AB x4 D; dC[c, c'] = sum_{p, d} H[p, c, d] Y_C[p, c', d]
-        mode_product(&mut s1, &s2, d4, 3, f.d.data(), od, false, false);
-        for d in 0..i2 {
-            let v = View {
-                off: d,
-                rows: o,
-                cols: i1,
-                rs: ii,
-                cs: i2,
-            };
-            gemm(&mut gc, View::rm(j * i1 * i1, i1, i1), d > 0, h, v.t(), &s1, v, F::ONE, false);
-        }
-        // K_CD = H x4 D^T x3 C^T
-        mode_product(&mut s1, h, d4, 3, f.d.data(), od, true, false);
-        mode_product(&mut kk, &s1, d4, 2, f.c.data(), oc, true, false);
-        // Z = K_CD x2 B^T; dA[a, a'] = sum Z[a, :] tau[a', :]
-        mode_product(&mut s2, &kk, d4, 1, f.b.data(), ob, true, false);
-        let rest = oi / o1;
-        let v = View::rm(0, o1, rest);
-        gemm(&mut ga, View::rm(j * o1 * o1, o1, o1), false, &s2, v, tau, v.t(), F::ONE, false);
-        // W = K_CD x1 A^T; dB[b, b'] = sum_a W[a, b, :] tau[a, b', :]; dtau += W x2 B^T
-        mode_product(&mut s2, &kk, d4, 0, f.a.data(), oa, true, false);
-        for a in 0..o1 {
-            let v = View::rm(a * o2 * ii, o2, ii);
-            gemm(&mut gb, View::rm(j * o2 * o2, o2, o2), a > 0, &s2, v, tau, v.t(), F::ONE, false);
-        }
-        mode_product(gt, &s2, d4, 1, f.b.data(), ob, true, r > first);
     }
-    [ga, gb, gc, gd]
+    out
 }

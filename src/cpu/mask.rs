@@ -26,23 +26,36 @@ pub(crate) fn mask_unchecked<F: Float>(
     tau.par_chunks_mut(oi)
         .enumerate()
         .for_each(|(e, t)| domain_vector(base.data(), &experts.data()[e * oi..(e + 1) * oi], t));
-    let (voters, k) = match mask {
+    let trimmed;
+    let (voters, k): (&[F], _) = match mask {
         Mask::None => return None,
-        Mask::TiesSign => (tau.clone(), None),
-        Mask::TiesTrim(k) => (trim(&tau, oi, k), Some(())),
+        Mask::TiesSign => (&tau, None),
+        Mask::TiesTrim(k) => {
+            trimmed = trim(&tau, oi, k);
+            (&trimmed, Some(()))
+        }
     };
-    let mut m = vec![F::ZERO; n * oi];
     const CH: usize = 4096;
+    // The elected sign once per position (same summation order as per element), then the masks.
+    let mut elects = vec![F::ZERO; oi];
+    elects.par_chunks_mut(CH).enumerate().for_each(|(c, ec)| {
+        let start = c * CH;
+        for (j, ev) in ec.iter_mut().enumerate() {
+            let q = start + j;
+            let mut s = F::ZERO;
+            for v in 0..n {
+                s += voters[v * oi + q];
+            }
+            *ev = s.sgn();
+        }
+    });
+    let mut m = vec![F::ZERO; n * oi];
     m.par_chunks_mut(CH).enumerate().for_each(|(c, mc)| {
         let start = c * CH;
         for (j, mv) in mc.iter_mut().enumerate() {
             let idx = start + j;
             let q = idx % oi;
-            let mut s = F::ZERO;
-            for v in 0..n {
-                s += voters[v * oi + q];
-            }
-            let elect = s.sgn();
+            let elect = elects[q];
             let t = tau[idx];
             // A NaN sign equals nothing, so NaN positions get m = 0 (the NaN still reaches the output
             // through U, since the mask is applied by multiplication).

@@ -1,0 +1,80 @@
+//! GPU benchmarks (feature `cuda`): the fused CA-merge, curvature, merge and merged linear, forward
+//! and forward+backward, f32 and bf16, at the shapes of SPEC section 8, timed with CUDA events
+//! (criterion `iter_custom`; warm-up, module loading and uploads outside the timed region), then
+//! one roofline line per case against the H200 datasheet floor (see `camex::bench::gpu`).
+//!
+//! **Unmeasured**: no GPU has run this yet. Build it with `scripts/build-gpu-bins.sh` (as
+//! `gpu-bin/bench-cuda`); `scripts/gpu-check.sh` runs it. The PyTorch peer is
+//! `scripts/torch_baseline.py`. `CAMEX_BENCH_SHAPES` picks shapes (default t5-base).
+
+use camex::bench::{gpu, line, Case, Device, Impl, Op, Pass, ShapeName};
+use camex::DType;
+use criterion::{Criterion, SamplingMode};
+use std::time::Duration;
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    let shapes: Vec<ShapeName> = match std::env::var("CAMEX_BENCH_SHAPES") {
+        Ok(v) => v
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                ShapeName::parse(s.trim()).unwrap_or_else(|e| panic!("CAMEX_BENCH_SHAPES: {e}"))
+            })
+            .collect(),
+        Err(_) => vec![ShapeName::T5Base],
+    };
+    let stream = match camex::cuda::new_stream(0) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("# cuda benchmarks skipped: {e}");
+            return;
+        }
+    };
+    let mut lines = Vec::new();
+    for shape in shapes {
+        for dtype in [DType::BF16, DType::F32] {
+            let machine = gpu::h200_datasheet(dtype);
+            for op in [Op::CaMerge, Op::Curvature, Op::Merge, Op::MergedLinear] {
+                for pass in [Pass::Fwd, Pass::FwdBwd] {
+                    let case = Case {
+                        op,
+                        shape,
+                        imp: Impl::Camex,
+                        device: Device::Cuda,
+                        dtype,
+                        pass,
+                    };
+                    let mut run = gpu::prepare(&case, &stream).expect("prepare GPU case");
+                    // Warm-up: module loading, memory-pool growth.
+                    for _ in 0..3 {
+                        run(&stream).expect("GPU case failed");
+                    }
+                    let mut g = c.benchmark_group(format!("cuda/{}", op.name()));
+                    g.sampling_mode(SamplingMode::Flat)
+                        .sample_size(10)
+                        .warm_up_time(Duration::from_millis(200))
+                        .measurement_time(Duration::from_secs(2));
+                    g.bench_function(case.id(), |b| {
+                        b.iter_custom(|iters| {
+                            let t = gpu::event_times(&mut run, &stream, iters as usize)
+                                .expect("GPU case failed");
+                            Duration::from_secs_f64(t.iter().sum())
+                        })
+                    });
+                    g.finish();
+                    drop(run);
+                    let m = gpu::measure_case(&case, 0, 3, 10).expect("GPU case failed");
+                    let l = line(&case, &m, &machine, None);
+                    println!("{l}");
+                    lines.push(l);
+                }
+            }
+        }
+    }
+    println!("\n# roofline summary (floor: H200 datasheet)");
+    for l in &lines {
+        println!("{l}");
+    }
+    c.final_summary();
+}

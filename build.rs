@@ -1,0 +1,162 @@
+//! Build script: compiles kernels/*.cu into a static library and generates the FFI bindings of
+//! kernels/camex.h, only with feature `cuda`. Without it, nothing CUDA is needed or touched.
+
+use std::env;
+use std::path::{Path, PathBuf};
+
+const KERNEL_DIR: &str = "kernels";
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed={KERNEL_DIR}");
+    // Without the feature nothing CUDA is needed or touched.
+    if env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        #[cfg(feature = "cuda")]
+        cuda::build();
+    }
+}
+
+/// nvcc and its CUDA root: $NVCC, $CUDA_HOME/bin/nvcc, nvcc on PATH, then the repo-local
+/// install of scripts/setup-cuda.sh (.cuda/nvidia/cu13).
+#[allow(dead_code)]
+fn find_nvcc() -> Option<(PathBuf, PathBuf)> {
+    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH"] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    let root_of = |nvcc: &Path| nvcc.parent().and_then(Path::parent).map(Path::to_path_buf);
+    if let Some(n) = env::var_os("NVCC").map(PathBuf::from) {
+        if n.is_file() {
+            let root = env::var_os("CUDA_HOME")
+                .map(PathBuf::from)
+                .or_else(|| root_of(&n))?;
+            return Some((n, root));
+        }
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(home) = env::var_os(var).map(PathBuf::from) {
+            let n = home.join("bin").join("nvcc");
+            if n.is_file() {
+                return Some((n, home));
+            }
+        }
+    }
+    if let Some(path) = env::var_os("PATH") {
+        for dir in env::split_paths(&path) {
+            let n = dir.join("nvcc");
+            if n.is_file() {
+                let root = root_of(&n)?;
+                return Some((n, root));
+            }
+        }
+    }
+    let local = PathBuf::from(env::var("CARGO_MANIFEST_DIR").ok()?).join(".cuda/nvidia/cu13");
+    let n = local.join("bin").join("nvcc");
+    n.is_file().then_some((n, local))
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::{find_nvcc, KERNEL_DIR};
+    use std::env;
+    use std::path::PathBuf;
+
+    pub fn build() {
+        let Some((nvcc, root)) = find_nvcc() else {
+            panic!(
+                "feature `cuda`: nvcc not found (looked at $NVCC, $CUDA_HOME/bin, PATH and .cuda/nvidia/cu13). \
+                 Run scripts/setup-cuda.sh (installs the pinned CUDA 13.0 nvcc into .cuda/) or set CUDA_HOME."
+            );
+        };
+        let mut sources: Vec<PathBuf> = std::fs::read_dir(KERNEL_DIR)
+            .expect("kernels/ directory")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+            .collect();
+        sources.sort();
+        for entry in std::fs::read_dir(KERNEL_DIR)
+            .expect("kernels/ directory")
+            .flatten()
+        {
+            println!("cargo:rerun-if-changed={}", entry.path().display());
+        }
+
+        println!("cargo:rerun-if-env-changed=CAMEX_KERNEL_EMU");
+        let emulate = env::var("CAMEX_KERNEL_EMU").is_ok_and(|v| v == "1");
+        if emulate {
+            // CPU emulation of the kernels (kernels/emu.h): the host C++ compiler builds the same
+            // sources; no device code, no CUDA runtime. Only nvcc's headers are used.
+            let mut build = cc::Build::new();
+            build
+                .cpp(true)
+                .include(KERNEL_DIR)
+                .include(root.join("include"))
+                .define("CAMEX_EMU", None)
+                .flag("-x")
+                .flag("c++")
+                .flag("-std=c++20")
+                .flag("-pthread")
+                .opt_level(2)
+                .warnings(false);
+            for s in &sources {
+                build.file(s);
+            }
+            build.compile("camex_kernels");
+            println!("cargo:rustc-link-lib=dylib=pthread");
+        } else {
+            build_device(&nvcc, &root, &sources);
+        }
+        let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
+        let bindings = bindgen::Builder::default()
+            .header(format!("{KERNEL_DIR}/camex.h"))
+            .allowlist_function("camex_.*")
+            .allowlist_type("camex_.*")
+            .allowlist_var("CAMEX_.*")
+            .default_enum_style(bindgen::EnumVariation::Consts)
+            .derive_default(true)
+            .layout_tests(true)
+            .generate()
+            .expect("bindgen: kernels/camex.h");
+        bindings
+            .write_to_file(out.join("camex_bindings.rs"))
+            .expect("write camex_bindings.rs");
+    }
+
+    fn build_device(nvcc: &std::path::Path, root: &std::path::Path, sources: &[PathBuf]) {
+        // cc picks nvcc up from $NVCC (and then wraps host flags in -Xcompiler itself).
+        env::set_var("NVCC", nvcc);
+        let mut build = cc::Build::new();
+        build
+            .cuda(true)
+            .cudart("none") // linked below, statically, from the lib dir we found
+            .include(KERNEL_DIR)
+            .flag("-std=c++17")
+            .flag("-O3")
+            .flag("-gencode")
+            .flag("arch=compute_80,code=sm_80")
+            .flag("-gencode")
+            .flag("arch=compute_90,code=sm_90")
+            .flag("-gencode")
+            .flag("arch=compute_90,code=compute_90")
+            // Always optimised device code: `-G` (what cc adds for debug profiles) makes kernels
+            // unrepresentatively slow and changes register allocation.
+            .debug(false)
+            .warnings(false);
+        for s in sources {
+            build.file(s);
+        }
+        build.compile("camex_kernels");
+
+        let lib = root.join("lib");
+        let lib64 = root.join("lib64");
+        let libdir = if lib.join("libcudart_static.a").is_file() {
+            lib
+        } else {
+            lib64
+        };
+        println!("cargo:rustc-link-search=native={}", libdir.display());
+        println!("cargo:rustc-link-lib=static=cudart_static");
+        for l in ["dl", "rt", "pthread", "stdc++"] {
+            println!("cargo:rustc-link-lib=dylib={l}");
+        }
+    }
+}

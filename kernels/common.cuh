@@ -1,0 +1,104 @@
+// Shared device helpers: storage <-> f32 conversion, dtype dispatch, launch checking, and a
+// fixed-order block reduction. Every reduction in camex accumulates in f32 and combines partial
+// sums in an order fixed by the launch shape, never by timing: no float atomics anywhere.
+#pragma once
+
+#ifdef CAMEX_EMU
+// CPU emulation build (kernels/emu.h): the same sources compiled by a host C++ compiler.
+#include "emu.h"
+#endif
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "camex.h"
+
+namespace camex {
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+// Round to nearest even, as half::f16::from_f32 / half::bf16::from_f32 on the CPU side.
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+template <typename T> __device__ __forceinline__ float ld(const T *p, int64_t k) { return to_f32(p[k]); }
+template <typename T> __device__ __forceinline__ void st(T *p, int64_t k, float v) { p[k] = from_f32<T>(v); }
+
+template <typename T> __host__ __device__ inline T *ptr(uint64_t p) { return reinterpret_cast<T *>(p); }
+
+// sgn with sgn(0) = 0 and sgn(NaN) = NaN (SPEC section 3), as Float::sgn on the CPU.
+__device__ __forceinline__ float sgnf(float v) {
+  if (v != v) return v;
+  return v > 0.f ? 1.f : (v < 0.f ? -1.f : 0.f);
+}
+
+// Grid-stride loop bounds: enough blocks to fill the GPU, capped so gridDim.x stays small.
+inline unsigned grid_for(int64_t n, int threads) {
+  int64_t b = (n + threads - 1) / threads;
+  if (b > 65535 * 8) b = 65535 * 8;
+  if (b < 1) b = 1;
+  return (unsigned)b;
+}
+
+// Sum of `v` over a block of exactly BLOCK threads, in a fixed tree order; result in thread 0.
+template <int BLOCK> __device__ __forceinline__ float block_sum(float v, float *smem) {
+  smem[threadIdx.x] = v;
+  __syncthreads();
+#pragma unroll
+  for (int s = BLOCK / 2; s > 0; s >>= 1) {
+    if ((int)threadIdx.x < s) smem[threadIdx.x] += smem[threadIdx.x + s];
+    __syncthreads();
+  }
+  float r = smem[0];
+  __syncthreads();
+  return r;
+}
+
+// A bump allocator over the caller's workspace; offsets are aligned to 256 bytes.
+struct Arena {
+  char *base;
+  int64_t used;
+  template <typename U> U *take(int64_t count) {
+    U *p = reinterpret_cast<U *>(base ? base + used : nullptr);
+    used += (count * (int64_t)sizeof(U) + 255) / 256 * 256;
+    return p;
+  }
+};
+
+}  // namespace camex
+
+// Kernel launch: CAMEX_LAUNCH(kernel, grid, block, stream)(args...). In the emulation build it
+// runs the kernel on the CPU (emu.h); otherwise it is the usual triple-chevron launch.
+#ifndef CAMEX_EMU
+#define CAMEX_LAUNCH(kernel, grid, block, stream) kernel<<<(grid), (block), 0, (stream)>>>
+#endif
+
+// Returns from the launcher on the first failed launch (error code of cudaGetLastError).
+#define CAMEX_CHECK_LAUNCH()                          \
+  do {                                                \
+    cudaError_t camex_e_ = cudaGetLastError();        \
+    if (camex_e_ != cudaSuccess) return (int)camex_e_; \
+  } while (0)
+
+#define CAMEX_TRY(expr)        \
+  do {                         \
+    int camex_r_ = (expr);     \
+    if (camex_r_ != 0) return camex_r_; \
+  } while (0)
+
+// Calls FN<T>(args...) with T the storage type of `dtype`.
+#define CAMEX_DISPATCH(dtype, FN, ...)                                   \
+  switch (dtype) {                                                       \
+    case CAMEX_F32: return FN<float>(__VA_ARGS__);                       \
+    case CAMEX_F16: return FN<__half>(__VA_ARGS__);                      \
+    case CAMEX_BF16: return FN<__nv_bfloat16>(__VA_ARGS__);              \
+    default: return CAMEX_ERR_DIMS;                                      \
+  }

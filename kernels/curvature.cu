@@ -1,0 +1,303 @@
+// Family `curvature`: the curvature U_i = M_i(tau_i) forward and backward, and the fused CA-merge
+// (curvature + TIES mask + DARE + weighted merge over experts for every group + base, and the
+// dynamic-merge output next_base) forward and backward.
+//
+// Structure of the fused forward (per call):
+//   1. ties_trim only: per-expert k-th largest |tau| by radix select (mask.cuh).
+//   2. kronecker only: for each expert i, for each rank r, four mode products
+//      (rows side x1 A, x2 B, then columns side x3 C, x4 D) through two expert-sized f32 scratch
+//      buffers (L2-resident at T5 shapes); the first reads tau = W_i - E on the fly, the last
+//      accumulates over r into U[i] (f32 [N, O, I] workspace). No [R, N, O, I] or [G, N, O, I]
+//      tensor is ever formed.
+//   3. one element-wise epilogue pass: reads E, U_i (or tau_i for the identity) and the raw tau
+//      for the mask, draws DARE with Philox, and writes merged[g] for all G groups, and optionally
+//      curved (U) and next_base. It reads N+1 weights once and writes G merged weights.
+// The backward recomputes U (like the CPU path), reduces <Gbar_g, zeta P_i> with fixed-order
+// tree reductions, builds H_i = dL/dU_i per expert and runs the transposed chain (kron.cuh).
+//
+// NOT YET RUN ON A GPU: written and compiled (sm_80, sm_90) in a session without a GPU; the
+// comparisons with the CPU path are in tests/gpu.rs and scripts/gpu-check.sh.
+#include "elementwise.cuh"
+#include "kron.cuh"
+#include "merge.cuh"
+
+using namespace camex;
+
+namespace {
+
+D4 dims4(int64_t o1, int64_t o2, int64_t i1, int64_t i2) {
+  D4 d;
+  d.d[0] = o1; d.d[1] = o2; d.d[2] = i1; d.d[3] = i2;
+  return d;
+}
+
+bool bad_dims(int64_t n, int64_t o, int64_t i, int64_t r, int64_t o1, int64_t o2, int64_t i1, int64_t i2) {
+  if (n <= 0 || o <= 0 || i <= 0 || r < 0) return true;
+  if (r > 0 && (o1 * o2 != o || i1 * i2 != i || o1 <= 0 || o2 <= 0 || i1 <= 0 || i2 <= 0)) return true;
+  return false;
+}
+
+// ---- standalone curvature ----
+
+struct CurvWs {
+  float *u, *s1, *s2;                      // forward
+  float *gt, *t1, *kk, *w, *acc, *partial; // backward
+};
+
+CurvWs curv_ws(const camex_curvature_params &p, bool backward, Arena &ar) {
+  CurvWs ws = {};
+  if (p.r == 0) return ws;
+  const int64_t oi = p.o * p.i;
+  if (!backward) {
+    ws.u = ar.take<float>(oi);
+    ws.s1 = ar.take<float>(oi);
+    ws.s2 = ar.take<float>(oi);
+  } else {
+    ws.gt = ar.take<float>(oi);
+    ws.t1 = ar.take<float>(oi);
+    ws.kk = ar.take<float>(oi);
+    ws.w = ar.take<float>(oi);
+    ws.acc = ar.take<float>(oi);
+    ws.partial = ar.take<float>(contract_partial_floats(dims4(p.o1, p.o2, p.i1, p.i2)));
+  }
+  return ws;
+}
+
+template <typename T> int curvature_forward_t(const camex_curvature_params &p, cudaStream_t s) {
+  const int64_t oi = p.o * p.i;
+  const T *base = ptr<const T>(p.base), *experts = ptr<const T>(p.experts);
+  T *curved = ptr<T>(p.curved);
+  if (p.r == 0) {
+    CAMEX_LAUNCH(tau_kernel<T>, grid_for(p.n * oi, 256), 256, s)(base, experts, curved, p.n, oi);
+    CAMEX_CHECK_LAUNCH();
+    return 0;
+  }
+  Arena ar = {ptr<char>(p.workspace), 0};
+  CurvWs ws = curv_ws(p, false, ar);
+  if (ar.used > p.workspace_bytes) return CAMEX_ERR_WORKSPACE;
+  const D4 d4 = dims4(p.o1, p.o2, p.i1, p.i2);
+  KronFactors f = {ptr<const void>(p.factor_a), ptr<const void>(p.factor_b), ptr<const void>(p.factor_c),
+                   ptr<const void>(p.factor_d), p.r, p.n};
+  for (int64_t e = 0; e < p.n; ++e) {
+    CAMEX_TRY(kron_forward<T>(s, ws.u, tau_opnd<T>(experts + e * oi, base), f, e, d4, ws.s1, ws.s2));
+    CAMEX_LAUNCH(f32_to_store_kernel<T>, grid_for(oi, 256), 256, s)(ws.u, curved + e * oi, oi);
+    CAMEX_CHECK_LAUNCH();
+  }
+  return 0;
+}
+
+template <typename T> int curvature_backward_t(const camex_curvature_params &p, cudaStream_t s) {
+  const int64_t oi = p.o * p.i;
+  const T *base = ptr<const T>(p.base), *experts = ptr<const T>(p.experts);
+  const T *gc = ptr<const T>(p.grad_curved);
+  T *grad_base = ptr<T>(p.grad_base), *grad_experts = ptr<T>(p.grad_experts);
+  if (p.r == 0) {
+    cudaError_t e = cudaMemcpyAsync(grad_experts, gc, sizeof(T) * p.n * oi, cudaMemcpyDeviceToDevice, s);
+    if (e != cudaSuccess) return (int)e;
+    CAMEX_LAUNCH(sum_experts_kernel<T>, grid_for(oi, 256), 256, s)(gc, grad_base, p.n, oi, -1.f);
+    CAMEX_CHECK_LAUNCH();
+    return 0;
+  }
+  Arena ar = {ptr<char>(p.workspace), 0};
+  CurvWs ws = curv_ws(p, true, ar);
+  if (ar.used > p.workspace_bytes) return CAMEX_ERR_WORKSPACE;
+  const D4 d4 = dims4(p.o1, p.o2, p.i1, p.i2);
+  KronFactors f = {ptr<const void>(p.factor_a), ptr<const void>(p.factor_b), ptr<const void>(p.factor_c),
+                   ptr<const void>(p.factor_d), p.r, p.n};
+  for (int64_t e = 0; e < p.n; ++e) {
+    CAMEX_TRY(kron_backward<T>(s, ws.gt, store_opnd<T>(gc + e * oi), tau_opnd<T>(experts + e * oi, base), f, e, d4,
+                               ptr<T>(p.grad_factor_a), ptr<T>(p.grad_factor_b), ptr<T>(p.grad_factor_c),
+                               ptr<T>(p.grad_factor_d), ws.t1, ws.kk, ws.w, ws.partial));
+    CAMEX_LAUNCH(finish_expert_kernel<T>, grid_for(oi, 256), 256, s)(ws.gt, grad_experts + e * oi, ws.acc, e == 0, oi);
+    CAMEX_CHECK_LAUNCH();
+  }
+  CAMEX_LAUNCH(base_grad_kernel<T>, grid_for(oi, 256), 256, s)(nullptr, ws.acc, grad_base, oi);
+  CAMEX_CHECK_LAUNCH();
+  return 0;
+}
+
+// ---- fused CA-merge ----
+
+struct CaWs {
+  uint32_t *thr;
+  float *u_all, *s1, *s2;                             // U recompute (kronecker)
+  float *sumg, *h, *gt, *t1, *kk, *w, *acc, *partial; // backward
+};
+
+CaWs ca_ws(const camex_ca_merge_params &p, bool backward, Arena &ar) {
+  CaWs ws = {};
+  const int64_t oi = p.o * p.i;
+  ws.thr = ar.take<uint32_t>(p.n);
+  if (p.mask_kind == CAMEX_MASK_TIES_TRIM) ar.used += trim_arena_bytes(p.n);
+  if (p.r > 0) {
+    ws.u_all = ar.take<float>(p.n * oi);
+    ws.s1 = ar.take<float>(oi);
+    ws.s2 = ar.take<float>(oi);
+  }
+  if (backward) {
+    ar.used += scalars_floats(p.g, p.n, oi) * 4 + 4 * 256;
+    ws.sumg = ar.take<float>(oi);
+    ws.h = ar.take<float>(oi);
+    ws.acc = ar.take<float>(oi);
+    if (p.r > 0) {
+      ws.gt = ar.take<float>(oi);
+      ws.t1 = ws.s1;  // the forward scratch is free again once U is built
+      ws.kk = ws.s2;
+      ws.w = ar.take<float>(oi);
+      ws.partial = ar.take<float>(contract_partial_floats(dims4(p.o1, p.o2, p.i1, p.i2)));
+    }
+  }
+  return ws;
+}
+
+template <typename T> MergeArgs<T> ca_args(const camex_ca_merge_params &p, const CaWs &ws) {
+  MergeArgs<T> a;
+  const int64_t oi = p.o * p.i;
+  TauSrc<T> tau = {ptr<const T>(p.base), ptr<const T>(p.experts), oi};
+  a.u.kind = p.r > 0 ? U_F32 : U_TAU;
+  a.u.f = ws.u_all;
+  a.u.t = nullptr;
+  a.u.tau = tau;
+  a.mask.kind = p.mask_kind;
+  a.mask.t = tau;
+  a.mask.mask = nullptr;
+  a.mask.thr = ws.thr;
+  a.mask.n = p.n;
+  a.base = ptr<const T>(p.base);
+  a.scores = ptr<const T>(p.scores);
+  a.dare = p.dare;
+  a.alpha = (float)p.alpha;
+  a.g = p.g;
+  a.n = p.n;
+  a.oi = oi;
+  return a;
+}
+
+// Steps 1 and 2: thresholds and U (shared by forward and backward). `ar` continues after ca_ws.
+template <typename T> int ca_prepare(const camex_ca_merge_params &p, const CaWs &ws, Arena &trim_ar, cudaStream_t s) {
+  const int64_t oi = p.o * p.i;
+  const T *base = ptr<const T>(p.base), *experts = ptr<const T>(p.experts);
+  if (p.mask_kind == CAMEX_MASK_TIES_TRIM) {
+    TauSrc<T> tau = {base, experts, oi};
+    CAMEX_TRY(trim_thresholds<T>(s, tau, p.n, p.trim_k, ws.thr, trim_ar));
+  }
+  if (p.r > 0) {
+    const D4 d4 = dims4(p.o1, p.o2, p.i1, p.i2);
+    KronFactors f = {ptr<const void>(p.factor_a), ptr<const void>(p.factor_b), ptr<const void>(p.factor_c),
+                     ptr<const void>(p.factor_d), p.r, p.n};
+    for (int64_t e = 0; e < p.n; ++e)
+      CAMEX_TRY(kron_forward<T>(s, ws.u_all + e * oi, tau_opnd<T>(experts + e * oi, base), f, e, d4, ws.s1, ws.s2));
+  }
+  return 0;
+}
+
+// The trim arena sits right after the thresholds (see ca_ws).
+Arena trim_arena(const camex_ca_merge_params &p) {
+  Arena ar = {ptr<char>(p.workspace), 0};
+  ar.take<uint32_t>(p.n);
+  return ar;
+}
+
+template <typename T> int ca_merge_forward_t(const camex_ca_merge_params &p, cudaStream_t s) {
+  if (p.mask_kind == CAMEX_MASK_TENSOR) return CAMEX_ERR_DIMS;
+  Arena ar = {ptr<char>(p.workspace), 0};
+  CaWs ws = ca_ws(p, false, ar);
+  if (ar.used > p.workspace_bytes) return CAMEX_ERR_WORKSPACE;
+  Arena tar = trim_arena(p);
+  CAMEX_TRY(ca_prepare<T>(p, ws, tar, s));
+  MergeArgs<T> a = ca_args<T>(p, ws);
+  const float beta_n = p.has_beta ? (float)(p.beta / (double)p.n) : 0.f;
+  CAMEX_LAUNCH(merge_epilogue_kernel<T>, grid_for(a.oi, 256), 256, s)(a, ptr<T>(p.merged), ptr<T>(p.curved),
+                                                                p.has_beta ? ptr<T>(p.next_base) : nullptr, beta_n);
+  CAMEX_CHECK_LAUNCH();
+  if (p.base_bias && p.expert_bias && p.merged_bias) {
+    CAMEX_LAUNCH(bias_forward_kernel<T>, grid_for(p.g * p.o, 256), 256, s)(ptr<const T>(p.base_bias), ptr<const T>(p.expert_bias),
+                                                                     a.scores, ptr<T>(p.merged_bias), a.alpha, p.g, p.n, p.o);
+    CAMEX_CHECK_LAUNCH();
+  }
+  return 0;
+}
+
+template <typename T> int ca_merge_backward_t(const camex_ca_merge_params &p, cudaStream_t s) {
+  if (p.mask_kind == CAMEX_MASK_TENSOR) return CAMEX_ERR_DIMS;
+  Arena ar = {ptr<char>(p.workspace), 0};
+  CaWs ws = ca_ws(p, true, ar);
+  if (ar.used > p.workspace_bytes) return CAMEX_ERR_WORKSPACE;
+  Arena tar = trim_arena(p);
+  CAMEX_TRY(ca_prepare<T>(p, ws, tar, s));
+  MergeArgs<T> a = ca_args<T>(p, ws);
+  const int64_t oi = a.oi;
+  const T *base = ptr<const T>(p.base), *experts = ptr<const T>(p.experts);
+  const T *gbar = ptr<const T>(p.grad_merged);
+  const T *gnb = p.has_beta ? ptr<const T>(p.grad_next_base) : nullptr;
+  const float beta_n = p.has_beta ? (float)(p.beta / (double)p.n) : 0.f;
+  // Scalars and biases. The scalar arena starts after the trim arena (disjoint from ws buffers).
+  Arena sar = {ptr<char>(p.workspace), 0};
+  {
+    Arena probe = {nullptr, 0};
+    probe.take<uint32_t>(p.n);
+    if (p.mask_kind == CAMEX_MASK_TIES_TRIM) probe.used += trim_arena_bytes(p.n);
+    if (p.r > 0) { probe.take<float>(p.n * oi); probe.take<float>(oi); probe.take<float>(oi); }
+    sar.used = probe.used;
+  }
+  CAMEX_TRY(merge_reverse_scalars<T>(s, a, gbar, p.has_beta != 0, gnb, ptr<const T>(p.base_bias),
+                                     ptr<const T>(p.expert_bias), ptr<const T>(p.grad_merged_bias),
+                                     ptr<T>(p.grad_scores), ptr<T>(p.grad_alpha), ptr<T>(p.grad_beta),
+                                     ptr<T>(p.grad_base_bias), ptr<T>(p.grad_expert_bias), p.o, sar));
+  CAMEX_LAUNCH(sum_groups_kernel<T>, grid_for(oi, 256), 256, s)(gbar, gnb, p.g, oi, ws.sumg);
+  CAMEX_CHECK_LAUNCH();
+  const D4 d4 = dims4(p.o1, p.o2, p.i1, p.i2);
+  KronFactors f = {ptr<const void>(p.factor_a), ptr<const void>(p.factor_b), ptr<const void>(p.factor_c),
+                   ptr<const void>(p.factor_d), p.r, p.n};
+  T *grad_experts = ptr<T>(p.grad_experts);
+  for (int64_t e = 0; e < p.n; ++e) {
+    CAMEX_LAUNCH(h_kernel<T>, grid_for(oi, 256), 256, s)(a, gbar, gnb, beta_n, e, e + 1, ws.h, nullptr);
+    CAMEX_CHECK_LAUNCH();
+    float *gt = ws.h;
+    if (p.r > 0) {
+      CAMEX_TRY(kron_backward<T>(s, ws.gt, f32_opnd(ws.h), tau_opnd<T>(experts + e * oi, base), f, e, d4,
+                                 ptr<T>(p.grad_factor_a), ptr<T>(p.grad_factor_b), ptr<T>(p.grad_factor_c),
+                                 ptr<T>(p.grad_factor_d), ws.t1, ws.kk, ws.w, ws.partial));
+      gt = ws.gt;
+    }
+    CAMEX_LAUNCH(finish_expert_kernel<T>, grid_for(oi, 256), 256, s)(gt, grad_experts + e * oi, ws.acc, e == 0, oi);
+    CAMEX_CHECK_LAUNCH();
+  }
+  CAMEX_LAUNCH(base_grad_kernel<T>, grid_for(oi, 256), 256, s)(ws.sumg, ws.acc, ptr<T>(p.grad_base), oi);
+  CAMEX_CHECK_LAUNCH();
+  return 0;
+}
+
+}  // namespace
+
+extern "C" int64_t camex_curvature_workspace(const camex_curvature_params *p, int32_t backward) {
+  Arena ar = {nullptr, 0};
+  curv_ws(*p, backward != 0, ar);
+  return ar.used;
+}
+
+extern "C" int camex_curvature_forward(const camex_curvature_params *p, camex_stream_t stream) {
+  if (bad_dims(p->n, p->o, p->i, p->r, p->o1, p->o2, p->i1, p->i2)) return CAMEX_ERR_DIMS;
+  CAMEX_DISPATCH(p->dtype, curvature_forward_t, *p, (cudaStream_t)stream);
+}
+
+extern "C" int camex_curvature_backward(const camex_curvature_params *p, camex_stream_t stream) {
+  if (bad_dims(p->n, p->o, p->i, p->r, p->o1, p->o2, p->i1, p->i2)) return CAMEX_ERR_DIMS;
+  CAMEX_DISPATCH(p->dtype, curvature_backward_t, *p, (cudaStream_t)stream);
+}
+
+extern "C" int64_t camex_ca_merge_workspace(const camex_ca_merge_params *p, int32_t backward) {
+  Arena ar = {nullptr, 0};
+  ca_ws(*p, backward != 0, ar);
+  return ar.used;
+}
+
+extern "C" int camex_ca_merge_forward(const camex_ca_merge_params *p, camex_stream_t stream) {
+  if (bad_dims(p->n, p->o, p->i, p->r, p->o1, p->o2, p->i1, p->i2) || p->g <= 0) return CAMEX_ERR_DIMS;
+  CAMEX_DISPATCH(p->dtype, ca_merge_forward_t, *p, (cudaStream_t)stream);
+}
+
+extern "C" int camex_ca_merge_backward(const camex_ca_merge_params *p, camex_stream_t stream) {
+  if (bad_dims(p->n, p->o, p->i, p->r, p->o1, p->o2, p->i1, p->i2) || p->g <= 0) return CAMEX_ERR_DIMS;
+  CAMEX_DISPATCH(p->dtype, ca_merge_backward_t, *p, (cudaStream_t)stream);
+}

@@ -1,0 +1,265 @@
+// The weighted merge over experts and its reverse, shared by `merge` (curved given) and the fused
+// CA-merge (curved computed): element-wise kernels over q = p*I + col that loop over experts and
+// groups in registers, and fixed-order reductions for the inner products behind grad_scores,
+// grad_alpha and grad_beta.
+#pragma once
+#include "mask.cuh"
+#include "philox.cuh"
+
+namespace camex {
+
+enum USrcKind { U_F32 = 0, U_STORE = 1, U_TAU = 2 };
+
+// Where U_i comes from: f32 scratch [N, O*I], a storage tensor (curved), or tau itself (identity).
+template <typename T> struct USrc {
+  int kind;
+  const float *f;
+  const T *t;
+  TauSrc<T> tau;
+  __device__ __forceinline__ float u(int64_t i, int64_t q) const {
+    switch (kind) {
+      case U_F32: return f[i * tau.oi + q];
+      case U_STORE: return to_f32(t[i * tau.oi + q]);
+      default: return tau.tau(i, q);
+    }
+  }
+};
+
+template <typename T> struct MergeArgs {
+  USrc<T> u;
+  MaskEval<T> mask;
+  const T *base;
+  const T *scores;   // [G, N]
+  camex_dare dare;
+  float alpha;
+  int64_t g, n, oi;
+};
+
+constexpr int NREG = 8;  // experts whose P_i stay in registers; more are re-read (correct, slower)
+
+// merged[g][q] = E[q] + alpha * sum_i (s[g,i] * zeta[g,i,q]) * (m_i[q] * U_i[q]);
+// optionally curved[i][q] = U_i[q] and next_base[q] = E[q] + beta_n * sum_i U_i[q] (unmasked U).
+template <typename T>
+// (256, 2): with (256) alone ptxas 13.0 for sm_80 picks 40 registers and spills P.
+__global__ void __launch_bounds__(256, 2)
+merge_epilogue_kernel(MergeArgs<T> a, T *merged, T *curved, T *next_base, float beta_n) {
+  for (int64_t q = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; q < a.oi; q += (int64_t)gridDim.x * blockDim.x) {
+    const float e = to_f32(a.base[q]);
+    const float el = a.mask.elect(q);
+    float p[NREG];
+    float usum = 0.f;
+#pragma unroll
+    for (int i = 0; i < NREG; ++i) {
+      p[i] = 0.f;
+      if (i < a.n) {
+        const float u = a.u.u(i, q);
+        if (curved) curved[i * a.oi + q] = from_f32<T>(u);
+        usum += u;
+        p[i] = a.mask.kind == CAMEX_MASK_NONE ? u : u * a.mask.m(i, q, el);
+      }
+    }
+    for (int64_t i = NREG; i < a.n; ++i) {
+      const float u = a.u.u(i, q);
+      if (curved) curved[i * a.oi + q] = from_f32<T>(u);
+      usum += u;
+    }
+    if (next_base) next_base[q] = from_f32<T>(e + beta_n * usum);
+    for (int64_t g = 0; g < a.g; ++g) {
+      float acc = 0.f;
+#pragma unroll
+      for (int i = 0; i < NREG; ++i) {
+        if (i < a.n) acc += to_f32(a.scores[g * a.n + i]) * dare_zeta(a.dare, g, i, a.n, a.oi, q) * p[i];
+      }
+      for (int64_t i = NREG; i < a.n; ++i) {
+        const float u = a.u.u(i, q);
+        const float pi = a.mask.kind == CAMEX_MASK_NONE ? u : u * a.mask.m(i, q, el);
+        acc += to_f32(a.scores[g * a.n + i]) * dare_zeta(a.dare, g, i, a.n, a.oi, q) * pi;
+      }
+      merged[g * a.oi + q] = from_f32<T>(e + a.alpha * acc);
+    }
+  }
+}
+
+// merged_bias[g][o] = e_b[o] + alpha * sum_i s[g,i] (b_i[o] - e_b[o]) (no mask, no DARE).
+template <typename T>
+__global__ void bias_forward_kernel(const T *eb, const T *b, const T *scores, T *out, float alpha, int64_t g, int64_t n,
+                                    int64_t o) {
+  for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < g * o; k += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t gg = k / o, oo = k % o;
+    const float e = to_f32(eb[oo]);
+    float s = 0.f;
+    for (int64_t i = 0; i < n; ++i) s += to_f32(scores[gg * n + i]) * (to_f32(b[i * o + oo]) - e);
+    out[k] = from_f32<T>(e + alpha * s);
+  }
+}
+
+constexpr int DOT_THREADS = 256;
+constexpr int64_t DOT_CHUNK = 4096;  // elements per block: fixes the reduction order by shape only
+
+inline int64_t dot_chunks(int64_t oi) { return (oi + DOT_CHUNK - 1) / DOT_CHUNK; }
+
+// Partial inner products, rows r < G: <Gbar_r, zeta[r,i] (m_i U_i)>; row G (when `gnb`):
+// <grad_next_base, U_i>. Block (chunk, row, expert-block of NREG); out[((row*N)+i)*chunks + chunk].
+template <typename T>
+__global__ void __launch_bounds__(DOT_THREADS)
+dots_kernel(MergeArgs<T> a, const T *gbar, const T *gnb, float *out, int64_t chunks) {
+  __shared__ float red[DOT_THREADS];
+  const int64_t chunk = blockIdx.x, row = blockIdx.y, i0 = (int64_t)blockIdx.z * NREG;
+  const bool beta_row = row == a.g;
+  float acc[NREG];
+#pragma unroll
+  for (int i = 0; i < NREG; ++i) acc[i] = 0.f;
+  const int64_t q_end = min(a.oi, (chunk + 1) * DOT_CHUNK);
+  for (int64_t q = chunk * DOT_CHUNK + threadIdx.x; q < q_end; q += DOT_THREADS) {
+    const float gv = beta_row ? (gnb ? to_f32(gnb[q]) : 0.f) : to_f32(gbar[row * a.oi + q]);
+    const float el = beta_row ? 0.f : a.mask.elect(q);
+#pragma unroll
+    for (int i = 0; i < NREG; ++i) {
+      const int64_t ie = i0 + i;
+      if (ie < a.n) {
+        const float u = a.u.u(ie, q);
+        if (beta_row) {
+          acc[i] += gv * u;
+        } else {
+          const float pi = a.mask.kind == CAMEX_MASK_NONE ? u : u * a.mask.m(ie, q, el);
+          acc[i] += gv * dare_zeta(a.dare, row, ie, a.n, a.oi, q) * pi;
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < NREG; ++i) {
+    const float s = block_sum<DOT_THREADS>(acc[i], red);
+    const int64_t ie = i0 + i;
+    if (threadIdx.x == 0 && ie < a.n) out[(row * a.n + ie) * chunks + chunk] = s;
+  }
+}
+
+// Bias reverse: grad_base_bias[o] = sum_g (1 - alpha sum_i s[g,i]) dbb[g,o];
+// grad_expert_bias[i,o] = alpha sum_g s[g,i] dbb[g,o].
+template <typename T>
+__global__ void bias_backward_kernel(const T *scores, const T *dbb, T *grad_eb, T *grad_b, float alpha, int64_t g,
+                                     int64_t n, int64_t o) {
+  for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < (n + 1) * o; k += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t i = k / o, oo = k % o;  // i == n: the base bias
+    float s = 0.f;
+    if (i == n) {
+      for (int64_t gg = 0; gg < g; ++gg) {
+        float ssum = 0.f;
+        for (int64_t j = 0; j < n; ++j) ssum += to_f32(scores[gg * n + j]);
+        s += (1.f - alpha * ssum) * (dbb ? to_f32(dbb[gg * o + oo]) : 0.f);
+      }
+      grad_eb[oo] = from_f32<T>(s);
+    } else {
+      for (int64_t gg = 0; gg < g; ++gg) s += to_f32(scores[gg * n + i]) * (dbb ? to_f32(dbb[gg * o + oo]) : 0.f);
+      grad_b[i * o + oo] = from_f32<T>(alpha * s);
+    }
+  }
+}
+
+// bip[g*N + i] = <dbb_g, b_i - e_b>, one block per (g, i), fixed-order tree.
+template <typename T>
+__global__ void __launch_bounds__(DOT_THREADS)
+bias_dots_kernel(const T *eb, const T *b, const T *dbb, float *bip, int64_t n, int64_t o) {
+  __shared__ float red[DOT_THREADS];
+  const int64_t gg = blockIdx.x / n, i = blockIdx.x % n;
+  float s = 0.f;
+  if (dbb)
+    for (int64_t oo = threadIdx.x; oo < o; oo += DOT_THREADS)
+      s += to_f32(dbb[gg * o + oo]) * (to_f32(b[i * o + oo]) - to_f32(eb[oo]));
+  s = block_sum<DOT_THREADS>(s, red);
+  if (threadIdx.x == 0) bip[blockIdx.x] = s;
+}
+
+// grad_scores[g,i] = alpha * ip[g,i]; grad_alpha = sum_{g,i} s[g,i] ip[g,i], ip including the bias
+// products; grad_beta = (1/N) sum_i <gnb, U_i>. One block; every sum in a fixed order.
+template <typename T>
+__global__ void finalize_kernel(const float *dots, int64_t chunks, const float *bip, const T *scores, float alpha,
+                                int64_t g, int64_t n, T *grad_scores, T *grad_alpha, T *grad_beta, float *ip_scratch) {
+  for (int64_t k = threadIdx.x; k < g * n + (grad_beta ? n : 0); k += blockDim.x) {
+    float s = 0.f;
+    for (int64_t c = 0; c < chunks; ++c) s += dots[k * chunks + c];
+    if (k < g * n && bip) s += bip[k];
+    ip_scratch[k] = s;
+    if (k < g * n && grad_scores) grad_scores[k] = from_f32<T>(alpha * s);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    if (grad_alpha) {
+      float a = 0.f;
+      for (int64_t k = 0; k < g * n; ++k) a += ip_scratch[k] * to_f32(scores[k]);
+      *grad_alpha = from_f32<T>(a);
+    }
+    if (grad_beta) {
+      float b = 0.f;
+      for (int64_t i = 0; i < n; ++i) b += ip_scratch[g * n + i];
+      *grad_beta = from_f32<T>(b / (float)n);
+    }
+  }
+}
+
+// H_i[q] = alpha * m_i[q] * sum_g s[g,i] zeta[g,i,q] Gbar_g[q]  (+ beta_n * gnb[q]),
+// for experts [i_begin, i_end); written to f32 `hf` [.., O*I] (offset by i - i_begin) or to T `ht`.
+template <typename T>
+__global__ void __launch_bounds__(256)
+h_kernel(MergeArgs<T> a, const T *gbar, const T *gnb, float beta_n, int64_t i_begin, int64_t i_end, float *hf, T *ht) {
+  for (int64_t q = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; q < a.oi; q += (int64_t)gridDim.x * blockDim.x) {
+    const float el = a.mask.elect(q);
+    for (int64_t i = i_begin; i < i_end; ++i) {
+      float s = 0.f;
+      for (int64_t g = 0; g < a.g; ++g)
+        s += to_f32(a.scores[g * a.n + i]) * dare_zeta(a.dare, g, i, a.n, a.oi, q) * to_f32(gbar[g * a.oi + q]);
+      float h = a.mask.kind == CAMEX_MASK_NONE ? a.alpha * s : a.alpha * a.mask.m(i, q, el) * s;
+      if (gnb) h += beta_n * to_f32(gnb[q]);
+      if (hf) hf[(i - i_begin) * a.oi + q] = h;
+      else ht[i * a.oi + q] = from_f32<T>(h);
+    }
+  }
+}
+
+// sumg[q] = sum_g Gbar_g[q] (+ gnb[q]), f32, in group order.
+template <typename T>
+__global__ void sum_groups_kernel(const T *gbar, const T *gnb, int64_t g, int64_t oi, float *sumg) {
+  for (int64_t q = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; q < oi; q += (int64_t)gridDim.x * blockDim.x) {
+    float s = 0.f;
+    for (int64_t gg = 0; gg < g; ++gg) s += to_f32(gbar[gg * oi + q]);
+    if (gnb) s += to_f32(gnb[q]);
+    sumg[q] = s;
+  }
+}
+
+// Workspace floats of merge_reverse_scalars: dots + bias dots + ip scratch.
+inline int64_t scalars_floats(int64_t g, int64_t n, int64_t oi) {
+  return (g + 1) * n * dot_chunks(oi) + g * n + (g + 1) * n + 192;
+}
+
+// grad_scores, grad_alpha, (grad_beta), and the bias gradients: everything that reduces over
+// the whole weight. gnb_row: include the <gnb, U_i> row (grad_beta requested).
+template <typename T>
+inline int merge_reverse_scalars(cudaStream_t s, const MergeArgs<T> &a, const T *gbar, bool beta_row, const T *gnb,
+                                 const T *eb, const T *b, const T *dbb, T *grad_scores, T *grad_alpha, T *grad_beta,
+                                 T *grad_eb, T *grad_b, int64_t o, Arena &ar) {
+  const int64_t chunks = dot_chunks(a.oi);
+  float *dots = ar.take<float>((a.g + 1) * a.n * chunks);
+  float *bip = ar.take<float>(a.g * a.n);
+  float *ip = ar.take<float>((a.g + 1) * a.n);
+  const int64_t rows = a.g + (beta_row ? 1 : 0);
+  if (chunks > 0x7FFFFFFF || rows > 65535 || (a.n + NREG - 1) / NREG > 65535) return CAMEX_ERR_DIMS;
+  CAMEX_LAUNCH(dots_kernel<T>, dim3((unsigned)chunks, (unsigned)rows, (unsigned)((a.n + NREG - 1) / NREG)), DOT_THREADS, s)(
+      a, gbar, gnb, dots, chunks);
+  CAMEX_CHECK_LAUNCH();
+  const bool bias = eb && b;
+  if (bias) {
+    CAMEX_LAUNCH(bias_backward_kernel<T>, grid_for((a.n + 1) * o, 256), 256, s)(a.scores, dbb, grad_eb, grad_b, a.alpha, a.g,
+                                                                          a.n, o);
+    CAMEX_CHECK_LAUNCH();
+    CAMEX_LAUNCH(bias_dots_kernel<T>, (unsigned)(a.g * a.n), DOT_THREADS, s)(eb, b, dbb, bip, a.n, o);
+    CAMEX_CHECK_LAUNCH();
+  }
+  CAMEX_LAUNCH(finalize_kernel<T>, 1, 256, s)(dots, chunks, bias ? bip : nullptr, a.scores, a.alpha, a.g, a.n, grad_scores,
+                                       grad_alpha, beta_row ? grad_beta : nullptr, ip);
+  CAMEX_CHECK_LAUNCH();
+  return 0;
+}
+
+}  // namespace camex

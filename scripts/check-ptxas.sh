@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Compiles every kernels/*.cu for sm_90 with `-Xptxas -v`, prints registers / stack / spills per
+# kernel, and fails when a kernel spills registers or uses a stack frame (local memory), unless it
+# is on the exception list below (kernel name pattern + reason).
+# Usage: scripts/check-ptxas.sh [ARCH] (default sm_90). Needs nvcc (scripts/setup-cuda.sh).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ARCH="${1:-sm_90}"
+CUDA_HOME="${CUDA_HOME:-$ROOT/.cuda/nvidia/cu13}"
+NVCC="${NVCC:-$CUDA_HOME/bin/nvcc}"
+if [ ! -x "$NVCC" ]; then
+  NVCC="$(command -v nvcc || true)"
+fi
+if [ -z "$NVCC" ] || [ ! -x "$NVCC" ]; then
+  echo "check-ptxas: nvcc not found; run scripts/setup-cuda.sh or set CUDA_HOME/NVCC" >&2
+  exit 2
+fi
+
+# Exceptions: "pattern|reason" (pattern: a substring of the mangled kernel name). None needed now.
+EXCEPTIONS=(
+)
+
+TMP="$(mktemp -d)"
+trap 'rm -rf "$TMP"' EXIT
+LOG="$TMP/ptxas.log"
+: >"$LOG"
+for cu in "$ROOT"/kernels/*.cu; do
+  "$NVCC" -std=c++17 -O3 -I"$ROOT/kernels" -gencode "arch=compute_${ARCH#sm_},code=$ARCH" \
+    -Xptxas -v -c "$cu" -o "$TMP/$(basename "$cu").o" >>"$LOG" 2>&1 || { cat "$LOG" >&2; exit 1; }
+done
+mkdir -p "$ROOT/target"
+cp "$LOG" "$ROOT/target/ptxas-$ARCH.log" 2>/dev/null || true
+
+DEMANGLE=cat
+command -v c++filt >/dev/null && DEMANGLE=c++filt
+
+# One line per kernel: name regs stack spill_st spill_ld
+awk '
+  /Compiling entry function/ { match($0, /\x27[^\x27]+\x27/); name = substr($0, RSTART + 1, RLENGTH - 2); next }
+  /bytes stack frame/ { stack = $1; sst = $5; sld = $9; next }
+  /Used [0-9]+ registers/ && name != "" {
+    for (i = 1; i <= NF; i++) if ($i == "Used") regs = $(i + 1);
+    print name, regs, stack, sst, sld; name = ""
+  }' "$LOG" >"$TMP/table"
+
+fail=0
+printf "%-6s %-6s %-6s %-6s  %s\n" regs stack spillS spillL kernel
+while read -r name regs stack sst sld; do
+  pretty="$(echo "$name" | $DEMANGLE | cut -c1-110)"
+  printf "%-6s %-6s %-6s %-6s  %s\n" "$regs" "$stack" "$sst" "$sld" "$pretty"
+  if [ "$stack" != 0 ] || [ "$sst" != 0 ] || [ "$sld" != 0 ]; then
+    allowed=""
+    for ex in "${EXCEPTIONS[@]+"${EXCEPTIONS[@]}"}"; do
+      pat="${ex%%|*}"
+      case "$name" in *"$pat"*) allowed="${ex#*|}" ;; esac
+    done
+    if [ -n "$allowed" ]; then
+      echo "  allowed: $allowed"
+    else
+      echo "  FAIL: stack frame or spills in $pretty" >&2
+      fail=1
+    fi
+  fi
+done <"$TMP/table"
+n="$(wc -l <"$TMP/table")"
+if [ "$n" -eq 0 ]; then echo "check-ptxas: no kernels parsed" >&2; exit 1; fi
+if [ "$fail" -ne 0 ]; then echo "check-ptxas: FAILED ($n kernels)" >&2; exit 1; fi
+echo "check-ptxas: OK, $n kernels for $ARCH, no spills, no stack frames"

@@ -1,0 +1,31 @@
+//! CAMEx for candle (feature `candle`): the operators as candle custom ops with autograd, the
+//! [`CamexLinear`] layer and the CAMEx FFN layer ([`CamexFfn`]).
+//!
+//! - [`ops`]: `ca_merge` (fused curvature, mask, DARE and merge), `curvature`, `merge` and
+//!   `segment_scores` as `CustomOp1/3` ops whose forward and backward call [`crate::cpu`]. candle's
+//!   autograd reaches every differentiable input: the Kronecker factors (and, for `ca_merge`, the
+//!   scores) travel packed into one flat tensor made by `cat`, whose own backward splits the packed
+//!   gradient back onto each of them.
+//! - [`layer`]: [`CamexLinear`], the router (noisy top-k softmax), per-sequence or causal-segment
+//!   routing, the load-balancing loss, [`CamexFfn`], [`DenseFfn`] and upcycling (SPEC section 6).
+//!
+//! Device support: the forward and backward run on the CPU operators. On a CUDA device (feature
+//! `cuda` as well), `cuda_fwd` is not implemented by this module: the ops return candle's
+//! "no cuda implementation" error there. Dtypes: f32 and f64 are computed as they are; f16 and bf16
+//! are widened to f32, computed, and rounded back (SPEC section 5: reductions in f32 at least).
+//! Other dtypes are refused with an error. Strided (non-contiguous) inputs are copied to a
+//! contiguous buffer first.
+
+pub mod layer;
+pub mod ops;
+
+pub use layer::{
+    balance_loss, upcycle, Activation, CamexFfn, CamexFfnConfig, CamexLinear, CurvatureKind,
+    DenseFfn, FfnOutput, Router, Routing, SplitMix,
+};
+pub use ops::{ca_merge, curvature, merge, segment_scores, Factors};
+
+/// A `camex` error as a candle error (the message names the tensor and both shapes or dtypes).
+pub(crate) fn cerr(op: &str, e: crate::Error) -> candle_core::Error {
+    candle_core::Error::Msg(format!("camex {op}: {e}"))
+}

@@ -1,0 +1,644 @@
+//! The CAMEx operators as candle custom ops (forward and backward on [`crate::cpu`]).
+//!
+//! candle's custom ops take at most three tensors. The fused `ca_merge` needs seven (base, experts,
+//! scores, four factors), so the op takes (base, experts, packed) where `packed` is
+//! `cat([scores, factor_a, factor_b, factor_c, factor_d] flattened)`. The op's backward returns the
+//! packed gradient in the same order and candle's own `cat`/`flatten` backward hands each piece to
+//! its tensor, so autograd reaches every input exactly. `curvature` packs the four factors the same
+//! way. Masks and DARE draws are constants (SPEC section 3) and live in the op.
+
+use super::cerr;
+use crate::cpu;
+use crate::options::{Dare, MergeOptions};
+use crate::tensor::Float;
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType,
+};
+
+/// The four Kronecker factors `factor_a` [R, N, o1, o1], `factor_b` [R, N, o2, o2],
+/// `factor_c` [R, N, i1, i1], `factor_d` [R, N, i2, i2] as candle tensors.
+#[derive(Debug, Clone)]
+pub struct Factors {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub c: Tensor,
+    pub d: Tensor,
+}
+
+impl Factors {
+    fn all(&self) -> [(&'static str, &Tensor); 4] {
+        [
+            ("factor_a", &self.a),
+            ("factor_b", &self.b),
+            ("factor_c", &self.c),
+            ("factor_d", &self.d),
+        ]
+    }
+}
+
+/// Compute types: f32 (also for f16/bf16 storage) and f64.
+pub(crate) trait Elem: Float + WithDType {}
+impl Elem for f32 {}
+impl Elem for f64 {}
+
+/// One operator's computation on flat, contiguous buffers (the shapes live in the kernel).
+trait Kernel {
+    const NAME: &'static str;
+    /// The output of the forward.
+    fn forward<F: Elem>(&self, inputs: Vec<Vec<F>>) -> crate::Result<crate::Tensor<F>>;
+    /// The gradient of every input, in input order, flat.
+    fn backward<F: Elem>(
+        &self,
+        inputs: Vec<Vec<F>>,
+        grad: crate::Tensor<F>,
+    ) -> crate::Result<Vec<Vec<F>>>;
+}
+
+/// Copies the elements a layout addresses, in row-major order (contiguous inputs are a slice copy).
+fn gather<T: Copy>(v: &[T], l: &Layout) -> Vec<T> {
+    if let Some((a, b)) = l.contiguous_offsets() {
+        return v[a..b].to_vec();
+    }
+    let dims = l.dims();
+    let stride = l.stride();
+    let n: usize = dims.iter().product();
+    let mut out = Vec::with_capacity(n);
+    let mut idx = vec![0usize; dims.len()];
+    for _ in 0..n {
+        let off: usize =
+            l.start_offset() + idx.iter().zip(stride).map(|(i, s)| i * s).sum::<usize>();
+        out.push(v[off]);
+        for k in (0..dims.len()).rev() {
+            idx[k] += 1;
+            if idx[k] < dims[k] {
+                break;
+            }
+            idx[k] = 0;
+        }
+    }
+    out
+}
+
+fn dtype_error(op: &str, name: &str, expected: &str, actual: DType) -> candle_core::Error {
+    cerr(
+        op,
+        crate::Error::DType {
+            tensor: name.into(),
+            expected: expected.into(),
+            actual: format!("{actual:?}"),
+        },
+    )
+}
+
+/// The common storage dtype of all inputs: one of f32, f64, f16, bf16, the same for all.
+fn common_dtype(op: &str, inputs: &[(&str, DType)]) -> Result<DType> {
+    let dt = inputs[0].1;
+    if !matches!(dt, DType::F32 | DType::F64 | DType::F16 | DType::BF16) {
+        return Err(dtype_error(op, inputs[0].0, "f32|f64|f16|bf16", dt));
+    }
+    for &(name, d) in &inputs[1..] {
+        if d != dt {
+            return Err(dtype_error(
+                op,
+                name,
+                &format!("{dt:?} (as the first input)"),
+                d,
+            ));
+        }
+    }
+    Ok(dt)
+}
+
+fn read_f32(s: &CpuStorage, l: &Layout) -> Vec<f32> {
+    match s {
+        CpuStorage::F32(v) => gather(v, l),
+        CpuStorage::F16(v) => gather(v, l).into_iter().map(|x| x.to_f32()).collect(),
+        CpuStorage::BF16(v) => gather(v, l).into_iter().map(|x| x.to_f32()).collect(),
+        // common_dtype admitted only the types above.
+        _ => Vec::new(),
+    }
+}
+
+fn write_f32(v: Vec<f32>, dt: DType) -> CpuStorage {
+    match dt {
+        DType::F16 => CpuStorage::F16(v.into_iter().map(half::f16::from_f32).collect()),
+        DType::BF16 => CpuStorage::BF16(v.into_iter().map(half::bf16::from_f32).collect()),
+        _ => CpuStorage::F32(v),
+    }
+}
+
+fn cpu_dispatch<K: Kernel>(
+    k: &K,
+    inputs: &[(&str, &CpuStorage, &Layout)],
+) -> Result<(CpuStorage, Shape)> {
+    let dts: Vec<(&str, DType)> = inputs.iter().map(|(n, s, _)| (*n, s.dtype())).collect();
+    let dt = common_dtype(K::NAME, &dts)?;
+    if dt == DType::F64 {
+        let bufs = inputs
+            .iter()
+            .map(|(_, s, l)| match s {
+                CpuStorage::F64(v) => gather(v, l),
+                _ => Vec::new(),
+            })
+            .collect();
+        let out = k.forward::<f64>(bufs).map_err(|e| cerr(K::NAME, e))?;
+        let shape = Shape::from(out.shape().to_vec());
+        Ok((CpuStorage::F64(out.into_data()), shape))
+    } else {
+        let bufs = inputs.iter().map(|(_, s, l)| read_f32(s, l)).collect();
+        let out = k.forward::<f32>(bufs).map_err(|e| cerr(K::NAME, e))?;
+        let shape = Shape::from(out.shape().to_vec());
+        Ok((write_f32(out.into_data(), dt), shape))
+    }
+}
+
+fn to_host<F: Elem>(t: &Tensor) -> Result<Vec<F>> {
+    t.to_device(&Device::Cpu)?
+        .to_dtype(<F as WithDType>::DTYPE)?
+        .flatten_all()?
+        .to_vec1::<F>()
+}
+
+fn bwd_typed<K: Kernel, F: Elem>(k: &K, args: &[&Tensor], grad: &Tensor) -> Result<Vec<Tensor>> {
+    let bufs = args
+        .iter()
+        .map(|a| to_host::<F>(a))
+        .collect::<Result<Vec<_>>>()?;
+    let grad =
+        crate::Tensor::new(grad.dims(), to_host::<F>(grad)?).map_err(|e| cerr(K::NAME, e))?;
+    let grads = k.backward::<F>(bufs, grad).map_err(|e| cerr(K::NAME, e))?;
+    args.iter()
+        .zip(grads)
+        .map(|(a, g)| {
+            Tensor::from_vec(g, a.shape(), &Device::Cpu)?
+                .to_dtype(a.dtype())?
+                .to_device(a.device())
+        })
+        .collect()
+}
+
+/// The backward on the host: gradients in the dtype and on the device of each argument.
+fn bwd_dispatch<K: Kernel>(k: &K, args: &[&Tensor], grad: &Tensor) -> Result<Vec<Tensor>> {
+    match args[0].dtype() {
+        DType::F64 => bwd_typed::<K, f64>(k, args, grad),
+        DType::F32 | DType::F16 | DType::BF16 => bwd_typed::<K, f32>(k, args, grad),
+        d => Err(dtype_error(K::NAME, "base", "f32|f64|f16|bf16", d)),
+    }
+}
+
+fn tensor<F: Float>(shape: &[usize], data: Vec<F>) -> crate::Result<crate::Tensor<F>> {
+    crate::Tensor::new(shape, data)
+}
+
+/// Splits a packed buffer into pieces of the given shapes.
+fn unpack<F: Float>(packed: Vec<F>, shapes: &[Vec<usize>]) -> crate::Result<Vec<crate::Tensor<F>>> {
+    let total: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
+    if total != packed.len() {
+        return Err(crate::Error::shape(
+            "packed",
+            format!("[{total}]"),
+            &[packed.len()],
+        ));
+    }
+    let mut out = Vec::with_capacity(shapes.len());
+    let mut at = 0;
+    for s in shapes {
+        let n: usize = s.iter().product();
+        out.push(tensor(s, packed[at..at + n].to_vec())?);
+        at += n;
+    }
+    Ok(out)
+}
+
+fn pack<F: Float>(pieces: Vec<crate::Tensor<F>>) -> Vec<F> {
+    pieces.into_iter().flat_map(|t| t.into_data()).collect()
+}
+
+fn factor_view<F>(f: &[crate::Tensor<F>]) -> cpu::Curvature<'_, F> {
+    match f {
+        [a, b, c, d] => cpu::Curvature::Kronecker(cpu::Factors { a, b, c, d }),
+        _ => cpu::Curvature::Identity,
+    }
+}
+
+fn factor_grads<F: Float>(g: Option<cpu::FactorGrads<F>>) -> Vec<crate::Tensor<F>> {
+    match g {
+        Some(g) => vec![
+            g.grad_factor_a,
+            g.grad_factor_b,
+            g.grad_factor_c,
+            g.grad_factor_d,
+        ],
+        None => Vec::new(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ca_merge: (base, experts, packed[scores, factors]) -> merged [G, O, I]
+
+#[derive(Debug, Clone)]
+struct CaMergeKernel {
+    base: Vec<usize>,
+    experts: Vec<usize>,
+    /// scores, then the four factors (Kronecker) or nothing (identity).
+    packed: Vec<Vec<usize>>,
+    opts: MergeOptions,
+}
+
+impl Kernel for CaMergeKernel {
+    const NAME: &'static str = "ca_merge";
+    fn forward<F: Elem>(&self, inputs: Vec<Vec<F>>) -> crate::Result<crate::Tensor<F>> {
+        let mut it = inputs.into_iter();
+        let base = tensor(&self.base, it.next().unwrap_or_default())?;
+        let experts = tensor(&self.experts, it.next().unwrap_or_default())?;
+        let mut packed = unpack(it.next().unwrap_or_default(), &self.packed)?;
+        let factors = packed.split_off(1);
+        let inputs = cpu::CaMergeInputs {
+            base: &base,
+            experts: &experts,
+            scores: &packed[0],
+            curvature: factor_view(&factors),
+            base_bias: None,
+            expert_bias: None,
+        };
+        Ok(cpu::ca_merge(&inputs, &self.opts)?.merged)
+    }
+    fn backward<F: Elem>(
+        &self,
+        inputs: Vec<Vec<F>>,
+        grad: crate::Tensor<F>,
+    ) -> crate::Result<Vec<Vec<F>>> {
+        let mut it = inputs.into_iter();
+        let base = tensor(&self.base, it.next().unwrap_or_default())?;
+        let experts = tensor(&self.experts, it.next().unwrap_or_default())?;
+        let mut packed = unpack(it.next().unwrap_or_default(), &self.packed)?;
+        let factors = packed.split_off(1);
+        let inputs = cpu::CaMergeInputs {
+            base: &base,
+            experts: &experts,
+            scores: &packed[0],
+            curvature: factor_view(&factors),
+            base_bias: None,
+            expert_bias: None,
+        };
+        let g = cpu::ca_merge_backward(&inputs, &self.opts, &grad, None, None)?;
+        let mut grad_packed = vec![g.grad_scores];
+        grad_packed.extend(factor_grads(g.factors));
+        Ok(vec![
+            g.grad_base.into_data(),
+            g.grad_experts.into_data(),
+            pack(grad_packed),
+        ])
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Op3<K>(K);
+
+impl<K: Kernel> CustomOp3 for Op3<K> {
+    fn name(&self) -> &'static str {
+        K::NAME
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_dispatch(
+            &self.0,
+            &[
+                ("input 1", s1, l1),
+                ("input 2", s2, l2),
+                ("input 3", s3, l3),
+            ],
+        )
+    }
+    fn bwd(
+        &self,
+        a1: &Tensor,
+        a2: &Tensor,
+        a3: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let mut g = bwd_dispatch(&self.0, &[a1, a2, a3], grad)?.into_iter();
+        Ok((g.next(), g.next(), g.next()))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Op1<K>(K);
+
+impl<K: Kernel> CustomOp1 for Op1<K> {
+    fn name(&self) -> &'static str {
+        K::NAME
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_dispatch(&self.0, &[("input", s, l)])
+    }
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(bwd_dispatch(&self.0, &[arg], grad)?.into_iter().next())
+    }
+}
+
+/// Errors unless every tensor has the dtype and device of the first one.
+fn same_kind(op: &str, ts: &[(&str, &Tensor)]) -> Result<()> {
+    let (_, first) = ts[0];
+    for &(name, t) in &ts[1..] {
+        if t.dtype() != first.dtype() {
+            return Err(dtype_error(
+                op,
+                name,
+                &format!("{:?} (as {})", first.dtype(), ts[0].0),
+                t.dtype(),
+            ));
+        }
+        if !t.device().same_device(first.device()) {
+            return Err(candle_core::Error::Msg(format!(
+                "camex {op}: tensor `{name}` is on {:?}, `{}` on {:?}",
+                t.device().location(),
+                ts[0].0,
+                first.device().location()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn check_rank(op: &str, name: &str, t: &Tensor, rank: usize, what: &str) -> Result<()> {
+    crate::shape::expect_rank(name, t.dims(), rank, what).map_err(|e| cerr(op, e))
+}
+
+/// The fused CA-merge (SPEC section 3): `merged[g] = base + alpha * sum_i scores[g,i] * zeta[g,i] *
+/// (m_i (.) U_i)` with U_i the Kronecker curvature of `experts[i] - base` (`factors`), or the
+/// identity (domain-specific merging) when `factors` is `None`. Differentiable in `base`, `experts`,
+/// `scores` and every factor; mask (`opts.mask`) and DARE (`opts.dare`) are constants.
+/// `opts.beta` and `opts.want_curved` are refused: use [`curvature`] for U.
+pub fn ca_merge(
+    base: &Tensor,
+    experts: &Tensor,
+    scores: &Tensor,
+    factors: Option<&Factors>,
+    opts: &MergeOptions,
+) -> Result<Tensor> {
+    const OP: &str = "ca_merge";
+    opts.validate().map_err(|e| cerr(OP, e))?;
+    if opts.beta.is_some() || opts.want_curved {
+        return Err(cerr(
+            OP,
+            crate::Error::option(
+                "beta/want_curved",
+                "the candle ca_merge writes `merged` only; compose `curvature` for U",
+            ),
+        ));
+    }
+    check_rank(OP, "base", base, 2, "[O, I]")?;
+    check_rank(OP, "experts", experts, 3, "[N, O, I]")?;
+    check_rank(OP, "scores", scores, 2, "[G, N]")?;
+    let mut kinds = vec![("base", base), ("experts", experts), ("scores", scores)];
+    let mut packed_shapes = vec![scores.dims().to_vec()];
+    let mut pieces = vec![scores.flatten_all()?];
+    if let Some(f) = factors {
+        for (name, t) in f.all() {
+            check_rank(OP, name, t, 4, "[R, N, k, k]")?;
+            kinds.push((name, t));
+            packed_shapes.push(t.dims().to_vec());
+            pieces.push(t.flatten_all()?);
+        }
+    }
+    same_kind(OP, &kinds)?;
+    let packed = Tensor::cat(&pieces, 0)?;
+    let k = CaMergeKernel {
+        base: base.dims().to_vec(),
+        experts: experts.dims().to_vec(),
+        packed: packed_shapes,
+        opts: *opts,
+    };
+    base.apply_op3(experts, &packed, Op3(k))
+}
+
+// ---------------------------------------------------------------------------------------------
+// curvature: (base, experts, packed[factors]) -> curved [N, O, I]
+
+#[derive(Debug, Clone)]
+struct CurvatureKernel {
+    base: Vec<usize>,
+    experts: Vec<usize>,
+    factors: Vec<Vec<usize>>,
+}
+
+impl Kernel for CurvatureKernel {
+    const NAME: &'static str = "curvature";
+    fn forward<F: Elem>(&self, inputs: Vec<Vec<F>>) -> crate::Result<crate::Tensor<F>> {
+        let mut it = inputs.into_iter();
+        let base = tensor(&self.base, it.next().unwrap_or_default())?;
+        let experts = tensor(&self.experts, it.next().unwrap_or_default())?;
+        let factors = unpack(it.next().unwrap_or_default(), &self.factors)?;
+        cpu::curvature(&base, &experts, &factor_view(&factors))
+    }
+    fn backward<F: Elem>(
+        &self,
+        inputs: Vec<Vec<F>>,
+        grad: crate::Tensor<F>,
+    ) -> crate::Result<Vec<Vec<F>>> {
+        let mut it = inputs.into_iter();
+        let base = tensor(&self.base, it.next().unwrap_or_default())?;
+        let experts = tensor(&self.experts, it.next().unwrap_or_default())?;
+        let factors = unpack(it.next().unwrap_or_default(), &self.factors)?;
+        let g = cpu::curvature_backward(&base, &experts, &factor_view(&factors), &grad)?;
+        Ok(vec![
+            g.grad_base.into_data(),
+            g.grad_experts.into_data(),
+            pack(factor_grads(g.factors)),
+        ])
+    }
+}
+
+/// The curvature `U_i = M_i(experts[i] - base)` (SPEC section 3), `curved` [N, O, I]. Identity when
+/// `factors` is `None` (then it is candle's own `experts - base`).
+pub fn curvature(base: &Tensor, experts: &Tensor, factors: Option<&Factors>) -> Result<Tensor> {
+    const OP: &str = "curvature";
+    check_rank(OP, "base", base, 2, "[O, I]")?;
+    check_rank(OP, "experts", experts, 3, "[N, O, I]")?;
+    let Some(f) = factors else {
+        same_kind(OP, &[("base", base), ("experts", experts)])?;
+        if experts.dims()[1..] != *base.dims() {
+            return Err(cerr(
+                OP,
+                crate::Error::shape(
+                    "experts",
+                    format!("[N, {}, {}]", base.dims()[0], base.dims()[1]),
+                    experts.dims(),
+                ),
+            ));
+        }
+        return experts.broadcast_sub(&base.unsqueeze(0)?);
+    };
+    let mut kinds = vec![("base", base), ("experts", experts)];
+    let mut shapes = Vec::new();
+    let mut pieces = Vec::new();
+    for (name, t) in f.all() {
+        check_rank(OP, name, t, 4, "[R, N, k, k]")?;
+        kinds.push((name, t));
+        shapes.push(t.dims().to_vec());
+        pieces.push(t.flatten_all()?);
+    }
+    same_kind(OP, &kinds)?;
+    let packed = Tensor::cat(&pieces, 0)?;
+    let k = CurvatureKernel {
+        base: base.dims().to_vec(),
+        experts: experts.dims().to_vec(),
+        factors: shapes,
+    };
+    base.apply_op3(experts, &packed, Op3(k))
+}
+
+// ---------------------------------------------------------------------------------------------
+// merge: (base, curved, scores) -> merged [G, O, I], with a constant mask
+
+#[derive(Debug, Clone)]
+struct MergeKernel {
+    base: Vec<usize>,
+    curved: Vec<usize>,
+    scores: Vec<usize>,
+    /// The 0/1 mask, kept in f64 (exact for 0 and 1) and narrowed per call.
+    mask: Option<crate::Tensor<f64>>,
+    alpha: f64,
+    dare: Dare,
+}
+
+impl MergeKernel {
+    fn parts<F: Elem>(&self, inputs: Vec<Vec<F>>) -> crate::Result<[crate::Tensor<F>; 3]> {
+        let mut it = inputs.into_iter();
+        Ok([
+            tensor(&self.base, it.next().unwrap_or_default())?,
+            tensor(&self.curved, it.next().unwrap_or_default())?,
+            tensor(&self.scores, it.next().unwrap_or_default())?,
+        ])
+    }
+}
+
+impl Kernel for MergeKernel {
+    const NAME: &'static str = "merge";
+    fn forward<F: Elem>(&self, inputs: Vec<Vec<F>>) -> crate::Result<crate::Tensor<F>> {
+        let [base, curved, scores] = self.parts(inputs)?;
+        let mask = self.mask.as_ref().map(|m| m.map(<F as Float>::from_f64));
+        let inputs = cpu::MergeInputs {
+            base: &base,
+            curved: &curved,
+            scores: &scores,
+            mask: mask.as_ref(),
+            base_bias: None,
+            expert_bias: None,
+        };
+        Ok(cpu::merge(&inputs, self.alpha, &self.dare)?.merged)
+    }
+    fn backward<F: Elem>(
+        &self,
+        inputs: Vec<Vec<F>>,
+        grad: crate::Tensor<F>,
+    ) -> crate::Result<Vec<Vec<F>>> {
+        let [base, curved, scores] = self.parts(inputs)?;
+        let mask = self.mask.as_ref().map(|m| m.map(<F as Float>::from_f64));
+        let inputs = cpu::MergeInputs {
+            base: &base,
+            curved: &curved,
+            scores: &scores,
+            mask: mask.as_ref(),
+            base_bias: None,
+            expert_bias: None,
+        };
+        let g = cpu::merge_backward(&inputs, self.alpha, &self.dare, &grad, None)?;
+        Ok(vec![
+            g.grad_base.into_data(),
+            g.grad_curved.into_data(),
+            g.grad_scores.into_data(),
+        ])
+    }
+}
+
+/// The merge (SPEC section 3) of already-curved domain vectors: `merged[g] = base + alpha *
+/// sum_i scores[g,i] * zeta[g,i] * (mask_i (.) curved_i)`. Differentiable in `base`, `curved` and
+/// `scores`; `mask` ([N, O, I] of 0/1, e.g. from [`crate::cpu::ties_mask`]) is a constant.
+pub fn merge(
+    base: &Tensor,
+    curved: &Tensor,
+    scores: &Tensor,
+    mask: Option<&Tensor>,
+    alpha: f64,
+    dare: &Dare,
+) -> Result<Tensor> {
+    const OP: &str = "merge";
+    dare.validate().map_err(|e| cerr(OP, e))?;
+    check_rank(OP, "base", base, 2, "[O, I]")?;
+    check_rank(OP, "curved", curved, 3, "[N, O, I]")?;
+    check_rank(OP, "scores", scores, 2, "[G, N]")?;
+    same_kind(
+        OP,
+        &[("base", base), ("curved", curved), ("scores", scores)],
+    )?;
+    let mask = match mask {
+        Some(m) => {
+            if m.dims() != curved.dims() {
+                return Err(cerr(
+                    OP,
+                    crate::Error::shape("mask", format!("{:?}", curved.dims()), m.dims()),
+                ));
+            }
+            Some(tensor(m.dims(), to_host::<f64>(m)?).map_err(|e| cerr(OP, e))?)
+        }
+        None => None,
+    };
+    let k = MergeKernel {
+        base: base.dims().to_vec(),
+        curved: curved.dims().to_vec(),
+        scores: scores.dims().to_vec(),
+        mask,
+        alpha,
+        dare: *dare,
+    };
+    base.apply_op3(curved, scores, Op3(k))
+}
+
+// ---------------------------------------------------------------------------------------------
+// segment_scores: router_scores [B, J, N] -> scores [B, J, N]
+
+#[derive(Debug, Clone)]
+struct SegmentKernel {
+    shape: Vec<usize>,
+}
+
+impl Kernel for SegmentKernel {
+    const NAME: &'static str = "segment_scores";
+    fn forward<F: Elem>(&self, inputs: Vec<Vec<F>>) -> crate::Result<crate::Tensor<F>> {
+        let r = tensor(&self.shape, inputs.into_iter().next().unwrap_or_default())?;
+        cpu::segment_scores(&r)
+    }
+    fn backward<F: Elem>(
+        &self,
+        _inputs: Vec<Vec<F>>,
+        grad: crate::Tensor<F>,
+    ) -> crate::Result<Vec<Vec<F>>> {
+        Ok(vec![cpu::segment_scores_backward(&grad)?.into_data()])
+    }
+}
+
+/// Causal segment scores (SPEC section 3): `scores[b, j] = router_scores[b, j-1]` for j >= 1 and
+/// `scores[b, 0] = stop_gradient(router_scores[b, 0])`.
+pub fn segment_scores(router_scores: &Tensor) -> Result<Tensor> {
+    check_rank(
+        "segment_scores",
+        "router_scores",
+        router_scores,
+        3,
+        "[B, J, N]",
+    )?;
+    router_scores.apply_op1(Op1(SegmentKernel {
+        shape: router_scores.dims().to_vec(),
+    }))
+}

@@ -1,0 +1,436 @@
+//! `merge` (curved given) and the fused `ca_merge` on the GPU (kernels/merge.cu,
+//! kernels/curvature.cu). Unverified on hardware: see the module docs of [`crate::cuda`].
+
+use super::curvature::{check_curvature, CudaCurvature, CudaFactorGrads};
+use super::{
+    check, check_biases, check_finite, check_grad_bias, check_scores, check_weights, dare_params,
+    workspace, CudaTensor, Element, Launch,
+};
+use crate::error::{Error, Result};
+use crate::ffi;
+use crate::options::{Dare, Mask, MergeOptions};
+use crate::shape::expect_shape;
+use cudarc::driver::CudaStream;
+use std::sync::Arc;
+
+/// Inputs of [`merge`] (as [`crate::cpu::MergeInputs`]).
+#[derive(Debug, Clone, Copy)]
+pub struct CudaMergeInputs<'a, T> {
+    pub base: &'a CudaTensor<T>,
+    pub curved: &'a CudaTensor<T>,
+    pub scores: &'a CudaTensor<T>,
+    pub mask: Option<&'a CudaTensor<T>>,
+    pub base_bias: Option<&'a CudaTensor<T>>,
+    pub expert_bias: Option<&'a CudaTensor<T>>,
+}
+
+#[derive(Debug)]
+pub struct CudaMergeOutputs<T> {
+    pub merged: CudaTensor<T>,
+    pub merged_bias: Option<CudaTensor<T>>,
+}
+
+#[derive(Debug)]
+pub struct CudaMergeGrads<T> {
+    pub grad_base: CudaTensor<T>,
+    pub grad_curved: CudaTensor<T>,
+    pub grad_scores: CudaTensor<T>,
+    /// 0-d.
+    pub grad_alpha: CudaTensor<T>,
+    pub grad_base_bias: Option<CudaTensor<T>>,
+    pub grad_expert_bias: Option<CudaTensor<T>>,
+}
+
+struct MergeDims {
+    g: usize,
+    n: usize,
+    o: usize,
+    i: usize,
+    bias: bool,
+}
+
+fn check_merge<T>(x: &CudaMergeInputs<T>, alpha: f64, dare: &Dare) -> Result<MergeDims> {
+    let (n, o, i) = check_weights(x.base.shape(), x.curved.shape(), "curved")?;
+    if let Some(m) = x.mask {
+        expect_shape("mask", m.shape(), &[n, o, i])?;
+    }
+    let g = check_scores(x.scores.shape(), n)?;
+    let bias = check_biases(
+        x.base_bias.map(|t| t.shape()),
+        x.expert_bias.map(|t| t.shape()),
+        n,
+        o,
+        "merge",
+    )?;
+    check_finite("alpha", alpha)?;
+    dare.validate()?;
+    Ok(MergeDims { g, n, o, i, bias })
+}
+
+fn merge_params<T: Element>(d: &MergeDims, alpha: f64, dare: &Dare) -> ffi::camex_merge_params {
+    ffi::camex_merge_params {
+        dtype: T::CODE,
+        g: d.g as i64,
+        n: d.n as i64,
+        o: d.o as i64,
+        i: d.i as i64,
+        alpha,
+        dare: dare_params(dare),
+        ..Default::default()
+    }
+}
+
+/// `merge`: `Wbar_g = E + alpha * sum_i s[g,i] zeta[g,i] (m_i (.) curved_i)`, and the bias merge.
+pub fn merge<T: Element>(
+    stream: &Arc<CudaStream>,
+    inputs: &CudaMergeInputs<T>,
+    alpha: f64,
+    dare: &Dare,
+) -> Result<CudaMergeOutputs<T>> {
+    let _r = super::op_range(c"camex::merge");
+    let d = check_merge(inputs, alpha, dare)?;
+    let mut p = merge_params::<T>(&d, alpha, dare);
+    let mut merged = CudaTensor::<T>::output(stream, &[d.g, d.o, d.i])?;
+    let mut merged_bias = if d.bias {
+        Some(CudaTensor::<T>::output(stream, &[d.g, d.o])?)
+    } else {
+        None
+    };
+    {
+        let mut l = Launch::new(stream)?;
+        p.base = l.read(inputs.base);
+        p.curved = l.read(inputs.curved);
+        p.scores = l.read(inputs.scores);
+        p.mask = l.read_opt(inputs.mask);
+        p.base_bias = l.read_opt(inputs.base_bias);
+        p.expert_bias = l.read_opt(inputs.expert_bias);
+        p.merged = l.write(&mut merged);
+        p.merged_bias = l.write_opt(merged_bias.as_mut());
+        // SAFETY: live device buffers of the validated shapes.
+        check(
+            unsafe { ffi::camex_merge_forward(&p, l.raw_stream()) },
+            "merge",
+        )?;
+    }
+    Ok(CudaMergeOutputs {
+        merged,
+        merged_bias,
+    })
+}
+
+/// `merge_backward`: gradients for base, curved, scores, alpha and the biases.
+pub fn merge_backward<T: Element>(
+    stream: &Arc<CudaStream>,
+    inputs: &CudaMergeInputs<T>,
+    alpha: f64,
+    dare: &Dare,
+    grad_merged: &CudaTensor<T>,
+    grad_merged_bias: Option<&CudaTensor<T>>,
+) -> Result<CudaMergeGrads<T>> {
+    let _r = super::op_range(c"camex::merge_backward");
+    let d = check_merge(inputs, alpha, dare)?;
+    expect_shape("grad_merged", grad_merged.shape(), &[d.g, d.o, d.i])?;
+    check_grad_bias(grad_merged_bias.map(|t| t.shape()), d.bias, d.g, d.o)?;
+    let mut p = merge_params::<T>(&d, alpha, dare);
+    // SAFETY: host-side size computation.
+    let ws_bytes = unsafe { ffi::camex_merge_workspace(&p, 1) };
+    let mut ws = workspace(stream, ws_bytes)?;
+    let mut grad_base = CudaTensor::<T>::output(stream, &[d.o, d.i])?;
+    let mut grad_curved = CudaTensor::<T>::output(stream, &[d.n, d.o, d.i])?;
+    let mut grad_scores = CudaTensor::<T>::output(stream, &[d.g, d.n])?;
+    let mut grad_alpha = CudaTensor::<T>::output(stream, &[])?;
+    let (mut gbb, mut geb) = if d.bias {
+        (
+            Some(CudaTensor::<T>::output(stream, &[d.o])?),
+            Some(CudaTensor::<T>::output(stream, &[d.n, d.o])?),
+        )
+    } else {
+        (None, None)
+    };
+    {
+        let mut l = Launch::new(stream)?;
+        p.base = l.read(inputs.base);
+        p.curved = l.read(inputs.curved);
+        p.scores = l.read(inputs.scores);
+        p.mask = l.read_opt(inputs.mask);
+        p.base_bias = l.read_opt(inputs.base_bias);
+        p.expert_bias = l.read_opt(inputs.expert_bias);
+        p.grad_merged = l.read(grad_merged);
+        p.grad_merged_bias = l.read_opt(grad_merged_bias);
+        p.grad_base = l.write(&mut grad_base);
+        p.grad_curved = l.write(&mut grad_curved);
+        p.grad_scores = l.write(&mut grad_scores);
+        p.grad_alpha = l.write(&mut grad_alpha);
+        p.grad_base_bias = l.write_opt(gbb.as_mut());
+        p.grad_expert_bias = l.write_opt(geb.as_mut());
+        p.workspace = l.write_slice(&mut ws);
+        p.workspace_bytes = ws_bytes;
+        // SAFETY: live device buffers of the validated shapes.
+        check(
+            unsafe { ffi::camex_merge_backward(&p, l.raw_stream()) },
+            "merge_backward",
+        )?;
+    }
+    Ok(CudaMergeGrads {
+        grad_base,
+        grad_curved,
+        grad_scores,
+        grad_alpha,
+        grad_base_bias: gbb,
+        grad_expert_bias: geb,
+    })
+}
+
+/// Inputs of [`ca_merge`] (as [`crate::cpu::CaMergeInputs`]).
+#[derive(Debug, Clone, Copy)]
+pub struct CudaCaMergeInputs<'a, T> {
+    pub base: &'a CudaTensor<T>,
+    pub experts: &'a CudaTensor<T>,
+    pub scores: &'a CudaTensor<T>,
+    pub curvature: CudaCurvature<'a, T>,
+    pub base_bias: Option<&'a CudaTensor<T>>,
+    pub expert_bias: Option<&'a CudaTensor<T>>,
+}
+
+#[derive(Debug)]
+pub struct CudaCaMergeOutputs<T> {
+    pub merged: CudaTensor<T>,
+    pub merged_bias: Option<CudaTensor<T>>,
+    /// When `opts.beta` is set.
+    pub next_base: Option<CudaTensor<T>>,
+    /// When `opts.want_curved` (U before the mask).
+    pub curved: Option<CudaTensor<T>>,
+}
+
+#[derive(Debug)]
+pub struct CudaCaMergeGrads<T> {
+    pub grad_base: CudaTensor<T>,
+    pub grad_experts: CudaTensor<T>,
+    pub grad_scores: CudaTensor<T>,
+    pub factors: Option<CudaFactorGrads<T>>,
+    /// 0-d.
+    pub grad_alpha: CudaTensor<T>,
+    /// 0-d, when `opts.beta` is set.
+    pub grad_beta: Option<CudaTensor<T>>,
+    pub grad_base_bias: Option<CudaTensor<T>>,
+    pub grad_expert_bias: Option<CudaTensor<T>>,
+}
+
+struct CaDims {
+    m: MergeDims,
+    k: super::curvature::KronDims,
+}
+
+fn check_ca<T>(x: &CudaCaMergeInputs<T>, opts: &MergeOptions) -> Result<CaDims> {
+    let (n, o, i) = check_weights(x.base.shape(), x.experts.shape(), "experts")?;
+    let k = check_curvature(n, o, i, &x.curvature)?;
+    let g = check_scores(x.scores.shape(), n)?;
+    let bias = check_biases(
+        x.base_bias.map(|t| t.shape()),
+        x.expert_bias.map(|t| t.shape()),
+        n,
+        o,
+        "merge",
+    )?;
+    opts.validate()?;
+    Ok(CaDims {
+        m: MergeDims { g, n, o, i, bias },
+        k,
+    })
+}
+
+fn ca_params<T: Element>(d: &CaDims, opts: &MergeOptions) -> ffi::camex_ca_merge_params {
+    let (mask_kind, trim_k) = match opts.mask {
+        Mask::None => (ffi::camex_mask_kind_CAMEX_MASK_NONE, 0.0),
+        Mask::TiesSign => (ffi::camex_mask_kind_CAMEX_MASK_TIES_SIGN, 0.0),
+        Mask::TiesTrim(k) => (ffi::camex_mask_kind_CAMEX_MASK_TIES_TRIM, k),
+    };
+    ffi::camex_ca_merge_params {
+        dtype: T::CODE,
+        g: d.m.g as i64,
+        n: d.m.n as i64,
+        o: d.m.o as i64,
+        i: d.m.i as i64,
+        r: d.k.r as i64,
+        o1: d.k.o1 as i64,
+        o2: d.k.o2 as i64,
+        i1: d.k.i1 as i64,
+        i2: d.k.i2 as i64,
+        alpha: opts.alpha,
+        has_beta: opts.beta.is_some() as i32,
+        beta: opts.beta.unwrap_or(0.0),
+        mask_kind: mask_kind as i32,
+        trim_k,
+        dare: dare_params(&opts.dare),
+        ..Default::default()
+    }
+}
+
+fn read_curvature<'a, T>(
+    l: &mut Launch<'a>,
+    p: &mut ffi::camex_ca_merge_params,
+    c: &CudaCurvature<'a, T>,
+) {
+    if let CudaCurvature::Kronecker(f) = c {
+        p.factor_a = l.read(f.a);
+        p.factor_b = l.read(f.b);
+        p.factor_c = l.read(f.c);
+        p.factor_d = l.read(f.d);
+    }
+}
+
+/// The fused CA-merge forward: curvature, mask, DARE, weighted sum over experts for every group,
+/// plus base; `next_base` when `opts.beta` is set and `curved` when `opts.want_curved`.
+pub fn ca_merge<T: Element>(
+    stream: &Arc<CudaStream>,
+    inputs: &CudaCaMergeInputs<T>,
+    opts: &MergeOptions,
+) -> Result<CudaCaMergeOutputs<T>> {
+    let _r = super::op_range(c"camex::ca_merge");
+    let d = check_ca(inputs, opts)?;
+    let mut p = ca_params::<T>(&d, opts);
+    let (g, n, o, i) = (d.m.g, d.m.n, d.m.o, d.m.i);
+    // SAFETY: host-side size computation.
+    let ws_bytes = unsafe { ffi::camex_ca_merge_workspace(&p, 0) };
+    let mut ws = workspace(stream, ws_bytes)?;
+    let mut merged = CudaTensor::<T>::output(stream, &[g, o, i])?;
+    let mut merged_bias = if d.m.bias {
+        Some(CudaTensor::<T>::output(stream, &[g, o])?)
+    } else {
+        None
+    };
+    let mut next_base = if opts.beta.is_some() {
+        Some(CudaTensor::<T>::output(stream, &[o, i])?)
+    } else {
+        None
+    };
+    let mut curved = if opts.want_curved {
+        Some(CudaTensor::<T>::output(stream, &[n, o, i])?)
+    } else {
+        None
+    };
+    {
+        let mut l = Launch::new(stream)?;
+        p.base = l.read(inputs.base);
+        p.experts = l.read(inputs.experts);
+        p.scores = l.read(inputs.scores);
+        read_curvature(&mut l, &mut p, &inputs.curvature);
+        p.base_bias = l.read_opt(inputs.base_bias);
+        p.expert_bias = l.read_opt(inputs.expert_bias);
+        p.merged = l.write(&mut merged);
+        p.merged_bias = l.write_opt(merged_bias.as_mut());
+        p.next_base = l.write_opt(next_base.as_mut());
+        p.curved = l.write_opt(curved.as_mut());
+        p.workspace = l.write_slice(&mut ws);
+        p.workspace_bytes = ws_bytes;
+        // SAFETY: live device buffers of the validated shapes; workspace of the size asked for.
+        check(
+            unsafe { ffi::camex_ca_merge_forward(&p, l.raw_stream()) },
+            "ca_merge",
+        )?;
+    }
+    Ok(CudaCaMergeOutputs {
+        merged,
+        merged_bias,
+        next_base,
+        curved,
+    })
+}
+
+/// The fused CA-merge backward. `grad_next_base` is allowed only when `opts.beta` is set (absent
+/// means zero); `grad_merged_bias` is optional with biases (absent means zero).
+pub fn ca_merge_backward<T: Element>(
+    stream: &Arc<CudaStream>,
+    inputs: &CudaCaMergeInputs<T>,
+    opts: &MergeOptions,
+    grad_merged: &CudaTensor<T>,
+    grad_merged_bias: Option<&CudaTensor<T>>,
+    grad_next_base: Option<&CudaTensor<T>>,
+) -> Result<CudaCaMergeGrads<T>> {
+    let _r = super::op_range(c"camex::ca_merge_backward");
+    let d = check_ca(inputs, opts)?;
+    let (g, n, o, i) = (d.m.g, d.m.n, d.m.o, d.m.i);
+    expect_shape("grad_merged", grad_merged.shape(), &[g, o, i])?;
+    check_grad_bias(grad_merged_bias.map(|t| t.shape()), d.m.bias, g, o)?;
+    if let Some(gn) = grad_next_base {
+        if opts.beta.is_none() {
+            return Err(Error::option(
+                "grad_next_base",
+                "given, but beta is not set",
+            ));
+        }
+        expect_shape("grad_next_base", gn.shape(), &[o, i])?;
+    }
+    let mut p = ca_params::<T>(&d, opts);
+    // SAFETY: host-side size computation.
+    let ws_bytes = unsafe { ffi::camex_ca_merge_workspace(&p, 1) };
+    let mut ws = workspace(stream, ws_bytes)?;
+    let mut grad_base = CudaTensor::<T>::output(stream, &[o, i])?;
+    let mut grad_experts = CudaTensor::<T>::output(stream, &[n, o, i])?;
+    let mut grad_scores = CudaTensor::<T>::output(stream, &[g, n])?;
+    let mut grad_alpha = CudaTensor::<T>::output(stream, &[])?;
+    let mut grad_beta = if opts.beta.is_some() {
+        Some(CudaTensor::<T>::output(stream, &[])?)
+    } else {
+        None
+    };
+    let mut factors = match &inputs.curvature {
+        CudaCurvature::Identity => None,
+        CudaCurvature::Kronecker(f) => Some(CudaFactorGrads {
+            grad_factor_a: CudaTensor::output(stream, f.a.shape())?,
+            grad_factor_b: CudaTensor::output(stream, f.b.shape())?,
+            grad_factor_c: CudaTensor::output(stream, f.c.shape())?,
+            grad_factor_d: CudaTensor::output(stream, f.d.shape())?,
+        }),
+    };
+    let (mut gbb, mut geb) = if d.m.bias {
+        (
+            Some(CudaTensor::<T>::output(stream, &[o])?),
+            Some(CudaTensor::<T>::output(stream, &[n, o])?),
+        )
+    } else {
+        (None, None)
+    };
+    {
+        let mut l = Launch::new(stream)?;
+        p.base = l.read(inputs.base);
+        p.experts = l.read(inputs.experts);
+        p.scores = l.read(inputs.scores);
+        read_curvature(&mut l, &mut p, &inputs.curvature);
+        p.base_bias = l.read_opt(inputs.base_bias);
+        p.expert_bias = l.read_opt(inputs.expert_bias);
+        p.grad_merged = l.read(grad_merged);
+        p.grad_merged_bias = l.read_opt(grad_merged_bias);
+        p.grad_next_base = l.read_opt(grad_next_base);
+        p.grad_base = l.write(&mut grad_base);
+        p.grad_experts = l.write(&mut grad_experts);
+        p.grad_scores = l.write(&mut grad_scores);
+        p.grad_alpha = l.write(&mut grad_alpha);
+        p.grad_beta = l.write_opt(grad_beta.as_mut());
+        if let Some(f) = factors.as_mut() {
+            p.grad_factor_a = l.write(&mut f.grad_factor_a);
+            p.grad_factor_b = l.write(&mut f.grad_factor_b);
+            p.grad_factor_c = l.write(&mut f.grad_factor_c);
+            p.grad_factor_d = l.write(&mut f.grad_factor_d);
+        }
+        p.grad_base_bias = l.write_opt(gbb.as_mut());
+        p.grad_expert_bias = l.write_opt(geb.as_mut());
+        p.workspace = l.write_slice(&mut ws);
+        p.workspace_bytes = ws_bytes;
+        // SAFETY: live device buffers of the validated shapes; workspace of the size asked for.
+        check(
+            unsafe { ffi::camex_ca_merge_backward(&p, l.raw_stream()) },
+            "ca_merge_backward",
+        )?;
+    }
+    Ok(CudaCaMergeGrads {
+        grad_base,
+        grad_experts,
+        grad_scores,
+        factors,
+        grad_alpha,
+        grad_beta,
+        grad_base_bias: gbb,
+        grad_expert_bias: geb,
+    })
+}

@@ -1,0 +1,507 @@
+//! The fused CUDA kernels (`kernels/*.cu`) behind a safe API over cudarc streams.
+//!
+//! **Status: no kernel has yet run on a GPU.** This code was written and compiled (sm_80, sm_90,
+//! no register spills) in a session without a GPU. `tests/gpu.rs` compares every operator and
+//! gradient with the CPU path ([`crate::cpu`]) and skips, saying why, where no GPU is present;
+//! `scripts/gpu-check.sh` runs it on a GPU machine. Until that has passed, treat results as unverified.
+//!
+//! Conventions:
+//! - Every op takes the stream it runs on (`&Arc<CudaStream>`) and device tensors ([`CudaTensor`]),
+//!   validates all shapes before launching anything (the same [`Error`] messages as the CPU path),
+//!   enqueues its kernels on that stream only and returns without synchronising. Outputs are fresh
+//!   tensors allocated on the stream; scalar gradients are 0-d device tensors.
+//! - Storage dtypes f32, f16, bf16 ([`Element`]); all accumulation is in f32; reductions run in a
+//!   fixed order (no float atomics), so two runs give the same bits.
+//! - Every CUDA failure is returned as [`Error::Cuda`]; where no CUDA driver is installed the
+//!   ops return `Err(Error::Cuda("no CUDA driver (libcuda) on this machine"))` instead of panicking.
+//! - With feature `nvtx`, each op is wrapped in an NVTX range named after it.
+
+pub mod curvature;
+pub mod dynamic;
+pub mod linear;
+pub mod mask;
+pub mod merge;
+pub mod segment;
+
+pub use curvature::{
+    curvature, curvature_backward, CudaCurvature, CudaCurvatureGrads, CudaFactorGrads, CudaFactors,
+};
+pub use dynamic::{dynamic_merge, dynamic_merge_backward, CudaDynamicGrads};
+pub use linear::{merged_linear, merged_linear_backward, CudaLinearGrads};
+pub use mask::ties_mask;
+pub use merge::{
+    ca_merge, ca_merge_backward, merge, merge_backward, CudaCaMergeGrads, CudaCaMergeInputs,
+    CudaCaMergeOutputs, CudaMergeGrads, CudaMergeInputs, CudaMergeOutputs,
+};
+pub use segment::{segment_scores, segment_scores_backward};
+
+use crate::error::{Error, Result};
+use crate::ffi;
+use crate::options::Dare;
+use crate::philox::DareDraw;
+use crate::tensor::{DType, Tensor};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
+use half::{bf16, f16};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+pub use cudarc::driver::{CudaContext as Context, CudaStream as Stream};
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
+}
+
+/// Storage element types of the kernels: f32, f16, bf16 (sealed).
+pub trait Element:
+    sealed::Sealed
+    + cudarc::driver::DeviceRepr
+    + cudarc::driver::ValidAsZeroBits
+    + Copy
+    + Send
+    + Sync
+    + Unpin
+    + 'static
+{
+    const DTYPE: DType;
+    /// `camex_dtype` code of kernels/camex.h.
+    const CODE: i32;
+    fn to_f32(self) -> f32;
+    fn from_f32(v: f32) -> Self;
+}
+
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+    const CODE: i32 = ffi::camex_dtype_CAMEX_F32 as i32;
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
+impl Element for f16 {
+    const DTYPE: DType = DType::F16;
+    const CODE: i32 = ffi::camex_dtype_CAMEX_F16 as i32;
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+}
+
+impl Element for bf16 {
+    const DTYPE: DType = DType::BF16;
+    const CODE: i32 = ffi::camex_dtype_CAMEX_BF16 as i32;
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+/// Whether a CUDA driver library can be loaded on this machine (checked before any cudarc call:
+/// cudarc panics when it is missing).
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen libcuda; no CUDA call is made.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+fn require_driver() -> Result<()> {
+    if driver_present() {
+        Ok(())
+    } else {
+        Err(Error::Cuda(
+            "no CUDA driver (libcuda) on this machine".into(),
+        ))
+    }
+}
+
+pub(crate) fn cuda_err(e: impl std::fmt::Debug) -> Error {
+    Error::Cuda(format!("{e:?}"))
+}
+
+/// Opens device `ordinal` (primary context). Errors, without panicking, where there is no driver
+/// or no such device.
+pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
+    require_driver()?;
+    let count = CudaContext::device_count().map_err(cuda_err)?;
+    if ordinal as i64 >= count as i64 {
+        return Err(Error::Cuda(format!(
+            "no CUDA device {ordinal} (found {count})"
+        )));
+    }
+    CudaContext::new(ordinal).map_err(cuda_err)
+}
+
+/// A new non-blocking stream on device `ordinal`.
+pub fn new_stream(ordinal: usize) -> Result<Arc<CudaStream>> {
+    context(ordinal)?.new_stream().map_err(cuda_err)
+}
+
+static POISON: AtomicBool = AtomicBool::new(false);
+
+/// Debug aid (used by tests/gpu.rs): when on, every output buffer is filled with NaN bit patterns
+/// (all bytes 0xFF) before the kernels run, so an element a kernel forgets to write shows up.
+pub fn set_poison_outputs(on: bool) {
+    POISON.store(on, Ordering::SeqCst);
+}
+
+/// A dense row-major tensor in device memory (SPEC section 2 layout).
+#[derive(Debug)]
+pub struct CudaTensor<T> {
+    shape: Vec<usize>,
+    data: CudaSlice<T>,
+}
+
+impl<T: Element> CudaTensor<T> {
+    /// Copies a host tensor to the device (asynchronously on `stream`).
+    pub fn upload(stream: &Arc<CudaStream>, t: &Tensor<T>) -> Result<Self> {
+        require_driver()?;
+        let data = stream.clone_htod(t.data()).map_err(cuda_err)?;
+        Ok(CudaTensor {
+            shape: t.shape().to_vec(),
+            data,
+        })
+    }
+    /// Copies to the host; waits for the stream's work on this tensor.
+    pub fn download(&self, stream: &Arc<CudaStream>) -> Result<Tensor<T>> {
+        let n: usize = self.shape.iter().product();
+        let v = stream
+            .clone_dtoh(&self.data.slice(0..n))
+            .map_err(cuda_err)?;
+        Tensor::new(&self.shape, v)
+    }
+    /// A zero-filled tensor.
+    pub fn zeros(stream: &Arc<CudaStream>, shape: &[usize]) -> Result<Self> {
+        require_driver()?;
+        let n: usize = shape.iter().product();
+        let data = stream.alloc_zeros::<T>(n.max(1)).map_err(cuda_err)?;
+        Ok(CudaTensor {
+            shape: shape.to_vec(),
+            data,
+        })
+    }
+    /// An output buffer: uninitialised (every kernel writes all of its outputs), or NaN-filled
+    /// under [`set_poison_outputs`].
+    pub(crate) fn output(stream: &Arc<CudaStream>, shape: &[usize]) -> Result<Self> {
+        let n: usize = shape.iter().product::<usize>().max(1);
+        // SAFETY: device memory of a plain-old-data type; every op writes all of it before it is
+        // read (or poisons it first).
+        let mut data = unsafe { stream.alloc::<T>(n) }.map_err(cuda_err)?;
+        if POISON.load(Ordering::SeqCst) {
+            let (p, _g) = data.device_ptr_mut(stream);
+            // SAFETY: p is a live allocation of n elements on this stream; 0xFF.. is a NaN in every dtype.
+            unsafe {
+                cudarc::driver::result::memset_d8_async(
+                    p,
+                    0xFF,
+                    n * std::mem::size_of::<T>(),
+                    stream.cu_stream(),
+                )
+            }
+            .map_err(cuda_err)?;
+        }
+        Ok(CudaTensor {
+            shape: shape.to_vec(),
+            data,
+        })
+    }
+    /// Wraps an existing device buffer; errors when its length differs from the shape's element count.
+    pub fn from_slice(shape: &[usize], data: CudaSlice<T>) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        if n != data.len() {
+            return Err(Error::option(
+                "data",
+                format!(
+                    "shape {shape:?} holds {n} elements, device buffer has {}",
+                    data.len()
+                ),
+            ));
+        }
+        Ok(CudaTensor {
+            shape: shape.to_vec(),
+            data,
+        })
+    }
+}
+
+impl<T> CudaTensor<T> {
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn data(&self) -> &CudaSlice<T> {
+        &self.data
+    }
+    pub fn data_mut(&mut self) -> &mut CudaSlice<T> {
+        &mut self.data
+    }
+}
+
+/// Device pointers of one launch: keeps cudarc's read/write event guards alive until the launch
+/// is enqueued (dropping them records the stream's events).
+pub(crate) struct Launch<'a> {
+    pub stream: &'a Arc<CudaStream>,
+    guards: Vec<SyncOnDrop<'a>>,
+}
+
+impl<'a> Launch<'a> {
+    pub fn new(stream: &'a Arc<CudaStream>) -> Result<Self> {
+        require_driver()?;
+        // The runtime API (kernel launches in kernels/*.cu) uses the context current to the
+        // thread: make it the stream's.
+        stream.context().bind_to_thread().map_err(cuda_err)?;
+        Ok(Launch {
+            stream,
+            guards: Vec::new(),
+        })
+    }
+    pub fn read<T>(&mut self, t: &'a CudaTensor<T>) -> u64 {
+        let (p, g) = t.data.device_ptr(self.stream);
+        self.guards.push(g);
+        p
+    }
+    pub fn read_opt<T>(&mut self, t: Option<&'a CudaTensor<T>>) -> u64 {
+        t.map_or(0, |t| self.read(t))
+    }
+    pub fn write<T>(&mut self, t: &'a mut CudaTensor<T>) -> u64 {
+        let (p, g) = t.data.device_ptr_mut(self.stream);
+        self.guards.push(g);
+        p
+    }
+    pub fn write_opt<T>(&mut self, t: Option<&'a mut CudaTensor<T>>) -> u64 {
+        t.map_or(0, |t| self.write(t))
+    }
+    pub fn write_slice(&mut self, s: &'a mut CudaSlice<u8>) -> u64 {
+        let (p, g) = s.device_ptr_mut(self.stream);
+        self.guards.push(g);
+        p
+    }
+    pub fn raw_stream(&self) -> ffi::camex_stream_t {
+        // CUstream and cudaStream_t are the same handle.
+        self.stream.cu_stream() as ffi::camex_stream_t
+    }
+}
+
+/// Maps a launcher's return code to a Result.
+pub(crate) fn check(code: i32, op: &str) -> Result<()> {
+    match code {
+        0 => Ok(()),
+        c if c == ffi::CAMEX_ERR_WORKSPACE as i32 => {
+            Err(Error::Cuda(format!("{op}: workspace too small (internal)")))
+        }
+        c if c == ffi::CAMEX_ERR_DIMS as i32 => Err(Error::Cuda(format!(
+            "{op}: dimensions exceed the kernels' grid limits or are inconsistent"
+        ))),
+        c => Err(Error::Cuda(format!(
+            "{op}: CUDA runtime error {c} ({})",
+            cuda_error_name(c)
+        ))),
+    }
+}
+
+fn cuda_error_name(c: i32) -> &'static str {
+    match c {
+        1 => "cudaErrorInvalidValue",
+        2 => "cudaErrorMemoryAllocation",
+        35 => "cudaErrorInsufficientDriver",
+        98 => "cudaErrorInvalidDeviceFunction",
+        100 => "cudaErrorNoDevice",
+        209 => "cudaErrorNoKernelImageForDevice",
+        222 => "cudaErrorUnsupportedPtxVersion",
+        400 => "cudaErrorInvalidResourceHandle",
+        700 => "cudaErrorIllegalAddress",
+        701 => "cudaErrorLaunchOutOfResources",
+        _ => "see cudaGetErrorName",
+    }
+}
+
+/// A workspace of `bytes` (at least 1) on the stream.
+pub(crate) fn workspace(stream: &Arc<CudaStream>, bytes: i64) -> Result<CudaSlice<u8>> {
+    // SAFETY: scratch memory; the kernels initialise every byte they read.
+    unsafe { stream.alloc::<u8>(bytes.max(1) as usize) }.map_err(cuda_err)
+}
+
+/// DARE options resolved exactly like the CPU path (src/philox.rs).
+pub(crate) fn dare_params(dare: &Dare) -> ffi::camex_dare {
+    match DareDraw::from_options(dare) {
+        None => ffi::camex_dare {
+            kind: ffi::camex_dare_kind_CAMEX_DARE_NONE as i32,
+            threshold: 0,
+            seed: 0,
+            scale: 1.0,
+        },
+        Some(d) => ffi::camex_dare {
+            kind: match d.granularity {
+                crate::philox::Granularity::Expert => ffi::camex_dare_kind_CAMEX_DARE_EXPERT as i32,
+                crate::philox::Granularity::Element => {
+                    ffi::camex_dare_kind_CAMEX_DARE_ELEMENT as i32
+                }
+            },
+            threshold: d.threshold,
+            seed: d.seed,
+            scale: d.scale,
+        },
+    }
+}
+
+/// An NVTX range named after the op (feature `nvtx`), nothing otherwise.
+pub(crate) struct OpRange {
+    #[cfg(feature = "nvtx")]
+    _r: nvtx::LocalRange,
+}
+
+pub(crate) fn op_range(_name: &'static std::ffi::CStr) -> OpRange {
+    OpRange {
+        #[cfg(feature = "nvtx")]
+        _r: nvtx::LocalRange::new(_name),
+    }
+}
+
+/// Runs the Philox4x32-10 of kernels/philox.cuh on the device for `ctr` (4 words each) and `key`
+/// (2 words each); returns the 4 output words per counter. For the known-answer test.
+pub fn philox_device(
+    stream: &Arc<CudaStream>,
+    ctr: &[[u32; 4]],
+    key: &[[u32; 2]],
+) -> Result<Vec<[u32; 4]>> {
+    if ctr.len() != key.len() {
+        return Err(Error::option(
+            "key",
+            format!("{} keys for {} counters", key.len(), ctr.len()),
+        ));
+    }
+    require_driver()?;
+    let c: Vec<u32> = ctr.iter().flatten().copied().collect();
+    let k: Vec<u32> = key.iter().flatten().copied().collect();
+    let dc = stream.clone_htod(&c).map_err(cuda_err)?;
+    let dk = stream.clone_htod(&k).map_err(cuda_err)?;
+    let mut out = stream
+        .alloc_zeros::<u32>(c.len().max(1))
+        .map_err(cuda_err)?;
+    {
+        let (pc, _g1) = dc.device_ptr(stream);
+        let (pk, _g2) = dk.device_ptr(stream);
+        let (po, _g3) = out.device_ptr_mut(stream);
+        // SAFETY: device pointers of live buffers of the sizes the kernel reads/writes.
+        let code = unsafe {
+            ffi::camex_philox_test(
+                pc,
+                pk,
+                po,
+                ctr.len() as i64,
+                stream.cu_stream() as ffi::camex_stream_t,
+            )
+        };
+        check(code, "philox")?;
+    }
+    let v = stream.clone_dtoh(&out).map_err(cuda_err)?;
+    Ok(v.chunks(4)
+        .take(ctr.len())
+        .map(|w| [w[0], w[1], w[2], w[3]])
+        .collect())
+}
+
+// ---- shape checks, mirroring the CPU path's messages ----
+
+use crate::shape::{expect_nonempty, expect_rank, expect_shape};
+
+/// `base` [O, I] and `experts` [N, O, I] (named `experts_name`); returns (N, O, I).
+pub(crate) fn check_weights(
+    base: &[usize],
+    experts: &[usize],
+    experts_name: &str,
+) -> Result<(usize, usize, usize)> {
+    expect_rank("base", base, 2, "[O, I]")?;
+    expect_nonempty("base", base)?;
+    expect_rank(experts_name, experts, 3, "[N, O, I]")?;
+    expect_nonempty(experts_name, experts)?;
+    let (o, i) = (base[0], base[1]);
+    let n = experts[0];
+    expect_shape(experts_name, experts, &[n, o, i])?;
+    check_size(n * o * i)?;
+    Ok((n, o, i))
+}
+
+/// Element counts must fit the kernels' 32-bit select counters and i64 indexing.
+pub(crate) fn check_size(elements: usize) -> Result<()> {
+    if elements >= (1usize << 31) * 2 {
+        return Err(Error::option(
+            "shape",
+            format!("{elements} elements exceed the CUDA path's limit of 2^32"),
+        ));
+    }
+    Ok(())
+}
+
+/// `scores` [G, N]; returns G.
+pub(crate) fn check_scores(scores: &[usize], n: usize) -> Result<usize> {
+    expect_rank("scores", scores, 2, "[G, N]")?;
+    expect_nonempty("scores", scores)?;
+    let g = scores[0];
+    expect_shape("scores", scores, &[g, n])?;
+    Ok(g)
+}
+
+/// Biases together or not at all: `base_bias` [O], `expert_bias` [N, O].
+pub(crate) fn check_biases(
+    base_bias: Option<&[usize]>,
+    expert_bias: Option<&[usize]>,
+    n: usize,
+    o: usize,
+    op: &str,
+) -> Result<bool> {
+    match (base_bias, expert_bias) {
+        (None, None) => Ok(false),
+        (Some(eb), Some(b)) => {
+            expect_shape("base_bias", eb, &[o])?;
+            expect_shape("expert_bias", b, &[n, o])?;
+            Ok(true)
+        }
+        (Some(_), None) => Err(Error::Missing {
+            tensor: "expert_bias".into(),
+            op: format!("{op} (base_bias was given)"),
+        }),
+        (None, Some(_)) => Err(Error::Missing {
+            tensor: "base_bias".into(),
+            op: format!("{op} (expert_bias was given)"),
+        }),
+    }
+}
+
+pub(crate) fn check_finite(name: &str, v: f64) -> Result<()> {
+    if !v.is_finite() {
+        return Err(Error::option(name, format!("must be finite, got {v}")));
+    }
+    Ok(())
+}
+
+/// `grad_merged_bias`: only meaningful with biases; [G, O].
+pub(crate) fn check_grad_bias(
+    shape: Option<&[usize]>,
+    has_bias: bool,
+    g: usize,
+    o: usize,
+) -> Result<()> {
+    if let Some(s) = shape {
+        if !has_bias {
+            return Err(Error::option(
+                "grad_merged_bias",
+                "given, but the merge has no base_bias/expert_bias",
+            ));
+        }
+        expect_shape("grad_merged_bias", s, &[g, o])?;
+    }
+    Ok(())
+}
