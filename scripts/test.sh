@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test command of the README: everything that runs without a GPU (GPU tests skip and say why).
+# The README's test command: every test that runs without a GPU, with the candle and burn adapters.
+# GPU tests (tests/gpu.rs, feature `cuda`) are not built here; see README "CUDA" for them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo test --all-targets
-cargo test --doc
+cargo test --all-targets --features candle,burn
+cargo test --doc --features candle,burn

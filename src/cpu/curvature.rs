@@ -324,17 +324,46 @@ fn kron_rank_forward<F: Float>(
     let Split { o1, o2, i1, i2 } = dims.split;
     let (n, ii) = (dims.n, dims.i);
     let slab = o2 * ii;
-    mode1(t1, tau, o1, slab, f.a.data(), foff(r, e, n, o1), false, false);
+    mode1(
+        t1,
+        tau,
+        o1,
+        slab,
+        f.a.data(),
+        foff(r, e, n, o1),
+        false,
+        false,
+    );
     let t1: &[F] = t1;
     u.par_chunks_mut(slab).enumerate().for_each_init(
         || (vec![F::ZERO; slab], vec![F::ZERO; slab]),
         |(t2, t3), (a, ua)| {
             let xs = &t1[a * slab..(a + 1) * slab];
             let v = View::rm(0, o2, ii);
-            gemm(t2, v, false, f.b.data(), View::rm(foff(r, e, n, o2), o2, o2), xs, v, F::ONE, false);
+            gemm(
+                t2,
+                v,
+                false,
+                f.b.data(),
+                View::rm(foff(r, e, n, o2), o2, o2),
+                xs,
+                v,
+                F::ONE,
+                false,
+            );
             mode3_rows(t3, t2, o2, i1, i2, f.c.data(), foff(r, e, n, i1), false);
             let v = View::rm(0, o2 * i1, i2);
-            gemm(ua, v, accumulate, t3, v, f.d.data(), View::rm(foff(r, e, n, i2), i2, i2).t(), F::ONE, false);
+            gemm(
+                ua,
+                v,
+                accumulate,
+                t3,
+                v,
+                f.d.data(),
+                View::rm(foff(r, e, n, i2), i2, i2).t(),
+                F::ONE,
+                false,
+            );
         },
     );
 }
@@ -455,7 +484,16 @@ pub(crate) fn fused_backward<F: Float>(
                 true,
             );
             let gte = &mut grad_tau.data_mut()[e * oi..(e + 1) * oi];
-            mode1(gte, &dt1, o1, rest, f.a.data(), foff(r, e, n, o1), true, r > 0);
+            mode1(
+                gte,
+                &dt1,
+                o1,
+                rest,
+                f.a.data(),
+                foff(r, e, n, o1),
+                true,
+                r > 0,
+            );
         }
     }
     let grads = FactorGrads {
@@ -491,7 +529,16 @@ fn kron_rank_backward<F: Float>(
     let Split { o1, o2, i1, i2 } = dims.split;
     let (n, ii) = (dims.n, dims.i);
     let slab = o2 * ii;
-    mode1(t1, tau, o1, slab, f.a.data(), foff(r, e, n, o1), false, false);
+    mode1(
+        t1,
+        tau,
+        o1,
+        slab,
+        f.a.data(),
+        foff(r, e, n, o1),
+        false,
+        false,
+    );
     let t1: &[F] = t1;
     let (ob, oc, od) = (foff(r, e, n, o2), foff(r, e, n, i1), foff(r, e, n, i2));
     let up = u.map(|u| (SyncPtr(u.as_mut_ptr()), u.len()));
@@ -499,34 +546,110 @@ fn kron_rank_backward<F: Float>(
         .par_chunks_mut(slab)
         .enumerate()
         .map_init(
-            || (vec![F::ZERO; slab], vec![F::ZERO; slab], vec![F::ZERO; slab]),
+            || {
+                (
+                    vec![F::ZERO; slab],
+                    vec![F::ZERO; slab],
+                    vec![F::ZERO; slab],
+                )
+            },
             |(t2, t3, w), (a, dt1a)| {
                 let t1a = &t1[a * slab..(a + 1) * slab];
                 let ha = &h[a * slab..(a + 1) * slab];
                 let vs = View::rm(0, o2, ii);
                 let vd = View::rm(0, o2 * i1, i2);
-                gemm(t2, vs, false, f.b.data(), View::rm(ob, o2, o2), t1a, vs, F::ONE, false);
+                gemm(
+                    t2,
+                    vs,
+                    false,
+                    f.b.data(),
+                    View::rm(ob, o2, o2),
+                    t1a,
+                    vs,
+                    F::ONE,
+                    false,
+                );
                 mode3_rows(t3, t2, o2, i1, i2, f.c.data(), oc, false);
                 if let Some((p, len)) = up {
                     assert!((a + 1) * slab <= len);
                     // SAFETY: slab a of U is written by this task alone, and is inside U.
                     let ua = unsafe { std::slice::from_raw_parts_mut(p.get().add(a * slab), slab) };
-                    gemm(ua, vd, r > 0, t3, vd, f.d.data(), View::rm(od, i2, i2).t(), F::ONE, false);
+                    gemm(
+                        ua,
+                        vd,
+                        r > 0,
+                        t3,
+                        vd,
+                        f.d.data(),
+                        View::rm(od, i2, i2).t(),
+                        F::ONE,
+                        false,
+                    );
                 }
                 let mut dd = vec![F::ZERO; i2 * i2];
-                gemm(&mut dd, View::rm(0, i2, i2), false, ha, vd.t(), t3, vd, F::ONE, false);
+                gemm(
+                    &mut dd,
+                    View::rm(0, i2, i2),
+                    false,
+                    ha,
+                    vd.t(),
+                    t3,
+                    vd,
+                    F::ONE,
+                    false,
+                );
                 // dt3 = H D (into w)
-                gemm(w, vd, false, ha, vd, f.d.data(), View::rm(od, i2, i2), F::ONE, false);
+                gemm(
+                    w,
+                    vd,
+                    false,
+                    ha,
+                    vd,
+                    f.d.data(),
+                    View::rm(od, i2, i2),
+                    F::ONE,
+                    false,
+                );
                 let mut dc = vec![F::ZERO; i1 * i1];
                 for b in 0..o2 {
                     let v = View::rm(b * i1 * i2, i1, i2);
-                    gemm(&mut dc, View::rm(0, i1, i1), b > 0, w, v, t2, v.t(), F::ONE, false);
+                    gemm(
+                        &mut dc,
+                        View::rm(0, i1, i1),
+                        b > 0,
+                        w,
+                        v,
+                        t2,
+                        v.t(),
+                        F::ONE,
+                        false,
+                    );
                 }
                 // dt2 = C^T dt3 per row (into t3, no longer needed)
                 mode3_rows(t3, w, o2, i1, i2, f.c.data(), oc, true);
                 let mut db = vec![F::ZERO; o2 * o2];
-                gemm(&mut db, View::rm(0, o2, o2), false, t3, vs, t1a, vs.t(), F::ONE, false);
-                gemm(dt1a, vs, false, f.b.data(), View::rm(ob, o2, o2).t(), t3, vs, F::ONE, false);
+                gemm(
+                    &mut db,
+                    View::rm(0, o2, o2),
+                    false,
+                    t3,
+                    vs,
+                    t1a,
+                    vs.t(),
+                    F::ONE,
+                    false,
+                );
+                gemm(
+                    dt1a,
+                    vs,
+                    false,
+                    f.b.data(),
+                    View::rm(ob, o2, o2).t(),
+                    t3,
+                    vs,
+                    F::ONE,
+                    false,
+                );
                 [db, dc, dd]
             },
         )
