@@ -15,8 +15,9 @@
 // The backward recomputes U (like the CPU path), reduces <Gbar_g, zeta P_i> with fixed-order
 // tree reductions, builds H_i = dL/dU_i per expert and runs the transposed chain (kron.cuh).
 //
-// NOT YET RUN ON A GPU: written and compiled (sm_80, sm_90) in a session without a GPU; the
-// comparisons with the CPU path are in tests/gpu.rs and scripts/gpu-check.sh.
+// NOT YET RUN ON A GPU: written and compiled (sm_80, sm_90) in a session without a GPU, and checked
+// only in the CPU emulation (kernels/emu.h, CAMEX_KERNEL_EMU=1); the comparisons with the CPU path
+// on a GPU are in tests/gpu.rs and scripts/gpu-check.sh.
 #include "elementwise.cuh"
 #include "kron.cuh"
 #include "merge.cuh"

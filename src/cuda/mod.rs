@@ -5,6 +5,12 @@
 //! gradient with the CPU path ([`crate::cpu`]) and skips, saying why, where no GPU is present;
 //! `scripts/gpu-check.sh` runs it on a GPU machine. Until that has passed, treat results as unverified.
 //!
+//! What has been checked without a GPU: the same kernel sources built as a CPU emulation of the
+//! CUDA execution model (`CAMEX_KERNEL_EMU=1`, kernels/emu.h: real threads per block, barriers,
+//! shared memory, atomics) pass the `emu_*` tests of tests/gpu.rs against the CPU path at small and
+//! odd shapes. That covers indexing, tiling, reductions and orchestration, not the GPU memory model,
+//! the CUDA runtime, or speed.
+//!
 //! Conventions:
 //! - Every op takes the stream it runs on (`&Arc<CudaStream>`) and device tensors ([`CudaTensor`]),
 //!   validates all shapes before launching anything (the same [`Error`] messages as the CPU path),
