@@ -1,8 +1,8 @@
-//! Domain vectors tau_i = experts[i] - base and the curvature U_i = M_i(tau_i) (SPEC section 3).
+//! Domain vectors `tau_i = experts[i] - base` and the curvature `U_i = M_i(tau_i)` (SPEC section 3).
 //!
 //! `kronecker`: U_i = sum_r (A_ri (x) B_ri) tau_i (C_ri (x) D_ri)^T, computed as four mode products on
 //! the 4-D view [o1, o2, i1, i2] of each weight, never as an O x O or I x I Kronecker matrix. The x1
-//! product mixes rows o2*I apart, so it runs on packed column blocks ([`mode1`]); the x2, x3, x4
+//! product mixes rows o2*I apart, so it runs on packed column blocks (`mode1`); the x2, x3, x4
 //! products stay inside one slab [o2, I] of the 4-D view, so they run slab by slab on cache-resident
 //! buffers. Experts and ranks run in order, blocks and slabs in parallel with fixed partitions, so
 //! the result is the same for any thread count.
@@ -174,7 +174,7 @@ pub fn identity_factors<F: Float>(
     ]
 }
 
-/// `curved` [N, O, I]: U_i = M_i(experts[i] - base).
+/// `curved` [N, O, I]: `U_i = M_i(experts[i] - base)`.
 pub fn curvature<F: Float>(
     base: &Tensor<F>,
     experts: &Tensor<F>,

@@ -1,8 +1,8 @@
-//! The merge Wbar_g = E + alpha * sum_i s[g,i] zeta[g,i] (m_i (.) U_i) and the fused CA-merge
+//! The merge `Wbar_g = E + alpha * sum_i s[g,i] zeta[g,i] (m_i (.) U_i)` and the fused CA-merge
 //! (curvature, mask, DARE, weighted sum, optional dynamic merge), forward and backward (SPEC 3, 4).
 //!
 //! Without element-level DARE the weighted sum over experts is one GEMM [G, N] @ [N, O*I], and in the
-//! backward both sum_g s[g,i] Gbar_g and the inner products <Gbar_g, P_i> are GEMMs: no [G, N, O, I]
+//! backward both `sum_g s[g,i] Gbar_g` and the inner products `<Gbar_g, P_i>` are GEMMs: no [G, N, O, I]
 //! tensor is ever formed. Element-level DARE draws zeta per element from Philox on the fly instead.
 
 use super::curvature::{
@@ -427,7 +427,7 @@ fn masked<'a, F: Float>(u: &'a [F], mask: Option<&[F]>) -> std::borrow::Cow<'a, 
     }
 }
 
-/// `merge`: Wbar_g = E + alpha * sum_i s[g,i] zeta[g,i] (m_i (.) curved_i), and the bias merge.
+/// `merge`: `Wbar_g = E + alpha * sum_i s[g,i] zeta[g,i] (m_i (.) curved_i)`, and the bias merge.
 pub fn merge<F: Float>(
     inputs: &MergeInputs<F>,
     alpha: f64,

@@ -1,7 +1,7 @@
 //! The CPU path: exact reference for the CUDA kernels and the fallback of the framework adapters.
 //!
 //! One module per operator family, the same split as `kernels/` and `src/cuda/`:
-//! [`curvature`] (domain vectors and M_i), [`mask`] (TIES), [`merge`] (merge and the fused
+//! [`curvature`](mod@curvature) (domain vectors and M_i), [`mask`] (TIES), [`merge`](mod@merge) (merge and the fused
 //! CA-merge), [`linear`] (merged linear), [`dynamic`] (dynamic merge), [`segment`] (causal segment
 //! scores). Generic over [`Float`](crate::Float) (f32, f64); every reduction accumulates in the storage
 //! type or wider, and results do not depend on the thread count (fixed partitions, no atomics).
