@@ -395,22 +395,8 @@ pub fn curvature_backward<F: Float>(
 
 /// -sum_i grad_tau_i, in expert order (deterministic).
 pub(crate) fn neg_sum_experts<F: Float>(grad_tau: &Tensor<F>, dims: &Dims) -> Tensor<F> {
-    let oi = dims.oi();
-    let mut out = Tensor::zeros(&[dims.o, dims.i]);
-    out.data_mut()
-        .par_chunks_mut(4096)
-        .enumerate()
-        .for_each(|(c, chunk)| {
-            let start = c * 4096;
-            for (j, v) in chunk.iter_mut().enumerate() {
-                let mut s = F::ZERO;
-                for e in 0..dims.n {
-                    s += grad_tau.data()[e * oi + start + j];
-                }
-                *v = -s;
-            }
-        });
-    out
+    let s = super::sum_stack(grad_tau.data(), dims.oi());
+    Tensor::from_fn(&[dims.o, dims.i], |q| -s[q])
 }
 
 /// What the fused reverse pass returns.

@@ -45,15 +45,9 @@ pub(crate) fn next_base_unchecked<F: Float>(
     beta: f64,
 ) -> Tensor<F> {
     let n = curved.shape()[0];
-    let oi = base.len();
     let c = F::from_f64(beta / n as f64);
-    Tensor::from_fn(base.shape(), |q| {
-        let mut s = F::ZERO;
-        for e in 0..n {
-            s += curved.data()[e * oi + q];
-        }
-        base.data()[q] + c * s
-    })
+    let s = super::sum_stack(curved.data(), base.len());
+    Tensor::from_fn(base.shape(), |q| base.data()[q] + c * s[q])
 }
 
 /// Gradients of [`dynamic_merge`].

@@ -233,17 +233,7 @@ struct MergeBack<F> {
 
 fn merge_back_h<F: Float>(plan: &Plan<F>, mask: Option<&[F]>, gbar: &[F]) -> MergeBack<F> {
     let (g, n, oi) = (plan.g, plan.n, plan.oi);
-    let mut sum_g = vec![F::ZERO; oi];
-    sum_g.par_chunks_mut(4096).enumerate().for_each(|(c, ch)| {
-        for (j, v) in ch.iter_mut().enumerate() {
-            let q = c * 4096 + j;
-            let mut s = F::ZERO;
-            for gg in 0..g {
-                s += gbar[gg * oi + q];
-            }
-            *v = s;
-        }
-    });
+    let sum_g = super::sum_stack(gbar, oi);
     let mut h = Tensor::zeros(&[n, plan.o, plan.i]);
     if let Some(d) = plan.element_dare() {
         h.data_mut()

@@ -26,3 +26,25 @@ pub use merge::{
     CaMergeOutputs, MergeGrads, MergeInputs, MergeOutputs,
 };
 pub use segment::{segment_scores, segment_scores_backward};
+
+use crate::tensor::Float;
+use rayon::prelude::*;
+
+/// sum_k data[k*len .. (k+1)*len] for k = 0..data.len()/len, in k order (so the bits do not depend on
+/// the thread count): sums over experts or groups of [*, O, I] tensors.
+pub(crate) fn sum_stack<F: Float>(data: &[F], len: usize) -> Vec<F> {
+    const CH: usize = 4096;
+    let count = data.len() / len;
+    let mut out = vec![F::ZERO; len];
+    out.par_chunks_mut(CH).enumerate().for_each(|(c, chunk)| {
+        for (j, v) in chunk.iter_mut().enumerate() {
+            let q = c * CH + j;
+            let mut s = F::ZERO;
+            for k in 0..count {
+                s += data[k * len + q];
+            }
+            *v = s;
+        }
+    });
+    out
+}
