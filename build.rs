@@ -94,6 +94,9 @@ mod cuda {
                 .flag("-x")
                 .flag("c++")
                 .flag("-std=c++20")
+                // Kernels pun storage types (16-byte vector loads, paired 16-bit fragments) as
+                // CUDA code does; the host compiler must not optimise on strict aliasing.
+                .flag("-fno-strict-aliasing")
                 .flag("-pthread")
                 .opt_level(2)
                 .warnings(false);

@@ -3,9 +3,10 @@
 //! (criterion `iter_custom`; warm-up, module loading and uploads outside the timed region), then
 //! one roofline line per case against the H200 datasheet floor (see `camex::bench::gpu`).
 //!
-//! **Unmeasured**: no GPU has run this yet. Build it with `scripts/build-gpu-bins.sh` (as
-//! `gpu-bin/bench-cuda`); `scripts/gpu-check.sh` runs it. The PyTorch peer is
-//! `scripts/torch_baseline.py`. `CAMEX_BENCH_SHAPES` picks shapes (default t5-base).
+//! Ran on an H200 once (2026-11-28, scalar kernels; BENCHMARKS.md). Build it with
+//! `scripts/build-gpu-bins.sh` (as `gpu-bin/bench-cuda`); `scripts/gpu-check.sh` runs it. The PyTorch peer is
+//! `scripts/torch_baseline.py`. `CAMEX_BENCH_SHAPES` picks shapes (default t5-base);
+//! `CAMEX_BENCH_OPS` and `CAMEX_BENCH_DTYPES` narrow the ops and dtypes.
 
 use camex::bench::{gpu, line, Case, Device, Impl, Op, Pass, ShapeName};
 use camex::DType;
@@ -24,6 +25,10 @@ fn main() {
             .collect(),
         Err(_) => vec![ShapeName::T5Base],
     };
+    // CAMEX_BENCH_OPS / CAMEX_BENCH_DTYPES: comma lists that narrow the cases (default: all).
+    let pick = |var: &str, name: &str| {
+        std::env::var(var).map_or(true, |v| v.split(',').any(|x| x.trim() == name))
+    };
     let stream = match camex::cuda::new_stream(0) {
         Ok(s) => s,
         Err(e) => {
@@ -34,40 +39,64 @@ fn main() {
     let mut lines = Vec::new();
     for shape in shapes {
         for dtype in [DType::BF16, DType::F32] {
+            if !pick("CAMEX_BENCH_DTYPES", dtype.name()) {
+                continue;
+            }
             let machine = gpu::h200_datasheet(dtype);
             for op in [Op::CaMerge, Op::Curvature, Op::Merge, Op::MergedLinear] {
+                if !pick("CAMEX_BENCH_OPS", op.name()) {
+                    continue;
+                }
                 for pass in [Pass::Fwd, Pass::FwdBwd] {
-                    let case = Case {
-                        op,
-                        shape,
-                        imp: Impl::Camex,
-                        device: Device::Cuda,
-                        dtype,
-                        pass,
+                    // The Kronecker forward runs on both paths side by side where both exist: the
+                    // scalar default and the opt-in tensor cores (not yet run on a GPU).
+                    let tc_modes: &[bool] = match (op, dtype) {
+                        (Op::CaMerge | Op::Curvature, DType::BF16) => &[false, true],
+                        _ => &[false],
                     };
-                    let mut run = gpu::prepare(&case, &stream).expect("prepare GPU case");
-                    // Warm-up: module loading, memory-pool growth.
-                    for _ in 0..3 {
-                        run(&stream).expect("GPU case failed");
+                    for &tc in tc_modes {
+                        camex::cuda::set_tensor_cores(Some(tc));
+                        let case = Case {
+                            op,
+                            shape,
+                            imp: Impl::Camex,
+                            device: Device::Cuda,
+                            dtype,
+                            pass,
+                        };
+                        let id = if tc {
+                            format!("{}/tensor-cores", case.id())
+                        } else {
+                            case.id()
+                        };
+                        let mut run = gpu::prepare(&case, &stream).expect("prepare GPU case");
+                        // Warm-up: module loading, memory-pool growth.
+                        for _ in 0..3 {
+                            run(&stream).expect("GPU case failed");
+                        }
+                        let mut g = c.benchmark_group(format!("cuda/{}", op.name()));
+                        g.sampling_mode(SamplingMode::Flat)
+                            .sample_size(10)
+                            .warm_up_time(Duration::from_millis(200))
+                            .measurement_time(Duration::from_secs(2));
+                        g.bench_function(id, |b| {
+                            b.iter_custom(|iters| {
+                                let t = gpu::event_times(&mut run, &stream, iters as usize)
+                                    .expect("GPU case failed");
+                                Duration::from_secs_f64(t.iter().sum())
+                            })
+                        });
+                        g.finish();
+                        drop(run);
+                        let m = gpu::measure_case(&case, 0, 3, 10).expect("GPU case failed");
+                        let mut l = line(&case, &m, &machine, None);
+                        if tc {
+                            l = l.replace("impl=camex", "impl=camex-tc");
+                        }
+                        println!("{l}");
+                        lines.push(l);
                     }
-                    let mut g = c.benchmark_group(format!("cuda/{}", op.name()));
-                    g.sampling_mode(SamplingMode::Flat)
-                        .sample_size(10)
-                        .warm_up_time(Duration::from_millis(200))
-                        .measurement_time(Duration::from_secs(2));
-                    g.bench_function(case.id(), |b| {
-                        b.iter_custom(|iters| {
-                            let t = gpu::event_times(&mut run, &stream, iters as usize)
-                                .expect("GPU case failed");
-                            Duration::from_secs_f64(t.iter().sum())
-                        })
-                    });
-                    g.finish();
-                    drop(run);
-                    let m = gpu::measure_case(&case, 0, 3, 10).expect("GPU case failed");
-                    let l = line(&case, &m, &machine, None);
-                    println!("{l}");
-                    lines.push(l);
+                    camex::cuda::set_tensor_cores(None);
                 }
             }
         }

@@ -178,6 +178,14 @@ int camex_segment_backward(const camex_segment_params *p, camex_stream_t stream)
  * "device" pointers are host pointers; 0 for real GPU code. */
 int camex_emulated(void);
 
+/* Tensor-core path of the Kronecker curvature forward for f16/bf16 storage (kernels/kron_tc.cuh),
+ * per calling thread: 1 on, 0 off, -1 the process default (environment CAMEX_TENSOR_CORES=1 turns it
+ * on; off otherwise, because it has run only in the CPU emulation so far, never on a GPU; on in the
+ * emulation build). Affects the curvature and CA-merge launchers called from this thread; their
+ * workspace sizes fit either path. camex_tensor_cores() reports the mode that applies now. */
+void camex_set_tensor_cores(int32_t mode);
+int32_t camex_tensor_cores(void);
+
 /* Philox4x32-10 first word, for the known-answer test of kernels/philox.cuh from Rust:
  * writes philox(ctr, key)[0..4] for `count` counters (ctr[4*k..4*k+4], key[2*k..2*k+2]). */
 int camex_philox_test(uint64_t ctr, uint64_t key, uint64_t out, int64_t count, camex_stream_t stream);

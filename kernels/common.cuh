@@ -79,6 +79,12 @@ struct Arena {
 // runs the kernel on the CPU (emu.h); otherwise it is the usual triple-chevron launch.
 #ifndef CAMEX_EMU
 #define CAMEX_LAUNCH(kernel, grid, block, stream) kernel<<<(grid), (block), 0, (stream)>>>
+#define CAMEX_LAUNCH_SMEM(kernel, grid, block, smem, stream) kernel<<<(grid), (block), (smem), (stream)>>>
+// The block's dynamic shared memory, as `char *name` (16-byte aligned).
+#define CAMEX_DYNAMIC_SMEM(name) extern __shared__ __align__(16) char name[]
+// Opt-in above 48 KB of dynamic shared memory (sm_80: up to 163 KB, sm_90: 227 KB).
+#define CAMEX_SET_MAX_SMEM(kernel, bytes) \
+  cudaFuncSetAttribute((const void *)(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize, (int)(bytes))
 #endif
 
 // Returns from the launcher on the first failed launch (error code of cudaGetLastError).

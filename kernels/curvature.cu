@@ -15,11 +15,11 @@
 // The backward recomputes U (like the CPU path), reduces <Gbar_g, zeta P_i> with fixed-order
 // tree reductions, builds H_i = dL/dU_i per expert and runs the transposed chain (kron.cuh).
 //
-// NOT YET RUN ON A GPU: written and compiled (sm_80, sm_90) in a session without a GPU, and checked
-// only in the CPU emulation (kernels/emu.h, CAMEX_KERNEL_EMU=1); the comparisons with the CPU path
-// on a GPU are in tests/gpu.rs and scripts/gpu-check.sh.
+// The scalar path RAN ON AN H200 (2026-11-28, scripts/gpu-check.sh): every comparison with the f64
+// CPU path in tests/gpu.rs passed, reruns bit-identical. The tensor-core forward (kron_tc.cuh,
+// opt-in) has run only in the CPU emulation (kernels/emu.h, CAMEX_KERNEL_EMU=1).
 #include "elementwise.cuh"
-#include "kron.cuh"
+#include "kron_tc.cuh"
 #include "merge.cuh"
 
 using namespace camex;
@@ -51,8 +51,8 @@ CurvWs curv_ws(const camex_curvature_params &p, bool backward, Arena &ar) {
   const int64_t oi = p.o * p.i;
   if (!backward) {
     ws.u = ar.take<float>(oi);
-    ws.s1 = ar.take<float>(oi);
-    ws.s2 = ar.take<float>(oi);
+    ws.s1 = ar.take<float>(kron_scratch_floats(p.dtype, dims4(p.o1, p.o2, p.i1, p.i2), p.r));
+    ws.s2 = ws.s1 + oi;
   } else {
     ws.gt = ar.take<float>(oi);
     ws.t1 = ar.take<float>(oi);
@@ -80,7 +80,7 @@ template <typename T> int curvature_forward_t(const camex_curvature_params &p, c
   KronFactors f = {ptr<const void>(p.factor_a), ptr<const void>(p.factor_b), ptr<const void>(p.factor_c),
                    ptr<const void>(p.factor_d), p.r, p.n};
   for (int64_t e = 0; e < p.n; ++e) {
-    CAMEX_TRY(kron_forward<T>(s, ws.u, tau_opnd<T>(experts + e * oi, base), f, e, d4, ws.s1, ws.s2));
+    CAMEX_TRY(kron_forward_any<T>(s, ws.u, base, experts + e * oi, f, e, d4, ws.s1, ws.s2));
     CAMEX_LAUNCH(f32_to_store_kernel<T>, grid_for(oi, 256), 256, s)(ws.u, curved + e * oi, oi);
     CAMEX_CHECK_LAUNCH();
   }
@@ -132,8 +132,8 @@ CaWs ca_ws(const camex_ca_merge_params &p, bool backward, Arena &ar) {
   if (p.mask_kind == CAMEX_MASK_TIES_TRIM) ar.used += trim_arena_bytes(p.n);
   if (p.r > 0) {
     ws.u_all = ar.take<float>(p.n * oi);
-    ws.s1 = ar.take<float>(oi);
-    ws.s2 = ar.take<float>(oi);
+    ws.s1 = ar.take<float>(kron_scratch_floats(p.dtype, dims4(p.o1, p.o2, p.i1, p.i2), p.r));
+    ws.s2 = ws.s1 + oi;
   }
   if (backward) {
     ar.used += scalars_floats(p.g, p.n, oi) * 4 + 4 * 256;
@@ -187,7 +187,7 @@ template <typename T> int ca_prepare(const camex_ca_merge_params &p, const CaWs 
     KronFactors f = {ptr<const void>(p.factor_a), ptr<const void>(p.factor_b), ptr<const void>(p.factor_c),
                      ptr<const void>(p.factor_d), p.r, p.n};
     for (int64_t e = 0; e < p.n; ++e)
-      CAMEX_TRY(kron_forward<T>(s, ws.u_all + e * oi, tau_opnd<T>(experts + e * oi, base), f, e, d4, ws.s1, ws.s2));
+      CAMEX_TRY(kron_forward_any<T>(s, ws.u_all + e * oi, base, experts + e * oi, f, e, d4, ws.s1, ws.s2));
   }
   return 0;
 }
@@ -238,7 +238,10 @@ template <typename T> int ca_merge_backward_t(const camex_ca_merge_params &p, cu
     Arena probe = {nullptr, 0};
     probe.take<uint32_t>(p.n);
     if (p.mask_kind == CAMEX_MASK_TIES_TRIM) probe.used += trim_arena_bytes(p.n);
-    if (p.r > 0) { probe.take<float>(p.n * oi); probe.take<float>(oi); probe.take<float>(oi); }
+    if (p.r > 0) {
+      probe.take<float>(p.n * oi);
+      probe.take<float>(kron_scratch_floats(p.dtype, dims4(p.o1, p.o2, p.i1, p.i2), p.r));
+    }
     sar.used = probe.used;
   }
   CAMEX_TRY(merge_reverse_scalars<T>(s, a, gbar, p.has_beta != 0, gnb, ptr<const T>(p.base_bias),
@@ -270,6 +273,26 @@ template <typename T> int ca_merge_backward_t(const camex_ca_merge_params &p, cu
 }
 
 }  // namespace
+
+namespace {
+thread_local int32_t tc_thread_mode = -1;
+
+int32_t tc_process_default() {
+#ifdef CAMEX_EMU
+  return 1;  // the emulation exists to check this path
+#else
+  static const int32_t v = [] {
+    const char *e = getenv("CAMEX_TENSOR_CORES");
+    return (int32_t)(e && e[0] == '1' ? 1 : 0);
+  }();
+  return v;
+#endif
+}
+}  // namespace
+
+extern "C" void camex_set_tensor_cores(int32_t mode) { tc_thread_mode = mode < 0 ? -1 : (mode ? 1 : 0); }
+
+extern "C" int32_t camex_tensor_cores(void) { return tc_thread_mode >= 0 ? tc_thread_mode : tc_process_default(); }
 
 extern "C" int64_t camex_curvature_workspace(const camex_curvature_params *p, int32_t backward) {
   Arena ar = {nullptr, 0};

@@ -1,5 +1,5 @@
 // Family `mask`: the TIES masks m_i [N, O, I] (0/1) on the raw domain vectors.
-// NOT YET RUN ON A GPU (compiled only; see tests/gpu.rs).
+// RAN ON AN H200 (2026-11-28, scripts/gpu-check.sh): every GPU test in tests/gpu.rs passed.
 #include "elementwise.cuh"
 #include "mask.cuh"
 

@@ -36,6 +36,7 @@ template <typename T> struct MergeArgs {
 };
 
 constexpr int NREG = 8;  // experts whose P_i stay in registers; more are re-read (correct, slower)
+constexpr int EPI_TABLE = 1024;  // G*N merge weights staged per block by merge_epilogue_kernel
 
 // merged[g][q] = E[q] + alpha * sum_i (s[g,i] * zeta[g,i,q]) * (m_i[q] * U_i[q]);
 // optionally curved[i][q] = U_i[q] and next_base[q] = E[q] + beta_n * sum_i U_i[q] (unmasked U).
@@ -43,6 +44,16 @@ template <typename T>
 // (256, 2): with (256) alone ptxas 13.0 for sm_80 picks 40 registers and spills P.
 __global__ void __launch_bounds__(256, 2)
 merge_epilogue_kernel(MergeArgs<T> a, T *merged, T *curved, T *next_base, float beta_n) {
+  // alpha * s[g,i] * zeta[g,i] staged once per block when zeta does not depend on the element: the
+  // group loop is then G*N shared-memory FMAs per element instead of G*N global score loads and
+  // DARE evaluations (the kernel is meant to be bound by its N + 1 reads and G writes).
+  __shared__ float wt[EPI_TABLE];
+  const bool table = a.g * a.n <= EPI_TABLE && a.dare.kind != CAMEX_DARE_ELEMENT;
+  if (table) {
+    for (int64_t x = threadIdx.x; x < a.g * a.n; x += blockDim.x)
+      wt[x] = a.alpha * (to_f32(a.scores[x]) * dare_zeta(a.dare, x / a.n, x % a.n, a.n, a.oi, 0));
+    __syncthreads();
+  }
   for (int64_t q = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; q < a.oi; q += (int64_t)gridDim.x * blockDim.x) {
     const float e = to_f32(a.base[q]);
     const float el = a.mask.elect(q);
@@ -64,6 +75,16 @@ merge_epilogue_kernel(MergeArgs<T> a, T *merged, T *curved, T *next_base, float 
       usum += u;
     }
     if (next_base) next_base[q] = from_f32<T>(e + beta_n * usum);
+    if (table && a.n <= NREG) {
+      for (int64_t g = 0; g < a.g; ++g) {
+        float acc = 0.f;
+#pragma unroll
+        for (int i = 0; i < NREG; ++i)
+          if (i < a.n) acc += wt[g * a.n + i] * p[i];
+        merged[g * a.oi + q] = from_f32<T>(e + acc);
+      }
+      continue;
+    }
     for (int64_t g = 0; g < a.g; ++g) {
       float acc = 0.f;
 #pragma unroll

@@ -48,5 +48,10 @@ for line in sys.stdin:
 ' "$name")"
   [ -n "$bb" ] && cp "$bb" "$OUT/bench-$name"
 done
+# The CLI, for the check's `camex run --device cuda` round trip.
+cargo build --release --features cuda --bin camex
+cp "$CARGO_TARGET_DIR/release/camex" "$OUT/camex"
+# Debug info is not needed there and halves what travels.
+command -v strip >/dev/null && strip "$OUT"/*
 ls -l "$OUT"
 echo "build-gpu-bins: carry gpu-bin/ and run scripts/gpu-check.sh on the GPU machine"

@@ -1,48 +1,168 @@
 #!/usr/bin/env bash
-# Runs on a GPU machine with a driver and no Rust: the prebuilt GPU test binary (made here by
-# scripts/build-gpu-bins.sh into ./gpu-bin/), with CAMEX_REQUIRE_GPU=1 so a missing GPU fails,
-# then any GPU bench binaries found next to it; prints a short table last:
-# op, dtype, shape, max relative error (over the cases of that op/dtype/shape), time.
-# Usage: scripts/gpu-check.sh [TEST_BINARY] (default: gpu-bin/gpu-tests). Env CAMEX_SKIP_T5=1 to
-# skip the T5-base shapes.
+# The one prepared check for a GPU machine with a driver and no Rust. It runs what
+# scripts/build-gpu-bins.sh built here into ./gpu-bin/:
+#   1. gpu-bin/gpu-tests (tests/gpu.rs) with CAMEX_REQUIRE_GPU=1, one test at a time;
+#   2. a CLI round trip: gpu-bin/camex run ca_merge on the CPU and on CUDA over one random input
+#      file (made with python3 + numpy + safetensors when those are there), compared element-wise;
+#   3. gpu-bin/bench-cuda (benches/cuda.rs: criterion with CUDA events, one roofline line per case;
+#      the bf16 Kronecker cases on the scalar default and on the opt-in tensor cores, impl=camex-tc);
+#   4. scripts/torch_baseline.py, the PyTorch peer (eager and torch.compile), when torch is there;
+#   5. Nsight Compute's per-kernel times of one CA-merge forward at T5-base in bf16, when ncu is there;
+# and prints a short table last: per-test time, op/dtype/shape/max relative error, the roofline
+# lines of the crate and of the peer.
+#
+# Everything runs under one deadline (CAMEX_CHECK_BUDGET seconds, default 420) so the whole check
+# fits one call of a lent machine; a step that would start past it is skipped and says so. Full
+# logs go to $OUT (the device tool's return folder) when it is set, else to ./gpu-check-logs/.
+# Usage: scripts/gpu-check.sh [TEST_BINARY]. Env: CAMEX_SKIP_T5=1 skips the T5-base test shapes;
+# CAMEX_CHECK_TORCH=0 skips the PyTorch peer (CAMEX_CHECK_TORCH_COMPILE=0: eager only);
+# CAMEX_CHECK_BENCH=0 skips the crate's benchmarks; CAMEX_CHECK_PROFILE=0 skips the ncu kernel times.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-BIN="${1:-}"
-if [ -z "$BIN" ]; then
-  for c in "$ROOT/gpu-bin/gpu-tests" ./gpu-bin/gpu-tests; do
-    [ -x "$c" ] && { BIN="$c"; break; }
-  done
-fi
-if [ -z "$BIN" ] || [ ! -x "$BIN" ]; then
-  echo "gpu-check: no test binary (build it with scripts/build-gpu-bins.sh and carry gpu-bin/)" >&2
+START=$(date +%s)
+BUDGET="${CAMEX_CHECK_BUDGET:-420}"
+LOGS="${OUT:-$ROOT/gpu-check-logs}"
+mkdir -p "$LOGS"
+BIN="${1:-$ROOT/gpu-bin/gpu-tests}"
+BINDIR="$(dirname "$BIN")"
+if [ ! -x "$BIN" ]; then
+  echo "gpu-check: no test binary at $BIN (build it with scripts/build-gpu-bins.sh and carry gpu-bin/)" >&2
   exit 2
 fi
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-LOG="$(mktemp)"
-trap 'rm -f "$LOG"' EXIT
+
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+# Runs "$@" under a timeout of min($1, time left); returns 124 on timeout, 125 when no time is left.
+within() {
+  local want=$1
+  shift
+  local l
+  l=$(left)
+  [ "$l" -le 5 ] && return 125
+  [ "$want" -gt "$l" ] && want=$l
+  timeout --kill-after=5 "$want" "$@"
+}
+
+SMI="$(command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader)"
+echo "gpu: $SMI"
 export CAMEX_REQUIRE_GPU=1
 status=0
-# One test at a time so each gets its own timing line.
-tests="$("$BIN" --list 2>/dev/null | sed -n 's/: test$//p')"
-printf "%-40s %8s %s\n" test seconds result >"$LOG.times"
+
+# 1. Tests, one at a time so each gets its own time and a hang costs one timeout, not the call.
+TLOG="$LOGS/tests.log"
+: >"$TLOG"
+TIMES=""
+tests="$("$BIN" --list 2>/dev/null | sed -n 's/: test$//p' | grep -v '^emu::')"
 for t in $tests; do
-  start=$(date +%s.%N)
-  if "$BIN" --exact "$t" --nocapture --test-threads=1 >>"$LOG" 2>&1; then r=ok; else r=FAILED; status=1; fi
-  end=$(date +%s.%N)
-  printf "%-40s %8.2f %s\n" "$t" "$(awk "BEGIN { print $end - $start }")" "$r" >>"$LOG.times"
+  s=$(date +%s.%N)
+  echo "=== $t" >>"$TLOG"
+  within 150 "$BIN" --exact "$t" --nocapture --test-threads=1 >>"$TLOG" 2>&1
+  rc=$?
+  case $rc in 0) r=ok ;; 124 | 137) r=TIMEOUT; status=1 ;; 125) r=SKIPPED-no-time; status=1 ;; *) r=FAILED; status=1 ;; esac
+  e=$(date +%s.%N)
+  TIMES+="$(printf "%-42s %8.2f %s" "$t" "$(awk "BEGIN { print $e - $s }")" "$r")"$'\n'
 done
-grep -E "panicked|FAILED|error" "$LOG" | head -40
-for b in "$(dirname "$BIN")"/bench-*; do
-  [ -x "$b" ] || continue
-  echo "== bench $(basename "$b")"
-  "$b" --bench 2>&1 | grep -E "time:|^[a-z_]+/" | head -60
-done
+echo "== test failures (first lines; full log: $TLOG)"
+grep -E "panicked|FAILED|error|mismatch" "$TLOG" | head -30
+
+# 2. CLI round trip: same file, CPU and CUDA, compared here.
+CLOG="$LOGS/cli.log"
+if [ -x "$BINDIR/camex" ] && python3 -c "import numpy, safetensors" 2>/dev/null; then
+  D="$(mktemp -d)"
+  python3 - "$D" >"$CLOG" 2>&1 <<'EOF'
+import sys, numpy as np
+from safetensors.numpy import save_file
+d = sys.argv[1]; rng = np.random.default_rng(7)
+n, o, i, r, g = 7, 130, 200, 8, 5  # no dimension a multiple of a tile
+def pair(x):
+    a = int(x ** 0.5)
+    while x % a: a -= 1
+    return a, x // a
+(o1, o2), (i1, i2) = pair(o), pair(i)
+eye = lambda k: (np.eye(k)[None, None] + 0.05 * rng.standard_normal((r, n, k, k))).astype(np.float32)
+base = rng.standard_normal((o, i)).astype(np.float32)
+save_file({"base": base, "experts": (base + 0.1 * rng.standard_normal((n, o, i))).astype(np.float32),
+           "scores": rng.random((g, n)).astype(np.float32), "factor_a": eye(o1), "factor_b": eye(o2),
+           "factor_c": eye(i1), "factor_d": eye(i2)}, f"{d}/in.safetensors")
+EOF
+  ok=1
+  for dev in cpu cuda; do
+    within 60 "$BINDIR/camex" run ca_merge --inputs "$D/in.safetensors" --outputs "$D/$dev.safetensors" \
+      --device $dev --mask ties_trim:0.3 --dare element:0.2:99 --beta 0.5 >>"$CLOG" 2>&1 || ok=0
+  done
+  if [ $ok = 1 ]; then
+    CLI="$(python3 - "$D" 2>&1 <<'EOF'
+import sys, numpy as np
+from safetensors.numpy import load_file
+d = sys.argv[1]; a = load_file(f"{d}/cpu.safetensors"); b = load_file(f"{d}/cuda.safetensors")
+out = []
+for k in sorted(a):
+    x, y = a[k].astype(np.float64), b[k].astype(np.float64)
+    e = np.linalg.norm(x - y) / max(np.linalg.norm(x), 1e-300)
+    out.append(f"{k}={e:.2e}" + ("" if np.isfinite(y).all() else "(NaN!)"))
+print("cli ca_merge f32 [7,130,200] cpu vs cuda rel err: " + " ".join(out))
+EOF
+)"
+  else
+    CLI="cli ca_merge: FAILED (see $CLOG)"
+    status=1
+  fi
+  echo "$CLI" >>"$CLOG"
+  rm -rf "$D"
+else
+  CLI="cli: skipped (no gpu-bin/camex, or python3 lacks numpy/safetensors)"
+fi
+
+# 3. The crate's GPU benchmarks.
+BLOG="$LOGS/bench.log"
+: >"$BLOG"
+if [ "${CAMEX_CHECK_BENCH:-1}" = 1 ]; then
+  for b in "$BINDIR"/bench-*; do
+    [ -x "$b" ] || continue
+    within 200 "$b" --bench >>"$BLOG" 2>&1 || { echo "bench $(basename "$b"): rc=$?" >>"$BLOG"; status=1; }
+  done
+fi
+
+# 4. The PyTorch peer at the same shape.
+PLOG="$LOGS/torch.log"
+: >"$PLOG"
+if [ "${CAMEX_CHECK_TORCH:-1}" = 1 ] && python3 -c "import torch" 2>/dev/null; then
+  compile_flag=""
+  [ "${CAMEX_CHECK_TORCH_COMPILE:-1}" = 1 ] || compile_flag="--no-compile"
+  PYTHONUNBUFFERED=1 within 240 python3 "$ROOT/scripts/torch_baseline.py" --shape t5-base --dtype bf16 \
+    --op ca_merge $compile_flag >>"$PLOG" 2>&1 || echo "torch_baseline: rc=$?" >>"$PLOG"
+fi
+
+# 5. Per-kernel times of one CA-merge forward at T5-base `wi` in bf16 on the tensor-core path
+#    (Nsight Compute, clocks as found).
+KLOG="$LOGS/kernels.log"
+: >"$KLOG"
+NCU="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)"
+if [ "${CAMEX_CHECK_PROFILE:-1}" = 1 ] && [ -n "$NCU" ] && [ -x "$BINDIR/camex" ] && [ "$(left)" -gt 60 ] &&
+  python3 -c "import torch, safetensors" 2>/dev/null; then
+  D="$(mktemp -d)"
+  python3 - "$D" >>"$KLOG" 2>&1 <<'PY'
+import sys, torch
+from safetensors.torch import save_file
+d = sys.argv[1]; g = torch.Generator().manual_seed(3)
+n, o, i, r, grp = 7, 3072, 768, 8, 16
+def eye(k): return (torch.eye(k).expand(r, n, k, k) / 2 + 0.01 * torch.randn(r, n, k, k, generator=g)).bfloat16()
+base = (0.05 * torch.randn(o, i, generator=g))
+save_file({"base": base.bfloat16(), "experts": (base + 0.01 * torch.randn(n, o, i, generator=g)).bfloat16(),
+           "scores": torch.softmax(torch.randn(grp, n, generator=g), -1).bfloat16(),
+           "factor_a": eye(48), "factor_b": eye(64), "factor_c": eye(24), "factor_d": eye(32)}, f"{d}/in.safetensors")
+PY
+  CAMEX_TENSOR_CORES=1 within 120 "$NCU" --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
+    "$BINDIR/camex" run ca_merge --inputs "$D/in.safetensors" --outputs "$D/out.safetensors" --device cuda \
+    --mask ties_sign --dare expert:0.1:5 >>"$KLOG" 2>&1 || echo "ncu: rc=$?" >>"$KLOG"
+  rm -rf "$D"
+fi
+
 echo
-echo "== per-test time"
-cat "$LOG.times"
-echo
-echo "== op, dtype, shape, max relative error"
-grep '^RESULT ' "$LOG" | awk '
+echo "== gpu: $SMI"
+echo "== per-test time (s)"
+printf "%s" "$TIMES"
+echo "== op, dtype, shape, max relative error (vs the f64 CPU path)"
+grep '^RESULT ' "$TLOG" | awk '
   {
     op = ""; dt = ""; sh = ""; e = 0
     line = substr($0, 8)
@@ -54,7 +174,17 @@ grep '^RESULT ' "$LOG" | awk '
     k = op "|" dt "|" sh
     if (!(k in m) || e > m[k]) m[k] = e
   }
-  END { for (k in m) { split(k, p, "|"); printf "%-60s %-5s %-18s %.3e\n", substr(p[1], 1, 60), p[2], p[3], m[k] } }' | sort
-rm -f "$LOG.times"
+  END { for (k in m) { split(k, p, "|"); printf "%-44s %-5s %-18s %.2e\n", substr(p[1], 1, 44), p[2], p[3], m[k] } }' | sort | head -60
+echo "== $CLI"
+echo "== camex (bench-cuda roofline lines)"
+grep '^op=' "$BLOG" | sort -u | sed 's/ device=cuda//'
+grep -E "panicked|rc=" "$BLOG" | head -5
+echo "== PyTorch peer"
+grep -E '^(op=|machine)' "$PLOG" | sed 's/ device=cuda//'
+grep -E "Error|rc=" "$PLOG" | tail -3
+echo "== kernels of one CA-merge forward, T5-base bf16 (ncu --print-summary per-kernel; full: $KLOG)"
+grep -E "\)x\(|gpu__time_duration" "$KLOG" | sed 's/^ *//; s/<[^>]*>//g; s/(const [^)]*)//' | cut -c1-120 | head -30
+grep -E "ncu: rc|==ERROR==" "$KLOG" | head -3
+echo "== elapsed $(($(date +%s) - START)) s"
 if [ "$status" -ne 0 ]; then echo "gpu-check: FAILED" >&2; else echo "gpu-check: all GPU tests passed"; fi
 exit "$status"

@@ -9,8 +9,8 @@
 //! as the binary's global allocator; without it the peak reads as unknown (`peak_mem_mb=na`).
 //!
 //! The CUDA half (module `gpu`, feature `cuda`: `camex bench --device cuda`, `benches/cuda.rs`)
-//! times the fused CUDA ops with CUDA events. **No GPU has run it yet: every GPU number is unmeasured** until
-//! `scripts/gpu-check.sh` has run on a GPU machine.
+//! times the fused CUDA ops with CUDA events; `scripts/gpu-check.sh` runs it on a GPU machine (one
+//! H200 run so far, scalar kernels, BENCHMARKS.md).
 
 use crate::cpu::{self, CaMergeInputs, Curvature, Factors, MergeInputs};
 use crate::error::{Error, Result};
@@ -915,8 +915,8 @@ pub mod peer {
 }
 
 /// The CUDA half (feature `cuda`): the fused ops of [`crate::cuda`] timed with CUDA events, peak
-/// device memory from the default memory pool's high-water mark. **Unmeasured**: no GPU has run it
-/// yet (this was written and compiled on a machine without one); `scripts/gpu-check.sh` runs it.
+/// device memory from the default memory pool's high-water mark. Ran on an H200 (2026-11-28,
+/// `scripts/gpu-check.sh`; numbers in BENCHMARKS.md) for the scalar kernels.
 #[cfg(feature = "cuda")]
 pub mod gpu {
     use super::*;

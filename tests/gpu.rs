@@ -16,12 +16,16 @@ use std::sync::Arc;
 
 type Stream = Arc<cuda::Stream>;
 
-fn gpu(test: &str) -> Option<Stream> {
+fn gpu(test: &str) -> Option<Gpu> {
     let require = std::env::var("CAMEX_REQUIRE_GPU").is_ok_and(|v| v == "1");
     match cuda::new_stream(0) {
         Ok(s) => {
             cuda::set_poison_outputs(true);
-            Some(s)
+            MISMATCHES.with(|m| m.set(0));
+            Some(Gpu {
+                stream: s,
+                test: test.to_string(),
+            })
         }
         Err(e) => {
             if require {
@@ -31,6 +35,42 @@ fn gpu(test: &str) -> Option<Stream> {
             None
         }
     }
+}
+
+thread_local! {
+    /// Comparisons that failed in this test (each test runs on its own thread).
+    static MISMATCHES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// A test's stream. A failed comparison is reported and counted rather than panicking at once, so
+/// one run on a lent GPU shows every case that is off; the test then fails when this is dropped.
+struct Gpu {
+    stream: Stream,
+    test: String,
+}
+
+impl std::ops::Deref for Gpu {
+    type Target = Stream;
+    fn deref(&self) -> &Stream {
+        &self.stream
+    }
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        let n = MISMATCHES.with(|m| m.get());
+        if n > 0 && !std::thread::panicking() {
+            panic!(
+                "{}: {n} comparison(s) failed (lines with FAIL above)",
+                self.test
+            );
+        }
+    }
+}
+
+fn mismatch(msg: String) {
+    println!("FAIL {msg}");
+    MISMATCHES.with(|m| m.set(m.get() + 1));
 }
 
 /// Deterministic data: multiples of 2^-10 in [-lim, lim], so that tau = W - E and the sums of the
@@ -118,13 +158,15 @@ fn close<T: Dt>(s: &Stream, what: &str, got: &CudaTensor<T>, want: &Tensor<f64>)
         T::NAME,
         want.shape()
     );
-    assert!(
-        e < T::TOL,
-        "{what} [{}] {:?}: relative error {e:.3e} >= {:.0e}",
-        T::NAME,
-        want.shape(),
-        T::TOL
-    );
+    // NaN fails too.
+    if e.is_nan() || e >= T::TOL {
+        mismatch(format!(
+            "{what} [{}] {:?}: relative error {e:.3e} >= {:.0e}",
+            T::NAME,
+            want.shape(),
+            T::TOL
+        ));
+    }
 }
 
 fn close_scalar<T: Dt>(s: &Stream, what: &str, got: &CudaTensor<T>, want: f64) {
@@ -133,11 +175,9 @@ fn close_scalar<T: Dt>(s: &Stream, what: &str, got: &CudaTensor<T>, want: f64) {
 }
 
 fn same_bits<T: Dt>(s: &Stream, what: &str, a: &CudaTensor<T>, b: &CudaTensor<T>) {
-    assert!(
-        bits(s, a) == bits(s, b),
-        "{what} [{}]: two runs differ",
-        T::NAME
-    );
+    if bits(s, a) != bits(s, b) {
+        mismatch(format!("{what} [{}]: two runs differ", T::NAME));
+    }
 }
 
 // ---- shapes ----
@@ -749,6 +789,47 @@ fn ca_merge_t5_base() {
     ca_case::<f32>(&s, sh, true, opts, true, true);
     ca_case::<bf16>(&s, sh, true, opts, false, false);
     ca_case::<f16>(&s, sh, true, opts, false, false);
+}
+
+/// The tensor-core Kronecker forward (kernels/kron_tc.cuh, opt-in until a GPU has run it), switched
+/// on for this test's thread: the curvature and every CA-merge case in f16/bf16, forward and backward
+/// (the backward recomputes U on this path), at the odd shapes, T5-base `wi` and its transpose `wo`.
+#[test]
+fn tensor_core_path_matches_cpu() {
+    let Some(s) = gpu("tensor_core_path_matches_cpu") else {
+        return;
+    };
+    cuda::set_tensor_cores(Some(true));
+    assert!(cuda::tensor_cores(), "the switch must apply on this thread");
+    for sh in shapes() {
+        curvature_case::<f16>(&s, sh, true);
+        curvature_case::<bf16>(&s, sh, true);
+        for (opts, bias) in ca_options() {
+            ca_case::<f16>(&s, sh, true, opts, bias, true);
+            ca_case::<bf16>(&s, sh, true, opts, bias, true);
+        }
+    }
+    if t5() {
+        let opts = MergeOptions {
+            alpha: 1.0,
+            mask: Mask::TiesSign,
+            dare: Dare::Expert { p: 0.1, seed: 5 },
+            beta: Some(1.0),
+            want_curved: true,
+        };
+        for (o, i) in [(3072, 768), (768, 3072)] {
+            let sh = Sh {
+                n: 7,
+                o,
+                i,
+                r: 8,
+                g: 16,
+            };
+            ca_case::<bf16>(&s, sh, true, opts, false, true);
+            ca_case::<f16>(&s, sh, true, opts, false, false);
+        }
+    }
+    cuda::set_tensor_cores(None);
 }
 
 fn linear_case<T: Dt>(s: &Stream, g: usize, t: usize, o: usize, i: usize, bias: bool) {

@@ -1,5 +1,5 @@
-//! `curvature` and `curvature_backward` on the GPU (kernels/curvature.cu). Unverified on hardware:
-//! see the module docs of [`crate::cuda`].
+//! `curvature` and `curvature_backward` on the GPU (kernels/curvature.cu). Ran on an H200: see
+//! [`crate::cuda`] for the status.
 
 use super::{check, check_weights, workspace, CudaTensor, Element, Launch};
 use crate::error::{Error, Result};

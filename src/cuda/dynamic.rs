@@ -1,5 +1,5 @@
-//! `dynamic_merge` and its backward on the GPU (kernels/dynamic.cu). Unverified on hardware: see
-//! [`crate::cuda`].
+//! `dynamic_merge` and its backward on the GPU (kernels/dynamic.cu). Ran on an H200: see
+//! [`crate::cuda`] for the status.
 
 use super::{check, check_finite, check_weights, workspace, CudaTensor, Element, Launch};
 use crate::error::Result;

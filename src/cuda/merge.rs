@@ -1,5 +1,5 @@
 //! `merge` (curved given) and the fused `ca_merge` on the GPU (kernels/merge.cu,
-//! kernels/curvature.cu). Unverified on hardware: see the module docs of [`crate::cuda`].
+//! kernels/curvature.cu). Ran on an H200: see [`crate::cuda`] for the status.
 
 use super::curvature::{check_curvature, CudaCurvature, CudaFactorGrads};
 use super::{

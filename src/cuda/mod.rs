@@ -1,15 +1,14 @@
 //! The fused CUDA kernels (`kernels/*.cu`) behind a safe API over cudarc streams.
 //!
-//! **Status: no kernel has yet run on a GPU.** This code was written and compiled (sm_80, sm_90,
-//! no register spills) in a session without a GPU. `tests/gpu.rs` compares every operator and
-//! gradient with the CPU path ([`crate::cpu`]) and skips, saying why, where no GPU is present;
-//! `scripts/gpu-check.sh` runs it on a GPU machine. Until that has passed, treat results as unverified.
-//!
-//! What has been checked without a GPU: the same kernel sources built as a CPU emulation of the
-//! CUDA execution model (`CAMEX_KERNEL_EMU=1`, kernels/emu.h: real threads per block, barriers,
-//! shared memory, atomics) pass the `emu_*` tests of tests/gpu.rs against the CPU path at small and
-//! odd shapes. That covers indexing, tiling, reductions and orchestration, not the GPU memory model,
-//! the CUDA runtime, or speed.
+//! **Status.** Every operator here ran on an H200 (2026-11-28, `scripts/gpu-check.sh`): all of
+//! `tests/gpu.rs` passed, i.e. every operator and gradient in f32, f16 and bf16 matched the f64 CPU
+//! path ([`crate::cpu`]) at odd and T5-base shapes with NaN-poisoned outputs, and reruns were
+//! bit-identical. Two later changes have run only in the CPU emulation of the kernels
+//! (`CAMEX_KERNEL_EMU=1`, kernels/emu.h: real threads per block, barriers, shared memory, atomics,
+//! and mma.sync with the PTX fragment layout): the tensor-core Kronecker forward, opt-in through
+//! [`set_tensor_cores`] for that reason, and the merge epilogue's per-block staged merge weights.
+//! The emulation covers indexing, tiling, reductions and orchestration, not the GPU memory model, the
+//! CUDA runtime, or speed. Where no GPU is present, `tests/gpu.rs` skips and says why.
 //!
 //! Conventions:
 //! - Every op takes the stream it runs on (`&Arc<CudaStream>`) and device tensors ([`CudaTensor`]),
@@ -156,6 +155,31 @@ static POISON: AtomicBool = AtomicBool::new(false);
 /// (all bytes 0xFF) before the kernels run, so an element a kernel forgets to write shows up.
 pub fn set_poison_outputs(on: bool) {
     POISON.store(on, Ordering::SeqCst);
+}
+
+/// Chooses, for the calling thread, the path of the Kronecker curvature forward (standalone
+/// `curvature` and the fused CA-merge, forward and the recompute inside their backward) for f16 and
+/// bf16 storage: `Some(true)` the tensor-core kernels of `kernels/kron_tc.cuh` (mma.sync, hi/lo
+/// split operands, f32 accumulation), `Some(false)` the scalar kernels, `None` the process default
+/// (the environment variable `CAMEX_TENSOR_CORES=1` turns it on; off otherwise).
+///
+/// **Not yet run on a GPU**: the tensor-core kernels are checked only in the CPU emulation of the
+/// kernels (`CAMEX_KERNEL_EMU=1`), so they are opt-in; the scalar kernels, the default, passed every
+/// GPU test on an H200. f32 storage and factors larger than 64 always take the scalar path.
+pub fn set_tensor_cores(mode: Option<bool>) {
+    let m = match mode {
+        None => -1,
+        Some(false) => 0,
+        Some(true) => 1,
+    };
+    // SAFETY: sets a thread-local flag in the kernels library; no device access.
+    unsafe { ffi::camex_set_tensor_cores(m) }
+}
+
+/// Whether the tensor-core path applies on this thread now (see [`set_tensor_cores`]).
+pub fn tensor_cores() -> bool {
+    // SAFETY: reads a flag in the kernels library; no device access.
+    unsafe { ffi::camex_tensor_cores() == 1 }
 }
 
 /// A dense row-major tensor in device memory (SPEC section 2 layout).

@@ -1,5 +1,5 @@
-//! Causal segment scores on the GPU (kernels/segment.cu). Unverified on hardware: see
-//! [`crate::cuda`].
+//! Causal segment scores on the GPU (kernels/segment.cu). Ran on an H200: see [`crate::cuda`] for
+//! the status.
 
 use super::{check, CudaTensor, Element, Launch};
 use crate::error::Result;

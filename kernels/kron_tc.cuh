@@ -1,0 +1,489 @@
+// Tensor-core forward of the Kronecker curvature for f16/bf16 storage:
+//   U = sum_r (A_r (x) B_r) tau (C_r (x) D_r)^T        (SPEC section 3), one expert at a time,
+// with mma.sync m16n8k16 (f16/bf16 operands, f32 accumulation; sm_80 and sm_90).
+//
+// STATUS: checked only in the CPU emulation (kernels/emu.h models mma.sync with the PTX ISA fragment
+// layout; tests/gpu.rs `emu` matches the f64 CPU path to 1e-7..4e-6 before output rounding); it has
+// NOT yet run on a GPU, so it is opt-in (camex_set_tensor_cores, CAMEX_TENSOR_CORES=1; camex.h) and
+// the scalar path, which passed every GPU test on an H200, stays the default. tests/gpu.rs
+// `tensor_core_path_matches_cpu` and scripts/gpu-check.sh check and time it on the next GPU.
+//
+// Why two stages: the row side (modes a, b) mixes whole columns of tau and the column side (modes c,
+// d) whole rows, so no tile of an expert is closed under both; the exchange goes through one
+// intermediate per rank, Z_r = (A_r (x) B_r) tau, in f32, a few ranks at a time so that it stays in
+// L2 between the stages (TC_Z_BUDGET; never [R, N, O, I]).
+//   stage 1 (rows_kernel): one block per (8-column slab, r): tau = W - E of the slab in chunks of
+//     row runs, mode b (B_r on each 64-row run), then mode a (A_r across them) on the whole slab;
+//     Z_r written slab-contiguous ([r][slab][O][8]) so that both stages move whole 32-byte runs;
+//   stage 2 (cols_kernel): one block per run of PR rows, looping over the ranks: Z_r rows into
+//     shared memory, mode d (D_r) then mode c (C_r), accumulating sum_r in registers; U in f32.
+// Every matrix product is a padded (to 16) GEMM on shared-memory operands stored k-contiguous with a
+// row stride of kp + 8 elements, which makes the fragment loads free of bank conflicts.
+//
+// Precision: the factors are exact in the storage dtype T; every other operand (tau, the mode-b and
+// mode-d outputs, Z_r) is split into hi = T(v) and lo = T(v - hi), and both halves go through the
+// tensor cores (two mma per product), so the products carry ~16 significant bits and accumulate in
+// f32. Without the split (one T rounding per operand) the CPU emulation put grad_beta at 1.2e-2 in
+// bf16 and grad_alpha at 1.9e-3 in f16, over SPEC's 1e-2 / 2e-3. f32 storage keeps the scalar path
+// (kron.cuh): 1e-5 needs f32 products. Factors larger than 64 also take the scalar path.
+#pragma once
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+#include "kron.cuh"
+
+namespace camex {
+
+constexpr int TC_THREADS = 256, TC_WARPS = TC_THREADS / 32;
+constexpr int TC_QC = 8;    // columns per stage-1 slab: one n8 tile
+constexpr int TC_KMAX = 64; // largest factor size the tensor-core path takes
+constexpr int TC_ACC = 8;   // m16n8 f32 accumulator tiles per warp in stage 2 (32 registers)
+constexpr int64_t TC_SMEM_MAX = 200 * 1024;
+
+template <typename T> struct is_half_type : std::false_type {};
+template <> struct is_half_type<__half> : std::true_type {};
+template <> struct is_half_type<__nv_bfloat16> : std::true_type {};
+
+__host__ __device__ inline int tc_pad(int64_t k) { return (int)((k + 15) / 16 * 16); }
+__host__ __device__ inline int tc_ld(int kp) { return kp + 8; }  // row stride: conflict-free fragments
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], const uint32_t b[2]) {
+#ifdef CAMEX_EMU
+  ::emu::mma16816(c, a, b, std::is_same<T, __nv_bfloat16>::value);
+#else
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#endif
+}
+
+template <typename T> __device__ __forceinline__ uint32_t ld_pair(const T *p) {
+  return *reinterpret_cast<const uint32_t *>(p);
+}
+
+// Two values rounded to T, packed as one 32-bit word (the first in the low half).
+template <typename T> __device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
+  const T a = from_f32<T>(lo), b = from_f32<T>(hi);
+  uint16_t ua, ub;
+  memcpy(&ua, &a, 2);
+  memcpy(&ub, &b, 2);
+  return (uint32_t)ua | ((uint32_t)ub << 16);
+}
+
+// A fragment: rows m0..m0+15, k k0..k0+15 of a row-major [rows][ld] shared matrix.
+template <typename T>
+__device__ __forceinline__ void frag_a(uint32_t a[4], const T *s, int ld, int m0, int k0, int lane) {
+  const T *p0 = s + (m0 + (lane >> 2)) * ld + k0 + 2 * (lane & 3);
+  const T *p1 = p0 + 8 * ld;
+  a[0] = ld_pair(p0);
+  a[1] = ld_pair(p1);
+  a[2] = ld_pair(p0 + 8);
+  a[3] = ld_pair(p1 + 8);
+}
+
+// B fragment: k k0..k0+15, n n0..n0+7, where B[k][n] = s[n * ld + k] (k contiguous).
+template <typename T>
+__device__ __forceinline__ void frag_b(uint32_t b[2], const T *s, int ld, int n0, int k0, int lane) {
+  const T *p = s + (n0 + (lane >> 2)) * ld + k0 + 2 * (lane & 3);
+  b[0] = ld_pair(p);
+  b[1] = ld_pair(p + 8);
+}
+
+// Copies a k x k factor into a zero-padded [kp][ld] shared matrix (the padding is zeroed once).
+template <typename T> __device__ __forceinline__ void load_factor(T *s, const T *f, int k, int ld) {
+  for (int x = threadIdx.x; x < k * k; x += TC_THREADS) s[(x / k) * ld + x % k] = f[x];
+}
+
+__device__ __forceinline__ void zero_smem(char *smem, int64_t bytes) {
+  uint4 z = make_uint4(0, 0, 0, 0);
+  for (int64_t x = threadIdx.x; x < bytes / 16; x += TC_THREADS) reinterpret_cast<uint4 *>(smem)[x] = z;
+}
+
+// Splits v into hi = T(v) and lo = T(v - hi): hi + lo carries about twice T's significand, so a
+// product with an exact T factor loses nothing that matters (SPEC's scalar gradients need it).
+template <typename T> __device__ __forceinline__ void split_store(T *hi, T *lo, int64_t k, float v) {
+  const T h = from_f32<T>(v);
+  hi[k] = h;
+  lo[k] = from_f32<T>(v - to_f32(h));
+}
+
+// ---- stage 1: rows ----
+
+constexpr int TC_AC = 8;  // row runs (values of a) per tau chunk in stage 1
+
+struct RowsLayout {
+  int o1p, o2p, lx, ly, la, lb;
+  int64_t xh, xl, yh, yl, as, bs, bytes;  // byte offsets
+};
+
+__host__ __device__ inline RowsLayout rows_layout(int o1, int o2) {
+  RowsLayout l;
+  l.o1p = tc_pad(o1);
+  l.o2p = tc_pad(o2);
+  l.lx = tc_ld(l.o2p);
+  l.ly = tc_ld(l.o1p);
+  l.la = tc_ld(l.o1p);
+  l.lb = tc_ld(l.o2p);
+  const int64_t e = 2;                              // bytes per f16/bf16 element
+  const int64_t x = (int64_t)TC_AC * TC_QC * l.lx * e;  // X [AC * 8][lx]: X[a][q][b'] = tau[(a, b'), q]
+  const int64_t y = (int64_t)o2 * TC_QC * l.ly * e;     // Y [o2 * 8][ly]: Y[b][q][a'] = (tau x2 B)[(a', b), q]
+  l.xh = 0;
+  l.xl = l.xh + x;
+  l.yh = l.xl + x;
+  l.yl = l.yh + y;
+  l.as = l.yl + y;                                  // As [o1p][la]
+  l.bs = l.as + (int64_t)l.o1p * l.la * e;          // Bs [o2p][lb]
+  l.bytes = (l.bs + (int64_t)l.o2p * l.lb * e + 15) / 16 * 16;
+  return l;
+}
+
+// grid (slabs = ceil(I / 8), ranks in this chunk); rank r = r0 + blockIdx.y.
+// z: f32 [chunk rank][slabs][O][8] = ((A_r (x) B_r) tau)[p, slab*8 + j].
+template <typename T>
+__global__ void __launch_bounds__(TC_THREADS)
+kron_rows_kernel(const T *__restrict__ w, const T *__restrict__ e, const T *__restrict__ fa, const T *__restrict__ fb,
+                 float *__restrict__ z, int o1, int o2, int64_t I, int64_t nexp, int64_t expert, int64_t r0) {
+  CAMEX_DYNAMIC_SMEM(smem);
+  const RowsLayout L = rows_layout(o1, o2);
+  T *Xh = reinterpret_cast<T *>(smem + L.xh), *Xl = reinterpret_cast<T *>(smem + L.xl);
+  T *Yh = reinterpret_cast<T *>(smem + L.yh), *Yl = reinterpret_cast<T *>(smem + L.yl);
+  T *As = reinterpret_cast<T *>(smem + L.as), *Bs = reinterpret_cast<T *>(smem + L.bs);
+  const int64_t O = (int64_t)o1 * o2, slabs = (I + TC_QC - 1) / TC_QC;
+  const int64_t slab = blockIdx.x, r = r0 + blockIdx.y;
+  const int64_t q0 = slab * TC_QC;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const bool vec = I % TC_QC == 0 && ((reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(e)) & 15) == 0;
+
+  zero_smem(smem, L.bytes);  // the K padding of every operand stays zero
+  __syncthreads();
+  load_factor(As, fa + (r * nexp + expert) * o1 * o1, o1, L.la);
+  load_factor(Bs, fb + (r * nexp + expert) * o2 * o2, o2, L.lb);
+
+  const int mtb = L.o2p / 16;
+  for (int a0 = 0; a0 < o1; a0 += TC_AC) {
+    const int ac = o1 - a0 < TC_AC ? o1 - a0 : TC_AC;
+    __syncthreads();  // the previous chunk's readers are done (and the factors are visible)
+    // tau = W - E of rows (a0..a0+ac, all b), exact in f32, split into hi + lo.
+    const int64_t rows = (int64_t)ac * o2, pbase = (int64_t)a0 * o2;
+    if (vec) {
+      for (int64_t x = threadIdx.x; x < rows; x += TC_THREADS) {
+        const int64_t p = pbase + x;
+        const uint4 wv = *reinterpret_cast<const uint4 *>(w + p * I + q0);
+        const uint4 ev = *reinterpret_cast<const uint4 *>(e + p * I + q0);
+        T wt[TC_QC], et[TC_QC];
+        memcpy(wt, &wv, 16);
+        memcpy(et, &ev, 16);
+        const int64_t al = x / o2, b = x % o2;
+#pragma unroll
+        for (int j = 0; j < TC_QC; ++j) split_store(Xh, Xl, (al * TC_QC + j) * L.lx + b, to_f32(wt[j]) - to_f32(et[j]));
+      }
+    } else {
+      for (int64_t x = threadIdx.x; x < rows * TC_QC; x += TC_THREADS) {
+        const int64_t pl = x / TC_QC, j = x % TC_QC, q = q0 + j, p = pbase + pl;
+        const int64_t al = pl / o2, b = pl % o2;
+        const float v = q < I ? to_f32(w[p * I + q]) - to_f32(e[p * I + q]) : 0.f;
+        split_store(Xh, Xl, (al * TC_QC + j) * L.lx + b, v);
+      }
+    }
+    __syncthreads();
+    // Mode b, per row run a: Y[b][q] = sum_b' B[b][b'] X[a][q][b']  (M = b, N = q, K = b').
+    for (int tile = warp; tile < ac * mtb; tile += TC_WARPS) {
+      const int al = tile / mtb, mt = tile % mtb;
+      float c[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int k0 = 0; k0 < L.o2p; k0 += 16) {
+        uint32_t af[4], bh[2], bl[2];
+        frag_a(af, Bs, L.lb, mt * 16, k0, lane);
+        frag_b(bh, Xh + al * TC_QC * L.lx, L.lx, 0, k0, lane);
+        frag_b(bl, Xl + al * TC_QC * L.lx, L.lx, 0, k0, lane);
+        mma16816<T>(c, af, bh);
+        mma16816<T>(c, af, bl);
+      }
+      const int a = a0 + al;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int b = mt * 16 + g + 8 * h;
+        if (b >= o2) continue;
+        split_store(Yh, Yl, (b * TC_QC + 2 * t) * L.ly + a, c[2 * h]);
+        split_store(Yh, Yl, (b * TC_QC + 2 * t + 1) * L.ly + a, c[2 * h + 1]);
+      }
+    }
+  }
+  __syncthreads();
+
+  // Mode a: Z[a][(b, q)] = sum_a' A[a][a'] Y[b][q][a']  (M = a, N = (b, q), K = a').
+  const int mta = L.o1p / 16;
+  float *zs = z + (blockIdx.y * slabs + slab) * O * TC_QC;
+  for (int tile = warp; tile < mta * o2; tile += TC_WARPS) {
+    const int b = tile / mta, mt = tile % mta;
+    float c[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int k0 = 0; k0 < L.o1p; k0 += 16) {
+      uint32_t af[4], bh[2], bl[2];
+      frag_a(af, As, L.la, mt * 16, k0, lane);
+      frag_b(bh, Yh + b * TC_QC * L.ly, L.ly, 0, k0, lane);
+      frag_b(bl, Yl + b * TC_QC * L.ly, L.ly, 0, k0, lane);
+      mma16816<T>(c, af, bh);
+      mma16816<T>(c, af, bl);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int a = mt * 16 + g + 8 * h;
+      if (a >= o1) continue;
+      *reinterpret_cast<float2 *>(zs + ((int64_t)a * o2 + b) * TC_QC + 2 * t) = make_float2(c[2 * h], c[2 * h + 1]);
+    }
+  }
+}
+
+// ---- stage 2: columns ----
+
+struct ColsLayout {
+  int i1p, i2p, lz, lyt, lc, ld, pr, tpr;
+  int64_t zh, zl, yh, yl, cs, ds, bytes;
+};
+
+__host__ __device__ inline ColsLayout cols_layout(int i1, int i2) {
+  ColsLayout l;
+  l.i1p = tc_pad(i1);
+  l.i2p = tc_pad(i2);
+  l.lz = tc_ld(l.i2p);
+  l.lyt = tc_ld(l.i1p);
+  l.lc = tc_ld(l.i1p);
+  l.ld = tc_ld(l.i2p);
+  l.tpr = (l.i1p / 16) * (l.i2p / 8);       // accumulator tiles per row
+  l.pr = TC_ACC * TC_WARPS / l.tpr;          // rows per block: every warp holds at most TC_ACC tiles
+  if (l.pr < 1) l.pr = 1;
+  const int64_t e = 2;
+  const int64_t zb = (int64_t)l.pr * l.i1p * l.lz * e;   // Z [pr * i1p][lz]: Z[p][c'][d'] = Z_r[p, (c', d')]
+  const int64_t yb = (int64_t)l.pr * l.i2p * l.lyt * e;  // Y [pr * i2p][lyt]: Y[p][d][c'] = (Z_r x4 D)[p, (c', d)]
+  l.zh = 0;
+  l.zl = l.zh + zb;
+  l.yh = l.zl + zb;
+  l.yl = l.yh + yb;
+  l.cs = l.yl + yb;                                      // Cs [i1p][lc]
+  l.ds = l.cs + (int64_t)l.i1p * l.lc * e;               // Ds [i2p][ld]
+  l.bytes = (l.ds + (int64_t)l.i2p * l.ld * e + 15) / 16 * 16;
+  return l;
+}
+
+// grid (ceil(O / pr)). u: f32 [O][I] of this expert; ranks r0..r0+nr of z; accumulate: u += the sum.
+template <typename T>
+__global__ void __launch_bounds__(TC_THREADS)
+kron_cols_kernel(const float *__restrict__ z, const T *__restrict__ fc, const T *__restrict__ fd, float *__restrict__ u,
+                 int i1, int i2, int64_t O, int64_t r0, int64_t nr, int64_t nexp, int64_t expert, int accumulate) {
+  CAMEX_DYNAMIC_SMEM(smem);
+  const ColsLayout L = cols_layout(i1, i2);
+  T *Zh = reinterpret_cast<T *>(smem + L.zh), *Zl = reinterpret_cast<T *>(smem + L.zl);
+  T *Yh = reinterpret_cast<T *>(smem + L.yh), *Yl = reinterpret_cast<T *>(smem + L.yl);
+  T *Cs = reinterpret_cast<T *>(smem + L.cs), *Ds = reinterpret_cast<T *>(smem + L.ds);
+  const int64_t I = (int64_t)i1 * i2, slabs = (I + TC_QC - 1) / TC_QC;
+  const int64_t p0 = (int64_t)blockIdx.x * L.pr;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int ntc = L.i2p / 8;  // n tiles per row
+
+  float acc[TC_ACC][4];
+#pragma unroll
+  for (int j = 0; j < TC_ACC; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+
+  zero_smem(smem, L.bytes);
+  for (int64_t rl = 0; rl < nr; ++rl) {
+    const int64_t r = r0 + rl;
+    __syncthreads();  // the previous rank's readers are done (and the zeroing is visible)
+    load_factor(Cs, fc + (r * nexp + expert) * i1 * i1, i1, L.lc);
+    load_factor(Ds, fd + (r * nexp + expert) * i2 * i2, i2, L.ld);
+    const float *zr = z + rl * slabs * O * TC_QC;
+    for (int64_t x = threadIdx.x; x < (int64_t)L.pr * slabs; x += TC_THREADS) {
+      const int64_t pl = x / slabs, sl = x % slabs, p = p0 + pl;
+      if (p >= O) continue;
+      const float4 *src = reinterpret_cast<const float4 *>(zr + (sl * O + p) * TC_QC);
+      const float4 v0 = src[0], v1 = src[1];
+      const float vt[TC_QC] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+#pragma unroll
+      for (int j = 0; j < TC_QC; ++j) {
+        const int64_t q = sl * TC_QC + j;
+        if (q < I) split_store(Zh, Zl, (pl * L.i1p + q / i2) * L.lz + q % i2, vt[j]);
+      }
+    }
+    __syncthreads();
+
+    // Mode d: Y[p][d][c'] = sum_d' Z[p][c'][d'] D[d][d']  (M = (p, c'), N = d, K = d').
+    const int mtd = L.pr * L.i1p / 16;
+    for (int tile = warp; tile < mtd * ntc; tile += TC_WARPS) {
+      const int mt = tile / ntc, nt = tile % ntc;
+      float c[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int k0 = 0; k0 < L.i2p; k0 += 16) {
+        uint32_t ah[4], al[4], bf[2];
+        frag_a(ah, Zh, L.lz, mt * 16, k0, lane);
+        frag_a(al, Zl, L.lz, mt * 16, k0, lane);
+        frag_b(bf, Ds, L.ld, nt * 8, k0, lane);
+        mma16816<T>(c, ah, bf);
+        mma16816<T>(c, al, bf);
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int m = mt * 16 + g + 8 * h, pl = m / L.i1p, cc = m % L.i1p;
+        const int d = nt * 8 + 2 * t;
+        split_store(Yh, Yl, (pl * L.i2p + d) * L.lyt + cc, c[2 * h]);
+        split_store(Yh, Yl, (pl * L.i2p + d + 1) * L.lyt + cc, c[2 * h + 1]);
+      }
+    }
+    __syncthreads();
+
+    // Mode c, accumulated over r: U[p][c][d] += sum_c' C[c][c'] Y[p][d][c']  (M = c, N = d, K = c').
+#pragma unroll
+    for (int j = 0; j < TC_ACC; ++j) {
+      const int tile = warp + TC_WARPS * j;
+      if (tile < L.pr * L.tpr) {
+        const int pl = tile / L.tpr, mt = (tile % L.tpr) / ntc, nt = tile % ntc;
+        for (int k0 = 0; k0 < L.i1p; k0 += 16) {
+          uint32_t af[4], bh[2], bl[2];
+          frag_a(af, Cs, L.lc, mt * 16, k0, lane);
+          frag_b(bh, Yh + pl * L.i2p * L.lyt, L.lyt, nt * 8, k0, lane);
+          frag_b(bl, Yl + pl * L.i2p * L.lyt, L.lyt, nt * 8, k0, lane);
+          mma16816<T>(acc[j], af, bh);
+          mma16816<T>(acc[j], af, bl);
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int j = 0; j < TC_ACC; ++j) {
+    const int tile = warp + TC_WARPS * j;
+    const int pl = tile / L.tpr, mt = (tile % L.tpr) / ntc, nt = tile % ntc;
+    const int64_t p = p0 + pl;
+    if (tile >= L.pr * L.tpr || p >= O) continue;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int cc = mt * 16 + g + 8 * h;
+      if (cc >= i1) continue;
+#pragma unroll
+      for (int v = 0; v < 2; ++v) {
+        const int d = nt * 8 + 2 * t + v;
+        if (d >= i2) continue;
+        float *dst = u + p * I + (int64_t)cc * i2 + d;
+        *dst = accumulate ? *dst + acc[j][2 * h + v] : acc[j][2 * h + v];
+      }
+    }
+  }
+}
+
+// ---- host side ----
+
+// Dimensions the tensor-core path can take (every factor at most TC_KMAX).
+inline bool kron_tc_dims_ok(const D4 &d4) {
+  for (int m = 0; m < 4; ++m)
+    if (d4.d[m] < 1 || d4.d[m] > TC_KMAX) return false;
+  return true;
+}
+
+// Shared memory one block may opt in to on the current device (sm_86/89 allow 99 KB, sm_80 163 KB,
+// sm_90 227 KB), capped at TC_SMEM_MAX.
+inline int64_t tc_smem_limit() {
+#ifdef CAMEX_EMU
+  return TC_SMEM_MAX;
+#else
+  int dev = 0, v = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+    return 48 * 1024;
+  return v < TC_SMEM_MAX ? v : TC_SMEM_MAX;
+#endif
+}
+
+// Whether the tensor-core path takes this expert shape here (storage f16/bf16 is checked by the
+// caller): switched on for this thread (camex_set_tensor_cores / CAMEX_TENSOR_CORES=1, camex.h),
+// factors small enough, and the blocks' shared memory within what this device allows.
+inline bool kron_tc_shape_ok(const D4 &d4) {
+  if (!camex_tensor_cores()) return false;
+  if (!kron_tc_dims_ok(d4)) return false;
+  const int64_t lim = tc_smem_limit();
+  return rows_layout((int)d4.d[0], (int)d4.d[1]).bytes <= lim && cols_layout((int)d4.d[2], (int)d4.d[3]).bytes <= lim;
+}
+
+// Ranks per stage-1/stage-2 round: as many as keep Z (f32) within TC_Z_BUDGET bytes, so that it
+// stays in L2 between the two stages (2 ranks, 19 MB, at T5-base `wi`; the H200's L2 is 50 MB).
+#ifdef CAMEX_TC_Z_BUDGET  // tests: small budgets exercise the accumulation across rounds
+constexpr int64_t TC_Z_BUDGET = CAMEX_TC_Z_BUDGET;
+#else
+constexpr int64_t TC_Z_BUDGET = 24ll << 20;
+#endif
+inline int64_t kron_tc_rank_chunk(const D4 &d4, int64_t r) {
+  const int64_t o = d4.d[0] * d4.d[1], i = d4.d[2] * d4.d[3];
+  const int64_t per_rank = ((i + TC_QC - 1) / TC_QC) * o * TC_QC * 4;
+  int64_t c = TC_Z_BUDGET / per_rank;
+  if (c < 1) c = 1;
+  if (c > r) c = r;
+  return c;
+}
+
+// Bytes of the stage-1 intermediate Z: kron_tc_rank_chunk ranks of [slabs][O][8] f32.
+inline int64_t kron_tc_z_bytes(const D4 &d4, int64_t r) {
+  const int64_t o = d4.d[0] * d4.d[1], i = d4.d[2] * d4.d[3];
+  return kron_tc_rank_chunk(d4, r) * ((i + TC_QC - 1) / TC_QC) * o * TC_QC * 4;
+}
+
+// u (f32 [O*I], overwritten) = the curvature of expert `expert` (tau = w - e); z: kron_tc_z_bytes.
+template <typename T>
+inline int kron_forward_tc(cudaStream_t s, float *u, const T *w, const T *e, const KronFactors &f, int64_t expert,
+                           const D4 &d4, float *z) {
+  const int o1 = (int)d4.d[0], o2 = (int)d4.d[1], i1 = (int)d4.d[2], i2 = (int)d4.d[3];
+  const int64_t O = (int64_t)o1 * o2, I = (int64_t)i1 * i2;
+  const RowsLayout rl = rows_layout(o1, o2);
+  const ColsLayout cl = cols_layout(i1, i2);
+  cudaError_t err = CAMEX_SET_MAX_SMEM(kron_rows_kernel<T>, rl.bytes);
+  if (err != cudaSuccess) return (int)err;
+  err = CAMEX_SET_MAX_SMEM(kron_cols_kernel<T>, cl.bytes);
+  if (err != cudaSuccess) return (int)err;
+  const int64_t chunk = kron_tc_rank_chunk(d4, f.r);
+  for (int64_t r0 = 0; r0 < f.r; r0 += chunk) {
+    const int64_t nr = f.r - r0 < chunk ? f.r - r0 : chunk;
+    const dim3 g1((unsigned)((I + TC_QC - 1) / TC_QC), (unsigned)nr);
+    CAMEX_LAUNCH_SMEM(kron_rows_kernel<T>, g1, TC_THREADS, rl.bytes, s)(
+        w, e, reinterpret_cast<const T *>(f.a), reinterpret_cast<const T *>(f.b), z, o1, o2, I, f.n, expert, r0);
+    CAMEX_CHECK_LAUNCH();
+    const unsigned g2 = (unsigned)((O + cl.pr - 1) / cl.pr);
+    CAMEX_LAUNCH_SMEM(kron_cols_kernel<T>, g2, TC_THREADS, cl.bytes, s)(
+        z, reinterpret_cast<const T *>(f.c), reinterpret_cast<const T *>(f.d), u, i1, i2, O, r0, nr, f.n, expert,
+        r0 > 0 ? 1 : 0);
+    CAMEX_CHECK_LAUNCH();
+  }
+  return 0;
+}
+
+// The forward chain of one expert on whichever path takes it: u (f32, overwritten) = M_e(w - base).
+// s1, s2: the scratch of kron_scratch_floats (the tensor-core path keeps Z there).
+template <typename T>
+inline int kron_forward_any(cudaStream_t s, float *u, const T *base, const T *w, const KronFactors &f, int64_t expert,
+                            const D4 &d4, float *s1, float *s2) {
+  if constexpr (is_half_type<T>::value) {
+    if (kron_tc_shape_ok(d4)) return kron_forward_tc<T>(s, u, w, base, f, expert, d4, s1);
+  }
+  return kron_forward<T>(s, u, tau_opnd<T>(w, base), f, expert, d4, s1, s2);
+}
+
+// Floats of forward scratch per call: two expert-sized f32 buffers (s1, s2 = s1 + O*I) for the
+// scalar path, or Z for the tensor-core path, whichever is larger. Sized on the dimensions alone
+// (not the device or the thread's switch) so that it fits whichever path a launch then takes.
+inline int64_t kron_scratch_floats(int dtype, const D4 &d4, int64_t r) {
+  int64_t f = 2 * d4.total();
+  if ((dtype == CAMEX_F16 || dtype == CAMEX_BF16) && kron_tc_dims_ok(d4)) {
+    const int64_t zf = (kron_tc_z_bytes(d4, r) + 3) / 4;
+    if (zf > f) f = zf;
+  }
+  return f;
+}
+
+}  // namespace camex
