@@ -51,7 +51,9 @@ fn main() {
                     // The Kronecker forward runs on both paths side by side where both exist: the
                     // scalar default and the opt-in tensor cores (not yet run on a GPU).
                     let tc_modes: &[bool] = match (op, dtype) {
-                        (Op::CaMerge | Op::Curvature, DType::BF16) => &[false, true],
+                        (Op::CaMerge | Op::Curvature | Op::MergedLinear, DType::BF16) => {
+                            &[false, true]
+                        }
                         _ => &[false],
                     };
                     for &tc in tc_modes {

@@ -178,11 +178,12 @@ int camex_segment_backward(const camex_segment_params *p, camex_stream_t stream)
  * "device" pointers are host pointers; 0 for real GPU code. */
 int camex_emulated(void);
 
-/* Tensor-core path of the Kronecker curvature forward for f16/bf16 storage (kernels/kron_tc.cuh),
- * per calling thread: 1 on, 0 off, -1 the process default (environment CAMEX_TENSOR_CORES=1 turns it
- * on; off otherwise, because it has run only in the CPU emulation so far, never on a GPU; on in the
- * emulation build). Affects the curvature and CA-merge launchers called from this thread; their
- * workspace sizes fit either path. camex_tensor_cores() reports the mode that applies now. */
+/* Tensor-core paths for f16/bf16 storage, per calling thread: the two-stage Kronecker curvature
+ * forward (kernels/kron_tc.cuh) and the strided GEMM behind every other mode product, factor
+ * contraction and the merged linear layer (gemm_tc_kernel, kernels/gemm.cuh). mode: 1 on, 0 off,
+ * -1 the process default (environment CAMEX_TENSOR_CORES=1 turns it on; off otherwise, because these
+ * kernels have run only in the CPU emulation so far, never on a GPU; on in the emulation build).
+ * Workspace sizes fit either path. camex_tensor_cores() reports the mode that applies now. */
 void camex_set_tensor_cores(int32_t mode);
 int32_t camex_tensor_cores(void);
 

@@ -20,18 +20,18 @@
 // Every matrix product is a padded (to 16) GEMM on shared-memory operands stored k-contiguous with a
 // row stride of kp + 8 elements, which makes the fragment loads free of bank conflicts.
 //
-// Precision: the factors are exact in the storage dtype T; every other operand (tau, the mode-b and
-// mode-d outputs, Z_r) is split into hi = T(v) and lo = T(v - hi), and both halves go through the
-// tensor cores (two mma per product), so the products carry ~16 significant bits and accumulate in
-// f32. Without the split (one T rounding per operand) the CPU emulation put grad_beta at 1.2e-2 in
-// bf16 and grad_alpha at 1.9e-3 in f16, over SPEC's 1e-2 / 2e-3. f32 storage keeps the scalar path
+// Precision: every operand goes through the tensor cores as bf16 hi = bf16(v) and lo = bf16(v - hi)
+// (two or three mma per product, f32 accumulation), so products carry ~16 significant bits, with
+// f32's exponent range (no overflow past 65504, no subnormal lo halves for small values, as f16
+// halves would have). Factors are exact: one bf16 for bf16 storage, hi + lo for f16 storage.
+// Without the split (one rounding per operand) the CPU emulation put grad_beta at 1.2e-2 in bf16
+// and grad_alpha at 1.9e-3 in f16, over SPEC's 1e-2 / 2e-3. f32 storage keeps the scalar path
 // (kron.cuh): 1e-5 needs f32 products. Factors larger than 64 also take the scalar path.
 #pragma once
 #include <cstdlib>
-#include <cstring>
-#include <type_traits>
 
 #include "kron.cuh"
+#include "mma.cuh"
 
 namespace camex {
 
@@ -41,82 +41,28 @@ constexpr int TC_KMAX = 64; // largest factor size the tensor-core path takes
 constexpr int TC_ACC = 8;   // m16n8 f32 accumulator tiles per warp in stage 2 (32 registers)
 constexpr int64_t TC_SMEM_MAX = 200 * 1024;
 
-template <typename T> struct is_half_type : std::false_type {};
-template <> struct is_half_type<__half> : std::true_type {};
-template <> struct is_half_type<__nv_bfloat16> : std::true_type {};
-
-__host__ __device__ inline int tc_pad(int64_t k) { return (int)((k + 15) / 16 * 16); }
-__host__ __device__ inline int tc_ld(int kp) { return kp + 8; }  // row stride: conflict-free fragments
-
+// Copies a k x k factor into zero-padded [kp][ld] shared matrices as bf16 hi + lo (lo is zero for
+// bf16 storage; the padding is zeroed once).
 template <typename T>
-__device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], const uint32_t b[2]) {
-#ifdef CAMEX_EMU
-  ::emu::mma16816(c, a, b, std::is_same<T, __nv_bfloat16>::value);
-#else
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-#endif
+__device__ __forceinline__ void load_factor(MmaT *hi, MmaT *lo, const T *f, int k, int ld) {
+  for (int x = threadIdx.x; x < k * k; x += TC_THREADS) split_store(hi, lo, (x / k) * ld + x % k, to_f32(f[x]));
 }
 
-template <typename T> __device__ __forceinline__ uint32_t ld_pair(const T *p) {
-  return *reinterpret_cast<const uint32_t *>(p);
-}
+// Whether a factor's lo half can be non-zero (f16 storage), i.e. needs its own product.
+template <typename T> __host__ __device__ constexpr bool factor_lo() { return !std::is_same<T, __nv_bfloat16>::value; }
 
-// Two values rounded to T, packed as one 32-bit word (the first in the low half).
-template <typename T> __device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
-  const T a = from_f32<T>(lo), b = from_f32<T>(hi);
-  uint16_t ua, ub;
-  memcpy(&ua, &a, 2);
-  memcpy(&ub, &b, 2);
-  return (uint32_t)ua | ((uint32_t)ub << 16);
-}
-
-// A fragment: rows m0..m0+15, k k0..k0+15 of a row-major [rows][ld] shared matrix.
+// c += A_hi B_hi + A_hi B_lo + A_lo B_hi, leaving out A_lo (the factor's) for bf16 storage.
 template <typename T>
-__device__ __forceinline__ void frag_a(uint32_t a[4], const T *s, int ld, int m0, int k0, int lane) {
-  const T *p0 = s + (m0 + (lane >> 2)) * ld + k0 + 2 * (lane & 3);
-  const T *p1 = p0 + 8 * ld;
-  a[0] = ld_pair(p0);
-  a[1] = ld_pair(p1);
-  a[2] = ld_pair(p0 + 8);
-  a[3] = ld_pair(p1 + 8);
-}
-
-// B fragment: k k0..k0+15, n n0..n0+7, where B[k][n] = s[n * ld + k] (k contiguous).
-template <typename T>
-__device__ __forceinline__ void frag_b(uint32_t b[2], const T *s, int ld, int n0, int k0, int lane) {
-  const T *p = s + (n0 + (lane >> 2)) * ld + k0 + 2 * (lane & 3);
-  b[0] = ld_pair(p);
-  b[1] = ld_pair(p + 8);
-}
-
-// Copies a k x k factor into a zero-padded [kp][ld] shared matrix (the padding is zeroed once).
-template <typename T> __device__ __forceinline__ void load_factor(T *s, const T *f, int k, int ld) {
-  for (int x = threadIdx.x; x < k * k; x += TC_THREADS) s[(x / k) * ld + x % k] = f[x];
+__device__ __forceinline__ void mma_split(float c[4], const uint32_t ah[4], const uint32_t al[4], const uint32_t bh[2],
+                                          const uint32_t bl[2]) {
+  mma16816<MmaT>(c, ah, bh);
+  mma16816<MmaT>(c, ah, bl);
+  if constexpr (factor_lo<T>()) mma16816<MmaT>(c, al, bh);
 }
 
 __device__ __forceinline__ void zero_smem(char *smem, int64_t bytes) {
   uint4 z = make_uint4(0, 0, 0, 0);
   for (int64_t x = threadIdx.x; x < bytes / 16; x += TC_THREADS) reinterpret_cast<uint4 *>(smem)[x] = z;
-}
-
-// Splits v into hi = T(v) and lo = T(v - hi): hi + lo carries about twice T's significand, so a
-// product with an exact T factor loses nothing that matters (SPEC's scalar gradients need it).
-template <typename T> __device__ __forceinline__ void split_store(T *hi, T *lo, int64_t k, float v) {
-  const T h = from_f32<T>(v);
-  hi[k] = h;
-  lo[k] = from_f32<T>(v - to_f32(h));
 }
 
 // ---- stage 1: rows ----
@@ -125,7 +71,7 @@ constexpr int TC_AC = 8;  // row runs (values of a) per tau chunk in stage 1
 
 struct RowsLayout {
   int o1p, o2p, lx, ly, la, lb;
-  int64_t xh, xl, yh, yl, as, bs, bytes;  // byte offsets
+  int64_t xh, xl, yh, yl, ah, al, bh, bl, bytes;  // byte offsets
 };
 
 __host__ __device__ inline RowsLayout rows_layout(int o1, int o2) {
@@ -143,9 +89,11 @@ __host__ __device__ inline RowsLayout rows_layout(int o1, int o2) {
   l.xl = l.xh + x;
   l.yh = l.xl + x;
   l.yl = l.yh + y;
-  l.as = l.yl + y;                                  // As [o1p][la]
-  l.bs = l.as + (int64_t)l.o1p * l.la * e;          // Bs [o2p][lb]
-  l.bytes = (l.bs + (int64_t)l.o2p * l.lb * e + 15) / 16 * 16;
+  l.ah = l.yl + y;                                  // A hi, lo [o1p][la]
+  l.al = l.ah + (int64_t)l.o1p * l.la * e;
+  l.bh = l.al + (int64_t)l.o1p * l.la * e;          // B hi, lo [o2p][lb]
+  l.bl = l.bh + (int64_t)l.o2p * l.lb * e;
+  l.bytes = (l.bl + (int64_t)l.o2p * l.lb * e + 15) / 16 * 16;
   return l;
 }
 
@@ -157,9 +105,10 @@ kron_rows_kernel(const T *__restrict__ w, const T *__restrict__ e, const T *__re
                  float *__restrict__ z, int o1, int o2, int64_t I, int64_t nexp, int64_t expert, int64_t r0) {
   CAMEX_DYNAMIC_SMEM(smem);
   const RowsLayout L = rows_layout(o1, o2);
-  T *Xh = reinterpret_cast<T *>(smem + L.xh), *Xl = reinterpret_cast<T *>(smem + L.xl);
-  T *Yh = reinterpret_cast<T *>(smem + L.yh), *Yl = reinterpret_cast<T *>(smem + L.yl);
-  T *As = reinterpret_cast<T *>(smem + L.as), *Bs = reinterpret_cast<T *>(smem + L.bs);
+  MmaT *Xh = reinterpret_cast<MmaT *>(smem + L.xh), *Xl = reinterpret_cast<MmaT *>(smem + L.xl);
+  MmaT *Yh = reinterpret_cast<MmaT *>(smem + L.yh), *Yl = reinterpret_cast<MmaT *>(smem + L.yl);
+  MmaT *Ah = reinterpret_cast<MmaT *>(smem + L.ah), *Al = reinterpret_cast<MmaT *>(smem + L.al);
+  MmaT *Bh = reinterpret_cast<MmaT *>(smem + L.bh), *Bl = reinterpret_cast<MmaT *>(smem + L.bl);
   const int64_t O = (int64_t)o1 * o2, slabs = (I + TC_QC - 1) / TC_QC;
   const int64_t slab = blockIdx.x, r = r0 + blockIdx.y;
   const int64_t q0 = slab * TC_QC;
@@ -169,8 +118,8 @@ kron_rows_kernel(const T *__restrict__ w, const T *__restrict__ e, const T *__re
 
   zero_smem(smem, L.bytes);  // the K padding of every operand stays zero
   __syncthreads();
-  load_factor(As, fa + (r * nexp + expert) * o1 * o1, o1, L.la);
-  load_factor(Bs, fb + (r * nexp + expert) * o2 * o2, o2, L.lb);
+  load_factor(Ah, Al, fa + (r * nexp + expert) * o1 * o1, o1, L.la);
+  load_factor(Bh, Bl, fb + (r * nexp + expert) * o2 * o2, o2, L.lb);
 
   const int mtb = L.o2p / 16;
   for (int a0 = 0; a0 < o1; a0 += TC_AC) {
@@ -204,12 +153,12 @@ kron_rows_kernel(const T *__restrict__ w, const T *__restrict__ e, const T *__re
       const int al = tile / mtb, mt = tile % mtb;
       float c[4] = {0.f, 0.f, 0.f, 0.f};
       for (int k0 = 0; k0 < L.o2p; k0 += 16) {
-        uint32_t af[4], bh[2], bl[2];
-        frag_a(af, Bs, L.lb, mt * 16, k0, lane);
-        frag_b(bh, Xh + al * TC_QC * L.lx, L.lx, 0, k0, lane);
-        frag_b(bl, Xl + al * TC_QC * L.lx, L.lx, 0, k0, lane);
-        mma16816<T>(c, af, bh);
-        mma16816<T>(c, af, bl);
+        uint32_t fh[4], fl[4], xh[2], xl[2];
+        frag_a(fh, Bh, L.lb, mt * 16, k0, lane);
+        if constexpr (factor_lo<T>()) frag_a(fl, Bl, L.lb, mt * 16, k0, lane);
+        frag_b(xh, Xh + al * TC_QC * L.lx, L.lx, 0, k0, lane);
+        frag_b(xl, Xl + al * TC_QC * L.lx, L.lx, 0, k0, lane);
+        mma_split<T>(c, fh, fl, xh, xl);
       }
       const int a = a0 + al;
 #pragma unroll
@@ -230,12 +179,12 @@ kron_rows_kernel(const T *__restrict__ w, const T *__restrict__ e, const T *__re
     const int b = tile / mta, mt = tile % mta;
     float c[4] = {0.f, 0.f, 0.f, 0.f};
     for (int k0 = 0; k0 < L.o1p; k0 += 16) {
-      uint32_t af[4], bh[2], bl[2];
-      frag_a(af, As, L.la, mt * 16, k0, lane);
-      frag_b(bh, Yh + b * TC_QC * L.ly, L.ly, 0, k0, lane);
-      frag_b(bl, Yl + b * TC_QC * L.ly, L.ly, 0, k0, lane);
-      mma16816<T>(c, af, bh);
-      mma16816<T>(c, af, bl);
+      uint32_t fh[4], fl[4], yh[2], yl[2];
+      frag_a(fh, Ah, L.la, mt * 16, k0, lane);
+      if constexpr (factor_lo<T>()) frag_a(fl, Al, L.la, mt * 16, k0, lane);
+      frag_b(yh, Yh + b * TC_QC * L.ly, L.ly, 0, k0, lane);
+      frag_b(yl, Yl + b * TC_QC * L.ly, L.ly, 0, k0, lane);
+      mma_split<T>(c, fh, fl, yh, yl);
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -250,7 +199,7 @@ kron_rows_kernel(const T *__restrict__ w, const T *__restrict__ e, const T *__re
 
 struct ColsLayout {
   int i1p, i2p, lz, lyt, lc, ld, pr, tpr;
-  int64_t zh, zl, yh, yl, cs, ds, bytes;
+  int64_t zh, zl, yh, yl, ch, cl, dh, dl, bytes;
 };
 
 __host__ __device__ inline ColsLayout cols_layout(int i1, int i2) {
@@ -271,9 +220,11 @@ __host__ __device__ inline ColsLayout cols_layout(int i1, int i2) {
   l.zl = l.zh + zb;
   l.yh = l.zl + zb;
   l.yl = l.yh + yb;
-  l.cs = l.yl + yb;                                      // Cs [i1p][lc]
-  l.ds = l.cs + (int64_t)l.i1p * l.lc * e;               // Ds [i2p][ld]
-  l.bytes = (l.ds + (int64_t)l.i2p * l.ld * e + 15) / 16 * 16;
+  l.ch = l.yl + yb;                                      // C hi, lo [i1p][lc]
+  l.cl = l.ch + (int64_t)l.i1p * l.lc * e;
+  l.dh = l.cl + (int64_t)l.i1p * l.lc * e;               // D hi, lo [i2p][ld]
+  l.dl = l.dh + (int64_t)l.i2p * l.ld * e;
+  l.bytes = (l.dl + (int64_t)l.i2p * l.ld * e + 15) / 16 * 16;
   return l;
 }
 
@@ -284,9 +235,10 @@ kron_cols_kernel(const float *__restrict__ z, const T *__restrict__ fc, const T 
                  int i1, int i2, int64_t O, int64_t r0, int64_t nr, int64_t nexp, int64_t expert, int accumulate) {
   CAMEX_DYNAMIC_SMEM(smem);
   const ColsLayout L = cols_layout(i1, i2);
-  T *Zh = reinterpret_cast<T *>(smem + L.zh), *Zl = reinterpret_cast<T *>(smem + L.zl);
-  T *Yh = reinterpret_cast<T *>(smem + L.yh), *Yl = reinterpret_cast<T *>(smem + L.yl);
-  T *Cs = reinterpret_cast<T *>(smem + L.cs), *Ds = reinterpret_cast<T *>(smem + L.ds);
+  MmaT *Zh = reinterpret_cast<MmaT *>(smem + L.zh), *Zl = reinterpret_cast<MmaT *>(smem + L.zl);
+  MmaT *Yh = reinterpret_cast<MmaT *>(smem + L.yh), *Yl = reinterpret_cast<MmaT *>(smem + L.yl);
+  MmaT *Ch = reinterpret_cast<MmaT *>(smem + L.ch), *Cl = reinterpret_cast<MmaT *>(smem + L.cl);
+  MmaT *Dh = reinterpret_cast<MmaT *>(smem + L.dh), *Dl = reinterpret_cast<MmaT *>(smem + L.dl);
   const int64_t I = (int64_t)i1 * i2, slabs = (I + TC_QC - 1) / TC_QC;
   const int64_t p0 = (int64_t)blockIdx.x * L.pr;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -301,8 +253,8 @@ kron_cols_kernel(const float *__restrict__ z, const T *__restrict__ fc, const T 
   for (int64_t rl = 0; rl < nr; ++rl) {
     const int64_t r = r0 + rl;
     __syncthreads();  // the previous rank's readers are done (and the zeroing is visible)
-    load_factor(Cs, fc + (r * nexp + expert) * i1 * i1, i1, L.lc);
-    load_factor(Ds, fd + (r * nexp + expert) * i2 * i2, i2, L.ld);
+    load_factor(Ch, Cl, fc + (r * nexp + expert) * i1 * i1, i1, L.lc);
+    load_factor(Dh, Dl, fd + (r * nexp + expert) * i2 * i2, i2, L.ld);
     const float *zr = z + rl * slabs * O * TC_QC;
     for (int64_t x = threadIdx.x; x < (int64_t)L.pr * slabs; x += TC_THREADS) {
       const int64_t pl = x / slabs, sl = x % slabs, p = p0 + pl;
@@ -324,12 +276,17 @@ kron_cols_kernel(const float *__restrict__ z, const T *__restrict__ fc, const T 
       const int mt = tile / ntc, nt = tile % ntc;
       float c[4] = {0.f, 0.f, 0.f, 0.f};
       for (int k0 = 0; k0 < L.i2p; k0 += 16) {
-        uint32_t ah[4], al[4], bf[2];
-        frag_a(ah, Zh, L.lz, mt * 16, k0, lane);
-        frag_a(al, Zl, L.lz, mt * 16, k0, lane);
-        frag_b(bf, Ds, L.ld, nt * 8, k0, lane);
-        mma16816<T>(c, ah, bf);
-        mma16816<T>(c, al, bf);
+        // Here the data (Z) is the A operand and the factor the B operand.
+        uint32_t zh[4], zl[4], fh[2], fl[2];
+        frag_a(zh, Zh, L.lz, mt * 16, k0, lane);
+        frag_a(zl, Zl, L.lz, mt * 16, k0, lane);
+        frag_b(fh, Dh, L.ld, nt * 8, k0, lane);
+        mma16816<MmaT>(c, zh, fh);
+        mma16816<MmaT>(c, zl, fh);
+        if constexpr (factor_lo<T>()) {
+          frag_b(fl, Dl, L.ld, nt * 8, k0, lane);
+          mma16816<MmaT>(c, zh, fl);
+        }
       }
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -348,12 +305,12 @@ kron_cols_kernel(const float *__restrict__ z, const T *__restrict__ fc, const T 
       if (tile < L.pr * L.tpr) {
         const int pl = tile / L.tpr, mt = (tile % L.tpr) / ntc, nt = tile % ntc;
         for (int k0 = 0; k0 < L.i1p; k0 += 16) {
-          uint32_t af[4], bh[2], bl[2];
-          frag_a(af, Cs, L.lc, mt * 16, k0, lane);
-          frag_b(bh, Yh + pl * L.i2p * L.lyt, L.lyt, nt * 8, k0, lane);
-          frag_b(bl, Yl + pl * L.i2p * L.lyt, L.lyt, nt * 8, k0, lane);
-          mma16816<T>(acc[j], af, bh);
-          mma16816<T>(acc[j], af, bl);
+          uint32_t fh[4], fl[4], yh[2], yl[2];
+          frag_a(fh, Ch, L.lc, mt * 16, k0, lane);
+          if constexpr (factor_lo<T>()) frag_a(fl, Cl, L.lc, mt * 16, k0, lane);
+          frag_b(yh, Yh + pl * L.i2p * L.lyt, L.lyt, nt * 8, k0, lane);
+          frag_b(yl, Yl + pl * L.i2p * L.lyt, L.lyt, nt * 8, k0, lane);
+          mma_split<T>(acc[j], fh, fl, yh, yl);
         }
       }
     }
@@ -426,6 +383,7 @@ inline int64_t kron_tc_rank_chunk(const D4 &d4, int64_t r) {
   int64_t c = TC_Z_BUDGET / per_rank;
   if (c < 1) c = 1;
   if (c > r) c = r;
+  if (c > 65535) c = 65535;  // grid.y of the stage-1 launch
   return c;
 }
 
@@ -443,9 +401,12 @@ inline int kron_forward_tc(cudaStream_t s, float *u, const T *w, const T *e, con
   const int64_t O = (int64_t)o1 * o2, I = (int64_t)i1 * i2;
   const RowsLayout rl = rows_layout(o1, o2);
   const ColsLayout cl = cols_layout(i1, i2);
-  cudaError_t err = CAMEX_SET_MAX_SMEM(kron_rows_kernel<T>, rl.bytes);
+  // The opt-in is a process-wide attribute of each kernel: always the device's limit (>= every size
+  // kron_tc_shape_ok accepts), so concurrent calls with other shapes cannot lower it under a launch.
+  const int64_t lim = tc_smem_limit();
+  cudaError_t err = CAMEX_SET_MAX_SMEM(kron_rows_kernel<T>, lim);
   if (err != cudaSuccess) return (int)err;
-  err = CAMEX_SET_MAX_SMEM(kron_cols_kernel<T>, cl.bytes);
+  err = CAMEX_SET_MAX_SMEM(kron_cols_kernel<T>, lim);
   if (err != cudaSuccess) return (int)err;
   const int64_t chunk = kron_tc_rank_chunk(d4, f.r);
   for (int64_t r0 = 0; r0 < f.r; r0 += chunk) {

@@ -791,9 +791,9 @@ fn ca_merge_t5_base() {
     ca_case::<f16>(&s, sh, true, opts, false, false);
 }
 
-/// The tensor-core Kronecker forward (kernels/kron_tc.cuh, opt-in until a GPU has run it), switched
-/// on for this test's thread: the curvature and every CA-merge case in f16/bf16, forward and backward
-/// (the backward recomputes U on this path), at the odd shapes, T5-base `wi` and its transpose `wo`.
+/// The tensor-core kernels (kernels/kron_tc.cuh and gemm_tc_kernel, opt-in until a GPU has run
+/// them), switched on for this test's thread: the merged linear, the curvature and every CA-merge
+/// case in f16/bf16, forward and backward, at the odd shapes, T5-base `wi` and its transpose `wo`.
 #[test]
 fn tensor_core_path_matches_cpu() {
     let Some(s) = gpu("tensor_core_path_matches_cpu") else {
@@ -801,6 +801,12 @@ fn tensor_core_path_matches_cpu() {
     };
     cuda::set_tensor_cores(Some(true));
     assert!(cuda::tensor_cores(), "the switch must apply on this thread");
+    for (g, t, o, i) in linear_cases() {
+        for bias in [false, true] {
+            linear_case::<f16>(&s, g, t, o, i, bias);
+            linear_case::<bf16>(&s, g, t, o, i, bias);
+        }
+    }
     for sh in shapes() {
         curvature_case::<f16>(&s, sh, true);
         curvature_case::<bf16>(&s, sh, true);
@@ -863,11 +869,8 @@ fn linear_case<T: Dt>(s: &Stream, g: usize, t: usize, o: usize, i: usize, bias: 
     }
 }
 
-#[test]
-fn merged_linear_matches_cpu() {
-    let Some(s) = gpu("merged_linear_matches_cpu") else {
-        return;
-    };
+/// (G, T, O, I) of the merged-linear cases: degenerate, odd, tile-sized and T5-base.
+fn linear_cases() -> Vec<(usize, usize, usize, usize)> {
     let mut cases = vec![
         (1, 1, 1, 1),
         (3, 5, 7, 9),
@@ -877,7 +880,15 @@ fn merged_linear_matches_cpu() {
     if t5() {
         cases.push((16, 128, 3072, 768));
     }
-    for (g, t, o, i) in cases {
+    cases
+}
+
+#[test]
+fn merged_linear_matches_cpu() {
+    let Some(s) = gpu("merged_linear_matches_cpu") else {
+        return;
+    };
+    for (g, t, o, i) in linear_cases() {
         for bias in [false, true] {
             linear_case::<f32>(&s, g, t, o, i, bias);
             linear_case::<f16>(&s, g, t, o, i, bias);

@@ -3,7 +3,7 @@
 //! One module per operator family, the same split as `kernels/` and `src/cuda/`:
 //! [`curvature`](mod@curvature) (domain vectors and M_i), [`mask`] (TIES), [`merge`](mod@merge) (merge and the fused
 //! CA-merge), [`linear`] (merged linear), [`dynamic`] (dynamic merge), [`segment`] (causal segment
-//! scores). Generic over [`Float`](crate::Float) (f32, f64); every reduction accumulates in the storage
+//! scores). Generic over [`Float`] (f32, f64); every reduction accumulates in the storage
 //! type or wider, and results do not depend on the thread count (fixed partitions, no atomics).
 
 pub mod curvature;

@@ -157,15 +157,17 @@ pub fn set_poison_outputs(on: bool) {
     POISON.store(on, Ordering::SeqCst);
 }
 
-/// Chooses, for the calling thread, the path of the Kronecker curvature forward (standalone
-/// `curvature` and the fused CA-merge, forward and the recompute inside their backward) for f16 and
-/// bf16 storage: `Some(true)` the tensor-core kernels of `kernels/kron_tc.cuh` (mma.sync, hi/lo
-/// split operands, f32 accumulation), `Some(false)` the scalar kernels, `None` the process default
-/// (the environment variable `CAMEX_TENSOR_CORES=1` turns it on; off otherwise).
+/// Chooses, for the calling thread, whether f16/bf16 operators use the tensor cores: the two-stage
+/// Kronecker curvature forward of `kernels/kron_tc.cuh` (standalone `curvature`, the fused CA-merge,
+/// and the recompute inside their backward) and the tensor-core strided GEMM behind every other mode
+/// product, factor-gradient contraction and the merged linear layer (`kernels/gemm.cuh`). Both split
+/// each f32 operand into hi + lo storage halves and accumulate in f32. `Some(true)` on, `Some(false)`
+/// off, `None` the process default (the environment variable `CAMEX_TENSOR_CORES=1` turns it on; off
+/// otherwise).
 ///
 /// **Not yet run on a GPU**: the tensor-core kernels are checked only in the CPU emulation of the
 /// kernels (`CAMEX_KERNEL_EMU=1`), so they are opt-in; the scalar kernels, the default, passed every
-/// GPU test on an H200. f32 storage and factors larger than 64 always take the scalar path.
+/// GPU test on an H200. f32 storage always takes the scalar kernels (SPEC's 1e-5 needs f32 products).
 pub fn set_tensor_cores(mode: Option<bool>) {
     let m = match mode {
         None => -1,
