@@ -1624,6 +1624,48 @@ mod emu {
         }
     }
 
+    fn emu_linear_case<T: Dt>(g: usize, t: usize, o: usize, i: usize, bias: bool) {
+        let mut rng = Rng(g as u64 * 1000 + t as u64 + 1);
+        let x = host::<T>(&rng.tensor(&[g, t, i], 1.0));
+        let m = host::<T>(&rng.tensor(&[g, o, i], 1.0));
+        let bb = host::<T>(&rng.tensor(&[g, o], 1.0));
+        let dy = host::<T>(&rng.tensor(&[g, t, o], 1.0));
+        let y = nan::<T>(g * t * o);
+        let (gx, gw, gbias) = (nan::<T>(g * t * i), nan::<T>(g * o * i), nan::<T>(g * o));
+        let prm = ffi::camex_linear_params {
+            dtype: T::CODE,
+            g: g as i64,
+            t: t as i64,
+            o: o as i64,
+            i: i as i64,
+            x: p(&x.1),
+            merged: p(&m.1),
+            merged_bias: if bias { p(&bb.1) } else { 0 },
+            y: p(&y),
+            grad_y: p(&dy.1),
+            grad_x: p(&gx),
+            grad_merged: p(&gw),
+            grad_merged_bias: if bias { p(&gbias) } else { 0 },
+        };
+        // SAFETY: host buffers of the implied sizes (emulation).
+        ok(
+            unsafe { ffi::camex_linear_forward(&prm, stream()) },
+            "linear",
+        );
+        ok(
+            unsafe { ffi::camex_linear_backward(&prm, stream()) },
+            "linear_backward",
+        );
+        let want = cpu::merged_linear(&x.0, &m.0, bias.then_some(&bb.0)).unwrap();
+        cmp("merged_linear y", &y, &want);
+        let want = cpu::merged_linear_backward(&x.0, &m.0, bias.then_some(&bb.0), &dy.0).unwrap();
+        cmp("merged_linear grad_x", &gx, &want.grad_x);
+        cmp("merged_linear grad_merged", &gw, &want.grad_merged);
+        if let Some(wb) = &want.grad_merged_bias {
+            cmp("merged_linear grad_merged_bias", &gbias, wb);
+        }
+    }
+
     #[test]
     fn emu_linear_dynamic_segment_match_cpu() {
         if !on("emu_linear_dynamic_segment_match_cpu") {
@@ -1631,50 +1673,10 @@ mod emu {
         }
         for (g, t, o, i) in [(1, 1, 1, 1), (3, 5, 7, 9), (2, 67, 130, 70)] {
             for bias in [false, true] {
-                let mut rng = Rng(g as u64 * 1000 + t as u64 + 1);
-                let x = host::<f32>(&rng.tensor(&[g, t, i], 1.0));
-                let m = host::<f32>(&rng.tensor(&[g, o, i], 1.0));
-                let bb = host::<f32>(&rng.tensor(&[g, o], 1.0));
-                let dy = host::<f32>(&rng.tensor(&[g, t, o], 1.0));
-                let y = nan::<f32>(g * t * o);
-                let (gx, gw, gbias) = (
-                    nan::<f32>(g * t * i),
-                    nan::<f32>(g * o * i),
-                    nan::<f32>(g * o),
-                );
-                let prm = ffi::camex_linear_params {
-                    dtype: f32::CODE,
-                    g: g as i64,
-                    t: t as i64,
-                    o: o as i64,
-                    i: i as i64,
-                    x: p(&x.1),
-                    merged: p(&m.1),
-                    merged_bias: if bias { p(&bb.1) } else { 0 },
-                    y: p(&y),
-                    grad_y: p(&dy.1),
-                    grad_x: p(&gx),
-                    grad_merged: p(&gw),
-                    grad_merged_bias: if bias { p(&gbias) } else { 0 },
-                };
-                // SAFETY: host buffers of the implied sizes (emulation).
-                ok(
-                    unsafe { ffi::camex_linear_forward(&prm, stream()) },
-                    "linear",
-                );
-                ok(
-                    unsafe { ffi::camex_linear_backward(&prm, stream()) },
-                    "linear_backward",
-                );
-                let want = cpu::merged_linear(&x.0, &m.0, bias.then_some(&bb.0)).unwrap();
-                cmp("merged_linear y", &y, &want);
-                let want =
-                    cpu::merged_linear_backward(&x.0, &m.0, bias.then_some(&bb.0), &dy.0).unwrap();
-                cmp("merged_linear grad_x", &gx, &want.grad_x);
-                cmp("merged_linear grad_merged", &gw, &want.grad_merged);
-                if let Some(wb) = &want.grad_merged_bias {
-                    cmp("merged_linear grad_merged_bias", &gbias, wb);
-                }
+                emu_linear_case::<f32>(g, t, o, i, bias);
+                // f16/bf16 run the GEMMs on the tensor-core kernel (on in the emulation build).
+                emu_linear_case::<f16>(g, t, o, i, bias);
+                emu_linear_case::<bf16>(g, t, o, i, bias);
             }
         }
         for sh in small_shapes() {
