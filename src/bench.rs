@@ -1435,7 +1435,13 @@ fn run_cli_cuda(a: &BenchArgs, out: &mut dyn std::io::Write) -> Result<()> {
                 pass,
             };
             let m = gpu::measure_case(&case, 0, a.warmup.max(1), a.iters)?;
-            writeln!(out, "{}", line(&case, &m, &machine, None)).map_err(io)?;
+            let mut l = line(&case, &m, &machine, None);
+            // The opt-in tensor-core kernels (CAMEX_TENSOR_CORES=1) serve these ops in f16/bf16.
+            let tc_op = matches!(op, Op::CaMerge | Op::Curvature | Op::MergedLinear);
+            if tc_op && matches!(a.dtype, DType::F16 | DType::BF16) && crate::cuda::tensor_cores() {
+                l = l.replace("impl=camex", "impl=camex-tc");
+            }
+            writeln!(out, "{l}").map_err(io)?;
         }
     }
     Ok(())
