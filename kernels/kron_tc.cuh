@@ -41,15 +41,19 @@ constexpr int TC_KMAX = 64; // largest factor size the tensor-core path takes
 constexpr int TC_ACC = 8;   // m16n8 f32 accumulator tiles per warp in stage 2 (32 registers)
 constexpr int64_t TC_SMEM_MAX = 200 * 1024;
 
-// Copies a k x k factor into zero-padded [kp][ld] shared matrices as bf16 hi + lo (lo is zero for
-// bf16 storage; the padding is zeroed once).
-template <typename T>
-__device__ __forceinline__ void load_factor(MmaT *hi, MmaT *lo, const T *f, int k, int ld) {
-  for (int x = threadIdx.x; x < k * k; x += TC_THREADS) split_store(hi, lo, (x / k) * ld + x % k, to_f32(f[x]));
-}
-
 // Whether a factor's lo half can be non-zero (f16 storage), i.e. needs its own product.
 template <typename T> __host__ __device__ constexpr bool factor_lo() { return !std::is_same<T, __nv_bfloat16>::value; }
+
+// Copies a k x k factor into zero-padded [kp][ld] shared matrices as bf16 hi + lo; bf16 storage is
+// exact in hi and has no lo array (the padding is zeroed once).
+template <typename T>
+__device__ __forceinline__ void load_factor(MmaT *hi, MmaT *lo, const T *f, int k, int ld) {
+  for (int x = threadIdx.x; x < k * k; x += TC_THREADS) {
+    const int64_t at = (x / k) * ld + x % k;
+    if constexpr (factor_lo<T>()) split_store(hi, lo, at, to_f32(f[x]));
+    else hi[at] = from_f32<MmaT>(to_f32(f[x]));
+  }
+}
 
 // c += A_hi B_hi + A_hi B_lo + A_lo B_hi, leaving out A_lo (the factor's) for bf16 storage.
 template <typename T>
@@ -74,7 +78,8 @@ struct RowsLayout {
   int64_t xh, xl, yh, yl, ah, al, bh, bl, bytes;  // byte offsets
 };
 
-__host__ __device__ inline RowsLayout rows_layout(int o1, int o2) {
+// flo: the factors have lo halves (f16 storage, factor_lo<T>()); without, their lo arrays are empty.
+__host__ __device__ inline RowsLayout rows_layout(int o1, int o2, bool flo) {
   RowsLayout l;
   l.o1p = tc_pad(o1);
   l.o2p = tc_pad(o2);
@@ -91,9 +96,9 @@ __host__ __device__ inline RowsLayout rows_layout(int o1, int o2) {
   l.yl = l.yh + y;
   l.ah = l.yl + y;                                  // A hi, lo [o1p][la]
   l.al = l.ah + (int64_t)l.o1p * l.la * e;
-  l.bh = l.al + (int64_t)l.o1p * l.la * e;          // B hi, lo [o2p][lb]
+  l.bh = l.al + (flo ? (int64_t)l.o1p * l.la * e : 0);  // B hi, lo [o2p][lb]
   l.bl = l.bh + (int64_t)l.o2p * l.lb * e;
-  l.bytes = (l.bl + (int64_t)l.o2p * l.lb * e + 15) / 16 * 16;
+  l.bytes = (l.bl + (flo ? (int64_t)l.o2p * l.lb * e : 0) + 15) / 16 * 16;
   return l;
 }
 
@@ -104,7 +109,7 @@ __global__ void __launch_bounds__(TC_THREADS)
 kron_rows_kernel(const T *__restrict__ w, const T *__restrict__ e, const T *__restrict__ fa, const T *__restrict__ fb,
                  float *__restrict__ z, int o1, int o2, int64_t I, int64_t nexp, int64_t expert, int64_t r0) {
   CAMEX_DYNAMIC_SMEM(smem);
-  const RowsLayout L = rows_layout(o1, o2);
+  const RowsLayout L = rows_layout(o1, o2, factor_lo<T>());
   MmaT *Xh = reinterpret_cast<MmaT *>(smem + L.xh), *Xl = reinterpret_cast<MmaT *>(smem + L.xl);
   MmaT *Yh = reinterpret_cast<MmaT *>(smem + L.yh), *Yl = reinterpret_cast<MmaT *>(smem + L.yl);
   MmaT *Ah = reinterpret_cast<MmaT *>(smem + L.ah), *Al = reinterpret_cast<MmaT *>(smem + L.al);
@@ -202,7 +207,7 @@ struct ColsLayout {
   int64_t zh, zl, yh, yl, ch, cl, dh, dl, bytes;
 };
 
-__host__ __device__ inline ColsLayout cols_layout(int i1, int i2) {
+__host__ __device__ inline ColsLayout cols_layout(int i1, int i2, bool flo) {
   ColsLayout l;
   l.i1p = tc_pad(i1);
   l.i2p = tc_pad(i2);
@@ -222,9 +227,9 @@ __host__ __device__ inline ColsLayout cols_layout(int i1, int i2) {
   l.yl = l.yh + yb;
   l.ch = l.yl + yb;                                      // C hi, lo [i1p][lc]
   l.cl = l.ch + (int64_t)l.i1p * l.lc * e;
-  l.dh = l.cl + (int64_t)l.i1p * l.lc * e;               // D hi, lo [i2p][ld]
+  l.dh = l.cl + (flo ? (int64_t)l.i1p * l.lc * e : 0);   // D hi, lo [i2p][ld]
   l.dl = l.dh + (int64_t)l.i2p * l.ld * e;
-  l.bytes = (l.dl + (int64_t)l.i2p * l.ld * e + 15) / 16 * 16;
+  l.bytes = (l.dl + (flo ? (int64_t)l.i2p * l.ld * e : 0) + 15) / 16 * 16;
   return l;
 }
 
@@ -234,7 +239,7 @@ __global__ void __launch_bounds__(TC_THREADS)
 kron_cols_kernel(const float *__restrict__ z, const T *__restrict__ fc, const T *__restrict__ fd, float *__restrict__ u,
                  int i1, int i2, int64_t O, int64_t r0, int64_t nr, int64_t nexp, int64_t expert, int accumulate) {
   CAMEX_DYNAMIC_SMEM(smem);
-  const ColsLayout L = cols_layout(i1, i2);
+  const ColsLayout L = cols_layout(i1, i2, factor_lo<T>());
   MmaT *Zh = reinterpret_cast<MmaT *>(smem + L.zh), *Zl = reinterpret_cast<MmaT *>(smem + L.zl);
   MmaT *Yh = reinterpret_cast<MmaT *>(smem + L.yh), *Yl = reinterpret_cast<MmaT *>(smem + L.yl);
   MmaT *Ch = reinterpret_cast<MmaT *>(smem + L.ch), *Cl = reinterpret_cast<MmaT *>(smem + L.cl);
@@ -363,11 +368,12 @@ inline int64_t tc_smem_limit() {
 // Whether the tensor-core path takes this expert shape here (storage f16/bf16 is checked by the
 // caller): switched on for this thread (camex_set_tensor_cores / CAMEX_TENSOR_CORES=1, camex.h),
 // factors small enough, and the blocks' shared memory within what this device allows.
-inline bool kron_tc_shape_ok(const D4 &d4) {
+inline bool kron_tc_shape_ok(const D4 &d4, bool flo) {
   if (!camex_tensor_cores()) return false;
   if (!kron_tc_dims_ok(d4)) return false;
   const int64_t lim = tc_smem_limit();
-  return rows_layout((int)d4.d[0], (int)d4.d[1]).bytes <= lim && cols_layout((int)d4.d[2], (int)d4.d[3]).bytes <= lim;
+  return rows_layout((int)d4.d[0], (int)d4.d[1], flo).bytes <= lim &&
+         cols_layout((int)d4.d[2], (int)d4.d[3], flo).bytes <= lim;
 }
 
 // Ranks per stage-1/stage-2 round: as many as keep Z (f32) within TC_Z_BUDGET bytes, so that it
@@ -399,8 +405,8 @@ inline int kron_forward_tc(cudaStream_t s, float *u, const T *w, const T *e, con
                            const D4 &d4, float *z) {
   const int o1 = (int)d4.d[0], o2 = (int)d4.d[1], i1 = (int)d4.d[2], i2 = (int)d4.d[3];
   const int64_t O = (int64_t)o1 * o2, I = (int64_t)i1 * i2;
-  const RowsLayout rl = rows_layout(o1, o2);
-  const ColsLayout cl = cols_layout(i1, i2);
+  const RowsLayout rl = rows_layout(o1, o2, factor_lo<T>());
+  const ColsLayout cl = cols_layout(i1, i2, factor_lo<T>());
   // The opt-in is a process-wide attribute of each kernel: always the device's limit (>= every size
   // kron_tc_shape_ok accepts), so concurrent calls with other shapes cannot lower it under a launch.
   const int64_t lim = tc_smem_limit();
@@ -430,7 +436,7 @@ template <typename T>
 inline int kron_forward_any(cudaStream_t s, float *u, const T *base, const T *w, const KronFactors &f, int64_t expert,
                             const D4 &d4, float *s1, float *s2) {
   if constexpr (is_half_type<T>::value) {
-    if (kron_tc_shape_ok(d4)) return kron_forward_tc<T>(s, u, w, base, f, expert, d4, s1);
+    if (kron_tc_shape_ok(d4, factor_lo<T>())) return kron_forward_tc<T>(s, u, w, base, f, expert, d4, s1);
   }
   return kron_forward<T>(s, u, tau_opnd<T>(w, base), f, expert, d4, s1, s2);
 }

@@ -48,15 +48,6 @@ template <typename T> __device__ __forceinline__ uint32_t ld_pair(const T *p) {
   return *reinterpret_cast<const uint32_t *>(p);
 }
 
-// Two values rounded to T, packed as one 32-bit word (the first in the low half).
-template <typename T> __device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
-  const T a = from_f32<T>(lo), b = from_f32<T>(hi);
-  uint16_t ua, ub;
-  memcpy(&ua, &a, 2);
-  memcpy(&ub, &b, 2);
-  return (uint32_t)ua | ((uint32_t)ub << 16);
-}
-
 // A fragment: rows m0..m0+15, k k0..k0+15 of a row-major [rows][ld] shared matrix.
 template <typename T>
 __device__ __forceinline__ void frag_a(uint32_t a[4], const T *s, int ld, int m0, int k0, int lane) {
@@ -76,8 +67,9 @@ __device__ __forceinline__ void frag_b(uint32_t b[2], const T *s, int ld, int n0
   b[1] = ld_pair(p + 8);
 }
 
-// Splits v into hi = T(v) and lo = T(v - hi): hi + lo carries about twice T's significand, so a
-// product with an exact T factor loses nothing that matters (SPEC's scalar gradients need it).
+// Splits v into hi = T(v) and lo = T(v - hi) (T = MmaT, bf16): hi + lo carries ~16 significant
+// bits with f32's range, so its products with an exact factor lose nothing SPEC's tolerances see
+// (its scalar gradients need it). An infinite v gives lo = NaN, so Inf inputs come out as NaN.
 template <typename T> __device__ __forceinline__ void split_store(T *hi, T *lo, int64_t k, float v) {
   const T h = from_f32<T>(v);
   hi[k] = h;
