@@ -92,23 +92,18 @@ template <class... P> struct Launcher {
 
 template <class... P> Launcher<P...> launcher(void (*k)(P...), dim3 g, dim3 b) { return Launcher<P...>{k, g, b}; }
 
-// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: D = A B + C on one warp, with the fragment
+inline float bf16_bits_to_f32(uint16_t h) {
+  const uint32_t u = (uint32_t)h << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32: D = A B + C on one warp, with the fragment
 // layout of the PTX ISA (groupID g = lane / 4, t = lane % 4; the lower-indexed element of a pair in
 // the low 16 bits): A a0:(g, 2t..2t+1) a1:(g+8, 2t..) a2:(g, 2t+8..) a3:(g+8, 2t+8..);
 // B b0:(k 2t..2t+1, n g) b1:(k 2t+8.., n g); C c0,c1:(g, 2t..2t+1) c2,c3:(g+8, 2t..2t+1).
-inline float half_bits_to_f32(uint16_t h, bool bf) {
-  if (bf) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
-  __half x;
-  std::memcpy(&x, &h, 2);
-  return __half2float(x);
-}
-
-inline void mma16816(float c[4], const uint32_t a[4], const uint32_t b[2], bool bf) {
+inline void mma_bf16(float c[4], const uint32_t a[4], const uint32_t b[2]) {
   Warp &w = *t_warp;
   const unsigned lane = t_lane;
   for (int i = 0; i < 4; ++i) w.a[lane][i] = a[i];
@@ -119,17 +114,17 @@ inline void mma16816(float c[4], const uint32_t a[4], const uint32_t b[2], bool 
   for (unsigned l = 0; l < 32; ++l) {
     const unsigned g = l >> 2, t = l & 3;
     auto put = [&](float(*m)[16], unsigned r, unsigned col, uint32_t v) {
-      m[r][col] = half_bits_to_f32((uint16_t)(v & 0xffff), bf);
-      m[r][col + 1] = half_bits_to_f32((uint16_t)(v >> 16), bf);
+      m[r][col] = bf16_bits_to_f32((uint16_t)(v & 0xffff));
+      m[r][col + 1] = bf16_bits_to_f32((uint16_t)(v >> 16));
     };
     put(A, g, 2 * t, w.a[l][0]);
     put(A, g + 8, 2 * t, w.a[l][1]);
     put(A, g, 2 * t + 8, w.a[l][2]);
     put(A, g + 8, 2 * t + 8, w.a[l][3]);
-    B[2 * t][g] = half_bits_to_f32((uint16_t)(w.b[l][0] & 0xffff), bf);
-    B[2 * t + 1][g] = half_bits_to_f32((uint16_t)(w.b[l][0] >> 16), bf);
-    B[2 * t + 8][g] = half_bits_to_f32((uint16_t)(w.b[l][1] & 0xffff), bf);
-    B[2 * t + 9][g] = half_bits_to_f32((uint16_t)(w.b[l][1] >> 16), bf);
+    B[2 * t][g] = bf16_bits_to_f32((uint16_t)(w.b[l][0] & 0xffff));
+    B[2 * t + 1][g] = bf16_bits_to_f32((uint16_t)(w.b[l][0] >> 16));
+    B[2 * t + 8][g] = bf16_bits_to_f32((uint16_t)(w.b[l][1] & 0xffff));
+    B[2 * t + 9][g] = bf16_bits_to_f32((uint16_t)(w.b[l][1] >> 16));
   }
   w.bar.arrive_and_wait();  // every lane has read the fragments before any lane writes new ones
   const unsigned g = lane >> 2, t = lane & 3;

@@ -194,9 +194,9 @@ gemm_tc_kernel(Opnd a, Opnd b, OutView out, float *partial, int64_t M, int64_t N
       uint32_t bh[2], bl[2];
       frag_b(bh, Bh, LK, wn * 32 + nt * 8, 0, lane);
       frag_b(bl, Bl, LK, wn * 32 + nt * 8, 0, lane);
-      mma16816<MmaT>(acc[nt], ah, bh);
-      mma16816<MmaT>(acc[nt], ah, bl);
-      mma16816<MmaT>(acc[nt], al, bh);
+      mma_bf16(acc[nt], ah, bh);
+      mma_bf16(acc[nt], ah, bl);
+      mma_bf16(acc[nt], al, bh);
     }
     __syncthreads();
   }

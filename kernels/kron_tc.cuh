@@ -59,9 +59,9 @@ __device__ __forceinline__ void load_factor(MmaT *hi, MmaT *lo, const T *f, int 
 template <typename T>
 __device__ __forceinline__ void mma_split(float c[4], const uint32_t ah[4], const uint32_t al[4], const uint32_t bh[2],
                                           const uint32_t bl[2]) {
-  mma16816<MmaT>(c, ah, bh);
-  mma16816<MmaT>(c, ah, bl);
-  if constexpr (factor_lo<T>()) mma16816<MmaT>(c, al, bh);
+  mma_bf16(c, ah, bh);
+  mma_bf16(c, ah, bl);
+  if constexpr (factor_lo<T>()) mma_bf16(c, al, bh);
 }
 
 __device__ __forceinline__ void zero_smem(char *smem, int64_t bytes) {
@@ -286,11 +286,11 @@ kron_cols_kernel(const float *__restrict__ z, const T *__restrict__ fc, const T 
         frag_a(zh, Zh, L.lz, mt * 16, k0, lane);
         frag_a(zl, Zl, L.lz, mt * 16, k0, lane);
         frag_b(fh, Dh, L.ld, nt * 8, k0, lane);
-        mma16816<MmaT>(c, zh, fh);
-        mma16816<MmaT>(c, zl, fh);
+        mma_bf16(c, zh, fh);
+        mma_bf16(c, zl, fh);
         if constexpr (factor_lo<T>()) {
           frag_b(fl, Dl, L.ld, nt * 8, k0, lane);
-          mma16816<MmaT>(c, zh, fl);
+          mma_bf16(c, zh, fl);
         }
       }
 #pragma unroll
@@ -365,13 +365,8 @@ inline int64_t tc_smem_limit() {
 #endif
 }
 
-// Whether the tensor-core path takes this expert shape here (storage f16/bf16 is checked by the
-// caller): switched on for this thread (camex_set_tensor_cores / CAMEX_TENSOR_CORES=1, camex.h),
-// factors small enough, and the blocks' shared memory within what this device allows.
-inline bool kron_tc_shape_ok(const D4 &d4, bool flo) {
-  if (!camex_tensor_cores()) return false;
-  if (!kron_tc_dims_ok(d4)) return false;
-  const int64_t lim = tc_smem_limit();
+// Whether the two stages' shared memory fits `lim` (tc_smem_limit() of the launch's device).
+inline bool kron_tc_fits(const D4 &d4, bool flo, int64_t lim) {
   return rows_layout((int)d4.d[0], (int)d4.d[1], flo).bytes <= lim &&
          cols_layout((int)d4.d[2], (int)d4.d[3], flo).bytes <= lim;
 }
@@ -399,17 +394,17 @@ inline int64_t kron_tc_z_bytes(const D4 &d4, int64_t r) {
   return kron_tc_rank_chunk(d4, r) * ((i + TC_QC - 1) / TC_QC) * o * TC_QC * 4;
 }
 
-// u (f32 [O*I], overwritten) = the curvature of expert `expert` (tau = w - e); z: kron_tc_z_bytes.
+// u (f32 [O*I], overwritten) = the curvature of expert `expert` (tau = w - e); z: kron_tc_z_bytes;
+// lim: tc_smem_limit(), which kron_tc_fits checked the layouts against.
 template <typename T>
 inline int kron_forward_tc(cudaStream_t s, float *u, const T *w, const T *e, const KronFactors &f, int64_t expert,
-                           const D4 &d4, float *z) {
+                           const D4 &d4, float *z, int64_t lim) {
   const int o1 = (int)d4.d[0], o2 = (int)d4.d[1], i1 = (int)d4.d[2], i2 = (int)d4.d[3];
   const int64_t O = (int64_t)o1 * o2, I = (int64_t)i1 * i2;
   const RowsLayout rl = rows_layout(o1, o2, factor_lo<T>());
   const ColsLayout cl = cols_layout(i1, i2, factor_lo<T>());
   // The opt-in is a process-wide attribute of each kernel: always the device's limit (>= every size
-  // kron_tc_shape_ok accepts), so concurrent calls with other shapes cannot lower it under a launch.
-  const int64_t lim = tc_smem_limit();
+  // kron_tc_fits accepts), so concurrent calls with other shapes cannot lower it under a launch.
   cudaError_t err = CAMEX_SET_MAX_SMEM(kron_rows_kernel<T>, lim);
   if (err != cudaSuccess) return (int)err;
   err = CAMEX_SET_MAX_SMEM(kron_cols_kernel<T>, lim);
@@ -436,7 +431,12 @@ template <typename T>
 inline int kron_forward_any(cudaStream_t s, float *u, const T *base, const T *w, const KronFactors &f, int64_t expert,
                             const D4 &d4, float *s1, float *s2) {
   if constexpr (is_half_type<T>::value) {
-    if (kron_tc_shape_ok(d4, factor_lo<T>())) return kron_forward_tc<T>(s, u, w, base, f, expert, d4, s1);
+    // Switched on for this thread (camex_set_tensor_cores / CAMEX_TENSOR_CORES=1, camex.h), factors
+    // small enough, and the blocks' shared memory within what this device allows.
+    if (camex_tensor_cores() && kron_tc_dims_ok(d4)) {
+      const int64_t lim = tc_smem_limit();
+      if (kron_tc_fits(d4, factor_lo<T>(), lim)) return kron_forward_tc<T>(s, u, w, base, f, expert, d4, s1, lim);
+    }
   }
   return kron_forward<T>(s, u, tau_opnd<T>(w, base), f, expert, d4, s1, s2);
 }

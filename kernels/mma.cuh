@@ -1,7 +1,7 @@
 // Warp-level tensor-core helpers shared by the tensor-core kernels (kron_tc.cuh, gemm.cuh):
 // mma.sync m16n8k16 with f16/bf16 operands and f32 accumulation (sm_80 and later), fragment loads
 // from k-contiguous shared matrices, and the hi/lo split that keeps f32-level products.
-// In the emulation build (kernels/emu.h) mma16816 runs on the CPU with the PTX ISA fragment layout.
+// In the emulation build (kernels/emu.h) mma_bf16 runs on the CPU with the PTX ISA fragment layout.
 #pragma once
 #include <cstring>
 #include <type_traits>
@@ -23,24 +23,17 @@ template <> struct is_half_type<__nv_bfloat16> : std::true_type {};
 __host__ __device__ inline int tc_pad(int64_t k) { return (int)((k + 15) / 16 * 16); }
 __host__ __device__ inline int tc_ld(int kp) { return kp + 8; }  // row stride: conflict-free fragments
 
-template <typename T>
-__device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], const uint32_t b[2]) {
+// c += A B for one warp: mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 (the only form used:
+// every operand is a bf16 half, see MmaT).
+__device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], const uint32_t b[2]) {
 #ifdef CAMEX_EMU
-  ::emu::mma16816(c, a, b, std::is_same<T, __nv_bfloat16>::value);
+  ::emu::mma_bf16(c, a, b);
 #else
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 #endif
 }
 
