@@ -48,13 +48,12 @@ fn main() {
                     continue;
                 }
                 for pass in [Pass::Fwd, Pass::FwdBwd] {
-                    // The Kronecker forward runs on both paths side by side where both exist: the
-                    // scalar default and the opt-in tensor cores (not yet run on a GPU).
-                    let tc_modes: &[bool] = match (op, dtype) {
-                        (Op::CaMerge | Op::Curvature | Op::MergedLinear, DType::BF16) => {
-                            &[false, true]
-                        }
-                        _ => &[false],
+                    // Both paths side by side where both exist: the scalar default and the
+                    // opt-in tensor cores (not yet run on a GPU).
+                    let tc_modes: &[bool] = if gpu::tensor_cores_serve(op, dtype) {
+                        &[false, true]
+                    } else {
+                        &[false]
                     };
                     for &tc in tc_modes {
                         camex::cuda::set_tensor_cores(Some(tc));
@@ -93,7 +92,7 @@ fn main() {
                         let m = gpu::measure_case(&case, 0, 3, 10).expect("GPU case failed");
                         let mut l = line(&case, &m, &machine, None);
                         if tc {
-                            l = l.replace("impl=camex", "impl=camex-tc");
+                            l = gpu::tensor_core_line(&l);
                         }
                         println!("{l}");
                         lines.push(l);

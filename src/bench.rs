@@ -928,6 +928,18 @@ pub mod gpu {
         Error::Cuda(format!("{e:?}"))
     }
 
+    /// Whether the opt-in tensor-core kernels (`crate::cuda::set_tensor_cores`) serve `op` in
+    /// `dtype`: the Kronecker chain and the strided GEMM, for f16/bf16 storage.
+    pub fn tensor_cores_serve(op: Op, dtype: DType) -> bool {
+        matches!(op, Op::CaMerge | Op::Curvature | Op::MergedLinear)
+            && matches!(dtype, DType::F16 | DType::BF16)
+    }
+
+    /// A roofline line of a case the tensor cores ran, labelled `impl=camex-tc`.
+    pub fn tensor_core_line(line: &str) -> String {
+        line.replace("impl=camex", "impl=camex-tc")
+    }
+
     /// The GPU floor's rates, not measured here (the crate has no cuBLAS to time a GEMM with):
     /// the H200 datasheet (dense bf16/f16 989 TFLOP/s, tf32 494, f32 67; HBM3e 4.8 TB/s).
     /// `scripts/torch_baseline.py` prints the measured matmul rate and copy bandwidth next to it.
@@ -1436,10 +1448,8 @@ fn run_cli_cuda(a: &BenchArgs, out: &mut dyn std::io::Write) -> Result<()> {
             };
             let m = gpu::measure_case(&case, 0, a.warmup.max(1), a.iters)?;
             let mut l = line(&case, &m, &machine, None);
-            // The opt-in tensor-core kernels (CAMEX_TENSOR_CORES=1) serve these ops in f16/bf16.
-            let tc_op = matches!(op, Op::CaMerge | Op::Curvature | Op::MergedLinear);
-            if tc_op && matches!(a.dtype, DType::F16 | DType::BF16) && crate::cuda::tensor_cores() {
-                l = l.replace("impl=camex", "impl=camex-tc");
+            if gpu::tensor_cores_serve(op, a.dtype) && crate::cuda::tensor_cores() {
+                l = gpu::tensor_core_line(&l);
             }
             writeln!(out, "{l}").map_err(io)?;
         }
