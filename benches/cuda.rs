@@ -5,7 +5,9 @@
 //!
 //! Ran on an H200 once (2026-11-28, scalar kernels; BENCHMARKS.md). Build it with
 //! `scripts/build-gpu-bins.sh` (as `gpu-bin/bench-cuda`); `scripts/gpu-check.sh` runs it. The PyTorch peer is
-//! `scripts/torch_baseline.py`. `CAMEX_BENCH_SHAPES` picks shapes (default t5-base);
+//! `scripts/torch_baseline.py`; built with `--features cuda,peer`, the candle peer runs on the GPU
+//! next to each case (`speedup_vs_peer=`, `mem_vs_peer=`; not yet run on a GPU; `CAMEX_BENCH_PEER=0`
+//! skips it). `CAMEX_BENCH_SHAPES` picks shapes (default t5-base);
 //! `CAMEX_BENCH_OPS` and `CAMEX_BENCH_DTYPES` narrow the ops and dtypes.
 
 use camex::bench::{gpu, line, Case, Device, Impl, Op, Pass, ShapeName};
@@ -48,6 +50,24 @@ fn main() {
                     continue;
                 }
                 for pass in [Pass::Fwd, Pass::FwdBwd] {
+                    // The peer (the official unfused formulation from candle ops, on candle's CUDA
+                    // backend; feature `peer`), once per case: CAMEX_BENCH_PEER=0 skips it.
+                    let peer = if std::env::var("CAMEX_BENCH_PEER").is_ok_and(|v| v == "0") {
+                        None
+                    } else {
+                        let peer_case = Case {
+                            op,
+                            shape,
+                            imp: Impl::Camex,
+                            device: Device::Cuda,
+                            dtype,
+                            pass,
+                        };
+                        let (pm, pl) = gpu::peer_on_gpu(&peer_case, &machine, 2, 5);
+                        println!("{pl}");
+                        lines.push(pl);
+                        pm
+                    };
                     // Both paths side by side where both exist: the scalar default and the
                     // opt-in tensor cores (not yet run on a GPU).
                     let tc_modes: &[bool] = if gpu::tensor_cores_serve(op, dtype) {
@@ -90,7 +110,7 @@ fn main() {
                         g.finish();
                         drop(run);
                         let m = gpu::measure_case(&case, 0, 3, 10).expect("GPU case failed");
-                        let mut l = line(&case, &m, &machine, None);
+                        let mut l = line(&case, &m, &machine, peer.as_ref());
                         if tc {
                             l = gpu::tensor_core_line(&l);
                         }

@@ -13,9 +13,10 @@
 //!     cargo run --release --features candle --example train
 //!     cargo run --release --features candle --example train -- --help
 //!
-//! CPU only for now: `--device cuda` needs candle built with its `cuda` feature and a `cuda_fwd`
-//! for the CAMEx custom ops, neither of which this crate has yet (see `camex::candle`); it
-//! reports candle's error instead of running.
+//! On a GPU: `cargo run --release --features candle,cuda --example train` (candle's CUDA backend
+//! and the crate's kernels; needs the CUDA 13 libraries, see README "candle on CUDA"). The default
+//! `--device auto` takes the GPU when the build has `cuda` and one is present, else the CPU.
+//! The GPU run has not been tried yet (no GPU session since the candle CUDA ops were written).
 
 use camex::candle::{CamexFfn, CamexFfnConfig, CurvatureKind, DenseFfn, Routing, SplitMix};
 use camex::{Dare, MergeOptions};
@@ -70,7 +71,7 @@ impl Default for Args {
             data: concat!(env!("CARGO_MANIFEST_DIR"), "/data/kjv-genesis-ruth.txt.gz").into(),
             plot: "target/train-loss.png".into(),
             variants: vec!["camex".into(), "identity".into(), "dense".into()],
-            device: "cpu".into(),
+            device: "auto".into(),
         }
     }
 }
@@ -94,7 +95,7 @@ options (defaults in brackets):
   --data PATH            gzip text [data/kjv-genesis-ruth.txt.gz]
   --plot PATH            PNG of the loss curves [target/train-loss.png]
   --variants LIST        comma list of camex,identity,dense [all three]
-  --device cpu|cuda [cpu]  (cuda: not supported yet, see the source)";
+  --device auto|cpu|cuda [auto]  (auto: the GPU when built with `cuda` and one is present)";
 
 fn parse_args() -> std::result::Result<Args, String> {
     let mut a = Args::default();
@@ -530,6 +531,23 @@ fn main() {
     }
 }
 
+/// The GPU when the build has the CUDA kernels and a device answers, else the CPU.
+fn auto_device() -> Device {
+    #[cfg(feature = "cuda")]
+    if camex::cuda::driver_present() {
+        match Device::new_cuda(0) {
+            Ok(d) => return d,
+            Err(e) => {
+                // candle appends a backtrace to some errors: the first line says what happened.
+                let e = e.to_string();
+                let why = e.lines().next().unwrap_or("");
+                eprintln!("--device auto: no usable GPU ({why}); using the CPU");
+            }
+        }
+    }
+    Device::Cpu
+}
+
 fn real_main() -> std::result::Result<(), String> {
     let a = parse_args()?;
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
@@ -540,9 +558,10 @@ fn real_main() -> std::result::Result<(), String> {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
     let dev = match a.device.as_str() {
+        "auto" => auto_device(),
         "cpu" => Device::Cpu,
         "cuda" => Device::new_cuda(0).map_err(|e| format!("--device cuda: {e}"))?,
-        d => return Err(format!("--device must be cpu or cuda, got `{d}`")),
+        d => return Err(format!("--device must be auto, cpu or cuda, got `{d}`")),
     };
     let c = load_corpus(&a.data)?;
     println!(

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The one prepared check for a GPU machine with a driver and no Rust. It runs what
 # scripts/build-gpu-bins.sh built here into ./gpu-bin/:
-#   1. gpu-bin/gpu-tests (tests/gpu.rs) with CAMEX_REQUIRE_GPU=1, one test at a time;
+#   1. gpu-bin/gpu-tests (tests/gpu.rs) with CAMEX_REQUIRE_GPU=1, one test at a time; then
+#      gpu-bin/candle-cuda-tests (tests/candle_cuda.rs) and a short `train --device cuda`;
 #   2. a CLI round trip: gpu-bin/camex run ca_merge on the CPU and on CUDA over one random input
 #      file (made with python3 + numpy + safetensors when those are there), compared element-wise;
 #   3. gpu-bin/bench-cuda (benches/cuda.rs: criterion with CUDA events, one roofline line per case;
-#      the bf16 Kronecker cases on the scalar default and on the opt-in tensor cores, impl=camex-tc);
+#      the bf16 Kronecker cases on the scalar default and on the opt-in tensor cores, impl=camex-tc;
+#      with the candle peer on the GPU next to each, impl=candle-unfused, when built with `peer`);
 #   4. scripts/torch_baseline.py, the PyTorch peer (eager and torch.compile), when torch is there;
 #   5. Nsight Compute's per-kernel times of one CA-merge forward at T5-base in bf16, when ncu is there;
 # and prints a short table last: per-test time, op/dtype/shape/max relative error, the roofline
@@ -47,6 +49,38 @@ echo "gpu: $SMI"
 export CAMEX_REQUIRE_GPU=1
 status=0
 
+# The binaries with candle's CUDA backend travel xz-compressed (~55 MB each unpacked); they load the
+# CUDA 13 libraries (cuBLAS, cuRAND, NVRTC) from the toolkit or the pip wheels next to PyTorch.
+CBIN="$(mktemp -d)"
+for f in "$BINDIR"/*.xz; do
+  [ -f "$f" ] || continue
+  u="$CBIN/$(basename "$f" .xz)"
+  xz -dc "$f" >"$u" 2>/dev/null ||
+    python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$f" "$u"
+  chmod +x "$u"
+done
+LIBS="$(python3 - 2>/dev/null <<'EOF'
+import glob, os
+dirs = []
+roots = ["/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib"]
+try:
+    import nvidia
+    roots += list(nvidia.__path__)
+except ImportError:
+    pass
+for lib in ["libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10", "libnvrtc.so.13", "libcudart.so.13"]:
+    for r in roots:
+        hits = glob.glob(os.path.join(r, lib)) + glob.glob(os.path.join(r, "**", lib), recursive=True)
+        if hits:
+            d = os.path.dirname(hits[0])
+            if d not in dirs:
+                dirs.append(d)
+            break
+print(":".join(dirs))
+EOF
+)"
+export LD_LIBRARY_PATH="$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
 # 1. Tests, one at a time so each gets its own time and a hang costs one timeout, not the call.
 TLOG="$LOGS/tests.log"
 : >"$TLOG"
@@ -63,6 +97,27 @@ for t in $tests; do
 done
 echo "== test failures (first lines; full log: $TLOG)"
 grep -E "panicked|FAILED|error|mismatch" "$TLOG" | head -30
+
+# 1b. The candle ops on CUDA (tests/candle_cuda.rs) and a short GPU training run, when built. They
+#     link candle's CUDA backend, so they need cuBLAS, cuRAND and NVRTC 13: from the CUDA toolkit
+#     or, failing that, from the pip wheels next to PyTorch.
+CCLOG="$LOGS/candle-cuda.log"
+: >"$CCLOG"
+CANDLE="candle on CUDA: not built (gpu-bin/candle-cuda-tests.xz missing)"
+if [ -x "$CBIN/candle-cuda-tests" ]; then
+  echo "library path: $LIBS" >>"$CCLOG"
+  if within 150 "$CBIN/candle-cuda-tests" --nocapture --test-threads=1 >>"$CCLOG" 2>&1; then
+    CANDLE="candle on CUDA: tests passed"
+  else
+    CANDLE="candle on CUDA: tests FAILED (rc=$?; see $CCLOG)"
+    status=1
+  fi
+  if [ -x "$CBIN/train" ]; then
+    echo "=== train (GPU, short)" >>"$CCLOG"
+    within 120 "$CBIN/train" --device cuda --steps 150 --eval-every 50 --plot "$LOGS/train-loss.png" \
+      --data "$ROOT/data/kjv-genesis-ruth.txt.gz" >>"$CCLOG" 2>&1 || { echo "train: rc=$?" >>"$CCLOG"; status=1; }
+  fi
+fi
 
 # 2. CLI round trip: same file, CPU and CUDA, compared here.
 CLOG="$LOGS/cli.log"
@@ -116,8 +171,9 @@ fi
 BLOG="$LOGS/bench.log"
 : >"$BLOG"
 if [ "${CAMEX_CHECK_BENCH:-1}" = 1 ]; then
-  for b in "$BINDIR"/bench-*; do
-    [ -x "$b" ] || continue
+  for b in "$BINDIR"/bench-* "$CBIN"/bench-*; do
+    case "$b" in *.xz) continue ;; esac
+    [ -x "$b" ] && [ -f "$b" ] || continue
     within 200 "$b" --bench >>"$BLOG" 2>&1 || { echo "bench $(basename "$b"): rc=$?" >>"$BLOG"; status=1; }
   done
 fi
@@ -175,6 +231,11 @@ grep '^RESULT ' "$TLOG" | awk '
     if (!(k in m) || e > m[k]) m[k] = e
   }
   END { for (k in m) { split(k, p, "|"); printf "%-44s %-5s %-18s %.2e\n", substr(p[1], 1, 44), p[2], p[3], m[k] } }' | sort | head -60
+echo "== $CANDLE"
+grep -E "^RESULT op=candle:" "$CCLOG" | awk '{ k = $0; sub(/ rel_err=.*/, "", k); e = $NF; sub(/rel_err=/, "", e);
+  if (!(k in m) || e + 0 > m[k] + 0) m[k] = e } END { for (k in m) print substr(k, 8), m[k] }' | sort | head -40
+grep -E "panicked|FAIL" "$CCLOG" | head -10
+sed -n '/^=== train/,$p' "$CCLOG" | grep -vE "^  \[" | tail -9
 echo "== $CLI"
 echo "== camex (bench-cuda roofline lines)"
 grep '^op=' "$BLOG" | sort -u | sed 's/ device=cuda//'

@@ -717,7 +717,8 @@ fn prepare_peer(case: &Case) -> Result<Runner> {
     peer::prepare(case)
 }
 
-/// The peer: the official formulation, unfused, from candle ops on the CPU.
+/// The peer: the official formulation, unfused, from candle ops, on the CPU and (with `cuda`,
+/// which turns on candle's CUDA backend) on the GPU (`gpu::measure_peer`).
 #[cfg(feature = "peer")]
 pub mod peer {
     use super::*;
@@ -808,20 +809,27 @@ pub mod peer {
     }
 
     pub(super) fn prepare(case: &Case) -> Result<Runner> {
-        prepare_inner(case).map_err(err)
+        prepare_on(case, &CDevice::Cpu)
     }
 
-    fn prepare_inner(case: &Case) -> candle_core::Result<Runner> {
+    /// The peer's iteration for `case` on `dev`: f32 or f64 on the CPU (f16/bf16 storage is
+    /// computed in f32 there, as the crate's CPU path does), the case's dtype on CUDA.
+    pub fn prepare_on(case: &Case, dev: &CDevice) -> Result<Runner> {
+        prepare_inner(case, dev).map_err(err)
+    }
+
+    fn prepare_inner(case: &Case, dev: &CDevice) -> candle_core::Result<Runner> {
         let s = case.shape.dims();
-        let dt = if case.dtype == DType::F64 {
-            CDType::F64
-        } else {
-            CDType::F32
+        let dt = match (dev.is_cpu(), case.dtype) {
+            (_, DType::F64) => CDType::F64,
+            (false, DType::BF16) => CDType::BF16,
+            (false, DType::F16) => CDType::F16,
+            _ => CDType::F32,
         };
         let bwd = case.pass == Pass::FwdBwd;
         let mut rng = Rng(0xBE4C_0001);
         let (n, o, i, g, t) = (s.n, s.o, s.i, s.g, s.t);
-        let cv = |x: &Tensor<f32>| to_candle(x, dt);
+        let cv = |x: &Tensor<f32>| to_candle(x, dt)?.to_device(dev);
         // Each arm: the graph's inputs, the upstream gradient, and the forward as a function.
         type Fwd = Box<dyn Fn(&[CT]) -> candle_core::Result<CT>>;
         let (inputs, grad, fwd): (Vec<CT>, CT, Fwd) = match case.op {
@@ -1108,11 +1116,80 @@ pub mod gpu {
         }
         let s = cu::new_stream(ordinal)?;
         let mut run = prepare(case, &s)?;
+        let s2 = s.clone();
+        measure_on(&s, warmup, iters, &mut move || run(&s2))
+    }
+
+    /// The peer (the official unfused formulation from candle ops, [`super::peer`]) on GPU
+    /// `ordinal` through candle's CUDA backend, timed like [`measure_case`] with CUDA events on
+    /// candle's stream; the peak is the same memory pool's high-water mark (candle allocates from
+    /// it, stream-ordered). Not yet run on a GPU.
+    #[cfg(feature = "peer")]
+    pub fn measure_peer(
+        case: &Case,
+        ordinal: usize,
+        warmup: usize,
+        iters: usize,
+    ) -> Result<Measured> {
+        cu::context(ordinal)?; // errors, without panicking, where there is no driver or device
+        let dev = candle_core::Device::new_cuda(ordinal).map_err(err)?;
+        let candle_core::Device::Cuda(cd) = &dev else {
+            return Err(Error::Cuda("candle did not open a CUDA device".into()));
+        };
+        let s = cd.cuda_stream();
+        let peer_case = Case {
+            imp: Impl::Candle,
+            ..*case
+        };
+        let mut run = super::peer::prepare_on(&peer_case, &dev)?;
+        measure_on(&s, warmup, iters, &mut run)
+    }
+
+    /// The candle peer of `case` on GPU 0 and its roofline line (`impl=candle-unfused`), or a
+    /// `#` line saying why it did not run (built without `peer`, or an error).
+    pub fn peer_on_gpu(
+        case: &Case,
+        machine: &Machine,
+        warmup: usize,
+        iters: usize,
+    ) -> (Option<Measured>, String) {
+        #[cfg(feature = "peer")]
+        {
+            let peer_case = Case {
+                imp: Impl::Candle,
+                ..*case
+            };
+            match measure_peer(case, 0, warmup, iters) {
+                Ok(m) => (Some(m), line(&peer_case, &m, machine, None)),
+                Err(e) => (None, format!("# peer {}: {e}", peer_case.id())),
+            }
+        }
+        #[cfg(not(feature = "peer"))]
+        {
+            let _ = (machine, warmup, iters);
+            (
+                None,
+                format!(
+                    "# peer {}: not built (--features cuda,peer; or scripts/torch_baseline.py)",
+                    case.id()
+                ),
+            )
+        }
+    }
+
+    /// `warmup` untimed iterations of `run`, then `iters` timed ones between CUDA events on `s`,
+    /// with the peak of the device's default memory pool above what was in use before.
+    fn measure_on(
+        s: &Arc<CudaStream>,
+        warmup: usize,
+        iters: usize,
+        run: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Measured> {
         for _ in 0..warmup {
-            run(&s)?;
+            run()?;
         }
         s.synchronize().map_err(err)?;
-        let pool = pool(&s);
+        let pool = pool(s);
         let used = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT;
         let high = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
         let base = pool.and_then(|p| {
@@ -1120,7 +1197,7 @@ pub mod gpu {
             pool_attr(p, high, Some(0))?; // resets the high-water mark to the current use
             Some(now)
         });
-        let times = event_times(&mut run, &s, iters)?;
+        let times = event_times_of(run, s, iters)?;
         let peak = match (pool, base) {
             (Some(p), Some(b)) => pool_attr(p, high, None).map(|h| h.saturating_sub(b) as usize),
             _ => None,
@@ -1136,11 +1213,19 @@ pub mod gpu {
 
     /// Seconds of each of `iters` iterations, each between two CUDA events on `s`.
     pub fn event_times(run: &mut GpuRun, s: &Arc<CudaStream>, iters: usize) -> Result<Vec<f64>> {
+        event_times_of(&mut || run(s), s, iters)
+    }
+
+    fn event_times_of(
+        run: &mut dyn FnMut() -> Result<()>,
+        s: &Arc<CudaStream>,
+        iters: usize,
+    ) -> Result<Vec<f64>> {
         let mut times = Vec::with_capacity(iters.max(1));
         let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
         for _ in 0..iters.max(1) {
             let e0 = s.record_event(timing).map_err(err)?;
-            run(s)?;
+            run()?;
             let e1 = s.record_event(timing).map_err(err)?;
             times.push(e0.elapsed_ms(&e1).map_err(err)? as f64 / 1e3);
         }
@@ -1417,7 +1502,8 @@ pub fn run_cli(args: &[String], out: &mut dyn std::io::Write) -> Result<()> {
     Ok(())
 }
 
-/// `camex bench --device cuda`: the fused ops only (the peer is `scripts/torch_baseline.py`).
+/// `camex bench --device cuda`: the fused ops and, when built with `peer`, the candle peer on the
+/// GPU next to each (`--no-peer` skips it; the PyTorch peer is `scripts/torch_baseline.py`).
 #[cfg(feature = "cuda")]
 fn run_cli_cuda(a: &BenchArgs, out: &mut dyn std::io::Write) -> Result<()> {
     let io = |e: std::io::Error| Error::Io(e.to_string());
@@ -1446,8 +1532,15 @@ fn run_cli_cuda(a: &BenchArgs, out: &mut dyn std::io::Write) -> Result<()> {
                 dtype: a.dtype,
                 pass,
             };
+            let peer = if a.peer {
+                let (pm, pl) = gpu::peer_on_gpu(&case, &machine, a.warmup.max(1), a.iters);
+                writeln!(out, "{pl}").map_err(io)?;
+                pm
+            } else {
+                None
+            };
             let m = gpu::measure_case(&case, 0, a.warmup.max(1), a.iters)?;
-            let mut l = line(&case, &m, &machine, None);
+            let mut l = line(&case, &m, &machine, peer.as_ref());
             if gpu::tensor_cores_serve(op, a.dtype) && crate::cuda::tensor_cores() {
                 l = gpu::tensor_core_line(&l);
             }

@@ -9,13 +9,17 @@
 //! - [`layer`]: [`CamexLinear`], the router (noisy top-k softmax), per-sequence or causal-segment
 //!   routing, the load-balancing loss, [`CamexFfn`], [`DenseFfn`] and upcycling (SPEC section 6).
 //!
-//! Device support: the forward and backward run on the CPU operators. On a CUDA device (feature
-//! `cuda` as well), `cuda_fwd` is not implemented by this module: the ops return candle's
-//! "no cuda implementation" error there. Dtypes: f32 and f64 are computed as they are; f16 and bf16
+//! Device support: on the CPU the forward and backward run the CPU operators ([`crate::cpu`]). On a
+//! CUDA device (features `candle` and `cuda`; candle's own `cuda` feature comes with them) they run
+//! the crate's fused kernels (`camex::cuda`) on the device's stream, in f32, f16 or bf16 storage
+//! (f64 on CUDA is refused with an error); that adapter has not yet run on a GPU, see the `cuda`
+//! module's source. On the CPU, f32 and f64 are computed as they are; f16 and bf16
 //! are widened to f32, computed, and rounded back (SPEC section 5: reductions in f32 at least).
 //! Other dtypes are refused with an error. Strided (non-contiguous) inputs are copied to a
 //! contiguous buffer first.
 
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod layer;
 pub mod ops;
 

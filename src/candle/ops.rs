@@ -8,13 +8,23 @@
 //! way. Masks and DARE draws are constants (SPEC section 3) and live in the op.
 
 use super::cerr;
+#[cfg(feature = "cuda")]
+use super::cuda::{self as on_cuda, DevElem};
 use crate::cpu;
+#[cfg(feature = "cuda")]
+use crate::cuda::{self as dev, CudaTensor};
 use crate::options::{Dare, MergeOptions};
 use crate::tensor::Float;
 use candle_core::backend::BackendStorage;
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType,
 };
+#[cfg(feature = "cuda")]
+use cudarc::driver::CudaStream;
+#[cfg(feature = "cuda")]
+use std::sync::Arc;
 
 /// The four Kronecker factors `factor_a` [R, N, o1, o1], `factor_b` [R, N, o2, o2],
 /// `factor_c` [R, N, i1, i1], `factor_d` [R, N, i2, i2] as candle tensors.
@@ -42,8 +52,9 @@ pub(crate) trait Elem: Float + WithDType {}
 impl Elem for f32 {}
 impl Elem for f64 {}
 
-/// One operator's computation on flat, contiguous buffers (the shapes live in the kernel).
-trait Kernel {
+/// One operator's computation on flat, contiguous buffers (the shapes live in the kernel), on the
+/// host and, with feature `cuda`, on the device.
+pub(crate) trait Kernel {
     const NAME: &'static str;
     /// The output of the forward.
     fn forward<F: Elem>(&self, inputs: Vec<Vec<F>>) -> crate::Result<crate::Tensor<F>>;
@@ -53,6 +64,21 @@ trait Kernel {
         inputs: Vec<Vec<F>>,
         grad: crate::Tensor<F>,
     ) -> crate::Result<Vec<Vec<F>>>;
+    /// The forward on the device; `inputs` are contiguous copies, in input order.
+    #[cfg(feature = "cuda")]
+    fn cuda_forward<T: DevElem>(
+        &self,
+        stream: &Arc<CudaStream>,
+        inputs: Vec<CudaTensor<T>>,
+    ) -> crate::Result<CudaTensor<T>>;
+    /// The gradient of every input on the device, in input order (packed inputs packed again).
+    #[cfg(feature = "cuda")]
+    fn cuda_backward<T: DevElem>(
+        &self,
+        stream: &Arc<CudaStream>,
+        inputs: Vec<CudaTensor<T>>,
+        grad: CudaTensor<T>,
+    ) -> crate::Result<Vec<CudaTensor<T>>>;
 }
 
 /// Copies the elements a layout addresses, in row-major order (contiguous inputs are a slice copy).
@@ -80,7 +106,12 @@ fn gather<T: Copy>(v: &[T], l: &Layout) -> Vec<T> {
     out
 }
 
-fn dtype_error(op: &str, name: &str, expected: &str, actual: DType) -> candle_core::Error {
+pub(crate) fn dtype_error(
+    op: &str,
+    name: &str,
+    expected: &str,
+    actual: DType,
+) -> candle_core::Error {
     cerr(
         op,
         crate::Error::DType {
@@ -92,7 +123,7 @@ fn dtype_error(op: &str, name: &str, expected: &str, actual: DType) -> candle_co
 }
 
 /// The common storage dtype of all inputs: one of f32, f64, f16, bf16, the same for all.
-fn common_dtype(op: &str, inputs: &[(&str, DType)]) -> Result<DType> {
+pub(crate) fn common_dtype(op: &str, inputs: &[(&str, DType)]) -> Result<DType> {
     let dt = inputs[0].1;
     if !matches!(dt, DType::F32 | DType::F64 | DType::F16 | DType::BF16) {
         return Err(dtype_error(op, inputs[0].0, "f32|f64|f16|bf16", dt));
@@ -178,8 +209,13 @@ fn bwd_typed<K: Kernel, F: Elem>(k: &K, args: &[&Tensor], grad: &Tensor) -> Resu
         .collect()
 }
 
-/// The backward on the host: gradients in the dtype and on the device of each argument.
+/// The backward: on the device for CUDA tensors (feature `cuda`), else on the host; gradients in
+/// the dtype and on the device of each argument.
 fn bwd_dispatch<K: Kernel>(k: &K, args: &[&Tensor], grad: &Tensor) -> Result<Vec<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if args[0].device().is_cuda() {
+        return on_cuda::backward(k, args, grad);
+    }
     match args[0].dtype() {
         DType::F64 => bwd_typed::<K, f64>(k, args, grad),
         DType::F32 | DType::F16 | DType::BF16 => bwd_typed::<K, f32>(k, args, grad),
@@ -232,6 +268,36 @@ fn factor_grads<F: Float>(g: Option<cpu::FactorGrads<F>>) -> Vec<crate::Tensor<F
         ],
         None => Vec::new(),
     }
+}
+
+#[cfg(feature = "cuda")]
+fn dev_factor_view<T>(f: &[CudaTensor<T>]) -> dev::CudaCurvature<'_, T> {
+    match f {
+        [a, b, c, d] => dev::CudaCurvature::Kronecker(dev::CudaFactors { a, b, c, d }),
+        _ => dev::CudaCurvature::Identity,
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn dev_factor_grads<T>(g: Option<dev::CudaFactorGrads<T>>) -> Vec<CudaTensor<T>> {
+    match g {
+        Some(g) => vec![
+            g.grad_factor_a,
+            g.grad_factor_b,
+            g.grad_factor_c,
+            g.grad_factor_d,
+        ],
+        None => Vec::new(),
+    }
+}
+
+/// The `N` device inputs of an op, by position.
+#[cfg(feature = "cuda")]
+fn dev_inputs<T, const N: usize>(inputs: Vec<CudaTensor<T>>) -> crate::Result<[CudaTensor<T>; N]> {
+    let got = inputs.len();
+    inputs
+        .try_into()
+        .map_err(|_| crate::Error::option("inputs", format!("{N} device tensors, got {got}")))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -291,6 +357,52 @@ impl Kernel for CaMergeKernel {
             pack(grad_packed),
         ])
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_forward<T: DevElem>(
+        &self,
+        stream: &Arc<CudaStream>,
+        inputs: Vec<CudaTensor<T>>,
+    ) -> crate::Result<CudaTensor<T>> {
+        let [base, experts, packed] = dev_inputs(inputs)?;
+        let mut packed = on_cuda::unpack(stream, &packed, &self.packed)?;
+        let factors = packed.split_off(1);
+        let inputs = dev::CudaCaMergeInputs {
+            base: &base,
+            experts: &experts,
+            scores: &packed[0],
+            curvature: dev_factor_view(&factors),
+            base_bias: None,
+            expert_bias: None,
+        };
+        Ok(dev::ca_merge(stream, &inputs, &self.opts)?.merged)
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_backward<T: DevElem>(
+        &self,
+        stream: &Arc<CudaStream>,
+        inputs: Vec<CudaTensor<T>>,
+        grad: CudaTensor<T>,
+    ) -> crate::Result<Vec<CudaTensor<T>>> {
+        let [base, experts, packed] = dev_inputs(inputs)?;
+        let mut packed = on_cuda::unpack(stream, &packed, &self.packed)?;
+        let factors = packed.split_off(1);
+        let inputs = dev::CudaCaMergeInputs {
+            base: &base,
+            experts: &experts,
+            scores: &packed[0],
+            curvature: dev_factor_view(&factors),
+            base_bias: None,
+            expert_bias: None,
+        };
+        let g = dev::ca_merge_backward(stream, &inputs, &self.opts, &grad, None, None)?;
+        let mut grad_packed = vec![g.grad_scores];
+        grad_packed.extend(dev_factor_grads(g.factors));
+        Ok(vec![
+            g.grad_base,
+            g.grad_experts,
+            on_cuda::pack(stream, grad_packed)?,
+        ])
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -310,6 +422,25 @@ impl<K: Kernel> CustomOp3 for Op3<K> {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         cpu_dispatch(
+            &self.0,
+            &[
+                ("input 1", s1, l1),
+                ("input 2", s2, l2),
+                ("input 3", s3, l3),
+            ],
+        )
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        on_cuda::forward(
             &self.0,
             &[
                 ("input 1", s1, l1),
@@ -340,6 +471,10 @@ impl<K: Kernel> CustomOp1 for Op1<K> {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         cpu_dispatch(&self.0, &[("input", s, l)])
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        on_cuda::forward(&self.0, &[("input", s, l)])
     }
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(bwd_dispatch(&self.0, &[arg], grad)?.into_iter().next())
@@ -419,7 +554,9 @@ pub fn ca_merge(
         packed: packed_shapes,
         opts: *opts,
     };
-    base.apply_op3(experts, &packed, Op3(k))
+    // The CUDA forward reads contiguous buffers (a no-op for tensors that already are).
+    base.contiguous()?
+        .apply_op3(&experts.contiguous()?, &packed, Op3(k))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -455,6 +592,33 @@ impl Kernel for CurvatureKernel {
             g.grad_base.into_data(),
             g.grad_experts.into_data(),
             pack(factor_grads(g.factors)),
+        ])
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_forward<T: DevElem>(
+        &self,
+        stream: &Arc<CudaStream>,
+        inputs: Vec<CudaTensor<T>>,
+    ) -> crate::Result<CudaTensor<T>> {
+        let [base, experts, packed] = dev_inputs(inputs)?;
+        let factors = on_cuda::unpack(stream, &packed, &self.factors)?;
+        dev::curvature(stream, &base, &experts, &dev_factor_view(&factors))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_backward<T: DevElem>(
+        &self,
+        stream: &Arc<CudaStream>,
+        inputs: Vec<CudaTensor<T>>,
+        grad: CudaTensor<T>,
+    ) -> crate::Result<Vec<CudaTensor<T>>> {
+        let [base, experts, packed] = dev_inputs(inputs)?;
+        let factors = on_cuda::unpack(stream, &packed, &self.factors)?;
+        let g =
+            dev::curvature_backward(stream, &base, &experts, &dev_factor_view(&factors), &grad)?;
+        Ok(vec![
+            g.grad_base,
+            g.grad_experts,
+            on_cuda::pack(stream, dev_factor_grads(g.factors))?,
         ])
     }
 }
@@ -495,7 +659,9 @@ pub fn curvature(base: &Tensor, experts: &Tensor, factors: Option<&Factors>) -> 
         experts: experts.dims().to_vec(),
         factors: shapes,
     };
-    base.apply_op3(experts, &packed, Op3(k))
+    // The CUDA forward reads contiguous buffers (a no-op for tensors that already are).
+    base.contiguous()?
+        .apply_op3(&experts.contiguous()?, &packed, Op3(k))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -513,6 +679,19 @@ struct MergeKernel {
 }
 
 impl MergeKernel {
+    /// The 0/1 mask on the device, in the storage dtype (exact).
+    #[cfg(feature = "cuda")]
+    fn dev_mask<T: DevElem>(
+        &self,
+        stream: &Arc<CudaStream>,
+    ) -> crate::Result<Option<CudaTensor<T>>> {
+        self.mask
+            .as_ref()
+            .map(|m| {
+                CudaTensor::upload(stream, &m.map(|x| <T as dev::Element>::from_f32(x as f32)))
+            })
+            .transpose()
+    }
     fn parts<F: Elem>(&self, inputs: Vec<Vec<F>>) -> crate::Result<[crate::Tensor<F>; 3]> {
         let mut it = inputs.into_iter();
         Ok([
@@ -560,6 +739,44 @@ impl Kernel for MergeKernel {
             g.grad_scores.into_data(),
         ])
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_forward<T: DevElem>(
+        &self,
+        stream: &Arc<CudaStream>,
+        inputs: Vec<CudaTensor<T>>,
+    ) -> crate::Result<CudaTensor<T>> {
+        let [base, curved, scores] = dev_inputs(inputs)?;
+        let mask = self.dev_mask(stream)?;
+        let inputs = dev::CudaMergeInputs {
+            base: &base,
+            curved: &curved,
+            scores: &scores,
+            mask: mask.as_ref(),
+            base_bias: None,
+            expert_bias: None,
+        };
+        Ok(dev::merge(stream, &inputs, self.alpha, &self.dare)?.merged)
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_backward<T: DevElem>(
+        &self,
+        stream: &Arc<CudaStream>,
+        inputs: Vec<CudaTensor<T>>,
+        grad: CudaTensor<T>,
+    ) -> crate::Result<Vec<CudaTensor<T>>> {
+        let [base, curved, scores] = dev_inputs(inputs)?;
+        let mask = self.dev_mask(stream)?;
+        let inputs = dev::CudaMergeInputs {
+            base: &base,
+            curved: &curved,
+            scores: &scores,
+            mask: mask.as_ref(),
+            base_bias: None,
+            expert_bias: None,
+        };
+        let g = dev::merge_backward(stream, &inputs, self.alpha, &self.dare, &grad, None)?;
+        Ok(vec![g.grad_base, g.grad_curved, g.grad_scores])
+    }
 }
 
 /// The merge (SPEC section 3) of already-curved domain vectors: `merged[g] = base + alpha *
@@ -602,7 +819,8 @@ pub fn merge(
         alpha,
         dare: *dare,
     };
-    base.apply_op3(curved, scores, Op3(k))
+    base.contiguous()?
+        .apply_op3(&curved.contiguous()?, &scores.contiguous()?, Op3(k))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -626,6 +844,24 @@ impl Kernel for SegmentKernel {
     ) -> crate::Result<Vec<Vec<F>>> {
         Ok(vec![cpu::segment_scores_backward(&grad)?.into_data()])
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_forward<T: DevElem>(
+        &self,
+        stream: &Arc<CudaStream>,
+        inputs: Vec<CudaTensor<T>>,
+    ) -> crate::Result<CudaTensor<T>> {
+        let [router_scores] = dev_inputs(inputs)?;
+        dev::segment_scores(stream, &router_scores)
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_backward<T: DevElem>(
+        &self,
+        stream: &Arc<CudaStream>,
+        _inputs: Vec<CudaTensor<T>>,
+        grad: CudaTensor<T>,
+    ) -> crate::Result<Vec<CudaTensor<T>>> {
+        Ok(vec![dev::segment_scores_backward(stream, &grad)?])
+    }
 }
 
 /// Causal segment scores (SPEC section 3): `scores[b, j] = router_scores[b, j-1]` for j >= 1 and
@@ -638,7 +874,7 @@ pub fn segment_scores(router_scores: &Tensor) -> Result<Tensor> {
         3,
         "[B, J, N]",
     )?;
-    router_scores.apply_op1(Op1(SegmentKernel {
+    router_scores.contiguous()?.apply_op1(Op1(SegmentKernel {
         shape: router_scores.dims().to_vec(),
     }))
 }

@@ -113,8 +113,12 @@ impl Element for bf16 {
 /// Whether a CUDA driver library can be loaded on this machine (checked before any cudarc call:
 /// cudarc panics when it is missing).
 pub fn driver_present() -> bool {
-    // SAFETY: only tries to dlopen libcuda; no CUDA call is made.
-    unsafe { cudarc::driver::sys::is_culib_present() }
+    // cudarc's own check (`is_culib_present`) exists only when it loads the driver at run time;
+    // with candle's CUDA backend it links it instead, so ask the loader for the same names here.
+    ["libcuda.so.1", "libcuda.so", "nvcuda.dll"]
+        .iter()
+        // SAFETY: loading the driver library runs only its initialisers; no CUDA call is made.
+        .any(|name| unsafe { libloading::Library::new(*name) }.is_ok())
 }
 
 fn require_driver() -> Result<()> {
@@ -278,6 +282,11 @@ impl<T> CudaTensor<T> {
     }
     pub fn data_mut(&mut self) -> &mut CudaSlice<T> {
         &mut self.data
+    }
+    /// The device buffer. It holds at least one element: a tensor with no elements still owns
+    /// a one-element allocation.
+    pub fn into_slice(self) -> CudaSlice<T> {
+        self.data
     }
 }
 
