@@ -50,20 +50,20 @@ fn main() {
                     continue;
                 }
                 for pass in [Pass::Fwd, Pass::FwdBwd] {
+                    let case = Case {
+                        op,
+                        shape,
+                        imp: Impl::Camex,
+                        device: Device::Cuda,
+                        dtype,
+                        pass,
+                    };
                     // The peer (the official unfused formulation from candle ops, on candle's CUDA
                     // backend; feature `peer`), once per case: CAMEX_BENCH_PEER=0 skips it.
                     let peer = if std::env::var("CAMEX_BENCH_PEER").is_ok_and(|v| v == "0") {
                         None
                     } else {
-                        let peer_case = Case {
-                            op,
-                            shape,
-                            imp: Impl::Camex,
-                            device: Device::Cuda,
-                            dtype,
-                            pass,
-                        };
-                        let (pm, pl) = gpu::peer_on_gpu(&peer_case, &machine, 2, 5);
+                        let (pm, pl) = gpu::peer_on_gpu(&case, &machine, 2, 5);
                         println!("{pl}");
                         lines.push(pl);
                         pm
@@ -77,14 +77,6 @@ fn main() {
                     };
                     for &tc in tc_modes {
                         camex::cuda::set_tensor_cores(Some(tc));
-                        let case = Case {
-                            op,
-                            shape,
-                            imp: Impl::Camex,
-                            device: Device::Cuda,
-                            dtype,
-                            pass,
-                        };
                         let id = if tc {
                             format!("{}/tensor-cores", case.id())
                         } else {

@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Builds the GPU test binary (tests/gpu.rs, feature `cuda`) here, where there is nvcc but maybe no
-# GPU, and copies it into ./gpu-bin/ so it can be carried to a GPU machine that has a driver but no
-# Rust, where scripts/gpu-check.sh runs it. CUDA runtime is linked statically; the binary only
-# needs libcuda (the driver) at run time.
+# Builds the GPU binaries here, where there is nvcc but maybe no GPU, into ./gpu-bin/, to be carried
+# to a GPU machine that has a driver but no Rust, where scripts/gpu-check.sh runs them:
+#   gpu-tests (tests/gpu.rs, feature `cuda`) and camex (the CLI): the CUDA runtime is linked
+#     statically, they need only libcuda (the driver) there;
+#   bench-cuda.xz, candle-cuda-tests.xz (tests/candle_cuda.rs) and train.xz (the training example):
+#     built with candle's CUDA backend (`candle,cuda,peer`), linked here against the stand-ins of
+#     scripts/cuda-link-stubs.sh, they load the real CUDA 13 libraries (driver, cuBLAS, cuRAND,
+#     NVRTC) there; xz-compressed (~55 MB each unpacked). CAMEX_GPU_BINS_CANDLE=0 builds bench-cuda
+#     with `cuda` only and leaves the other two out.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -13,83 +18,60 @@ fi
 OUT="$ROOT/gpu-bin"
 rm -rf "$OUT"
 mkdir -p "$OUT"
-# The test binary path is the executable cargo reports for target `gpu`.
-json="$(cargo test --release --features cuda --test gpu --no-run --message-format=json 2>/dev/null)"
-bin="$(printf '%s\n' "$json" | python3 -c '
+
+# artifact NAME: the executable cargo reports (JSON messages on stdin) for target NAME.
+artifact() {
+  python3 -c '
 import json, sys
 for line in sys.stdin:
     try:
         m = json.loads(line)
     except ValueError:
         continue
-    if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == "gpu" and m.get("executable"):
+    if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == sys.argv[1] and m.get("executable"):
         print(m["executable"])
-')"
-if [ -z "$bin" ] || [ ! -x "$bin" ]; then
-  echo "build-gpu-bins: could not find the gpu test binary (run: cargo test --release --features cuda --test gpu --no-run)" >&2
-  exit 1
-fi
-cp "$bin" "$OUT/gpu-tests"
-# candle's CUDA backend (for the candle tests, the training example and the benchmark's candle peer
-# on the GPU): linked here against scripts/cuda-link-stubs.sh's stand-ins, those binaries load the real
-# CUDA 13 libraries (driver, cuBLAS, cuRAND, NVRTC) there. CAMEX_GPU_BINS_CANDLE=0 leaves them out.
+' "$1"
+}
+
+# build DEST test|bench NAME CARGO-ARGS...: `cargo test --test NAME` (or bench) without running it;
+# copies the executable to gpu-bin/DEST.
+build() {
+  local dest=$1 kind=$2 name=$3
+  shift 3
+  local exe
+  exe="$(cargo "$kind" --"$kind" "$name" "$@" --no-run --message-format=json 2>/dev/null | artifact "$name")"
+  if [ -z "$exe" ] || [ ! -x "$exe" ]; then
+    echo "build-gpu-bins: $dest did not build (cargo $kind --$kind $name $* --no-run)" >&2
+    exit 1
+  fi
+  cp "$exe" "$OUT/$dest"
+}
+
 CANDLE="${CAMEX_GPU_BINS_CANDLE:-1}"
-BENCH_FEATURES=cuda
+FEATURES=cuda
 if [ "$CANDLE" = 1 ]; then
   bash "$ROOT/scripts/cuda-link-stubs.sh" "$CUDA_HOME" >/dev/null
   export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
-  BENCH_FEATURES=cuda,peer
+  # One feature set for all three, so that candle's kernels (~10 minutes of nvcc) build once.
+  FEATURES=candle,cuda,peer
 fi
-# Bench binaries with a `cuda` part, when the project has them (benches/*cuda*.rs or gpu*.rs).
-for b in benches/*.rs; do
-  [ -e "$b" ] || continue
-  name="$(basename "$b" .rs)"
-  case "$name" in *cuda*|*gpu*) ;; *) continue ;; esac
-  bj="$(cargo bench --features "$BENCH_FEATURES" --bench "$name" --no-run --message-format=json 2>/dev/null || true)"
-  bb="$(printf '%s\n' "$bj" | python3 -c '
-import json, sys
-name = sys.argv[1]
-for line in sys.stdin:
-    try:
-        m = json.loads(line)
-    except ValueError:
-        continue
-    if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == name and m.get("executable"):
-        print(m["executable"])
-' "$name")"
-  [ -n "$bb" ] && cp "$bb" "$OUT/bench-$name"
-done
+
+build gpu-tests test gpu --release --features cuda
+build bench-cuda bench cuda --features "$FEATURES"
 # The CLI, for the check's `camex run --device cuda` round trip.
 cargo build --release --features cuda --bin camex
 cp "$CARGO_TARGET_DIR/release/camex" "$OUT/camex"
-# The candle adapter on CUDA (tests/candle_cuda.rs) and the training example.
 if [ "$CANDLE" = 1 ]; then
-  cj="$(cargo test --release --features candle,cuda --test candle_cuda --no-run --message-format=json 2>/dev/null)"
-  cb="$(printf '%s\n' "$cj" | python3 -c '
-import json, sys
-for line in sys.stdin:
-    try:
-        m = json.loads(line)
-    except ValueError:
-        continue
-    if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == "candle_cuda" and m.get("executable"):
-        print(m["executable"])
-')"
-  if [ -z "$cb" ]; then
-    echo "build-gpu-bins: the candle CUDA test did not build (cargo test --release --features candle,cuda --test candle_cuda --no-run)" >&2
-    exit 1
-  fi
-  cp "$cb" "$OUT/candle-cuda-tests"
-  cargo build --release --features candle,cuda --example train
+  build candle-cuda-tests test candle_cuda --release --features "$FEATURES"
+  cargo build --release --features "$FEATURES" --example train
   cp "$CARGO_TARGET_DIR/release/examples/train" "$OUT/train"
 fi
 # Debug info is not needed there and halves what travels.
 command -v strip >/dev/null && strip "$OUT"/*
-# candle's kernels make the binaries with its CUDA backend ~55 MB each; xz brings them to ~8 MB, so
-# all of gpu-bin/ fits one carry (64 MiB). gpu-check.sh unpacks them.
 if [ "$CANDLE" = 1 ]; then
+  # ~55 MB each unpacked (candle's kernels); ~8 MB with xz, so all of gpu-bin/ fits one carry (64 MiB).
   for f in candle-cuda-tests train bench-cuda; do
-    [ -f "$OUT/$f" ] && xz -T0 -6 -f "$OUT/$f"
+    xz -T0 -6 -f "$OUT/$f"
   done
 fi
 ls -l "$OUT"

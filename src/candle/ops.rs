@@ -312,50 +312,69 @@ struct CaMergeKernel {
     opts: MergeOptions,
 }
 
-impl Kernel for CaMergeKernel {
-    const NAME: &'static str = "ca_merge";
-    fn forward<F: Elem>(&self, inputs: Vec<Vec<F>>) -> crate::Result<crate::Tensor<F>> {
+impl CaMergeKernel {
+    /// Runs `f` on the op's host inputs, split from the flat buffers.
+    fn with_inputs<F: Elem, R>(
+        &self,
+        inputs: Vec<Vec<F>>,
+        f: impl FnOnce(&cpu::CaMergeInputs<F>) -> crate::Result<R>,
+    ) -> crate::Result<R> {
         let mut it = inputs.into_iter();
         let base = tensor(&self.base, it.next().unwrap_or_default())?;
         let experts = tensor(&self.experts, it.next().unwrap_or_default())?;
         let mut packed = unpack(it.next().unwrap_or_default(), &self.packed)?;
         let factors = packed.split_off(1);
-        let inputs = cpu::CaMergeInputs {
+        f(&cpu::CaMergeInputs {
             base: &base,
             experts: &experts,
             scores: &packed[0],
             curvature: factor_view(&factors),
             base_bias: None,
             expert_bias: None,
-        };
-        Ok(cpu::ca_merge(&inputs, &self.opts)?.merged)
+        })
+    }
+    /// Runs `f` on the op's device inputs, the packed one split on the device.
+    #[cfg(feature = "cuda")]
+    fn with_dev_inputs<T: DevElem, R>(
+        &self,
+        stream: &Arc<CudaStream>,
+        inputs: Vec<CudaTensor<T>>,
+        f: impl FnOnce(&dev::CudaCaMergeInputs<T>) -> crate::Result<R>,
+    ) -> crate::Result<R> {
+        let [base, experts, packed] = dev_inputs(inputs)?;
+        let mut packed = on_cuda::unpack(stream, &packed, &self.packed)?;
+        let factors = packed.split_off(1);
+        f(&dev::CudaCaMergeInputs {
+            base: &base,
+            experts: &experts,
+            scores: &packed[0],
+            curvature: dev_factor_view(&factors),
+            base_bias: None,
+            expert_bias: None,
+        })
+    }
+}
+
+impl Kernel for CaMergeKernel {
+    const NAME: &'static str = "ca_merge";
+    fn forward<F: Elem>(&self, inputs: Vec<Vec<F>>) -> crate::Result<crate::Tensor<F>> {
+        self.with_inputs(inputs, |x| Ok(cpu::ca_merge(x, &self.opts)?.merged))
     }
     fn backward<F: Elem>(
         &self,
         inputs: Vec<Vec<F>>,
         grad: crate::Tensor<F>,
     ) -> crate::Result<Vec<Vec<F>>> {
-        let mut it = inputs.into_iter();
-        let base = tensor(&self.base, it.next().unwrap_or_default())?;
-        let experts = tensor(&self.experts, it.next().unwrap_or_default())?;
-        let mut packed = unpack(it.next().unwrap_or_default(), &self.packed)?;
-        let factors = packed.split_off(1);
-        let inputs = cpu::CaMergeInputs {
-            base: &base,
-            experts: &experts,
-            scores: &packed[0],
-            curvature: factor_view(&factors),
-            base_bias: None,
-            expert_bias: None,
-        };
-        let g = cpu::ca_merge_backward(&inputs, &self.opts, &grad, None, None)?;
-        let mut grad_packed = vec![g.grad_scores];
-        grad_packed.extend(factor_grads(g.factors));
-        Ok(vec![
-            g.grad_base.into_data(),
-            g.grad_experts.into_data(),
-            pack(grad_packed),
-        ])
+        self.with_inputs(inputs, |x| {
+            let g = cpu::ca_merge_backward(x, &self.opts, &grad, None, None)?;
+            let mut grad_packed = vec![g.grad_scores];
+            grad_packed.extend(factor_grads(g.factors));
+            Ok(vec![
+                g.grad_base.into_data(),
+                g.grad_experts.into_data(),
+                pack(grad_packed),
+            ])
+        })
     }
     #[cfg(feature = "cuda")]
     fn cuda_forward<T: DevElem>(
@@ -363,18 +382,9 @@ impl Kernel for CaMergeKernel {
         stream: &Arc<CudaStream>,
         inputs: Vec<CudaTensor<T>>,
     ) -> crate::Result<CudaTensor<T>> {
-        let [base, experts, packed] = dev_inputs(inputs)?;
-        let mut packed = on_cuda::unpack(stream, &packed, &self.packed)?;
-        let factors = packed.split_off(1);
-        let inputs = dev::CudaCaMergeInputs {
-            base: &base,
-            experts: &experts,
-            scores: &packed[0],
-            curvature: dev_factor_view(&factors),
-            base_bias: None,
-            expert_bias: None,
-        };
-        Ok(dev::ca_merge(stream, &inputs, &self.opts)?.merged)
+        self.with_dev_inputs(stream, inputs, |x| {
+            Ok(dev::ca_merge(stream, x, &self.opts)?.merged)
+        })
     }
     #[cfg(feature = "cuda")]
     fn cuda_backward<T: DevElem>(
@@ -383,25 +393,16 @@ impl Kernel for CaMergeKernel {
         inputs: Vec<CudaTensor<T>>,
         grad: CudaTensor<T>,
     ) -> crate::Result<Vec<CudaTensor<T>>> {
-        let [base, experts, packed] = dev_inputs(inputs)?;
-        let mut packed = on_cuda::unpack(stream, &packed, &self.packed)?;
-        let factors = packed.split_off(1);
-        let inputs = dev::CudaCaMergeInputs {
-            base: &base,
-            experts: &experts,
-            scores: &packed[0],
-            curvature: dev_factor_view(&factors),
-            base_bias: None,
-            expert_bias: None,
-        };
-        let g = dev::ca_merge_backward(stream, &inputs, &self.opts, &grad, None, None)?;
-        let mut grad_packed = vec![g.grad_scores];
-        grad_packed.extend(dev_factor_grads(g.factors));
-        Ok(vec![
-            g.grad_base,
-            g.grad_experts,
-            on_cuda::pack(stream, grad_packed)?,
-        ])
+        self.with_dev_inputs(stream, inputs, |x| {
+            let g = dev::ca_merge_backward(stream, x, &self.opts, &grad, None, None)?;
+            let mut grad_packed = vec![g.grad_scores];
+            grad_packed.extend(dev_factor_grads(g.factors));
+            Ok(vec![
+                g.grad_base,
+                g.grad_experts,
+                on_cuda::pack(stream, grad_packed)?,
+            ])
+        })
     }
 }
 
@@ -679,65 +680,74 @@ struct MergeKernel {
 }
 
 impl MergeKernel {
-    /// The 0/1 mask on the device, in the storage dtype (exact).
+    /// Runs `f` on the op's host inputs, with the mask in the compute type.
+    fn with_inputs<F: Elem, R>(
+        &self,
+        inputs: Vec<Vec<F>>,
+        f: impl FnOnce(&cpu::MergeInputs<F>) -> crate::Result<R>,
+    ) -> crate::Result<R> {
+        let mut it = inputs.into_iter();
+        let base = tensor(&self.base, it.next().unwrap_or_default())?;
+        let curved = tensor(&self.curved, it.next().unwrap_or_default())?;
+        let scores = tensor(&self.scores, it.next().unwrap_or_default())?;
+        let mask = self.mask.as_ref().map(|m| m.map(<F as Float>::from_f64));
+        f(&cpu::MergeInputs {
+            base: &base,
+            curved: &curved,
+            scores: &scores,
+            mask: mask.as_ref(),
+            base_bias: None,
+            expert_bias: None,
+        })
+    }
+    /// Runs `f` on the op's device inputs, with the 0/1 mask uploaded in the storage dtype (exact).
     #[cfg(feature = "cuda")]
-    fn dev_mask<T: DevElem>(
+    fn with_dev_inputs<T: DevElem, R>(
         &self,
         stream: &Arc<CudaStream>,
-    ) -> crate::Result<Option<CudaTensor<T>>> {
-        self.mask
+        inputs: Vec<CudaTensor<T>>,
+        f: impl FnOnce(&dev::CudaMergeInputs<T>) -> crate::Result<R>,
+    ) -> crate::Result<R> {
+        let [base, curved, scores] = dev_inputs(inputs)?;
+        let mask = self
+            .mask
             .as_ref()
             .map(|m| {
                 CudaTensor::upload(stream, &m.map(|x| <T as dev::Element>::from_f32(x as f32)))
             })
-            .transpose()
-    }
-    fn parts<F: Elem>(&self, inputs: Vec<Vec<F>>) -> crate::Result<[crate::Tensor<F>; 3]> {
-        let mut it = inputs.into_iter();
-        Ok([
-            tensor(&self.base, it.next().unwrap_or_default())?,
-            tensor(&self.curved, it.next().unwrap_or_default())?,
-            tensor(&self.scores, it.next().unwrap_or_default())?,
-        ])
+            .transpose()?;
+        f(&dev::CudaMergeInputs {
+            base: &base,
+            curved: &curved,
+            scores: &scores,
+            mask: mask.as_ref(),
+            base_bias: None,
+            expert_bias: None,
+        })
     }
 }
 
 impl Kernel for MergeKernel {
     const NAME: &'static str = "merge";
     fn forward<F: Elem>(&self, inputs: Vec<Vec<F>>) -> crate::Result<crate::Tensor<F>> {
-        let [base, curved, scores] = self.parts(inputs)?;
-        let mask = self.mask.as_ref().map(|m| m.map(<F as Float>::from_f64));
-        let inputs = cpu::MergeInputs {
-            base: &base,
-            curved: &curved,
-            scores: &scores,
-            mask: mask.as_ref(),
-            base_bias: None,
-            expert_bias: None,
-        };
-        Ok(cpu::merge(&inputs, self.alpha, &self.dare)?.merged)
+        self.with_inputs(
+            inputs,
+            |x| Ok(cpu::merge(x, self.alpha, &self.dare)?.merged),
+        )
     }
     fn backward<F: Elem>(
         &self,
         inputs: Vec<Vec<F>>,
         grad: crate::Tensor<F>,
     ) -> crate::Result<Vec<Vec<F>>> {
-        let [base, curved, scores] = self.parts(inputs)?;
-        let mask = self.mask.as_ref().map(|m| m.map(<F as Float>::from_f64));
-        let inputs = cpu::MergeInputs {
-            base: &base,
-            curved: &curved,
-            scores: &scores,
-            mask: mask.as_ref(),
-            base_bias: None,
-            expert_bias: None,
-        };
-        let g = cpu::merge_backward(&inputs, self.alpha, &self.dare, &grad, None)?;
-        Ok(vec![
-            g.grad_base.into_data(),
-            g.grad_curved.into_data(),
-            g.grad_scores.into_data(),
-        ])
+        self.with_inputs(inputs, |x| {
+            let g = cpu::merge_backward(x, self.alpha, &self.dare, &grad, None)?;
+            Ok(vec![
+                g.grad_base.into_data(),
+                g.grad_curved.into_data(),
+                g.grad_scores.into_data(),
+            ])
+        })
     }
     #[cfg(feature = "cuda")]
     fn cuda_forward<T: DevElem>(
@@ -745,17 +755,9 @@ impl Kernel for MergeKernel {
         stream: &Arc<CudaStream>,
         inputs: Vec<CudaTensor<T>>,
     ) -> crate::Result<CudaTensor<T>> {
-        let [base, curved, scores] = dev_inputs(inputs)?;
-        let mask = self.dev_mask(stream)?;
-        let inputs = dev::CudaMergeInputs {
-            base: &base,
-            curved: &curved,
-            scores: &scores,
-            mask: mask.as_ref(),
-            base_bias: None,
-            expert_bias: None,
-        };
-        Ok(dev::merge(stream, &inputs, self.alpha, &self.dare)?.merged)
+        self.with_dev_inputs(stream, inputs, |x| {
+            Ok(dev::merge(stream, x, self.alpha, &self.dare)?.merged)
+        })
     }
     #[cfg(feature = "cuda")]
     fn cuda_backward<T: DevElem>(
@@ -764,18 +766,10 @@ impl Kernel for MergeKernel {
         inputs: Vec<CudaTensor<T>>,
         grad: CudaTensor<T>,
     ) -> crate::Result<Vec<CudaTensor<T>>> {
-        let [base, curved, scores] = dev_inputs(inputs)?;
-        let mask = self.dev_mask(stream)?;
-        let inputs = dev::CudaMergeInputs {
-            base: &base,
-            curved: &curved,
-            scores: &scores,
-            mask: mask.as_ref(),
-            base_bias: None,
-            expert_bias: None,
-        };
-        let g = dev::merge_backward(stream, &inputs, self.alpha, &self.dare, &grad, None)?;
-        Ok(vec![g.grad_base, g.grad_curved, g.grad_scores])
+        self.with_dev_inputs(stream, inputs, |x| {
+            let g = dev::merge_backward(stream, x, self.alpha, &self.dare, &grad, None)?;
+            Ok(vec![g.grad_base, g.grad_curved, g.grad_scores])
+        })
     }
 }
 
