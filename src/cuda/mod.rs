@@ -113,12 +113,17 @@ impl Element for bf16 {
 /// Whether a CUDA driver library can be loaded on this machine (checked before any cudarc call:
 /// cudarc panics when it is missing).
 pub fn driver_present() -> bool {
-    // cudarc's own check (`is_culib_present`) exists only when it loads the driver at run time;
-    // with candle's CUDA backend it links it instead, so ask the loader for the same names here.
-    ["libcuda.so.1", "libcuda.so", "nvcuda.dll"]
-        .iter()
-        // SAFETY: loading the driver library runs only its initialisers; no CUDA call is made.
-        .any(|name| unsafe { libloading::Library::new(*name) }.is_ok())
+    // Asked once per process: every launch checks it, and the answer cannot change.
+    static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PRESENT.get_or_init(|| {
+        // cudarc's own check (`is_culib_present`) exists only when it loads the driver at run
+        // time; with candle's CUDA backend it links it instead, so ask the loader for the same
+        // names here.
+        ["libcuda.so.1", "libcuda.so", "nvcuda.dll"]
+            .iter()
+            // SAFETY: loading the driver library runs only its initialisers; no CUDA call is made.
+            .any(|name| unsafe { libloading::Library::new(*name) }.is_ok())
+    })
 }
 
 fn require_driver() -> Result<()> {
