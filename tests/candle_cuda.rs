@@ -146,6 +146,16 @@ fn compare(
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
+/// The four Kronecker factors from `t[k..k + 4]`.
+fn factors_at(t: &[Tensor], k: usize) -> Factors {
+    Factors {
+        a: t[k].clone(),
+        b: t[k + 1].clone(),
+        c: t[k + 2].clone(),
+        d: t[k + 3].clone(),
+    }
+}
+
 #[test]
 fn ca_merge_on_cuda_matches_cpu() {
     let Some(dev) = gpu("ca_merge_on_cuda_matches_cpu") else {
@@ -174,15 +184,7 @@ fn ca_merge_on_cuda_matches_cpu() {
                 dare: Dare::Expert { p: 0.3, seed: 7 },
                 ..MergeOptions::default()
             };
-            let kron = |t: &[Tensor]| {
-                let f = Factors {
-                    a: t[3].clone(),
-                    b: t[4].clone(),
-                    c: t[5].clone(),
-                    d: t[6].clone(),
-                };
-                ca_merge(&t[0], &t[1], &t[2], Some(&f), &opts)
-            };
+            let kron = |t: &[Tensor]| ca_merge(&t[0], &t[1], &t[2], Some(&factors_at(t, 3)), &opts);
             compare("ca_merge(kronecker)", &dev, dt, &ins, &kron);
             // The identity curvature (domain-specific merging) with element DARE.
             let opts_id = MergeOptions {
@@ -211,15 +213,7 @@ fn curvature_merge_and_segments_on_cuda_match_cpu() {
         for k in s {
             ins.push(input(&mut rng, &[r, n, k, k], 0.3, true, dt));
         }
-        let curv = |t: &[Tensor]| {
-            let f = Factors {
-                a: t[2].clone(),
-                b: t[3].clone(),
-                c: t[4].clone(),
-                d: t[5].clone(),
-            };
-            curvature(&t[0], &t[1], Some(&f))
-        };
+        let curv = |t: &[Tensor]| curvature(&t[0], &t[1], Some(&factors_at(t, 2)));
         compare("curvature", &dev, dt, &ins, &curv);
 
         // merge with a constant 0/1 mask (the same on both devices, in each one's dtype).
