@@ -179,8 +179,9 @@ int camex_segment_backward(const camex_segment_params *p, camex_stream_t stream)
 int camex_emulated(void);
 
 /* Tensor-core paths for f16/bf16 storage, per calling thread: the two-stage Kronecker curvature
- * forward (kernels/kron_tc.cuh) and the strided GEMM behind every other mode product, factor
- * contraction and the merged linear layer (gemm_tc_kernel, kernels/gemm.cuh). mode: 1 on, 0 off,
+ * forward (kernels/kron_tc.cuh), its fused backward (kernels/kron_tc_bwd.cuh), and the strided GEMM
+ * behind the merged linear layer and the reverse chain of shapes the fused kernels do not take
+ * (factors over 64, or shared memory over the device's limit) (gemm_tc_kernel, kernels/gemm.cuh). mode: 1 on, 0 off,
  * -1 the process default (environment CAMEX_TENSOR_CORES=1 turns it on; off otherwise, because these
  * kernels have run only in the CPU emulation so far, never on a GPU; on in the emulation build).
  * Workspace sizes fit either path. camex_tensor_cores() reports the mode that applies now. */

@@ -13,13 +13,15 @@
 //      for the mask, draws DARE with Philox, and writes merged[g] for all G groups, and optionally
 //      curved (U) and next_base. It reads N+1 weights once and writes G merged weights.
 // The backward recomputes U (like the CPU path), reduces <Gbar_g, zeta P_i> with fixed-order
-// tree reductions, builds H_i = dL/dU_i per expert and runs the transposed chain (kron.cuh).
+// tree reductions, builds H_i = dL/dU_i per expert and runs the transposed chain (kron.cuh), or,
+// with the tensor cores on, the fused reverse of kron_tc_bwd.cuh.
 //
 // The scalar path RAN ON AN H200 (2026-11-28, scripts/gpu-check.sh): every comparison with the f64
-// CPU path in tests/gpu.rs passed, reruns bit-identical. The tensor-core forward (kron_tc.cuh,
-// opt-in) has run only in the CPU emulation (kernels/emu.h, CAMEX_KERNEL_EMU=1).
+// CPU path in tests/gpu.rs passed, reruns bit-identical. The tensor-core forward and backward
+// (kron_tc.cuh, kron_tc_bwd.cuh; opt-in) have run only in the CPU emulation (kernels/emu.h,
+// CAMEX_KERNEL_EMU=1).
 #include "elementwise.cuh"
-#include "kron_tc.cuh"
+#include "kron_tc_bwd.cuh"
 #include "merge.cuh"
 
 using namespace camex;
@@ -55,11 +57,11 @@ CurvWs curv_ws(const camex_curvature_params &p, bool backward, Arena &ar) {
     ws.s2 = ws.s1 + oi;
   } else {
     ws.gt = ar.take<float>(oi);
-    ws.t1 = ar.take<float>(oi);
+    ws.t1 = ar.take<float>(kron_scratch_floats(p.dtype, dims4(p.o1, p.o2, p.i1, p.i2), p.r));  // or Z
     ws.kk = ar.take<float>(oi);
     ws.w = ar.take<float>(oi);
     ws.acc = ar.take<float>(oi);
-    ws.partial = ar.take<float>(contract_partial_floats(dims4(p.o1, p.o2, p.i1, p.i2)));
+    ws.partial = ar.take<float>(kron_bwd_partial_floats(p.dtype, dims4(p.o1, p.o2, p.i1, p.i2), p.r));
   }
   return ws;
 }
@@ -106,7 +108,7 @@ template <typename T> int curvature_backward_t(const camex_curvature_params &p, 
   KronFactors f = {ptr<const void>(p.factor_a), ptr<const void>(p.factor_b), ptr<const void>(p.factor_c),
                    ptr<const void>(p.factor_d), p.r, p.n};
   for (int64_t e = 0; e < p.n; ++e) {
-    CAMEX_TRY(kron_backward<T>(s, ws.gt, store_opnd<T>(gc + e * oi), tau_opnd<T>(experts + e * oi, base), f, e, d4,
+    CAMEX_TRY(kron_backward_any<T>(s, ws.gt, store_opnd<T>(gc + e * oi), tau_opnd<T>(experts + e * oi, base), f, e, d4,
                                ptr<T>(p.grad_factor_a), ptr<T>(p.grad_factor_b), ptr<T>(p.grad_factor_c),
                                ptr<T>(p.grad_factor_d), ws.t1, ws.kk, ws.w, ws.partial));
     CAMEX_LAUNCH(finish_expert_kernel<T>, grid_for(oi, 256), 256, s)(ws.gt, grad_experts + e * oi, ws.acc, e == 0, oi);
@@ -145,7 +147,7 @@ CaWs ca_ws(const camex_ca_merge_params &p, bool backward, Arena &ar) {
       ws.t1 = ws.s1;  // the forward scratch is free again once U is built
       ws.kk = ws.s2;
       ws.w = ar.take<float>(oi);
-      ws.partial = ar.take<float>(contract_partial_floats(dims4(p.o1, p.o2, p.i1, p.i2)));
+      ws.partial = ar.take<float>(kron_bwd_partial_floats(p.dtype, dims4(p.o1, p.o2, p.i1, p.i2), p.r));
     }
   }
   return ws;
@@ -259,7 +261,7 @@ template <typename T> int ca_merge_backward_t(const camex_ca_merge_params &p, cu
     CAMEX_CHECK_LAUNCH();
     float *gt = ws.h;
     if (p.r > 0) {
-      CAMEX_TRY(kron_backward<T>(s, ws.gt, f32_opnd(ws.h), tau_opnd<T>(experts + e * oi, base), f, e, d4,
+      CAMEX_TRY(kron_backward_any<T>(s, ws.gt, f32_opnd(ws.h), tau_opnd<T>(experts + e * oi, base), f, e, d4,
                                  ptr<T>(p.grad_factor_a), ptr<T>(p.grad_factor_b), ptr<T>(p.grad_factor_c),
                                  ptr<T>(p.grad_factor_d), ws.t1, ws.kk, ws.w, ws.partial));
       gt = ws.gt;

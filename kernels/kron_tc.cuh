@@ -39,7 +39,7 @@ constexpr int TC_THREADS = 256, TC_WARPS = TC_THREADS / 32;
 constexpr int TC_QC = 8;    // columns per stage-1 slab: one n8 tile
 constexpr int TC_KMAX = 64; // largest factor size the tensor-core path takes
 constexpr int TC_ACC = 8;   // m16n8 f32 accumulator tiles per warp in stage 2 (32 registers)
-constexpr int64_t TC_SMEM_MAX = 200 * 1024;
+constexpr int64_t TC_SMEM_MAX = 227 * 1024;  // sm_90's opt-in maximum
 
 // Whether a factor's lo half can be non-zero (f16 storage), i.e. needs its own product.
 template <typename T> __host__ __device__ constexpr bool factor_lo() { return !std::is_same<T, __nv_bfloat16>::value; }
@@ -64,9 +64,66 @@ __device__ __forceinline__ void mma_split(float c[4], const uint32_t ah[4], cons
   if constexpr (factor_lo<T>()) mma_bf16(c, al, bh);
 }
 
+// c += F[m0..m0+15][k] X[n0..n0+7][k] over k < kp: a factor (the A operand: hi, and lo for f16
+// storage) times data (the B operand, hi + lo), both k-contiguous with row strides lf and lx.
+template <typename T>
+__device__ __forceinline__ void factor_by_data(float c[4], const MmaT *fh, const MmaT *fl, int lf, int m0, const MmaT *xh,
+                                               const MmaT *xl, int lx, int n0, int kp, int lane) {
+  for (int k0 = 0; k0 < kp; k0 += 16) {
+    uint32_t ah[4], al[4], bh[2], bl[2];
+    frag_a(ah, fh, lf, m0, k0, lane);
+    if constexpr (factor_lo<T>()) frag_a(al, fl, lf, m0, k0, lane);
+    frag_b(bh, xh, lx, n0, k0, lane);
+    frag_b(bl, xl, lx, n0, k0, lane);
+    mma_split<T>(c, ah, al, bh, bl);
+  }
+}
+
 __device__ __forceinline__ void zero_smem(char *smem, int64_t bytes) {
   uint4 z = make_uint4(0, 0, 0, 0);
   for (int64_t x = threadIdx.x; x < bytes / 16; x += TC_THREADS) reinterpret_cast<uint4 *>(smem)[x] = z;
+}
+
+// Mode b on TC_AC row runs of an 8-column slab: Y[b][j][a0 + al] = sum_b' F[b][b'] X[al][j][b'] for
+// al < ac (M = b, N = j, K = b'; F: the factor or its transpose, row stride lf).
+template <typename T>
+__device__ __forceinline__ void slab_mode_b(const MmaT *fh, const MmaT *fl, int lf, const MmaT *xh, const MmaT *xl,
+                                            int lx, MmaT *yh, MmaT *yl, int ly, int a0, int ac, int o2, int o2p) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int mtb = o2p / 16;
+  for (int tile = warp; tile < ac * mtb; tile += TC_WARPS) {
+    const int al = tile / mtb, mt = tile % mtb, a = a0 + al;
+    float c[4] = {0.f, 0.f, 0.f, 0.f};
+    factor_by_data<T>(c, fh, fl, lf, mt * 16, xh + al * TC_QC * lx, xl + al * TC_QC * lx, lx, 0, o2p, lane);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int b = mt * 16 + g + 8 * h;
+      if (b >= o2) continue;
+      split_store(yh, yl, (b * TC_QC + 2 * t) * ly + a, c[2 * h]);
+      split_store(yh, yl, (b * TC_QC + 2 * t + 1) * ly + a, c[2 * h + 1]);
+    }
+  }
+}
+
+// Mode a on a whole 8-column slab: out[(a * o2 + b) * 8 + j] = sum_a' F[a][a'] Y[b][j][a']
+// (M = a, N = (b, j), K = a'), f32, written slab-contiguous.
+template <typename T>
+__device__ __forceinline__ void slab_mode_a(const MmaT *fh, const MmaT *fl, int lf, const MmaT *yh, const MmaT *yl,
+                                            int ly, float *out, int o1, int o1p, int o2) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int mta = o1p / 16;
+  for (int tile = warp; tile < mta * o2; tile += TC_WARPS) {
+    const int b = tile / mta, mt = tile % mta;
+    float c[4] = {0.f, 0.f, 0.f, 0.f};
+    factor_by_data<T>(c, fh, fl, lf, mt * 16, yh + (int64_t)b * TC_QC * ly, yl + (int64_t)b * TC_QC * ly, ly, 0, o1p,
+                      lane);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int a = mt * 16 + g + 8 * h;
+      if (a >= o1) continue;
+      *reinterpret_cast<float2 *>(out + ((int64_t)a * o2 + b) * TC_QC + 2 * t) = make_float2(c[2 * h], c[2 * h + 1]);
+    }
+  }
 }
 
 // ---- stage 1: rows ----
@@ -117,8 +174,6 @@ kron_rows_kernel(const T *__restrict__ w, const T *__restrict__ e, const T *__re
   const int64_t O = (int64_t)o1 * o2, slabs = (I + TC_QC - 1) / TC_QC;
   const int64_t slab = blockIdx.x, r = r0 + blockIdx.y;
   const int64_t q0 = slab * TC_QC;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, t = lane & 3;
   const bool vec = I % TC_QC == 0 && ((reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(e)) & 15) == 0;
 
   zero_smem(smem, L.bytes);  // the K padding of every operand stays zero
@@ -126,7 +181,6 @@ kron_rows_kernel(const T *__restrict__ w, const T *__restrict__ e, const T *__re
   load_factor(Ah, Al, fa + (r * nexp + expert) * o1 * o1, o1, L.la);
   load_factor(Bh, Bl, fb + (r * nexp + expert) * o2 * o2, o2, L.lb);
 
-  const int mtb = L.o2p / 16;
   for (int a0 = 0; a0 < o1; a0 += TC_AC) {
     const int ac = o1 - a0 < TC_AC ? o1 - a0 : TC_AC;
     __syncthreads();  // the previous chunk's readers are done (and the factors are visible)
@@ -153,54 +207,68 @@ kron_rows_kernel(const T *__restrict__ w, const T *__restrict__ e, const T *__re
       }
     }
     __syncthreads();
-    // Mode b, per row run a: Y[b][q] = sum_b' B[b][b'] X[a][q][b']  (M = b, N = q, K = b').
-    for (int tile = warp; tile < ac * mtb; tile += TC_WARPS) {
-      const int al = tile / mtb, mt = tile % mtb;
-      float c[4] = {0.f, 0.f, 0.f, 0.f};
-      for (int k0 = 0; k0 < L.o2p; k0 += 16) {
-        uint32_t fh[4], fl[4], xh[2], xl[2];
-        frag_a(fh, Bh, L.lb, mt * 16, k0, lane);
-        if constexpr (factor_lo<T>()) frag_a(fl, Bl, L.lb, mt * 16, k0, lane);
-        frag_b(xh, Xh + al * TC_QC * L.lx, L.lx, 0, k0, lane);
-        frag_b(xl, Xl + al * TC_QC * L.lx, L.lx, 0, k0, lane);
-        mma_split<T>(c, fh, fl, xh, xl);
-      }
-      const int a = a0 + al;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int b = mt * 16 + g + 8 * h;
-        if (b >= o2) continue;
-        split_store(Yh, Yl, (b * TC_QC + 2 * t) * L.ly + a, c[2 * h]);
-        split_store(Yh, Yl, (b * TC_QC + 2 * t + 1) * L.ly + a, c[2 * h + 1]);
-      }
-    }
+    // Mode b, per row run a: Y[b][q] = sum_b' B[b][b'] X[a][q][b'].
+    slab_mode_b<T>(Bh, Bl, L.lb, Xh, Xl, L.lx, Yh, Yl, L.ly, a0, ac, o2, L.o2p);
   }
   __syncthreads();
 
-  // Mode a: Z[a][(b, q)] = sum_a' A[a][a'] Y[b][q][a']  (M = a, N = (b, q), K = a').
-  const int mta = L.o1p / 16;
-  float *zs = z + (blockIdx.y * slabs + slab) * O * TC_QC;
-  for (int tile = warp; tile < mta * o2; tile += TC_WARPS) {
-    const int b = tile / mta, mt = tile % mta;
-    float c[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int k0 = 0; k0 < L.o1p; k0 += 16) {
-      uint32_t fh[4], fl[4], yh[2], yl[2];
-      frag_a(fh, Ah, L.la, mt * 16, k0, lane);
-      if constexpr (factor_lo<T>()) frag_a(fl, Al, L.la, mt * 16, k0, lane);
-      frag_b(yh, Yh + b * TC_QC * L.ly, L.ly, 0, k0, lane);
-      frag_b(yl, Yl + b * TC_QC * L.ly, L.ly, 0, k0, lane);
-      mma_split<T>(c, fh, fl, yh, yl);
-    }
+  // Mode a: Z[a][(b, q)] = sum_a' A[a][a'] Y[b][q][a'], slab-contiguous.
+  slab_mode_a<T>(Ah, Al, L.la, Yh, Yl, L.ly, z + (blockIdx.y * slabs + slab) * O * TC_QC, o1, L.o1p, o2);
+}
+
+// Rows p0..p0+pr of one rank of Z (slab layout [slab][O][8], f32) into shared X[p][c][d] (row
+// stride lx), split into hi + lo; rows past O are left as they are.
+__device__ __forceinline__ void load_z_rows(MmaT *xh, MmaT *xl, int lx, const float *zr, int64_t p0, int pr, int64_t O,
+                                            int i1, int i2, int i1p) {
+  const int64_t I = (int64_t)i1 * i2, slabs = (I + TC_QC - 1) / TC_QC;
+  for (int64_t x = threadIdx.x; x < (int64_t)pr * slabs; x += TC_THREADS) {
+    const int64_t pl = x / slabs, sl = x % slabs, p = p0 + pl;
+    if (p >= O) continue;
+    const float4 *src = reinterpret_cast<const float4 *>(zr + (sl * O + p) * TC_QC);
+    const float4 v0 = src[0], v1 = src[1];
+    const float vt[TC_QC] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int a = mt * 16 + g + 8 * h;
-      if (a >= o1) continue;
-      *reinterpret_cast<float2 *>(zs + ((int64_t)a * o2 + b) * TC_QC + 2 * t) = make_float2(c[2 * h], c[2 * h + 1]);
+    for (int j = 0; j < TC_QC; ++j) {
+      const int64_t q = sl * TC_QC + j;
+      if (q < I) split_store(xh, xl, (pl * i1p + q / i2) * lx + q % i2, vt[j]);
     }
   }
 }
 
 // ---- stage 2: columns ----
+
+// Y[p][d][c] = sum_d' X[p][c][d'] F[d][d'] for the rows (p, c) of X, p < rows (M = (p, c), N = d,
+// K = d'): the data is the A operand (hi + lo, row stride lx), the factor the B operand (hi, and lo
+// for f16 storage; row stride lf); Y's row stride ly. Used by the forward's mode d and by the
+// backward's (P x4 D and H x4 D^T).
+template <typename T>
+__device__ __forceinline__ void rows_by_factor(const MmaT *xh, const MmaT *xl, int lx, const MmaT *fh, const MmaT *fl,
+                                               int lf, MmaT *yh, MmaT *yl, int ly, int rows, int i1p, int i2p) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int ntd = i2p / 8, mtd = rows * i1p / 16;
+  for (int tile = warp; tile < mtd * ntd; tile += TC_WARPS) {
+    const int mt = tile / ntd, nt = tile % ntd;
+    float c[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int k0 = 0; k0 < i2p; k0 += 16) {
+      uint32_t ah[4], al[4], bh[2], bl[2];
+      frag_a(ah, xh, lx, mt * 16, k0, lane);
+      frag_a(al, xl, lx, mt * 16, k0, lane);
+      frag_b(bh, fh, lf, nt * 8, k0, lane);
+      mma_bf16(c, ah, bh);
+      mma_bf16(c, al, bh);
+      if constexpr (factor_lo<T>()) {
+        frag_b(bl, fl, lf, nt * 8, k0, lane);
+        mma_bf16(c, ah, bl);
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int m = mt * 16 + g + 8 * h, pl = m / i1p, cc = m % i1p, d = nt * 8 + 2 * t;
+      split_store(yh, yl, (pl * i2p + d) * ly + cc, c[2 * h]);
+      split_store(yh, yl, (pl * i2p + d + 1) * ly + cc, c[2 * h + 1]);
+    }
+  }
+}
 
 struct ColsLayout {
   int i1p, i2p, lz, lyt, lc, ld, pr, tpr;
@@ -260,47 +328,11 @@ kron_cols_kernel(const float *__restrict__ z, const T *__restrict__ fc, const T 
     __syncthreads();  // the previous rank's readers are done (and the zeroing is visible)
     load_factor(Ch, Cl, fc + (r * nexp + expert) * i1 * i1, i1, L.lc);
     load_factor(Dh, Dl, fd + (r * nexp + expert) * i2 * i2, i2, L.ld);
-    const float *zr = z + rl * slabs * O * TC_QC;
-    for (int64_t x = threadIdx.x; x < (int64_t)L.pr * slabs; x += TC_THREADS) {
-      const int64_t pl = x / slabs, sl = x % slabs, p = p0 + pl;
-      if (p >= O) continue;
-      const float4 *src = reinterpret_cast<const float4 *>(zr + (sl * O + p) * TC_QC);
-      const float4 v0 = src[0], v1 = src[1];
-      const float vt[TC_QC] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
-#pragma unroll
-      for (int j = 0; j < TC_QC; ++j) {
-        const int64_t q = sl * TC_QC + j;
-        if (q < I) split_store(Zh, Zl, (pl * L.i1p + q / i2) * L.lz + q % i2, vt[j]);
-      }
-    }
+    load_z_rows(Zh, Zl, L.lz, z + rl * slabs * O * TC_QC, p0, L.pr, O, i1, i2, L.i1p);
     __syncthreads();
 
-    // Mode d: Y[p][d][c'] = sum_d' Z[p][c'][d'] D[d][d']  (M = (p, c'), N = d, K = d').
-    const int mtd = L.pr * L.i1p / 16;
-    for (int tile = warp; tile < mtd * ntc; tile += TC_WARPS) {
-      const int mt = tile / ntc, nt = tile % ntc;
-      float c[4] = {0.f, 0.f, 0.f, 0.f};
-      for (int k0 = 0; k0 < L.i2p; k0 += 16) {
-        // Here the data (Z) is the A operand and the factor the B operand.
-        uint32_t zh[4], zl[4], fh[2], fl[2];
-        frag_a(zh, Zh, L.lz, mt * 16, k0, lane);
-        frag_a(zl, Zl, L.lz, mt * 16, k0, lane);
-        frag_b(fh, Dh, L.ld, nt * 8, k0, lane);
-        mma_bf16(c, zh, fh);
-        mma_bf16(c, zl, fh);
-        if constexpr (factor_lo<T>()) {
-          frag_b(fl, Dl, L.ld, nt * 8, k0, lane);
-          mma_bf16(c, zh, fl);
-        }
-      }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int m = mt * 16 + g + 8 * h, pl = m / L.i1p, cc = m % L.i1p;
-        const int d = nt * 8 + 2 * t;
-        split_store(Yh, Yl, (pl * L.i2p + d) * L.lyt + cc, c[2 * h]);
-        split_store(Yh, Yl, (pl * L.i2p + d + 1) * L.lyt + cc, c[2 * h + 1]);
-      }
-    }
+    // Mode d: Y[p][d][c'] = sum_d' Z[p][c'][d'] D[d][d'].
+    rows_by_factor<T>(Zh, Zl, L.lz, Dh, Dl, L.ld, Yh, Yl, L.lyt, L.pr, L.i1p, L.i2p);
     __syncthreads();
 
     // Mode c, accumulated over r: U[p][c][d] += sum_c' C[c][c'] Y[p][d][c']  (M = c, N = d, K = c').
@@ -309,14 +341,8 @@ kron_cols_kernel(const float *__restrict__ z, const T *__restrict__ fc, const T 
       const int tile = warp + TC_WARPS * j;
       if (tile < L.pr * L.tpr) {
         const int pl = tile / L.tpr, mt = (tile % L.tpr) / ntc, nt = tile % ntc;
-        for (int k0 = 0; k0 < L.i1p; k0 += 16) {
-          uint32_t fh[4], fl[4], yh[2], yl[2];
-          frag_a(fh, Ch, L.lc, mt * 16, k0, lane);
-          if constexpr (factor_lo<T>()) frag_a(fl, Cl, L.lc, mt * 16, k0, lane);
-          frag_b(yh, Yh + pl * L.i2p * L.lyt, L.lyt, nt * 8, k0, lane);
-          frag_b(yl, Yl + pl * L.i2p * L.lyt, L.lyt, nt * 8, k0, lane);
-          mma_split<T>(acc[j], fh, fl, yh, yl);
-        }
+        factor_by_data<T>(acc[j], Ch, Cl, L.lc, mt * 16,
+            Yh + pl * L.i2p * L.lyt, Yl + pl * L.i2p * L.lyt, L.lyt, nt * 8, L.i1p, lane);
       }
     }
   }
@@ -375,6 +401,10 @@ inline bool kron_tc_fits(const D4 &d4, bool flo, int64_t lim) {
 // stays in L2 between the two stages (2 ranks, 19 MB, at T5-base `wi`; the H200's L2 is 50 MB).
 #ifdef CAMEX_TC_Z_BUDGET  // tests: small budgets exercise the accumulation across rounds
 constexpr int64_t TC_Z_BUDGET = CAMEX_TC_Z_BUDGET;
+#elif defined(CAMEX_EMU)
+// The emulation's test shapes: one or two ranks per round (both the in-round rank loops and the
+// accumulation across rounds are exercised).
+constexpr int64_t TC_Z_BUDGET = 3000;
 #else
 constexpr int64_t TC_Z_BUDGET = 24ll << 20;
 #endif

@@ -188,7 +188,8 @@ if [ "${CAMEX_CHECK_TORCH:-1}" = 1 ] && python3 -c "import torch" 2>/dev/null; t
     --op ca_merge $compile_flag >>"$PLOG" 2>&1 || echo "torch_baseline: rc=$?" >>"$PLOG"
 fi
 
-# 5. Per-kernel times of one CA-merge forward at T5-base `wi` in bf16 on the tensor-core path
+# 5. Per-kernel times of one CA-merge forward, then one backward, at T5-base `wi` in bf16 on the
+#    tensor-core path
 #    (Nsight Compute, clocks as found).
 KLOG="$LOGS/kernels.log"
 : >"$KLOG"
@@ -203,13 +204,23 @@ d = sys.argv[1]; g = torch.Generator().manual_seed(3)
 n, o, i, r, grp = 7, 3072, 768, 8, 16
 def eye(k): return (torch.eye(k).expand(r, n, k, k) / 2 + 0.01 * torch.randn(r, n, k, k, generator=g)).bfloat16()
 base = (0.05 * torch.randn(o, i, generator=g))
-save_file({"base": base.bfloat16(), "experts": (base + 0.01 * torch.randn(n, o, i, generator=g)).bfloat16(),
-           "scores": torch.softmax(torch.randn(grp, n, generator=g), -1).bfloat16(),
-           "factor_a": eye(48), "factor_b": eye(64), "factor_c": eye(24), "factor_d": eye(32)}, f"{d}/in.safetensors")
+t = {"base": base.bfloat16(), "experts": (base + 0.01 * torch.randn(n, o, i, generator=g)).bfloat16(),
+     "scores": torch.softmax(torch.randn(grp, n, generator=g), -1).bfloat16(),
+     "factor_a": eye(48), "factor_b": eye(64), "factor_c": eye(24), "factor_d": eye(32)}
+save_file(t, f"{d}/in.safetensors")
+t["grad_merged"] = (0.01 * torch.randn(grp, o, i, generator=g)).bfloat16()  # the backward reads it too
+save_file(t, f"{d}/bwd.safetensors")
 PY
   CAMEX_TENSOR_CORES=1 within 120 "$NCU" --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
     "$BINDIR/camex" run ca_merge --inputs "$D/in.safetensors" --outputs "$D/out.safetensors" --device cuda \
     --mask ties_sign --dare expert:0.1:5 >>"$KLOG" 2>&1 || echo "ncu: rc=$?" >>"$KLOG"
+  # The same for the backward (the fused tensor-core reverse of kernels/kron_tc_bwd.cuh).
+  if [ "$(left)" -gt 60 ]; then
+    echo "== ca_merge_backward" >>"$KLOG"
+    CAMEX_TENSOR_CORES=1 within 100 "$NCU" --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
+      "$BINDIR/camex" run ca_merge_backward --inputs "$D/bwd.safetensors" --outputs "$D/grads.safetensors" --device cuda \
+      --mask ties_sign --dare expert:0.1:5 >>"$KLOG" 2>&1 || echo "ncu backward: rc=$?" >>"$KLOG"
+  fi
   rm -rf "$D"
 fi
 

@@ -7,7 +7,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DIR="${CAMEX_CUDA_DIR:-$ROOT/.cuda}"
 CUDA_HOME_DIR="$DIR/nvidia/cu13"
 
-if ! ldconfig -p 2>/dev/null | grep -q 'libclang.*\.so' && ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1; then
+# bindgen loads libclang.so itself; libclang-cpp (LLVM's C++ library, present on some machines) is
+# not it, so the patterns must not match that.
+if ! ldconfig -p 2>/dev/null | grep -Eq 'libclang(-[0-9.]+)?\.so' &&
+  ! ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/llvm-*/lib/libclang-[0-9]*.so* >/dev/null 2>&1; then
   echo "setup-cuda: installing libclang-dev (bindgen)" >&2
   if command -v apt-get >/dev/null; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

@@ -1476,6 +1476,32 @@ mod emu {
         }
     }
 
+    /// T5-base `wi`'s factor sizes (48 x 64 | 24 x 32), one expert and one rank, through the
+    /// tensor-core forward and the fused backward: their shared-memory layouts at the largest
+    /// footprint that matters (the rows-side backward, 193 KiB in bf16 and 209 KiB in f16, of
+    /// sm_90's 227 KiB); and `wo`'s (24 x 32 | 48 x 64), where the columns side takes 4 rows a block.
+    #[test]
+    fn emu_tensor_core_t5_base_dims() {
+        if !on("emu_tensor_core_t5_base_dims") {
+            return;
+        }
+        let wi = Sh {
+            n: 1,
+            o: 3072,
+            i: 768,
+            r: 1,
+            g: 1,
+        };
+        curvature_case::<bf16>(wi, true);
+        curvature_case::<f16>(wi, true);
+        let wo = Sh {
+            o: 768,
+            i: 3072,
+            ..wi
+        };
+        curvature_case::<bf16>(wo, true);
+    }
+
     #[test]
     fn emu_ties_mask_matches_cpu() {
         if !on("emu_ties_mask_matches_cpu") {

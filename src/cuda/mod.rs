@@ -5,8 +5,9 @@
 //! path ([`crate::cpu`]) at odd and T5-base shapes with NaN-poisoned outputs, and reruns were
 //! bit-identical. Two later changes have run only in the CPU emulation of the kernels
 //! (`CAMEX_KERNEL_EMU=1`, kernels/emu.h: real threads per block, barriers, shared memory, atomics,
-//! and mma.sync with the PTX fragment layout): the tensor-core Kronecker forward, opt-in through
-//! [`set_tensor_cores`] for that reason, and the merge epilogue's per-block staged merge weights.
+//! and mma.sync with the PTX fragment layout): the tensor-core Kronecker forward and backward, opt-in
+//! through [`set_tensor_cores`] for that reason, and the merge epilogue's per-block staged merge
+//! weights.
 //! The emulation covers indexing, tiling, reductions and orchestration, not the GPU memory model, the
 //! CUDA runtime, or speed. Where no GPU is present, `tests/gpu.rs` skips and says why.
 //!
@@ -168,9 +169,11 @@ pub fn set_poison_outputs(on: bool) {
 
 /// Chooses, for the calling thread, whether f16/bf16 operators use the tensor cores: the two-stage
 /// Kronecker curvature forward of `kernels/kron_tc.cuh` (standalone `curvature`, the fused CA-merge,
-/// and the recompute inside their backward) and the tensor-core strided GEMM behind every other mode
-/// product, factor-gradient contraction and the merged linear layer (`kernels/gemm.cuh`). Both split
-/// each f32 operand into hi + lo storage halves and accumulate in f32. `Some(true)` on, `Some(false)`
+/// and the recompute inside their backward), the fused Kronecker backward of
+/// `kernels/kron_tc_bwd.cuh` (three kernels per round of ranks for dL/dtau and the four factor
+/// gradients), and the tensor-core strided GEMM behind the merged linear layer and the reverse chain
+/// of shapes the fused kernels do not take (`kernels/gemm.cuh`). All split each f32 operand into
+/// hi + lo bf16 halves and accumulate in f32. `Some(true)` on, `Some(false)`
 /// off, `None` the process default (the environment variable `CAMEX_TENSOR_CORES=1` turns it on; off
 /// otherwise).
 ///
