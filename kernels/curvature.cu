@@ -57,7 +57,7 @@ CurvWs curv_ws(const camex_curvature_params &p, bool backward, Arena &ar) {
     ws.s2 = ws.s1 + oi;
   } else {
     ws.gt = ar.take<float>(oi);
-    ws.t1 = ar.take<float>(kron_scratch_floats(p.dtype, dims4(p.o1, p.o2, p.i1, p.i2), p.r));  // or Z
+    ws.t1 = ar.take<float>(kron_scratch_floats(p.dtype, dims4(p.o1, p.o2, p.i1, p.i2), p.r, 1));  // or Z
     ws.kk = ar.take<float>(oi);
     ws.w = ar.take<float>(oi);
     ws.acc = ar.take<float>(oi);

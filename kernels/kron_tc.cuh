@@ -471,11 +471,12 @@ inline int kron_forward_any(cudaStream_t s, float *u, const T *base, const T *w,
   return kron_forward<T>(s, u, tau_opnd<T>(w, base), f, expert, d4, s1, s2);
 }
 
-// Floats of forward scratch per call: two expert-sized f32 buffers (s1, s2 = s1 + O*I) for the
-// scalar path, or Z for the tensor-core path, whichever is larger. Sized on the dimensions alone
-// (not the device or the thread's switch) so that it fits whichever path a launch then takes.
-inline int64_t kron_scratch_floats(int dtype, const D4 &d4, int64_t r) {
-  int64_t f = 2 * d4.total();
+// Floats of Kronecker scratch per call: `buffers` expert-sized f32 buffers for the scalar path (the
+// forward's s1, s2 = s1 + O*I; the backward's t1 alone), or Z for the tensor-core path, whichever is
+// larger. Sized on the dimensions alone (not the device or the thread's switch) so that it fits
+// whichever path a launch then takes.
+inline int64_t kron_scratch_floats(int dtype, const D4 &d4, int64_t r, int64_t buffers = 2) {
+  int64_t f = buffers * d4.total();
   if ((dtype == CAMEX_F16 || dtype == CAMEX_BF16) && kron_tc_dims_ok(d4)) {
     const int64_t zf = (kron_tc_z_bytes(d4, r) + 3) / 4;
     if (zf > f) f = zf;

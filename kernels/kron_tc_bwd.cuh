@@ -76,11 +76,6 @@ __device__ __forceinline__ void load_factor_t(MmaT *hi, MmaT *lo, const T *f, in
   }
 }
 
-// H (dL/dU) of one expert, row-major [O][I]: f32 scratch or storage T.
-template <typename T> __device__ __forceinline__ float h_at(const Opnd &h, int64_t off) {
-  return h.kind == OP_F32 ? reinterpret_cast<const float *>(h.p)[off] : to_f32(reinterpret_cast<const T *>(h.p)[off]);
-}
-
 // ---- columns side: dC, dD and K = H R ----
 
 struct ColsBwdLayout {
@@ -161,7 +156,7 @@ kron_cols_bwd_kernel(Opnd h, float *__restrict__ z, const T *__restrict__ fc, co
   // H's rows, once for every rank: Hs[p][c][d] = H[p, c*i2 + d].
   for (int64_t x = threadIdx.x; x < (int64_t)pr * I; x += TC_THREADS) {
     const int64_t pl = x / I, q = x % I, p = p0 + pl;
-    if (p < O) split_store(Hh, Hl, (pl * i1p + q / i2) * L.lz + q % i2, h_at<T>(h, p * I + q));
+    if (p < O) split_store(Hh, Hl, (pl * i1p + q / i2) * L.lz + q % i2, opnd_ld<T>(h, p * I + q));
   }
 
   for (int64_t rl = 0; rl < nr; ++rl) {
@@ -337,11 +332,9 @@ __host__ __device__ inline RowsBwdLayout rows_bwd_layout(int o1, int o2, bool fl
   return l;
 }
 
-// tau = W - E at (row p, column q) of the expert, 0 past the last column.
+// tau = W - E (an OP_TAU operand) at (row p, column q) of the expert, 0 past the last column.
 template <typename T> __device__ __forceinline__ float tau_at(const Opnd &tau, int64_t p, int64_t q, int64_t I) {
-  if (q >= I) return 0.f;
-  const int64_t off = p * I + q;
-  return to_f32(reinterpret_cast<const T *>(tau.p)[off]) - to_f32(reinterpret_cast<const T *>(tau.base)[off]);
+  return q < I ? opnd_ld<T>(tau, p * I + q) : 0.f;
 }
 
 // One block per SM at the shapes that matter (about 200 KB of shared memory at T5-base `wi`), so
@@ -587,7 +580,7 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
 }
 
 // The reverse chain of one expert on whichever path takes it (see kron_backward in kron.cuh for
-// the arguments). t1 must hold kron_scratch_floats and partial kron_bwd_partial_floats.
+// the arguments). t1 must hold kron_scratch_floats(.., 1) and partial kron_bwd_partial_floats.
 template <typename T>
 inline int kron_backward_any(cudaStream_t s, float *gt, Opnd h, Opnd tau, const KronFactors &f, int64_t e, const D4 &d4,
                              T *ga, T *gb, T *gc, T *gd, float *t1, float *kk, float *w, float *partial) {
