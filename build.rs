@@ -84,26 +84,38 @@ mod cuda {
         let emulate = env::var("CAMEX_KERNEL_EMU").is_ok_and(|v| v == "1");
         if emulate {
             // CPU emulation of the kernels (kernels/emu.h): the host C++ compiler builds the same
-            // sources; no device code, no CUDA runtime. Only nvcc's headers are used.
-            let mut build = cc::Build::new();
-            build
-                .cpp(true)
-                .include(KERNEL_DIR)
-                .include(root.join("include"))
-                .define("CAMEX_EMU", None)
-                .flag("-x")
-                .flag("c++")
-                .flag("-std=c++20")
-                // Kernels pun storage types (16-byte vector loads, paired 16-bit fragments) as
-                // CUDA code does; the host compiler must not optimise on strict aliasing.
-                .flag("-fno-strict-aliasing")
-                .flag("-pthread")
-                .opt_level(2)
-                .warnings(false);
+            // sources; no device code, no CUDA runtime. Only nvcc's headers are used. The kernel
+            // sources get ThreadSanitizer's compile-time instrumentation (a hook before every
+            // load and store), which the emulation's runtime defines itself to count shared and
+            // global accesses (kernels/emu_runtime.cpp); no sanitizer library is linked.
+            let emu_build = || {
+                let mut build = cc::Build::new();
+                build
+                    .cpp(true)
+                    .include(KERNEL_DIR)
+                    .include(root.join("include"))
+                    .define("CAMEX_EMU", None)
+                    .flag("-x")
+                    .flag("c++")
+                    .flag("-std=c++20")
+                    // Kernels pun storage types (16-byte vector loads, paired 16-bit fragments)
+                    // as CUDA code does; the host compiler must not optimise on strict aliasing.
+                    .flag("-fno-strict-aliasing")
+                    .flag("-pthread")
+                    .opt_level(2)
+                    .warnings(false);
+                build
+            };
+            let mut kernels = emu_build();
+            kernels
+                .flag("-fsanitize=thread")
+                .flag("--param=tsan-instrument-func-entry-exit=0");
             for s in &sources {
-                build.file(s);
+                kernels.file(s);
             }
-            build.compile("camex_kernels");
+            kernels.compile("camex_kernels");
+            let runtime = PathBuf::from(KERNEL_DIR).join("emu_runtime.cpp");
+            emu_build().file(runtime).compile("camex_emu_runtime");
             println!("cargo:rustc-link-lib=dylib=pthread");
         } else {
             build_device(&nvcc, &root, &sources);

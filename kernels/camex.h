@@ -188,6 +188,30 @@ int camex_emulated(void);
 void camex_set_tensor_cores(int32_t mode);
 int32_t camex_tensor_cores(void);
 
+/* Cost counters of the CPU emulation (CAMEX_KERNEL_EMU=1; kernels/emu_runtime.cpp has the model).
+ * One record per launch while counting is on. In a GPU build these do nothing (counting stays off,
+ * no records). */
+typedef struct camex_emu_launch {
+  char kernel[96];             /* the launch's kernel expression, e.g. "kron_rows_kernel<T>" */
+  uint32_t grid_x, grid_y, grid_z, block_threads;
+  int64_t dyn_smem_bytes;      /* dynamic shared memory per block */
+  int64_t blocks;              /* blocks in the grid */
+  int64_t sampled_blocks;      /* blocks run (all of them unless sampling) */
+  uint64_t mma_flop;           /* 4096 per warp-wide mma.sync m16n8k16 (padded) */
+  uint64_t smem_wavefronts;    /* shared-memory wavefronts, bank by bank per warp-wide access */
+  uint64_t smem_bytes;         /* bytes the lanes asked of shared memory */
+  uint64_t gmem_bytes;         /* 32 x distinct sectors per warp-wide global access (L2 <-> SM) */
+  uint64_t dram_bytes;         /* 32 x distinct sectors of the launch (compulsory traffic) */
+} camex_emu_launch;
+
+/* mode 0: off; 1: count every block; 2: count sampled blocks (first, one interior and last of each
+ * grid dimension, weighted; exact where blocks differ only at the grid's edges, and the kernels'
+ * outputs are then incomplete). Returns the previous mode. */
+int32_t camex_emu_counting(int32_t mode);
+void camex_emu_reset(void);
+/* Copies up to `cap` records (oldest first) into `out`; returns how many there are. */
+int64_t camex_emu_launches(camex_emu_launch *out, int64_t cap);
+
 /* Philox4x32-10 first word, for the known-answer test of kernels/philox.cuh from Rust:
  * writes philox(ctr, key)[0..4] for `count` counters (ctr[4*k..4*k+4], key[2*k..2*k+2]). */
 int camex_philox_test(uint64_t ctr, uint64_t key, uint64_t out, int64_t count, camex_stream_t stream);

@@ -11,7 +11,7 @@
 // Why two stages: the row side (modes a, b) mixes whole columns of tau and the column side (modes c,
 // d) whole rows, so no tile of an expert is closed under both; the exchange goes through one
 // intermediate per rank, Z_r = (A_r (x) B_r) tau, in f32, a few ranks at a time so that it stays in
-// L2 between the stages (TC_Z_BUDGET; never [R, N, O, I]).
+// L2 between the stages (tc_z_budget(); never [R, N, O, I]).
 //   stage 1 (rows_kernel): one block per (8-column slab, r): tau = W - E of the slab in chunks of
 //     row runs, mode b (B_r on each 64-row run), then mode a (A_r across them) on the whole slab;
 //     Z_r written slab-contiguous ([r][slab][O][8]) so that both stages move whole 32-byte runs;
@@ -397,21 +397,22 @@ inline bool kron_tc_fits(const D4 &d4, bool flo, int64_t lim) {
          cols_layout((int)d4.d[2], (int)d4.d[3], flo).bytes <= lim;
 }
 
-// Ranks per stage-1/stage-2 round: as many as keep Z (f32) within TC_Z_BUDGET bytes, so that it
+// Ranks per stage-1/stage-2 round: as many as keep Z (f32) within tc_z_budget() bytes, so that it
 // stays in L2 between the two stages (2 ranks, 19 MB, at T5-base `wi`; the H200's L2 is 50 MB).
 #ifdef CAMEX_TC_Z_BUDGET  // tests: small budgets exercise the accumulation across rounds
-constexpr int64_t TC_Z_BUDGET = CAMEX_TC_Z_BUDGET;
+inline int64_t tc_z_budget() { return CAMEX_TC_Z_BUDGET; }
 #elif defined(CAMEX_EMU)
 // The emulation's test shapes: one or two ranks per round (both the in-round rank loops and the
-// accumulation across rounds are exercised).
-constexpr int64_t TC_Z_BUDGET = 3000;
+// accumulation across rounds are exercised). While its cost counters run, the GPU's budget, so
+// that the counts are the GPU build's launches.
+inline int64_t tc_z_budget() { return ::emu::counting() ? 24ll << 20 : 3000; }
 #else
-constexpr int64_t TC_Z_BUDGET = 24ll << 20;
+inline int64_t tc_z_budget() { return 24ll << 20; }
 #endif
 inline int64_t kron_tc_rank_chunk(const D4 &d4, int64_t r) {
   const int64_t o = d4.d[0] * d4.d[1], i = d4.d[2] * d4.d[3];
   const int64_t per_rank = ((i + TC_QC - 1) / TC_QC) * o * TC_QC * 4;
-  int64_t c = TC_Z_BUDGET / per_rank;
+  int64_t c = tc_z_budget() / per_rank;
   if (c < 1) c = 1;
   if (c > r) c = r;
   if (c > 65535) c = 65535;  // grid.y of the stage-1 launch

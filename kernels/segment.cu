@@ -55,3 +55,10 @@ extern "C" int camex_emulated(void) {
   return 0;
 #endif
 }
+
+#ifndef CAMEX_EMU
+// The emulation's cost counters (kernels/emu_runtime.cpp); a GPU build has none.
+extern "C" int32_t camex_emu_counting(int32_t) { return 0; }
+extern "C" void camex_emu_reset(void) {}
+extern "C" int64_t camex_emu_launches(camex_emu_launch *, int64_t) { return 0; }
+#endif

@@ -4,7 +4,7 @@
 //! `tests/gpu.rs` passed, i.e. every operator and gradient in f32, f16 and bf16 matched the f64 CPU
 //! path ([`crate::cpu`]) at odd and T5-base shapes with NaN-poisoned outputs, and reruns were
 //! bit-identical. Two later changes have run only in the CPU emulation of the kernels
-//! (`CAMEX_KERNEL_EMU=1`, kernels/emu.h: real threads per block, barriers, shared memory, atomics,
+//! (`CAMEX_KERNEL_EMU=1`, kernels/emu.h: every thread a fiber, barriers, shared memory, atomics,
 //! and mma.sync with the PTX fragment layout): the tensor-core Kronecker forward and backward, opt-in
 //! through [`set_tensor_cores`] for that reason, and the merge epilogue's per-block staged merge
 //! weights.

@@ -1,0 +1,620 @@
+// The runtime of the CPU emulation (kernels/emu.h) and its cost counters. Compiled only for the
+// emulation build (CAMEX_KERNEL_EMU=1), by the host C++ compiler and WITHOUT the ThreadSanitizer
+// instrumentation of the kernel sources: nothing here is counted as kernel work.
+//
+// Execution: a launch runs on the calling OS thread, one block after another; each CUDA thread of
+// a block is a fiber (its own stack, switched cooperatively), run in thread order until it waits
+// at a barrier (__syncthreads, or the warp's mma.sync) or ends. So a thread runs as far ahead of
+// the others as the barriers let it: a missing barrier after a cooperative load, or before a
+// buffer is overwritten, gives wrong results every time rather than now and then. A barrier that
+// some threads never reach is reported as a deadlock (naming the kernel) instead of hanging.
+//
+// What is counted, per launch (camex_emu_launch, camex.h), each block weighted by how many blocks
+// of the grid it stands for (see `samples`):
+// - mma_flop: 2*16*8*16 per warp-wide mma.sync m16n8k16, padded tiles included;
+// - smem_wavefronts: each warp-wide shared-memory access split into phases (32 lanes for accesses of
+//   up to 4 bytes, 16 for 8 bytes, 8 for 16 bytes: 128 bytes a phase, as the hardware serves them);
+//   a phase costs the largest number of distinct 32-bit words any of the 32 banks holds (one word
+//   read by many lanes is a broadcast), at least one;
+// - gmem_bytes: 32 bytes per distinct 32-byte sector of each warp-wide global access (L2 <-> SM);
+// - dram_bytes: 32 bytes per distinct sector the launch touches (the compulsory traffic); a sector
+//   touched by several sampled blocks counts with the smallest of their weights (data shared by
+//   every block is read once, a block's own tile as often as the blocks it stands for).
+// Lanes are matched into warp-wide accesses by (instruction address, count of warp collectives so
+// far, occurrence): exact for convergent code and for lanes leaving a loop early; a lane that skips
+// an access inside a loop without a collective in between is matched with the other lanes' next
+// occurrence (only at padded edges).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <pthread.h>
+#include <sys/mman.h>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include <cuda_runtime.h>
+
+#include "camex.h"
+
+extern "C" char etext, end;  // the executable's static data lies between them (__shared__ statics)
+
+namespace emu {
+
+namespace {
+
+enum : uint32_t { SP_SHARED = 0, SP_GLOBAL = 1 };
+
+struct Access {
+  uintptr_t pc;
+  uintptr_t addr;
+  uint32_t epoch;
+  uint16_t size;
+  uint8_t space;
+  uint8_t write;
+};
+
+// A barrier among fibers: arrivals are counted; waiters yield until the generation moves on.
+struct FBar {
+  unsigned expected = 0, arrived = 0;
+  uint64_t gen = 0;
+};
+
+struct Warp {
+  FBar bar;
+  uint32_t a[32][4];
+  uint32_t b[32][2];
+  float c[32][4];
+};
+
+struct Worker {
+  uint3 tid;
+  uint3 bid;
+  dim3 bdim, gdim;
+  unsigned lane = 0;
+  Warp *warp = nullptr;
+  FBar *bar = nullptr;
+  uintptr_t stack_lo = 0, stack_hi = 0;
+  bool count = false;
+  uint64_t weight = 1;
+  uint32_t epoch = 0;
+  std::vector<Access> log;
+  // Fiber state.
+  void *sp = nullptr;
+  bool done = false;
+  void (*body)(void *) = nullptr;
+  void *ctx = nullptr;
+};
+
+thread_local Worker *t_worker = nullptr;
+
+// One launch at a time in the whole process: __shared__ variables are statics, so two concurrent
+// launches of one kernel (from parallel tests) would share them.
+std::mutex launch_mutex;
+
+alignas(16) char dyn_buf[256 * 1024];
+
+// Counting state (guarded by launch_mutex while a launch runs; by rec_mutex for the records).
+int g_mode = 0;  // 0 off, 1 every block, 2 sampled blocks
+uintptr_t g_host_lo = 0, g_host_hi = 0;  // the launching thread's stack
+std::mutex rec_mutex;
+
+struct LaunchRec {
+  std::string kernel;
+  dim3 grid;
+  unsigned threads = 0;
+  int64_t smem = 0;
+  uint64_t blocks = 0, sampled = 0, mma = 0, wavefronts = 0, smem_bytes = 0, gmem = 0, dram = 0;
+  std::unordered_map<uintptr_t, uint64_t> sectors;  // sector -> smallest weight of a block touching it
+};
+std::vector<LaunchRec> g_records;
+LaunchRec *g_cur = nullptr;
+
+// ---- fibers ----
+// x86-64 System V context switch: saves the callee-saved registers on the current stack, stores
+// the stack pointer in *save and continues on `to` (a stack saved the same way, or a new fiber's
+// first frame, whose return address is camex_emu_fiber_start with the fiber in r12).
+extern "C" void camex_emu_switch(void **save, void *to);
+extern "C" void camex_emu_fiber_start();
+asm(R"(
+  .text
+  .p2align 4
+  .globl camex_emu_switch
+  .type camex_emu_switch,@function
+camex_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size camex_emu_switch,.-camex_emu_switch
+  .p2align 4
+  .globl camex_emu_fiber_start
+  .type camex_emu_fiber_start,@function
+camex_emu_fiber_start:
+  movq %r12, %rdi
+  call camex_emu_fiber_main
+  ud2
+  .size camex_emu_fiber_start,.-camex_emu_fiber_start
+)");
+
+constexpr size_t FIBER_STACK = 256 * 1024;
+thread_local void *t_sched_sp = nullptr;  // the scheduler's stack while a fiber runs
+uint64_t g_progress = 0;                  // arrivals and completions (deadlock detection)
+
+// Fiber stacks, reused across launches (launches are serialised), each with a guard page below.
+std::vector<char *> g_stacks;
+char *fiber_stack(size_t k) {
+  while (g_stacks.size() <= k) {
+    const size_t page = 4096;
+    void *m = mmap(nullptr, FIBER_STACK + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                   -1, 0);
+    if (m == MAP_FAILED) {
+      std::fprintf(stderr, "camex emulation: cannot map a fiber stack\n");
+      std::abort();
+    }
+    mprotect(m, page, PROT_NONE);
+    g_stacks.push_back(static_cast<char *>(m) + page);
+  }
+  return g_stacks[k];
+}
+
+inline void yield() { camex_emu_switch(&t_worker->sp, t_sched_sp); }
+
+// Arrives at b and waits until every expected fiber has arrived. The last arrival runs `last` first
+// (before anyone is released), then yields too, so that threads resume in thread order.
+template <class F> inline void fbar_wait(FBar &b, F &&last) {
+  const uint64_t g = b.gen;
+  ++g_progress;
+  if (++b.arrived == b.expected) {
+    last();
+    b.arrived = 0;
+    ++b.gen;
+    yield();
+    return;
+  }
+  while (b.gen == g) yield();
+}
+
+void stack_of_self(uintptr_t &lo, uintptr_t &hi) {
+  pthread_attr_t at;
+  void *addr = nullptr;
+  size_t size = 0;
+  lo = hi = 0;
+  if (pthread_getattr_np(pthread_self(), &at) == 0) {
+    if (pthread_attr_getstack(&at, &addr, &size) == 0) {
+      lo = (uintptr_t)addr;
+      hi = lo + size;
+    }
+    pthread_attr_destroy(&at);
+  }
+}
+
+inline bool is_shared(uintptr_t a) {
+  const uintptr_t d = (uintptr_t)dyn_buf;
+  if (a >= d && a < d + sizeof(dyn_buf)) return true;
+  return a >= (uintptr_t)&etext && a < (uintptr_t)&end;
+}
+
+inline void record(uintptr_t pc, const volatile void *p, size_t size, bool write) {
+  Worker *w = t_worker;
+  if (!w || !w->count) return;
+  const uintptr_t a = (uintptr_t)p;
+  if ((a >= w->stack_lo && a < w->stack_hi) || (a >= g_host_lo && a < g_host_hi)) return;  // registers
+  const uint8_t sp = is_shared(a) ? SP_SHARED : SP_GLOBAL;
+  // Range accesses (aggregate copies) are logged as the 16-byte pieces a vector access would move.
+  for (size_t off = 0; off < size; off += 16) {
+    const size_t s = size - off < 16 ? size - off : 16;
+    w->log.push_back(Access{pc, a + off, w->epoch, (uint16_t)s, sp, (uint8_t)write});
+  }
+}
+
+// Samples of one grid dimension of n blocks and the blocks each stands for: all of them when
+// n <= 3, else the first, one interior block (for the n - 2 interior ones) and the last.
+std::vector<std::pair<unsigned, uint64_t>> samples(unsigned n, bool sample) {
+  std::vector<std::pair<unsigned, uint64_t>> s;
+  if (!sample || n <= 3) {
+    for (unsigned k = 0; k < n; ++k) s.push_back({k, 1});
+  } else {
+    s.push_back({0, 1});
+    s.push_back({1, n - 2});
+    s.push_back({n - 1, 1});
+  }
+  return s;
+}
+
+struct Lane {
+  unsigned lane;
+  uintptr_t addr;
+  unsigned size;
+};
+
+// Wavefronts of one warp-wide shared access (see the file comment).
+uint64_t wavefronts(const Lane *lanes, unsigned n) {
+  unsigned size = 0;
+  for (unsigned k = 0; k < n; ++k) size = lanes[k].size > size ? lanes[k].size : size;
+  const unsigned per_phase = size >= 16 ? 8 : size >= 8 ? 16 : 32;
+  uint64_t total = 0;
+  uintptr_t words[160];
+  for (unsigned ph = 0; ph < 32 / per_phase; ++ph) {
+    unsigned m = 0;
+    for (unsigned k = 0; k < n; ++k) {
+      const Lane &l = lanes[k];
+      if (l.lane / per_phase != ph) continue;
+      for (uintptr_t wd = l.addr / 4; wd <= (l.addr + l.size - 1) / 4 && m < 160; ++wd) words[m++] = wd;
+    }
+    if (m == 0) continue;
+    std::sort(words, words + m);
+    m = (unsigned)(std::unique(words, words + m) - words);
+    unsigned per_bank[32] = {};
+    unsigned worst = 1;
+    for (unsigned k = 0; k < m; ++k) worst = std::max(worst, ++per_bank[words[k] % 32]);
+    total += worst;
+  }
+  return total;
+}
+
+// Adds one warp-wide access (its lanes) of weight w to the launch's record.
+void count_access(LaunchRec &rec, uint8_t space, const Lane *lanes, unsigned n, uint64_t w) {
+  if (space == SP_SHARED) {
+    uint64_t bytes = 0;
+    for (unsigned k = 0; k < n; ++k) bytes += lanes[k].size;
+    rec.wavefronts += w * wavefronts(lanes, n);
+    rec.smem_bytes += w * bytes;
+    return;
+  }
+  uintptr_t secs[96];
+  unsigned m = 0;
+  for (unsigned k = 0; k < n; ++k)
+    for (uintptr_t s = lanes[k].addr / 32; s <= (lanes[k].addr + lanes[k].size - 1) / 32 && m < 96; ++s) secs[m++] = s;
+  std::sort(secs, secs + m);
+  m = (unsigned)(std::unique(secs, secs + m) - secs);
+  rec.gmem += w * 32 * m;
+  for (unsigned k = 0; k < m; ++k) {
+    auto [it, fresh] = rec.sectors.try_emplace(secs[k], w);
+    if (!fresh && w < it->second) it->second = w;
+  }
+}
+
+// Matches the lanes of every warp of the block just run and adds its costs (weight w) to g_cur.
+// Per stretch between warp collectives (an epoch): where every lane logged the same instructions
+// in the same order (convergent code), the k-th entries form one access; otherwise the k-th
+// execution of each instruction does (sorted by instruction, execution, lane).
+void count_block(std::vector<std::unique_ptr<Worker>> &workers, unsigned nt, uint64_t w) {
+  LaunchRec &rec = *g_cur;
+  Lane buf[32];
+  struct Tagged {
+    uintptr_t pc;
+    uint32_t occ;
+    uint8_t space;
+    unsigned lane;
+    uintptr_t addr;
+    unsigned size;
+  };
+  static std::vector<Tagged> all;
+  for (unsigned w0 = 0; w0 < nt; w0 += 32) {
+    const unsigned w1 = std::min(nt, w0 + 32), nl = w1 - w0;
+    size_t pos[32] = {}, end[32] = {};
+    const std::vector<Access> *log[32];
+    for (unsigned l = 0; l < nl; ++l) log[l] = &workers[w0 + l]->log;
+    for (;;) {
+      // The next epoch any lane has entries in, and each lane's stretch of it.
+      uint32_t e = UINT32_MAX;
+      for (unsigned l = 0; l < nl; ++l)
+        if (pos[l] < log[l]->size()) e = std::min(e, (*log[l])[pos[l]].epoch);
+      if (e == UINT32_MAX) break;
+      for (unsigned l = 0; l < nl; ++l) {
+        end[l] = pos[l];
+        while (end[l] < log[l]->size() && (*log[l])[end[l]].epoch == e) ++end[l];
+      }
+      const size_t len = end[0] - pos[0];
+      bool same = true;
+      for (unsigned l = 1; l < nl && same; ++l) {
+        same = end[l] - pos[l] == len;
+        for (size_t k = 0; same && k < len; ++k) {
+          const Access &a = (*log[l])[pos[l] + k], &b = (*log[0])[pos[0] + k];
+          same = a.pc == b.pc && a.space == b.space;
+        }
+      }
+      if (same) {
+        for (size_t k = 0; k < len; ++k) {
+          for (unsigned l = 0; l < nl; ++l) {
+            const Access &a = (*log[l])[pos[l] + k];
+            buf[l] = Lane{l, a.addr, a.size};
+          }
+          count_access(rec, (*log[0])[pos[0] + k].space, buf, nl, w);
+        }
+      } else {
+        all.clear();
+        for (unsigned l = 0; l < nl; ++l) {
+          const size_t first = all.size();
+          for (size_t k = pos[l]; k < end[l]; ++k) {
+            const Access &a = (*log[l])[k];
+            all.push_back(Tagged{a.pc, 0, a.space, l, a.addr, a.size});
+          }
+          // Program order within the lane is kept by the stable sort; then count executions.
+          std::stable_sort(all.begin() + first, all.end(), [](const Tagged &x, const Tagged &y) { return x.pc < y.pc; });
+          for (size_t k = first + 1; k < all.size(); ++k)
+            if (all[k].pc == all[k - 1].pc) all[k].occ = all[k - 1].occ + 1;
+        }
+        std::sort(all.begin(), all.end(), [](const Tagged &x, const Tagged &y) {
+          if (x.pc != y.pc) return x.pc < y.pc;
+          if (x.occ != y.occ) return x.occ < y.occ;
+          if (x.space != y.space) return x.space < y.space;
+          return x.lane < y.lane;
+        });
+        for (size_t k = 0; k < all.size();) {
+          size_t j = k;
+          unsigned n = 0;
+          while (j < all.size() && all[j].pc == all[k].pc && all[j].occ == all[k].occ && all[j].space == all[k].space) {
+            if (n < 32) buf[n++] = Lane{all[j].lane, all[j].addr, all[j].size};
+            ++j;
+          }
+          count_access(rec, all[k].space, buf, n, w);
+          k = j;
+        }
+      }
+      for (unsigned l = 0; l < nl; ++l) pos[l] = end[l];
+    }
+    for (unsigned l = 0; l < nl; ++l) workers[w0 + l]->log.clear();
+  }
+}
+
+}  // namespace
+
+uint3 thread_idx() { return t_worker->tid; }
+uint3 block_idx() { return t_worker->bid; }
+dim3 block_dim() { return t_worker->bdim; }
+dim3 grid_dim() { return t_worker->gdim; }
+
+void syncthreads() {
+  Worker *w = t_worker;
+  ++w->epoch;
+  fbar_wait(*w->bar, [] {});
+}
+
+char *dyn_smem() { return dyn_buf; }
+
+bool counting() { return g_mode != 0; }
+
+unsigned atomic_add(unsigned *p, unsigned v) {
+  record((uintptr_t)__builtin_return_address(0), p, 4, true);
+  return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
+}
+
+inline float bf16_bits_to_f32(uint16_t h) {
+  const uint32_t u = (uint32_t)h << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Fragment layout of the PTX ISA (groupID g = lane / 4, t = lane % 4; the lower-indexed element of
+// a pair in the low 16 bits): A a0:(g, 2t..2t+1) a1:(g+8, 2t..) a2:(g, 2t+8..) a3:(g+8, 2t+8..);
+// B b0:(k 2t..2t+1, n g) b1:(k 2t+8.., n g); C c0,c1:(g, 2t..2t+1) c2,c3:(g+8, 2t..2t+1).
+void mma_bf16(float c[4], const uint32_t a[4], const uint32_t b[2]) {
+  Worker *wk = t_worker;
+  Warp &w = *wk->warp;
+  const unsigned lane = wk->lane;
+  ++wk->epoch;
+  if (wk->count && lane == 0) g_cur->mma += 2ull * 16 * 8 * 16 * wk->weight;
+  for (int i = 0; i < 4; ++i) {
+    w.a[lane][i] = a[i];
+    w.c[lane][i] = c[i];
+  }
+  w.b[lane][0] = b[0];
+  w.b[lane][1] = b[1];
+  // The last lane to arrive multiplies for the whole warp; each lane then takes its accumulators
+  // (no lane deposits the next mma's fragments before every lane has arrived at it).
+  fbar_wait(w.bar, [&w] {
+    float A[16][16], B[16][8];
+    for (unsigned l = 0; l < 32; ++l) {
+      const unsigned g = l >> 2, t = l & 3;
+      auto put = [&](float(*m)[16], unsigned r, unsigned col, uint32_t v) {
+        m[r][col] = bf16_bits_to_f32((uint16_t)(v & 0xffff));
+        m[r][col + 1] = bf16_bits_to_f32((uint16_t)(v >> 16));
+      };
+      put(A, g, 2 * t, w.a[l][0]);
+      put(A, g + 8, 2 * t, w.a[l][1]);
+      put(A, g, 2 * t + 8, w.a[l][2]);
+      put(A, g + 8, 2 * t + 8, w.a[l][3]);
+      B[2 * t][g] = bf16_bits_to_f32((uint16_t)(w.b[l][0] & 0xffff));
+      B[2 * t + 1][g] = bf16_bits_to_f32((uint16_t)(w.b[l][0] >> 16));
+      B[2 * t + 8][g] = bf16_bits_to_f32((uint16_t)(w.b[l][1] & 0xffff));
+      B[2 * t + 9][g] = bf16_bits_to_f32((uint16_t)(w.b[l][1] >> 16));
+    }
+    for (unsigned l = 0; l < 32; ++l) {
+      const unsigned g = l >> 2, t = l & 3;
+      const unsigned rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+      for (int i = 0; i < 4; ++i) {
+        float acc = w.c[l][i];
+        for (int k = 0; k < 16; ++k) acc = std::fma(A[rows[i]][k], B[k][cols[i]], acc);
+        w.c[l][i] = acc;
+      }
+    }
+  });
+  for (int i = 0; i < 4; ++i) c[i] = w.c[lane][i];
+}
+
+void run(dim3 g, dim3 b, const char *kernel, int64_t smem, void (*body)(void *), void *ctx) {
+  std::lock_guard<std::mutex> lock(launch_mutex);
+  const unsigned nt = b.x * b.y * b.z;
+  const bool count = g_mode != 0, sample = g_mode == 2;
+  LaunchRec rec;
+  if (count) {
+    rec.kernel = kernel;
+    rec.grid = g;
+    rec.threads = nt;
+    rec.smem = smem;
+    rec.blocks = (uint64_t)g.x * g.y * g.z;
+    g_cur = &rec;
+    stack_of_self(g_host_lo, g_host_hi);
+  }
+  // The blocks to run and the weight of each (1 each without sampling).
+  struct Blk {
+    uint3 idx;
+    uint64_t weight;
+  };
+  std::vector<Blk> blocks;
+  for (auto [z, wz] : samples(g.z, sample))
+    for (auto [y, wy] : samples(g.y, sample))
+      for (auto [x, wx] : samples(g.x, sample)) blocks.push_back(Blk{make_uint3(x, y, z), wx * wy * wz});
+  rec.sampled = blocks.size();
+
+  FBar bar;
+  bar.expected = nt;
+  std::vector<std::unique_ptr<Warp>> warps;
+  for (unsigned w = 0; w < nt / 32; ++w) {
+    warps.push_back(std::make_unique<Warp>());
+    warps.back()->bar.expected = 32;
+  }
+  std::vector<std::unique_ptr<Worker>> workers;
+  for (unsigned t = 0; t < nt; ++t) {
+    auto wk = std::make_unique<Worker>();
+    wk->tid = make_uint3(t % b.x, (t / b.x) % b.y, t / (b.x * b.y));
+    wk->warp = t / 32 < warps.size() ? warps[t / 32].get() : nullptr;
+    wk->lane = t % 32;
+    wk->gdim = g;
+    wk->bdim = b;
+    wk->bar = &bar;
+    wk->count = count;
+    wk->body = body;
+    wk->ctx = ctx;
+    char *stack = fiber_stack(t);
+    wk->stack_lo = (uintptr_t)stack;
+    wk->stack_hi = (uintptr_t)stack + FIBER_STACK;
+    workers.push_back(std::move(wk));
+  }
+  Worker *const outer = t_worker;  // null: launches do not nest
+  for (const Blk &blk : blocks) {
+    for (unsigned t = 0; t < nt; ++t) {
+      Worker &w = *workers[t];
+      w.bid = blk.idx;
+      w.weight = blk.weight;
+      w.done = false;
+      // First frame: r15, r14, r13, r12 = the worker, rbx, rbp, return into camex_emu_fiber_start;
+      // 16-byte aligned so that the fiber's first call sees the ABI's alignment.
+      void **frame = reinterpret_cast<void **>(w.stack_hi - 72);
+      for (int k = 0; k < 9; ++k) frame[k] = nullptr;
+      frame[3] = &w;
+      frame[6] = reinterpret_cast<void *>(&camex_emu_fiber_start);
+      w.sp = frame;
+    }
+    unsigned live = nt;
+    while (live > 0) {
+      const uint64_t before = g_progress;
+      for (unsigned t = 0; t < nt; ++t) {
+        Worker &w = *workers[t];
+        if (w.done) continue;
+        t_worker = &w;
+        camex_emu_switch(&t_sched_sp, w.sp);
+        if (w.done) --live;
+      }
+      if (live > 0 && g_progress == before) {
+        std::fprintf(stderr,
+                     "camex emulation: deadlock in %s, block (%u, %u, %u): %u threads wait at a barrier "
+                     "(__syncthreads or mma.sync) that the others never reach\n",
+                     kernel, blk.idx.x, blk.idx.y, blk.idx.z, live);
+        std::abort();
+      }
+    }
+    t_worker = outer;
+    if (count) count_block(workers, nt, blk.weight);
+  }
+  if (count) {
+    for (auto &[s, w] : rec.sectors) rec.dram += 32 * w;
+    rec.sectors.clear();
+    g_cur = nullptr;
+    std::lock_guard<std::mutex> r(rec_mutex);
+    g_records.push_back(std::move(rec));
+  }
+}
+
+}  // namespace emu
+
+// Each fiber runs the kernel body for its block once, then hands back to the scheduler for good.
+extern "C" void camex_emu_fiber_main(emu::Worker *w) {
+  w->body(w->ctx);
+  w->done = true;
+  ++emu::g_progress;
+  emu::camex_emu_switch(&w->sp, emu::t_sched_sp);
+  std::abort();  // never resumed
+}
+
+extern "C" int32_t camex_emu_counting(int32_t mode) {
+  std::lock_guard<std::mutex> lock(emu::launch_mutex);  // never between the blocks of a launch
+  const int prev = emu::g_mode;
+  emu::g_mode = mode == 1 || mode == 2 ? mode : 0;
+  return prev;
+}
+
+extern "C" void camex_emu_reset(void) {
+  std::lock_guard<std::mutex> r(emu::rec_mutex);
+  emu::g_records.clear();
+}
+
+extern "C" int64_t camex_emu_launches(camex_emu_launch *out, int64_t cap) {
+  std::lock_guard<std::mutex> r(emu::rec_mutex);
+  const int64_t n = (int64_t)emu::g_records.size();
+  for (int64_t k = 0; k < n && k < cap; ++k) {
+    const auto &s = emu::g_records[k];
+    camex_emu_launch &d = out[k];
+    std::memset(&d, 0, sizeof d);
+    std::strncpy(d.kernel, s.kernel.c_str(), sizeof d.kernel - 1);
+    d.grid_x = s.grid.x;
+    d.grid_y = s.grid.y;
+    d.grid_z = s.grid.z;
+    d.block_threads = s.threads;
+    d.dyn_smem_bytes = s.smem;
+    d.blocks = (int64_t)s.blocks;
+    d.sampled_blocks = (int64_t)s.sampled;
+    d.mma_flop = s.mma;
+    d.smem_wavefronts = s.wavefronts;
+    d.smem_bytes = s.smem_bytes;
+    d.gmem_bytes = s.gmem;
+    d.dram_bytes = s.dram;
+  }
+  return n;
+}
+
+// ---- the ThreadSanitizer entry points the instrumented kernel sources call ----
+// No sanitizer runtime is linked: these are the only definitions.
+#define CAMEX_PC ((uintptr_t)__builtin_return_address(0))
+#define CAMEX_RW(N)                                                                               \
+  extern "C" void __tsan_read##N(void *p) { emu::record(CAMEX_PC, p, N, false); }                 \
+  extern "C" void __tsan_write##N(void *p) { emu::record(CAMEX_PC, p, N, true); }                 \
+  extern "C" void __tsan_unaligned_read##N(void *p) { emu::record(CAMEX_PC, p, N, false); }       \
+  extern "C" void __tsan_unaligned_write##N(void *p) { emu::record(CAMEX_PC, p, N, true); }       \
+  extern "C" void __tsan_volatile_read##N(void *p) { emu::record(CAMEX_PC, p, N, false); }        \
+  extern "C" void __tsan_volatile_write##N(void *p) { emu::record(CAMEX_PC, p, N, true); }
+CAMEX_RW(1)
+CAMEX_RW(2)
+CAMEX_RW(4)
+CAMEX_RW(8)
+CAMEX_RW(16)
+#undef CAMEX_RW
+extern "C" void __tsan_read_range(void *p, unsigned long n) { emu::record(CAMEX_PC, p, n, false); }
+extern "C" void __tsan_write_range(void *p, unsigned long n) { emu::record(CAMEX_PC, p, n, true); }
+extern "C" void __tsan_init(void) {}
+extern "C" void __tsan_func_entry(void *) {}
+extern "C" void __tsan_func_exit(void) {}
+extern "C" void __tsan_vptr_update(void **, void *) {}
+extern "C" void __tsan_vptr_read(void **) {}
+// Function-local statics' guard checks (the host-side process defaults) load a byte atomically.
+extern "C" char __tsan_atomic8_load(const volatile char *a, int) { return __atomic_load_n(a, __ATOMIC_ACQUIRE); }
+
