@@ -204,13 +204,20 @@ typedef struct camex_emu_launch {
   uint64_t dram_bytes;         /* 32 x distinct sectors of the launch (compulsory traffic) */
 } camex_emu_launch;
 
-/* mode 0: off; 1: count every block; 2: count sampled blocks (first, one interior and last of each
- * grid dimension, weighted; exact where blocks differ only at the grid's edges, and the kernels'
- * outputs are then incomplete). Returns the previous mode. */
+/* mode 0: off; 1: count every block; 2: count sampled blocks (in each grid dimension of more blocks
+ * than camex_emu_sample_above's, 64 by default: the first, the middle and the last, weighted;
+ * exact where blocks differ only at the grid's edges, and the kernels' outputs are then
+ * incomplete). Returns the previous mode. */
 int32_t camex_emu_counting(int32_t mode);
+/* Sets the grid-dimension size above which mode 2 samples (at least 2); returns the previous. */
+int64_t camex_emu_sample_above(int64_t blocks);
 void camex_emu_reset(void);
 /* Copies up to `cap` records (oldest first) into `out`; returns how many there are. */
 int64_t camex_emu_launches(camex_emu_launch *out, int64_t cap);
+/* A one-warp probe whose counts are known in closed form (tests/emu_counters.rs): each lane copies
+ * the `width`-byte word (4, 8 or 16) at element lane * stride (stride <= 33) of a shared array
+ * (filled from `src`, 32 * 33 such words) to dst[lane], and that of `src` to dst[32 + lane]. */
+int camex_counter_probe(int32_t width, int32_t stride, uint64_t src, uint64_t dst, camex_stream_t stream);
 
 /* Philox4x32-10 first word, for the known-answer test of kernels/philox.cuh from Rust:
  * writes philox(ctr, key)[0..4] for `count` counters (ctr[4*k..4*k+4], key[2*k..2*k+2]). */

@@ -19,7 +19,8 @@
 // - gmem_bytes: 32 bytes per distinct 32-byte sector of each warp-wide global access (L2 <-> SM);
 // - dram_bytes: 32 bytes per distinct sector the launch touches (the compulsory traffic); a sector
 //   touched by several sampled blocks counts with the smallest of their weights (data shared by
-//   every block is read once, a block's own tile as often as the blocks it stands for).
+//   every block is read once, a block's own tile as often as the blocks it stands for; see
+//   `samples` for tiles narrower than a sector).
 // Lanes are matched into warp-wide accesses by (instruction address, count of warp collectives so
 // far, occurrence): exact for convergent code and for lanes leaving a loop early; a lane that skips
 // an access inside a loop without a collective in between is matched with the other lanes' next
@@ -224,15 +225,23 @@ inline void record(uintptr_t pc, const volatile void *p, size_t size, bool write
   }
 }
 
+// Grid dimensions of more blocks than this are sampled (camex_emu_sample_above).
+int64_t g_sample_above = 64;
+
 // Samples of one grid dimension of n blocks and the blocks each stands for: all of them when
-// n <= 3, else the first, one interior block (for the n - 2 interior ones) and the last.
+// n <= g_sample_above, else the first, the middle one (for the n - 2 interior ones) and the last.
+// Small grids run whole, so that kernels whose blocks do unequal work over a flat index space (the
+// reductions of per-block partials) are counted exactly. The middle block is no sampled block's
+// neighbour, so a sector it shares with its own neighbours (tiles narrower than 32 bytes) is not
+// mistaken for data every block reads: distinct bytes then err high (at most by the number of
+// blocks sharing such a sector), never low.
 std::vector<std::pair<unsigned, uint64_t>> samples(unsigned n, bool sample) {
   std::vector<std::pair<unsigned, uint64_t>> s;
-  if (!sample || n <= 3) {
+  if (!sample || (int64_t)n <= g_sample_above || n < 3) {
     for (unsigned k = 0; k < n; ++k) s.push_back({k, 1});
   } else {
     s.push_back({0, 1});
-    s.push_back({1, n - 2});
+    s.push_back({n / 2, n - 2});
     s.push_back({n - 1, 1});
   }
   return s;
@@ -560,6 +569,13 @@ extern "C" int32_t camex_emu_counting(int32_t mode) {
   std::lock_guard<std::mutex> lock(emu::launch_mutex);  // never between the blocks of a launch
   const int prev = emu::g_mode;
   emu::g_mode = mode == 1 || mode == 2 ? mode : 0;
+  return prev;
+}
+
+extern "C" int64_t camex_emu_sample_above(int64_t blocks) {
+  std::lock_guard<std::mutex> lock(emu::launch_mutex);
+  const int64_t prev = emu::g_sample_above;
+  emu::g_sample_above = blocks < 2 ? 2 : blocks;
   return prev;
 }
 

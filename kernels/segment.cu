@@ -59,6 +59,47 @@ extern "C" int camex_emulated(void) {
 #ifndef CAMEX_EMU
 // The emulation's cost counters (kernels/emu_runtime.cpp); a GPU build has none.
 extern "C" int32_t camex_emu_counting(int32_t) { return 0; }
+extern "C" int64_t camex_emu_sample_above(int64_t) { return 0; }
 extern "C" void camex_emu_reset(void) {}
 extern "C" int64_t camex_emu_launches(camex_emu_launch *, int64_t) { return 0; }
 #endif
+
+// ---- a probe of the emulation's cost counters (tests/emu_counters.rs) ----
+// One warp: every lane copies the 4-byte (width 4), 8-byte or 16-byte word at element lane * stride
+// of a shared array (filled from `src` first) to dst[lane], and that of `src` to dst[32 + lane]
+// (whole words, so that the host compiler moves each in one access, as nvcc does). Its counts are
+// known in closed form.
+namespace {
+template <int W> struct Vec;
+template <> struct Vec<4> { using T = float; };
+template <> struct Vec<8> { using T = float2; };
+template <> struct Vec<16> { using T = float4; };
+
+template <int W> __global__ void counter_probe_kernel(const float *src, float *dst, int stride) {
+  using V = typename Vec<W>::T;
+  __shared__ V sh[32 * 33];
+  const int lane = threadIdx.x;
+  const V *s = reinterpret_cast<const V *>(src);
+  V *d = reinterpret_cast<V *>(dst);
+  for (int k = lane; k < 32 * 33; k += 32) sh[k] = s[k];
+  __syncthreads();
+  d[lane] = sh[lane * stride];
+  d[32 + lane] = s[lane * stride];
+}
+}  // namespace
+
+// width: 4, 8 or 16 bytes; stride in elements of that width (at most 33); src: 32 * 33 elements.
+extern "C" int camex_counter_probe(int32_t width, int32_t stride, uint64_t src, uint64_t dst, camex_stream_t stream) {
+  if (stride < 0 || stride > 33) return CAMEX_ERR_DIMS;
+  const float *s = ptr<const float>(src);
+  float *d = ptr<float>(dst);
+  cudaStream_t st = (cudaStream_t)stream;
+  switch (width) {
+    case 4: CAMEX_LAUNCH(counter_probe_kernel<4>, 1, 32, st)(s, d, stride); break;
+    case 8: CAMEX_LAUNCH(counter_probe_kernel<8>, 1, 32, st)(s, d, stride); break;
+    case 16: CAMEX_LAUNCH(counter_probe_kernel<16>, 1, 32, st)(s, d, stride); break;
+    default: return CAMEX_ERR_DIMS;
+  }
+  CAMEX_CHECK_LAUNCH();
+  return 0;
+}

@@ -1,0 +1,245 @@
+//! The cost counters of the kernels' CPU emulation (kernels/emu_runtime.cpp, `scripts/cost-model.sh`)
+//! against counts known in closed form, and block sampling against counting every block.
+//!
+//! Runs only when the kernels were built as the emulation (`CAMEX_KERNEL_EMU=1 cargo test --release
+//! --features cuda --test emu_counters`); otherwise each test says why it skips.
+#![cfg(feature = "cuda")]
+
+use camex::ffi;
+use std::sync::Mutex;
+
+/// The counters are process-wide: one test at a time.
+static COUNTING: Mutex<()> = Mutex::new(());
+
+fn emulated(test: &str) -> bool {
+    // SAFETY: a constant query.
+    let e = unsafe { ffi::camex_emulated() } == 1;
+    if !e {
+        eprintln!(
+            "{test}: skipped, kernels built for the GPU (CAMEX_KERNEL_EMU=1 builds the emulation)"
+        );
+    }
+    e
+}
+
+/// Runs `f` with counting in `mode` (1 every block, 2 sampled) and returns the launches' records.
+fn counted(mode: i32, f: impl FnOnce()) -> Vec<ffi::camex_emu_launch> {
+    // SAFETY: switches the counters on and clears the records; `f` launches; then the records are
+    // copied into a buffer of the size just reported, and counting is switched off.
+    unsafe {
+        ffi::camex_emu_reset();
+        ffi::camex_emu_counting(mode);
+    }
+    f();
+    unsafe {
+        ffi::camex_emu_counting(0);
+        let n = ffi::camex_emu_launches(std::ptr::null_mut(), 0);
+        let mut v = vec![ffi::camex_emu_launch::default(); n as usize];
+        ffi::camex_emu_launches(v.as_mut_ptr(), n);
+        ffi::camex_emu_reset();
+        v
+    }
+}
+
+/// 64 floats, 256-byte aligned as cudaMalloc's allocations are (sector counts depend on it).
+#[derive(Clone, Copy)]
+#[repr(C, align(256))]
+struct Chunk([f32; 64]);
+
+fn aligned(floats: usize, v: f32) -> Vec<Chunk> {
+    vec![Chunk([v; 64]); floats.div_ceil(64)]
+}
+
+/// One probe launch: every lane copies the `width`-byte word at element lane * stride of a shared
+/// array (filled first, 33 coalesced rounds) and of global memory to two output slots.
+fn probe(width: i32, stride: i32) -> ffi::camex_emu_launch {
+    let src = aligned(32 * 33 * width as usize / 4, 0.5);
+    let dst = aligned(64 * width as usize / 4, 0.0);
+    let recs = counted(1, || {
+        // SAFETY: src holds 32 * 33 words of `width` bytes, dst 32 floats (host memory is the
+        // emulation's device memory).
+        let rc = unsafe {
+            ffi::camex_counter_probe(
+                width,
+                stride,
+                src.as_ptr() as u64,
+                dst.as_ptr() as u64,
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(rc, 0, "probe launcher");
+    });
+    assert_eq!(recs.len(), 1, "one launch");
+    let copied: Vec<f32> = dst.iter().flat_map(|c| c.0).collect();
+    assert!(
+        copied[..64 * width as usize / 4].iter().all(|&x| x == 0.5),
+        "probe result"
+    );
+    recs[0]
+}
+
+#[test]
+fn shared_wavefronts_follow_the_banks() {
+    let _g = COUNTING.lock().unwrap_or_else(|e| e.into_inner());
+    if !emulated("shared_wavefronts_follow_the_banks") {
+        return;
+    }
+    // (width, stride, wavefronts of the strided read): the bank-conflict arithmetic of the CUDA
+    // programming guide. The fill before it is 33 conflict-free stores of width/4 wavefronts each.
+    let cases = [
+        (4, 1, 1),   // consecutive words
+        (4, 0, 1),   // one word for every lane: a broadcast
+        (4, 2, 2),   // two lanes per bank
+        (4, 8, 8),   //
+        (4, 32, 32), // every lane in bank 0
+        (4, 33, 1),  // the padded-row trick
+        (8, 1, 2),   // 256 bytes: two half-warp phases
+        (8, 16, 32), // 16 lanes of a phase on the same two banks, 16 words each, twice
+        (16, 1, 4),  // 512 bytes: four quarter-warp phases
+        (16, 2, 8),  // lanes l and l + 4 of a phase share banks
+    ];
+    for (w, s, want) in cases {
+        let r = probe(w, s);
+        let fill = 33 * (w as u64 / 4);
+        assert_eq!(
+            r.smem_wavefronts,
+            fill + want,
+            "width {w} stride {s}: wavefronts {} = fill {fill} + read",
+            r.smem_wavefronts
+        );
+        assert_eq!(
+            r.smem_bytes,
+            34 * 32 * w as u64,
+            "bytes: 33 fill rounds and the read"
+        );
+        assert_eq!(r.mma_flop, 0);
+        assert_eq!((r.blocks, r.sampled_blocks, r.block_threads), (1, 1, 32));
+    }
+}
+
+#[test]
+fn global_sectors_and_distinct_bytes() {
+    let _g = COUNTING.lock().unwrap_or_else(|e| e.into_inner());
+    if !emulated("global_sectors_and_distinct_bytes") {
+        return;
+    }
+    // (width, stride, sectors of the strided read)
+    for (w, s, read) in [
+        (4, 1, 4u64),
+        (4, 0, 1),
+        (4, 8, 32),
+        (16, 1, 16),
+        (16, 2, 32),
+    ] {
+        let r = probe(w, s);
+        let fill = 33 * w as u64; // 33 coalesced rounds of 32 x w bytes
+        let store = 2 * w as u64; // dst: two rounds of 32 x w bytes
+        assert_eq!(
+            r.gmem_bytes,
+            32 * (fill + read + store),
+            "width {w} stride {s}"
+        );
+        // Every sector of src is read by the fill; dst is written once.
+        assert_eq!(r.dram_bytes, 32 * (fill + store), "width {w} stride {s}");
+    }
+}
+
+/// Sampling (first, middle, last block per grid axis, weighted) gives the counts of running every
+/// block, on the tensor-core curvature forward and backward at padded factor sizes; distinct bytes
+/// may err high (never low) where neighbouring blocks share a sector.
+#[test]
+fn sampled_blocks_count_like_every_block() {
+    let _g = COUNTING.lock().unwrap_or_else(|e| e.into_inner());
+    if !emulated("sampled_blocks_count_like_every_block") {
+        return;
+    }
+    // Factors no tile divides (4, 12 | 4, 20, padded to 16 and 32); rows and per-block factor
+    // partials of whole 32-byte sectors (as at every shape of SPEC section 8), so that a grid's
+    // interior blocks are alike down to their sectors.
+    let (n, o, i, r) = (2usize, 48usize, 80usize, 3usize);
+    let (o1, o2, i1, i2) = (4usize, 12usize, 4usize, 20usize);
+    let bf = |k: usize| vec![0x3c00u16; k.max(1)]; // bf16 1.0
+    let (base, experts) = (bf(o * i), bf(n * o * i));
+    let (fa, fb) = (bf(r * n * o1 * o1), bf(r * n * o2 * o2));
+    let (fc, fd) = (bf(r * n * i1 * i1), bf(r * n * i2 * i2));
+    let (curved, gc, gb, ge) = (bf(n * o * i), bf(n * o * i), bf(o * i), bf(n * o * i));
+    let (ga, gbb, gcc, gd) = (bf(fa.len()), bf(fb.len()), bf(fc.len()), bf(fd.len()));
+    let addr = |v: &Vec<u16>| v.as_ptr() as u64;
+    let run = |mode: i32| {
+        counted(mode, || {
+            let mut p = ffi::camex_curvature_params {
+                dtype: ffi::camex_dtype_CAMEX_BF16 as i32,
+                n: n as i64,
+                o: o as i64,
+                i: i as i64,
+                r: r as i64,
+                o1: o1 as i64,
+                o2: o2 as i64,
+                i1: i1 as i64,
+                i2: i2 as i64,
+                base: addr(&base),
+                experts: addr(&experts),
+                factor_a: addr(&fa),
+                factor_b: addr(&fb),
+                factor_c: addr(&fc),
+                factor_d: addr(&fd),
+                curved: addr(&curved),
+                grad_curved: addr(&gc),
+                grad_base: addr(&gb),
+                grad_experts: addr(&ge),
+                grad_factor_a: addr(&ga),
+                grad_factor_b: addr(&gbb),
+                grad_factor_c: addr(&gcc),
+                grad_factor_d: addr(&gd),
+                ..Default::default()
+            };
+            // SAFETY: size queries, then host buffers of the implied sizes (the emulation's
+            // device memory); counting is on for both queries and launches (same mode).
+            unsafe {
+                ffi::camex_set_tensor_cores(1);
+                let w0 = ffi::camex_curvature_workspace(&p, 0) as usize;
+                let w1 = ffi::camex_curvature_workspace(&p, 1) as usize;
+                let ws = vec![0u8; w0.max(w1) + 256];
+                p.workspace = ws.as_ptr() as u64;
+                p.workspace_bytes = ws.len() as i64;
+                assert_eq!(ffi::camex_curvature_forward(&p, std::ptr::null_mut()), 0);
+                assert_eq!(ffi::camex_curvature_backward(&p, std::ptr::null_mut()), 0);
+                ffi::camex_set_tensor_cores(-1);
+            }
+        })
+    };
+    let exact = run(1);
+    // SAFETY: a setting of the counters: sample grid dimensions of more than 8 blocks here (64 by
+    // default), so that this small shape's grids are sampled; the 7-block partial reductions are not.
+    let prev = unsafe { ffi::camex_emu_sample_above(8) };
+    let sampled = run(2);
+    // SAFETY: as above.
+    unsafe { ffi::camex_emu_sample_above(prev) };
+    assert_eq!(exact.len(), sampled.len(), "launches");
+    assert!(
+        sampled.iter().any(|l| l.sampled_blocks < l.blocks),
+        "some grid was sampled"
+    );
+    assert!(exact.iter().any(|l| l.mma_flop > 0), "the tensor cores ran");
+    for (e, s) in exact.iter().zip(&sampled) {
+        let name = String::from_utf8_lossy(
+            &e.kernel
+                .iter()
+                .take_while(|&&c| c != 0)
+                .map(|&c| c as u8)
+                .collect::<Vec<u8>>(),
+        )
+        .into_owned();
+        assert_eq!(e.blocks, s.blocks, "{name}: grid");
+        assert_eq!(e.mma_flop, s.mma_flop, "{name}: mma");
+        assert_eq!(e.smem_wavefronts, s.smem_wavefronts, "{name}: wavefronts");
+        assert_eq!(e.smem_bytes, s.smem_bytes, "{name}: shared bytes");
+        assert_eq!(e.gmem_bytes, s.gmem_bytes, "{name}: global bytes");
+        assert!(
+            s.dram_bytes >= e.dram_bytes && s.dram_bytes <= 2 * e.dram_bytes,
+            "{name}: distinct bytes {} sampled, {} exact",
+            s.dram_bytes,
+            e.dram_bytes
+        );
+    }
+}
