@@ -482,7 +482,11 @@ fn run_op_in_limit(
         Ok(out
             .into_iter()
             .map(|(k, v)| {
-                let v = AnyTensor::from_f32(&v, dtype);
+                // f32 results move (no copy of outputs that may be large); others are rounded.
+                let v = match dtype {
+                    DType::F32 => AnyTensor::F32(v),
+                    _ => AnyTensor::from_f32(&v, dtype),
+                };
                 (k, v)
             })
             .collect())

@@ -49,7 +49,7 @@ struct MergeDims {
     bias: bool,
 }
 
-fn check_merge<T>(x: &CudaMergeInputs<T>, alpha: f64, dare: &Dare) -> Result<MergeDims> {
+fn check_merge<T: Element>(x: &CudaMergeInputs<T>, alpha: f64, dare: &Dare) -> Result<MergeDims> {
     let (n, o, i) = check_weights(x.base.shape(), x.curved.shape(), "curved")?;
     if let Some(m) = x.mask {
         expect_shape("mask", m.shape(), &[n, o, i])?;
@@ -225,7 +225,7 @@ struct CaDims {
     k: super::curvature::KronDims,
 }
 
-fn check_ca<T>(x: &CudaCaMergeInputs<T>, opts: &MergeOptions) -> Result<CaDims> {
+fn check_ca<T: Element>(x: &CudaCaMergeInputs<T>, opts: &MergeOptions) -> Result<CaDims> {
     let (n, o, i) = check_weights(x.base.shape(), x.experts.shape(), "experts")?;
     let k = check_curvature(n, o, i, &x.curvature)?;
     let g = check_scores(x.scores.shape(), n)?;
@@ -236,7 +236,7 @@ fn check_ca<T>(x: &CudaCaMergeInputs<T>, opts: &MergeOptions) -> Result<CaDims> 
         o,
         "merge",
     )?;
-    opts.validate()?;
+    opts.validate_for(T::DTYPE)?;
     Ok(CaDims {
         m: MergeDims { g, n, o, i, bias },
         k,
