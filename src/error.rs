@@ -20,10 +20,37 @@ pub enum Error {
         expected: String,
         actual: String,
     },
-    /// A required tensor is absent (named-tensor interface).
-    Missing { tensor: String, op: String },
+    /// A tensor's values are outside what the operator accepts (a mask that is not 0/1).
+    Value { tensor: String, message: String },
+    /// A required tensor is absent: `tensor` is its name, `op` the operator's, `note` why it is
+    /// needed when that is not obvious (empty otherwise).
+    Missing {
+        tensor: String,
+        op: String,
+        note: String,
+    },
     /// An option or scalar is out of range (alpha NaN, p outside [0, 1), k outside (0, 1], ...).
     Option { name: String, message: String },
+    /// A tensor the operator does not read (a misspelt name would otherwise be silently ignored).
+    Unexpected {
+        tensor: String,
+        op: String,
+        /// The names the operator reads.
+        reads: Vec<String>,
+    },
+    /// An output or workspace that does not fit: its size overflows, or it is over the memory
+    /// limit ([`crate::memory`]). Nothing was allocated.
+    Memory {
+        /// The output (or workspace) named, the largest of the call's buffers.
+        tensor: String,
+        shape: Vec<usize>,
+        /// Bytes of that buffer; `None` when the size does not fit in 64 bits.
+        bytes: Option<u64>,
+        /// Bytes of every buffer of the call together, when known.
+        total: Option<u64>,
+        /// Which limit it is over, in words.
+        limit: String,
+    },
     /// The operator name is not one of SPEC section 7.
     UnknownOp(String),
     /// A CUDA driver, runtime or launch error, or no CUDA driver on this machine.
@@ -67,13 +94,50 @@ impl fmt::Display for Error {
                 f,
                 "tensor `{tensor}`: expected dtype {expected}, got {actual}"
             ),
-            Error::Missing { tensor, op } => {
+            Error::Value { tensor, message } => write!(f, "tensor `{tensor}`: {message}"),
+            Error::Missing { tensor, op, note } => {
                 write!(
                     f,
                     "operator `{op}` needs tensor `{tensor}`, which is missing"
-                )
+                )?;
+                if !note.is_empty() {
+                    write!(f, " ({note})")?;
+                }
+                Ok(())
             }
             Error::Option { name, message } => write!(f, "option `{name}`: {message}"),
+            Error::Unexpected { tensor, op, reads } => {
+                write!(
+                    f,
+                    "tensor `{tensor}`: operator `{op}` does not read a tensor of this name (it reads: {})",
+                    reads.join(", ")
+                )?;
+                if let Some(r) = reads.iter().find(|r| r.eq_ignore_ascii_case(tensor)) {
+                    write!(f, "; did you mean `{r}`?")?;
+                }
+                Ok(())
+            }
+            Error::Memory {
+                tensor,
+                shape,
+                bytes,
+                total,
+                limit,
+            } => {
+                write!(f, "tensor `{tensor}` of shape {shape:?} needs ")?;
+                match bytes {
+                    Some(b) => write!(f, "{b} bytes ({})", crate::memory::human(*b as u128))?,
+                    None => write!(f, "more than 2^64 bytes")?,
+                }
+                if let Some(t) = total.filter(|t| Some(*t) != *bytes) {
+                    write!(
+                        f,
+                        ", {t} bytes ({}) with the call's other buffers",
+                        crate::memory::human(t as u128)
+                    )?;
+                }
+                write!(f, ": {limit}")
+            }
             Error::UnknownOp(op) => write!(f, "unknown operator `{op}`"),
             Error::Cuda(m) => write!(f, "cuda: {m}"),
             Error::Io(m) => write!(f, "io: {m}"),

@@ -14,6 +14,7 @@
 pub mod bench;
 pub mod cpu;
 pub mod error;
+pub mod memory;
 pub mod named;
 pub mod options;
 pub mod philox;
@@ -30,6 +31,7 @@ pub mod cuda;
 pub mod ffi;
 
 pub use error::{Error, Result};
+pub use memory::MemoryLimit;
 pub use options::{Dare, Mask, MergeOptions};
 pub use shape::Split;
 pub use tensor::{AnyTensor, DType, Float, Tensor};

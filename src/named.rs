@@ -26,7 +26,8 @@
 
 use crate::cpu::{self, CaMergeInputs, Curvature, Factors, MergeInputs};
 use crate::error::{Error, Result};
-use crate::options::{Dare, Mask, MergeOptions};
+use crate::memory::{self, MemoryLimit};
+use crate::options::{check_scalar, Dare, Mask, MergeOptions};
 use crate::tensor::{AnyTensor, DType, Float, Tensor};
 use half::{bf16, f16};
 use std::collections::BTreeMap;
@@ -75,6 +76,9 @@ pub struct RunOptions {
     /// Storage (and so compute) dtype override; `None`: the inputs' dtype.
     pub dtype: Option<DType>,
     pub device: Device,
+    /// Memory limit for this call's outputs and workspaces ([`crate::memory`]); `None`: the
+    /// process-wide limit ([`crate::memory::set_limit`]), by default the available memory.
+    pub memory_limit: Option<MemoryLimit>,
 }
 
 impl Default for RunOptions {
@@ -86,6 +90,7 @@ impl Default for RunOptions {
             dare: Dare::None,
             dtype: None,
             device: Device::Cpu,
+            memory_limit: None,
         }
     }
 }
@@ -376,9 +381,12 @@ pub fn op_info(op: &str) -> Result<&'static OpInfo> {
 /// Runs operator `op` on named `inputs`; returns its named outputs (SPEC section 7).
 ///
 /// Errors: [`Error::UnknownOp`]; [`Error::Missing`] for an absent required tensor (or one of the
-/// four factors when only some are given); [`Error::Option`] for a tensor the operator does not read
-/// or a missing `beta` where it is required; [`Error::DType`] when the inputs' dtypes differ;
-/// [`Error::Shape`] from the operator's checks; [`Error::Cuda`] from the CUDA path.
+/// four factors when only some are given); [`Error::Unexpected`] for a tensor the operator does not
+/// read; [`Error::Option`] for a missing `beta` where it is required, or an alpha or beta that is
+/// not finite in the storage dtype; [`Error::DType`] when the inputs' dtypes differ;
+/// [`Error::Shape`] from the operator's checks; [`Error::Value`] for a mask that is not 0/1;
+/// [`Error::Memory`] when the outputs and workspaces are over the memory limit
+/// ([`RunOptions::memory_limit`]); [`Error::Cuda`] from the CUDA path.
 ///
 /// On [`Device::Cuda`], with the `cuda` feature, it runs the `camex::cuda` kernels on device 0
 /// (storage dtypes f32, f16, bf16; f64 is an [`Error::DType`]). **That dispatch has not run on a
@@ -389,30 +397,63 @@ pub fn run_op(
     inputs: &BTreeMap<String, AnyTensor>,
     opts: &RunOptions,
 ) -> Result<BTreeMap<String, AnyTensor>> {
+    match opts.memory_limit {
+        Some(l) => memory::with_limit(l, || run_op_in_limit(op, inputs, opts)),
+        None => run_op_in_limit(op, inputs, opts),
+    }
+}
+
+fn run_op_in_limit(
+    op: &str,
+    inputs: &BTreeMap<String, AnyTensor>,
+    opts: &RunOptions,
+) -> Result<BTreeMap<String, AnyTensor>> {
     let info = op_info(op)?;
     for name in info.required() {
         if !inputs.contains_key(name) {
             return Err(Error::Missing {
                 tensor: name.to_string(),
                 op: op.to_string(),
+                note: String::new(),
             });
         }
     }
     if let Some(name) = inputs.keys().find(|k| !info.reads_tensor(k)) {
-        let reads: Vec<&str> = info.reads.iter().map(|s| s.name).collect();
-        return Err(Error::option(
-            name.clone(),
-            format!(
-                "operator `{op}` does not read a tensor of this name (it reads: {})",
-                reads.join(", ")
-            ),
-        ));
+        return Err(Error::Unexpected {
+            tensor: name.clone(),
+            op: op.to_string(),
+            reads: info.reads.iter().map(|s| s.name.to_string()).collect(),
+        });
     }
     let in_dtype = common_dtype(inputs)?;
     let dtype = opts.dtype.unwrap_or(in_dtype);
+    // alpha and beta as the storage dtype holds them: 1e300 is finite in f64, not in f32.
+    if info.uses_option("alpha") {
+        check_scalar("alpha", opts.alpha, dtype)?;
+    }
+    if let (true, Some(b)) = (info.uses_option("beta"), opts.beta) {
+        check_scalar("beta", b, dtype)?;
+    }
+    // The copies in the compute dtype (f64 for f64 storage, f32 otherwise).
+    let compute_bytes = if dtype == DType::F64 { 8 } else { 4 };
+    let copies: Vec<(String, &[usize])> = inputs
+        .iter()
+        .map(|(k, v)| (format!("{k} (copy in the compute dtype)"), v.shape()))
+        .collect();
+    memory::check(
+        &copies
+            .iter()
+            .map(|(k, s)| memory::need(k, s, compute_bytes))
+            .collect::<Vec<_>>(),
+    )?;
     match opts.device {
         Device::Cpu => {}
-        Device::Cuda => return run_cuda(info, inputs, opts, dtype),
+        Device::Cuda => {
+            if let Some(m) = inputs.get("mask") {
+                cpu::merge::check_binary_mask(&m.to_f32())?;
+            }
+            return run_cuda(info, inputs, opts, dtype);
+        }
     }
     if dtype == DType::F64 {
         let t: BTreeMap<String, Tensor<f64>> = inputs
@@ -441,7 +482,11 @@ pub fn run_op(
         Ok(out
             .into_iter()
             .map(|(k, v)| {
-                let v = AnyTensor::from_f32(&v, dtype);
+                // f32 results move (no copy of outputs that may be large); others are rounded.
+                let v = match dtype {
+                    DType::F32 => AnyTensor::F32(v),
+                    _ => AnyTensor::from_f32(&v, dtype),
+                };
                 (k, v)
             })
             .collect())
@@ -729,6 +774,7 @@ impl<'a, V> Named<'a, V> {
         self.map.get(name).ok_or_else(|| Error::Missing {
             tensor: name.to_string(),
             op: self.op.to_string(),
+            note: String::new(),
         })
     }
     fn opt(&self, name: &str) -> Option<&'a V> {
@@ -752,9 +798,10 @@ impl<'a, V> Named<'a, V> {
                     .collect();
                 Err(Error::Missing {
                     tensor: NAMES[i].to_string(),
-                    op: format!(
-                        "{} (Kronecker curvature needs all four factors; {} given)",
-                        self.op,
+                    op: self.op.to_string(),
+                    note: format!(
+                        "the Kronecker curvature needs all four of factor_a, factor_b, factor_c \
+                         and factor_d, or none of them for the identity; given: {}",
                         given.join(", ")
                     ),
                 })
@@ -769,12 +816,15 @@ impl<'a, V> Named<'a, V> {
             (None, Some(_)) => "base_bias",
             _ => return Ok((eb, b)),
         };
+        let given = if missing == "base_bias" {
+            "expert_bias"
+        } else {
+            "base_bias"
+        };
         Err(Error::Missing {
             tensor: missing.to_string(),
-            op: format!(
-                "{} (biases come in pairs: base_bias and expert_bias)",
-                self.op
-            ),
+            op: self.op.to_string(),
+            note: format!("biases come in pairs, and {given} was given"),
         })
     }
     fn beta(&self, opts: &RunOptions) -> Result<f64> {
@@ -1007,32 +1057,79 @@ fn io_err(path: &Path, what: impl std::fmt::Display) -> Error {
 
 /// Reads every tensor of a safetensors file. Accepted dtypes: F32, F64, F16, BF16 (anything else is
 /// [`Error::DType`] naming the tensor).
+///
+/// Hostile input:
+/// - only regular files are read (a pipe, a character device such as `/dev/zero`, a socket or a
+///   directory is an [`Error::Io`] naming the path): they are memory-mapped and deserialised
+///   without a copy by the `safetensors` crate, so a file is never read whole into memory;
+/// - a header that names a tensor twice is an [`Error::Io`] naming the tensor (the `safetensors`
+///   crate would keep the last entry);
+/// - the decoded tensors are checked against the memory limit ([`crate::memory`]) before they are
+///   allocated, and allocated fallibly.
+///
+/// The file must not be truncated by another process while it is read (the mapping would fault).
 pub fn read_safetensors(path: impl AsRef<Path>) -> Result<BTreeMap<String, AnyTensor>> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|e| io_err(path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
+    let file = open_regular(path)?;
+    let len = file.metadata().map_err(|e| io_err(path, e))?.len();
+    if len < 8 {
+        return Err(io_err(
+            path,
+            format!(
+                "not a valid safetensors file: {len} bytes, shorter than the 8-byte header length"
+            ),
+        ));
+    }
+    // SAFETY: the mapping is read-only and lives until the tensors are decoded into owned memory
+    // below. Another process truncating the file meanwhile would make reads fault (SIGBUS); that
+    // is the documented contract of reading a file through a mapping.
+    let map = unsafe { memmap2::Mmap::map(&file) }
+        .map_err(|e| io_err(path, format!("cannot memory-map: {e}")))?;
+    check_unique_names(path, &map)?;
+    let st = safetensors::SafeTensors::deserialize(&map)
         .map_err(|e| io_err(path, format!("not a valid safetensors file: {e}")))?;
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = st.tensors();
+    let mut needs = Vec::with_capacity(views.len());
+    for (name, view) in &views {
+        let elem = match view.dtype() {
+            safetensors::Dtype::F32 => 4,
+            safetensors::Dtype::F64 => 8,
+            safetensors::Dtype::F16 | safetensors::Dtype::BF16 => 2,
+            other => {
+                return Err(Error::DType {
+                    tensor: name.to_string(),
+                    expected: "F32, F64, F16 or BF16".into(),
+                    actual: format!("{other:?}"),
+                })
+            }
+        };
+        needs.push(memory::need(name, view.shape(), elem));
+    }
+    memory::check(&needs)?;
     let mut out = BTreeMap::new();
-    for (name, view) in st.iter() {
+    for (name, view) in &views {
         let shape = view.shape();
         let data = view.data();
         let t = match view.dtype() {
             safetensors::Dtype::F32 => AnyTensor::F32(Tensor::new(
                 shape,
-                le_words::<4, _>(data, f32::from_le_bytes),
+                le_words::<4, _>(name, shape, data, f32::from_le_bytes)?,
             )?),
             safetensors::Dtype::F64 => AnyTensor::F64(Tensor::new(
                 shape,
-                le_words::<8, _>(data, f64::from_le_bytes),
+                le_words::<8, _>(name, shape, data, f64::from_le_bytes)?,
             )?),
             safetensors::Dtype::F16 => AnyTensor::F16(Tensor::new(
                 shape,
-                le_words::<2, _>(data, |b| f16::from_bits(u16::from_le_bytes(b))),
+                le_words::<2, _>(name, shape, data, |b| f16::from_bits(u16::from_le_bytes(b)))?,
             )?),
             safetensors::Dtype::BF16 => AnyTensor::BF16(Tensor::new(
                 shape,
-                le_words::<2, _>(data, |b| bf16::from_bits(u16::from_le_bytes(b))),
+                le_words::<2, _>(name, shape, data, |b| {
+                    bf16::from_bits(u16::from_le_bytes(b))
+                })?,
             )?),
+            // Refused above.
             other => {
                 return Err(Error::DType {
                     tensor: name.to_string(),
@@ -1046,82 +1143,265 @@ pub fn read_safetensors(path: impl AsRef<Path>) -> Result<BTreeMap<String, AnyTe
     Ok(out)
 }
 
-/// Little-endian words of `W` bytes (the safetensors layout), decoded by `f`.
-fn le_words<const W: usize, T>(data: &[u8], f: impl Fn([u8; W]) -> T) -> Vec<T> {
-    data.chunks_exact(W)
-        .map(|c| {
-            let mut b = [0u8; W];
-            b.copy_from_slice(c);
-            f(b)
-        })
-        .collect()
-}
-
-/// An encoded tensor for the safetensors serializer.
-struct Encoded {
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    bytes: Vec<u8>,
-}
-
-impl safetensors::View for &Encoded {
-    fn dtype(&self) -> safetensors::Dtype {
-        self.dtype
+/// What kind of file `meta` describes, for the messages.
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    let ft = meta.file_type();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if ft.is_fifo() {
+            return "a pipe (FIFO)";
+        }
+        if ft.is_char_device() {
+            return "a character device";
+        }
+        if ft.is_block_device() {
+            return "a block device";
+        }
+        if ft.is_socket() {
+            return "a socket";
+        }
     }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.bytes)
-    }
-    fn data_len(&self) -> usize {
-        self.bytes.len()
+    if ft.is_dir() {
+        "a directory"
+    } else if ft.is_file() {
+        "a regular file"
+    } else {
+        "not a regular file"
     }
 }
 
-fn encode(t: &AnyTensor) -> Encoded {
-    let (dtype, bytes): (safetensors::Dtype, Vec<u8>) = match t {
-        AnyTensor::F32(t) => (
-            safetensors::Dtype::F32,
-            t.data().iter().flat_map(|v| v.to_le_bytes()).collect(),
-        ),
-        AnyTensor::F64(t) => (
-            safetensors::Dtype::F64,
-            t.data().iter().flat_map(|v| v.to_le_bytes()).collect(),
-        ),
-        AnyTensor::F16(t) => (
-            safetensors::Dtype::F16,
-            t.data()
-                .iter()
-                .flat_map(|v| v.to_bits().to_le_bytes())
-                .collect(),
-        ),
-        AnyTensor::BF16(t) => (
-            safetensors::Dtype::BF16,
-            t.data()
-                .iter()
-                .flat_map(|v| v.to_bits().to_le_bytes())
-                .collect(),
-        ),
+/// (device, inode) of a file, where the platform has them.
+#[cfg(unix)]
+fn file_id(meta: &std::fs::Metadata) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    Some((meta.dev(), meta.ino()))
+}
+#[cfg(not(unix))]
+fn file_id(_meta: &std::fs::Metadata) -> Option<(u64, u64)> {
+    None
+}
+
+/// Opens `path` for reading if it is a regular file (checked before opening, since opening a
+/// FIFO blocks, and again on the open file).
+fn open_regular(path: &Path) -> Result<std::fs::File> {
+    let refuse = |meta: &std::fs::Metadata| {
+        io_err(
+            path,
+            format!(
+                "is {}, not a regular file: camex reads safetensors inputs only from regular \
+                 files (memory-mapped), since a pipe or a device may never end",
+                file_kind(meta)
+            ),
+        )
     };
-    Encoded {
-        dtype,
-        shape: t.shape().to_vec(),
-        bytes,
+    let meta = std::fs::metadata(path).map_err(|e| io_err(path, e))?;
+    if !meta.is_file() {
+        return Err(refuse(&meta));
+    }
+    let file = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
+    let opened = file.metadata().map_err(|e| io_err(path, e))?;
+    if !opened.is_file() {
+        return Err(refuse(&opened));
+    }
+    if file_id(&meta) != file_id(&opened) {
+        return Err(io_err(path, "was replaced while being opened"));
+    }
+    Ok(file)
+}
+
+/// Refuses a header that names a tensor twice: the `safetensors` crate reads the header into a
+/// map, where the last entry silently wins. Anything that is not a well-formed header is left to
+/// the crate's own checks.
+fn check_unique_names(path: &Path, bytes: &[u8]) -> Result<()> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+    let Some(n) = bytes
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_le_bytes)
+        .and_then(|n| usize::try_from(n).ok())
+    else {
+        return Ok(());
+    };
+    let Some(header) = n.checked_add(8).and_then(|end| bytes.get(8..end)) else {
+        return Ok(());
+    };
+    let Ok(header) = std::str::from_utf8(header) else {
+        return Ok(());
+    };
+    struct Keys;
+    impl<'de> Visitor<'de> for Keys {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> std::result::Result<Self::Value, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            let mut dup = None;
+            while let Some(k) = map.next_key::<String>()? {
+                map.next_value::<IgnoredAny>()?;
+                if dup.is_none() && !seen.insert(k.clone()) {
+                    dup = Some(k);
+                }
+            }
+            Ok(dup)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(header);
+    if let Ok(Some(name)) = (&mut de).deserialize_map(Keys) {
+        return Err(io_err(
+            path,
+            format!(
+                "not a valid safetensors file: the header names tensor `{name}` more than once"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Little-endian words of `W` bytes (the safetensors layout), decoded by `f` into a vector
+/// allocated fallibly (its size comes from the file).
+fn le_words<const W: usize, T>(
+    name: &str,
+    shape: &[usize],
+    data: &[u8],
+    f: impl Fn([u8; W]) -> T,
+) -> Result<Vec<T>> {
+    let mut out = Vec::new();
+    memory::try_reserve(&mut out, name, shape, data.len() / W)?;
+    out.extend(data.chunks_exact(W).map(|c| {
+        let mut b = [0u8; W];
+        b.copy_from_slice(c);
+        f(b)
+    }));
+    Ok(out)
+}
+
+/// Refuses to write `output` over `input`: the same file (same device and inode, so also through
+/// a symlink or a hard link), not only the same path. An absent `output` is fine.
+pub fn check_output_is_not_input(input: impl AsRef<Path>, output: impl AsRef<Path>) -> Result<()> {
+    let (input, output) = (input.as_ref(), output.as_ref());
+    let Ok(out_meta) = std::fs::metadata(output) else {
+        return Ok(());
+    };
+    let in_meta = std::fs::metadata(input).map_err(|e| io_err(input, e))?;
+    let same = match (file_id(&in_meta), file_id(&out_meta)) {
+        (Some(a), Some(b)) => a == b,
+        _ => {
+            std::fs::canonicalize(input).ok().is_some()
+                && std::fs::canonicalize(input).ok() == std::fs::canonicalize(output).ok()
+        }
+    };
+    if same {
+        return Err(io_err(
+            output,
+            format!(
+                "is the same file as the input `{}`: writing the outputs would replace the \
+                 inputs; choose another output path",
+                input.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The bytes of one tensor in safetensors layout (little-endian), borrowed where the host is
+/// little-endian.
+fn tensor_bytes(t: &AnyTensor) -> std::borrow::Cow<'_, [u8]> {
+    use std::borrow::Cow;
+    #[cfg(target_endian = "little")]
+    {
+        Cow::Borrowed(match t {
+            AnyTensor::F32(t) => bytemuck::cast_slice(t.data()),
+            AnyTensor::F64(t) => bytemuck::cast_slice(t.data()),
+            AnyTensor::F16(t) => bytemuck::cast_slice(t.data()),
+            AnyTensor::BF16(t) => bytemuck::cast_slice(t.data()),
+        })
+    }
+    #[cfg(not(target_endian = "little"))]
+    {
+        Cow::Owned(match t {
+            AnyTensor::F32(t) => t.data().iter().flat_map(|v| v.to_le_bytes()).collect(),
+            AnyTensor::F64(t) => t.data().iter().flat_map(|v| v.to_le_bytes()).collect(),
+            AnyTensor::F16(t) => t
+                .data()
+                .iter()
+                .flat_map(|v| v.to_bits().to_le_bytes())
+                .collect(),
+            AnyTensor::BF16(t) => t
+                .data()
+                .iter()
+                .flat_map(|v| v.to_bits().to_le_bytes())
+                .collect(),
+        })
+    }
+}
+
+fn st_dtype(d: DType) -> safetensors::Dtype {
+    match d {
+        DType::F32 => safetensors::Dtype::F32,
+        DType::F64 => safetensors::Dtype::F64,
+        DType::F16 => safetensors::Dtype::F16,
+        DType::BF16 => safetensors::Dtype::BF16,
     }
 }
 
 /// Writes `tensors` as a safetensors file at `path`, atomically: the bytes go to a temporary file
 /// in the same directory, which is then renamed over `path`; on any failure the temporary file is
-/// removed and `path` is left as it was (absent, or the previous file).
+/// removed and `path` is left as it was (absent, or the previous file). The tensors are streamed
+/// to the file, not first serialised in memory. An existing `path` that is not a regular file (a
+/// device, a pipe, a directory) is refused.
 pub fn write_safetensors(
     path: impl AsRef<Path>,
     tensors: &BTreeMap<String, AnyTensor>,
 ) -> Result<()> {
     let path = path.as_ref();
-    let encoded: Vec<(&String, Encoded)> = tensors.iter().map(|(k, v)| (k, encode(v))).collect();
-    let bytes = safetensors::serialize(encoded.iter().map(|(k, e)| (k.as_str(), e)), None)
+    if let Ok(meta) = std::fs::metadata(path) {
+        if !meta.is_file() {
+            return Err(io_err(
+                path,
+                format!(
+                    "is {}: camex writes its outputs only to regular files (it would replace it)",
+                    file_kind(&meta)
+                ),
+            ));
+        }
+    }
+    // The header, laid out as `safetensors::serialize` does: by decreasing alignment, then name.
+    let mut order: Vec<(&String, &AnyTensor)> = tensors.iter().collect();
+    order.sort_by(|(ln, l), (rn, r)| {
+        st_dtype(r.dtype())
+            .cmp(&st_dtype(l.dtype()))
+            .then(ln.cmp(rn))
+    });
+    let mut infos = Vec::with_capacity(order.len());
+    let mut offset = 0usize;
+    for (name, t) in &order {
+        let n = memory::bytes_of(t.shape(), t.dtype().size_in_bytes())
+            .and_then(|b| usize::try_from(b).ok())
+            .ok_or_else(|| io_err(path, format!("tensor `{name}` is too large to write")))?;
+        let end = offset
+            .checked_add(n)
+            .ok_or_else(|| io_err(path, "the tensors are too large to write"))?;
+        infos.push((
+            name.to_string(),
+            safetensors::tensor::TensorInfo {
+                dtype: st_dtype(t.dtype()),
+                shape: t.shape().to_vec(),
+                data_offsets: (offset, end),
+            },
+        ));
+        offset = end;
+    }
+    let metadata = safetensors::tensor::Metadata::new(None, infos)
         .map_err(|e| io_err(path, format!("cannot serialize: {e}")))?;
+    let mut header = serde_json::to_string(&metadata)
+        .map_err(|e| io_err(path, format!("cannot serialize: {e}")))?
+        .into_bytes();
+    header.resize(header.len().next_multiple_of(8), b' ');
     let file_name = path
         .file_name()
         .ok_or_else(|| io_err(path, "not a file path"))?;
@@ -1138,14 +1418,20 @@ pub fn write_safetensors(
     tmp_name.push(format!(".tmp-{}-{nanos}", std::process::id()));
     let tmp = dir.join(tmp_name);
     // create_new: never clobber a file we did not create.
-    let mut f = std::fs::OpenOptions::new()
+    let f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(&tmp)
         .map_err(|e| io_err(&tmp, e))?;
     let result = (|| {
         use std::io::Write;
-        f.write_all(&bytes)?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        w.write_all(&(header.len() as u64).to_le_bytes())?;
+        w.write_all(&header)?;
+        for (_, t) in &order {
+            w.write_all(&tensor_bytes(t))?;
+        }
+        let f = w.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
         drop(f);
         std::fs::rename(&tmp, path)

@@ -1,6 +1,38 @@
 //! Operator options: mask, DARE dropout, alpha, beta (SPEC sections 3 and 6).
 
 use crate::error::{Error, Result};
+use crate::tensor::DType;
+
+/// Errors unless the scalar option `name` (alpha, beta) is finite and stays finite when stored in
+/// `dtype`: 1e300 is finite in f64 but infinite in f32, and f16 holds at most 65504.
+pub fn check_scalar(name: &str, v: f64, dtype: DType) -> Result<()> {
+    let stored_finite = match dtype {
+        DType::F64 => v.is_finite(),
+        DType::F32 => (v as f32).is_finite(),
+        DType::F16 => half::f16::from_f64(v).is_finite(),
+        DType::BF16 => half::bf16::from_f64(v).is_finite(),
+    };
+    if !v.is_finite() {
+        return Err(Error::option(name, format!("must be finite, got {v}")));
+    }
+    if !stored_finite {
+        let max = match dtype {
+            DType::F64 => f64::MAX,
+            DType::F32 => f32::MAX as f64,
+            DType::F16 => half::f16::MAX.to_f64(),
+            DType::BF16 => half::bf16::MAX.to_f64(),
+        };
+        return Err(Error::option(
+            name,
+            format!(
+                "{v:e} is not representable in the storage dtype {} (largest finite value \
+                 {max:e}; it would be infinite)",
+                dtype.name()
+            ),
+        ));
+    }
+    Ok(())
+}
 
 /// The TIES-style mask m_i, computed on the raw domain vectors and applied after the curvature.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -144,5 +176,15 @@ impl MergeOptions {
         }
         self.mask.validate()?;
         self.dare.validate()
+    }
+    /// [`MergeOptions::validate`], and alpha and beta finite in the storage dtype
+    /// ([`check_scalar`]).
+    pub fn validate_for(&self, dtype: DType) -> Result<()> {
+        self.validate()?;
+        check_scalar("alpha", self.alpha, dtype)?;
+        if let Some(b) = self.beta {
+            check_scalar("beta", b, dtype)?;
+        }
+        Ok(())
     }
 }

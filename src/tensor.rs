@@ -79,7 +79,13 @@ impl<T> Tensor<T> {
 impl<T: Copy> Tensor<T> {
     /// Wraps `data` with `shape`; errors when the element count differs.
     pub fn new(shape: &[usize], data: Vec<T>) -> Result<Self> {
-        let n: usize = shape.iter().product();
+        // Checked: a shape whose product wraps around could otherwise pass with a short buffer.
+        let Some(n) = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) else {
+            return Err(Error::option(
+                "data",
+                format!("shape {shape:?} holds more elements than fit in memory"),
+            ));
+        };
         if n != data.len() {
             return Err(Error::option(
                 "data",

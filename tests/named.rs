@@ -453,7 +453,8 @@ fn missing_required_tensor() {
                 e,
                 Error::Missing {
                     tensor: name.to_string(),
-                    op: info.name.to_string()
+                    op: info.name.to_string(),
+                    note: String::new(),
                 }
             );
         }
@@ -476,9 +477,14 @@ fn partial_factors() {
         let mut inputs = case.any(DType::F32);
         inputs.remove("factor_c");
         match run_op(op, &inputs, &case.opts).unwrap_err() {
-            Error::Missing { tensor, op: o } => {
+            Error::Missing {
+                tensor,
+                op: o,
+                note,
+            } => {
                 assert_eq!(tensor, "factor_c");
-                assert!(o.starts_with(op), "{o}");
+                assert_eq!(o, op);
+                assert!(note.contains("all four"), "{note}");
             }
             e => panic!("{op}: {e}"),
         }
@@ -530,7 +536,10 @@ fn unknown_op_and_unknown_tensor() {
     let mut extra = inputs.clone();
     extra.insert("factor_A".into(), inputs["base"].clone());
     match run_op("merge", &extra, &case.opts).unwrap_err() {
-        Error::Option { name, .. } => assert_eq!(name, "factor_A"),
+        Error::Unexpected { tensor, op, .. } => {
+            assert_eq!(tensor, "factor_A");
+            assert_eq!(op, "merge");
+        }
         e => panic!("{e}"),
     }
 }

@@ -5,13 +5,14 @@
 //! (see [`camex::named`]). `camex run --help` lists every operator with what it reads and writes.
 //!
 //! Exit status: 0 on success (and for `--help`), 2 on any error (bad usage, unknown operator,
-//! missing tensor, wrong shape or dtype, I/O); the message goes to stderr and no output file is
-//! written (an existing file at the output path is left untouched).
+//! missing tensor, wrong shape or dtype, I/O, outputs over the memory limit, an input that is not
+//! a regular file, outputs that are the input file); the message goes to stderr and no output file
+//! is written (an existing file at the output path is left untouched).
 //!
 //! Subcommands are a table ([`SUBCOMMANDS`]): adding one (`bench`, `train`) is a row and a function.
 
 use camex::named::{self, Device, OpInfo, RunOptions};
-use camex::{DType, Dare, Error, Mask};
+use camex::{DType, Dare, Error, Mask, MemoryLimit};
 use std::process::ExitCode;
 
 /// A subcommand: name, one-line summary, handler (gets the arguments after its name).
@@ -124,7 +125,11 @@ Options:
                        TIES mask (default none)
   --dare none|expert:P:SEED|element:P:SEED
                        DARE dropout (default none)
-An option the operator does not use is an error. Exit status: 0 ok, 2 error.
+  --max-memory BYTES[K|M|G|T]|available|unlimited
+                       memory the inputs, outputs and workspaces may take (default: available,
+                       what the machine, cgroup and rlimits still give); over it is an error
+An option the operator does not use is an error. The inputs must be a regular file, and the
+outputs another file. Exit status: 0 ok, 2 error.
 ";
 
 /// `camex run --help`: usage and every operator, generated from [`named::ops`].
@@ -218,6 +223,7 @@ fn parse_run(args: &[String]) -> Result<RunArgs, CliError> {
             "beta" => "beta",
             "mask" => "mask",
             "dare" => "dare",
+            "max-memory" => "max-memory",
             _ => {
                 return Err(CliError::Fail(format!(
                     "unknown option `--{name}` (see camex run --help)"
@@ -244,6 +250,7 @@ fn parse_run(args: &[String]) -> Result<RunArgs, CliError> {
             "beta" => opts.beta = Some(parse_scalar("beta", &value)?),
             "mask" => opts.mask = Mask::parse(&value)?,
             "dare" => opts.dare = Dare::parse(&value)?,
+            "max-memory" => opts.memory_limit = Some(MemoryLimit::parse(&value)?),
             _ => unreachable!("every key is matched above"),
         }
     }
@@ -254,7 +261,7 @@ fn parse_run(args: &[String]) -> Result<RunArgs, CliError> {
         inputs.ok_or_else(|| CliError::Fail("`--inputs IN.safetensors` is needed".into()))?;
     let outputs =
         outputs.ok_or_else(|| CliError::Fail("`--outputs OUT.safetensors` is needed".into()))?;
-    given.retain(|k| !matches!(*k, "inputs" | "outputs" | "device" | "dtype"));
+    given.retain(|k| !matches!(*k, "inputs" | "outputs" | "device" | "dtype" | "max-memory"));
     Ok(RunArgs {
         op,
         inputs,
@@ -292,6 +299,11 @@ fn cmd_run(args: &[String]) -> Result<(), CliError> {
             info.name
         )));
     }
+    // The limit covers reading the inputs too.
+    if let Some(l) = a.opts.memory_limit {
+        camex::memory::set_limit(l);
+    }
+    named::check_output_is_not_input(&a.inputs, &a.outputs)?;
     let inputs = named::read_safetensors(&a.inputs)?;
     let outputs = named::run_op(&a.op, &inputs, &a.opts)?;
     named::write_safetensors(&a.outputs, &outputs)?;

@@ -182,6 +182,9 @@ pub fn curvature<F: Float>(
 ) -> Result<Tensor<F>> {
     let (n, o, i) = check_weights(base, experts)?;
     let dims = check_curvature(n, o, i, curv)?;
+    let mut bufs = vec![("curved", vec![n, o, i])];
+    bufs.extend(curved_workspace(&dims, curv));
+    super::budget::<F>(&bufs)?;
     Ok(curved_unchecked(base, experts, curv, &dims))
 }
 
@@ -190,6 +193,53 @@ pub(crate) fn domain_vector<F: Float>(base: &[F], expert: &[F], out: &mut [F]) {
     for ((t, &w), &e) in out.iter_mut().zip(expert).zip(base) {
         *t = w - e;
     }
+}
+
+/// The scratch of [`curved_unchecked`] (an upper bound), for the memory check.
+pub(crate) fn curved_workspace<F>(
+    dims: &Dims,
+    curv: &Curvature<F>,
+) -> Option<(&'static str, Vec<usize>)> {
+    match curv {
+        Curvature::Identity => None,
+        Curvature::Kronecker(_) => Some((
+            "workspace (curvature)",
+            vec![
+                2 + 2 * super::threads(),
+                dims.oi().max(dims.split.o1 * PACK_W),
+            ],
+        )),
+    }
+}
+
+/// The buffers of [`fused_backward`] besides its input H (an upper bound), for the memory check.
+pub(crate) fn fused_backward_workspace<F>(
+    dims: &Dims,
+    curv: &Curvature<F>,
+    want_curved: bool,
+) -> Vec<(&'static str, Vec<usize>)> {
+    let (n, o, i) = (dims.n, dims.o, dims.i);
+    let mut v = Vec::new();
+    if want_curved {
+        v.push(("curved (recomputed)", vec![n, o, i]));
+    }
+    if let Curvature::Kronecker(_) = curv {
+        let Split { o1, o2, i1, i2 } = dims.split;
+        v.push(("grad_experts", vec![n, o, i]));
+        v.push(("grad_factor_a", vec![dims.r, n, o1, o1]));
+        v.push(("grad_factor_b", vec![dims.r, n, o2, o2]));
+        v.push(("grad_factor_c", vec![dims.r, n, i1, i1]));
+        v.push(("grad_factor_d", vec![dims.r, n, i2, i2]));
+        v.push((
+            "workspace (curvature backward)",
+            vec![3 + 3 * super::threads(), dims.oi().max(o1 * PACK_W)],
+        ));
+        v.push((
+            "workspace (factor partials)",
+            vec![o1, o2 * o2 + i1 * i1 + i2 * i2],
+        ));
+    }
+    v
 }
 
 /// U for validated inputs.
@@ -384,6 +434,12 @@ pub fn curvature_backward<F: Float>(
     let (n, o, i) = check_weights(base, experts)?;
     let dims = check_curvature(n, o, i, curv)?;
     expect_shape("grad_curved", grad_curved.shape(), &[n, o, i])?;
+    let mut bufs = vec![
+        ("grad_curved (copy)", vec![n, o, i]),
+        ("grad_base", vec![2, o, i]),
+    ];
+    bufs.extend(fused_backward_workspace(&dims, curv, false));
+    super::budget::<F>(&bufs)?;
     let back = fused_backward(base, experts, curv, &dims, grad_curved.clone(), false);
     let grad_base = neg_sum_experts(&back.grad_tau, &dims);
     Ok(CurvatureGrads {

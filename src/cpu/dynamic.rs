@@ -5,11 +5,8 @@ use crate::error::{Error, Result};
 use crate::shape::expect_shape;
 use crate::tensor::{Float, Tensor};
 
-fn check_beta(beta: f64) -> Result<()> {
-    if !beta.is_finite() {
-        return Err(Error::option("beta", format!("must be finite, got {beta}")));
-    }
-    Ok(())
+fn check_beta<F: Float>(beta: f64) -> Result<()> {
+    crate::options::check_scalar("beta", beta, F::DTYPE)
 }
 
 /// `next_base` [O, I] from `base` [O, I] and `curved` [N, O, I].
@@ -18,8 +15,9 @@ pub fn dynamic_merge<F: Float>(
     curved: &Tensor<F>,
     beta: f64,
 ) -> Result<Tensor<F>> {
-    check_weights(base, curved).map_err(rename_curved)?;
-    check_beta(beta)?;
+    let (_, o, i) = check_weights(base, curved).map_err(rename_curved)?;
+    check_beta::<F>(beta)?;
+    super::budget::<F>(&[("next_base", vec![2, o, i])])?;
     Ok(next_base_unchecked(base, curved, beta))
 }
 
@@ -66,8 +64,9 @@ pub fn dynamic_merge_backward<F: Float>(
     grad_next_base: &Tensor<F>,
 ) -> Result<DynamicGrads<F>> {
     let (n, o, i) = check_weights(base, curved).map_err(rename_curved)?;
-    check_beta(beta)?;
+    check_beta::<F>(beta)?;
     expect_shape("grad_next_base", grad_next_base.shape(), &[o, i])?;
+    super::budget::<F>(&[("grad_curved", vec![n, o, i]), ("grad_base", vec![o, i])])?;
     let oi = o * i;
     let c = F::from_f64(beta / n as f64);
     let gn = grad_next_base.data();

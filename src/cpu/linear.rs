@@ -31,6 +31,7 @@ pub fn merged_linear<F: Float>(
     merged_bias: Option<&Tensor<F>>,
 ) -> Result<Tensor<F>> {
     let (g, t, o, i) = check(x, merged, merged_bias)?;
+    super::budget::<F>(&[("y", vec![g, t, o])])?;
     let mut y = Tensor::zeros(&[g, t, o]);
     for gg in 0..g {
         if let Some(b) = merged_bias {
@@ -71,6 +72,11 @@ pub fn merged_linear_backward<F: Float>(
 ) -> Result<LinearGrads<F>> {
     let (g, t, o, i) = check(x, merged, merged_bias)?;
     expect_shape("grad_y", grad_y.shape(), &[g, t, o])?;
+    super::budget::<F>(&[
+        ("grad_x", vec![g, t, i]),
+        ("grad_merged", vec![g, o, i]),
+        ("grad_merged_bias", vec![g, o]),
+    ])?;
     let mut grad_x = Tensor::zeros(&[g, t, i]);
     let mut grad_merged = Tensor::zeros(&[g, o, i]);
     for gg in 0..g {

@@ -10,7 +10,28 @@ use rayon::prelude::*;
 pub fn ties_mask<F: Float>(base: &Tensor<F>, experts: &Tensor<F>, mask: Mask) -> Result<Tensor<F>> {
     let (n, o, i) = check_weights(base, experts)?;
     mask.validate()?;
+    let mut bufs = vec![("mask", vec![n, o, i])];
+    bufs.extend(mask_workspace(n, o, i, mask));
+    super::budget::<F>(&bufs)?;
     Ok(mask_unchecked(base, experts, mask).unwrap_or_else(|| Tensor::full(&[n, o, i], F::ONE)))
+}
+
+/// The scratch of [`mask_unchecked`] (an upper bound, the mask itself included), for the memory
+/// check.
+pub(crate) fn mask_workspace(
+    n: usize,
+    o: usize,
+    i: usize,
+    mask: Mask,
+) -> Vec<(&'static str, Vec<usize>)> {
+    match mask {
+        Mask::None => vec![],
+        Mask::TiesSign => vec![("workspace (TIES)", vec![2 * n + 1, o, i])],
+        Mask::TiesTrim(_) => vec![(
+            "workspace (TIES trim)",
+            vec![3 * n + 1 + super::threads(), o, i],
+        )],
+    }
 }
 
 /// The mask for validated inputs, `None` for [`Mask::None`].

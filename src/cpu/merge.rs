@@ -6,14 +6,14 @@
 //! tensor is ever formed. Element-level DARE draws zeta per element from Philox on the fly instead.
 
 use super::curvature::{
-    check_curvature, check_weights, curved_unchecked, fused_backward, neg_sum_experts, Curvature,
-    Dims, FactorGrads,
+    check_curvature, check_weights, curved_unchecked, curved_workspace, fused_backward,
+    fused_backward_workspace, neg_sum_experts, Curvature, Dims, FactorGrads,
 };
 use super::dynamic::{grad_beta_unchecked, next_base_unchecked};
 use super::gemm::{gemm, View};
-use super::mask::mask_unchecked;
+use super::mask::{mask_unchecked, mask_workspace};
 use crate::error::{Error, Result};
-use crate::options::{Dare, MergeOptions};
+use crate::options::{Dare, Mask, MergeOptions};
 use crate::philox::{DareDraw, Granularity};
 use crate::shape::{expect_nonempty, expect_rank, expect_shape};
 use crate::tensor::{Float, Tensor};
@@ -81,14 +81,68 @@ pub struct CaMergeGrads<F> {
     pub grad_expert_bias: Option<Tensor<F>>,
 }
 
-fn check_alpha(alpha: f64) -> Result<()> {
-    if !alpha.is_finite() {
-        return Err(Error::option(
-            "alpha",
-            format!("must be finite, got {alpha}"),
-        ));
+fn check_alpha<F: Float>(alpha: f64) -> Result<()> {
+    crate::options::check_scalar("alpha", alpha, F::DTYPE)
+}
+
+/// A mask holds exactly 0 or 1 (SPEC section 3): anything else, NaN included, is an
+/// [`Error::Value`] naming the first offending element.
+pub(crate) fn check_binary_mask<F: Float>(m: &Tensor<F>) -> Result<()> {
+    let bad = m
+        .data()
+        .iter()
+        .position(|&v| !(v == F::ZERO || v == F::ONE));
+    match bad {
+        None => Ok(()),
+        Some(k) => Err(Error::Value {
+            tensor: "mask".into(),
+            message: format!(
+                "element {:?} is {}; a mask holds only 0 and 1",
+                unravel(k, m.shape()),
+                m.data()[k]
+            ),
+        }),
     }
-    Ok(())
+}
+
+/// The multi-index of flat index `k` in a row-major `shape`.
+pub(crate) fn unravel(mut k: usize, shape: &[usize]) -> Vec<usize> {
+    let mut idx = vec![0; shape.len()];
+    for (d, &s) in shape.iter().enumerate().rev() {
+        if s > 0 {
+            idx[d] = k % s;
+            k /= s;
+        }
+    }
+    idx
+}
+
+/// The buffers of a merge (forward or backward, `plan` validated), for the memory check.
+fn merge_bufs<F>(
+    plan: &Plan<'_, F>,
+    mask: bool,
+    biases: bool,
+    backward: bool,
+) -> Vec<(&'static str, Vec<usize>)> {
+    let (g, n, o, i) = (plan.g, plan.n, plan.o, plan.i);
+    let mut v = Vec::new();
+    if backward {
+        v.push(("grad_curved", vec![n, o, i]));
+        v.push(("grad_base", vec![o, i]));
+        v.push(("grad_scores", vec![3, g, n]));
+        v.push(("grad_merged_bias (zeros)", vec![g, o]));
+    } else {
+        v.push(("merged", vec![g, o, i]));
+        v.push(("workspace (coefficients)", vec![g, n]));
+    }
+    if mask {
+        v.push(("workspace (masked curved)", vec![n, o, i]));
+    }
+    if biases {
+        v.push(("merged_bias", vec![g, o]));
+        v.push(("grad_expert_bias", vec![n + 1, o]));
+    }
+    v
 }
 
 /// Checks `scores` [G, N]; returns G.
@@ -116,12 +170,14 @@ fn check_biases<'a, F>(
             Ok(Some((eb, b)))
         }
         (Some(_), None) => Err(Error::Missing {
-            tensor: format!("expert_bias [{n}, {o}]"),
-            op: format!("{op} (base_bias was given)"),
+            tensor: "expert_bias".into(),
+            op: op.into(),
+            note: format!("shape [{n}, {o}]: biases come in pairs, and base_bias was given"),
         }),
         (None, Some(_)) => Err(Error::Missing {
-            tensor: format!("base_bias [{o}]"),
-            op: format!("{op} (expert_bias was given)"),
+            tensor: "base_bias".into(),
+            op: op.into(),
+            note: format!("shape [{o}]: biases come in pairs, and expert_bias was given"),
         }),
     }
 }
@@ -384,10 +440,11 @@ fn plan_merge<'a, F: Float>(
     })?;
     if let Some(m) = inputs.mask {
         expect_shape("mask", m.shape(), &[n, o, i])?;
+        check_binary_mask(m)?;
     }
     let g = check_scores(inputs.scores, n)?;
     let biases = check_biases(inputs.base_bias, inputs.expert_bias, n, o, "merge")?;
-    check_alpha(alpha)?;
+    check_alpha::<F>(alpha)?;
     dare.validate()?;
     Ok((
         Plan {
@@ -424,6 +481,12 @@ pub fn merge<F: Float>(
     dare: &Dare,
 ) -> Result<MergeOutputs<F>> {
     let (plan, biases) = plan_merge(inputs, alpha, dare)?;
+    super::budget::<F>(&merge_bufs(
+        &plan,
+        inputs.mask.is_some(),
+        biases.is_some(),
+        false,
+    ))?;
     let p = masked(inputs.curved.data(), inputs.mask.map(|m| m.data()));
     Ok(MergeOutputs {
         merged: weighted_sum(&plan, inputs.base.data(), &p),
@@ -445,6 +508,12 @@ pub fn merge_backward<F: Float>(
         grad_merged.shape(),
         &[plan.g, plan.o, plan.i],
     )?;
+    super::budget::<F>(&merge_bufs(
+        &plan,
+        inputs.mask.is_some(),
+        biases.is_some(),
+        true,
+    ))?;
     let dbb = check_grad_bias(grad_merged_bias, biases.is_some(), plan.g, plan.o)?;
     let mask = inputs.mask.map(|m| m.data());
     let p = masked(inputs.curved.data(), mask);
@@ -500,7 +569,7 @@ fn plan_ca<'a, F: Float>(
     let dims = check_curvature(n, o, i, &inputs.curvature)?;
     let g = check_scores(inputs.scores, n)?;
     let biases = check_biases(inputs.base_bias, inputs.expert_bias, n, o, "ca_merge")?;
-    opts.validate()?;
+    opts.validate_for(F::DTYPE)?;
     Ok((
         dims,
         Plan {
@@ -524,6 +593,13 @@ pub fn ca_merge<F: Float>(
     opts: &MergeOptions,
 ) -> Result<CaMergeOutputs<F>> {
     let (dims, plan, biases) = plan_ca(inputs, opts)?;
+    let (n, o, i) = (dims.n, dims.o, dims.i);
+    let mut bufs = merge_bufs(&plan, opts.mask != Mask::None, biases.is_some(), false);
+    bufs.push(("curved", vec![n, o, i]));
+    bufs.push(("next_base", vec![2, o, i]));
+    bufs.extend(curved_workspace(&dims, &inputs.curvature));
+    bufs.extend(mask_workspace(n, o, i, opts.mask));
+    super::budget::<F>(&bufs)?;
     let u = curved_unchecked(inputs.base, inputs.experts, &inputs.curvature, &dims);
     let next_base = opts.beta.map(|b| next_base_unchecked(inputs.base, &u, b));
     let m = mask_unchecked(inputs.base, inputs.experts, opts.mask);
@@ -563,6 +639,13 @@ pub fn ca_merge_backward<F: Float>(
         }
         expect_shape("grad_next_base", gn.shape(), &[plan.o, plan.i])?;
     }
+    let (n, o, i) = (dims.n, dims.o, dims.i);
+    let mut bufs = merge_bufs(&plan, opts.mask != Mask::None, biases.is_some(), true);
+    bufs.push(("grad_next_base (zeros)", vec![o, i]));
+    bufs.push(("grad_base", vec![2, o, i]));
+    bufs.extend(fused_backward_workspace(&dims, &inputs.curvature, true));
+    bufs.extend(mask_workspace(n, o, i, opts.mask));
+    super::budget::<F>(&bufs)?;
     // H needs only the mask; U is recomputed inside the fused reverse pass (cheaper than storing
     // [N, O, I] between passes for callers that did not ask for it).
     let m = mask_unchecked(inputs.base, inputs.experts, opts.mask);

@@ -27,8 +27,24 @@ pub use merge::{
 };
 pub use segment::{segment_scores, segment_scores_backward};
 
+use crate::error::Result;
+use crate::memory::{self, need};
 use crate::tensor::Float;
 use rayon::prelude::*;
+
+/// Checks the buffers one call will allocate (outputs and the larger workspaces, `(name, shape)`
+/// in elements of `F`) against the memory limit in force ([`crate::memory`]), before any of them
+/// is allocated. Workspace shapes are upper bounds, not exact.
+pub(crate) fn budget<F>(bufs: &[(&str, Vec<usize>)]) -> Result<()> {
+    let e = std::mem::size_of::<F>();
+    let needs: Vec<memory::Need<'_>> = bufs.iter().map(|(n, s)| need(n, s, e)).collect();
+    memory::check(&needs)
+}
+
+/// Rows of per-thread scratch a parallel loop may hold at once.
+pub(crate) fn threads() -> usize {
+    rayon::current_num_threads().max(1)
+}
 
 /// sum_k data[k*len .. (k+1)*len] for k = 0..data.len()/len, in k order (so the bits do not depend on
 /// the thread count): sums over experts or groups of [*, O, I] tensors.

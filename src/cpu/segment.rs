@@ -9,6 +9,7 @@ use crate::tensor::{Float, Tensor};
 pub fn segment_scores<F: Float>(router_scores: &Tensor<F>) -> Result<Tensor<F>> {
     expect_rank("router_scores", router_scores.shape(), 3, "[B, J, N]")?;
     expect_nonempty("router_scores", router_scores.shape())?;
+    super::budget::<F>(&[("scores", router_scores.shape().to_vec())])?;
     let (j, n) = (router_scores.shape()[1], router_scores.shape()[2]);
     let r = router_scores.data();
     Ok(Tensor::from_fn(router_scores.shape(), |idx| {
@@ -23,6 +24,7 @@ pub fn segment_scores<F: Float>(router_scores: &Tensor<F>) -> Result<Tensor<F>> 
 pub fn segment_scores_backward<F: Float>(grad_scores: &Tensor<F>) -> Result<Tensor<F>> {
     expect_rank("grad_scores", grad_scores.shape(), 3, "[B, J, N]")?;
     expect_nonempty("grad_scores", grad_scores.shape())?;
+    super::budget::<F>(&[("grad_router_scores", grad_scores.shape().to_vec())])?;
     let (j, n) = (grad_scores.shape()[1], grad_scores.shape()[2]);
     let g = grad_scores.data();
     Ok(Tensor::from_fn(grad_scores.shape(), |idx| {

@@ -130,7 +130,7 @@ pub fn curvature<T: Element>(
     // SAFETY: pure size computation on the host.
     let ws_bytes = unsafe { ffi::camex_curvature_workspace(&p, 0) };
     let mut ws = workspace(stream, ws_bytes)?;
-    let mut curved = CudaTensor::<T>::output(stream, &[n, o, i])?;
+    let mut curved = CudaTensor::<T>::output(stream, "curved", &[n, o, i])?;
     {
         let mut l = Launch::new(stream)?;
         p.base = l.read(base);
@@ -169,15 +169,15 @@ pub fn curvature_backward<T: Element>(
     // SAFETY: pure size computation on the host.
     let ws_bytes = unsafe { ffi::camex_curvature_workspace(&p, 1) };
     let mut ws = workspace(stream, ws_bytes)?;
-    let mut grad_base = CudaTensor::<T>::output(stream, &[o, i])?;
-    let mut grad_experts = CudaTensor::<T>::output(stream, &[n, o, i])?;
+    let mut grad_base = CudaTensor::<T>::output(stream, "grad_base", &[o, i])?;
+    let mut grad_experts = CudaTensor::<T>::output(stream, "grad_experts", &[n, o, i])?;
     let mut fg = match curv {
         CudaCurvature::Identity => None,
         CudaCurvature::Kronecker(f) => Some(CudaFactorGrads {
-            grad_factor_a: CudaTensor::output(stream, f.a.shape())?,
-            grad_factor_b: CudaTensor::output(stream, f.b.shape())?,
-            grad_factor_c: CudaTensor::output(stream, f.c.shape())?,
-            grad_factor_d: CudaTensor::output(stream, f.d.shape())?,
+            grad_factor_a: CudaTensor::output(stream, "grad_factor_a", f.a.shape())?,
+            grad_factor_b: CudaTensor::output(stream, "grad_factor_b", f.b.shape())?,
+            grad_factor_c: CudaTensor::output(stream, "grad_factor_c", f.c.shape())?,
+            grad_factor_d: CudaTensor::output(stream, "grad_factor_d", f.d.shape())?,
         }),
     };
     {

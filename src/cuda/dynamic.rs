@@ -36,9 +36,9 @@ pub fn dynamic_merge<T: Element>(
 ) -> Result<CudaTensor<T>> {
     let _r = super::op_range(c"camex::dynamic_merge");
     let (n, o, i) = check_weights(base.shape(), curved.shape(), "curved")?;
-    check_finite("beta", beta)?;
+    check_finite::<T>("beta", beta)?;
     let mut p = params::<T>(n, o, i, beta);
-    let mut out = CudaTensor::<T>::output(stream, &[o, i])?;
+    let mut out = CudaTensor::<T>::output(stream, "next_base", &[o, i])?;
     {
         let mut l = Launch::new(stream)?;
         p.base = l.read(base);
@@ -63,15 +63,15 @@ pub fn dynamic_merge_backward<T: Element>(
 ) -> Result<CudaDynamicGrads<T>> {
     let _r = super::op_range(c"camex::dynamic_merge_backward");
     let (n, o, i) = check_weights(base.shape(), curved.shape(), "curved")?;
-    check_finite("beta", beta)?;
+    check_finite::<T>("beta", beta)?;
     expect_shape("grad_next_base", grad_next_base.shape(), &[o, i])?;
     let mut p = params::<T>(n, o, i, beta);
     // SAFETY: host-side size computation.
     let ws_bytes = unsafe { ffi::camex_dynamic_workspace(&p) };
     let mut ws = workspace(stream, ws_bytes)?;
-    let mut grad_base = CudaTensor::<T>::output(stream, &[o, i])?;
-    let mut grad_curved = CudaTensor::<T>::output(stream, &[n, o, i])?;
-    let mut grad_beta = CudaTensor::<T>::output(stream, &[])?;
+    let mut grad_base = CudaTensor::<T>::output(stream, "grad_base", &[o, i])?;
+    let mut grad_curved = CudaTensor::<T>::output(stream, "grad_curved", &[n, o, i])?;
+    let mut grad_beta = CudaTensor::<T>::output(stream, "grad_beta", &[])?;
     {
         let mut l = Launch::new(stream)?;
         p.base = l.read(base);

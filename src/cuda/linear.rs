@@ -61,7 +61,7 @@ pub fn merged_linear<T: Element>(
     let _r = super::op_range(c"camex::merged_linear");
     let (g, t, o, i) = check_linear(x, merged, merged_bias)?;
     let mut p = params::<T>(g, t, o, i);
-    let mut y = CudaTensor::<T>::output(stream, &[g, t, o])?;
+    let mut y = CudaTensor::<T>::output(stream, "y", &[g, t, o])?;
     {
         let mut l = Launch::new(stream)?;
         p.x = l.read(x);
@@ -89,10 +89,14 @@ pub fn merged_linear_backward<T: Element>(
     let (g, t, o, i) = check_linear(x, merged, merged_bias)?;
     expect_shape("grad_y", grad_y.shape(), &[g, t, o])?;
     let mut p = params::<T>(g, t, o, i);
-    let mut grad_x = CudaTensor::<T>::output(stream, &[g, t, i])?;
-    let mut grad_merged = CudaTensor::<T>::output(stream, &[g, o, i])?;
+    let mut grad_x = CudaTensor::<T>::output(stream, "grad_x", &[g, t, i])?;
+    let mut grad_merged = CudaTensor::<T>::output(stream, "grad_merged", &[g, o, i])?;
     let mut grad_bias = if merged_bias.is_some() {
-        Some(CudaTensor::<T>::output(stream, &[g, o])?)
+        Some(CudaTensor::<T>::output(
+            stream,
+            "grad_merged_bias",
+            &[g, o],
+        )?)
     } else {
         None
     };

@@ -34,7 +34,7 @@ pub fn ties_mask<T: Element>(
     // SAFETY: host-side size computation.
     let ws_bytes = unsafe { ffi::camex_mask_workspace(&p) };
     let mut ws = workspace(stream, ws_bytes)?;
-    let mut out = CudaTensor::<T>::output(stream, &[n, o, i])?;
+    let mut out = CudaTensor::<T>::output(stream, "mask", &[n, o, i])?;
     {
         let mut l = Launch::new(stream)?;
         p.base = l.read(base);

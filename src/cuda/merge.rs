@@ -49,7 +49,7 @@ struct MergeDims {
     bias: bool,
 }
 
-fn check_merge<T>(x: &CudaMergeInputs<T>, alpha: f64, dare: &Dare) -> Result<MergeDims> {
+fn check_merge<T: Element>(x: &CudaMergeInputs<T>, alpha: f64, dare: &Dare) -> Result<MergeDims> {
     let (n, o, i) = check_weights(x.base.shape(), x.curved.shape(), "curved")?;
     if let Some(m) = x.mask {
         expect_shape("mask", m.shape(), &[n, o, i])?;
@@ -62,7 +62,7 @@ fn check_merge<T>(x: &CudaMergeInputs<T>, alpha: f64, dare: &Dare) -> Result<Mer
         o,
         "merge",
     )?;
-    check_finite("alpha", alpha)?;
+    check_finite::<T>("alpha", alpha)?;
     dare.validate()?;
     Ok(MergeDims { g, n, o, i, bias })
 }
@@ -90,9 +90,9 @@ pub fn merge<T: Element>(
     let _r = super::op_range(c"camex::merge");
     let d = check_merge(inputs, alpha, dare)?;
     let mut p = merge_params::<T>(&d, alpha, dare);
-    let mut merged = CudaTensor::<T>::output(stream, &[d.g, d.o, d.i])?;
+    let mut merged = CudaTensor::<T>::output(stream, "merged", &[d.g, d.o, d.i])?;
     let mut merged_bias = if d.bias {
-        Some(CudaTensor::<T>::output(stream, &[d.g, d.o])?)
+        Some(CudaTensor::<T>::output(stream, "merged_bias", &[d.g, d.o])?)
     } else {
         None
     };
@@ -135,14 +135,18 @@ pub fn merge_backward<T: Element>(
     // SAFETY: host-side size computation.
     let ws_bytes = unsafe { ffi::camex_merge_workspace(&p, 1) };
     let mut ws = workspace(stream, ws_bytes)?;
-    let mut grad_base = CudaTensor::<T>::output(stream, &[d.o, d.i])?;
-    let mut grad_curved = CudaTensor::<T>::output(stream, &[d.n, d.o, d.i])?;
-    let mut grad_scores = CudaTensor::<T>::output(stream, &[d.g, d.n])?;
-    let mut grad_alpha = CudaTensor::<T>::output(stream, &[])?;
+    let mut grad_base = CudaTensor::<T>::output(stream, "grad_base", &[d.o, d.i])?;
+    let mut grad_curved = CudaTensor::<T>::output(stream, "grad_curved", &[d.n, d.o, d.i])?;
+    let mut grad_scores = CudaTensor::<T>::output(stream, "grad_scores", &[d.g, d.n])?;
+    let mut grad_alpha = CudaTensor::<T>::output(stream, "grad_alpha", &[])?;
     let (mut gbb, mut geb) = if d.bias {
         (
-            Some(CudaTensor::<T>::output(stream, &[d.o])?),
-            Some(CudaTensor::<T>::output(stream, &[d.n, d.o])?),
+            Some(CudaTensor::<T>::output(stream, "grad_base_bias", &[d.o])?),
+            Some(CudaTensor::<T>::output(
+                stream,
+                "grad_expert_bias",
+                &[d.n, d.o],
+            )?),
         )
     } else {
         (None, None)
@@ -221,7 +225,7 @@ struct CaDims {
     k: super::curvature::KronDims,
 }
 
-fn check_ca<T>(x: &CudaCaMergeInputs<T>, opts: &MergeOptions) -> Result<CaDims> {
+fn check_ca<T: Element>(x: &CudaCaMergeInputs<T>, opts: &MergeOptions) -> Result<CaDims> {
     let (n, o, i) = check_weights(x.base.shape(), x.experts.shape(), "experts")?;
     let k = check_curvature(n, o, i, &x.curvature)?;
     let g = check_scores(x.scores.shape(), n)?;
@@ -232,7 +236,7 @@ fn check_ca<T>(x: &CudaCaMergeInputs<T>, opts: &MergeOptions) -> Result<CaDims> 
         o,
         "merge",
     )?;
-    opts.validate()?;
+    opts.validate_for(T::DTYPE)?;
     Ok(CaDims {
         m: MergeDims { g, n, o, i, bias },
         k,
@@ -293,19 +297,19 @@ pub fn ca_merge<T: Element>(
     // SAFETY: host-side size computation.
     let ws_bytes = unsafe { ffi::camex_ca_merge_workspace(&p, 0) };
     let mut ws = workspace(stream, ws_bytes)?;
-    let mut merged = CudaTensor::<T>::output(stream, &[g, o, i])?;
+    let mut merged = CudaTensor::<T>::output(stream, "merged", &[g, o, i])?;
     let mut merged_bias = if d.m.bias {
-        Some(CudaTensor::<T>::output(stream, &[g, o])?)
+        Some(CudaTensor::<T>::output(stream, "merged_bias", &[g, o])?)
     } else {
         None
     };
     let mut next_base = if opts.beta.is_some() {
-        Some(CudaTensor::<T>::output(stream, &[o, i])?)
+        Some(CudaTensor::<T>::output(stream, "next_base", &[o, i])?)
     } else {
         None
     };
     let mut curved = if opts.want_curved {
-        Some(CudaTensor::<T>::output(stream, &[n, o, i])?)
+        Some(CudaTensor::<T>::output(stream, "curved", &[n, o, i])?)
     } else {
         None
     };
@@ -365,28 +369,32 @@ pub fn ca_merge_backward<T: Element>(
     // SAFETY: host-side size computation.
     let ws_bytes = unsafe { ffi::camex_ca_merge_workspace(&p, 1) };
     let mut ws = workspace(stream, ws_bytes)?;
-    let mut grad_base = CudaTensor::<T>::output(stream, &[o, i])?;
-    let mut grad_experts = CudaTensor::<T>::output(stream, &[n, o, i])?;
-    let mut grad_scores = CudaTensor::<T>::output(stream, &[g, n])?;
-    let mut grad_alpha = CudaTensor::<T>::output(stream, &[])?;
+    let mut grad_base = CudaTensor::<T>::output(stream, "grad_base", &[o, i])?;
+    let mut grad_experts = CudaTensor::<T>::output(stream, "grad_experts", &[n, o, i])?;
+    let mut grad_scores = CudaTensor::<T>::output(stream, "grad_scores", &[g, n])?;
+    let mut grad_alpha = CudaTensor::<T>::output(stream, "grad_alpha", &[])?;
     let mut grad_beta = if opts.beta.is_some() {
-        Some(CudaTensor::<T>::output(stream, &[])?)
+        Some(CudaTensor::<T>::output(stream, "grad_beta", &[])?)
     } else {
         None
     };
     let mut factors = match &inputs.curvature {
         CudaCurvature::Identity => None,
         CudaCurvature::Kronecker(f) => Some(CudaFactorGrads {
-            grad_factor_a: CudaTensor::output(stream, f.a.shape())?,
-            grad_factor_b: CudaTensor::output(stream, f.b.shape())?,
-            grad_factor_c: CudaTensor::output(stream, f.c.shape())?,
-            grad_factor_d: CudaTensor::output(stream, f.d.shape())?,
+            grad_factor_a: CudaTensor::output(stream, "grad_factor_a", f.a.shape())?,
+            grad_factor_b: CudaTensor::output(stream, "grad_factor_b", f.b.shape())?,
+            grad_factor_c: CudaTensor::output(stream, "grad_factor_c", f.c.shape())?,
+            grad_factor_d: CudaTensor::output(stream, "grad_factor_d", f.d.shape())?,
         }),
     };
     let (mut gbb, mut geb) = if d.m.bias {
         (
-            Some(CudaTensor::<T>::output(stream, &[o])?),
-            Some(CudaTensor::<T>::output(stream, &[n, o])?),
+            Some(CudaTensor::<T>::output(stream, "grad_base_bias", &[o])?),
+            Some(CudaTensor::<T>::output(
+                stream,
+                "grad_expert_bias",
+                &[n, o],
+            )?),
         )
     } else {
         (None, None)

@@ -221,9 +221,11 @@ impl<T: Element> CudaTensor<T> {
             .map_err(cuda_err)?;
         Tensor::new(&self.shape, v)
     }
-    /// A zero-filled tensor.
+    /// A zero-filled tensor. Errors with [`Error::Memory`] when it does not fit in the device's
+    /// free memory (or the [`crate::memory`] limit).
     pub fn zeros(stream: &Arc<CudaStream>, shape: &[usize]) -> Result<Self> {
         require_driver()?;
+        device_check::<T>(stream, "zeros", shape)?;
         let n: usize = shape.iter().product();
         let data = stream.alloc_zeros::<T>(n.max(1)).map_err(cuda_err)?;
         Ok(CudaTensor {
@@ -231,9 +233,11 @@ impl<T: Element> CudaTensor<T> {
             data,
         })
     }
-    /// An output buffer: uninitialised (every kernel writes all of its outputs), or NaN-filled
-    /// under [`set_poison_outputs`].
-    pub(crate) fn output(stream: &Arc<CudaStream>, shape: &[usize]) -> Result<Self> {
+    /// An output buffer named `name` (for the errors): uninitialised (every kernel writes all of
+    /// its outputs), or NaN-filled under [`set_poison_outputs`]. Its size is checked against the
+    /// device's free memory first ([`device_check`]).
+    pub(crate) fn output(stream: &Arc<CudaStream>, name: &str, shape: &[usize]) -> Result<Self> {
+        device_check::<T>(stream, name, shape)?;
         let n: usize = shape.iter().product::<usize>().max(1);
         // SAFETY: device memory of a plain-old-data type; every op writes all of it before it is
         // read (or poisons it first).
@@ -376,10 +380,34 @@ fn cuda_error_name(c: i32) -> &'static str {
     }
 }
 
+/// Checks, before allocating, that `name` of `shape` (elements of `T`) fits in the free memory of
+/// the stream's device (`cuMemGetInfo`) and in a [`crate::memory::MemoryLimit::Bytes`] limit if
+/// one is in force: otherwise [`Error::Memory`] naming it, its shape and the bytes it needs.
+pub(crate) fn device_check<T>(stream: &Arc<CudaStream>, name: &str, shape: &[usize]) -> Result<()> {
+    require_driver()?;
+    let ctx = stream.context();
+    let (free, _total) = ctx.mem_get_info().map_err(cuda_err)?;
+    let ordinal = ctx.ordinal();
+    crate::memory::check_against(
+        &[crate::memory::need(name, shape, std::mem::size_of::<T>())],
+        crate::memory::limit(),
+        Some((
+            free as u64,
+            format!(
+                "over the {free} bytes ({}) free on CUDA device {ordinal}",
+                crate::memory::human(free as u128)
+            ),
+        )),
+    )
+}
+
 /// A workspace of `bytes` (at least 1) on the stream.
 pub(crate) fn workspace(stream: &Arc<CudaStream>, bytes: i64) -> Result<CudaSlice<u8>> {
+    let len =
+        usize::try_from(bytes.max(1)).map_err(|_| Error::option("workspace", "negative size"))?;
+    device_check::<u8>(stream, "workspace", &[len])?;
     // SAFETY: scratch memory; the kernels initialise every byte they read.
-    unsafe { stream.alloc::<u8>(bytes.max(1) as usize) }.map_err(cuda_err)
+    unsafe { stream.alloc::<u8>(len) }.map_err(cuda_err)
 }
 
 /// DARE options resolved exactly like the CPU path (src/philox.rs).
@@ -520,20 +548,20 @@ pub(crate) fn check_biases(
         }
         (Some(_), None) => Err(Error::Missing {
             tensor: "expert_bias".into(),
-            op: format!("{op} (base_bias was given)"),
+            op: op.into(),
+            note: format!("shape [{n}, {o}]: biases come in pairs, and base_bias was given"),
         }),
         (None, Some(_)) => Err(Error::Missing {
             tensor: "base_bias".into(),
-            op: format!("{op} (expert_bias was given)"),
+            op: op.into(),
+            note: format!("shape [{o}]: biases come in pairs, and expert_bias was given"),
         }),
     }
 }
 
-pub(crate) fn check_finite(name: &str, v: f64) -> Result<()> {
-    if !v.is_finite() {
-        return Err(Error::option(name, format!("must be finite, got {v}")));
-    }
-    Ok(())
+/// alpha or beta: finite, and finite in the storage dtype `T` ([`crate::options::check_scalar`]).
+pub(crate) fn check_finite<T: Element>(name: &str, v: f64) -> Result<()> {
+    crate::options::check_scalar(name, v, T::DTYPE)
 }
 
 /// `grad_merged_bias`: only meaningful with biases; [G, O].

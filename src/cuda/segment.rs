@@ -21,7 +21,7 @@ pub fn segment_scores<T: Element>(
 ) -> Result<CudaTensor<T>> {
     let _r = super::op_range(c"camex::segment_scores");
     let (b, j, n) = dims("router_scores", router_scores.shape())?;
-    let mut out = CudaTensor::<T>::output(stream, &[b, j, n])?;
+    let mut out = CudaTensor::<T>::output(stream, "scores", &[b, j, n])?;
     {
         let mut l = Launch::new(stream)?;
         let p = ffi::camex_segment_params {
@@ -49,7 +49,7 @@ pub fn segment_scores_backward<T: Element>(
 ) -> Result<CudaTensor<T>> {
     let _r = super::op_range(c"camex::segment_scores_backward");
     let (b, j, n) = dims("grad_scores", grad_scores.shape())?;
-    let mut out = CudaTensor::<T>::output(stream, &[b, j, n])?;
+    let mut out = CudaTensor::<T>::output(stream, "grad_router_scores", &[b, j, n])?;
     {
         let mut l = Launch::new(stream)?;
         let p = ffi::camex_segment_params {
