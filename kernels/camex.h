@@ -218,6 +218,11 @@ int64_t camex_emu_launches(camex_emu_launch *out, int64_t cap);
  * the `width`-byte word (4, 8 or 16) at element lane * stride (stride <= 33) of a shared array
  * (filled from `src`, 32 * 33 such words) to dst[lane], and that of `src` to dst[32 + lane]. */
 int camex_counter_probe(int32_t width, int32_t stride, uint64_t src, uint64_t dst, camex_stream_t stream);
+/* One warp: a 16 x 16 tile of 16-bit values (`src`, row-major) through cp.async into shared memory
+ * (without the wait when wait = 0), then ldmatrix.x4 (.trans when trans = 1) of its four 8 x 8
+ * quarters (matrix m: rows 8 (m % 2).., columns 8 (m / 2)..); lane l's four words go to
+ * dst[4 l .. 4 l + 3] (kernels/probe.cu). */
+int camex_ldst_probe(int32_t trans, int32_t wait, uint64_t src, uint64_t dst, camex_stream_t stream);
 
 /* Philox4x32-10 first word, for the known-answer test of kernels/philox.cuh from Rust:
  * writes philox(ctr, key)[0..4] for `count` counters (ctr[4*k..4*k+4], key[2*k..2*k+2]). */

@@ -41,6 +41,12 @@ dim3 grid_dim();
 void syncthreads();
 // mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 on one warp, PTX ISA fragment layout.
 void mma_bf16(float c[4], const uint32_t a[4], const uint32_t b[2]);
+// ldmatrix.sync.aligned.m8n8.x{num}[.trans].shared.b16 on one warp (kernels/ldst.cuh).
+void ldmatrix(uint32_t *d, int num, bool trans, const void *row);
+// cp.async of `bytes` (src_bytes of them read, the rest zero), executed at the wait covering it.
+void cp_async(void *dst, const void *src, int bytes, int src_bytes);
+void cp_async_commit();
+void cp_async_wait(int pending);
 // The block's dynamic shared memory (one buffer: blocks run one at a time).
 char *dyn_smem();
 unsigned atomic_add(unsigned *p, unsigned v);

@@ -71,6 +71,16 @@ struct Warp {
   uint32_t a[32][4];
   uint32_t b[32][2];
   float c[32][4];
+  const char *rows[32];  // ldmatrix row addresses
+  uint32_t d[32][4];     // ldmatrix results
+};
+
+// A cp.async not yet executed: it lands at the wait that covers its group.
+struct Pending {
+  void *dst;
+  const void *src;
+  int bytes, src_bytes;
+  uint32_t group;
 };
 
 struct Worker {
@@ -85,6 +95,8 @@ struct Worker {
   uint64_t weight = 1;
   uint32_t epoch = 0;
   std::vector<Access> log;
+  std::vector<Pending> pending;  // cp.async issued, not yet waited for
+  uint32_t group = 0;            // cp.async groups committed so far
   // Fiber state.
   void *sp = nullptr;
   bool done = false;
@@ -218,6 +230,19 @@ inline void record(uintptr_t pc, const volatile void *p, size_t size, bool write
   const uintptr_t a = (uintptr_t)p;
   if ((a >= w->stack_lo && a < w->stack_hi) || (a >= g_host_lo && a < g_host_hi)) return;  // registers
   const uint8_t sp = is_shared(a) ? SP_SHARED : SP_GLOBAL;
+  // A vector store built from registers (make_float2, a uint4 of four words) may reach the host
+  // compiler's code as back-to-back scalar accesses from different instructions; nvcc makes one
+  // vector access of it. Such a run (contiguous, same direction, no collective between, the merged
+  // access within 16 bytes and aligned to 16, or to 8 up to 8 bytes) is logged as one access.
+  if (!w->log.empty() && size < 16) {
+    Access &p = w->log.back();
+    const size_t merged = p.size + size;
+    if (p.pc != pc && p.epoch == w->epoch && p.space == sp && p.write == (uint8_t)write && p.addr + p.size == a &&
+        ((merged <= 16 && p.addr % 16 == 0) || (merged <= 8 && p.addr % 8 == 0))) {
+      p.size = (uint16_t)merged;
+      return;
+    }
+  }
   // Range accesses (aggregate copies) are logged as the 16-byte pieces a vector access would move.
   for (size_t off = 0; off < size; off += 16) {
     const size_t s = size - off < 16 ? size - off : 16;
@@ -460,6 +485,55 @@ void mma_bf16(float c[4], const uint32_t a[4], const uint32_t b[2]) {
   for (int i = 0; i < 4; ++i) c[i] = w.c[lane][i];
 }
 
+void ldmatrix(uint32_t *d, int num, bool trans, const void *row) {
+  Worker *wk = t_worker;
+  Warp &w = *wk->warp;
+  const unsigned lane = wk->lane;
+  // Lanes 8i..8i+7 address matrix i's rows: one 16-byte access each, served 8 lanes a phase.
+  if (lane < 8u * num) record((uintptr_t)__builtin_return_address(0), row, 16, false);
+  ++wk->epoch;
+  w.rows[lane] = static_cast<const char *>(row);
+  fbar_wait(w.bar, [&w, num, trans] {
+    auto elem = [&w](int m, int r, int c) {
+      uint16_t v;
+      std::memcpy(&v, w.rows[8 * m + r] + 2 * c, 2);
+      return (uint32_t)v;
+    };
+    for (int m = 0; m < num; ++m)
+      for (unsigned l = 0; l < 32; ++l) {
+        const int r = (int)(l / 4), c = 2 * (int)(l % 4);
+        w.d[l][m] = trans ? elem(m, c, r) | elem(m, c + 1, r) << 16 : elem(m, r, c) | elem(m, r, c + 1) << 16;
+      }
+  });
+  for (int m = 0; m < num; ++m) d[m] = w.d[lane][m];
+}
+
+void cp_async(void *dst, const void *src, int bytes, int src_bytes) {
+  Worker *wk = t_worker;
+  const uintptr_t pc = (uintptr_t)__builtin_return_address(0);
+  src_bytes = src_bytes < 0 ? 0 : (src_bytes > bytes ? bytes : src_bytes);
+  if (src_bytes > 0) record(pc, src, (size_t)src_bytes, false);
+  record(pc, dst, (size_t)bytes, true);
+  wk->pending.push_back(Pending{dst, src, bytes, src_bytes, wk->group});
+}
+
+void cp_async_commit() { ++t_worker->group; }
+
+void cp_async_wait(int n) {
+  Worker *wk = t_worker;
+  // Committed groups older than the newest n land now, in issue order; the rest stay pending.
+  std::vector<Pending> keep;
+  for (const Pending &p : wk->pending) {
+    if (p.group + (uint32_t)n < wk->group) {
+      if (p.src_bytes > 0) std::memcpy(p.dst, p.src, (size_t)p.src_bytes);
+      std::memset(static_cast<char *>(p.dst) + p.src_bytes, 0, (size_t)(p.bytes - p.src_bytes));
+    } else {
+      keep.push_back(p);
+    }
+  }
+  wk->pending.swap(keep);
+}
+
 void run(dim3 g, dim3 b, const char *kernel, int64_t smem, void (*body)(void *), void *ctx) {
   std::lock_guard<std::mutex> lock(launch_mutex);
   const unsigned nt = b.x * b.y * b.z;
@@ -516,6 +590,8 @@ void run(dim3 g, dim3 b, const char *kernel, int64_t smem, void (*body)(void *),
       w.bid = blk.idx;
       w.weight = blk.weight;
       w.done = false;
+      w.pending.clear();  // copies never waited for are a kernel bug; they do not land
+      w.group = 0;
       // First frame: r15, r14, r13, r12 = the worker, rbx, rbp, return into camex_emu_fiber_start;
       // 16-byte aligned so that the fiber's first call sees the ABI's alignment.
       void **frame = reinterpret_cast<void **>(w.stack_hi - 72);

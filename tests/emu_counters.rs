@@ -158,13 +158,15 @@ fn sampled_blocks_count_like_every_block() {
     // interior blocks are alike down to their sectors.
     let (n, o, i, r) = (2usize, 48usize, 80usize, 3usize);
     let (o1, o2, i1, i2) = (4usize, 12usize, 4usize, 20usize);
-    let bf = |k: usize| vec![0x3c00u16; k.max(1)]; // bf16 1.0
+    // bf16 1.0 everywhere; every buffer 256-byte aligned, as cudaMalloc's (sectors depend on it).
+    let bf = |k: usize| -> Vec<Chunk> { aligned(k.div_ceil(2), f32::from_bits(0x3c00_3c00)) };
     let (base, experts) = (bf(o * i), bf(n * o * i));
     let (fa, fb) = (bf(r * n * o1 * o1), bf(r * n * o2 * o2));
     let (fc, fd) = (bf(r * n * i1 * i1), bf(r * n * i2 * i2));
     let (curved, gc, gb, ge) = (bf(n * o * i), bf(n * o * i), bf(o * i), bf(n * o * i));
-    let (ga, gbb, gcc, gd) = (bf(fa.len()), bf(fb.len()), bf(fc.len()), bf(fd.len()));
-    let addr = |v: &Vec<u16>| v.as_ptr() as u64;
+    let (ga, gbb) = (bf(r * n * o1 * o1), bf(r * n * o2 * o2));
+    let (gcc, gd) = (bf(r * n * i1 * i1), bf(r * n * i2 * i2));
+    let addr = |v: &Vec<Chunk>| v.as_ptr() as u64;
     let run = |mode: i32| {
         counted(mode, || {
             let mut p = ffi::camex_curvature_params {
@@ -199,9 +201,9 @@ fn sampled_blocks_count_like_every_block() {
                 ffi::camex_set_tensor_cores(1);
                 let w0 = ffi::camex_curvature_workspace(&p, 0) as usize;
                 let w1 = ffi::camex_curvature_workspace(&p, 1) as usize;
-                let ws = vec![0u8; w0.max(w1) + 256];
+                let ws = aligned(w0.max(w1).div_ceil(4), 0.0);
                 p.workspace = ws.as_ptr() as u64;
-                p.workspace_bytes = ws.len() as i64;
+                p.workspace_bytes = (ws.len() * 256) as i64;
                 assert_eq!(ffi::camex_curvature_forward(&p, std::ptr::null_mut()), 0);
                 assert_eq!(ffi::camex_curvature_backward(&p, std::ptr::null_mut()), 0);
                 ffi::camex_set_tensor_cores(-1);
@@ -241,5 +243,74 @@ fn sampled_blocks_count_like_every_block() {
             s.dram_bytes,
             e.dram_bytes
         );
+    }
+}
+
+/// ldmatrix.x4 (and .trans) after cp.async, against the fragment layout of the PTX ISA; a missing
+/// cp.async wait reads the zeroed tile instead (the emulation lands copies only at their wait).
+#[test]
+fn ldmatrix_and_cp_async_follow_the_ptx_isa() {
+    let _g = COUNTING.lock().unwrap_or_else(|e| e.into_inner());
+    if !emulated("ldmatrix_and_cp_async_follow_the_ptx_isa") {
+        return;
+    }
+    // Tile values 1..=256 (never 0), row-major 16 x 16, 256-byte aligned.
+    let mut src = aligned(128, 0.0);
+    let tile: Vec<u16> = (1..=256u16).collect();
+    // SAFETY: src holds 128 floats = 512 bytes, exactly the 256 u16 written.
+    unsafe { std::ptr::copy_nonoverlapping(tile.as_ptr(), src.as_mut_ptr().cast::<u16>(), 256) };
+    let at = |r: usize, c: usize| tile[r * 16 + c] as u32;
+    for trans in [false, true] {
+        // PTX ISA, ldmatrix: in matrix m, lane l holds row l / 4, columns 2 (l % 4) and + 1 (the
+        // lower column in the low half); with .trans, rows 2 (l % 4) and + 1 of column l / 4.
+        let want: Vec<u32> = (0..32)
+            .flat_map(|l: usize| {
+                (0..4).map(move |m: usize| {
+                    let (r0, c0) = (8 * (m % 2), 8 * (m / 2));
+                    let (r, c) = (l / 4, 2 * (l % 4));
+                    if trans {
+                        at(r0 + c, c0 + r) | at(r0 + c + 1, c0 + r) << 16
+                    } else {
+                        at(r0 + r, c0 + c) | at(r0 + r, c0 + c + 1) << 16
+                    }
+                })
+            })
+            .collect();
+        for wait in [1, 0] {
+            let dst = aligned(128, f32::NAN);
+            let recs = counted(1, || {
+                // SAFETY: src holds the 16 x 16 tile, dst 128 words (emulation: host memory).
+                let rc = unsafe {
+                    ffi::camex_ldst_probe(
+                        trans as i32,
+                        wait,
+                        src.as_ptr() as u64,
+                        dst.as_ptr() as u64,
+                        std::ptr::null_mut(),
+                    )
+                };
+                assert_eq!(rc, 0, "probe launcher");
+            });
+            let got: Vec<u32> = dst
+                .iter()
+                .flat_map(|c| c.0)
+                .take(128)
+                .map(f32::to_bits)
+                .collect();
+            if wait == 1 {
+                assert_eq!(got, want, "ldmatrix trans={trans}");
+            } else {
+                assert!(
+                    got.iter().all(|&x| x == 0),
+                    "trans={trans}: without the wait the tile is still zero"
+                );
+            }
+            // cp.async: 32 lanes x 16 bytes read (16 sectors); the fragments: 512 bytes written.
+            assert_eq!(
+                recs[0].gmem_bytes,
+                32 * (16 + 16),
+                "trans={trans} wait={wait}"
+            );
+        }
     }
 }

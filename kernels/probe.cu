@@ -1,0 +1,78 @@
+// Probes: tiny kernels whose results and costs are known in closed form, for the tests of the
+// emulation's counters and of its ldmatrix / cp.async model (tests/emu_counters.rs). They are built
+// for the GPU too, where the same tests can run them.
+#include "ldst.cuh"
+
+using namespace camex;
+
+// ---- the counters ----
+// One warp: every lane copies the 4-byte (width 4), 8-byte or 16-byte word at element lane * stride
+// of a shared array (filled from `src` first) to dst[lane], and that of `src` to dst[32 + lane]
+// (whole words, so that the host compiler moves each in one access, as nvcc does). Its counts are
+// known in closed form.
+namespace {
+template <int W> struct Vec;
+template <> struct Vec<4> { using T = float; };
+template <> struct Vec<8> { using T = float2; };
+template <> struct Vec<16> { using T = float4; };
+
+template <int W> __global__ void counter_probe_kernel(const float *src, float *dst, int stride) {
+  using V = typename Vec<W>::T;
+  __shared__ V sh[32 * 33];
+  const int lane = threadIdx.x;
+  const V *s = reinterpret_cast<const V *>(src);
+  V *d = reinterpret_cast<V *>(dst);
+  for (int k = lane; k < 32 * 33; k += 32) sh[k] = s[k];
+  __syncthreads();
+  d[lane] = sh[lane * stride];
+  d[32 + lane] = s[lane * stride];
+}
+}  // namespace
+
+// width: 4, 8 or 16 bytes; stride in elements of that width (at most 33); src: 32 * 33 elements.
+extern "C" int camex_counter_probe(int32_t width, int32_t stride, uint64_t src, uint64_t dst, camex_stream_t stream) {
+  if (stride < 0 || stride > 33) return CAMEX_ERR_DIMS;
+  const float *s = ptr<const float>(src);
+  float *d = ptr<float>(dst);
+  cudaStream_t st = (cudaStream_t)stream;
+  switch (width) {
+    case 4: CAMEX_LAUNCH(counter_probe_kernel<4>, 1, 32, st)(s, d, stride); break;
+    case 8: CAMEX_LAUNCH(counter_probe_kernel<8>, 1, 32, st)(s, d, stride); break;
+    case 16: CAMEX_LAUNCH(counter_probe_kernel<16>, 1, 32, st)(s, d, stride); break;
+    default: return CAMEX_ERR_DIMS;
+  }
+  CAMEX_CHECK_LAUNCH();
+  return 0;
+}
+
+// ---- ldmatrix and cp.async ----
+// One warp: a 16 x 16 tile of 16-bit values (row-major in `src`) lands in shared memory through
+// cp.async (lane l copies row l / 2, columns 8 (l % 2)..+7; the tile is zeroed first), then one
+// ldmatrix.x4 (matrix m: rows 8 (m % 2).., columns 8 (m / 2)..) gives each lane four 32-bit words,
+// written to dst[4 lane + m]. wait = 0 leaves out the cp.async wait: the tile is then still zero.
+namespace {
+template <bool TRANS> __global__ void ldst_probe_kernel(const uint16_t *src, uint32_t *dst, int wait) {
+  __shared__ __align__(16) uint16_t tile[16][24];  // rows 48 bytes apart: conflict-free ldmatrix
+  const int lane = threadIdx.x, row = lane / 2, col = 8 * (lane % 2);
+  *reinterpret_cast<uint4 *>(&tile[row][col]) = make_uint4(0, 0, 0, 0);
+  __syncthreads();
+  cp_async_16(&tile[row][col], src + row * 16 + col);
+  cp_async_commit();
+  if (wait) cp_async_wait<0>();
+  __syncthreads();
+  const int m = lane / 8, r = lane % 8;
+  uint32_t d[4];
+  ldmatrix_x4<TRANS>(d, &tile[8 * (m % 2) + r][8 * (m / 2)]);
+  *reinterpret_cast<uint4 *>(dst + 4 * lane) = make_uint4(d[0], d[1], d[2], d[3]);
+}
+}  // namespace
+
+extern "C" int camex_ldst_probe(int32_t trans, int32_t wait, uint64_t src, uint64_t dst, camex_stream_t stream) {
+  const uint16_t *s = ptr<const uint16_t>(src);
+  uint32_t *d = ptr<uint32_t>(dst);
+  cudaStream_t st = (cudaStream_t)stream;
+  if (trans) CAMEX_LAUNCH(ldst_probe_kernel<true>, 1, 32, st)(s, d, wait);
+  else CAMEX_LAUNCH(ldst_probe_kernel<false>, 1, 32, st)(s, d, wait);
+  CAMEX_CHECK_LAUNCH();
+  return 0;
+}
