@@ -51,35 +51,25 @@ fn dims(s: Split4) -> [usize; 4] {
     [s.o1, s.o2, s.i1, s.i2]
 }
 
-fn at(s: Split4, v: [usize; 4]) -> usize {
-    ((v[0] * s.o2 + v[1]) * s.i1 + v[2]) * s.i2 + v[3]
-}
-
-/// Every index of the 4-D view [o1, o2, i1, i2], row-major.
-fn indices(s: Split4) -> impl Iterator<Item = [usize; 4]> {
+/// (size, stride) of mode `md` of the row-major 4-D view [o1, o2, i1, i2].
+fn mode_of(s: Split4, md: usize) -> (usize, usize) {
     let d = dims(s);
-    (0..d[0] * d[1] * d[2] * d[3]).map(move |k| {
-        let x3 = k % d[3];
-        let x2 = (k / d[3]) % d[2];
-        let x1 = (k / (d[3] * d[2])) % d[1];
-        let x0 = k / (d[3] * d[2] * d[1]);
-        [x0, x1, x2, x3]
-    })
+    (d[md], d[md + 1..].iter().product())
 }
 
 /// One einsum mode product `y[.., j, ..] = sum_j2 m[j, j2] x[.., j2, ..]`: f32 accumulation, output
 /// rounded once.
 fn mode(q: Q, x: &[f64], s: Split4, md: usize, m: &[f64]) -> Vec<f64> {
-    let k = dims(s)[md];
+    let (k, st) = mode_of(s, md);
     let mut y = vec![0.0; x.len()];
-    for v in indices(s) {
+    for (idx, out) in y.iter_mut().enumerate() {
+        let j = (idx / st) % k;
+        let base = idx - j * st;
         let mut acc = Acc::default();
         for j2 in 0..k {
-            let mut w = v;
-            w[md] = j2;
-            acc.add(m[v[md] * k + j2] * x[at(s, w)]);
+            acc.add(m[j * k + j2] * x[base + j2 * st]);
         }
-        y[at(s, v)] = q(acc.get());
+        *out = q(acc.get());
     }
     y
 }
@@ -87,14 +77,13 @@ fn mode(q: Q, x: &[f64], s: Split4, md: usize, m: &[f64]) -> Vec<f64> {
 /// The factor gradient of one einsum mode product: `dm[j, j2] = sum_{others} gy[.., j, ..] x[.., j2, ..]`
 /// (one einsum: f32 accumulation, rounded once).
 fn mode_grad(q: Q, gy: &[f64], x: &[f64], s: Split4, md: usize) -> Vec<f64> {
-    let k = dims(s)[md];
+    let (k, st) = mode_of(s, md);
     let mut acc = vec![Acc::default(); k * k];
-    for v in indices(s) {
-        let g = gy[at(s, v)];
+    for (idx, &g) in gy.iter().enumerate() {
+        let j = (idx / st) % k;
+        let base = idx - j * st;
         for j2 in 0..k {
-            let mut w = v;
-            w[md] = j2;
-            acc[v[md] * k + j2].add(g * x[at(s, w)]);
+            acc[j * k + j2].add(g * x[base + j2 * st]);
         }
     }
     acc.iter().map(|a| q(a.get())).collect()
