@@ -164,11 +164,10 @@ gemm_kernel(Opnd a, Opnd b, OutView out, float *partial, int64_t M, int64_t N, i
 // The same GEMM on the tensor cores, for f16/bf16 storage (opt-in: camex_tensor_cores(), camex.h;
 // run only in the CPU emulation so far). Same tiles, grid, operand loads and output; operands in
 // shared memory as bf16 (k-contiguous, row stride BK + 8), f32 accumulation. Precision per storage
-// type (TcSplit, mma.cuh; SPEC section 5): bf16 storage takes one mma.sync m16n8k16 per 16-deep
-// slice (operands that are storage values are exact in bf16; f32 ones such as tau or scratch are
-// rounded once); f16 storage splits each operand into bf16 hi + lo and takes three (hi*hi + hi*lo +
-// lo*hi), ~16 significant bits, since one bf16 rounding is 4x f16's. 8 warps as 4 (rows) x 2
-// (columns), 16 x 32 outputs each.
+// type (TcSplit, mma.cuh; SPEC section 5): where T splits data, each operand is bf16 hi + lo and
+// each 16-deep slice three mma.sync m16n8k16 (hi*hi + hi*lo + lo*hi, ~16 significant bits);
+// otherwise one mma, and no lo arrays in shared memory. 8 warps as 4 (rows) x 2 (columns), 16 x 32
+// outputs each.
 template <typename T>
 __global__ void __launch_bounds__(GEMM_THREADS)
 gemm_tc_kernel(Opnd a, Opnd b, OutView out, float *partial, int64_t M, int64_t N, int64_t K, int splits,

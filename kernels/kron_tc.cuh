@@ -20,11 +20,11 @@
 // Every matrix product is a padded (to 16) GEMM on shared-memory operands stored k-contiguous with a
 // row stride of kp + 8 elements, which makes the fragment loads free of bank conflicts.
 //
-// Precision (SPEC section 5's two bounds; TcSplit in mma.cuh has the measurements): bf16 storage
-// takes single-pass bf16 products with f32 accumulation, its f32 intermediates (the tau of W - E,
-// the row stage's Y, Z) rounded to bf16 once each, fewer roundings than the official einsums in
-// bf16 make. f16 storage splits every data operand and factor into bf16 hi + lo (three mma per
-// product, ~16 significant bits): one bf16 rounding is already 4x f16's and breaks bound 2. f32
+// Precision (SPEC section 5's two bounds; TcSplit in mma.cuh has the measurements): every data
+// operand (tau = W - E, the f32 intermediates) goes through the tensor cores as bf16 hi + lo (~16
+// significant bits, f32 accumulation); factors as hi alone for bf16 storage (exact) and hi + lo for
+// f16 storage. Single-pass bf16 data met bound 2 but not bound 1 on a degenerate 1 x 1 factor
+// gradient (mma.cuh); for f16 one bf16 rounding is already 4x f16's and breaks bound 2. f32
 // storage keeps the scalar path (kron.cuh): 1e-5 needs f32 products. Factors larger than 64 also
 // take the scalar path.
 #pragma once

@@ -23,10 +23,10 @@
 //      partials out, and L^T K written over K's slab;
 //   4. one fixed-order reduction of the partials into the factor gradients, one sum over the
 //      round's ranks into dtau. No atomics: the same inputs give the same bits.
-// Every product goes through the tensor cores as in kron_tc.cuh (TcSplit, mma.cuh): for bf16 storage
-// one bf16 mma per product, each f32 intermediate (P, H's f32 rows, the products YD, YC, T1, K, W,
-// V) rounded to bf16 once; for f16 storage bf16 hi + lo halves of every data operand and factor,
-// data-by-data contractions taking three mma (hi hi, hi lo, lo hi). f32 accumulation throughout.
+// Every product goes through the tensor cores as in kron_tc.cuh (TcSplit, mma.cuh): bf16 hi + lo
+// halves of every data operand (lo dropped where a storage type's TcSplit says so), factors split
+// for f16 storage, data-by-data contractions taking three mma (hi hi, hi lo, lo hi). f32
+// accumulation throughout.
 #pragma once
 #include "elementwise.cuh"
 #include "kron_tc.cuh"

@@ -2006,9 +2006,8 @@ mod emu {
 
     /// T5-base `wi`'s factor sizes (48 x 64 | 24 x 32), one expert and one rank, through the
     /// tensor-core forward and the fused backward: their shared-memory layouts at the largest
-    /// footprint that matters (the rows-side backward: 119 KiB in bf16, which has no lo halves, and
-    /// 209 KiB in f16, of sm_90's 227 KiB); and `wo`'s (24 x 32 | 48 x 64), where the columns side
-    /// takes 8 rows a block in bf16 (4 in f16).
+    /// footprint that matters (the rows-side backward, 193 KiB in bf16 and 209 KiB in f16, of
+    /// sm_90's 227 KiB); and `wo`'s (24 x 32 | 48 x 64), where the columns side takes 4 rows a block.
     #[test]
     fn emu_tensor_core_t5_base_dims() {
         if !on("emu_tensor_core_t5_base_dims") {
