@@ -162,19 +162,23 @@ gemm_kernel(Opnd a, Opnd b, OutView out, float *partial, int64_t M, int64_t N, i
 }
 
 // The same GEMM on the tensor cores, for f16/bf16 storage (opt-in: camex_tensor_cores(), camex.h;
-// run only in the CPU emulation so far). Same tiles, grid, operand loads and output; each operand
-// value is split into bf16 hi + lo halves in shared memory (k-contiguous, row stride BK + 8) and
-// each 16-deep slice is three mma.sync m16n8k16 (hi*hi + hi*lo + lo*hi, f32 accumulation), so the
-// products keep ~16 significant bits. 8 warps as 4 (rows) x 2 (columns), 16 x 32 outputs each.
+// run only in the CPU emulation so far). Same tiles, grid, operand loads and output; operands in
+// shared memory as bf16 (k-contiguous, row stride BK + 8), f32 accumulation. Precision per storage
+// type (TcSplit, mma.cuh; SPEC section 5): where T splits data, each operand is bf16 hi + lo and
+// each 16-deep slice three mma.sync m16n8k16 (hi*hi + hi*lo + lo*hi, ~16 significant bits);
+// otherwise one mma, and no lo arrays in shared memory. 8 warps as 4 (rows) x 2 (columns), 16 x 32
+// outputs each.
 template <typename T>
 __global__ void __launch_bounds__(GEMM_THREADS)
 gemm_tc_kernel(Opnd a, Opnd b, OutView out, float *partial, int64_t M, int64_t N, int64_t K, int splits,
                int64_t k_per_split, int to_partial, float alpha) {
   constexpr int LK = GEMM_BK + 8;
-  __shared__ __align__(16) MmaT Ah[GEMM_BM * LK];
-  __shared__ __align__(16) MmaT Al[GEMM_BM * LK];
-  __shared__ __align__(16) MmaT Bh[GEMM_BN * LK];
-  __shared__ __align__(16) MmaT Bl[GEMM_BN * LK];
+  static_assert(GEMM_BM == GEMM_BN, "one tile size for both operands");
+  constexpr int TILE = GEMM_BM * LK;
+  // Ah, Bh, then (only where T splits data) Al, Bl.
+  __shared__ __align__(16) MmaT sm[(data_lo<T>() ? 4 : 2) * TILE];
+  MmaT *Ah = sm, *Bh = sm + TILE;
+  MmaT *Al = data_lo<T>() ? sm + 2 * TILE : nullptr, *Bl = data_lo<T>() ? sm + 3 * TILE : nullptr;
   const GemmBlock blk(a, b, K, splits, k_per_split);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wm = warp & 3, wn = warp >> 2;
 
@@ -183,20 +187,18 @@ gemm_tc_kernel(Opnd a, Opnd b, OutView out, float *partial, int64_t M, int64_t N
   for (int j = 0; j < 4; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 
   for (int64_t k0 = blk.k_begin; k0 < blk.k_end; k0 += GEMM_BK) {
-    blk.load<T>(a, b, M, N, k0, [&](int mm, int kk, float v) { split_store(Ah, Al, mm * LK + kk, v); },
-                [&](int nn, int kk, float v) { split_store(Bh, Bl, nn * LK + kk, v); });
+    blk.load<T>(a, b, M, N, k0, [&](int mm, int kk, float v) { store_data<T>(Ah, Al, mm * LK + kk, v); },
+                [&](int nn, int kk, float v) { store_data<T>(Bh, Bl, nn * LK + kk, v); });
     __syncthreads();
     uint32_t ah[4], al[4];
     frag_a(ah, Ah, LK, wm * 16, 0, lane);
-    frag_a(al, Al, LK, wm * 16, 0, lane);
+    if constexpr (data_lo<T>()) frag_a(al, Al, LK, wm * 16, 0, lane);
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
       uint32_t bh[2], bl[2];
       frag_b(bh, Bh, LK, wn * 32 + nt * 8, 0, lane);
-      frag_b(bl, Bl, LK, wn * 32 + nt * 8, 0, lane);
-      mma_bf16(acc[nt], ah, bh);
-      mma_bf16(acc[nt], ah, bl);
-      mma_bf16(acc[nt], al, bh);
+      if constexpr (data_lo<T>()) frag_b(bl, Bl, LK, wn * 32 + nt * 8, 0, lane);
+      mma_data<T>(acc[nt], ah, al, bh, bl);
     }
     __syncthreads();
   }

@@ -20,13 +20,13 @@
 // Every matrix product is a padded (to 16) GEMM on shared-memory operands stored k-contiguous with a
 // row stride of kp + 8 elements, which makes the fragment loads free of bank conflicts.
 //
-// Precision: every operand goes through the tensor cores as bf16 hi = bf16(v) and lo = bf16(v - hi)
-// (two or three mma per product, f32 accumulation), so products carry ~16 significant bits, with
-// f32's exponent range (no overflow past 65504, no subnormal lo halves for small values, as f16
-// halves would have). Factors are exact: one bf16 for bf16 storage, hi + lo for f16 storage.
-// Without the split (one rounding per operand) the CPU emulation put grad_beta at 1.2e-2 in bf16
-// and grad_alpha at 1.9e-3 in f16, over SPEC's 1e-2 / 2e-3. f32 storage keeps the scalar path
-// (kron.cuh): 1e-5 needs f32 products. Factors larger than 64 also take the scalar path.
+// Precision (SPEC section 5's two bounds; TcSplit in mma.cuh has the measurements): every data
+// operand (tau = W - E, the f32 intermediates) goes through the tensor cores as bf16 hi + lo (~16
+// significant bits, f32 accumulation); factors as hi alone for bf16 storage (exact) and hi + lo for
+// f16 storage. Single-pass bf16 data met bound 2 but not bound 1 on a degenerate 1 x 1 factor
+// gradient (mma.cuh); for f16 one bf16 rounding is already 4x f16's and breaks bound 2. f32
+// storage keeps the scalar path (kron.cuh): 1e-5 needs f32 products. Factors larger than 64 also
+// take the scalar path.
 #pragma once
 #include <cstdlib>
 
@@ -41,9 +41,6 @@ constexpr int TC_KMAX = 64; // largest factor size the tensor-core path takes
 constexpr int TC_ACC = 8;   // m16n8 f32 accumulator tiles per warp in stage 2 (32 registers)
 constexpr int64_t TC_SMEM_MAX = 227 * 1024;  // sm_90's opt-in maximum
 
-// Whether a factor's lo half can be non-zero (f16 storage), i.e. needs its own product.
-template <typename T> __host__ __device__ constexpr bool factor_lo() { return !std::is_same<T, __nv_bfloat16>::value; }
-
 // Copies a k x k factor into zero-padded [kp][ld] shared matrices as bf16 hi + lo; bf16 storage is
 // exact in hi and has no lo array (the padding is zeroed once).
 template <typename T>
@@ -55,17 +52,19 @@ __device__ __forceinline__ void load_factor(MmaT *hi, MmaT *lo, const T *f, int 
   }
 }
 
-// c += A_hi B_hi + A_hi B_lo + A_lo B_hi, leaving out A_lo (the factor's) for bf16 storage.
+// c += F X for a factor F (the A operand) and data X (the B operand): F_hi X_hi, plus F_hi X_lo and
+// F_lo X_hi where storage T splits data and factors (TcSplit).
 template <typename T>
 __device__ __forceinline__ void mma_split(float c[4], const uint32_t ah[4], const uint32_t al[4], const uint32_t bh[2],
                                           const uint32_t bl[2]) {
   mma_bf16(c, ah, bh);
-  mma_bf16(c, ah, bl);
+  if constexpr (data_lo<T>()) mma_bf16(c, ah, bl);
   if constexpr (factor_lo<T>()) mma_bf16(c, al, bh);
 }
 
-// c += F[m0..m0+15][k] X[n0..n0+7][k] over k < kp: a factor (the A operand: hi, and lo for f16
-// storage) times data (the B operand, hi + lo), both k-contiguous with row strides lf and lx.
+// c += F[m0..m0+15][k] X[n0..n0+7][k] over k < kp: a factor (the A operand: hi, and lo where T
+// splits factors) times data (the B operand: hi, and lo where T splits data), both k-contiguous
+// with row strides lf and lx.
 template <typename T>
 __device__ __forceinline__ void factor_by_data(float c[4], const MmaT *fh, const MmaT *fl, int lf, int m0, const MmaT *xh,
                                                const MmaT *xl, int lx, int n0, int kp, int lane) {
@@ -74,7 +73,7 @@ __device__ __forceinline__ void factor_by_data(float c[4], const MmaT *fh, const
     frag_a(ah, fh, lf, m0, k0, lane);
     if constexpr (factor_lo<T>()) frag_a(al, fl, lf, m0, k0, lane);
     frag_b(bh, xh, lx, n0, k0, lane);
-    frag_b(bl, xl, lx, n0, k0, lane);
+    if constexpr (data_lo<T>()) frag_b(bl, xl, lx, n0, k0, lane);
     mma_split<T>(c, ah, al, bh, bl);
   }
 }
@@ -99,8 +98,8 @@ __device__ __forceinline__ void slab_mode_b(const MmaT *fh, const MmaT *fl, int 
     for (int h = 0; h < 2; ++h) {
       const int b = mt * 16 + g + 8 * h;
       if (b >= o2) continue;
-      split_store(yh, yl, (b * TC_QC + 2 * t) * ly + a, c[2 * h]);
-      split_store(yh, yl, (b * TC_QC + 2 * t + 1) * ly + a, c[2 * h + 1]);
+      store_data<T>(yh, yl, (b * TC_QC + 2 * t) * ly + a, c[2 * h]);
+      store_data<T>(yh, yl, (b * TC_QC + 2 * t + 1) * ly + a, c[2 * h + 1]);
     }
   }
 }
@@ -135,8 +134,8 @@ struct RowsLayout {
   int64_t xh, xl, yh, yl, ah, al, bh, bl, bytes;  // byte offsets
 };
 
-// flo: the factors have lo halves (f16 storage, factor_lo<T>()); without, their lo arrays are empty.
-__host__ __device__ inline RowsLayout rows_layout(int o1, int o2, bool flo) {
+// sp: which operands have lo halves (tc_split<T>()); the others' lo arrays are empty.
+__host__ __device__ inline RowsLayout rows_layout(int o1, int o2, TcSplit sp) {
   RowsLayout l;
   l.o1p = tc_pad(o1);
   l.o2p = tc_pad(o2);
@@ -147,11 +146,12 @@ __host__ __device__ inline RowsLayout rows_layout(int o1, int o2, bool flo) {
   const int64_t e = 2;                              // bytes per f16/bf16 element
   const int64_t x = (int64_t)TC_AC * TC_QC * l.lx * e;  // X [AC * 8][lx]: X[a][q][b'] = tau[(a, b'), q]
   const int64_t y = (int64_t)o2 * TC_QC * l.ly * e;     // Y [o2 * 8][ly]: Y[b][q][a'] = (tau x2 B)[(a', b), q]
+  const bool dlo = sp.data_lo, flo = sp.factor_lo;
   l.xh = 0;
   l.xl = l.xh + x;
-  l.yh = l.xl + x;
+  l.yh = l.xl + (dlo ? x : 0);
   l.yl = l.yh + y;
-  l.ah = l.yl + y;                                  // A hi, lo [o1p][la]
+  l.ah = l.yl + (dlo ? y : 0);                      // A hi, lo [o1p][la]
   l.al = l.ah + (int64_t)l.o1p * l.la * e;
   l.bh = l.al + (flo ? (int64_t)l.o1p * l.la * e : 0);  // B hi, lo [o2p][lb]
   l.bl = l.bh + (int64_t)l.o2p * l.lb * e;
@@ -166,7 +166,7 @@ __global__ void __launch_bounds__(TC_THREADS)
 kron_rows_kernel(const T *__restrict__ w, const T *__restrict__ e, const T *__restrict__ fa, const T *__restrict__ fb,
                  float *__restrict__ z, int o1, int o2, int64_t I, int64_t nexp, int64_t expert, int64_t r0) {
   CAMEX_DYNAMIC_SMEM(smem);
-  const RowsLayout L = rows_layout(o1, o2, factor_lo<T>());
+  const RowsLayout L = rows_layout(o1, o2, tc_split<T>());
   MmaT *Xh = reinterpret_cast<MmaT *>(smem + L.xh), *Xl = reinterpret_cast<MmaT *>(smem + L.xl);
   MmaT *Yh = reinterpret_cast<MmaT *>(smem + L.yh), *Yl = reinterpret_cast<MmaT *>(smem + L.yl);
   MmaT *Ah = reinterpret_cast<MmaT *>(smem + L.ah), *Al = reinterpret_cast<MmaT *>(smem + L.al);
@@ -184,7 +184,7 @@ kron_rows_kernel(const T *__restrict__ w, const T *__restrict__ e, const T *__re
   for (int a0 = 0; a0 < o1; a0 += TC_AC) {
     const int ac = o1 - a0 < TC_AC ? o1 - a0 : TC_AC;
     __syncthreads();  // the previous chunk's readers are done (and the factors are visible)
-    // tau = W - E of rows (a0..a0+ac, all b), exact in f32, split into hi + lo.
+    // tau = W - E of rows (a0..a0+ac, all b), exact in f32, as a data operand (store_data).
     const int64_t rows = (int64_t)ac * o2, pbase = (int64_t)a0 * o2;
     if (vec) {
       for (int64_t x = threadIdx.x; x < rows; x += TC_THREADS) {
@@ -196,14 +196,14 @@ kron_rows_kernel(const T *__restrict__ w, const T *__restrict__ e, const T *__re
         memcpy(et, &ev, 16);
         const int64_t al = x / o2, b = x % o2;
 #pragma unroll
-        for (int j = 0; j < TC_QC; ++j) split_store(Xh, Xl, (al * TC_QC + j) * L.lx + b, to_f32(wt[j]) - to_f32(et[j]));
+        for (int j = 0; j < TC_QC; ++j) store_data<T>(Xh, Xl, (al * TC_QC + j) * L.lx + b, to_f32(wt[j]) - to_f32(et[j]));
       }
     } else {
       for (int64_t x = threadIdx.x; x < rows * TC_QC; x += TC_THREADS) {
         const int64_t pl = x / TC_QC, j = x % TC_QC, q = q0 + j, p = pbase + pl;
         const int64_t al = pl / o2, b = pl % o2;
         const float v = q < I ? to_f32(w[p * I + q]) - to_f32(e[p * I + q]) : 0.f;
-        split_store(Xh, Xl, (al * TC_QC + j) * L.lx + b, v);
+        store_data<T>(Xh, Xl, (al * TC_QC + j) * L.lx + b, v);
       }
     }
     __syncthreads();
@@ -217,7 +217,8 @@ kron_rows_kernel(const T *__restrict__ w, const T *__restrict__ e, const T *__re
 }
 
 // Rows p0..p0+pr of one rank of Z (slab layout [slab][O][8], f32) into shared X[p][c][d] (row
-// stride lx), split into hi + lo; rows past O are left as they are.
+// stride lx), a data operand of storage T (store_data); rows past O are left as they are.
+template <typename T>
 __device__ __forceinline__ void load_z_rows(MmaT *xh, MmaT *xl, int lx, const float *zr, int64_t p0, int pr, int64_t O,
                                             int i1, int i2, int i1p) {
   const int64_t I = (int64_t)i1 * i2, slabs = (I + TC_QC - 1) / TC_QC;
@@ -230,7 +231,7 @@ __device__ __forceinline__ void load_z_rows(MmaT *xh, MmaT *xl, int lx, const fl
 #pragma unroll
     for (int j = 0; j < TC_QC; ++j) {
       const int64_t q = sl * TC_QC + j;
-      if (q < I) split_store(xh, xl, (pl * i1p + q / i2) * lx + q % i2, vt[j]);
+      if (q < I) store_data<T>(xh, xl, (pl * i1p + q / i2) * lx + q % i2, vt[j]);
     }
   }
 }
@@ -238,8 +239,8 @@ __device__ __forceinline__ void load_z_rows(MmaT *xh, MmaT *xl, int lx, const fl
 // ---- stage 2: columns ----
 
 // Y[p][d][c] = sum_d' X[p][c][d'] F[d][d'] for the rows (p, c) of X, p < rows (M = (p, c), N = d,
-// K = d'): the data is the A operand (hi + lo, row stride lx), the factor the B operand (hi, and lo
-// for f16 storage; row stride lf); Y's row stride ly. Used by the forward's mode d and by the
+// K = d'): the data is the A operand (hi, and lo where T splits data; row stride lx), the factor
+// the B operand (hi, and lo where T splits factors; row stride lf); Y's row stride ly. Used by the forward's mode d and by the
 // backward's (P x4 D and H x4 D^T).
 template <typename T>
 __device__ __forceinline__ void rows_by_factor(const MmaT *xh, const MmaT *xl, int lx, const MmaT *fh, const MmaT *fl,
@@ -252,10 +253,12 @@ __device__ __forceinline__ void rows_by_factor(const MmaT *xh, const MmaT *xl, i
     for (int k0 = 0; k0 < i2p; k0 += 16) {
       uint32_t ah[4], al[4], bh[2], bl[2];
       frag_a(ah, xh, lx, mt * 16, k0, lane);
-      frag_a(al, xl, lx, mt * 16, k0, lane);
       frag_b(bh, fh, lf, nt * 8, k0, lane);
       mma_bf16(c, ah, bh);
-      mma_bf16(c, al, bh);
+      if constexpr (data_lo<T>()) {
+        frag_a(al, xl, lx, mt * 16, k0, lane);
+        mma_bf16(c, al, bh);
+      }
       if constexpr (factor_lo<T>()) {
         frag_b(bl, fl, lf, nt * 8, k0, lane);
         mma_bf16(c, ah, bl);
@@ -264,8 +267,8 @@ __device__ __forceinline__ void rows_by_factor(const MmaT *xh, const MmaT *xl, i
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int m = mt * 16 + g + 8 * h, pl = m / i1p, cc = m % i1p, d = nt * 8 + 2 * t;
-      split_store(yh, yl, (pl * i2p + d) * ly + cc, c[2 * h]);
-      split_store(yh, yl, (pl * i2p + d + 1) * ly + cc, c[2 * h + 1]);
+      store_data<T>(yh, yl, (pl * i2p + d) * ly + cc, c[2 * h]);
+      store_data<T>(yh, yl, (pl * i2p + d + 1) * ly + cc, c[2 * h + 1]);
     }
   }
 }
@@ -275,7 +278,7 @@ struct ColsLayout {
   int64_t zh, zl, yh, yl, ch, cl, dh, dl, bytes;
 };
 
-__host__ __device__ inline ColsLayout cols_layout(int i1, int i2, bool flo) {
+__host__ __device__ inline ColsLayout cols_layout(int i1, int i2, TcSplit sp) {
   ColsLayout l;
   l.i1p = tc_pad(i1);
   l.i2p = tc_pad(i2);
@@ -289,11 +292,12 @@ __host__ __device__ inline ColsLayout cols_layout(int i1, int i2, bool flo) {
   const int64_t e = 2;
   const int64_t zb = (int64_t)l.pr * l.i1p * l.lz * e;   // Z [pr * i1p][lz]: Z[p][c'][d'] = Z_r[p, (c', d')]
   const int64_t yb = (int64_t)l.pr * l.i2p * l.lyt * e;  // Y [pr * i2p][lyt]: Y[p][d][c'] = (Z_r x4 D)[p, (c', d)]
+  const bool dlo = sp.data_lo, flo = sp.factor_lo;
   l.zh = 0;
   l.zl = l.zh + zb;
-  l.yh = l.zl + zb;
+  l.yh = l.zl + (dlo ? zb : 0);
   l.yl = l.yh + yb;
-  l.ch = l.yl + yb;                                      // C hi, lo [i1p][lc]
+  l.ch = l.yl + (dlo ? yb : 0);                          // C hi, lo [i1p][lc]
   l.cl = l.ch + (int64_t)l.i1p * l.lc * e;
   l.dh = l.cl + (flo ? (int64_t)l.i1p * l.lc * e : 0);   // D hi, lo [i2p][ld]
   l.dl = l.dh + (int64_t)l.i2p * l.ld * e;
@@ -307,7 +311,7 @@ __global__ void __launch_bounds__(TC_THREADS)
 kron_cols_kernel(const float *__restrict__ z, const T *__restrict__ fc, const T *__restrict__ fd, float *__restrict__ u,
                  int i1, int i2, int64_t O, int64_t r0, int64_t nr, int64_t nexp, int64_t expert, int accumulate) {
   CAMEX_DYNAMIC_SMEM(smem);
-  const ColsLayout L = cols_layout(i1, i2, factor_lo<T>());
+  const ColsLayout L = cols_layout(i1, i2, tc_split<T>());
   MmaT *Zh = reinterpret_cast<MmaT *>(smem + L.zh), *Zl = reinterpret_cast<MmaT *>(smem + L.zl);
   MmaT *Yh = reinterpret_cast<MmaT *>(smem + L.yh), *Yl = reinterpret_cast<MmaT *>(smem + L.yl);
   MmaT *Ch = reinterpret_cast<MmaT *>(smem + L.ch), *Cl = reinterpret_cast<MmaT *>(smem + L.cl);
@@ -328,7 +332,7 @@ kron_cols_kernel(const float *__restrict__ z, const T *__restrict__ fc, const T 
     __syncthreads();  // the previous rank's readers are done (and the zeroing is visible)
     load_factor(Ch, Cl, fc + (r * nexp + expert) * i1 * i1, i1, L.lc);
     load_factor(Dh, Dl, fd + (r * nexp + expert) * i2 * i2, i2, L.ld);
-    load_z_rows(Zh, Zl, L.lz, z + rl * slabs * O * TC_QC, p0, L.pr, O, i1, i2, L.i1p);
+    load_z_rows<T>(Zh, Zl, L.lz, z + rl * slabs * O * TC_QC, p0, L.pr, O, i1, i2, L.i1p);
     __syncthreads();
 
     // Mode d: Y[p][d][c'] = sum_d' Z[p][c'][d'] D[d][d'].
@@ -392,9 +396,9 @@ inline int64_t tc_smem_limit() {
 }
 
 // Whether the two stages' shared memory fits `lim` (tc_smem_limit() of the launch's device).
-inline bool kron_tc_fits(const D4 &d4, bool flo, int64_t lim) {
-  return rows_layout((int)d4.d[0], (int)d4.d[1], flo).bytes <= lim &&
-         cols_layout((int)d4.d[2], (int)d4.d[3], flo).bytes <= lim;
+inline bool kron_tc_fits(const D4 &d4, TcSplit sp, int64_t lim) {
+  return rows_layout((int)d4.d[0], (int)d4.d[1], sp).bytes <= lim &&
+         cols_layout((int)d4.d[2], (int)d4.d[3], sp).bytes <= lim;
 }
 
 // Ranks per stage-1/stage-2 round: as many as keep Z (f32) within tc_z_budget() bytes, so that it
@@ -432,8 +436,8 @@ inline int kron_forward_tc(cudaStream_t s, float *u, const T *w, const T *e, con
                            const D4 &d4, float *z, int64_t lim) {
   const int o1 = (int)d4.d[0], o2 = (int)d4.d[1], i1 = (int)d4.d[2], i2 = (int)d4.d[3];
   const int64_t O = (int64_t)o1 * o2, I = (int64_t)i1 * i2;
-  const RowsLayout rl = rows_layout(o1, o2, factor_lo<T>());
-  const ColsLayout cl = cols_layout(i1, i2, factor_lo<T>());
+  const RowsLayout rl = rows_layout(o1, o2, tc_split<T>());
+  const ColsLayout cl = cols_layout(i1, i2, tc_split<T>());
   // The opt-in is a process-wide attribute of each kernel: always the device's limit (>= every size
   // kron_tc_fits accepts), so concurrent calls with other shapes cannot lower it under a launch.
   cudaError_t err = CAMEX_SET_MAX_SMEM(kron_rows_kernel<T>, lim);
@@ -466,7 +470,7 @@ inline int kron_forward_any(cudaStream_t s, float *u, const T *base, const T *w,
     // small enough, and the blocks' shared memory within what this device allows.
     if (camex_tensor_cores() && kron_tc_dims_ok(d4)) {
       const int64_t lim = tc_smem_limit();
-      if (kron_tc_fits(d4, factor_lo<T>(), lim)) return kron_forward_tc<T>(s, u, w, base, f, expert, d4, s1, lim);
+      if (kron_tc_fits(d4, tc_split<T>(), lim)) return kron_forward_tc<T>(s, u, w, base, f, expert, d4, s1, lim);
     }
   }
   return kron_forward<T>(s, u, tau_opnd<T>(w, base), f, expert, d4, s1, s2);

@@ -23,8 +23,10 @@
 //      partials out, and L^T K written over K's slab;
 //   4. one fixed-order reduction of the partials into the factor gradients, one sum over the
 //      round's ranks into dtau. No atomics: the same inputs give the same bits.
-// Every product goes through the tensor cores as in kron_tc.cuh (bf16 hi + lo halves of every
-// data operand, f32 accumulation); data-by-data contractions take three mma (hi hi, hi lo, lo hi).
+// Every product goes through the tensor cores as in kron_tc.cuh (TcSplit, mma.cuh): bf16 hi + lo
+// halves of every data operand (lo dropped where a storage type's TcSplit says so), factors split
+// for f16 storage, data-by-data contractions taking three mma (hi hi, hi lo, lo hi). f32
+// accumulation throughout.
 #pragma once
 #include "elementwise.cuh"
 #include "kron_tc.cuh"
@@ -58,14 +60,6 @@ template <typename F> __device__ __forceinline__ void frag_b_at(uint32_t b[2], F
   }
 }
 
-// c += (Ah + Al)(Bh + Bl) without the lo*lo term: a product of two data operands.
-__device__ __forceinline__ void mma3(float c[4], const uint32_t ah[4], const uint32_t al[4], const uint32_t bh[2],
-                                     const uint32_t bl[2]) {
-  mma_bf16(c, ah, bh);
-  mma_bf16(c, ah, bl);
-  mma_bf16(c, al, bh);
-}
-
 // Copies a k x k factor transposed (dst[j'][j] = f[j][j']) into zero-padded shared matrices.
 template <typename T>
 __device__ __forceinline__ void load_factor_t(MmaT *hi, MmaT *lo, const T *f, int k, int ld) {
@@ -85,7 +79,7 @@ struct ColsBwdLayout {
 
 // pr: rows per block. Shared matrices: Hs, Ps [pr * i1p][lz] (X[p][c][d]); Y, the products,
 // [max(pr * i2p * lyt, pr * i1p * lz)]; C, C^T [i1p][lc]; D, D^T [i2p][ld]; dC, dD in f32.
-__host__ __device__ inline ColsBwdLayout cols_bwd_layout(int i1, int i2, int pr, bool flo) {
+__host__ __device__ inline ColsBwdLayout cols_bwd_layout(int i1, int i2, int pr, TcSplit sp) {
   ColsBwdLayout l;
   l.pr = pr;
   l.i1p = tc_pad(i1);
@@ -99,13 +93,14 @@ __host__ __device__ inline ColsBwdLayout cols_bwd_layout(int i1, int i2, int pr,
   const int64_t ya = (int64_t)pr * l.i2p * l.lyt, yb2 = (int64_t)pr * l.i1p * l.lz;
   const int64_t yb = (ya > yb2 ? ya : yb2) * e;
   const int64_t cb = (int64_t)l.i1p * l.lc * e, db = (int64_t)l.i2p * l.ld * e;
+  const bool dlo = sp.data_lo, flo = sp.factor_lo;
   l.hh = 0;
   l.hl = l.hh + xb;
-  l.ph = l.hl + xb;
+  l.ph = l.hl + (dlo ? xb : 0);
   l.pl = l.ph + xb;
-  l.yh = l.pl + xb;
+  l.yh = l.pl + (dlo ? xb : 0);
   l.yl = l.yh + yb;
-  l.ch = l.yl + yb;
+  l.ch = l.yl + (dlo ? yb : 0);
   l.cl = l.ch + cb;
   l.cth = l.cl + (flo ? cb : 0);
   l.ctl = l.cth + cb;
@@ -121,21 +116,23 @@ __host__ __device__ inline ColsBwdLayout cols_bwd_layout(int i1, int i2, int pr,
 
 // Rows per block of the columns-side kernel: the most (up to 8) whose shared memory fits
 // TC_SMEM_MAX, fixed by the dimensions alone so that the workspace does not depend on the device.
-__host__ __device__ inline int cols_bwd_rows(int i1, int i2, bool flo) {
+__host__ __device__ inline int cols_bwd_rows(int i1, int i2, TcSplit sp) {
   for (int pr = 8; pr > 1; --pr)
-    if (cols_bwd_layout(i1, i2, pr, flo).bytes <= TC_SMEM_MAX) return pr;
+    if (cols_bwd_layout(i1, i2, pr, sp).bytes <= TC_SMEM_MAX) return pr;
   return 1;
 }
 
 // grid (ceil(O / pr)). z: the round's P_r, overwritten with K_r (slab layout, ranks r0..r0+nr);
 // part: f32 [nr][blocks][i1*i1 + i2*i2], this block's dC and dD contributions per rank.
+// Launch bounds of two blocks per SM (at most 128 registers): with the default, ptxas 13.0 capped
+// the bf16 instance at 64 registers and spilled.
 template <typename T>
-__global__ void __launch_bounds__(TC_THREADS)
+__global__ void __launch_bounds__(TC_THREADS, 2)
 kron_cols_bwd_kernel(Opnd h, float *__restrict__ z, const T *__restrict__ fc, const T *__restrict__ fd,
                      float *__restrict__ part, int i1, int i2, int pr, int64_t O, int64_t r0, int64_t nr, int64_t nexp,
                      int64_t expert) {
   CAMEX_DYNAMIC_SMEM(smem);
-  const ColsBwdLayout L = cols_bwd_layout(i1, i2, pr, factor_lo<T>());
+  const ColsBwdLayout L = cols_bwd_layout(i1, i2, pr, tc_split<T>());
   MmaT *Hh = reinterpret_cast<MmaT *>(smem + L.hh), *Hl = reinterpret_cast<MmaT *>(smem + L.hl);
   MmaT *Ph = reinterpret_cast<MmaT *>(smem + L.ph), *Pl = reinterpret_cast<MmaT *>(smem + L.pl);
   MmaT *Yh = reinterpret_cast<MmaT *>(smem + L.yh), *Yl = reinterpret_cast<MmaT *>(smem + L.yl);
@@ -156,7 +153,7 @@ kron_cols_bwd_kernel(Opnd h, float *__restrict__ z, const T *__restrict__ fc, co
   // H's rows, once for every rank: Hs[p][c][d] = H[p, c*i2 + d].
   for (int64_t x = threadIdx.x; x < (int64_t)pr * I; x += TC_THREADS) {
     const int64_t pl = x / I, q = x % I, p = p0 + pl;
-    if (p < O) split_store(Hh, Hl, (pl * i1p + q / i2) * L.lz + q % i2, opnd_ld<T>(h, p * I + q));
+    if (p < O) store_data<T>(Hh, Hl, (pl * i1p + q / i2) * L.lz + q % i2, opnd_ld<T>(h, p * I + q));
   }
 
   for (int64_t rl = 0; rl < nr; ++rl) {
@@ -167,7 +164,7 @@ kron_cols_bwd_kernel(Opnd h, float *__restrict__ z, const T *__restrict__ fc, co
     load_factor(Dh, Dl, fd + (r * nexp + expert) * i2 * i2, i2, L.ld);
     load_factor_t(Dth, Dtl, fd + (r * nexp + expert) * i2 * i2, i2, L.ld);
     float *zr = z + rl * slabs * O * TC_QC;
-    load_z_rows(Ph, Pl, L.lz, zr, p0, pr, O, i1, i2, i1p);
+    load_z_rows<T>(Ph, Pl, L.lz, zr, p0, pr, O, i1, i2, i1p);
     __syncthreads();
 
     // YD[p][d][c'] = sum_d' P[p][c'][d'] D[d][d'], as the forward's mode d.
@@ -185,10 +182,12 @@ kron_cols_bwd_kernel(Opnd h, float *__restrict__ z, const T *__restrict__ fc, co
           for (int k0 = 0; k0 < i2p; k0 += 16) {
             uint32_t ah[4], al[4], bh[2], bl[2];
             frag_a(ah, Hh + (int64_t)pl * i1p * L.lz, L.lz, mt * 16, k0, lane);
-            frag_a(al, Hl + (int64_t)pl * i1p * L.lz, L.lz, mt * 16, k0, lane);
             frag_b_at(bh, [&](int k, int n) { return yh[k * L.lyt + n]; }, nt * 8, k0, lane);
-            frag_b_at(bl, [&](int k, int n) { return yl[k * L.lyt + n]; }, nt * 8, k0, lane);
-            mma3(c, ah, al, bh, bl);
+            if constexpr (data_lo<T>()) {
+              frag_a(al, Hl + (int64_t)pl * i1p * L.lz, L.lz, mt * 16, k0, lane);
+              frag_b_at(bl, [&](int k, int n) { return yl[k * L.lyt + n]; }, nt * 8, k0, lane);
+            }
+            mma_data<T>(c, ah, al, bh, bl);
           }
         }
 #pragma unroll
@@ -212,13 +211,13 @@ kron_cols_bwd_kernel(Opnd h, float *__restrict__ z, const T *__restrict__ fc, co
           frag_a(fh, Ch, L.lc, mt * 16, k0, lane);
           if constexpr (factor_lo<T>()) frag_a(fl, Cl, L.lc, mt * 16, k0, lane);
           frag_b_at(bh, [&](int k, int n) { return xh[k * L.lz + n]; }, nt * 8, k0, lane);
-          frag_b_at(bl, [&](int k, int n) { return xl[k * L.lz + n]; }, nt * 8, k0, lane);
+          if constexpr (data_lo<T>()) frag_b_at(bl, [&](int k, int n) { return xl[k * L.lz + n]; }, nt * 8, k0, lane);
           mma_split<T>(c, fh, fl, bh, bl);
         }
 #pragma unroll
         for (int v = 0; v < 4; ++v) {
           const int cc = mt * 16 + g + 8 * (v >> 1), d = nt * 8 + 2 * t + (v & 1);
-          split_store(Yh, Yl, (pl * i1p + cc) * L.lz + d, c[v]);
+          store_data<T>(Yh, Yl, (pl * i1p + cc) * L.lz + d, c[v]);
         }
       }
     }
@@ -235,10 +234,12 @@ kron_cols_bwd_kernel(Opnd h, float *__restrict__ z, const T *__restrict__ fc, co
           for (int k0 = 0; k0 < i1p; k0 += 16) {
             uint32_t ah[4], al[4], bh[2], bl[2];
             frag_a_at(ah, [&](int m, int k) { return Hh[off + k * L.lz + m]; }, mt * 16, k0, lane);
-            frag_a_at(al, [&](int m, int k) { return Hl[off + k * L.lz + m]; }, mt * 16, k0, lane);
             frag_b_at(bh, [&](int k, int n) { return Yh[off + k * L.lz + n]; }, nt * 8, k0, lane);
-            frag_b_at(bl, [&](int k, int n) { return Yl[off + k * L.lz + n]; }, nt * 8, k0, lane);
-            mma3(c, ah, al, bh, bl);
+            if constexpr (data_lo<T>()) {
+              frag_a_at(al, [&](int m, int k) { return Hl[off + k * L.lz + m]; }, mt * 16, k0, lane);
+              frag_b_at(bl, [&](int k, int n) { return Yl[off + k * L.lz + n]; }, nt * 8, k0, lane);
+            }
+            mma_data<T>(c, ah, al, bh, bl);
           }
         }
 #pragma unroll
@@ -298,7 +299,7 @@ struct RowsBwdLayout {
 // of K or tau) with Wc, Tc [o2p][lw] (k = (a, j) over TC_AC row runs); A^T [o1p + 16][la] (one
 // 16-row tile past the end is read and discarded), B^T [o2p][lb]; dA, dB and dA's split-K partials
 // in f32.
-__host__ __device__ inline RowsBwdLayout rows_bwd_layout(int o1, int o2, bool flo) {
+__host__ __device__ inline RowsBwdLayout rows_bwd_layout(int o1, int o2, TcSplit sp) {
   RowsBwdLayout l;
   l.o1p = tc_pad(o1);
   l.o2p = tc_pad(o2);
@@ -311,15 +312,17 @@ __host__ __device__ inline RowsBwdLayout rows_bwd_layout(int o1, int o2, bool fl
   const int64_t y = (int64_t)o2 * TC_QC * l.ly * e;
   const int64_t x = (int64_t)TC_AC * TC_QC * l.lx * e;
   const int64_t w = (int64_t)l.o2p * l.lw * e;
-  const int64_t uni = (2 * x > 4 * w ? 2 * x : 4 * w);
+  const bool dlo = sp.data_lo, flo = sp.factor_lo;
+  const int64_t h = dlo ? 2 : 1;  // halves per data operand
+  const int64_t uni = (h * x > 2 * h * w ? h * x : 2 * h * w);
   const int64_t ab = (int64_t)(l.o1p + 16) * l.la * e, bb = (int64_t)l.o2p * l.lb * e;
   l.yh = 0;
   l.yl = l.yh + y;
-  l.xh = l.yl + y;  // the union starts here
+  l.xh = l.yl + (dlo ? y : 0);  // the union starts here
   l.xl = l.xh + x;
   l.wh = l.xh;
   l.wl = l.wh + w;
-  l.th = l.wl + w;
+  l.th = l.wl + (dlo ? w : 0);
   l.tl = l.th + w;
   l.ath = l.xh + uni;
   l.atl = l.ath + ab;
@@ -346,7 +349,7 @@ __global__ void __launch_bounds__(TC_THREADS, 1)
 kron_rows_bwd_kernel(Opnd tau, float *__restrict__ z, const T *__restrict__ fa, const T *__restrict__ fb,
                      float *__restrict__ part, int o1, int o2, int64_t I, int64_t nexp, int64_t expert, int64_t r0) {
   CAMEX_DYNAMIC_SMEM(smem);
-  const RowsBwdLayout L = rows_bwd_layout(o1, o2, factor_lo<T>());
+  const RowsBwdLayout L = rows_bwd_layout(o1, o2, tc_split<T>());
   MmaT *Yh = reinterpret_cast<MmaT *>(smem + L.yh), *Yl = reinterpret_cast<MmaT *>(smem + L.yl);
   MmaT *Xh = reinterpret_cast<MmaT *>(smem + L.xh), *Xl = reinterpret_cast<MmaT *>(smem + L.xl);
   MmaT *Wh = reinterpret_cast<MmaT *>(smem + L.wh), *Wl = reinterpret_cast<MmaT *>(smem + L.wl);
@@ -369,7 +372,7 @@ kron_rows_bwd_kernel(Opnd tau, float *__restrict__ z, const T *__restrict__ fa, 
   // K's slab as the B operand of a mode-a product: Y[b][j][a] = K[(a, b), q0 + j].
   for (int64_t x = threadIdx.x; x < O * TC_QC; x += TC_THREADS) {
     const int64_t p = x / TC_QC, j = x % TC_QC, a = p / o2, b = p % o2;
-    split_store(Yh, Yl, (b * TC_QC + j) * L.ly + a, zs[x]);
+    store_data<T>(Yh, Yl, (b * TC_QC + j) * L.ly + a, zs[x]);
   }
 
   // dB, TC_AC rows of W = K x1 A^T at a time (M = a', N = (b, j), K = a; a 16-row tile of which
@@ -379,7 +382,7 @@ kron_rows_bwd_kernel(Opnd tau, float *__restrict__ z, const T *__restrict__ fa, 
     __syncthreads();  // Y and the factors are in; the previous chunk's contraction is done
     for (int64_t x = threadIdx.x; x < (int64_t)o2 * TC_AC * TC_QC; x += TC_THREADS) {
       const int b = (int)(x / (TC_AC * TC_QC)), k = (int)(x % (TC_AC * TC_QC)), a = a0 + k / TC_QC;
-      split_store(Th, Tl, b * L.lw + k, a < o1 ? tau_at<T>(tau, (int64_t)a * o2 + b, q0 + k % TC_QC, I) : 0.f);
+      store_data<T>(Th, Tl, b * L.lw + k, a < o1 ? tau_at<T>(tau, (int64_t)a * o2 + b, q0 + k % TC_QC, I) : 0.f);
     }
     for (int b = warp; b < o2; b += TC_WARPS) {
       float c[4] = {0.f, 0.f, 0.f, 0.f};
@@ -387,8 +390,8 @@ kron_rows_bwd_kernel(Opnd tau, float *__restrict__ z, const T *__restrict__ fa, 
           Yh + (int64_t)b * TC_QC * L.ly, Yl + (int64_t)b * TC_QC * L.ly, L.ly, 0, o1p, lane);
       // Rows g (kept when a0 + g < o1) of the tile; rows g + 8 belong to the next chunk.
       const bool in = a0 + g < o1;
-      split_store(Wh, Wl, b * L.lw + g * TC_QC + 2 * t, in ? c[0] : 0.f);
-      split_store(Wh, Wl, b * L.lw + g * TC_QC + 2 * t + 1, in ? c[1] : 0.f);
+      store_data<T>(Wh, Wl, b * L.lw + g * TC_QC + 2 * t, in ? c[0] : 0.f);
+      store_data<T>(Wh, Wl, b * L.lw + g * TC_QC + 2 * t + 1, in ? c[1] : 0.f);
     }
     __syncthreads();
     for (int tile = warp; tile < mtb * ntb; tile += TC_WARPS) {
@@ -397,10 +400,12 @@ kron_rows_bwd_kernel(Opnd tau, float *__restrict__ z, const T *__restrict__ fa, 
       for (int k0 = 0; k0 < TC_AC * TC_QC; k0 += 16) {
         uint32_t ah[4], al[4], bh[2], bl[2];
         frag_a(ah, Wh, L.lw, mt * 16, k0, lane);
-        frag_a(al, Wl, L.lw, mt * 16, k0, lane);
         frag_b(bh, Th, L.lw, nt * 8, k0, lane);
-        frag_b(bl, Tl, L.lw, nt * 8, k0, lane);
-        mma3(c, ah, al, bh, bl);
+        if constexpr (data_lo<T>()) {
+          frag_a(al, Wl, L.lw, mt * 16, k0, lane);
+          frag_b(bl, Tl, L.lw, nt * 8, k0, lane);
+        }
+        mma_data<T>(c, ah, al, bh, bl);
       }
 #pragma unroll
       for (int v = 0; v < 4; ++v) {
@@ -419,7 +424,7 @@ kron_rows_bwd_kernel(Opnd tau, float *__restrict__ z, const T *__restrict__ fa, 
     __syncthreads();
     for (int64_t x = threadIdx.x; x < (int64_t)ac * o2 * TC_QC; x += TC_THREADS) {
       const int64_t pl = x / TC_QC, j = x % TC_QC, al = pl / o2, b = pl % o2;
-      split_store(Xh, Xl, (al * TC_QC + j) * L.lx + b, zs[(a0 * o2 + pl) * TC_QC + j]);
+      store_data<T>(Xh, Xl, (al * TC_QC + j) * L.lx + b, zs[(a0 * o2 + pl) * TC_QC + j]);
     }
     __syncthreads();
     slab_mode_b<T>(Bth, Btl, L.lb, Xh, Xl, L.lx, Yh, Yl, L.ly, a0, ac, o2, o2p);
@@ -445,7 +450,7 @@ kron_rows_bwd_kernel(Opnd tau, float *__restrict__ z, const T *__restrict__ fa, 
     __syncthreads();
     for (int64_t x = threadIdx.x; x < (int64_t)ac * o2 * TC_QC; x += TC_THREADS) {
       const int64_t pl = x / TC_QC, j = x % TC_QC, al = pl / o2, b = pl % o2;
-      split_store(Xh, Xl, (al * TC_QC + j) * L.lx + b, tau_at<T>(tau, a0 * o2 + pl, q0 + j, I));
+      store_data<T>(Xh, Xl, (al * TC_QC + j) * L.lx + b, tau_at<T>(tau, a0 * o2 + pl, q0 + j, I));
     }
     __syncthreads();
     float c[4] = {0.f, 0.f, 0.f, 0.f};
@@ -454,12 +459,14 @@ kron_rows_bwd_kernel(Opnd tau, float *__restrict__ z, const T *__restrict__ fa, 
       const int k0 = ks * 16;
       uint32_t ah[4], al[4], bh[2], bl[2];
       frag_a_at(ah, [&](int m, int k) { return k < kv ? Yh[(int64_t)k * L.ly + m] : zero; }, mt_a * 16, k0, lane);
-      frag_a_at(al, [&](int m, int k) { return k < kv ? Yl[(int64_t)k * L.ly + m] : zero; }, mt_a * 16, k0, lane);
       frag_b_at(bh, [&](int k, int n) { return k < kv && n < ac ? Xh[(n * TC_QC + k % TC_QC) * L.lx + k / TC_QC] : zero; },
                 0, k0, lane);
-      frag_b_at(bl, [&](int k, int n) { return k < kv && n < ac ? Xl[(n * TC_QC + k % TC_QC) * L.lx + k / TC_QC] : zero; },
-                0, k0, lane);
-      mma3(c, ah, al, bh, bl);
+      if constexpr (data_lo<T>()) {
+        frag_a_at(al, [&](int m, int k) { return k < kv ? Yl[(int64_t)k * L.ly + m] : zero; }, mt_a * 16, k0, lane);
+        frag_b_at(bl, [&](int k, int n) { return k < kv && n < ac ? Xl[(n * TC_QC + k % TC_QC) * L.lx + k / TC_QC] : zero; },
+                  0, k0, lane);
+      }
+      mma_data<T>(c, ah, al, bh, bl);
     }
 #pragma unroll
     for (int v = 0; v < 4; ++v) red[(warp * 32 + lane) * 4 + v] = c[v];
@@ -518,19 +525,19 @@ __global__ void kron_bwd_sum_kernel(const float *z, float *gt, int64_t O, int64_
 }
 
 // Shared memory of the three stages (rows forward, columns backward, rows backward).
-inline bool kron_tc_bwd_fits(const D4 &d4, bool flo, int64_t lim) {
+inline bool kron_tc_bwd_fits(const D4 &d4, TcSplit sp, int64_t lim) {
   const int i1 = (int)d4.d[2], i2 = (int)d4.d[3];
-  return rows_layout((int)d4.d[0], (int)d4.d[1], flo).bytes <= lim &&
-         cols_bwd_layout(i1, i2, cols_bwd_rows(i1, i2, flo), flo).bytes <= lim &&
-         rows_bwd_layout((int)d4.d[0], (int)d4.d[1], flo).bytes <= lim;
+  return rows_layout((int)d4.d[0], (int)d4.d[1], sp).bytes <= lim &&
+         cols_bwd_layout(i1, i2, cols_bwd_rows(i1, i2, sp), sp).bytes <= lim &&
+         rows_bwd_layout((int)d4.d[0], (int)d4.d[1], sp).bytes <= lim;
 }
 
 // Floats of the partials of one round (both sides), sized on the dimensions alone.
-inline int64_t kron_tc_bwd_partial_floats(const D4 &d4, int64_t r, bool flo) {
+inline int64_t kron_tc_bwd_partial_floats(const D4 &d4, int64_t r, TcSplit sp) {
   if (!kron_tc_dims_ok(d4)) return 0;
   const int64_t o1 = d4.d[0], o2 = d4.d[1], i1 = d4.d[2], i2 = d4.d[3];
   const int64_t O = o1 * o2, I = i1 * i2, nr = kron_tc_rank_chunk(d4, r);
-  const int64_t slabs = (I + TC_QC - 1) / TC_QC, pr = cols_bwd_rows((int)i1, (int)i2, flo);
+  const int64_t slabs = (I + TC_QC - 1) / TC_QC, pr = cols_bwd_rows((int)i1, (int)i2, sp);
   const int64_t cblocks = (O + pr - 1) / pr;
   return nr * (slabs * (o1 * o1 + o2 * o2) + cblocks * (i1 * i1 + i2 * i2)) + 64;
 }
@@ -543,11 +550,11 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
                             const D4 &d4, T *ga, T *gb, T *gc, T *gd, float *z, float *part, int64_t lim) {
   const int o1 = (int)d4.d[0], o2 = (int)d4.d[1], i1 = (int)d4.d[2], i2 = (int)d4.d[3];
   const int64_t O = (int64_t)o1 * o2, I = (int64_t)i1 * i2, slabs = (I + TC_QC - 1) / TC_QC;
-  constexpr bool flo = factor_lo<T>();
-  const RowsLayout rl = rows_layout(o1, o2, flo);
-  const int pr = cols_bwd_rows(i1, i2, flo);
-  const ColsBwdLayout cl = cols_bwd_layout(i1, i2, pr, flo);
-  const RowsBwdLayout bl = rows_bwd_layout(o1, o2, flo);
+  constexpr TcSplit sp = tc_split<T>();
+  const RowsLayout rl = rows_layout(o1, o2, sp);
+  const int pr = cols_bwd_rows(i1, i2, sp);
+  const ColsBwdLayout cl = cols_bwd_layout(i1, i2, pr, sp);
+  const RowsBwdLayout bl = rows_bwd_layout(o1, o2, sp);
   const int64_t cblocks = (O + pr - 1) / pr;
   cudaError_t err = CAMEX_SET_MAX_SMEM(kron_rows_kernel<T>, lim);
   if (err == cudaSuccess) err = CAMEX_SET_MAX_SMEM(kron_cols_bwd_kernel<T>, lim);
@@ -587,7 +594,7 @@ inline int kron_backward_any(cudaStream_t s, float *gt, Opnd h, Opnd tau, const 
   if constexpr (is_half_type<T>::value) {
     if (camex_tensor_cores() && kron_tc_dims_ok(d4)) {
       const int64_t lim = tc_smem_limit();
-      if (kron_tc_bwd_fits(d4, factor_lo<T>(), lim))
+      if (kron_tc_bwd_fits(d4, tc_split<T>(), lim))
         return kron_backward_tc<T>(s, gt, h, tau, f, e, d4, ga, gb, gc, gd, t1, partial, lim);
     }
   }
@@ -599,7 +606,7 @@ inline int kron_backward_any(cudaStream_t s, float *gt, Opnd h, Opnd tau, const 
 inline int64_t kron_bwd_partial_floats(int dtype, const D4 &d4, int64_t r) {
   int64_t f = contract_partial_floats(d4);
   if (dtype == CAMEX_F16 || dtype == CAMEX_BF16) {
-    const int64_t tf = kron_tc_bwd_partial_floats(d4, r, dtype == CAMEX_F16);
+    const int64_t tf = kron_tc_bwd_partial_floats(d4, r, tc_split_of(dtype));
     if (tf > f) f = tf;
   }
   return f;

@@ -1,6 +1,7 @@
 // Warp-level tensor-core helpers shared by the tensor-core kernels (kron_tc.cuh, gemm.cuh):
-// mma.sync m16n8k16 with f16/bf16 operands and f32 accumulation (sm_80 and later), fragment loads
-// from k-contiguous shared matrices, and the hi/lo split that keeps f32-level products.
+// mma.sync m16n8k16 with bf16 operands and f32 accumulation (sm_80 and later), fragment loads from
+// k-contiguous shared matrices, and which operands are split into bf16 hi + lo halves per storage
+// type (TcSplit, SPEC section 5).
 // In the emulation build (kernels/emu.h) mma_bf16 runs on the CPU with the PTX ISA fragment layout.
 #pragma once
 #include <cstring>
@@ -13,7 +14,7 @@ namespace camex {
 // The tensor cores always multiply bf16 halves: bf16 has f32's exponent range, so the hi/lo split of
 // an f32 value neither overflows (f16 stops at 65504) nor goes subnormal for small values such as
 // gradients (f16's lo half would lose its bits below about 2^-3). f16 storage values are exact as
-// bf16 hi + lo (11 <= 16 significant bits).
+// bf16 hi + lo (11 <= 16 significant bits). (Only the bf16 mma is emulated, kernels/emu.h.)
 using MmaT = __nv_bfloat16;
 
 template <typename T> struct is_half_type : std::false_type {};
@@ -24,7 +25,7 @@ __host__ __device__ inline int tc_pad(int64_t k) { return (int)((k + 15) / 16 * 
 __host__ __device__ inline int tc_ld(int kp) { return kp + 8; }  // row stride: conflict-free fragments
 
 // c += A B for one warp: mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 (the only form used:
-// every operand is a bf16 half, see MmaT).
+// every operand is bf16, see MmaT).
 __device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], const uint32_t b[2]) {
 #ifdef CAMEX_EMU
   ::emu::mma_bf16(c, a, b);
@@ -60,13 +61,65 @@ __device__ __forceinline__ void frag_b(uint32_t b[2], const T *s, int ld, int n0
   b[1] = ld_pair(p + 8);
 }
 
+// Which operands the tensor cores take as bf16 hi = bf16(v) plus lo = bf16(v - hi) (two or three
+// mma per product instead of one) for storage T. SPEC section 5: within its two bounds (tol, and
+// 2x the error of the official einsums evaluated in the storage dtype) the fastest arithmetic wins.
+//   data:   tau = W - E, the f32 intermediates and upstream gradients (rounded once more each);
+//   factor: the Kronecker factors (exact in hi for bf16 storage; f16 needs hi + lo to be exact).
+// bf16 storage: factors exact in hi (no factor lo), data split (two mma per factor-by-data product,
+// three per data-by-data contraction). Single-pass bf16 ({false, false}: one mma per product, no lo
+// arrays in shared memory) was tried and measured in the CPU emulation: the curvature tests and
+// T5-base `wi` stayed within bound 2 at about the official code's error (T5 `wi` curvature 3.8e-3,
+// E_off 3.8e-3; worst ratio to bound 2 over the curvature tests 0.64), but ca_merge's grad_factor_c
+// for a 1 x 1 factor C (i1 = 1, [R, N, 1, 1]: each entry one cancelling sum over the expert's O x I
+// products) failed both bounds: rel_err 1.7e-2 > tol 1e-2 and > 2 E_off = 1.4e-2 (official bf16
+// einsums 6.9e-3; tests/gpu.rs emu_ca_merge_half_matches_cpu, shape [N, O, I] = [2, 7, 13]). Until
+// the factor-gradient contractions alone keep the split (or SPEC treats such degenerate factor
+// gradients as cancelling sums), bf16 keeps the data split.
+// f16 storage: data and factors both split, three mma per product (hi hi + hi lo + lo hi): the
+// cheapest form the bf16 mma allows within bound 2. f16 keeps 11 significant bits, so the official
+// f16 reference rounds at 2^-12 and its E_off is ~8x bf16's, while one bf16 rounding is 2^-9. In the
+// emulation, the Kronecker curvature at [N, O, I] = [3, 6, 10]: no data split (tau and
+// intermediates in bf16) gave rel_err 2.6e-3, no factor split (f16 factors rounded to bf16) 3.7e-3,
+// against E_off 5.0e-4 (bound 2: 1.0e-3; bound 1: 2e-3); with both split, 2.1e-4 at worst over the
+// curvature tests (E_off 4.4e-4).
+struct TcSplit {
+  bool data_lo, factor_lo;
+};
+template <typename T> __host__ __device__ constexpr TcSplit tc_split() { return TcSplit{true, true}; }
+template <> __host__ __device__ constexpr TcSplit tc_split<__nv_bfloat16>() { return TcSplit{true, false}; }
+template <typename T> __host__ __device__ constexpr bool data_lo() { return tc_split<T>().data_lo; }
+template <typename T> __host__ __device__ constexpr bool factor_lo() { return tc_split<T>().factor_lo; }
+// The same for a runtime dtype code (workspace sizing).
+__host__ __device__ inline TcSplit tc_split_of(int dtype) {
+  return dtype == CAMEX_BF16 ? tc_split<__nv_bfloat16>() : tc_split<__half>();
+}
+
 // Splits v into hi = T(v) and lo = T(v - hi) (T = MmaT, bf16): hi + lo carries ~16 significant
-// bits with f32's range, so its products with an exact factor lose nothing SPEC's tolerances see
-// (its scalar gradients need it). An infinite v gives lo = NaN, so Inf inputs come out as NaN.
+// bits with f32's range (no overflow past 65504 or subnormal lo halves, as f16 halves would have;
+// f16 storage values are exact in hi + lo). An infinite v gives lo = NaN, so Inf inputs come out
+// as NaN.
 template <typename T> __device__ __forceinline__ void split_store(T *hi, T *lo, int64_t k, float v) {
   const T h = from_f32<T>(v);
   hi[k] = h;
   lo[k] = from_f32<T>(v - to_f32(h));
+}
+
+// A data operand for storage S: hi + lo (data_lo<S>()) or hi alone (lo is not touched).
+template <typename S> __device__ __forceinline__ void store_data(MmaT *hi, MmaT *lo, int64_t k, float v) {
+  if constexpr (data_lo<S>()) split_store(hi, lo, k, v);
+  else hi[k] = from_f32<MmaT>(v);
+}
+
+// c += A B for two data operands: Ah Bh, plus Ah Bl + Al Bh when data has lo halves (never lo lo).
+template <typename S>
+__device__ __forceinline__ void mma_data(float c[4], const uint32_t ah[4], const uint32_t al[4], const uint32_t bh[2],
+                                         const uint32_t bl[2]) {
+  mma_bf16(c, ah, bh);
+  if constexpr (data_lo<S>()) {
+    mma_bf16(c, ah, bl);
+    mma_bf16(c, al, bh);
+  }
 }
 
 }  // namespace camex

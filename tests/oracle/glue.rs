@@ -1,5 +1,6 @@
 //! Test glue: a deterministic RNG, random cases, conversions between `Vec<f64>` and
-//! `camex::Tensor<F>`, and the relative Frobenius error check of SPEC section 5.
+//! `camex::Tensor<F>`, and SPEC section 5's bound 1: the relative Frobenius error of a tensor, and
+//! |out - ref| <= tol * S for a cancelling sum.
 
 use super::{DareRef, Dims, KronRef, MaskRef, Split4};
 use camex::cpu::{Curvature, Factors};
@@ -240,16 +241,38 @@ pub fn check<F: Float>(what: &str, out: &Tensor<F>, shape: &[usize], reference: 
     );
 }
 
-/// A scalar gradient against its reference; `scale` is the size of the terms it sums (so a
-/// cancelling sum is judged by the rounding it can carry).
+/// SPEC section 5's bound 1 for a long reduction that can cancel (grad_alpha, grad_beta):
+/// |out - ref| <= tol * S, with `scale` = S the sum of the absolute values of its terms (a relative
+/// error means nothing when the exact value is near zero).
 pub fn check_scalar<F: Float>(what: &str, out: F, reference: f64, scale: f64) {
-    let den = reference.abs().max(scale).max(f64::MIN_POSITIVE);
-    let e = (out.to_f64() - reference).abs() / den;
+    let e = (out.to_f64() - reference).abs();
     assert!(
-        e < tol::<F>(),
-        "{what} ({}): got {out}, want {reference}, relative error {e:e}",
-        F::DTYPE.name()
+        e <= tol::<F>() * scale,
+        "{what} ({}): got {out}, want {reference}, |error| {e:e} > tol * S = {:e} * {scale:e}",
+        F::DTYPE.name(),
+        tol::<F>()
     );
+}
+
+/// [`check_scalar`] for every entry of a tensor of cancelling sums (grad_scores), with their S.
+pub fn check_sums<F: Float>(
+    what: &str,
+    out: &Tensor<F>,
+    shape: &[usize],
+    reference: &[f64],
+    scales: &[f64],
+) {
+    assert_eq!(out.shape(), shape, "{what}: shape");
+    assert_eq!(reference.len(), scales.len(), "{what}: scales");
+    for (k, ((o, r), s)) in vals(out).iter().zip(reference).zip(scales).enumerate() {
+        let e = (o - r).abs();
+        assert!(
+            e <= tol::<F>() * s,
+            "{what} ({}) entry {k}: got {o}, want {r}, |error| {e:e} > tol * S = {:e} * {s:e}",
+            F::DTYPE.name(),
+            tol::<F>()
+        );
+    }
 }
 
 pub fn mask_of(m: MaskRef) -> Mask {

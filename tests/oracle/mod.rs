@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod glue;
+pub mod official;
 
 /// Sizes of a merge: G groups, N experts, weights O x I.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -635,6 +636,60 @@ pub fn merge_backward(
         grad_base_bias,
         grad_expert_bias,
     }
+}
+
+/// SPEC section 5's S (the sum of the absolute values of the terms) of the merge's cancelling
+/// scalar gradients: (S of grad_alpha, S of each grad_scores[g, e] [G, N]). grad_scores[g, e] sums
+/// alpha * Gbar[g,p,q] zeta m_e U_e and alpha * dL/dbbar[g,p] (b_e - e_b)[p]; grad_alpha sums the same
+/// terms with s[g, e] for alpha, over g and e.
+#[allow(clippy::too_many_arguments)]
+pub fn merge_backward_scales(
+    d: Dims,
+    curved: &[f64],
+    scores: &[f64],
+    mask: Option<&[f64]>,
+    biases: Option<(&[f64], &[f64])>,
+    alpha: f64,
+    dare: DareRef,
+    grad_merged: &[f64],
+    grad_merged_bias: Option<&[f64]>,
+) -> (f64, Vec<f64>) {
+    let oi = d.oi();
+    let mut s_alpha = 0.0;
+    let mut s_scores = vec![0.0; d.g * d.n];
+    for g in 0..d.g {
+        for e in 0..d.n {
+            let mut inner = 0.0;
+            for p in 0..d.o {
+                for q in 0..d.i {
+                    let k = p * d.i + q;
+                    let m = mask.map_or(1.0, |m| m[e * oi + k]);
+                    let z = dare_zeta(dare, d, g, e, p, q);
+                    inner += (grad_merged[g * oi + k] * z * m * curved[e * oi + k]).abs();
+                }
+            }
+            if let (Some((eb, b)), Some(gmb)) = (biases, grad_merged_bias) {
+                for p in 0..d.o {
+                    inner += (gmb[g * d.o + p] * (b[e * d.o + p] - eb[p])).abs();
+                }
+            }
+            s_scores[g * d.n + e] = alpha.abs() * inner;
+            s_alpha += scores[g * d.n + e].abs() * inner;
+        }
+    }
+    (s_alpha, s_scores)
+}
+
+/// S of grad_beta = (1/N) sum_{e,k} grad_next_base[k] U_e[k]: (1/N) sum |grad_next_base[k] U_e[k]|.
+pub fn beta_scale(curved: &[f64], n: usize, grad_next_base: &[f64]) -> f64 {
+    let oi = grad_next_base.len();
+    let mut s = 0.0;
+    for e in 0..n {
+        for k in 0..oi {
+            s += (grad_next_base[k] * curved[e * oi + k]).abs();
+        }
+    }
+    s / n as f64
 }
 
 // ----------------------------------------------------------------------------------------------
