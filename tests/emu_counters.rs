@@ -211,7 +211,7 @@ fn sampled_blocks_count_like_every_block() {
         })
     };
     let exact = run(1);
-    // SAFETY: a setting of the counters: sample grid dimensions of more than 8 blocks here (64 by
+    // SAFETY: a setting of the counters: sample grid dimensions of more than 8 blocks here (16 by
     // default), so that this small shape's grids are sampled; the 7-block partial reductions are not.
     let prev = unsafe { ffi::camex_emu_sample_above(8) };
     let sampled = run(2);
