@@ -88,6 +88,8 @@ impl Buf {
         // SAFETY: non-zero size; freed in Drop with the same layout.
         let ptr = unsafe { alloc_zeroed(layout) };
         assert!(!ptr.is_null(), "allocation of {bytes} bytes failed");
+        // SAFETY: records the range with the emulation's counters (distinct bytes per allocation).
+        unsafe { ffi::camex_emu_register(ptr as u64, layout.size() as i64, 1) };
         Buf { ptr, layout }
     }
     fn addr(&self) -> u64 {
@@ -97,8 +99,11 @@ impl Buf {
 
 impl Drop for Buf {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { dealloc(self.ptr, self.layout) }
+        // SAFETY: allocated in `new` with this layout; first forgotten by the counters.
+        unsafe {
+            ffi::camex_emu_register(self.ptr as u64, 0, 0);
+            dealloc(self.ptr, self.layout)
+        }
     }
 }
 

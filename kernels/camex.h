@@ -212,6 +212,9 @@ int32_t camex_emu_counting(int32_t mode);
 /* Sets the grid-dimension size above which mode 2 samples (at least 2); returns the previous. */
 int64_t camex_emu_sample_above(int64_t blocks);
 void camex_emu_reset(void);
+/* add = 1: registers [ptr, ptr + bytes) as one allocation (a launch's distinct bytes within it are
+ * then at most its size: sampling may over-estimate shared tiles); add = 0: forgets the one at ptr. */
+void camex_emu_register(uint64_t ptr, int64_t bytes, int32_t add);
 /* Copies up to `cap` records (oldest first) into `out`; returns how many there are. */
 int64_t camex_emu_launches(camex_emu_launch *out, int64_t cap);
 /* A one-warp probe whose counts are known in closed form (tests/emu_counters.rs): each lane copies

@@ -126,6 +126,10 @@ struct LaunchRec {
   std::unordered_map<uintptr_t, uint64_t> sectors;  // sector -> smallest weight of a block touching it
 };
 std::vector<LaunchRec> g_records;
+
+// Allocations registered by the caller (camex_emu_register): a launch's distinct bytes within one
+// are at most its size, whatever the sampling estimated.
+std::vector<std::pair<uintptr_t, uintptr_t>> g_allocs;  // [lo, hi), sorted by lo
 LaunchRec *g_cur = nullptr;
 
 // ---- fibers ----
@@ -622,7 +626,18 @@ void run(dim3 g, dim3 b, const char *kernel, int64_t smem, void (*body)(void *),
     if (count) count_block(workers, nt, blk.weight);
   }
   if (count) {
-    for (auto &[s, w] : rec.sectors) rec.dram += 32 * w;
+    // Distinct sectors, each with its weight; within a registered allocation at most its sectors.
+    std::vector<uint64_t> per_alloc(g_allocs.size(), 0);
+    for (auto &[s, w] : rec.sectors) {
+      const uintptr_t a = s * 32;
+      auto it = std::upper_bound(g_allocs.begin(), g_allocs.end(), std::make_pair(a, UINTPTR_MAX));
+      if (it != g_allocs.begin() && a < std::prev(it)->second) per_alloc[std::prev(it) - g_allocs.begin()] += w;
+      else rec.dram += 32 * w;
+    }
+    for (size_t k = 0; k < g_allocs.size(); ++k) {
+      const uint64_t secs = g_allocs[k].second / 32 - g_allocs[k].first / 32 + 1;
+      rec.dram += 32 * std::min(per_alloc[k], secs);
+    }
     rec.sectors.clear();
     g_cur = nullptr;
     std::lock_guard<std::mutex> r(rec_mutex);
@@ -653,6 +668,14 @@ extern "C" int64_t camex_emu_sample_above(int64_t blocks) {
   const int64_t prev = emu::g_sample_above;
   emu::g_sample_above = blocks < 2 ? 2 : blocks;
   return prev;
+}
+
+extern "C" void camex_emu_register(uint64_t ptr, int64_t bytes, int32_t add) {
+  std::lock_guard<std::mutex> lock(emu::launch_mutex);
+  auto &v = emu::g_allocs;
+  const std::pair<uintptr_t, uintptr_t> r{(uintptr_t)ptr, (uintptr_t)ptr + (uintptr_t)(bytes > 0 ? bytes : 0)};
+  v.erase(std::remove_if(v.begin(), v.end(), [&](const auto &x) { return x.first == r.first; }), v.end());
+  if (add && bytes > 0) v.insert(std::upper_bound(v.begin(), v.end(), r), r);
 }
 
 extern "C" void camex_emu_reset(void) {
