@@ -310,6 +310,11 @@ fn stream() -> ffi::camex_stream_t {
     std::ptr::null_mut()
 }
 
+/// The four Kronecker factors' buffers (or their gradients'): [R, N, k, k] for k = o1, o2, i1, i2.
+fn factor_bufs(d: Dims, elem: usize) -> [Buf; 4] {
+    [d.o1, d.o2, d.i1, d.i2].map(|k| Buf::new(d.r * d.n * k * k * elem))
+}
+
 /// Runs `pass` of `op` once; the emulation records its launches.
 fn run_op(op: Op, pass: Pass, d: Dims, dt: Dt) {
     let e = dt.size();
@@ -320,10 +325,7 @@ fn run_op(op: Op, pass: Pass, d: Dims, dt: Dt) {
     match op {
         Op::CaMerge | Op::Curvature => {
             let (base, experts, scores) = (b(oi), b(n * oi), b(g * n));
-            let fa = b(r * n * d.o1 * d.o1);
-            let fb = b(r * n * d.o2 * d.o2);
-            let fc = b(r * n * d.i1 * d.i1);
-            let fd = b(r * n * d.i2 * d.i2);
+            let [fa, fb, fc, fd] = factor_bufs(d, e);
             if op == Op::CaMerge {
                 let mut p = ffi::camex_ca_merge_params {
                     dtype: dt.code(),
@@ -360,9 +362,8 @@ fn run_op(op: Op, pass: Pass, d: Dims, dt: Dt) {
                 );
                 drop(ws);
                 if bwd {
-                    let (gm, gb, ge, gs) = (b(g * oi), b(oi), b(n * oi), b(g * n));
-                    let (ga, gfa, gfb) = (b(1), b(r * n * d.o1 * d.o1), b(r * n * d.o2 * d.o2));
-                    let (gfc, gfd) = (b(r * n * d.i1 * d.i1), b(r * n * d.i2 * d.i2));
+                    let (gm, gb, ge, gs, ga) = (b(g * oi), b(oi), b(n * oi), b(g * n), b(1));
+                    let [gfa, gfb, gfc, gfd] = factor_bufs(d, e);
                     p.grad_merged = gm.addr();
                     p.grad_base = gb.addr();
                     p.grad_experts = ge.addr();
@@ -415,8 +416,7 @@ fn run_op(op: Op, pass: Pass, d: Dims, dt: Dt) {
                 drop(ws);
                 if bwd {
                     let (gc, gb, ge) = (b(n * oi), b(oi), b(n * oi));
-                    let (gfa, gfb) = (b(r * n * d.o1 * d.o1), b(r * n * d.o2 * d.o2));
-                    let (gfc, gfd) = (b(r * n * d.i1 * d.i1), b(r * n * d.i2 * d.i2));
+                    let [gfa, gfb, gfc, gfd] = factor_bufs(d, e);
                     p.grad_curved = gc.addr();
                     p.grad_base = gb.addr();
                     p.grad_experts = ge.addr();

@@ -255,7 +255,7 @@ inline void record(uintptr_t pc, const volatile void *p, size_t size, bool write
 }
 
 // Grid dimensions of more blocks than this are sampled (camex_emu_sample_above).
-int64_t g_sample_above = 16;
+int64_t g_sample_above = 8;
 
 // Samples of one grid dimension of n blocks and the blocks each stands for: all of them when
 // n <= g_sample_above, else the first, the middle one (for the n - 2 interior ones) and the last.

@@ -220,7 +220,7 @@ fn sampled_blocks_count_like_every_block() {
         unsafe { ffi::camex_emu_register(addr(b), (b.len() * 256) as i64, 1) };
     }
     let exact = run(1);
-    // SAFETY: a setting of the counters: sample grid dimensions of more than 8 blocks here (16 by
+    // SAFETY: a setting of the counters: sample grid dimensions of more than 8 blocks (as by
     // default), so that this small shape's grids are sampled; the 7-block partial reductions are not.
     let prev = unsafe { ffi::camex_emu_sample_above(8) };
     let sampled = run(2);
