@@ -165,9 +165,11 @@ gemm_kernel(Opnd a, Opnd b, OutView out, float *partial, int64_t M, int64_t N, i
 // run only in the CPU emulation so far). Same tiles, grid, operand loads and output; operands in
 // shared memory as bf16 (k-contiguous, row stride BK + 8), f32 accumulation. Precision per storage
 // type (TcSplit, mma.cuh; SPEC section 5): where T splits data, each operand is bf16 hi + lo and
-// each 16-deep slice three mma.sync m16n8k16 (hi*hi + hi*lo + lo*hi, ~16 significant bits);
-// otherwise one mma, and no lo arrays in shared memory. 8 warps as 4 (rows) x 2 (columns), 16 x 32
-// outputs each.
+// each 16-deep slice three mma.sync m16n8k16 (hi*hi + hi*lo + lo*hi, ~16 significant bits), except
+// for bf16 storage operands alone, which are exact in hi (one mma); otherwise one mma, and no lo
+// arrays in shared memory. The scalar chain's f32 intermediates (kron.cuh, factors over 64) keep
+// the split: no emulation test reaches them in bf16, so single-pass is unmeasured there. 8 warps as
+// 4 (rows) x 2 (columns), 16 x 32 outputs each.
 template <typename T>
 __global__ void __launch_bounds__(GEMM_THREADS)
 gemm_tc_kernel(Opnd a, Opnd b, OutView out, float *partial, int64_t M, int64_t N, int64_t K, int splits,
@@ -181,24 +183,36 @@ gemm_tc_kernel(Opnd a, Opnd b, OutView out, float *partial, int64_t M, int64_t N
   MmaT *Al = data_lo<T>() ? sm + 2 * TILE : nullptr, *Bl = data_lo<T>() ? sm + 3 * TILE : nullptr;
   const GemmBlock blk(a, b, K, splits, k_per_split);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wm = warp & 3, wn = warp >> 2;
+  // bf16 storage operands are exact in hi (lo = 0): when neither operand is f32 or tau (the merged
+  // linear layer and its gradients), one mma per product gives the same bits as three. Uniform
+  // over the block, so no divergence.
+  const bool split = data_lo<T>() && !(std::is_same<T, __nv_bfloat16>::value && a.kind == OP_STORE && b.kind == OP_STORE);
 
   float acc[4][4];
 #pragma unroll
   for (int j = 0; j < 4; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 
   for (int64_t k0 = blk.k_begin; k0 < blk.k_end; k0 += GEMM_BK) {
-    blk.load<T>(a, b, M, N, k0, [&](int mm, int kk, float v) { store_data<T>(Ah, Al, mm * LK + kk, v); },
-                [&](int nn, int kk, float v) { store_data<T>(Bh, Bl, nn * LK + kk, v); });
+    const auto put = [&](MmaT *hi, MmaT *lo, int64_t at, float v) {
+      if (data_lo<T>() && split) split_store(hi, lo, at, v);
+      else hi[at] = from_f32<MmaT>(v);
+    };
+    blk.load<T>(a, b, M, N, k0, [&](int mm, int kk, float v) { put(Ah, Al, mm * LK + kk, v); },
+                [&](int nn, int kk, float v) { put(Bh, Bl, nn * LK + kk, v); });
     __syncthreads();
     uint32_t ah[4], al[4];
     frag_a(ah, Ah, LK, wm * 16, 0, lane);
-    if constexpr (data_lo<T>()) frag_a(al, Al, LK, wm * 16, 0, lane);
+    if (data_lo<T>() && split) frag_a(al, Al, LK, wm * 16, 0, lane);
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
       uint32_t bh[2], bl[2];
       frag_b(bh, Bh, LK, wn * 32 + nt * 8, 0, lane);
-      if constexpr (data_lo<T>()) frag_b(bl, Bl, LK, wn * 32 + nt * 8, 0, lane);
-      mma_data<T>(acc[nt], ah, al, bh, bl);
+      mma_bf16(acc[nt], ah, bh);
+      if (data_lo<T>() && split) {
+        frag_b(bl, Bl, LK, wn * 32 + nt * 8, 0, lane);
+        mma_bf16(acc[nt], ah, bl);
+        mma_bf16(acc[nt], al, bh);
+      }
     }
     __syncthreads();
   }

@@ -17,20 +17,23 @@
 //     Z_r written slab-contiguous ([r][slab][O][8]) so that both stages move whole 32-byte runs;
 //   stage 2 (cols_kernel): one block per run of PR rows, looping over the ranks: Z_r rows into
 //     shared memory, mode d (D_r) then mode c (C_r), accumulating sum_r in registers; U in f32.
-// Every matrix product is a padded (to 16) GEMM on shared-memory operands stored k-contiguous with a
-// row stride of kp + 8 elements, which makes the fragment loads free of bank conflicts.
+// Every matrix product is a padded (to 16) GEMM on shared-memory operands. Operands read with
+// k contiguous have a row stride of kp + 8 elements (fragment loads free of bank conflicts); the
+// intermediates between two modes (stage 1's Y, stage 2's Y) are kept as the producing mma writes
+// them, as 32-bit pairs, and the next mode reads them with ldmatrix.trans (row strides of an odd
+// number of 16-byte units). Each warp keeps a fragment in registers across the tiles that share it.
 //
-// Precision (SPEC section 5's two bounds; TcSplit in mma.cuh has the measurements): every data
-// operand (tau = W - E, the f32 intermediates) goes through the tensor cores as bf16 hi + lo (~16
-// significant bits, f32 accumulation); factors as hi alone for bf16 storage (exact) and hi + lo for
-// f16 storage. Single-pass bf16 data met bound 2 but not bound 1 on a degenerate 1 x 1 factor
-// gradient (mma.cuh); for f16 one bf16 rounding is already 4x f16's and breaks bound 2. f32
-// storage keeps the scalar path (kron.cuh): 1e-5 needs f32 products. Factors larger than 64 also
-// take the scalar path.
+// Precision (SPEC section 5's two bounds; TcSplit and FwdPrec in mma.cuh have the measurements):
+// for bf16 storage every operand goes through the tensor cores once, as bf16 (tau = W - E and the
+// f32 intermediate Z rounded once; factors exact); for f16 storage data and factors go as bf16
+// hi + lo (~16 significant bits; one bf16 rounding is 4x f16's and breaks bound 2). f32
+// accumulation throughout. f32 storage keeps the scalar path (kron.cuh): 1e-5 needs f32 products.
+// Factors larger than 64 also take the scalar path.
 #pragma once
 #include <cstdlib>
 
 #include "kron.cuh"
+#include "ldst.cuh"
 #include "mma.cuh"
 
 namespace camex {
@@ -39,42 +42,43 @@ constexpr int TC_THREADS = 256, TC_WARPS = TC_THREADS / 32;
 constexpr int TC_QC = 8;    // columns per stage-1 slab: one n8 tile
 constexpr int TC_KMAX = 64; // largest factor size the tensor-core path takes
 constexpr int TC_ACC = 8;   // m16n8 f32 accumulator tiles per warp in stage 2 (32 registers)
+constexpr int TC_AC = 8;    // row runs (values of a) per tau chunk in stage 1
 constexpr int64_t TC_SMEM_MAX = 227 * 1024;  // sm_90's opt-in maximum
 
 // Copies a k x k factor into zero-padded [kp][ld] shared matrices as bf16 hi + lo; bf16 storage is
 // exact in hi and has no lo array (the padding is zeroed once).
-template <typename T>
+template <typename P, typename T>
 __device__ __forceinline__ void load_factor(MmaT *hi, MmaT *lo, const T *f, int k, int ld) {
   for (int x = threadIdx.x; x < k * k; x += TC_THREADS) {
     const int64_t at = (x / k) * ld + x % k;
-    if constexpr (factor_lo<T>()) split_store(hi, lo, at, to_f32(f[x]));
+    if constexpr (P::factor_lo) split_store(hi, lo, at, to_f32(f[x]));
     else hi[at] = from_f32<MmaT>(to_f32(f[x]));
   }
 }
 
 // c += F X for a factor F (the A operand) and data X (the B operand): F_hi X_hi, plus F_hi X_lo and
 // F_lo X_hi where storage T splits data and factors (TcSplit).
-template <typename T>
+template <typename P>
 __device__ __forceinline__ void mma_split(float c[4], const uint32_t ah[4], const uint32_t al[4], const uint32_t bh[2],
                                           const uint32_t bl[2]) {
   mma_bf16(c, ah, bh);
-  if constexpr (data_lo<T>()) mma_bf16(c, ah, bl);
-  if constexpr (factor_lo<T>()) mma_bf16(c, al, bh);
+  if constexpr (P::data_lo) mma_bf16(c, ah, bl);
+  if constexpr (P::factor_lo) mma_bf16(c, al, bh);
 }
 
 // c += F[m0..m0+15][k] X[n0..n0+7][k] over k < kp: a factor (the A operand: hi, and lo where T
 // splits factors) times data (the B operand: hi, and lo where T splits data), both k-contiguous
 // with row strides lf and lx.
-template <typename T>
+template <typename P>
 __device__ __forceinline__ void factor_by_data(float c[4], const MmaT *fh, const MmaT *fl, int lf, int m0, const MmaT *xh,
                                                const MmaT *xl, int lx, int n0, int kp, int lane) {
   for (int k0 = 0; k0 < kp; k0 += 16) {
     uint32_t ah[4], al[4], bh[2], bl[2];
     frag_a(ah, fh, lf, m0, k0, lane);
-    if constexpr (factor_lo<T>()) frag_a(al, fl, lf, m0, k0, lane);
+    if constexpr (P::factor_lo) frag_a(al, fl, lf, m0, k0, lane);
     frag_b(bh, xh, lx, n0, k0, lane);
-    if constexpr (data_lo<T>()) frag_b(bl, xl, lx, n0, k0, lane);
-    mma_split<T>(c, ah, al, bh, bl);
+    if constexpr (P::data_lo) frag_b(bl, xl, lx, n0, k0, lane);
+    mma_split<P>(c, ah, al, bh, bl);
   }
 }
 
@@ -85,7 +89,7 @@ __device__ __forceinline__ void zero_smem(char *smem, int64_t bytes) {
 
 // Mode b on TC_AC row runs of an 8-column slab: Y[b][j][a0 + al] = sum_b' F[b][b'] X[al][j][b'] for
 // al < ac (M = b, N = j, K = b'; F: the factor or its transpose, row stride lf).
-template <typename T>
+template <typename P>
 __device__ __forceinline__ void slab_mode_b(const MmaT *fh, const MmaT *fl, int lf, const MmaT *xh, const MmaT *xl,
                                             int lx, MmaT *yh, MmaT *yl, int ly, int a0, int ac, int o2, int o2p) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -93,20 +97,20 @@ __device__ __forceinline__ void slab_mode_b(const MmaT *fh, const MmaT *fl, int 
   for (int tile = warp; tile < ac * mtb; tile += TC_WARPS) {
     const int al = tile / mtb, mt = tile % mtb, a = a0 + al;
     float c[4] = {0.f, 0.f, 0.f, 0.f};
-    factor_by_data<T>(c, fh, fl, lf, mt * 16, xh + al * TC_QC * lx, xl + al * TC_QC * lx, lx, 0, o2p, lane);
+    factor_by_data<P>(c, fh, fl, lf, mt * 16, xh + al * TC_QC * lx, xl + al * TC_QC * lx, lx, 0, o2p, lane);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int b = mt * 16 + g + 8 * h;
       if (b >= o2) continue;
-      store_data<T>(yh, yl, (b * TC_QC + 2 * t) * ly + a, c[2 * h]);
-      store_data<T>(yh, yl, (b * TC_QC + 2 * t + 1) * ly + a, c[2 * h + 1]);
+      store_data<P>(yh, yl, (b * TC_QC + 2 * t) * ly + a, c[2 * h]);
+      store_data<P>(yh, yl, (b * TC_QC + 2 * t + 1) * ly + a, c[2 * h + 1]);
     }
   }
 }
 
 // Mode a on a whole 8-column slab: out[(a * o2 + b) * 8 + j] = sum_a' F[a][a'] Y[b][j][a']
 // (M = a, N = (b, j), K = a'), f32, written slab-contiguous.
-template <typename T>
+template <typename P>
 __device__ __forceinline__ void slab_mode_a(const MmaT *fh, const MmaT *fl, int lf, const MmaT *yh, const MmaT *yl,
                                             int ly, float *out, int o1, int o1p, int o2) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -114,7 +118,7 @@ __device__ __forceinline__ void slab_mode_a(const MmaT *fh, const MmaT *fl, int 
   for (int tile = warp; tile < mta * o2; tile += TC_WARPS) {
     const int b = tile / mta, mt = tile % mta;
     float c[4] = {0.f, 0.f, 0.f, 0.f};
-    factor_by_data<T>(c, fh, fl, lf, mt * 16, yh + (int64_t)b * TC_QC * ly, yl + (int64_t)b * TC_QC * ly, ly, 0, o1p,
+    factor_by_data<P>(c, fh, fl, lf, mt * 16, yh + (int64_t)b * TC_QC * ly, yl + (int64_t)b * TC_QC * ly, ly, 0, o1p,
                       lane);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -125,27 +129,106 @@ __device__ __forceinline__ void slab_mode_a(const MmaT *fh, const MmaT *fl, int 
   }
 }
 
+// The forward's stage 1 keeps Y as [a'][b * 8 + j] (rows_layout(.., fwd)): mode b's outputs go out
+// as 32-bit pairs and mode a's B fragments come through ldmatrix.trans, both free of bank
+// conflicts, and each warp reuses its fragments across tiles (the data's across mode b's m tiles,
+// the factor's across mode a's n tiles).
+
+// Mode b on TC_AC (= TC_WARPS) row runs of an 8-column slab, one per warp:
+// Y[a0 + al][b * 8 + j] = sum_b' F[b][b'] X[al][j][b'] (M = b, N = j, K = b').
+template <typename P>
+__device__ __forceinline__ void slab_fwd_mode_b(const MmaT *fh, const MmaT *fl, int lf, const MmaT *xh, const MmaT *xl,
+                                                int lx, MmaT *yh, MmaT *yl, int ly, int a0, int ac, int o2, int o2p) {
+  static_assert(TC_AC == TC_WARPS, "one row run per warp");
+  const int lane = threadIdx.x & 31, al = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  if (al >= ac) return;  // the whole warp
+  const int kt = o2p / 16;
+  uint32_t bh[TC_KMAX / 16][2], bl[TC_KMAX / 16][2];  // X's fragments, every k step
+#pragma unroll
+  for (int k = 0; k < TC_KMAX / 16; ++k)
+    if (k < kt) {
+      frag_b(bh[k], xh + al * TC_QC * lx, lx, 0, k * 16, lane);
+      if constexpr (P::data_lo) frag_b(bl[k], xl + al * TC_QC * lx, lx, 0, k * 16, lane);
+    }
+  MmaT *yrh = yh + (int64_t)(a0 + al) * ly, *yrl = yl + (int64_t)(a0 + al) * ly;
+  for (int mt = 0; mt < o2p / 16; ++mt) {
+    float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int k = 0; k < TC_KMAX / 16; ++k)
+      if (k < kt) {
+        uint32_t ah[4], alo[4];
+        frag_a(ah, fh, lf, mt * 16, k * 16, lane);
+        if constexpr (P::factor_lo) frag_a(alo, fl, lf, mt * 16, k * 16, lane);
+        mma_split<P>(c, ah, alo, bh[k], bl[k]);
+      }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int b = mt * 16 + g + 8 * h;
+      if (b < o2) store_data2<P>(yrh, yrl, b * TC_QC + 2 * t, c[2 * h], c[2 * h + 1]);
+    }
+  }
+}
+
+// Mode a on the whole slab: out[(a * o2 + b) * 8 + j] = sum_a' F[a][a'] Y[a'][b * 8 + j]
+// (M = a, N = (b, j), K = a'), f32, slab-contiguous. Warps take n tiles b; each m tile's factor
+// fragments are loaded once per warp.
+template <typename P>
+__device__ __forceinline__ void slab_fwd_mode_a(const MmaT *fh, const MmaT *fl, int lf, const MmaT *yh, const MmaT *yl,
+                                                int ly, float *out, int o1, int o1p, int o2) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int kt = o1p / 16;
+  const int64_t lrow = (lane & 15) * (int64_t)ly;  // ldmatrix.x2: lanes 0..15 give rows k0..k0+15
+  for (int mt = 0; mt < o1p / 16; ++mt) {
+    uint32_t ah[TC_KMAX / 16][4], alo[TC_KMAX / 16][4];
+#pragma unroll
+    for (int k = 0; k < TC_KMAX / 16; ++k)
+      if (k < kt) {
+        frag_a(ah[k], fh, lf, mt * 16, k * 16, lane);
+        if constexpr (P::factor_lo) frag_a(alo[k], fl, lf, mt * 16, k * 16, lane);
+      }
+    for (int b = warp; b < o2; b += TC_WARPS) {
+      float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int k = 0; k < TC_KMAX / 16; ++k)
+        if (k < kt) {
+          uint32_t bh[2], bl[2];
+          ldmatrix_x2<true>(bh, yh + (int64_t)k * 16 * ly + lrow + b * TC_QC);
+          if constexpr (P::data_lo) ldmatrix_x2<true>(bl, yl + (int64_t)k * 16 * ly + lrow + b * TC_QC);
+          mma_split<P>(c, ah[k], alo[k], bh, bl);
+        }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int a = mt * 16 + g + 8 * h;
+        if (a >= o1) continue;
+        *reinterpret_cast<float2 *>(out + ((int64_t)a * o2 + b) * TC_QC + 2 * t) = make_float2(c[2 * h], c[2 * h + 1]);
+      }
+    }
+  }
+}
+
 // ---- stage 1: rows ----
 
-constexpr int TC_AC = 8;  // row runs (values of a) per tau chunk in stage 1
 
 struct RowsLayout {
   int o1p, o2p, lx, ly, la, lb;
   int64_t xh, xl, yh, yl, ah, al, bh, bl, bytes;  // byte offsets
 };
 
-// sp: which operands have lo halves (tc_split<T>()); the others' lo arrays are empty.
-__host__ __device__ inline RowsLayout rows_layout(int o1, int o2, TcSplit sp) {
+// sp: which operands have lo halves (tc_split<T>()); the others' lo arrays are empty. fwd: Y as the
+// forward's stage 1 keeps it (slab_fwd_mode_b), [o1p][ly] with Y[a'][b * 8 + q] and ly = 8 u for an
+// odd u, so that ldmatrix's eight 16-byte rows fall in eight distinct bank groups.
+__host__ __device__ inline RowsLayout rows_layout(int o1, int o2, TcSplit sp, bool fwd = false) {
   RowsLayout l;
   l.o1p = tc_pad(o1);
   l.o2p = tc_pad(o2);
   l.lx = tc_ld(l.o2p);
-  l.ly = tc_ld(l.o1p);
+  l.ly = fwd ? TC_QC * (o2 + 1 + (o2 & 1)) : tc_ld(l.o1p);
   l.la = tc_ld(l.o1p);
   l.lb = tc_ld(l.o2p);
   const int64_t e = 2;                              // bytes per f16/bf16 element
   const int64_t x = (int64_t)TC_AC * TC_QC * l.lx * e;  // X [AC * 8][lx]: X[a][q][b'] = tau[(a, b'), q]
-  const int64_t y = (int64_t)o2 * TC_QC * l.ly * e;     // Y [o2 * 8][ly]: Y[b][q][a'] = (tau x2 B)[(a', b), q]
+  // Y [o2 * 8][ly]: Y[b][q][a'] = (tau x2 B)[(a', b), q]; fwd: [o1p][ly] (rows past o1: mode a's K padding)
+  const int64_t y = (fwd ? (int64_t)l.o1p : (int64_t)o2 * TC_QC) * l.ly * e;
   const bool dlo = sp.data_lo, flo = sp.factor_lo;
   l.xh = 0;
   l.xl = l.xh + x;
@@ -161,12 +244,47 @@ __host__ __device__ inline RowsLayout rows_layout(int o1, int o2, TcSplit sp) {
 
 // grid (slabs = ceil(I / 8), ranks in this chunk); rank r = r0 + blockIdx.y.
 // z: f32 [chunk rank][slabs][O][8] = ((A_r (x) B_r) tau)[p, slab*8 + j].
-template <typename T>
-__global__ void __launch_bounds__(TC_THREADS)
-kron_rows_kernel(const T *__restrict__ w, const T *__restrict__ e, const T *__restrict__ fa, const T *__restrict__ fb,
-                 float *__restrict__ z, int o1, int o2, int64_t I, int64_t nexp, int64_t expert, int64_t r0) {
-  CAMEX_DYNAMIC_SMEM(smem);
-  const RowsLayout L = rows_layout(o1, o2, tc_split<T>());
+// tau = W - E of rows (a0..a0+ac, all b) and columns q0..q0+7 into shared X[al][j][b] (row
+// stride lx; exact in f32, then a data operand under P, store_data); vec: 16-byte loads.
+template <typename P, typename T>
+__device__ __forceinline__ void load_tau_chunk(MmaT *Xh, MmaT *Xl, int lx, const T *__restrict__ w,
+                                               const T *__restrict__ e, int a0, int ac, int o2, int64_t I,
+                                               int64_t q0, bool vec) {
+  const int64_t rows = (int64_t)ac * o2, pbase = (int64_t)a0 * o2;
+  if (vec) {
+    for (int64_t x = threadIdx.x; x < rows; x += TC_THREADS) {
+      const int64_t p = pbase + x;
+      const uint4 wv = *reinterpret_cast<const uint4 *>(w + p * I + q0);
+      const uint4 ev = *reinterpret_cast<const uint4 *>(e + p * I + q0);
+      T wt[TC_QC], et[TC_QC];
+      memcpy(wt, &wv, 16);
+      memcpy(et, &ev, 16);
+      const int64_t al = x / o2, b = x % o2;
+#pragma unroll
+      for (int j = 0; j < TC_QC; ++j) store_data<P>(Xh, Xl, (al * TC_QC + j) * lx + b, to_f32(wt[j]) - to_f32(et[j]));
+    }
+  } else {
+    for (int64_t x = threadIdx.x; x < rows * TC_QC; x += TC_THREADS) {
+      const int64_t pl = x / TC_QC, j = x % TC_QC, q = q0 + j, p = pbase + pl;
+      const int64_t al = pl / o2, b = pl % o2;
+      const float v = q < I ? to_f32(w[p * I + q]) - to_f32(e[p * I + q]) : 0.f;
+      store_data<P>(Xh, Xl, (al * TC_QC + j) * lx + b, v);
+    }
+  }
+}
+
+// The backward's stage 1 (P = L tau, which feeds dC and dD): single-pass bf16 as the forward's
+// (FwdPrec); mma.cuh has the measurements.
+template <typename T> using RowsSplitPrec = FwdPrec<T>;
+
+// The body of stage 1 under precision policy P: kron_rows_kernel (the forward's, FwdPrec, with
+// FWD's layout and modes) and kron_rows_split_kernel (the backward's) below.
+template <typename T, typename P, bool FWD>
+__device__ __forceinline__ void kron_rows_body(char *smem, const T *__restrict__ w, const T *__restrict__ e,
+                                               const T *__restrict__ fa, const T *__restrict__ fb,
+                                               float *__restrict__ z, int o1, int o2, int64_t I, int64_t nexp,
+                                               int64_t expert, int64_t r0) {
+  const RowsLayout L = rows_layout(o1, o2, P::split(), FWD);
   MmaT *Xh = reinterpret_cast<MmaT *>(smem + L.xh), *Xl = reinterpret_cast<MmaT *>(smem + L.xl);
   MmaT *Yh = reinterpret_cast<MmaT *>(smem + L.yh), *Yl = reinterpret_cast<MmaT *>(smem + L.yl);
   MmaT *Ah = reinterpret_cast<MmaT *>(smem + L.ah), *Al = reinterpret_cast<MmaT *>(smem + L.al);
@@ -178,47 +296,44 @@ kron_rows_kernel(const T *__restrict__ w, const T *__restrict__ e, const T *__re
 
   zero_smem(smem, L.bytes);  // the K padding of every operand stays zero
   __syncthreads();
-  load_factor(Ah, Al, fa + (r * nexp + expert) * o1 * o1, o1, L.la);
-  load_factor(Bh, Bl, fb + (r * nexp + expert) * o2 * o2, o2, L.lb);
+  load_factor<P>(Ah, Al, fa + (r * nexp + expert) * o1 * o1, o1, L.la);
+  load_factor<P>(Bh, Bl, fb + (r * nexp + expert) * o2 * o2, o2, L.lb);
 
   for (int a0 = 0; a0 < o1; a0 += TC_AC) {
     const int ac = o1 - a0 < TC_AC ? o1 - a0 : TC_AC;
     __syncthreads();  // the previous chunk's readers are done (and the factors are visible)
-    // tau = W - E of rows (a0..a0+ac, all b), exact in f32, as a data operand (store_data).
-    const int64_t rows = (int64_t)ac * o2, pbase = (int64_t)a0 * o2;
-    if (vec) {
-      for (int64_t x = threadIdx.x; x < rows; x += TC_THREADS) {
-        const int64_t p = pbase + x;
-        const uint4 wv = *reinterpret_cast<const uint4 *>(w + p * I + q0);
-        const uint4 ev = *reinterpret_cast<const uint4 *>(e + p * I + q0);
-        T wt[TC_QC], et[TC_QC];
-        memcpy(wt, &wv, 16);
-        memcpy(et, &ev, 16);
-        const int64_t al = x / o2, b = x % o2;
-#pragma unroll
-        for (int j = 0; j < TC_QC; ++j) store_data<T>(Xh, Xl, (al * TC_QC + j) * L.lx + b, to_f32(wt[j]) - to_f32(et[j]));
-      }
-    } else {
-      for (int64_t x = threadIdx.x; x < rows * TC_QC; x += TC_THREADS) {
-        const int64_t pl = x / TC_QC, j = x % TC_QC, q = q0 + j, p = pbase + pl;
-        const int64_t al = pl / o2, b = pl % o2;
-        const float v = q < I ? to_f32(w[p * I + q]) - to_f32(e[p * I + q]) : 0.f;
-        store_data<T>(Xh, Xl, (al * TC_QC + j) * L.lx + b, v);
-      }
-    }
+    load_tau_chunk<P>(Xh, Xl, L.lx, w, e, a0, ac, o2, I, q0, vec);
     __syncthreads();
     // Mode b, per row run a: Y[b][q] = sum_b' B[b][b'] X[a][q][b'].
-    slab_mode_b<T>(Bh, Bl, L.lb, Xh, Xl, L.lx, Yh, Yl, L.ly, a0, ac, o2, L.o2p);
+    if constexpr (FWD) slab_fwd_mode_b<P>(Bh, Bl, L.lb, Xh, Xl, L.lx, Yh, Yl, L.ly, a0, ac, o2, L.o2p);
+    else slab_mode_b<P>(Bh, Bl, L.lb, Xh, Xl, L.lx, Yh, Yl, L.ly, a0, ac, o2, L.o2p);
   }
   __syncthreads();
 
   // Mode a: Z[a][(b, q)] = sum_a' A[a][a'] Y[b][q][a'], slab-contiguous.
-  slab_mode_a<T>(Ah, Al, L.la, Yh, Yl, L.ly, z + (blockIdx.y * slabs + slab) * O * TC_QC, o1, L.o1p, o2);
+  float *zs = z + (blockIdx.y * slabs + slab) * O * TC_QC;
+  if constexpr (FWD) slab_fwd_mode_a<P>(Ah, Al, L.la, Yh, Yl, L.ly, zs, o1, L.o1p, o2);
+  else slab_mode_a<P>(Ah, Al, L.la, Yh, Yl, L.ly, zs, o1, L.o1p, o2);
 }
+
+#define CAMEX_KRON_ROWS_PARAMS                                                                             \
+  const T *__restrict__ w, const T *__restrict__ e, const T *__restrict__ fa, const T *__restrict__ fb,   \
+      float *__restrict__ z, int o1, int o2, int64_t I, int64_t nexp, int64_t expert, int64_t r0
+// Launch bounds of two blocks per SM (at most 128 registers): with the default, ptxas 13.0 capped
+// the f16 instance at 64 registers and spilled (mode a's factor fragments, hi and lo).
+template <typename T> __global__ void __launch_bounds__(TC_THREADS, 2) kron_rows_kernel(CAMEX_KRON_ROWS_PARAMS) {
+  CAMEX_DYNAMIC_SMEM(smem);
+  kron_rows_body<T, FwdPrec<T>, true>(smem, w, e, fa, fb, z, o1, o2, I, nexp, expert, r0);
+}
+template <typename T> __global__ void __launch_bounds__(TC_THREADS) kron_rows_split_kernel(CAMEX_KRON_ROWS_PARAMS) {
+  CAMEX_DYNAMIC_SMEM(smem);
+  kron_rows_body<T, RowsSplitPrec<T>, false>(smem, w, e, fa, fb, z, o1, o2, I, nexp, expert, r0);
+}
+#undef CAMEX_KRON_ROWS_PARAMS
 
 // Rows p0..p0+pr of one rank of Z (slab layout [slab][O][8], f32) into shared X[p][c][d] (row
 // stride lx), a data operand of storage T (store_data); rows past O are left as they are.
-template <typename T>
+template <typename P>
 __device__ __forceinline__ void load_z_rows(MmaT *xh, MmaT *xl, int lx, const float *zr, int64_t p0, int pr, int64_t O,
                                             int i1, int i2, int i1p) {
   const int64_t I = (int64_t)i1 * i2, slabs = (I + TC_QC - 1) / TC_QC;
@@ -231,7 +346,7 @@ __device__ __forceinline__ void load_z_rows(MmaT *xh, MmaT *xl, int lx, const fl
 #pragma unroll
     for (int j = 0; j < TC_QC; ++j) {
       const int64_t q = sl * TC_QC + j;
-      if (q < I) store_data<T>(xh, xl, (pl * i1p + q / i2) * lx + q % i2, vt[j]);
+      if (q < I) store_data<P>(xh, xl, (pl * i1p + q / i2) * lx + q % i2, vt[j]);
     }
   }
 }
@@ -242,7 +357,7 @@ __device__ __forceinline__ void load_z_rows(MmaT *xh, MmaT *xl, int lx, const fl
 // K = d'): the data is the A operand (hi, and lo where T splits data; row stride lx), the factor
 // the B operand (hi, and lo where T splits factors; row stride lf); Y's row stride ly. Used by the forward's mode d and by the
 // backward's (P x4 D and H x4 D^T).
-template <typename T>
+template <typename P>
 __device__ __forceinline__ void rows_by_factor(const MmaT *xh, const MmaT *xl, int lx, const MmaT *fh, const MmaT *fl,
                                                int lf, MmaT *yh, MmaT *yl, int ly, int rows, int i1p, int i2p) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -255,11 +370,11 @@ __device__ __forceinline__ void rows_by_factor(const MmaT *xh, const MmaT *xl, i
       frag_a(ah, xh, lx, mt * 16, k0, lane);
       frag_b(bh, fh, lf, nt * 8, k0, lane);
       mma_bf16(c, ah, bh);
-      if constexpr (data_lo<T>()) {
+      if constexpr (P::data_lo) {
         frag_a(al, xl, lx, mt * 16, k0, lane);
         mma_bf16(c, al, bh);
       }
-      if constexpr (factor_lo<T>()) {
+      if constexpr (P::factor_lo) {
         frag_b(bl, fl, lf, nt * 8, k0, lane);
         mma_bf16(c, ah, bl);
       }
@@ -267,14 +382,51 @@ __device__ __forceinline__ void rows_by_factor(const MmaT *xh, const MmaT *xl, i
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int m = mt * 16 + g + 8 * h, pl = m / i1p, cc = m % i1p, d = nt * 8 + 2 * t;
-      store_data<T>(yh, yl, (pl * i2p + d) * ly + cc, c[2 * h]);
-      store_data<T>(yh, yl, (pl * i2p + d + 1) * ly + cc, c[2 * h + 1]);
+      store_data<P>(yh, yl, (pl * i2p + d) * ly + cc, c[2 * h]);
+      store_data<P>(yh, yl, (pl * i2p + d + 1) * ly + cc, c[2 * h + 1]);
+    }
+  }
+}
+
+// The forward's mode d on rows (p, c') of X, mt16 m tiles of 16 (M = (p, c'), N = d, K = d'):
+// Y[(p, c')][d] = sum_d' X[(p, c')][d'] F[d][d'], Y's rows as X's (row stride ly), written as
+// 32-bit pairs. Each warp keeps an m tile's data fragments across the n tiles.
+template <typename P>
+__device__ __forceinline__ void cols_fwd_mode_d(const MmaT *xh, const MmaT *xl, int lx, const MmaT *fh, const MmaT *fl,
+                                                int lf, MmaT *yh, MmaT *yl, int ly, int mt16, int i2p) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int kt = i2p / 16;
+  for (int mt = warp; mt < mt16; mt += TC_WARPS) {
+    uint32_t ah[TC_KMAX / 16][4], al[TC_KMAX / 16][4];
+#pragma unroll
+    for (int k = 0; k < TC_KMAX / 16; ++k)
+      if (k < kt) {
+        frag_a(ah[k], xh, lx, mt * 16, k * 16, lane);
+        if constexpr (P::data_lo) frag_a(al[k], xl, lx, mt * 16, k * 16, lane);
+      }
+    for (int nt = 0; nt < i2p / 8; ++nt) {
+      float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int k = 0; k < TC_KMAX / 16; ++k)
+        if (k < kt) {
+          uint32_t bh[2], bl[2];
+          frag_b(bh, fh, lf, nt * 8, k * 16, lane);
+          mma_bf16(c, ah[k], bh);
+          if constexpr (P::data_lo) mma_bf16(c, al[k], bh);
+          if constexpr (P::factor_lo) {
+            frag_b(bl, fl, lf, nt * 8, k * 16, lane);
+            mma_bf16(c, ah[k], bl);
+          }
+        }
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        store_data2<P>(yh, yl, (int64_t)(mt * 16 + g + 8 * h) * ly + nt * 8 + 2 * t, c[2 * h], c[2 * h + 1]);
     }
   }
 }
 
 struct ColsLayout {
-  int i1p, i2p, lz, lyt, lc, ld, pr, tpr;
+  int i1p, i2p, lz, ly, lc, ld, pr, tpr;
   int64_t zh, zl, yh, yl, ch, cl, dh, dl, bytes;
 };
 
@@ -283,7 +435,7 @@ __host__ __device__ inline ColsLayout cols_layout(int i1, int i2, TcSplit sp) {
   l.i1p = tc_pad(i1);
   l.i2p = tc_pad(i2);
   l.lz = tc_ld(l.i2p);
-  l.lyt = tc_ld(l.i1p);
+  l.ly = tc_ld(l.i2p);
   l.lc = tc_ld(l.i1p);
   l.ld = tc_ld(l.i2p);
   l.tpr = (l.i1p / 16) * (l.i2p / 8);       // accumulator tiles per row
@@ -291,7 +443,9 @@ __host__ __device__ inline ColsLayout cols_layout(int i1, int i2, TcSplit sp) {
   if (l.pr < 1) l.pr = 1;
   const int64_t e = 2;
   const int64_t zb = (int64_t)l.pr * l.i1p * l.lz * e;   // Z [pr * i1p][lz]: Z[p][c'][d'] = Z_r[p, (c', d')]
-  const int64_t yb = (int64_t)l.pr * l.i2p * l.lyt * e;  // Y [pr * i2p][lyt]: Y[p][d][c'] = (Z_r x4 D)[p, (c', d)]
+  // Y [pr * i1p][ly]: Y[p][c'][d] = (Z_r x4 D)[p, (c', d)], the B operand of mode c through
+  // ldmatrix.trans (ly = i2p + 8: an odd number of 16-byte units, eight rows in eight bank groups).
+  const int64_t yb = (int64_t)l.pr * l.i1p * l.ly * e;
   const bool dlo = sp.data_lo, flo = sp.factor_lo;
   l.zh = 0;
   l.zl = l.zh + zb;
@@ -306,12 +460,14 @@ __host__ __device__ inline ColsLayout cols_layout(int i1, int i2, TcSplit sp) {
 }
 
 // grid (ceil(O / pr)). u: f32 [O][I] of this expert; ranks r0..r0+nr of z; accumulate: u += the sum.
+// Two blocks per SM (at most 128 registers): the default let the f16 instance take 174.
 template <typename T>
-__global__ void __launch_bounds__(TC_THREADS)
+__global__ void __launch_bounds__(TC_THREADS, 2)
 kron_cols_kernel(const float *__restrict__ z, const T *__restrict__ fc, const T *__restrict__ fd, float *__restrict__ u,
                  int i1, int i2, int64_t O, int64_t r0, int64_t nr, int64_t nexp, int64_t expert, int accumulate) {
   CAMEX_DYNAMIC_SMEM(smem);
-  const ColsLayout L = cols_layout(i1, i2, tc_split<T>());
+  using P = FwdPrec<T>;  // only the forward runs stage 2
+  const ColsLayout L = cols_layout(i1, i2, P::split());
   MmaT *Zh = reinterpret_cast<MmaT *>(smem + L.zh), *Zl = reinterpret_cast<MmaT *>(smem + L.zl);
   MmaT *Yh = reinterpret_cast<MmaT *>(smem + L.yh), *Yl = reinterpret_cast<MmaT *>(smem + L.yl);
   MmaT *Ch = reinterpret_cast<MmaT *>(smem + L.ch), *Cl = reinterpret_cast<MmaT *>(smem + L.cl);
@@ -330,23 +486,50 @@ kron_cols_kernel(const float *__restrict__ z, const T *__restrict__ fc, const T 
   for (int64_t rl = 0; rl < nr; ++rl) {
     const int64_t r = r0 + rl;
     __syncthreads();  // the previous rank's readers are done (and the zeroing is visible)
-    load_factor(Ch, Cl, fc + (r * nexp + expert) * i1 * i1, i1, L.lc);
-    load_factor(Dh, Dl, fd + (r * nexp + expert) * i2 * i2, i2, L.ld);
-    load_z_rows<T>(Zh, Zl, L.lz, z + rl * slabs * O * TC_QC, p0, L.pr, O, i1, i2, L.i1p);
+    load_factor<P>(Ch, Cl, fc + (r * nexp + expert) * i1 * i1, i1, L.lc);
+    load_factor<P>(Dh, Dl, fd + (r * nexp + expert) * i2 * i2, i2, L.ld);
+    load_z_rows<P>(Zh, Zl, L.lz, z + rl * slabs * O * TC_QC, p0, L.pr, O, i1, i2, L.i1p);
     __syncthreads();
 
-    // Mode d: Y[p][d][c'] = sum_d' Z[p][c'][d'] D[d][d'].
-    rows_by_factor<T>(Zh, Zl, L.lz, Dh, Dl, L.ld, Yh, Yl, L.lyt, L.pr, L.i1p, L.i2p);
+    // Mode d: Y[p][c'][d] = sum_d' Z[p][c'][d'] D[d][d'].
+    cols_fwd_mode_d<P>(Zh, Zl, L.lz, Dh, Dl, L.ld, Yh, Yl, L.ly, L.pr * L.i1p / 16, L.i2p);
     __syncthreads();
 
-    // Mode c, accumulated over r: U[p][c][d] += sum_c' C[c][c'] Y[p][d][c']  (M = c, N = d, K = c').
+    // Mode c, accumulated over r: U[p][c][d] += sum_c' C[c][c'] Y[p][c'][d]  (M = c, N = d, K = c').
+    // Without factor lo halves, C's fragments stay in registers while a warp's consecutive tiles
+    // share their m tile (with them, f16's, they would spill at two blocks per SM).
+    constexpr bool keep = !P::factor_lo;
+    const int kt = L.i1p / 16;
+    const int64_t lrow = (lane & 15) * (int64_t)L.ly;  // ldmatrix.x2: lanes 0..15 give rows k0..k0+15
+    uint32_t ch[keep ? TC_KMAX / 16 : 1][4], cl[4];
+    int cached = -1;
 #pragma unroll
     for (int j = 0; j < TC_ACC; ++j) {
       const int tile = warp + TC_WARPS * j;
       if (tile < L.pr * L.tpr) {
         const int pl = tile / L.tpr, mt = (tile % L.tpr) / ntc, nt = tile % ntc;
-        factor_by_data<T>(acc[j], Ch, Cl, L.lc, mt * 16,
-            Yh + pl * L.i2p * L.lyt, Yl + pl * L.i2p * L.lyt, L.lyt, nt * 8, L.i1p, lane);
+        if constexpr (keep) {
+          if (mt != cached) {
+#pragma unroll
+            for (int k = 0; k < TC_KMAX / 16; ++k)
+              if (k < kt) frag_a(ch[k], Ch, L.lc, mt * 16, k * 16, lane);
+            cached = mt;
+          }
+        }
+        const int64_t y0 = (int64_t)pl * L.i1p * L.ly + lrow + nt * 8;
+#pragma unroll
+        for (int k = 0; k < TC_KMAX / 16; ++k)
+          if (k < kt) {
+            uint32_t *a = ch[keep ? k : 0];
+            if constexpr (!keep) {
+              frag_a(a, Ch, L.lc, mt * 16, k * 16, lane);
+              frag_a(cl, Cl, L.lc, mt * 16, k * 16, lane);
+            }
+            uint32_t bh[2], bl[2];
+            ldmatrix_x2<true>(bh, Yh + y0 + (int64_t)k * 16 * L.ly);
+            if constexpr (P::data_lo) ldmatrix_x2<true>(bl, Yl + y0 + (int64_t)k * 16 * L.ly);
+            mma_split<P>(acc[j], a, cl, bh, bl);
+          }
       }
     }
   }
@@ -397,7 +580,7 @@ inline int64_t tc_smem_limit() {
 
 // Whether the two stages' shared memory fits `lim` (tc_smem_limit() of the launch's device).
 inline bool kron_tc_fits(const D4 &d4, TcSplit sp, int64_t lim) {
-  return rows_layout((int)d4.d[0], (int)d4.d[1], sp).bytes <= lim &&
+  return rows_layout((int)d4.d[0], (int)d4.d[1], sp, true).bytes <= lim &&
          cols_layout((int)d4.d[2], (int)d4.d[3], sp).bytes <= lim;
 }
 
@@ -436,8 +619,9 @@ inline int kron_forward_tc(cudaStream_t s, float *u, const T *w, const T *e, con
                            const D4 &d4, float *z, int64_t lim) {
   const int o1 = (int)d4.d[0], o2 = (int)d4.d[1], i1 = (int)d4.d[2], i2 = (int)d4.d[3];
   const int64_t O = (int64_t)o1 * o2, I = (int64_t)i1 * i2;
-  const RowsLayout rl = rows_layout(o1, o2, tc_split<T>());
-  const ColsLayout cl = cols_layout(i1, i2, tc_split<T>());
+  using P = FwdPrec<T>;
+  const RowsLayout rl = rows_layout(o1, o2, P::split(), true);
+  const ColsLayout cl = cols_layout(i1, i2, P::split());
   // The opt-in is a process-wide attribute of each kernel: always the device's limit (>= every size
   // kron_tc_fits accepts), so concurrent calls with other shapes cannot lower it under a launch.
   cudaError_t err = CAMEX_SET_MAX_SMEM(kron_rows_kernel<T>, lim);
@@ -470,7 +654,7 @@ inline int kron_forward_any(cudaStream_t s, float *u, const T *base, const T *w,
     // small enough, and the blocks' shared memory within what this device allows.
     if (camex_tensor_cores() && kron_tc_dims_ok(d4)) {
       const int64_t lim = tc_smem_limit();
-      if (kron_tc_fits(d4, tc_split<T>(), lim)) return kron_forward_tc<T>(s, u, w, base, f, expert, d4, s1, lim);
+      if (kron_tc_fits(d4, FwdPrec<T>::split(), lim)) return kron_forward_tc<T>(s, u, w, base, f, expert, d4, s1, lim);
     }
   }
   return kron_forward<T>(s, u, tau_opnd<T>(w, base), f, expert, d4, s1, s2);

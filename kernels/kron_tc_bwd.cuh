@@ -7,7 +7,7 @@
 // (camex_set_tensor_cores, CAMEX_TENSOR_CORES=1).
 //
 // With L_r = A_r (x) B_r, R_r = C_r (x) D_r (U = sum_r L_r tau R_r^T) and H = dL/dU, per rank:
-//   P = L tau                              (rows side: kron_rows_kernel, as in the forward)
+//   P = L tau                              (rows side: kron_rows_split_kernel, the forward's stage 1)
 //   K = H R   = H x3 C^T x4 D^T            (columns side)
 //   dC[c][c'] = sum_{p,d} H[p,(c,d)] (P x4 D)[p,(c',d)]
 //   dD[d][d'] = sum_{p,c} H[p,(c,d)] (P x3 C)[p,(c,d')]
@@ -16,29 +16,29 @@
 //   dtau += V x1 A^T = L^T H R
 // which is the chain of SPEC section 4 regrouped (every factor gradient contracts H with tau
 // transformed by the other three factors). Per round of ranks (kron_tc_rank_chunk, Z in f32):
-//   1. kron_rows_kernel: Z_r = P_r (slab layout [r][slab][O][8], as the forward);
+//   1. kron_rows_split_kernel: Z_r = P_r (slab layout [r][slab][O][8], as the forward);
 //   2. kron_cols_bwd_kernel, one block per run of rows, looping over the round's ranks: H's rows
 //      stay in shared memory; P's rows in, dC and dD partials out, and K's rows written over P's;
 //   3. kron_rows_bwd_kernel, one block per (8-column slab, rank): K's slab and tau in, dA and dB
 //      partials out, and L^T K written over K's slab;
 //   4. one fixed-order reduction of the partials into the factor gradients, one sum over the
 //      round's ranks into dtau. No atomics: the same inputs give the same bits.
-// Every product goes through the tensor cores as in kron_tc.cuh (TcSplit, mma.cuh): bf16 hi + lo
-// halves of every data operand (lo dropped where a storage type's TcSplit says so), factors split
-// for f16 storage, data-by-data contractions taking three mma (hi hi, hi lo, lo hi). f32
-// accumulation throughout.
+// Every product goes through the tensor cores as in kron_tc.cuh, under a precision policy per
+// kernel (ColsBwdPrec, RowsBwdPrec below; Prec in mma.cuh): bf16 is single-pass except on the
+// columns side (dC, dD), which splits data into bf16 hi + lo; f16 splits data and factors;
+// data-by-data contractions with split data take three mma (hi hi, hi lo, lo hi). f32 accumulation
+// throughout.
 #pragma once
 #include "elementwise.cuh"
 #include "kron_tc.cuh"
 
 namespace camex {
 
-// Raw bits of a bf16 shared-memory element, for fragments gathered one element at a time.
-__device__ __forceinline__ uint32_t mma_bits(MmaT v) {
-  uint16_t u;
-  memcpy(&u, &v, 2);
-  return u;
-}
+// The backward's precision policies (mma.cuh, Prec), per kernel: the columns side (H's and P's
+// contractions into dC and dD) keeps bf16's data split, the rows side (dA, dB, dtau) is
+// single-pass bf16 like the forward (FwdPrec); mma.cuh has the measurements.
+template <typename T> using ColsBwdPrec = PrecOf<T>;
+template <typename T> using RowsBwdPrec = FwdPrec<T>;
 
 // Fragments gathered through an accessor at(row, col) -> MmaT (zero outside the matrix), for
 // operands stored with k as the slow index (the paired loads of frag_a/frag_b need k contiguous).
@@ -61,11 +61,11 @@ template <typename F> __device__ __forceinline__ void frag_b_at(uint32_t b[2], F
 }
 
 // Copies a k x k factor transposed (dst[j'][j] = f[j][j']) into zero-padded shared matrices.
-template <typename T>
+template <typename P, typename T>
 __device__ __forceinline__ void load_factor_t(MmaT *hi, MmaT *lo, const T *f, int k, int ld) {
   for (int x = threadIdx.x; x < k * k; x += TC_THREADS) {
     const int64_t at = (x % k) * ld + x / k;
-    if constexpr (factor_lo<T>()) split_store(hi, lo, at, to_f32(f[x]));
+    if constexpr (P::factor_lo) split_store(hi, lo, at, to_f32(f[x]));
     else hi[at] = from_f32<MmaT>(to_f32(f[x]));
   }
 }
@@ -132,7 +132,8 @@ kron_cols_bwd_kernel(Opnd h, float *__restrict__ z, const T *__restrict__ fc, co
                      float *__restrict__ part, int i1, int i2, int pr, int64_t O, int64_t r0, int64_t nr, int64_t nexp,
                      int64_t expert) {
   CAMEX_DYNAMIC_SMEM(smem);
-  const ColsBwdLayout L = cols_bwd_layout(i1, i2, pr, tc_split<T>());
+  using P = ColsBwdPrec<T>;
+  const ColsBwdLayout L = cols_bwd_layout(i1, i2, pr, P::split());
   MmaT *Hh = reinterpret_cast<MmaT *>(smem + L.hh), *Hl = reinterpret_cast<MmaT *>(smem + L.hl);
   MmaT *Ph = reinterpret_cast<MmaT *>(smem + L.ph), *Pl = reinterpret_cast<MmaT *>(smem + L.pl);
   MmaT *Yh = reinterpret_cast<MmaT *>(smem + L.yh), *Yl = reinterpret_cast<MmaT *>(smem + L.yl);
@@ -153,22 +154,22 @@ kron_cols_bwd_kernel(Opnd h, float *__restrict__ z, const T *__restrict__ fc, co
   // H's rows, once for every rank: Hs[p][c][d] = H[p, c*i2 + d].
   for (int64_t x = threadIdx.x; x < (int64_t)pr * I; x += TC_THREADS) {
     const int64_t pl = x / I, q = x % I, p = p0 + pl;
-    if (p < O) store_data<T>(Hh, Hl, (pl * i1p + q / i2) * L.lz + q % i2, opnd_ld<T>(h, p * I + q));
+    if (p < O) store_data<P>(Hh, Hl, (pl * i1p + q / i2) * L.lz + q % i2, opnd_ld<T>(h, p * I + q));
   }
 
   for (int64_t rl = 0; rl < nr; ++rl) {
     const int64_t r = r0 + rl;
     __syncthreads();  // the previous rank's readers are done
-    load_factor(Ch, Cl, fc + (r * nexp + expert) * i1 * i1, i1, L.lc);
-    load_factor_t(Cth, Ctl, fc + (r * nexp + expert) * i1 * i1, i1, L.lc);
-    load_factor(Dh, Dl, fd + (r * nexp + expert) * i2 * i2, i2, L.ld);
-    load_factor_t(Dth, Dtl, fd + (r * nexp + expert) * i2 * i2, i2, L.ld);
+    load_factor<P>(Ch, Cl, fc + (r * nexp + expert) * i1 * i1, i1, L.lc);
+    load_factor_t<P>(Cth, Ctl, fc + (r * nexp + expert) * i1 * i1, i1, L.lc);
+    load_factor<P>(Dh, Dl, fd + (r * nexp + expert) * i2 * i2, i2, L.ld);
+    load_factor_t<P>(Dth, Dtl, fd + (r * nexp + expert) * i2 * i2, i2, L.ld);
     float *zr = z + rl * slabs * O * TC_QC;
-    load_z_rows<T>(Ph, Pl, L.lz, zr, p0, pr, O, i1, i2, i1p);
+    load_z_rows<P>(Ph, Pl, L.lz, zr, p0, pr, O, i1, i2, i1p);
     __syncthreads();
 
     // YD[p][d][c'] = sum_d' P[p][c'][d'] D[d][d'], as the forward's mode d.
-    rows_by_factor<T>(Ph, Pl, L.lz, Dh, Dl, L.ld, Yh, Yl, L.lyt, pr, i1p, i2p);
+    rows_by_factor<P>(Ph, Pl, L.lz, Dh, Dl, L.ld, Yh, Yl, L.lyt, pr, i1p, i2p);
     __syncthreads();
 
     // dC[c][c'] += sum_{p,d} H[p][c][d] YD[p][d][c']  (M = c, N = c', K = (p, d)).
@@ -183,11 +184,11 @@ kron_cols_bwd_kernel(Opnd h, float *__restrict__ z, const T *__restrict__ fc, co
             uint32_t ah[4], al[4], bh[2], bl[2];
             frag_a(ah, Hh + (int64_t)pl * i1p * L.lz, L.lz, mt * 16, k0, lane);
             frag_b_at(bh, [&](int k, int n) { return yh[k * L.lyt + n]; }, nt * 8, k0, lane);
-            if constexpr (data_lo<T>()) {
+            if constexpr (P::data_lo) {
               frag_a(al, Hl + (int64_t)pl * i1p * L.lz, L.lz, mt * 16, k0, lane);
               frag_b_at(bl, [&](int k, int n) { return yl[k * L.lyt + n]; }, nt * 8, k0, lane);
             }
-            mma_data<T>(c, ah, al, bh, bl);
+            mma_data<P>(c, ah, al, bh, bl);
           }
         }
 #pragma unroll
@@ -209,15 +210,15 @@ kron_cols_bwd_kernel(Opnd h, float *__restrict__ z, const T *__restrict__ fc, co
         for (int k0 = 0; k0 < i1p; k0 += 16) {
           uint32_t fh[4], fl[4], bh[2], bl[2];
           frag_a(fh, Ch, L.lc, mt * 16, k0, lane);
-          if constexpr (factor_lo<T>()) frag_a(fl, Cl, L.lc, mt * 16, k0, lane);
+          if constexpr (P::factor_lo) frag_a(fl, Cl, L.lc, mt * 16, k0, lane);
           frag_b_at(bh, [&](int k, int n) { return xh[k * L.lz + n]; }, nt * 8, k0, lane);
-          if constexpr (data_lo<T>()) frag_b_at(bl, [&](int k, int n) { return xl[k * L.lz + n]; }, nt * 8, k0, lane);
-          mma_split<T>(c, fh, fl, bh, bl);
+          if constexpr (P::data_lo) frag_b_at(bl, [&](int k, int n) { return xl[k * L.lz + n]; }, nt * 8, k0, lane);
+          mma_split<P>(c, fh, fl, bh, bl);
         }
 #pragma unroll
         for (int v = 0; v < 4; ++v) {
           const int cc = mt * 16 + g + 8 * (v >> 1), d = nt * 8 + 2 * t + (v & 1);
-          store_data<T>(Yh, Yl, (pl * i1p + cc) * L.lz + d, c[v]);
+          store_data<P>(Yh, Yl, (pl * i1p + cc) * L.lz + d, c[v]);
         }
       }
     }
@@ -235,11 +236,11 @@ kron_cols_bwd_kernel(Opnd h, float *__restrict__ z, const T *__restrict__ fc, co
             uint32_t ah[4], al[4], bh[2], bl[2];
             frag_a_at(ah, [&](int m, int k) { return Hh[off + k * L.lz + m]; }, mt * 16, k0, lane);
             frag_b_at(bh, [&](int k, int n) { return Yh[off + k * L.lz + n]; }, nt * 8, k0, lane);
-            if constexpr (data_lo<T>()) {
+            if constexpr (P::data_lo) {
               frag_a_at(al, [&](int m, int k) { return Hl[off + k * L.lz + m]; }, mt * 16, k0, lane);
               frag_b_at(bl, [&](int k, int n) { return Yl[off + k * L.lz + n]; }, nt * 8, k0, lane);
             }
-            mma_data<T>(c, ah, al, bh, bl);
+            mma_data<P>(c, ah, al, bh, bl);
           }
         }
 #pragma unroll
@@ -252,7 +253,7 @@ kron_cols_bwd_kernel(Opnd h, float *__restrict__ z, const T *__restrict__ fc, co
     __syncthreads();
 
     // T1[p][d'][c] = sum_d H[p][c][d] D[d][d'] (the factor operand is D^T as stored).
-    rows_by_factor<T>(Hh, Hl, L.lz, Dth, Dtl, L.ld, Yh, Yl, L.lyt, pr, i1p, i2p);
+    rows_by_factor<P>(Hh, Hl, L.lz, Dth, Dtl, L.ld, Yh, Yl, L.lyt, pr, i1p, i2p);
     __syncthreads();
 
     // K[p][c'][d'] = sum_c C[c][c'] T1[p][d'][c]  (M = c', N = d', K = c; A = C^T stored), over P.
@@ -262,7 +263,7 @@ kron_cols_bwd_kernel(Opnd h, float *__restrict__ z, const T *__restrict__ fc, co
         const int pl = tile / (mtc * ntd), mt = (tile / ntd) % mtc, nt = tile % ntd;
         const int64_t p = p0 + pl;
         float c[4] = {0.f, 0.f, 0.f, 0.f};
-        factor_by_data<T>(c, Cth, Ctl, L.lc, mt * 16,
+        factor_by_data<P>(c, Cth, Ctl, L.lc, mt * 16,
             Yh + (int64_t)pl * i2p * L.lyt, Yl + (int64_t)pl * i2p * L.lyt, L.lyt, nt * 8, i1p, lane);
         if (p >= O) continue;
 #pragma unroll
@@ -349,7 +350,8 @@ __global__ void __launch_bounds__(TC_THREADS, 1)
 kron_rows_bwd_kernel(Opnd tau, float *__restrict__ z, const T *__restrict__ fa, const T *__restrict__ fb,
                      float *__restrict__ part, int o1, int o2, int64_t I, int64_t nexp, int64_t expert, int64_t r0) {
   CAMEX_DYNAMIC_SMEM(smem);
-  const RowsBwdLayout L = rows_bwd_layout(o1, o2, tc_split<T>());
+  using P = RowsBwdPrec<T>;
+  const RowsBwdLayout L = rows_bwd_layout(o1, o2, P::split());
   MmaT *Yh = reinterpret_cast<MmaT *>(smem + L.yh), *Yl = reinterpret_cast<MmaT *>(smem + L.yl);
   MmaT *Xh = reinterpret_cast<MmaT *>(smem + L.xh), *Xl = reinterpret_cast<MmaT *>(smem + L.xl);
   MmaT *Wh = reinterpret_cast<MmaT *>(smem + L.wh), *Wl = reinterpret_cast<MmaT *>(smem + L.wl);
@@ -367,12 +369,12 @@ kron_rows_bwd_kernel(Opnd tau, float *__restrict__ z, const T *__restrict__ fa, 
 
   zero_smem(smem, L.bytes);
   __syncthreads();
-  load_factor_t(Ath, Atl, fa + (r * nexp + expert) * o1 * o1, o1, L.la);
-  load_factor_t(Bth, Btl, fb + (r * nexp + expert) * o2 * o2, o2, L.lb);
+  load_factor_t<P>(Ath, Atl, fa + (r * nexp + expert) * o1 * o1, o1, L.la);
+  load_factor_t<P>(Bth, Btl, fb + (r * nexp + expert) * o2 * o2, o2, L.lb);
   // K's slab as the B operand of a mode-a product: Y[b][j][a] = K[(a, b), q0 + j].
   for (int64_t x = threadIdx.x; x < O * TC_QC; x += TC_THREADS) {
     const int64_t p = x / TC_QC, j = x % TC_QC, a = p / o2, b = p % o2;
-    store_data<T>(Yh, Yl, (b * TC_QC + j) * L.ly + a, zs[x]);
+    store_data<P>(Yh, Yl, (b * TC_QC + j) * L.ly + a, zs[x]);
   }
 
   // dB, TC_AC rows of W = K x1 A^T at a time (M = a', N = (b, j), K = a; a 16-row tile of which
@@ -382,16 +384,16 @@ kron_rows_bwd_kernel(Opnd tau, float *__restrict__ z, const T *__restrict__ fa, 
     __syncthreads();  // Y and the factors are in; the previous chunk's contraction is done
     for (int64_t x = threadIdx.x; x < (int64_t)o2 * TC_AC * TC_QC; x += TC_THREADS) {
       const int b = (int)(x / (TC_AC * TC_QC)), k = (int)(x % (TC_AC * TC_QC)), a = a0 + k / TC_QC;
-      store_data<T>(Th, Tl, b * L.lw + k, a < o1 ? tau_at<T>(tau, (int64_t)a * o2 + b, q0 + k % TC_QC, I) : 0.f);
+      store_data<P>(Th, Tl, b * L.lw + k, a < o1 ? tau_at<T>(tau, (int64_t)a * o2 + b, q0 + k % TC_QC, I) : 0.f);
     }
     for (int b = warp; b < o2; b += TC_WARPS) {
       float c[4] = {0.f, 0.f, 0.f, 0.f};
-      factor_by_data<T>(c, Ath, Atl, L.la, a0,
+      factor_by_data<P>(c, Ath, Atl, L.la, a0,
           Yh + (int64_t)b * TC_QC * L.ly, Yl + (int64_t)b * TC_QC * L.ly, L.ly, 0, o1p, lane);
       // Rows g (kept when a0 + g < o1) of the tile; rows g + 8 belong to the next chunk.
       const bool in = a0 + g < o1;
-      store_data<T>(Wh, Wl, b * L.lw + g * TC_QC + 2 * t, in ? c[0] : 0.f);
-      store_data<T>(Wh, Wl, b * L.lw + g * TC_QC + 2 * t + 1, in ? c[1] : 0.f);
+      store_data<P>(Wh, Wl, b * L.lw + g * TC_QC + 2 * t, in ? c[0] : 0.f);
+      store_data<P>(Wh, Wl, b * L.lw + g * TC_QC + 2 * t + 1, in ? c[1] : 0.f);
     }
     __syncthreads();
     for (int tile = warp; tile < mtb * ntb; tile += TC_WARPS) {
@@ -401,11 +403,11 @@ kron_rows_bwd_kernel(Opnd tau, float *__restrict__ z, const T *__restrict__ fa, 
         uint32_t ah[4], al[4], bh[2], bl[2];
         frag_a(ah, Wh, L.lw, mt * 16, k0, lane);
         frag_b(bh, Th, L.lw, nt * 8, k0, lane);
-        if constexpr (data_lo<T>()) {
+        if constexpr (P::data_lo) {
           frag_a(al, Wl, L.lw, mt * 16, k0, lane);
           frag_b(bl, Tl, L.lw, nt * 8, k0, lane);
         }
-        mma_data<T>(c, ah, al, bh, bl);
+        mma_data<P>(c, ah, al, bh, bl);
       }
 #pragma unroll
       for (int v = 0; v < 4; ++v) {
@@ -424,16 +426,16 @@ kron_rows_bwd_kernel(Opnd tau, float *__restrict__ z, const T *__restrict__ fa, 
     __syncthreads();
     for (int64_t x = threadIdx.x; x < (int64_t)ac * o2 * TC_QC; x += TC_THREADS) {
       const int64_t pl = x / TC_QC, j = x % TC_QC, al = pl / o2, b = pl % o2;
-      store_data<T>(Xh, Xl, (al * TC_QC + j) * L.lx + b, zs[(a0 * o2 + pl) * TC_QC + j]);
+      store_data<P>(Xh, Xl, (al * TC_QC + j) * L.lx + b, zs[(a0 * o2 + pl) * TC_QC + j]);
     }
     __syncthreads();
-    slab_mode_b<T>(Bth, Btl, L.lb, Xh, Xl, L.lx, Yh, Yl, L.ly, a0, ac, o2, o2p);
+    slab_mode_b<P>(Bth, Btl, L.lb, Xh, Xl, L.lx, Yh, Yl, L.ly, a0, ac, o2, o2p);
   }
   __syncthreads();
 
   // dtau_r = V x1 A^T: out[(a', b'), j] = sum_a A[a][a'] Y[b'][j][a], written over K's slab (read
   // completely above).
-  slab_mode_a<T>(Ath, Atl, L.la, Yh, Yl, L.ly, zs, o1, o1p, o2);
+  slab_mode_a<P>(Ath, Atl, L.la, Yh, Yl, L.ly, zs, o1, o1p, o2);
   const int mta = o1p / 16;
 
   // dA[a][a'] += sum_{(b, j)} V[(a, b), j] tau[(a', b), j], TC_AC rows a' (one n8 tile) at a time
@@ -450,7 +452,7 @@ kron_rows_bwd_kernel(Opnd tau, float *__restrict__ z, const T *__restrict__ fa, 
     __syncthreads();
     for (int64_t x = threadIdx.x; x < (int64_t)ac * o2 * TC_QC; x += TC_THREADS) {
       const int64_t pl = x / TC_QC, j = x % TC_QC, al = pl / o2, b = pl % o2;
-      store_data<T>(Xh, Xl, (al * TC_QC + j) * L.lx + b, tau_at<T>(tau, a0 * o2 + pl, q0 + j, I));
+      store_data<P>(Xh, Xl, (al * TC_QC + j) * L.lx + b, tau_at<T>(tau, a0 * o2 + pl, q0 + j, I));
     }
     __syncthreads();
     float c[4] = {0.f, 0.f, 0.f, 0.f};
@@ -461,12 +463,12 @@ kron_rows_bwd_kernel(Opnd tau, float *__restrict__ z, const T *__restrict__ fa, 
       frag_a_at(ah, [&](int m, int k) { return k < kv ? Yh[(int64_t)k * L.ly + m] : zero; }, mt_a * 16, k0, lane);
       frag_b_at(bh, [&](int k, int n) { return k < kv && n < ac ? Xh[(n * TC_QC + k % TC_QC) * L.lx + k / TC_QC] : zero; },
                 0, k0, lane);
-      if constexpr (data_lo<T>()) {
+      if constexpr (P::data_lo) {
         frag_a_at(al, [&](int m, int k) { return k < kv ? Yl[(int64_t)k * L.ly + m] : zero; }, mt_a * 16, k0, lane);
         frag_b_at(bl, [&](int k, int n) { return k < kv && n < ac ? Xl[(n * TC_QC + k % TC_QC) * L.lx + k / TC_QC] : zero; },
                   0, k0, lane);
       }
-      mma_data<T>(c, ah, al, bh, bl);
+      mma_data<P>(c, ah, al, bh, bl);
     }
 #pragma unroll
     for (int v = 0; v < 4; ++v) red[(warp * 32 + lane) * 4 + v] = c[v];
@@ -550,13 +552,13 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
                             const D4 &d4, T *ga, T *gb, T *gc, T *gd, float *z, float *part, int64_t lim) {
   const int o1 = (int)d4.d[0], o2 = (int)d4.d[1], i1 = (int)d4.d[2], i2 = (int)d4.d[3];
   const int64_t O = (int64_t)o1 * o2, I = (int64_t)i1 * i2, slabs = (I + TC_QC - 1) / TC_QC;
-  constexpr TcSplit sp = tc_split<T>();
-  const RowsLayout rl = rows_layout(o1, o2, sp);
+  constexpr TcSplit sp = PrecOf<T>::split();  // the partials' sizing (kron_tc_bwd_partial_floats)
+  const RowsLayout rl = rows_layout(o1, o2, RowsSplitPrec<T>::split());
   const int pr = cols_bwd_rows(i1, i2, sp);
-  const ColsBwdLayout cl = cols_bwd_layout(i1, i2, pr, sp);
-  const RowsBwdLayout bl = rows_bwd_layout(o1, o2, sp);
+  const ColsBwdLayout cl = cols_bwd_layout(i1, i2, pr, ColsBwdPrec<T>::split());
+  const RowsBwdLayout bl = rows_bwd_layout(o1, o2, RowsBwdPrec<T>::split());
   const int64_t cblocks = (O + pr - 1) / pr;
-  cudaError_t err = CAMEX_SET_MAX_SMEM(kron_rows_kernel<T>, lim);
+  cudaError_t err = CAMEX_SET_MAX_SMEM(kron_rows_split_kernel<T>, lim);
   if (err == cudaSuccess) err = CAMEX_SET_MAX_SMEM(kron_cols_bwd_kernel<T>, lim);
   if (err == cudaSuccess) err = CAMEX_SET_MAX_SMEM(kron_rows_bwd_kernel<T>, lim);
   if (err != cudaSuccess) return (int)err;
@@ -568,7 +570,7 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
   for (int64_t r0 = 0; r0 < f.r; r0 += chunk) {
     const int64_t nr = f.r - r0 < chunk ? f.r - r0 : chunk;
     const dim3 g1((unsigned)slabs, (unsigned)nr);
-    CAMEX_LAUNCH_SMEM(kron_rows_kernel<T>, g1, TC_THREADS, rl.bytes, s)(w, e, fa, fb, z, o1, o2, I, f.n, expert, r0);
+    CAMEX_LAUNCH_SMEM(kron_rows_split_kernel<T>, g1, TC_THREADS, rl.bytes, s)(w, e, fa, fb, z, o1, o2, I, f.n, expert, r0);
     CAMEX_CHECK_LAUNCH();
     CAMEX_LAUNCH_SMEM(kron_cols_bwd_kernel<T>, (unsigned)cblocks, TC_THREADS, cl.bytes, s)(
         h, z, fc, fd, pcd, i1, i2, pr, O, r0, nr, f.n, expert);
@@ -594,7 +596,7 @@ inline int kron_backward_any(cudaStream_t s, float *gt, Opnd h, Opnd tau, const 
   if constexpr (is_half_type<T>::value) {
     if (camex_tensor_cores() && kron_tc_dims_ok(d4)) {
       const int64_t lim = tc_smem_limit();
-      if (kron_tc_bwd_fits(d4, tc_split<T>(), lim))
+      if (kron_tc_bwd_fits(d4, PrecOf<T>::split(), lim))
         return kron_backward_tc<T>(s, gt, h, tau, f, e, d4, ga, gb, gc, gd, t1, partial, lim);
     }
   }

@@ -66,16 +66,18 @@ __device__ __forceinline__ void frag_b(uint32_t b[2], const T *s, int ld, int n0
 // 2x the error of the official einsums evaluated in the storage dtype) the fastest arithmetic wins.
 //   data:   tau = W - E, the f32 intermediates and upstream gradients (rounded once more each);
 //   factor: the Kronecker factors (exact in hi for bf16 storage; f16 needs hi + lo to be exact).
-// bf16 storage: factors exact in hi (no factor lo), data split (two mma per factor-by-data product,
-// three per data-by-data contraction). Single-pass bf16 ({false, false}: one mma per product, no lo
-// arrays in shared memory) was tried and measured in the CPU emulation: the curvature tests and
-// T5-base `wi` stayed within bound 2 at about the official code's error (T5 `wi` curvature 3.8e-3,
-// E_off 3.8e-3; worst ratio to bound 2 over the curvature tests 0.64), but ca_merge's grad_factor_c
-// for a 1 x 1 factor C (i1 = 1, [R, N, 1, 1]: each entry one cancelling sum over the expert's O x I
-// products) failed both bounds: rel_err 1.7e-2 > tol 1e-2 and > 2 E_off = 1.4e-2 (official bf16
-// einsums 6.9e-3; tests/gpu.rs emu_ca_merge_half_matches_cpu, shape [N, O, I] = [2, 7, 13]). Until
-// the factor-gradient contractions alone keep the split (or SPEC treats such degenerate factor
-// gradients as cancelling sums), bf16 keeps the data split.
+// bf16 storage: factors exact in hi (no factor lo). PrecOf<bf16> splits data (two mma per
+// factor-by-data product, three per data-by-data contraction); the Kronecker kernels take it only
+// where single-pass bf16 failed (FwdPrec below and the per-kernel policies in kron_tc_bwd.cuh).
+// Single-pass bf16 (one mma per product, no lo arrays in shared memory), measured in the CPU
+// emulation (tests/gpu.rs emu): the forward and the backward's rows side (P = L tau, dA, dB, dtau)
+// stay within bound 2 at about the official code's error (T5 `wi` curvature 3.8e-3 against E_off
+// 3.8e-3; worst ratio to the bound over the bf16 tests 0.68, ca_merge grad_factor_c [1, 2, 1, 1]:
+// 6.8e-3 against tol 1e-2). With the columns side (dC, dD: H contracted with P x4 D, P x3 C) also
+// single-pass, grad_factor_c for a 1 x 1 factor C ([R, N, 1, 1]: each entry one cancelling sum
+// over the expert's O x I products) failed both bounds: rel_err 1.7e-2 > tol 1e-2 and > 2 E_off =
+// 1.4e-2 (official bf16 einsums 6.9e-3; emu_ca_merge_half_matches_cpu at [N, O, I] = [2, 7, 13]).
+// So the columns side keeps the data split (ColsBwdPrec).
 // f16 storage: data and factors both split, three mma per product (hi hi + hi lo + lo hi): the
 // cheapest form the bf16 mma allows within bound 2. f16 keeps 11 significant bits, so the official
 // f16 reference rounds at 2^-12 and its E_off is ~8x bf16's, while one bf16 rounding is 2^-9. In the
@@ -90,6 +92,20 @@ template <typename T> __host__ __device__ constexpr TcSplit tc_split() { return 
 template <> __host__ __device__ constexpr TcSplit tc_split<__nv_bfloat16>() { return TcSplit{true, false}; }
 template <typename T> __host__ __device__ constexpr bool data_lo() { return tc_split<T>().data_lo; }
 template <typename T> __host__ __device__ constexpr bool factor_lo() { return tc_split<T>().factor_lo; }
+// A precision policy for the Kronecker tensor-core kernels, separate from the storage type: the
+// kernels that the forward alone runs take FwdPrec, those the backward runs (including its call of
+// the forward's stage 1, whose P feeds dC and dD) PrecOf.
+template <bool DataLo, bool FactorLo> struct Prec {
+  static constexpr bool data_lo = DataLo, factor_lo = FactorLo;
+  __host__ __device__ static constexpr TcSplit split() { return TcSplit{DataLo, FactorLo}; }
+};
+template <typename T> using PrecOf = Prec<tc_split<T>().data_lo, tc_split<T>().factor_lo>;
+// The forward drops bf16's data split: single-pass bf16 (tau and the f32 intermediate Z rounded
+// once to bf16, one mma per product) met both bounds on every curvature and ca_merge forward test
+// in the emulation (measurements above); only the backward's degenerate factor gradients need it.
+// f16 keeps both splits (above: one bf16 rounding is 4x f16's and breaks bound 2).
+template <typename T>
+using FwdPrec = Prec<tc_split<T>().data_lo && !std::is_same<T, __nv_bfloat16>::value, tc_split<T>().factor_lo>;
 // The same for a runtime dtype code (workspace sizing).
 __host__ __device__ inline TcSplit tc_split_of(int dtype) {
   return dtype == CAMEX_BF16 ? tc_split<__nv_bfloat16>() : tc_split<__half>();
@@ -105,18 +121,35 @@ template <typename T> __device__ __forceinline__ void split_store(T *hi, T *lo, 
   lo[k] = from_f32<T>(v - to_f32(h));
 }
 
-// A data operand for storage S: hi + lo (data_lo<S>()) or hi alone (lo is not touched).
-template <typename S> __device__ __forceinline__ void store_data(MmaT *hi, MmaT *lo, int64_t k, float v) {
-  if constexpr (data_lo<S>()) split_store(hi, lo, k, v);
+// A data operand under policy P (Prec): hi + lo (P::data_lo) or hi alone (lo is not touched).
+template <typename P> __device__ __forceinline__ void store_data(MmaT *hi, MmaT *lo, int64_t k, float v) {
+  if constexpr (P::data_lo) split_store(hi, lo, k, v);
   else hi[k] = from_f32<MmaT>(v);
 }
 
+// Raw bits of a bf16 shared-memory element, for fragments gathered one element at a time.
+__device__ __forceinline__ uint32_t mma_bits(MmaT v) {
+  uint16_t u;
+  memcpy(&u, &v, 2);
+  return u;
+}
+
+// Two consecutive data elements (k even) as one 32-bit store per half: v0 in the low 16 bits.
+template <typename P> __device__ __forceinline__ void store_data2(MmaT *hi, MmaT *lo, int64_t k, float v0, float v1) {
+  const MmaT h0 = from_f32<MmaT>(v0), h1 = from_f32<MmaT>(v1);
+  *reinterpret_cast<uint32_t *>(hi + k) = mma_bits(h0) | (mma_bits(h1) << 16);
+  if constexpr (P::data_lo) {
+    const MmaT l0 = from_f32<MmaT>(v0 - to_f32(h0)), l1 = from_f32<MmaT>(v1 - to_f32(h1));
+    *reinterpret_cast<uint32_t *>(lo + k) = mma_bits(l0) | (mma_bits(l1) << 16);
+  }
+}
+
 // c += A B for two data operands: Ah Bh, plus Ah Bl + Al Bh when data has lo halves (never lo lo).
-template <typename S>
+template <typename P>
 __device__ __forceinline__ void mma_data(float c[4], const uint32_t ah[4], const uint32_t al[4], const uint32_t bh[2],
                                          const uint32_t bl[2]) {
   mma_bf16(c, ah, bh);
-  if constexpr (data_lo<S>()) {
+  if constexpr (P::data_lo) {
     mma_bf16(c, ah, bl);
     mma_bf16(c, al, bh);
   }

@@ -172,9 +172,9 @@ pub fn set_poison_outputs(on: bool) {
 /// and the recompute inside their backward), the fused Kronecker backward of
 /// `kernels/kron_tc_bwd.cuh` (three kernels per round of ranks for dL/dtau and the four factor
 /// gradients), and the tensor-core strided GEMM behind the merged linear layer and the reverse chain
-/// of shapes the fused kernels do not take (`kernels/gemm.cuh`). All split each f32 operand into
-/// hi + lo bf16 halves and accumulate in f32 (`TcSplit` in `kernels/mma.cuh` says why, per storage
-/// type). `Some(true)` on, `Some(false)`
+/// of shapes the fused kernels do not take (`kernels/gemm.cuh`). All accumulate in f32; which
+/// operands go through as bf16 hi + lo halves rather than once depends on the storage type and the
+/// kernel (`TcSplit` and `Prec` in `kernels/mma.cuh` say why). `Some(true)` on, `Some(false)`
 /// off, `None` the process default (the environment variable `CAMEX_TENSOR_CORES=1` turns it on; off
 /// otherwise).
 ///
