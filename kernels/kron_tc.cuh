@@ -10,8 +10,8 @@
 //
 // Why two stages: the row side (modes a, b) mixes whole columns of tau and the column side (modes c,
 // d) whole rows, so no tile of an expert is closed under both; the exchange goes through one
-// intermediate per rank, Z_r = (A_r (x) B_r) tau, in f32, a few ranks at a time so that it stays in
-// L2 between the stages (tc_z_budget(); never [R, N, O, I]).
+// intermediate per rank, Z_r = (A_r (x) B_r) tau (bf16 for bf16 storage, f32 for f16: FwdZ), a few
+// ranks at a time so that it stays in L2 between the stages (tc_z_budget(); never [R, N, O, I]).
 //   stage 1 (rows_kernel): one block per (8-column slab, r): tau = W - E of the slab in chunks of
 //     row runs, mode b (B_r on each 64-row run), then mode a (A_r across them) on the whole slab;
 //     Z_r written slab-contiguous ([r][slab][O][8]) so that both stages move whole 32-byte runs;
@@ -172,9 +172,9 @@ __device__ __forceinline__ void slab_fwd_mode_b(const MmaT *fh, const MmaT *fl, 
 // Mode a on the whole slab: out[(a * o2 + b) * 8 + j] = sum_a' F[a][a'] Y[a'][b * 8 + j]
 // (M = a, N = (b, j), K = a'), f32, slab-contiguous. Warps take n tiles b; each m tile's factor
 // fragments are loaded once per warp.
-template <typename P>
+template <typename P, typename Z>
 __device__ __forceinline__ void slab_fwd_mode_a(const MmaT *fh, const MmaT *fl, int lf, const MmaT *yh, const MmaT *yl,
-                                                int ly, float *out, int o1, int o1p, int o2) {
+                                                int ly, Z *out, int o1, int o1p, int o2) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int kt = o1p / 16;
   const int64_t lrow = (lane & 15) * (int64_t)ly;  // ldmatrix.x2: lanes 0..15 give rows k0..k0+15
@@ -200,7 +200,9 @@ __device__ __forceinline__ void slab_fwd_mode_a(const MmaT *fh, const MmaT *fl, 
       for (int h = 0; h < 2; ++h) {
         const int a = mt * 16 + g + 8 * h;
         if (a >= o1) continue;
-        *reinterpret_cast<float2 *>(out + ((int64_t)a * o2 + b) * TC_QC + 2 * t) = make_float2(c[2 * h], c[2 * h + 1]);
+        Z *dst = out + ((int64_t)a * o2 + b) * TC_QC + 2 * t;
+        if constexpr (std::is_same<Z, float>::value) *reinterpret_cast<float2 *>(dst) = make_float2(c[2 * h], c[2 * h + 1]);
+        else store_data2<Prec<false, false>>(dst, nullptr, 0, c[2 * h], c[2 * h + 1]);
       }
     }
   }
@@ -273,16 +275,20 @@ __device__ __forceinline__ void load_tau_chunk(MmaT *Xh, MmaT *Xl, int lx, const
   }
 }
 
+// The element type of Z as the forward keeps it: bf16 where stage 2 takes it single-pass (FwdPrec;
+// rounding it in stage 1 gives the bits stage 2 would, in half the bytes), else f32.
+template <typename T> using FwdZ = typename std::conditional<FwdPrec<T>::data_lo, float, MmaT>::type;
+
 // The backward's stage 1 (P = L tau, which feeds dC and dD): single-pass bf16 as the forward's
 // (FwdPrec); mma.cuh has the measurements.
 template <typename T> using RowsSplitPrec = FwdPrec<T>;
 
 // The body of stage 1 under precision policy P: kron_rows_kernel (the forward's, FwdPrec, with
 // FWD's layout and modes) and kron_rows_split_kernel (the backward's) below.
-template <typename T, typename P, bool FWD>
+template <typename T, typename P, bool FWD, typename Z>
 __device__ __forceinline__ void kron_rows_body(char *smem, const T *__restrict__ w, const T *__restrict__ e,
                                                const T *__restrict__ fa, const T *__restrict__ fb,
-                                               float *__restrict__ z, int o1, int o2, int64_t I, int64_t nexp,
+                                               Z *__restrict__ z, int o1, int o2, int64_t I, int64_t nexp,
                                                int64_t expert, int64_t r0) {
   const RowsLayout L = rows_layout(o1, o2, P::split(), FWD);
   MmaT *Xh = reinterpret_cast<MmaT *>(smem + L.xh), *Xl = reinterpret_cast<MmaT *>(smem + L.xl);
@@ -311,38 +317,47 @@ __device__ __forceinline__ void kron_rows_body(char *smem, const T *__restrict__
   __syncthreads();
 
   // Mode a: Z[a][(b, q)] = sum_a' A[a][a'] Y[b][q][a'], slab-contiguous.
-  float *zs = z + (blockIdx.y * slabs + slab) * O * TC_QC;
+  Z *zs = z + (blockIdx.y * slabs + slab) * O * TC_QC;
   if constexpr (FWD) slab_fwd_mode_a<P>(Ah, Al, L.la, Yh, Yl, L.ly, zs, o1, L.o1p, o2);
   else slab_mode_a<P>(Ah, Al, L.la, Yh, Yl, L.ly, zs, o1, L.o1p, o2);
 }
 
-#define CAMEX_KRON_ROWS_PARAMS                                                                             \
+#define CAMEX_KRON_ROWS_PARAMS(ZT)                                                                         \
   const T *__restrict__ w, const T *__restrict__ e, const T *__restrict__ fa, const T *__restrict__ fb,   \
-      float *__restrict__ z, int o1, int o2, int64_t I, int64_t nexp, int64_t expert, int64_t r0
+      ZT *__restrict__ z, int o1, int o2, int64_t I, int64_t nexp, int64_t expert, int64_t r0
 // Launch bounds of two blocks per SM (at most 128 registers): with the default, ptxas 13.0 capped
 // the f16 instance at 64 registers and spilled (mode a's factor fragments, hi and lo).
-template <typename T> __global__ void __launch_bounds__(TC_THREADS, 2) kron_rows_kernel(CAMEX_KRON_ROWS_PARAMS) {
+template <typename T> __global__ void __launch_bounds__(TC_THREADS, 2) kron_rows_kernel(CAMEX_KRON_ROWS_PARAMS(FwdZ<T>)) {
   CAMEX_DYNAMIC_SMEM(smem);
   kron_rows_body<T, FwdPrec<T>, true>(smem, w, e, fa, fb, z, o1, o2, I, nexp, expert, r0);
 }
-template <typename T> __global__ void __launch_bounds__(TC_THREADS) kron_rows_split_kernel(CAMEX_KRON_ROWS_PARAMS) {
+template <typename T> __global__ void __launch_bounds__(TC_THREADS) kron_rows_split_kernel(CAMEX_KRON_ROWS_PARAMS(float)) {
   CAMEX_DYNAMIC_SMEM(smem);
   kron_rows_body<T, RowsSplitPrec<T>, false>(smem, w, e, fa, fb, z, o1, o2, I, nexp, expert, r0);
 }
 #undef CAMEX_KRON_ROWS_PARAMS
 
-// Rows p0..p0+pr of one rank of Z (slab layout [slab][O][8], f32) into shared X[p][c][d] (row
-// stride lx), a data operand of storage T (store_data); rows past O are left as they are.
-template <typename P>
-__device__ __forceinline__ void load_z_rows(MmaT *xh, MmaT *xl, int lx, const float *zr, int64_t p0, int pr, int64_t O,
+// Rows p0..p0+pr of one rank of Z (slab layout [slab][O][8], f32 or bf16: FwdZ) into shared
+// X[p][c][d] (row stride lx), a data operand under P (store_data); rows past O are left as they are.
+template <typename P, typename Z>
+__device__ __forceinline__ void load_z_rows(MmaT *xh, MmaT *xl, int lx, const Z *zr, int64_t p0, int pr, int64_t O,
                                             int i1, int i2, int i1p) {
   const int64_t I = (int64_t)i1 * i2, slabs = (I + TC_QC - 1) / TC_QC;
   for (int64_t x = threadIdx.x; x < (int64_t)pr * slabs; x += TC_THREADS) {
     const int64_t pl = x / slabs, sl = x % slabs, p = p0 + pl;
     if (p >= O) continue;
-    const float4 *src = reinterpret_cast<const float4 *>(zr + (sl * O + p) * TC_QC);
-    const float4 v0 = src[0], v1 = src[1];
-    const float vt[TC_QC] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+    float vt[TC_QC];
+    if constexpr (std::is_same<Z, float>::value) {
+      const float4 *src = reinterpret_cast<const float4 *>(zr + (sl * O + p) * TC_QC);
+      const float4 v0 = src[0], v1 = src[1];
+      vt[0] = v0.x, vt[1] = v0.y, vt[2] = v0.z, vt[3] = v0.w, vt[4] = v1.x, vt[5] = v1.y, vt[6] = v1.z, vt[7] = v1.w;
+    } else {
+      const uint4 v = *reinterpret_cast<const uint4 *>(zr + (sl * O + p) * TC_QC);
+      Z zt[TC_QC];
+      memcpy(zt, &v, 16);
+#pragma unroll
+      for (int j = 0; j < TC_QC; ++j) vt[j] = to_f32(zt[j]);
+    }
 #pragma unroll
     for (int j = 0; j < TC_QC; ++j) {
       const int64_t q = sl * TC_QC + j;
@@ -390,32 +405,38 @@ __device__ __forceinline__ void rows_by_factor(const MmaT *xh, const MmaT *xl, i
 
 // The forward's mode d on rows (p, c') of X, mt16 m tiles of 16 (M = (p, c'), N = d, K = d'):
 // Y[(p, c')][d] = sum_d' X[(p, c')][d'] F[d][d'], Y's rows as X's (row stride ly), written as
-// 32-bit pairs. Each warp keeps an m tile's data fragments across the n tiles.
+// 32-bit pairs. Each warp keeps an m tile's data fragments across the n tiles (bf16).
 template <typename P>
 __device__ __forceinline__ void cols_fwd_mode_d(const MmaT *xh, const MmaT *xl, int lx, const MmaT *fh, const MmaT *fl,
                                                 int lf, MmaT *yh, MmaT *yl, int ly, int mt16, int i2p) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int kt = i2p / 16;
+  // With data lo halves (f16) the fragments are loaded per use: kept, they spill on sm_80.
+  constexpr bool keep = !P::data_lo;
   for (int mt = warp; mt < mt16; mt += TC_WARPS) {
-    uint32_t ah[TC_KMAX / 16][4], al[TC_KMAX / 16][4];
+    uint32_t ah[keep ? TC_KMAX / 16 : 1][4], al[4];
+    if constexpr (keep) {
 #pragma unroll
-    for (int k = 0; k < TC_KMAX / 16; ++k)
-      if (k < kt) {
-        frag_a(ah[k], xh, lx, mt * 16, k * 16, lane);
-        if constexpr (P::data_lo) frag_a(al[k], xl, lx, mt * 16, k * 16, lane);
-      }
+      for (int k = 0; k < TC_KMAX / 16; ++k)
+        if (k < kt) frag_a(ah[k], xh, lx, mt * 16, k * 16, lane);
+    }
     for (int nt = 0; nt < i2p / 8; ++nt) {
       float c[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int k = 0; k < TC_KMAX / 16; ++k)
         if (k < kt) {
+          uint32_t *a = ah[keep ? k : 0];
+          if constexpr (!keep) {
+            frag_a(a, xh, lx, mt * 16, k * 16, lane);
+            frag_a(al, xl, lx, mt * 16, k * 16, lane);
+          }
           uint32_t bh[2], bl[2];
           frag_b(bh, fh, lf, nt * 8, k * 16, lane);
-          mma_bf16(c, ah[k], bh);
-          if constexpr (P::data_lo) mma_bf16(c, al[k], bh);
+          mma_bf16(c, a, bh);
+          if constexpr (P::data_lo) mma_bf16(c, al, bh);
           if constexpr (P::factor_lo) {
             frag_b(bl, fl, lf, nt * 8, k * 16, lane);
-            mma_bf16(c, ah[k], bl);
+            mma_bf16(c, a, bl);
           }
         }
 #pragma unroll
@@ -463,7 +484,7 @@ __host__ __device__ inline ColsLayout cols_layout(int i1, int i2, TcSplit sp) {
 // Two blocks per SM (at most 128 registers): the default let the f16 instance take 174.
 template <typename T>
 __global__ void __launch_bounds__(TC_THREADS, 2)
-kron_cols_kernel(const float *__restrict__ z, const T *__restrict__ fc, const T *__restrict__ fd, float *__restrict__ u,
+kron_cols_kernel(const FwdZ<T> *__restrict__ z, const T *__restrict__ fc, const T *__restrict__ fd, float *__restrict__ u,
                  int i1, int i2, int64_t O, int64_t r0, int64_t nr, int64_t nexp, int64_t expert, int accumulate) {
   CAMEX_DYNAMIC_SMEM(smem);
   using P = FwdPrec<T>;  // only the forward runs stage 2
@@ -584,8 +605,9 @@ inline bool kron_tc_fits(const D4 &d4, TcSplit sp, int64_t lim) {
          cols_layout((int)d4.d[2], (int)d4.d[3], sp).bytes <= lim;
 }
 
-// Ranks per stage-1/stage-2 round: as many as keep Z (f32) within tc_z_budget() bytes, so that it
-// stays in L2 between the two stages (2 ranks, 19 MB, at T5-base `wi`; the H200's L2 is 50 MB).
+// Ranks per stage-1/stage-2 round: as many as keep Z within tc_z_budget() bytes, so that it stays in
+// L2 between the two stages (at T5-base `wi`: 2 ranks, 19 MB, of f32 Z; 5 ranks, 24 MB, of the
+// forward's bf16 Z; the H200's L2 is 50 MB).
 #ifdef CAMEX_TC_Z_BUDGET  // tests: small budgets exercise the accumulation across rounds
 inline int64_t tc_z_budget() { return CAMEX_TC_Z_BUDGET; }
 #elif defined(CAMEX_EMU)
@@ -596,9 +618,10 @@ inline int64_t tc_z_budget() { return ::emu::counting() ? 24ll << 20 : 3000; }
 #else
 inline int64_t tc_z_budget() { return 24ll << 20; }
 #endif
-inline int64_t kron_tc_rank_chunk(const D4 &d4, int64_t r) {
+// esize: bytes per element of Z (4, or 2 for the forward's bf16 Z: FwdZ).
+inline int64_t kron_tc_rank_chunk(const D4 &d4, int64_t r, int64_t esize = 4) {
   const int64_t o = d4.d[0] * d4.d[1], i = d4.d[2] * d4.d[3];
-  const int64_t per_rank = ((i + TC_QC - 1) / TC_QC) * o * TC_QC * 4;
+  const int64_t per_rank = ((i + TC_QC - 1) / TC_QC) * o * TC_QC * esize;
   int64_t c = tc_z_budget() / per_rank;
   if (c < 1) c = 1;
   if (c > r) c = r;
@@ -606,10 +629,13 @@ inline int64_t kron_tc_rank_chunk(const D4 &d4, int64_t r) {
   return c;
 }
 
-// Bytes of the stage-1 intermediate Z: kron_tc_rank_chunk ranks of [slabs][O][8] f32.
+// Bytes of the stage-1 intermediate Z: kron_tc_rank_chunk ranks of [slabs][O][8], for whichever
+// element size needs more (the workspace is sized before the path and dtype's Z are known).
 inline int64_t kron_tc_z_bytes(const D4 &d4, int64_t r) {
   const int64_t o = d4.d[0] * d4.d[1], i = d4.d[2] * d4.d[3];
-  return kron_tc_rank_chunk(d4, r) * ((i + TC_QC - 1) / TC_QC) * o * TC_QC * 4;
+  const int64_t b4 = kron_tc_rank_chunk(d4, r, 4) * ((i + TC_QC - 1) / TC_QC) * o * TC_QC * 4;
+  const int64_t b2 = kron_tc_rank_chunk(d4, r, 2) * ((i + TC_QC - 1) / TC_QC) * o * TC_QC * 2;
+  return b4 > b2 ? b4 : b2;
 }
 
 // u (f32 [O*I], overwritten) = the curvature of expert `expert` (tau = w - e); z: kron_tc_z_bytes;
@@ -628,16 +654,17 @@ inline int kron_forward_tc(cudaStream_t s, float *u, const T *w, const T *e, con
   if (err != cudaSuccess) return (int)err;
   err = CAMEX_SET_MAX_SMEM(kron_cols_kernel<T>, lim);
   if (err != cudaSuccess) return (int)err;
-  const int64_t chunk = kron_tc_rank_chunk(d4, f.r);
+  FwdZ<T> *zt = reinterpret_cast<FwdZ<T> *>(z);
+  const int64_t chunk = kron_tc_rank_chunk(d4, f.r, sizeof(FwdZ<T>));
   for (int64_t r0 = 0; r0 < f.r; r0 += chunk) {
     const int64_t nr = f.r - r0 < chunk ? f.r - r0 : chunk;
     const dim3 g1((unsigned)((I + TC_QC - 1) / TC_QC), (unsigned)nr);
     CAMEX_LAUNCH_SMEM(kron_rows_kernel<T>, g1, TC_THREADS, rl.bytes, s)(
-        w, e, reinterpret_cast<const T *>(f.a), reinterpret_cast<const T *>(f.b), z, o1, o2, I, f.n, expert, r0);
+        w, e, reinterpret_cast<const T *>(f.a), reinterpret_cast<const T *>(f.b), zt, o1, o2, I, f.n, expert, r0);
     CAMEX_CHECK_LAUNCH();
     const unsigned g2 = (unsigned)((O + cl.pr - 1) / cl.pr);
     CAMEX_LAUNCH_SMEM(kron_cols_kernel<T>, g2, TC_THREADS, cl.bytes, s)(
-        z, reinterpret_cast<const T *>(f.c), reinterpret_cast<const T *>(f.d), u, i1, i2, O, r0, nr, f.n, expert,
+        zt, reinterpret_cast<const T *>(f.c), reinterpret_cast<const T *>(f.d), u, i1, i2, O, r0, nr, f.n, expert,
         r0 > 0 ? 1 : 0);
     CAMEX_CHECK_LAUNCH();
   }
