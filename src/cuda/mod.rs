@@ -217,6 +217,8 @@ pub fn device_copies() -> u64 {
 
 /// The one device-to-device copy of the crate: `dst` = `src` on `stream`, counted for
 /// [`device_copies`].
+// Only the candle adapter copies (and borrows memory, below); without it these are unused.
+#[cfg_attr(not(feature = "candle"), allow(dead_code))]
 pub(crate) fn copy_dtod<T, S: DevicePtr<T>, D: DevicePtrMut<T>>(
     stream: &Arc<CudaStream>,
     src: &S,
@@ -228,6 +230,7 @@ pub(crate) fn copy_dtod<T, S: DevicePtr<T>, D: DevicePtrMut<T>>(
 
 /// Where a [`CudaTensor`]'s elements live.
 #[derive(Debug)]
+#[cfg_attr(not(feature = "candle"), allow(dead_code))]
 enum Data<T> {
     /// A buffer the tensor owns.
     Owned(CudaSlice<T>),
@@ -280,6 +283,7 @@ impl<T: Element> CudaTensor<T> {
     /// allocated, and holds cudarc's read guard (or write guard, if a launch writes the view) for
     /// them, until every launch using the view has been enqueued; the memory is freed only in
     /// the order of that stream (cudarc frees asynchronously on the buffer's stream).
+    #[cfg_attr(not(feature = "candle"), allow(dead_code))]
     pub(crate) unsafe fn borrowed(shape: &[usize], ptr: CUdeviceptr, len: usize) -> Result<Self> {
         let n: usize = shape.iter().product();
         if n != len {
@@ -303,6 +307,7 @@ impl<T: Element> CudaTensor<T> {
     /// The view must not outlive `self`'s memory, and it is read-only: it may be read by launches
     /// while `self` is not written. For a view of a borrowed tensor, the conditions of
     /// [`CudaTensor::borrowed`] carry over.
+    #[cfg_attr(not(feature = "candle"), allow(dead_code))]
     pub(crate) unsafe fn sub_view(
         &self,
         stream: &Arc<CudaStream>,
