@@ -10,6 +10,18 @@
 //! Prints progress, then the validation loss and perplexity of each variant, and writes a PNG of
 //! the loss curves (`--plot`, default `target/train-loss.png`).
 //!
+//! `--seeds K` trains every variant K times, with the same K seeds (`--seed`, `--seed`+1, ...) for
+//! each variant (the seed sets the initialisation, the batches, router noise and DARE), and prints
+//! per variant the mean and sample standard deviation of the validation loss and perplexity, and
+//! the gap between CAMEx and each baseline, paired over seeds (mean of the per-seed differences,
+//! standard error sd/sqrt(K)). The plot then shows the mean curves with a min..max band.
+//!
+//! Checkpoints (safetensors, candle-nn's `VarMap`, see `camex::candle::checkpoint`): `--save DIR`
+//! writes every trained model to `DIR/<variant>-seed<S>.safetensors`; `--load FILE` starts one
+//! variant from such a file (`--steps 0` only evaluates it); `--upcycle-from FILE` starts from a
+//! dense model's checkpoint: embeddings, attention and norms are loaded, and each CAMEx FFN is
+//! upcycled from the dense FFN in the file (`CamexFfn::upcycle_from_safetensors`).
+//!
 //!     cargo run --release --features candle --example train
 //!     cargo run --release --features candle --example train -- --help
 //!
@@ -18,6 +30,7 @@
 //! `--device auto` takes the GPU when the build has `cuda` and one is present, else the CPU.
 //! The GPU run has not been tried yet (no GPU session since the candle CUDA ops were written).
 
+use camex::candle::checkpoint::{self, join};
 use camex::candle::{CamexFfn, CamexFfnConfig, CurvatureKind, DenseFfn, Routing, SplitMix};
 use camex::{Dare, MergeOptions};
 use candle_core::{DType, Device, Result, Tensor, Var, D};
@@ -43,6 +56,10 @@ struct Args {
     eval_every: usize,
     eval_batches: usize,
     seed: u64,
+    seeds: usize,
+    save: Option<String>,
+    load: Option<String>,
+    upcycle_from: Option<String>,
     data: String,
     plot: String,
     variants: Vec<String>,
@@ -68,6 +85,10 @@ impl Default for Args {
             eval_every: 50,
             eval_batches: 16,
             seed: 1,
+            seeds: 1,
+            save: None,
+            load: None,
+            upcycle_from: None,
             data: concat!(env!("CARGO_MANIFEST_DIR"), "/data/kjv-genesis-ruth.txt.gz").into(),
             plot: "target/train-loss.png".into(),
             variants: vec!["camex".into(), "identity".into(), "dense".into()],
@@ -91,7 +112,12 @@ options (defaults in brackets):
   --dare P [0.1]         DARE p at expert granularity during training (0: off)
   --balance X [0.01]     weight of the load-balancing loss
   --eval-every N [50]  --eval-batches N [16]
-  --seed N [1]
+  --seed N [1]           first seed
+  --seeds K [1]          runs per variant, seeds N..N+K-1 (the same for every variant); prints
+                         mean and sd per variant and the paired CAMEx gap with its standard error
+  --save DIR             write each trained model to DIR/<variant>-seed<S>.safetensors
+  --load FILE            start from a saved model (one variant, one seed; --steps 0: evaluate only)
+  --upcycle-from FILE    start from a saved dense model: its FFNs are upcycled into CAMEx FFNs
   --data PATH            gzip text [data/kjv-genesis-ruth.txt.gz]
   --plot PATH            PNG of the loss curves [target/train-loss.png]
   --variants LIST        comma list of camex,identity,dense [all three]
@@ -131,6 +157,10 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--eval-every" => a.eval_every = num(&v)?.max(1),
             "--eval-batches" => a.eval_batches = num(&v)?.max(1),
             "--seed" => a.seed = num(&v)? as u64,
+            "--seeds" => a.seeds = num(&v)?,
+            "--save" => a.save = Some(v),
+            "--load" => a.load = Some(v),
+            "--upcycle-from" => a.upcycle_from = Some(v),
             "--data" => a.data = v,
             "--plot" => a.plot = v,
             "--variants" => a.variants = v.split(',').map(|s| s.trim().to_string()).collect(),
@@ -154,6 +184,15 @@ fn parse_args() -> std::result::Result<Args, String> {
         if !["camex", "identity", "dense"].contains(&v.as_str()) {
             return Err(format!("unknown variant `{v}` (camex, identity, dense)"));
         }
+    }
+    if a.seeds == 0 {
+        return Err("--seeds must be at least 1".into());
+    }
+    if a.load.is_some() && (a.variants.len() != 1 || a.seeds != 1) {
+        return Err("--load FILE holds one model: give one --variants and --seeds 1".into());
+    }
+    if a.load.is_some() && a.upcycle_from.is_some() {
+        return Err("--load and --upcycle-from both set the initial weights: give one".into());
     }
     Ok(a)
 }
@@ -251,7 +290,7 @@ impl Model {
         let pos = Var::from_tensor(&rng.randn(&[a.seq_len, d], std, dt, dev)?)?;
         let mut blocks = Vec::new();
         let mut router_rng = SplitMix(a.seed.wrapping_add(1000));
-        for _ in 0..a.layers {
+        for k in 0..a.layers {
             let wqkv = Var::from_tensor(&rng.randn(&[3 * d, d], std, dt, dev)?)?;
             let wo = Var::from_tensor(&rng.randn(
                 &[d, d],
@@ -259,7 +298,12 @@ impl Model {
                 dt,
                 dev,
             )?)?;
-            let dense = DenseFfn::new(d, a.d_ff, std, &mut rng, dt, dev)?;
+            let mut dense = DenseFfn::new(d, a.d_ff, std, &mut rng, dt, dev)?;
+            let ffn_file = a.upcycle_from.as_deref();
+            let ffn_prefix = format!("blocks.{k}.ffn");
+            if let (Some(path), "dense") = (ffn_file, variant) {
+                dense = DenseFfn::from_safetensors(path, &ffn_prefix, dt, dev)?;
+            }
             let ffn = match variant {
                 "dense" => Ffn::Dense(dense),
                 v => {
@@ -292,11 +336,18 @@ impl Model {
                             ..MergeOptions::default()
                         },
                     };
-                    Ffn::Camex(Box::new(CamexFfn::upcycle(
-                        &dense,
-                        config,
-                        &mut router_rng,
-                    )?))
+                    Ffn::Camex(Box::new(match ffn_file {
+                        // The CAMEx FFN starts from the dense FFN of the checkpoint file.
+                        Some(path) => CamexFfn::upcycle_from_safetensors(
+                            path,
+                            &ffn_prefix,
+                            config,
+                            &mut router_rng,
+                            dt,
+                            dev,
+                        )?,
+                        None => CamexFfn::upcycle(&dense, config, &mut router_rng)?,
+                    }))
                 }
             };
             blocks.push(Block {
@@ -311,14 +362,50 @@ impl Model {
         let mask: Vec<f32> = (0..l * l)
             .map(|k| if k % l > k / l { -1e9 } else { 0.0 })
             .collect();
-        Ok(Model {
+        let model = Model {
             tok,
             pos,
             blocks,
             lnf: ln(dev)?,
             heads: a.heads,
             causal: Tensor::from_vec(mask, (l, l), dev)?,
-        })
+        };
+        if let Some(path) = &a.upcycle_from {
+            // Everything but the FFNs (made above from the file) comes from the dense checkpoint.
+            checkpoint::load_subset(&model.named_vars(false), path)?;
+        }
+        Ok(model)
+    }
+
+    /// Every variable by name (the checkpoint's tensor names); without the FFNs unless `ffn`.
+    fn named_vars(&self, ffn: bool) -> Vec<(String, Var)> {
+        let mut v = vec![
+            ("tok".to_string(), self.tok.clone()),
+            ("pos".to_string(), self.pos.clone()),
+            ("lnf.weight".to_string(), self.lnf.0.clone()),
+            ("lnf.bias".to_string(), self.lnf.1.clone()),
+        ];
+        for (k, b) in self.blocks.iter().enumerate() {
+            let p = format!("blocks.{k}");
+            for (n, x) in [
+                ("ln1.weight", &b.ln1.0),
+                ("ln1.bias", &b.ln1.1),
+                ("wqkv", &b.wqkv),
+                ("wo", &b.wo),
+                ("ln2.weight", &b.ln2.0),
+                ("ln2.bias", &b.ln2.1),
+            ] {
+                v.push((join(&p, n), x.clone()));
+            }
+            if ffn {
+                let p = join(&p, "ffn");
+                v.extend(match &b.ffn {
+                    Ffn::Dense(f) => f.named_vars(&p),
+                    Ffn::Camex(f) => f.named_vars(&p),
+                });
+            }
+        }
+        v
     }
 
     fn vars(&self) -> Vec<Var> {
@@ -428,6 +515,7 @@ fn evaluate(m: &Model, c: &Corpus, a: &Args, dev: &Device) -> Result<f64> {
 
 struct Run {
     name: String,
+    seed: u64,
     /// (step, training loss) and (step, validation loss).
     train: Vec<(usize, f64)>,
     val: Vec<(usize, f64)>,
@@ -447,6 +535,10 @@ fn label(v: &str) -> &'static str {
 
 fn train(variant: &str, c: &Corpus, a: &Args, dev: &Device) -> Result<Run> {
     let model = Model::new(a, c.vocab.len(), variant, dev)?;
+    if let Some(path) = &a.load {
+        checkpoint::load(&model.named_vars(true), path)?;
+        println!("loaded {path}");
+    }
     let vars = model.vars();
     let params: usize = vars.iter().map(|v| v.elem_count()).sum();
     let active = model.active_params();
@@ -464,6 +556,7 @@ fn train(variant: &str, c: &Corpus, a: &Args, dev: &Device) -> Result<Run> {
     let t0 = Instant::now();
     let mut run = Run {
         name: variant.into(),
+        seed: a.seed,
         train: vec![],
         val: vec![],
         final_val: f64::NAN,
@@ -472,8 +565,9 @@ fn train(variant: &str, c: &Corpus, a: &Args, dev: &Device) -> Result<Run> {
         active,
     };
     println!(
-        "== {} : {params} parameters, {active} active per token",
-        label(variant)
+        "== {} (seed {}): {params} parameters, {active} active per token",
+        label(variant),
+        a.seed
     );
     let v0 = evaluate(&model, c, a, dev)?;
     run.val.push((0, v0));
@@ -521,6 +615,12 @@ fn train(variant: &str, c: &Corpus, a: &Args, dev: &Device) -> Result<Run> {
     }
     run.final_val = run.val.last().map_or(f64::NAN, |v| v.1);
     run.secs = t0.elapsed().as_secs_f64();
+    if let Some(dir) = &a.save {
+        std::fs::create_dir_all(dir).map_err(|e| candle_core::Error::Msg(format!("{dir}: {e}")))?;
+        let path = format!("{dir}/{variant}-seed{}.safetensors", a.seed);
+        checkpoint::save(&model.named_vars(true), &path)?;
+        println!("saved {path}");
+    }
     Ok(run)
 }
 
@@ -578,37 +678,189 @@ fn real_main() -> std::result::Result<(), String> {
         a.layers, a.d_model, a.heads, a.d_ff, a.seq_len, a.experts, a.rank, a.segment, a.steps, a.batch, a.lr, dev.location()
     );
     let t0 = Instant::now();
-    let mut runs = Vec::new();
-    for v in &a.variants {
-        runs.push(train(v, &c, &a, &dev).map_err(|e| format!("{v}: {e}"))?);
+    // Seed-major, so that every finished seed has all variants (a paired comparison so far).
+    let mut runs: Vec<Run> = Vec::new();
+    for k in 0..a.seeds {
+        let seeded = Args {
+            seed: a.seed + k as u64,
+            ..a.clone()
+        };
+        for v in &a.variants {
+            runs.push(train(v, &c, &seeded, &dev).map_err(|e| format!("{v}: {e}"))?);
+        }
     }
     println!(
-        "\nresults after {} steps (validation: {} windows of {} characters)",
+        "\nresults after {} steps (validation: {} windows of {} characters), {} seed(s): {}",
         a.steps,
         a.eval_batches * a.batch,
-        a.seq_len
+        a.seq_len,
+        a.seeds,
+        (0..a.seeds)
+            .map(|k| (a.seed + k as u64).to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
-    println!(
-        "{:38} {:>10} {:>10} {:>10} {:>10} {:>8}",
-        "variant", "params", "active", "val loss", "val ppl", "time"
-    );
-    for r in &runs {
-        println!(
-            "{:38} {:>10} {:>10} {:>10.4} {:>10.3} {:>7.0}s",
-            label(&r.name),
-            r.params,
-            r.active,
-            r.final_val,
-            r.final_val.exp(),
-            r.secs
-        );
-    }
-    match plot::write(&a.plot, &runs) {
-        Ok(()) => println!("loss curves: {}", a.plot),
+    let groups: Vec<(String, Vec<&Run>)> = a
+        .variants
+        .iter()
+        .map(|v| (v.clone(), runs.iter().filter(|r| &r.name == v).collect()))
+        .collect();
+    print!("{}", summary(&groups));
+    match plot::write(&a.plot, &groups) {
+        Ok(()) => println!(
+            "loss curves: {} (mean over seeds{})",
+            a.plot,
+            if a.seeds > 1 { ", band: min..max" } else { "" }
+        ),
         Err(e) => eprintln!("could not write {}: {e}", a.plot),
     }
     println!("total time {:.0}s", t0.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Mean and sample standard deviation (divisor n - 1; NaN for fewer than two values).
+fn mean_sd(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    if v.len() < 2 {
+        return (mean, f64::NAN);
+    }
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, var.sqrt())
+}
+
+/// Gap `a - b` paired over seeds: the mean of the per-seed differences and its standard error
+/// sd(differences) / sqrt(K) (NaN for one seed). Pairing removes what a seed does to every
+/// variant alike (the data order and the shared initialisation).
+fn paired_gap(a: &[f64], b: &[f64]) -> (f64, f64) {
+    let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+    let (mean, sd) = mean_sd(&d);
+    (mean, sd / (d.len() as f64).sqrt())
+}
+
+/// `x`, or `x ± e` when `e` is a number.
+fn pm(x: f64, e: f64, digits: usize) -> String {
+    if e.is_finite() {
+        format!("{x:.digits$} ± {e:.digits$}")
+    } else {
+        format!("{x:.digits$}")
+    }
+}
+
+/// The results table: per variant, mean ± sd over seeds of the final validation loss and
+/// perplexity; then CAMEx minus each baseline, paired over seeds, ± its standard error.
+fn summary(groups: &[(String, Vec<&Run>)]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let k = groups.first().map_or(0, |g| g.1.len());
+    let spread = if k > 1 { " (mean ± sd)" } else { "" };
+    let _ = writeln!(
+        out,
+        "{:38} {:>8} {:>8} {:>20} {:>20} {:>8}",
+        "variant",
+        "params",
+        "active",
+        format!("val loss{spread}"),
+        format!("val ppl{spread}"),
+        "time/run"
+    );
+    for (name, rs) in groups {
+        let loss: Vec<f64> = rs.iter().map(|r| r.final_val).collect();
+        let ppl: Vec<f64> = loss.iter().map(|l| l.exp()).collect();
+        let ((lm, ls), (pmean, psd)) = (mean_sd(&loss), mean_sd(&ppl));
+        let secs = rs.iter().map(|r| r.secs).sum::<f64>() / rs.len().max(1) as f64;
+        let _ = writeln!(
+            out,
+            "{:38} {:>8} {:>8} {:>20} {:>20} {:>7.0}s",
+            label(name),
+            rs.first().map_or(0, |r| r.params),
+            rs.first().map_or(0, |r| r.active),
+            pm(lm, ls, 4),
+            pm(pmean, psd, 3),
+            secs
+        );
+    }
+    if k > 1 {
+        for (name, rs) in groups {
+            let per: Vec<String> = rs
+                .iter()
+                .map(|r| format!("{}: {:.4}", r.seed, r.final_val))
+                .collect();
+            let _ = writeln!(out, "  {name:9} val loss per seed  {}", per.join("  "));
+        }
+    }
+    if let Some((_, cx)) = groups.iter().find(|g| g.0 == "camex") {
+        let cl: Vec<f64> = cx.iter().map(|r| r.final_val).collect();
+        for (name, rs) in groups.iter().filter(|g| g.0 != "camex") {
+            let bl: Vec<f64> = rs.iter().map(|r| r.final_val).collect();
+            let (g, se) = paired_gap(&cl, &bl);
+            let _ = writeln!(
+                out,
+                "gap CAMEx - {name}: val loss {}{}",
+                pm(g, se, 4),
+                if k > 1 {
+                    format!(" (paired over {k} seeds, ± standard error)")
+                } else {
+                    " (one seed: no error estimate)".into()
+                }
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mean_sd_and_paired_gap() {
+        let (m, s) = mean_sd(&[1.0, 2.0, 3.0, 6.0]);
+        assert_eq!(m, 3.0);
+        assert!((s - (14.0f64 / 3.0).sqrt()).abs() < 1e-12);
+        assert!(mean_sd(&[2.5]).1.is_nan());
+        // Differences 1, 2, 3: mean 2, sd 1, standard error 1/sqrt(3).
+        let (g, se) = paired_gap(&[2.0, 4.0, 6.0], &[1.0, 2.0, 3.0]);
+        assert_eq!(g, 2.0);
+        assert!((se - 1.0 / 3f64.sqrt()).abs() < 1e-12);
+    }
+
+    fn run(name: &str, seed: u64, v: f64) -> Run {
+        Run {
+            name: name.into(),
+            seed,
+            train: vec![(1, v + 1.0), (2, v + 0.5)],
+            val: vec![(0, v + 2.0), (2, v)],
+            final_val: v,
+            secs: 1.0,
+            params: 10,
+            active: 5,
+        }
+    }
+
+    #[test]
+    fn summary_reports_the_paired_gap() {
+        let (c, d) = (
+            [run("camex", 1, 1.7), run("camex", 2, 1.8)],
+            [run("dense", 1, 1.8), run("dense", 2, 2.0)],
+        );
+        let groups = vec![
+            ("camex".to_string(), c.iter().collect()),
+            ("dense".to_string(), d.iter().collect()),
+        ];
+        let s = summary(&groups);
+        // Differences -0.1 and -0.2: mean -0.15, sd 0.0707, standard error 0.05.
+        assert!(
+            s.contains("gap CAMEx - dense: val loss -0.1500 ± 0.0500"),
+            "{s}"
+        );
+        assert!(s.contains("1.7500 ± 0.0707"), "{s}");
+        let png = std::env::temp_dir().join(format!("camex-train-plot-{}.png", std::process::id()));
+        plot::write(png.to_str().unwrap(), &groups).unwrap();
+        let bytes = std::fs::read(&png).unwrap();
+        let _ = std::fs::remove_file(&png);
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    }
 }
 
 /// A small PNG writer for the loss curves: no plotting crate, one deflate stream (flate2).
@@ -643,6 +895,15 @@ mod plot {
                     for dy in 0..thick {
                         self.set(x + dx - thick / 2, y + dy - thick / 2, c);
                     }
+                }
+            }
+        }
+        /// Mixes `c` into the pixel with weight `a` (overlapping bands stay distinguishable).
+        fn blend(&mut self, x: i64, y: i64, c: [u8; 3], a: f64) {
+            if x >= 0 && y >= 0 && (x as usize) < W && (y as usize) < H {
+                let k = (y as usize * W + x as usize) * 3;
+                for (p, &c) in self.px[k..k + 3].iter_mut().zip(&c) {
+                    *p = (*p as f64 * (1.0 - a) + c as f64 * a).round() as u8;
                 }
             }
         }
@@ -739,8 +1000,25 @@ mod plot {
         out.extend_from_slice(&crc32(&body).to_be_bytes());
     }
 
-    /// Training loss (moving average, thin) and validation loss (thick, with dots) per variant.
-    pub fn write(path: &str, runs: &[Run]) -> std::io::Result<()> {
+    /// Mean over runs of curves that share their steps (every seed logs the same steps), with
+    /// the min and max: (step, mean, min, max).
+    fn mean_band(curves: &[Vec<(usize, f64)>]) -> Vec<(usize, f64, f64, f64)> {
+        let n = curves.iter().map(|c| c.len()).min().unwrap_or(0);
+        (0..n)
+            .map(|i| {
+                let vals: Vec<f64> = curves.iter().map(|c| c[i].1).collect();
+                let mean = vals.iter().sum::<f64>() / vals.len() as f64;
+                let lo = vals.iter().cloned().fold(f64::INFINITY, f64::min);
+                let hi = vals.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                (curves[0][i].0, mean, lo, hi)
+            })
+            .collect()
+    }
+
+    /// Per variant: training loss (moving average, mean over seeds, thin), validation loss (mean
+    /// over seeds, thick, with dots) and, with more than one seed, the min..max band of the
+    /// validation loss over seeds (shaded).
+    pub fn write(path: &str, groups: &[(String, Vec<&Run>)]) -> std::io::Result<()> {
         if let Some(dir) = std::path::Path::new(path).parent() {
             if !dir.as_os_str().is_empty() {
                 std::fs::create_dir_all(dir)?;
@@ -760,12 +1038,20 @@ mod plot {
                 })
                 .collect()
         };
-        let curves: Vec<Vec<(usize, f64)>> = runs.iter().map(smooth).collect();
-        let all = curves
+        let trains: Vec<Vec<(usize, f64, f64, f64)>> = groups
+            .iter()
+            .map(|(_, rs)| mean_band(&rs.iter().map(|r| smooth(r)).collect::<Vec<_>>()))
+            .collect();
+        let vals: Vec<Vec<(usize, f64, f64, f64)>> = groups
+            .iter()
+            .map(|(_, rs)| mean_band(&rs.iter().map(|r| r.val.clone()).collect::<Vec<_>>()))
+            .collect();
+        let seeds = groups.first().map_or(0, |g| g.1.len());
+        let all = trains
             .iter()
             .flatten()
-            .chain(runs.iter().flat_map(|r| r.val.iter()))
             .map(|p| p.1)
+            .chain(vals.iter().flatten().flat_map(|p| [p.2, p.3]))
             .filter(|v| v.is_finite());
         let (mut lo, mut hi) = all.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
             (a.min(v), b.max(v))
@@ -775,9 +1061,10 @@ mod plot {
         }
         let pad = ((hi - lo) * 0.05).max(1e-3);
         let (lo, hi) = (lo - pad, hi + pad);
-        let smax = runs
+        let smax = trains
             .iter()
-            .flat_map(|r| r.train.last())
+            .chain(&vals)
+            .flat_map(|c| c.last())
             .map(|p| p.0)
             .max()
             .unwrap_or(1)
@@ -802,20 +1089,37 @@ mod plot {
         cv.line((x0, y1), (x1, y1), [0, 0, 0], 2);
         cv.line((x0, y0), (x0, y1), [0, 0, 0], 2);
         cv.text((x1 as i64) - 120, y1 as i64 + 28, 2, "STEP", [0, 0, 0]);
-        for (k, (r, c)) in runs.iter().zip(&curves).enumerate() {
+        if seeds > 1 {
+            // Bands first, blended, so that every mean curve stays visible on top of them.
+            for (k, v) in vals.iter().enumerate() {
+                let col = COLORS[k % COLORS.len()];
+                for w in v.windows(2) {
+                    let ((xa, la), (xb, lb)) = (px(w[0].0, w[0].2), px(w[1].0, w[1].2));
+                    let ((_, ha), (_, hb)) = (px(w[0].0, w[0].3), px(w[1].0, w[1].3));
+                    for x in xa.round() as i64..=xb.round() as i64 {
+                        let t = ((x as f64 - xa) / (xb - xa).max(1e-9)).clamp(0.0, 1.0);
+                        let (ylo, yhi) = (la + t * (lb - la), ha + t * (hb - ha));
+                        for y in yhi.round() as i64..=ylo.round() as i64 {
+                            cv.blend(x, y, col, 0.25);
+                        }
+                    }
+                }
+            }
+        }
+        for (k, ((name, _), (t, v))) in groups.iter().zip(trains.iter().zip(&vals)).enumerate() {
             let col = COLORS[k % COLORS.len()];
             let light = [col[0] / 2 + 127, col[1] / 2 + 127, col[2] / 2 + 127];
-            for w in c.windows(2) {
+            for w in t.windows(2) {
                 cv.line(px(w[0].0, w[0].1), px(w[1].0, w[1].1), light, 1);
             }
-            for w in r.val.windows(2) {
+            for w in v.windows(2) {
                 cv.line(px(w[0].0, w[0].1), px(w[1].0, w[1].1), col, 3);
             }
-            for &(s, v) in &r.val {
-                let (x, y) = px(s, v);
+            for &(s, m, _, _) in v {
+                let (x, y) = px(s, m);
                 cv.rect(x as i64 - 3, y as i64 - 3, 7, 7, col);
             }
-            let name = match r.name.as_str() {
+            let label = match name.as_str() {
                 "camex" => "CAMEX KRONECKER",
                 "identity" => "IDENTITY MERGING",
                 _ => "DENSE FFN",
@@ -826,17 +1130,16 @@ mod plot {
                 x1 as i64 - 296,
                 ly - 1,
                 2,
-                &format!("{name} VAL {:.3}", r.final_val),
+                &format!("{label} VAL {:.3}", v.last().map_or(f64::NAN, |p| p.1)),
                 [0, 0, 0],
             );
         }
-        cv.text(
-            x0 as i64 + 10,
-            8,
-            2,
-            "LOSS: VALIDATION (THICK) TRAINING (THIN)",
-            [0, 0, 0],
-        );
+        let title = if seeds > 1 {
+            format!("VAL LOSS: MEAN OF {seeds} SEEDS (THICK) AND MIN-MAX (BAND)   TRAINING (THIN)")
+        } else {
+            "LOSS: VALIDATION (THICK) TRAINING (THIN)".to_string()
+        };
+        cv.text(x0 as i64 + 10, 8, 2, &title, [0, 0, 0]);
         let mut raw = Vec::with_capacity(H * (W * 3 + 1));
         for row in cv.px.chunks(W * 3) {
             raw.push(0);

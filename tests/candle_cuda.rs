@@ -345,3 +345,76 @@ fn bad_inputs_on_cuda_are_errors() {
     .unwrap();
     assert_eq!(flat(&got), flat(&want));
 }
+
+#[test]
+fn candle_cuda_path_makes_no_device_copies() {
+    let Some(dev) = gpu("candle_cuda_path_makes_no_device_copies") else {
+        return;
+    };
+    let (g, n, s, r) = (2, 3, [3, 5, 7, 3], 2);
+    let (o, i) = (s[0] * s[1], s[2] * s[3]);
+    let mut rng = SplitMix(99);
+    let cpu = |shape: &[usize], std: f64, rng: &mut SplitMix| {
+        rng.randn(shape, std, DType::F32, &Device::Cpu).unwrap()
+    };
+    let base = cpu(&[o, i], 0.5, &mut rng);
+    // `experts` read in place at a start offset: the middle N of N + 2 experts (contiguous).
+    let all_experts = cpu(&[n + 2, o, i], 0.5, &mut rng);
+    let scores = cpu(&[g, n], 1.0, &mut rng);
+    let factors: Vec<Tensor> = s
+        .iter()
+        .map(|&k| {
+            let eye = Tensor::eye(k, DType::F32, &Device::Cpu)
+                .unwrap()
+                .broadcast_as((r, n, k, k))
+                .unwrap();
+            (cpu(&[r, n, k, k], 0.3, &mut rng) + eye).unwrap()
+        })
+        .collect();
+    let on = |t: &Tensor| Var::from_tensor(&t.to_device(&dev).unwrap()).unwrap();
+    let (vb, ve, vs) = (on(&base), on(&all_experts), on(&scores));
+    let vf: Vec<Var> = factors.iter().map(on).collect();
+    let experts = ve.narrow(0, 1, n).unwrap();
+    assert!(experts.is_contiguous());
+    let opts = MergeOptions::default();
+    let f = Factors {
+        a: vf[0].as_tensor().clone(),
+        b: vf[1].as_tensor().clone(),
+        c: vf[2].as_tensor().clone(),
+        d: vf[3].as_tensor().clone(),
+    };
+    let before = camex::cuda::device_copies();
+    let merged = ca_merge(&vb, &experts, &vs, Some(&f), &opts).unwrap();
+    assert_eq!(
+        camex::cuda::device_copies() - before,
+        0,
+        "the forward copied on the device"
+    );
+    // The in-place read at the offset computes what the CPU computes.
+    let want = ca_merge(
+        &base,
+        &all_experts.narrow(0, 1, n).unwrap(),
+        &scores,
+        Some(&Factors {
+            a: factors[0].clone(),
+            b: factors[1].clone(),
+            c: factors[2].clone(),
+            d: factors[3].clone(),
+        }),
+        &opts,
+    )
+    .unwrap();
+    let e = rel_err(&flat(&merged), &flat(&want));
+    assert!(e < 1e-5, "ca_merge at an offset: {e:.3e}");
+    // The backward: base and experts gradients come back as the kernels wrote them; only the
+    // packed gradient (scores and four factors) is concatenated, one copy per piece.
+    let before = camex::cuda::device_copies();
+    let grads = merged.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    assert_eq!(camex::cuda::device_copies() - before, 5);
+    assert!(grads.get(ve.as_tensor()).is_some() && grads.get(&vf[3]).is_some());
+    // The identity curvature packs the scores alone: its backward copies nothing.
+    let before = camex::cuda::device_copies();
+    let merged = ca_merge(&vb, &experts, &vs, None, &opts).unwrap();
+    merged.sum_all().unwrap().backward().unwrap();
+    assert_eq!(camex::cuda::device_copies() - before, 0);
+}

@@ -4,12 +4,20 @@
 //!
 //! - Storage dtypes f32, f16 and bf16 go to the kernels as they are; f64 on CUDA is refused with an
 //!   error (the kernels do not take it; f64 runs on the CPU).
-//! - Each input is copied device to device into a buffer the kernels own (one copy per input, at
-//!   memory bandwidth: ~20 us for the T5-base `wi` experts in bf16 on an H200). candle hands out
-//!   borrowed slices and the crate's [`CudaTensor`] owns its memory; a borrowed-view input type
-//!   would remove the copy.
-//! - The public ops make their inputs contiguous first; a strided layout reaching this module
-//!   anyway is refused with an error naming the tensor.
+//! - Inputs are read in place from candle's storage: each becomes a view of the
+//!   [`CudaStorage`]'s slice at the layout's start offset, with cudarc's read guard held
+//!   through the launch (no device copy; `crate::cuda::device_copies` counts the crate's copies and
+//!   `tests/candle_cuda.rs` checks that the forward makes none). The packed input of `ca_merge`
+//!   and `curvature` is split into views as well.
+//! - Outputs are allocated by the kernels on candle's stream and handed to candle with
+//!   `wrap_cuda_slice`, without a copy. The one copy left is in the backward of `ca_merge` and
+//!   `curvature`: the small gradients of the packed input (scores and factors) are concatenated
+//!   into one buffer ([`pack`]), because the launchers allocate each gradient themselves (a
+//!   launcher variant writing into caller-given outputs would remove it); the big ones (`base`,
+//!   `experts`) and a lone scores gradient (identity curvature) are returned as they are.
+//! - Non-contiguous inputs are made contiguous by candle in the public ops (and in the backward,
+//!   for the incoming gradient); a strided layout reaching this module anyway is refused with an
+//!   error naming the tensor.
 //!
 //! **Status:** compiled and linted in CI; the kernels underneath ran on an H200, but this adapter
 //! has not yet run on a GPU (no GPU session since it was written). `tests/candle_cuda.rs` checks it
@@ -17,12 +25,12 @@
 
 use super::cerr;
 use super::ops::{common_dtype, dtype_error, Kernel};
-use crate::cuda::{cuda_err, CudaTensor, Element};
-use candle_core::backend::BackendStorage;
+use crate::cuda::{copy_dtod, CudaTensor, Element};
+use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
 use candle_core::op::BackpropOp;
 use candle_core::{DType, Device, Layout, Result, Shape, Storage, Tensor, WithDType};
-use cudarc::driver::CudaStream;
+use cudarc::driver::{CudaStream, DevicePtr, SyncOnDrop};
 use half::{bf16, f16};
 use std::sync::Arc;
 
@@ -34,13 +42,16 @@ impl DevElem for bf16 {}
 
 const DEVICE_DTYPES: &str = "f32|f16|bf16 (the CUDA kernels; f64 runs on the CPU)";
 
-/// Copies the elements a contiguous layout addresses into a buffer the kernels own.
-fn input<T: DevElem>(
-    stream: &Arc<CudaStream>,
+/// A view of the elements a contiguous layout addresses in candle's storage (no copy); the read
+/// guard that orders the launch after the storage's last write goes to `guards`, which the caller
+/// keeps until the launch is enqueued.
+fn input<'a, T: DevElem>(
+    stream: &'a Arc<CudaStream>,
     op: &str,
     name: &str,
-    s: &CudaStorage,
+    s: &'a CudaStorage,
     l: &Layout,
+    guards: &mut Vec<SyncOnDrop<'a>>,
 ) -> Result<CudaTensor<T>> {
     let Some((a, b)) = l.contiguous_offsets() else {
         return Err(candle_core::Error::Msg(format!(
@@ -51,27 +62,33 @@ fn input<T: DevElem>(
         )));
     };
     if a == b {
+        // No elements: the kernels' shape checks see the shape; the one-element buffer is never read.
         return CudaTensor::zeros(stream, l.dims()).map_err(|e| cerr(op, e));
     }
     let slice = s.as_cuda_slice::<T>()?;
-    let view = slice.try_slice(a..b).ok_or_else(|| {
-        candle_core::Error::Msg(format!(
+    if b > slice.len() {
+        return Err(candle_core::Error::Msg(format!(
             "camex {op}: tensor `{name}`: layout {a}..{b} outside its storage of {} elements",
             slice.len()
-        ))
-    })?;
-    let data = stream
-        .clone_dtod(&view)
-        .map_err(|e| cerr(op, cuda_err(e)))?;
-    CudaTensor::from_slice(l.dims(), data).map_err(|e| cerr(op, e))
+        )));
+    }
+    let (base, guard) = slice.device_ptr(stream);
+    guards.push(guard);
+    let ptr = base + (a * std::mem::size_of::<T>()) as u64;
+    // SAFETY: ptr..ptr + (b - a) elements lie in candle's live slice (checked above); the storage
+    // is borrowed for 'a and its read guard is in `guards`, both held by the caller through the
+    // launch, which runs on the slice's own stream (candle's), so a later free is ordered after it.
+    unsafe { CudaTensor::borrowed(l.dims(), ptr, b - a) }.map_err(|e| cerr(op, e))
 }
 
-fn wrap<T: DevElem>(t: CudaTensor<T>, dev: &CudaDevice) -> (CudaStorage, Shape) {
+fn wrap<T: DevElem>(t: CudaTensor<T>, dev: &CudaDevice) -> Result<(CudaStorage, Shape)> {
     let shape = Shape::from(t.shape().to_vec());
-    (T::wrap_cuda_slice(t.into_slice(), dev.clone()), shape)
+    let slice = t.into_slice().map_err(|e| cerr("output", e))?;
+    Ok((T::wrap_cuda_slice(slice, dev.clone()), shape))
 }
 
-/// `cuda_fwd` of every op: dtype dispatch, copy-in, the kernel, the output as candle storage.
+/// `cuda_fwd` of every op: dtype dispatch, inputs viewed in place, the kernel, the output as
+/// candle storage.
 pub(crate) fn forward<K: Kernel>(
     k: &K,
     inputs: &[(&str, &CudaStorage, &Layout)],
@@ -91,14 +108,24 @@ fn forward_typed<K: Kernel, T: DevElem>(
 ) -> Result<(CudaStorage, Shape)> {
     let dev = &inputs[0].1.device;
     let stream = dev.cuda_stream();
+    for (n, s, _) in inputs {
+        if !s.device.same_device(dev) {
+            return Err(candle_core::Error::Msg(format!(
+                "camex {}: tensor `{n}` is on another CUDA device than `{}`",
+                K::NAME,
+                inputs[0].0
+            )));
+        }
+    }
+    let mut guards = Vec::with_capacity(inputs.len());
     let bufs = inputs
         .iter()
-        .map(|(n, s, l)| input::<T>(&stream, K::NAME, n, s, l))
+        .map(|(n, s, l)| input::<T>(&stream, K::NAME, n, s, l, &mut guards))
         .collect::<Result<Vec<_>>>()?;
-    let out = k
-        .cuda_forward(&stream, bufs)
-        .map_err(|e| cerr(K::NAME, e))?;
-    Ok(wrap(out, dev))
+    let out = k.cuda_forward(&stream, bufs).map_err(|e| cerr(K::NAME, e));
+    // The launches are enqueued: the read guards may record their events now.
+    drop(guards);
+    wrap(out?, dev)
 }
 
 /// The backward of every op on a CUDA device: the gradients come back in the dtype, shape and
@@ -131,13 +158,19 @@ fn backward_typed<K: Kernel, T: DevElem>(
         .map(|(j, a)| (format!("input {}", j + 1), *a))
         .chain(std::iter::once(("grad".to_string(), grad)))
         .collect();
-    let mut bufs = Vec::with_capacity(named.len());
-    for (name, t) in &named {
-        // The incoming gradient may be in another dtype or strided (e.g. a broadcast); the kernels
-        // want the arguments' dtype, contiguous.
-        let t = t.to_dtype(args[0].dtype())?.contiguous()?;
-        let (st, l) = t.storage_and_layout();
-        let Storage::Cuda(s) = &*st else {
+    // The incoming gradient may be in another dtype or strided (e.g. a broadcast); the kernels
+    // want the arguments' dtype, contiguous. candle converts it (the arguments themselves are
+    // contiguous already, so for them both calls return the same storage, no copy).
+    let tensors = named
+        .iter()
+        .map(|(_, t)| t.to_dtype(args[0].dtype())?.contiguous())
+        .collect::<Result<Vec<_>>>()?;
+    // Storage read locks, then cudarc's read guards, all held until the launches are enqueued.
+    let storages: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let mut guards = Vec::with_capacity(storages.len());
+    let mut bufs = Vec::with_capacity(storages.len());
+    for ((name, t), (st, l)) in named.iter().zip(&storages) {
+        let Storage::Cuda(s) = &**st else {
             return Err(candle_core::Error::Msg(format!(
                 "camex {}: tensor `{name}` is on {:?}, expected {:?}",
                 K::NAME,
@@ -145,12 +178,19 @@ fn backward_typed<K: Kernel, T: DevElem>(
                 args[0].device().location()
             )));
         };
-        bufs.push(input::<T>(&stream, K::NAME, name, s, l)?);
+        if !s.device.same_device(dev) {
+            return Err(candle_core::Error::Msg(format!(
+                "camex {}: tensor `{name}` is on another CUDA device than `input 1`",
+                K::NAME
+            )));
+        }
+        bufs.push(input::<T>(&stream, K::NAME, name, s, l, &mut guards)?);
     }
     let grad = bufs.pop().expect("grad was pushed last");
-    let grads = k
-        .cuda_backward(&stream, bufs, grad)
-        .map_err(|e| cerr(K::NAME, e))?;
+    let grads = k.cuda_backward(&stream, bufs, grad);
+    drop(guards);
+    drop(storages);
+    let grads = grads.map_err(|e| cerr(K::NAME, e))?;
     args.iter()
         .zip(grads)
         .map(|(a, g)| {
@@ -160,7 +200,7 @@ fn backward_typed<K: Kernel, T: DevElem>(
                     crate::Error::shape("gradient", format!("{:?}", a.dims()), g.shape()),
                 ));
             }
-            let (storage, _) = wrap(g, dev);
+            let (storage, _) = wrap(g, dev)?;
             Ok(Tensor::from_storage(
                 Storage::Cuda(storage),
                 a.dims(),
@@ -171,9 +211,12 @@ fn backward_typed<K: Kernel, T: DevElem>(
         .collect()
 }
 
-/// Splits a packed device buffer into pieces of the given shapes (device copies; the pieces are
-/// the small scores and factors).
-pub(crate) fn unpack<T: Element>(
+/// Splits a packed device tensor into views of the given shapes (no copy).
+///
+/// # Safety
+/// The views borrow `packed`'s memory: they must not outlive it (nor, for a borrowed `packed`,
+/// the guards of its owner), and are only read.
+pub(crate) unsafe fn unpack<T: Element>(
     stream: &Arc<CudaStream>,
     packed: &CudaTensor<T>,
     shapes: &[Vec<usize>],
@@ -194,25 +237,26 @@ pub(crate) fn unpack<T: Element>(
             out.push(CudaTensor::zeros(stream, s)?);
             continue;
         }
-        let view = packed
-            .data()
-            .try_slice(at..at + n)
-            .ok_or_else(|| crate::Error::shape("packed", format!("[{total}]"), packed.shape()))?;
-        out.push(CudaTensor::from_slice(
-            s,
-            stream.clone_dtod(&view).map_err(cuda_err)?,
-        )?);
+        // SAFETY: in bounds (sub_view checks); lifetime and read-only use per this fn's contract.
+        out.push(unsafe { packed.sub_view(stream, at, s) }?);
         at += n;
     }
     Ok(out)
 }
 
-/// Concatenates flattened pieces into one device buffer (the inverse of [`unpack`]).
+/// Concatenates flattened pieces into one device buffer (the inverse of [`unpack`]): the
+/// gradient of a packed input. One counted device copy per piece ([`copy_dtod`]), none for a
+/// single piece.
 pub(crate) fn pack<T: Element>(
     stream: &Arc<CudaStream>,
     pieces: Vec<CudaTensor<T>>,
 ) -> crate::Result<CudaTensor<T>> {
     let total: usize = pieces.iter().map(|p| p.len()).sum();
+    if pieces.len() == 1 {
+        // One piece (the scores of the identity curvature) is the packed gradient already.
+        let p = pieces.into_iter().next().expect("one piece");
+        return CudaTensor::from_slice(&[total], p.into_slice()?);
+    }
     let mut out = CudaTensor::<T>::zeros(stream, &[total])?;
     let mut at = 0;
     for p in &pieces {
@@ -220,9 +264,9 @@ pub(crate) fn pack<T: Element>(
         if n == 0 {
             continue;
         }
-        let src = p.data().slice(0..n);
-        let mut dst = out.data_mut().slice_mut(at..at + n);
-        stream.memcpy_dtod(&src, &mut dst).map_err(cuda_err)?;
+        let src = p.data()?.slice(0..n);
+        let mut dst = out.data_mut()?.slice_mut(at..at + n);
+        copy_dtod(stream, &src, &mut dst)?;
         at += n;
     }
     Ok(out)

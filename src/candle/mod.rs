@@ -6,6 +6,8 @@
 //!   autograd reaches every differentiable input: the Kronecker factors (and, for `ca_merge`, the
 //!   scores) travel packed into one flat tensor made by `cat`, whose own backward splits the packed
 //!   gradient back onto each of them.
+//! - [`checkpoint`]: layers saved to and loaded from safetensors (candle-nn's `VarMap`), and a
+//!   CAMEx FFN upcycled from a dense FFN checkpoint file.
 //! - [`layer`]: [`CamexLinear`], the router (noisy top-k softmax), per-sequence or causal-segment
 //!   routing, the load-balancing loss, [`CamexFfn`], [`DenseFfn`] and upcycling (SPEC section 6).
 //!
@@ -18,6 +20,7 @@
 //! Other dtypes are refused with an error. Strided (non-contiguous) inputs are copied to a
 //! contiguous buffer first.
 
+pub mod checkpoint;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod layer;

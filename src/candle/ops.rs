@@ -64,7 +64,7 @@ pub(crate) trait Kernel {
         inputs: Vec<Vec<F>>,
         grad: crate::Tensor<F>,
     ) -> crate::Result<Vec<Vec<F>>>;
-    /// The forward on the device; `inputs` are contiguous copies, in input order.
+    /// The forward on the device; `inputs` are contiguous views of the op's inputs, in input order.
     #[cfg(feature = "cuda")]
     fn cuda_forward<T: DevElem>(
         &self,
@@ -342,12 +342,13 @@ impl CaMergeKernel {
         f: impl FnOnce(&dev::CudaCaMergeInputs<T>) -> crate::Result<R>,
     ) -> crate::Result<R> {
         let [base, experts, packed] = dev_inputs(inputs)?;
-        let mut packed = on_cuda::unpack(stream, &packed, &self.packed)?;
-        let factors = packed.split_off(1);
+        // SAFETY: the views are read only by `f`, within `packed`'s scope.
+        let mut pieces = unsafe { on_cuda::unpack(stream, &packed, &self.packed) }?;
+        let factors = pieces.split_off(1);
         f(&dev::CudaCaMergeInputs {
             base: &base,
             experts: &experts,
-            scores: &packed[0],
+            scores: &pieces[0],
             curvature: dev_factor_view(&factors),
             base_bias: None,
             expert_bias: None,
@@ -602,7 +603,8 @@ impl Kernel for CurvatureKernel {
         inputs: Vec<CudaTensor<T>>,
     ) -> crate::Result<CudaTensor<T>> {
         let [base, experts, packed] = dev_inputs(inputs)?;
-        let factors = on_cuda::unpack(stream, &packed, &self.factors)?;
+        // SAFETY: the views are read by the launch below, within `packed`'s scope.
+        let factors = unsafe { on_cuda::unpack(stream, &packed, &self.factors) }?;
         dev::curvature(stream, &base, &experts, &dev_factor_view(&factors))
     }
     #[cfg(feature = "cuda")]
@@ -613,7 +615,8 @@ impl Kernel for CurvatureKernel {
         grad: CudaTensor<T>,
     ) -> crate::Result<Vec<CudaTensor<T>>> {
         let [base, experts, packed] = dev_inputs(inputs)?;
-        let factors = on_cuda::unpack(stream, &packed, &self.factors)?;
+        // SAFETY: the views are read by the launch below, within `packed`'s scope.
+        let factors = unsafe { on_cuda::unpack(stream, &packed, &self.factors) }?;
         let g =
             dev::curvature_backward(stream, &base, &experts, &dev_factor_view(&factors), &grad)?;
         Ok(vec![

@@ -46,8 +46,11 @@ use crate::ffi;
 use crate::options::Dare;
 use crate::philox::DareDraw;
 use crate::tensor::{DType, Tensor};
+use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
 use half::{bf16, f16};
+use std::cell::Cell;
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -197,11 +200,62 @@ pub fn tensor_cores() -> bool {
     unsafe { ffi::camex_tensor_cores() == 1 }
 }
 
-/// A dense row-major tensor in device memory (SPEC section 2 layout).
+thread_local! {
+    /// Device-to-device copies enqueued by this thread ([`copy_dtod`]).
+    static DEVICE_COPIES: Cell<u64> = const { Cell::new(0) };
+}
+
+/// How many device-to-device copies the crate has enqueued from the calling thread. Every such
+/// copy of the crate's Rust code goes through one function that counts it, so a test can read
+/// this before and after an op to prove that the op copies nothing (per thread, so that tests
+/// running in parallel do not disturb each other; candle's ops run on the calling thread). The
+/// kernels library itself makes one copy, in the identity-curvature (`R = 0`) branch of
+/// `curvature_backward` (kernels/curvature.cu), which this does not count.
+pub fn device_copies() -> u64 {
+    DEVICE_COPIES.with(|c| c.get())
+}
+
+/// The one device-to-device copy of the crate: `dst` = `src` on `stream`, counted for
+/// [`device_copies`].
+// Only the candle adapter copies (and borrows memory, below); without it these are unused.
+#[cfg_attr(not(feature = "candle"), allow(dead_code))]
+pub(crate) fn copy_dtod<T, S: DevicePtr<T>, D: DevicePtrMut<T>>(
+    stream: &Arc<CudaStream>,
+    src: &S,
+    dst: &mut D,
+) -> Result<()> {
+    DEVICE_COPIES.with(|c| c.set(c.get() + 1));
+    stream.memcpy_dtod(src, dst).map_err(cuda_err)
+}
+
+/// Where a [`CudaTensor`]'s elements live.
+#[derive(Debug)]
+#[cfg_attr(not(feature = "candle"), allow(dead_code))]
+enum Data<T> {
+    /// A buffer the tensor owns.
+    Owned(CudaSlice<T>),
+    /// The tensor's elements at `ptr`, memory someone else owns (candle's storage): no copy in,
+    /// no free. Whoever made it ([`CudaTensor::borrowed`]) keeps the memory alive and holds
+    /// cudarc's read/write guards for it through every launch that uses it.
+    Borrowed {
+        ptr: CUdeviceptr,
+        _t: PhantomData<T>,
+    },
+}
+
+/// A dense row-major tensor in device memory (SPEC section 2 layout): a buffer it owns, or (inside
+/// the crate, for the framework adapters) a view of device memory another library owns.
 #[derive(Debug)]
 pub struct CudaTensor<T> {
     shape: Vec<usize>,
-    data: CudaSlice<T>,
+    data: Data<T>,
+}
+
+fn borrowed_err(what: &str) -> Error {
+    Error::option(
+        "tensor",
+        format!("{what}: this tensor is a view of memory the crate does not own"),
+    )
 }
 
 impl<T: Element> CudaTensor<T> {
@@ -211,16 +265,76 @@ impl<T: Element> CudaTensor<T> {
         let data = stream.clone_htod(t.data()).map_err(cuda_err)?;
         Ok(CudaTensor {
             shape: t.shape().to_vec(),
-            data,
+            data: Data::Owned(data),
         })
     }
     /// Copies to the host; waits for the stream's work on this tensor.
     pub fn download(&self, stream: &Arc<CudaStream>) -> Result<Tensor<T>> {
         let n: usize = self.shape.iter().product();
         let v = stream
-            .clone_dtoh(&self.data.slice(0..n))
+            .clone_dtoh(&self.data()?.slice(0..n))
             .map_err(cuda_err)?;
         Tensor::new(&self.shape, v)
+    }
+    /// A view of `len` elements of device memory at `ptr` that the caller owns, without a copy.
+    ///
+    /// # Safety
+    /// `ptr` addresses `len` live elements of `T` in the stream's context. The caller keeps them
+    /// allocated, and holds cudarc's read guard (or write guard, if a launch writes the view) for
+    /// them, until every launch using the view has been enqueued; the memory is freed only in
+    /// the order of that stream (cudarc frees asynchronously on the buffer's stream).
+    #[cfg_attr(not(feature = "candle"), allow(dead_code))]
+    pub(crate) unsafe fn borrowed(shape: &[usize], ptr: CUdeviceptr, len: usize) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        if n != len {
+            return Err(Error::option(
+                "data",
+                format!("shape {shape:?} holds {n} elements, device view has {len}"),
+            ));
+        }
+        Ok(CudaTensor {
+            shape: shape.to_vec(),
+            data: Data::Borrowed {
+                ptr,
+                _t: PhantomData,
+            },
+        })
+    }
+    /// A view of the elements `at..at + product(shape)` of this tensor, read as `shape`, without a
+    /// copy (e.g. the pieces of a packed input).
+    ///
+    /// # Safety
+    /// The view must not outlive `self`'s memory, and it is read-only: it may be read by launches
+    /// while `self` is not written. For a view of a borrowed tensor, the conditions of
+    /// [`CudaTensor::borrowed`] carry over.
+    #[cfg_attr(not(feature = "candle"), allow(dead_code))]
+    pub(crate) unsafe fn sub_view(
+        &self,
+        stream: &Arc<CudaStream>,
+        at: usize,
+        shape: &[usize],
+    ) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        let total = self.len();
+        if at.checked_add(n).is_none_or(|end| end > total) {
+            return Err(Error::shape(
+                "packed",
+                format!("at least {} elements", at.saturating_add(n)),
+                &self.shape,
+            ));
+        }
+        let base = match &self.data {
+            Data::Owned(s) => {
+                // The guard only records a read event now; the reads happen in later launches on
+                // this stream, ordered after anything enqueued before them.
+                let (p, _g) = s.device_ptr(stream);
+                p
+            }
+            Data::Borrowed { ptr, .. } => *ptr,
+        };
+        let off = (at * std::mem::size_of::<T>()) as CUdeviceptr;
+        // SAFETY: in bounds of self's memory (checked above); lifetime per this fn's contract.
+        unsafe { Self::borrowed(shape, base + off, n) }
     }
     /// A zero-filled tensor. Errors with [`Error::Memory`] when it does not fit in the device's
     /// free memory (or the [`crate::memory`] limit).
@@ -231,7 +345,7 @@ impl<T: Element> CudaTensor<T> {
         let data = stream.alloc_zeros::<T>(n.max(1)).map_err(cuda_err)?;
         Ok(CudaTensor {
             shape: shape.to_vec(),
-            data,
+            data: Data::Owned(data),
         })
     }
     /// An output buffer named `name` (for the errors): uninitialised (every kernel writes all of
@@ -258,7 +372,7 @@ impl<T: Element> CudaTensor<T> {
         }
         Ok(CudaTensor {
             shape: shape.to_vec(),
-            data,
+            data: Data::Owned(data),
         })
     }
     /// Wraps an existing device buffer; errors when its length differs from the shape's element count.
@@ -275,7 +389,7 @@ impl<T: Element> CudaTensor<T> {
         }
         Ok(CudaTensor {
             shape: shape.to_vec(),
-            data,
+            data: Data::Owned(data),
         })
     }
 }
@@ -290,16 +404,26 @@ impl<T> CudaTensor<T> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    pub fn data(&self) -> &CudaSlice<T> {
-        &self.data
+    /// The device buffer it owns (an error for a view of memory it does not own).
+    pub fn data(&self) -> Result<&CudaSlice<T>> {
+        match &self.data {
+            Data::Owned(s) => Ok(s),
+            Data::Borrowed { .. } => Err(borrowed_err("data")),
+        }
     }
-    pub fn data_mut(&mut self) -> &mut CudaSlice<T> {
-        &mut self.data
+    pub fn data_mut(&mut self) -> Result<&mut CudaSlice<T>> {
+        match &mut self.data {
+            Data::Owned(s) => Ok(s),
+            Data::Borrowed { .. } => Err(borrowed_err("data_mut")),
+        }
     }
     /// The device buffer. It holds at least one element: a tensor with no elements still owns
-    /// a one-element allocation.
-    pub fn into_slice(self) -> CudaSlice<T> {
-        self.data
+    /// a one-element allocation. Outputs of the ops always own theirs.
+    pub fn into_slice(self) -> Result<CudaSlice<T>> {
+        match self.data {
+            Data::Owned(s) => Ok(s),
+            Data::Borrowed { .. } => Err(borrowed_err("into_slice")),
+        }
     }
 }
 
@@ -322,17 +446,28 @@ impl<'a> Launch<'a> {
         })
     }
     pub fn read<T>(&mut self, t: &'a CudaTensor<T>) -> u64 {
-        let (p, g) = t.data.device_ptr(self.stream);
-        self.guards.push(g);
-        p
+        match &t.data {
+            Data::Owned(s) => {
+                let (p, g) = s.device_ptr(self.stream);
+                self.guards.push(g);
+                p
+            }
+            // The view's owner holds the guard (CudaTensor::borrowed).
+            Data::Borrowed { ptr, .. } => *ptr,
+        }
     }
     pub fn read_opt<T>(&mut self, t: Option<&'a CudaTensor<T>>) -> u64 {
         t.map_or(0, |t| self.read(t))
     }
     pub fn write<T>(&mut self, t: &'a mut CudaTensor<T>) -> u64 {
-        let (p, g) = t.data.device_ptr_mut(self.stream);
-        self.guards.push(g);
-        p
+        match &mut t.data {
+            Data::Owned(s) => {
+                let (p, g) = s.device_ptr_mut(self.stream);
+                self.guards.push(g);
+                p
+            }
+            Data::Borrowed { ptr, .. } => *ptr,
+        }
     }
     pub fn write_opt<T>(&mut self, t: Option<&'a mut CudaTensor<T>>) -> u64 {
         t.map_or(0, |t| self.write(t))

@@ -1,0 +1,90 @@
+//! A static check, runnable without a GPU, that the crate's device-to-device copies all go through
+//! one counted function (`camex::cuda::copy_dtod`, read by `camex::cuda::device_copies`) and that
+//! the candle adapter calls it only where the note in `src/candle/cuda.rs` says (packing the small
+//! gradients of a packed input). `tests/candle_cuda.rs` counts the copies of the candle ops on a GPU.
+
+use std::path::Path;
+
+/// Every `.rs` file under `dir`, with its text.
+fn sources(dir: &Path, out: &mut Vec<(String, String)>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            sources(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push((
+                p.display().to_string(),
+                std::fs::read_to_string(&p).unwrap(),
+            ));
+        }
+    }
+}
+
+/// Lines of code (comments stripped) that contain `needle`, as `file:line`.
+fn uses(files: &[(String, String)], needle: &str) -> Vec<String> {
+    let mut hits = Vec::new();
+    for (f, text) in files {
+        for (k, line) in text.lines().enumerate() {
+            let code = line.split("//").next().unwrap_or("");
+            if code.contains(needle) {
+                hits.push(format!("{f}:{}", k + 1));
+            }
+        }
+    }
+    hits
+}
+
+#[test]
+fn every_device_copy_goes_through_the_counted_wrapper() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    sources(&root.join("src"), &mut files);
+    assert!(files.len() > 10, "found only {} source files", files.len());
+    // cudarc's device-to-device copies (and the driver's) appear once: inside `copy_dtod`.
+    for needle in [
+        "memcpy_dtod",
+        "clone_dtod",
+        "cuMemcpyDtoD",
+        "memcpy_peer",
+        "cuMemcpyAsync",
+    ] {
+        let hits = uses(&files, needle);
+        let allowed =
+            needle == "memcpy_dtod" && hits.len() == 1 && hits[0].contains("src/cuda/mod.rs");
+        assert!(
+            hits.is_empty() || allowed,
+            "`{needle}` outside camex::cuda::copy_dtod: {hits:?}"
+        );
+    }
+    // The wrapper counts before it copies.
+    let cuda = std::fs::read_to_string(root.join("src/cuda/mod.rs")).unwrap();
+    let body = cuda
+        .split("pub(crate) fn copy_dtod")
+        .nth(1)
+        .expect("copy_dtod exists");
+    let body = &body[..body.find("\n}\n").expect("copy_dtod ends")];
+    assert!(
+        body.contains("DEVICE_COPIES.with"),
+        "copy_dtod does not count"
+    );
+    // The candle adapter copies in `pack` only (the backward's packed gradient), never on the
+    // forward's or the backward's inputs.
+    let calls = uses(&files, "copy_dtod(");
+    let candle: Vec<&String> = calls.iter().filter(|h| h.contains("src/candle/")).collect();
+    assert_eq!(candle.len(), 1, "{calls:?}");
+    let adapter = std::fs::read_to_string(root.join("src/candle/cuda.rs")).unwrap();
+    let pack = adapter
+        .split("pub(crate) fn pack")
+        .nth(1)
+        .expect("pack exists");
+    assert!(
+        pack.contains("copy_dtod("),
+        "the adapter copies outside pack"
+    );
+    // No other file calls it either (src/cuda/mod.rs defines it).
+    let others: Vec<&String> = calls
+        .iter()
+        .filter(|h| !h.contains("src/candle/cuda.rs") && !h.contains("src/cuda/mod.rs"))
+        .collect();
+    assert!(others.is_empty(), "{others:?}");
+}
