@@ -2004,6 +2004,25 @@ mod emu {
         }
     }
 
+    /// A factor over 64 (O = 67 = 1 x 67; I = 80 = 8 x 10) sends the Kronecker curvature to the
+    /// chain of mode products, whose strided GEMMs run on the tensor cores with f32 intermediates
+    /// (`kernels/gemm.cuh`, which keeps their hi/lo split): both SPEC bounds, forward and backward.
+    #[test]
+    fn emu_kron_chain_on_tensor_cores() {
+        if !on("emu_kron_chain_on_tensor_cores") {
+            return;
+        }
+        let sh = Sh {
+            n: 2,
+            o: 67,
+            i: 80,
+            r: 2,
+            g: 2,
+        };
+        curvature_case::<bf16>(sh, true);
+        curvature_case::<f16>(sh, true);
+    }
+
     /// T5-base `wi`'s factor sizes (48 x 64 | 24 x 32), one expert and one rank, through the
     /// tensor-core forward and the fused backward: their shared-memory layouts at the largest
     /// footprint that matters (the rows-side backward, 193 KiB in bf16 and 209 KiB in f16, of
