@@ -229,10 +229,15 @@ impl<F: Float> Plan<'_, F> {
     }
 }
 
-/// Column-block width of the weighted sum (a multiple of the GEMM's register tile): the G rows of
-/// a block are filled with base, get the [G, N] @ [N, w] product added and are copied out while
-/// they sit in L2, so each output element is written to memory once.
-const MERGE_W: usize = 1024;
+/// Elements of one column block of the weighted sum (G rows of w columns, w a multiple of 64): the
+/// block is filled with base, gets the [G, N] @ [N, w] product added and is copied out while it
+/// sits in L1/L2, so each output element is written to memory once. Small, so that the per-thread
+/// blocks add nothing visible to the CA-merge's peak memory.
+const MERGE_BLOCK: usize = 4096;
+
+fn merge_width(g: usize) -> usize {
+    (MERGE_BLOCK / g.max(1) / 64 * 64).max(64)
+}
 
 /// merged[g] = base + alpha * sum_i s[g,i] zeta[g,i] P_i, P = m (.) U, into `out` [G, O*I].
 ///
@@ -267,14 +272,15 @@ fn weighted_sum_into<F: Float>(
     let coef = plan.coef();
     let total = out.len();
     let op = SyncPtr(out.as_mut_ptr());
-    (0..oi.div_ceil(MERGE_W)).into_par_iter().for_each_init(
+    let bw = merge_width(g);
+    (0..oi.div_ceil(bw)).into_par_iter().for_each_init(
         || {
-            let pb = if mask.is_some() { n * MERGE_W } else { 0 };
-            (vec![F::ZERO; g * MERGE_W], vec![F::ZERO; pb])
+            let pb = if mask.is_some() { n * bw } else { 0 };
+            (vec![F::ZERO; g * bw], vec![F::ZERO; pb])
         },
         |(blk, pb), b| {
-            let c0 = b * MERGE_W;
-            let w = MERGE_W.min(oi - c0);
+            let c0 = b * bw;
+            let w = bw.min(oi - c0);
             for gg in 0..g {
                 blk[gg * w..(gg + 1) * w].copy_from_slice(&base[c0..c0 + w]);
             }
