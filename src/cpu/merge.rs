@@ -231,12 +231,14 @@ impl<F: Float> Plan<'_, F> {
 
 /// Elements of one column block of the weighted sum (G rows of w columns, w a multiple of 64): the
 /// block is filled with base, gets the [G, N] @ [N, w] product added and is copied out while it
-/// sits in L1/L2, so each output element is written to memory once. Small, so that the per-thread
-/// blocks add nothing visible to the CA-merge's peak memory.
-const MERGE_BLOCK: usize = 4096;
+/// sits in L2, so each output element is written to memory once. `merge` takes large blocks (fewer
+/// GEMM calls, whose fixed cost shows at this size); the CA-merge small ones, so that the
+/// per-thread blocks add nothing visible to its peak memory (U is live beside the output there).
+const MERGE_BLOCK: usize = 32768;
+const CA_MERGE_BLOCK: usize = 4096;
 
-fn merge_width(g: usize) -> usize {
-    (MERGE_BLOCK / g.max(1) / 64 * 64).max(64)
+fn merge_width(g: usize, block: usize) -> usize {
+    (block / g.max(1) / 64 * 64).max(64)
 }
 
 /// merged[g] = base + alpha * sum_i s[g,i] zeta[g,i] P_i, P = m (.) U, into `out` [G, O*I].
@@ -250,6 +252,7 @@ fn weighted_sum_into<F: Float>(
     u: &[F],
     mask: Option<&[F]>,
     out: &mut [F],
+    block: usize,
 ) {
     let (g, n, oi) = (plan.g, plan.n, plan.oi);
     debug_assert_eq!(out.len(), g * oi);
@@ -272,7 +275,7 @@ fn weighted_sum_into<F: Float>(
     let coef = plan.coef();
     let total = out.len();
     let op = SyncPtr(out.as_mut_ptr());
-    let bw = merge_width(g);
+    let bw = merge_width(g, block);
     (0..oi.div_ceil(bw)).into_par_iter().for_each_init(
         || {
             let pb = if mask.is_some() { n * bw } else { 0 };
@@ -552,6 +555,7 @@ pub fn merge<F: Float>(
         inputs.curved.data(),
         inputs.mask.map(|m| m.data()),
         merged.data_mut(),
+        MERGE_BLOCK,
     );
     Ok(MergeOutputs {
         merged,
@@ -606,6 +610,7 @@ pub fn merge_into<F: Float>(
         inputs.curved.data(),
         inputs.mask.map(|m| m.data()),
         merged.data_mut(),
+        MERGE_BLOCK,
     );
     if let Some(((eb, b), mb)) = bias_out {
         *mb = bias_forward(&plan, eb, b);
@@ -729,6 +734,7 @@ pub fn ca_merge<F: Float>(
         u.data(),
         m.as_ref().map(|t| t.data()),
         merged.data_mut(),
+        CA_MERGE_BLOCK,
     );
     drop(m);
     Ok(CaMergeOutputs {
@@ -899,10 +905,13 @@ mod tests {
                     scores: &scores,
                     dare: DareDraw::from_options(&dare),
                 };
-                for mk in [None, Some(&mask[..])] {
+                for (mk, block) in [(None, MERGE_BLOCK), (Some(&mask[..]), CA_MERGE_BLOCK)]
+                    .into_iter()
+                    .chain([(None, 64), (Some(&mask[..]), 64)])
+                {
                     let want = one_gemm(&plan, &base, &u, mk);
                     let mut got = vec![F::from_f64(f64::NAN); g * oi];
-                    weighted_sum_into(&plan, &base, &u, mk, &mut got);
+                    weighted_sum_into(&plan, &base, &u, mk, &mut got, block);
                     let bits = |v: &[F]| v.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();
                     assert_eq!(
                         bits(&got),
