@@ -625,8 +625,15 @@ fn prepare_camex<F: Float>(case: &Case) -> Result<Runner> {
         }
         Op::TiesMask => {
             let d = data::<F>(&s);
+            // The output is reused across iterations (`ties_mask_into`), as a training loop would.
+            let mut m = Tensor::zeros(&[n, o, i]);
             Ok(Box::new(move || {
-                keep(cpu::ties_mask(&d.base, &d.experts, Mask::TiesSign))
+                keep(cpu::ties_mask_into(
+                    &d.base,
+                    &d.experts,
+                    Mask::TiesSign,
+                    &mut m,
+                ))
             }))
         }
         Op::Merge => {
@@ -635,6 +642,9 @@ fn prepare_camex<F: Float>(case: &Case) -> Result<Runner> {
             let grad_merged: Tensor<F> = rng.tensor(&[g, o, i], 1.0);
             drop(d.experts);
             let (base, scores) = (d.base, d.scores);
+            // The output is reused across iterations (`merge_into`): a fresh [G, O, I] would be
+            // page-faulted in on every call.
+            let mut merged = Tensor::zeros(&[g, o, i]);
             Ok(Box::new(move || {
                 let inputs = MergeInputs {
                     base: &base,
@@ -644,9 +654,9 @@ fn prepare_camex<F: Float>(case: &Case) -> Result<Runner> {
                     base_bias: None,
                     expert_bias: None,
                 };
-                let out = cpu::merge(&inputs, 1.0, &Dare::None)?;
+                cpu::merge_into(&inputs, 1.0, &Dare::None, &mut merged, None)?;
+                std::hint::black_box(&merged);
                 if bwd {
-                    drop(out);
                     keep(cpu::merge_backward(
                         &inputs,
                         1.0,
@@ -655,7 +665,7 @@ fn prepare_camex<F: Float>(case: &Case) -> Result<Runner> {
                         None,
                     ))
                 } else {
-                    keep(Ok(out))
+                    Ok(())
                 }
             }))
         }
@@ -1335,12 +1345,16 @@ pub fn machine_line(m: &Machine, dtype: DType) -> String {
 pub const USAGE: &str = concat!(
     "camex bench [--op OP] [--shape t5-small|t5-base|gpt2|minilm] [--device cpu|cuda]\n",
     "            [--dtype f32|f64|f16|bf16] [--pass fwd|fwd+bwd|all] [--iters N] [--warmup N] [--no-peer]\n",
+    "            [--xla]\n",
     "  OP: ca_merge|curvature|merge|ties_mask|merged_linear|dynamic_merge|segment_scores (default: all)\n",
     "  Defaults: --shape t5-small --device cpu --dtype f32 (bf16 on cuda) --pass all --iters 5 --warmup 1.\n",
     "  Prints a machine line (measured GEMM rate and copy bandwidth), then one line per case:\n",
     "  op= shape= device= dtype= pass= median_ms= gflops= floor_ms= peak_mem_mb=, then\n",
-    "  impl=camex|candle-unfused gbps= x_floor= [speedup_vs_peer= mem_vs_peer=].\n",
-    "  The peer (the official unfused formulation in candle) runs when built with --features peer."
+    "  impl=camex|candle-unfused|xla-official gbps= x_floor= [speedup_vs_peer= mem_vs_peer=]\n",
+    "  [speedup_vs_xla=]. The peer (the official unfused formulation in candle) runs when built with\n",
+    "  --features peer. --xla also runs the official formulation under JAX/XLA on the CPU\n",
+    "  (scripts/jax_baseline.py, f32, ca_merge|curvature|merge; its first run installs jax into\n",
+    "  .venv-jax), one process per case, with this run's floor."
 );
 
 /// Options of `camex bench`.
@@ -1354,6 +1368,8 @@ pub struct BenchArgs {
     pub iters: usize,
     pub warmup: usize,
     pub peer: bool,
+    /// Also time the XLA peer (`scripts/jax_baseline.py`).
+    pub xla: bool,
 }
 
 impl BenchArgs {
@@ -1368,13 +1384,18 @@ impl BenchArgs {
             iters: 5,
             warmup: 1,
             peer: cfg!(feature = "peer"),
+            xla: false,
         };
         let mut dtype_given = false;
         let mut k = 0;
         while k < args.len() {
             let flag = args[k].as_str();
-            if flag == "--no-peer" {
-                a.peer = false;
+            if flag == "--no-peer" || flag == "--xla" {
+                if flag == "--xla" {
+                    a.xla = true;
+                } else {
+                    a.peer = false;
+                }
                 k += 1;
                 continue;
             }
@@ -1493,13 +1514,76 @@ pub fn run_cli(args: &[String], out: &mut dyn std::io::Write) -> Result<()> {
             } else {
                 None
             };
+            let xla_ms = if a.xla {
+                let (l, ms) = xla_peer(&case, &machine, a.iters);
+                writeln!(out, "{l}").map_err(io)?;
+                ms
+            } else {
+                None
+            };
             let mut run = prepare(&case)?;
             let m = measure(&mut run, a.warmup, a.iters)?;
             drop(run);
-            writeln!(out, "{}", line(&case, &m, &machine, peer_m.as_ref())).map_err(io)?;
+            let mut l = line(&case, &m, &machine, peer_m.as_ref());
+            if let Some(x) = xla_ms {
+                l += &format!(" speedup_vs_xla={:.2}", x / (m.median_s * 1e3));
+            }
+            writeln!(out, "{l}").map_err(io)?;
         }
     }
     Ok(())
+}
+
+/// The XLA peer of one case: `scripts/jax_baseline.py` in its own process (so that XLA's memory and
+/// threads stay out of this one's counters), given this run's GEMM rate and bandwidth so that its
+/// line has the same floor. Returns its line (or a `#` comment saying why there is none) and its
+/// median in ms. `CAMEX_JAX_SCRIPT` and `CAMEX_PYTHON` override the script and the interpreter.
+fn xla_peer(case: &Case, machine: &Machine, iters: usize) -> (String, Option<f64>) {
+    if !matches!(case.op, Op::CaMerge | Op::Curvature | Op::Merge) || case.dtype != DType::F32 {
+        return (
+            format!(
+                "# xla peer: not run for {} {} (the script times ca_merge, curvature and merge in f32)",
+                case.op.name(),
+                case.dtype.name()
+            ),
+            None,
+        );
+    }
+    let script = std::env::var("CAMEX_JAX_SCRIPT").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/jax_baseline.py").to_string()
+    });
+    let python = std::env::var("CAMEX_PYTHON").unwrap_or_else(|_| "python3".into());
+    let run = std::process::Command::new(&python)
+        .arg(&script)
+        .args(["--shape", case.shape.name(), "--op", case.op.name()])
+        .args(["--pass", case.pass.name(), "--iters", &iters.to_string()])
+        .arg(format!("--gemm-gflops={}", machine.gemm_flops / 1e9))
+        .arg(format!("--copy-gbps={}", machine.copy_bytes_per_s / 1e9))
+        .stderr(std::process::Stdio::inherit())
+        .output();
+    let stdout = match run {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+        Ok(o) => {
+            return (
+                format!("# xla peer: {script} exited with {}", o.status),
+                None,
+            )
+        }
+        Err(e) => {
+            return (
+                format!("# xla peer: could not run {python} {script}: {e}"),
+                None,
+            )
+        }
+    };
+    let Some(l) = stdout.lines().find(|l| l.starts_with("op=")) else {
+        return (format!("# xla peer: no case line from {script}"), None);
+    };
+    let ms = l
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("median_ms="))
+        .and_then(|v| v.parse::<f64>().ok());
+    (l.to_string(), ms)
 }
 
 /// `camex bench --device cuda`: the fused ops and, when built with `peer`, the candle peer on the
@@ -1575,6 +1659,8 @@ mod tests {
         assert_eq!(a.passes, vec![Pass::Fwd]);
         assert!(BenchArgs::parse(&v("--shape t5-huge")).is_err());
         assert!(BenchArgs::parse(&v("--op")).is_err());
+        assert!(!a.xla);
+        assert!(BenchArgs::parse(&v("--xla --pass fwd")).unwrap().xla);
         let c = BenchArgs::parse(&v("--device cuda")).unwrap();
         assert_eq!(c.dtype, DType::BF16);
     }

@@ -8,6 +8,7 @@
 //! the result is the same for any thread count.
 
 use super::gemm::{gemm, View};
+use super::SyncPtr;
 use crate::error::{Error, Result};
 use crate::shape::{expect_nonempty, expect_rank, expect_shape, Split};
 use crate::tensor::{Float, Tensor};
@@ -238,6 +239,13 @@ pub(crate) fn fused_backward_workspace<F>(
             "workspace (factor partials)",
             vec![o1, o2 * o2 + i1 * i1 + i2 * i2],
         ));
+        v.push((
+            "workspace (dA split-k)",
+            vec![
+                (dims.oi() / o1).div_ceil(SPLIT_K) * o1 + 2 * super::threads() * SPLIT_K,
+                o1,
+            ],
+        ));
     }
     v
 }
@@ -325,15 +333,47 @@ pub(crate) fn mode1<F: Float>(
     );
 }
 
-/// A raw pointer that may cross threads (disjoint writes only, see [`mode1`]).
-#[derive(Clone, Copy)]
-struct SyncPtr<T>(*mut T);
-// SAFETY: used only for writes to disjoint ranges from different threads.
-unsafe impl<T> Send for SyncPtr<T> {}
-unsafe impl<T> Sync for SyncPtr<T> {}
-impl<T> SyncPtr<T> {
-    fn get(self) -> *mut T {
-        self.0
+/// Columns per split-k chunk of [`contract_rows`]: k = O*I/o1 is long (32768 at T5-small) and the
+/// o1 x o1 output too small to split, so one GEMM runs on one thread at a low rate; fixed chunks
+/// run in parallel and their partials are added in chunk order (the same bits for any thread count).
+const SPLIT_K: usize = 1024;
+
+/// dst [o1, o1] = x [o1, rest] @ y [o1, rest]^T, as blocked split-k: each chunk of columns is
+/// packed (rows are o2*I apart, which would thrash cache sets, see [`PACK_W`]) and contracted on
+/// its own, then the partials are summed in chunk order.
+fn contract_rows<F: Float>(dst: &mut [F], x: &[F], y: &[F], o1: usize, rest: usize) {
+    let chunks = rest.div_ceil(SPLIT_K);
+    let partials: Vec<Vec<F>> = (0..chunks)
+        .into_par_iter()
+        .map_init(
+            || (vec![F::ZERO; o1 * SPLIT_K], vec![F::ZERO; o1 * SPLIT_K]),
+            |(bx, by), c| {
+                let c0 = c * SPLIT_K;
+                let w = SPLIT_K.min(rest - c0);
+                for a in 0..o1 {
+                    bx[a * w..(a + 1) * w].copy_from_slice(&x[a * rest + c0..a * rest + c0 + w]);
+                    by[a * w..(a + 1) * w].copy_from_slice(&y[a * rest + c0..a * rest + c0 + w]);
+                }
+                let mut part = vec![F::ZERO; o1 * o1];
+                let v = View::rm(0, o1, w);
+                gemm(
+                    &mut part,
+                    View::rm(0, o1, o1),
+                    false,
+                    bx,
+                    v,
+                    by,
+                    v.t(),
+                    F::ONE,
+                    false,
+                );
+                part
+            },
+        )
+        .collect();
+    dst.copy_from_slice(&partials[0]);
+    for p in &partials[1..] {
+        dst.iter_mut().zip(p).for_each(|(d, &v)| *d += v);
     }
 }
 
@@ -514,16 +554,12 @@ pub(crate) fn fused_backward<F: Float>(
             gd.data_mut()[foff(r, e, n, i2)..][..i2 * i2].copy_from_slice(&dd);
             // dA = dt1 [o1, rest] @ tau^T [rest, o1]; dtau (+)= A^T dt1.
             let rest = oi / o1;
-            gemm(
-                ga.data_mut(),
-                View::rm(foff(r, e, n, o1), o1, o1),
-                false,
+            contract_rows(
+                &mut ga.data_mut()[foff(r, e, n, o1)..][..o1 * o1],
                 &dt1,
-                View::rm(0, o1, rest),
                 &tau,
-                View::rm(0, o1, rest).t(),
-                F::ONE,
-                true,
+                o1,
+                rest,
             );
             let gte = &mut grad_tau.data_mut()[e * oi..(e + 1) * oi];
             mode1(

@@ -12,6 +12,7 @@ use super::curvature::{
 use super::dynamic::{grad_beta_unchecked, next_base_unchecked};
 use super::gemm::{gemm, View};
 use super::mask::{mask_unchecked, mask_workspace};
+use super::SyncPtr;
 use crate::error::{Error, Result};
 use crate::options::{Dare, Mask, MergeOptions};
 use crate::philox::{DareDraw, Granularity};
@@ -228,42 +229,107 @@ impl<F: Float> Plan<'_, F> {
     }
 }
 
-/// merged[g] = base + alpha * sum_i s[g,i] zeta[g,i] P_i.
-fn weighted_sum<F: Float>(plan: &Plan<F>, base: &[F], p: &[F]) -> Tensor<F> {
+/// Elements of one column block of the weighted sum (G rows of w columns, w a multiple of 64): the
+/// block is filled with base, gets the [G, N] @ [N, w] product added and is copied out while it
+/// sits in L2, so each output element is written to memory once. `merge` takes large blocks (fewer
+/// GEMM calls, whose fixed cost shows at this size); the CA-merge small ones, so that the
+/// per-thread blocks add nothing visible to its peak memory (U is live beside the output there).
+const MERGE_BLOCK: usize = 32768;
+const CA_MERGE_BLOCK: usize = 4096;
+
+fn merge_width(g: usize, block: usize) -> usize {
+    (block / g.max(1) / 64 * 64).max(64)
+}
+
+/// merged[g] = base + alpha * sum_i s[g,i] zeta[g,i] P_i, P = m (.) U, into `out` [G, O*I].
+///
+/// Without element-level DARE: per column block, the `gemm` crate's product on the block, which
+/// sums each element over the N experts in order exactly as one [G, N] @ [N, O*I] GEMM does (no
+/// k-blocking at k = N), so the bits do not depend on the block width or the thread count.
+fn weighted_sum_into<F: Float>(
+    plan: &Plan<F>,
+    base: &[F],
+    u: &[F],
+    mask: Option<&[F]>,
+    out: &mut [F],
+    block: usize,
+) {
     let (g, n, oi) = (plan.g, plan.n, plan.oi);
-    let mut merged = Tensor::zeros(&[g, plan.o, plan.i]);
+    debug_assert_eq!(out.len(), g * oi);
     if let Some(d) = plan.element_dare() {
-        merged
-            .data_mut()
-            .par_chunks_mut(oi)
-            .enumerate()
-            .for_each(|(gg, mg)| {
-                for (q, m) in mg.iter_mut().enumerate() {
-                    let mut s = F::ZERO;
-                    for e in 0..n {
-                        s += plan.scores[gg * n + e] * plan.zeta(&d, gg, e, q) * p[e * oi + q];
-                    }
-                    *m = base[q] + plan.alpha * s;
+        out.par_chunks_mut(oi).enumerate().for_each(|(gg, mg)| {
+            for (q, m) in mg.iter_mut().enumerate() {
+                let mut s = F::ZERO;
+                for e in 0..n {
+                    let p = match mask {
+                        Some(mk) => u[e * oi + q] * mk[e * oi + q],
+                        None => u[e * oi + q],
+                    };
+                    s += plan.scores[gg * n + e] * plan.zeta(&d, gg, e, q) * p;
                 }
-            });
-        return merged;
-    }
-    for gg in 0..g {
-        merged.data_mut()[gg * oi..(gg + 1) * oi].copy_from_slice(base);
+                *m = base[q] + plan.alpha * s;
+            }
+        });
+        return;
     }
     let coef = plan.coef();
-    gemm(
-        merged.data_mut(),
-        View::rm(0, g, oi),
-        true,
-        &coef,
-        View::rm(0, g, n),
-        p,
-        View::rm(0, n, oi),
-        plan.alpha,
-        true,
+    let total = out.len();
+    let op = SyncPtr(out.as_mut_ptr());
+    let bw = merge_width(g, block);
+    (0..oi.div_ceil(bw)).into_par_iter().for_each_init(
+        || {
+            let pb = if mask.is_some() { n * bw } else { 0 };
+            (vec![F::ZERO; g * bw], vec![F::ZERO; pb])
+        },
+        |(blk, pb), b| {
+            let c0 = b * bw;
+            let w = bw.min(oi - c0);
+            for gg in 0..g {
+                blk[gg * w..(gg + 1) * w].copy_from_slice(&base[c0..c0 + w]);
+            }
+            let (rhs, rv): (&[F], View) = match mask {
+                // P = m (.) U for this block only (the products of the unfused form, same bits).
+                Some(mk) => {
+                    for e in 0..n {
+                        let src = e * oi + c0;
+                        pb[e * w..(e + 1) * w]
+                            .iter_mut()
+                            .zip(&u[src..src + w])
+                            .zip(&mk[src..src + w])
+                            .for_each(|((p, &a), &m)| *p = a * m);
+                    }
+                    (&pb[..], View::rm(0, n, w))
+                }
+                None => (
+                    u,
+                    View {
+                        off: c0,
+                        rows: n,
+                        cols: w,
+                        rs: oi,
+                        cs: 1,
+                    },
+                ),
+            };
+            let v = View::rm(0, g, w);
+            gemm(
+                blk,
+                v,
+                true,
+                &coef,
+                View::rm(0, g, n),
+                rhs,
+                rv,
+                plan.alpha,
+                false,
+            );
+            for gg in 0..g {
+                // SAFETY: block b alone writes columns c0..c0+w of every row of out.
+                let dst = unsafe { op.slice(gg * oi + c0, w, total) };
+                dst.copy_from_slice(&blk[gg * w..(gg + 1) * w]);
+            }
+        },
     );
-    merged
 }
 
 /// merged_bias[g] = e_b + alpha * sum_i s[g,i] (b_i - e_b).
@@ -481,17 +547,75 @@ pub fn merge<F: Float>(
     dare: &Dare,
 ) -> Result<MergeOutputs<F>> {
     let (plan, biases) = plan_merge(inputs, alpha, dare)?;
-    super::budget::<F>(&merge_bufs(
+    super::budget::<F>(&merge_bufs(&plan, false, biases.is_some(), false))?;
+    let mut merged = Tensor::zeros(&[plan.g, plan.o, plan.i]);
+    weighted_sum_into(
         &plan,
-        inputs.mask.is_some(),
-        biases.is_some(),
-        false,
-    ))?;
-    let p = masked(inputs.curved.data(), inputs.mask.map(|m| m.data()));
+        inputs.base.data(),
+        inputs.curved.data(),
+        inputs.mask.map(|m| m.data()),
+        merged.data_mut(),
+        MERGE_BLOCK,
+    );
     Ok(MergeOutputs {
-        merged: weighted_sum(&plan, inputs.base.data(), &p),
+        merged,
         merged_bias: biases.map(|(eb, b)| bias_forward(&plan, eb, b)),
     })
+}
+
+/// [`merge`] into the caller's outputs (every element overwritten, same bits as [`merge`]):
+/// `merged` [G, O, I], and `merged_bias` [G, O] exactly when the biases are given. Reusing the
+/// outputs across calls saves page-faulting a fresh [G, O, I] in on every call. A wrong-sized
+/// output is an [`Error::Shape`] naming it; a missing or unexpected `merged_bias` is an error too.
+pub fn merge_into<F: Float>(
+    inputs: &MergeInputs<F>,
+    alpha: f64,
+    dare: &Dare,
+    merged: &mut Tensor<F>,
+    merged_bias: Option<&mut Tensor<F>>,
+) -> Result<()> {
+    let (plan, biases) = plan_merge(inputs, alpha, dare)?;
+    expect_shape("merged", merged.shape(), &[plan.g, plan.o, plan.i])?;
+    let bias_out = match (biases, merged_bias) {
+        (Some(bb), Some(mb)) => {
+            expect_shape("merged_bias", mb.shape(), &[plan.g, plan.o])?;
+            Some((bb, mb))
+        }
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(Error::option(
+                "merged_bias",
+                format!(
+                    "missing: the merge has biases, so an output of shape [{}, {}] is needed",
+                    plan.g, plan.o
+                ),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(Error::option(
+                "merged_bias",
+                "given, but the merge has no base_bias/expert_bias",
+            ))
+        }
+    };
+    // Only the small workspaces: the outputs exist already.
+    let mut bufs = vec![("workspace (coefficients)", vec![plan.g, plan.n])];
+    if bias_out.is_some() {
+        bufs.push(("merged_bias", vec![plan.g, plan.o]));
+    }
+    super::budget::<F>(&bufs)?;
+    weighted_sum_into(
+        &plan,
+        inputs.base.data(),
+        inputs.curved.data(),
+        inputs.mask.map(|m| m.data()),
+        merged.data_mut(),
+        MERGE_BLOCK,
+    );
+    if let Some(((eb, b), mb)) = bias_out {
+        *mb = bias_forward(&plan, eb, b);
+    }
+    Ok(())
 }
 
 /// `merge_backward`: gradients for base, curved, scores, alpha and the biases.
@@ -603,9 +727,16 @@ pub fn ca_merge<F: Float>(
     let u = curved_unchecked(inputs.base, inputs.experts, &inputs.curvature, &dims);
     let next_base = opts.beta.map(|b| next_base_unchecked(inputs.base, &u, b));
     let m = mask_unchecked(inputs.base, inputs.experts, opts.mask);
-    let p = masked(u.data(), m.as_ref().map(|t| t.data()));
-    let merged = weighted_sum(&plan, inputs.base.data(), &p);
-    drop(p);
+    let mut merged = Tensor::zeros(&[plan.g, plan.o, plan.i]);
+    weighted_sum_into(
+        &plan,
+        inputs.base.data(),
+        u.data(),
+        m.as_ref().map(|t| t.data()),
+        merged.data_mut(),
+        CA_MERGE_BLOCK,
+    );
+    drop(m);
     Ok(CaMergeOutputs {
         merged,
         merged_bias: biases.map(|(eb, b)| bias_forward(&plan, eb, b)),
@@ -704,4 +835,102 @@ pub fn ca_merge_backward<F: Float>(
         grad_base_bias,
         grad_expert_bias,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::options::Dare;
+
+    /// The weighted sum as it was before the blocked form: base copied into every row, P = m (.) U
+    /// stored whole, one [G, N] @ [N, O*I] GEMM over the whole output.
+    fn one_gemm<F: Float>(plan: &Plan<F>, base: &[F], u: &[F], mask: Option<&[F]>) -> Vec<F> {
+        let (g, n, oi) = (plan.g, plan.n, plan.oi);
+        let p = masked(u, mask);
+        let mut merged = vec![F::ZERO; g * oi];
+        for gg in 0..g {
+            merged[gg * oi..(gg + 1) * oi].copy_from_slice(base);
+        }
+        gemm(
+            &mut merged,
+            View::rm(0, g, oi),
+            true,
+            &plan.coef(),
+            View::rm(0, g, n),
+            &p,
+            View::rm(0, n, oi),
+            plan.alpha,
+            true,
+        );
+        merged
+    }
+
+    fn vals<F: Float>(seed: u64, len: usize, scale: f64) -> Vec<F> {
+        let mut s = seed;
+        (0..len)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                F::from_f64(scale * (((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0))
+            })
+            .collect()
+    }
+
+    /// Same bits as the one-GEMM form, for widths that are not a multiple of the block, with and
+    /// without a mask, expert-level DARE, any G and N (N beyond a register tile too).
+    fn blocked_matches_one_gemm<F: Float>() {
+        for &(g, n, o, i) in &[
+            (1, 1, 3, 5),
+            (5, 7, 48, 50),
+            (16, 7, 64, 64),
+            (3, 19, 40, 77),
+        ] {
+            let oi = o * i;
+            let base = vals::<F>(1, oi, 0.05);
+            let u = vals::<F>(2, n * oi, 0.01);
+            let scores = vals::<F>(3, g * n, 1.0);
+            let mask: Vec<F> = vals::<F>(4, n * oi, 1.0)
+                .iter()
+                .map(|&v| if v > F::ZERO { F::ONE } else { F::ZERO })
+                .collect();
+            for dare in [Dare::None, Dare::Expert { p: 0.3, seed: 9 }] {
+                let plan = Plan {
+                    g,
+                    n,
+                    oi,
+                    o,
+                    i,
+                    alpha: F::from_f64(0.7),
+                    scores: &scores,
+                    dare: DareDraw::from_options(&dare),
+                };
+                for (mk, block) in [(None, MERGE_BLOCK), (Some(&mask[..]), CA_MERGE_BLOCK)]
+                    .into_iter()
+                    .chain([(None, 64), (Some(&mask[..]), 64)])
+                {
+                    let want = one_gemm(&plan, &base, &u, mk);
+                    let mut got = vec![F::from_f64(f64::NAN); g * oi];
+                    weighted_sum_into(&plan, &base, &u, mk, &mut got, block);
+                    let bits = |v: &[F]| v.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&got),
+                        bits(&want),
+                        "G={g} N={n} O={o} I={i} {dare:?} mask={}",
+                        mk.is_some()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn blocked_weighted_sum_is_bit_identical_f32() {
+        blocked_matches_one_gemm::<f32>();
+    }
+
+    #[test]
+    fn blocked_weighted_sum_is_bit_identical_f64() {
+        blocked_matches_one_gemm::<f64>();
+    }
 }

@@ -20,9 +20,9 @@ pub use curvature::{
 };
 pub use dynamic::{dynamic_merge, dynamic_merge_backward, DynamicGrads};
 pub use linear::{merged_linear, merged_linear_backward, LinearGrads};
-pub use mask::ties_mask;
+pub use mask::{ties_mask, ties_mask_into};
 pub use merge::{
-    ca_merge, ca_merge_backward, merge, merge_backward, CaMergeGrads, CaMergeInputs,
+    ca_merge, ca_merge_backward, merge, merge_backward, merge_into, CaMergeGrads, CaMergeInputs,
     CaMergeOutputs, MergeGrads, MergeInputs, MergeOutputs,
 };
 pub use segment::{segment_scores, segment_scores_backward};
@@ -63,4 +63,25 @@ pub(crate) fn sum_stack<F: Float>(data: &[F], len: usize) -> Vec<F> {
         }
     });
     out
+}
+
+/// A raw pointer that may cross threads: parallel tasks that each own disjoint, strided ranges of
+/// one buffer (column blocks of a row-major matrix) write through it, one row segment at a time.
+#[derive(Clone, Copy)]
+pub(crate) struct SyncPtr<T>(pub *mut T);
+// SAFETY: used only for writes to disjoint ranges from different threads.
+unsafe impl<T> Send for SyncPtr<T> {}
+unsafe impl<T> Sync for SyncPtr<T> {}
+impl<T> SyncPtr<T> {
+    pub fn get(self) -> *mut T {
+        self.0
+    }
+    /// The `len` elements at `off` of a buffer of `total` elements, as a slice.
+    ///
+    /// # Safety
+    /// No other live reference may touch `off..off + len` of the buffer while the slice lives.
+    pub unsafe fn slice<'a>(self, off: usize, len: usize, total: usize) -> &'a mut [T] {
+        assert!(off + len <= total, "camex internal: segment out of range");
+        std::slice::from_raw_parts_mut(self.0.add(off), len)
+    }
 }
