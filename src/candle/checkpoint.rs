@@ -120,9 +120,9 @@ fn map_lacks(named: &[(String, Var)], k: &str) -> bool {
 }
 
 impl DenseFfn {
-    /// `w1` [F, D], `b1` [F], `w2` [D, F], `b2` [D] from a safetensors file, under `prefix` (e.g.
-    /// `blocks.0.ffn`; "" for none), onto `dev` in `dtype`. Missing tensors and wrong shapes are
-    /// errors naming the tensor; the file's dtype must be a float dtype.
+    /// `w1` `[F, D]`, `b1` `[F]`, `w2` `[D, F]`, `b2` `[D]` from a safetensors file, under
+    /// `prefix` (e.g. `blocks.0.ffn`; "" for none), onto `dev` in `dtype`. Missing tensors and
+    /// wrong shapes are errors naming the tensor; the file's dtype must be a float dtype.
     pub fn from_safetensors(
         path: impl AsRef<Path>,
         prefix: &str,
