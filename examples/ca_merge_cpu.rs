@@ -2,12 +2,12 @@
 //!
 //! `cargo run --release --example ca_merge_cpu -- [t5-small|t5-base|gpt2|minilm|tiny]`
 use camex::cpu::{self, CaMergeInputs, Curvature, Factors};
-use camex::{MergeOptions, Split, Tensor};
+use camex::{HostTensor, MergeOptions, Split};
 use std::time::Instant;
 
-fn rand_tensor(shape: &[usize], seed: u64, scale: f32) -> Tensor<f32> {
+fn rand_tensor(shape: &[usize], seed: u64, scale: f32) -> HostTensor<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    Tensor::from_fn(shape, |_| {
+    HostTensor::from_fn(shape, |_| {
         s ^= s << 13;
         s ^= s >> 7;
         s ^= s << 17;

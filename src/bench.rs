@@ -16,7 +16,7 @@ use crate::cpu::{self, CaMergeInputs, Curvature, Factors, MergeInputs};
 use crate::error::{Error, Result};
 use crate::options::{Dare, Mask, MergeOptions};
 use crate::shape::Split;
-use crate::tensor::{DType, Float, Tensor};
+use crate::tensor::{DType, Float, HostTensor};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::time::Instant;
@@ -491,29 +491,29 @@ impl Rng {
         z ^= z >> 31;
         (z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
     }
-    fn tensor<F: Float>(&mut self, shape: &[usize], scale: f64) -> Tensor<F> {
-        Tensor::from_fn(shape, |_| F::from_f64(scale * self.next()))
+    fn tensor<F: Float>(&mut self, shape: &[usize], scale: f64) -> HostTensor<F> {
+        HostTensor::from_fn(shape, |_| F::from_f64(scale * self.next()))
     }
 }
 
 /// Inputs of one case, like a trained layer: experts near the base, softmax-like scores, factors
 /// near the identity (so M_i stays near R * I and values stay bounded).
 struct Data<F> {
-    base: Tensor<F>,
-    experts: Tensor<F>,
-    scores: Tensor<F>,
-    factors: [Tensor<F>; 4],
+    base: HostTensor<F>,
+    experts: HostTensor<F>,
+    scores: HostTensor<F>,
+    factors: [HostTensor<F>; 4],
 }
 
 fn data<F: Float>(s: &BenchShape) -> Data<F> {
     let mut rng = Rng(0x00CA_3E00);
     let (n, o, i) = (s.n, s.o, s.i);
-    let base: Tensor<F> = rng.tensor(&[o, i], 0.05);
-    let noise: Tensor<F> = rng.tensor(&[n, o, i], 0.01);
-    let experts = Tensor::from_fn(&[n, o, i], |k| base.data()[k % (o * i)] + noise.data()[k]);
+    let base: HostTensor<F> = rng.tensor(&[o, i], 0.05);
+    let noise: HostTensor<F> = rng.tensor(&[n, o, i], 0.01);
+    let experts = HostTensor::from_fn(&[n, o, i], |k| base.data()[k % (o * i)] + noise.data()[k]);
     drop(noise);
     let raw: Vec<f64> = (0..s.g * n).map(|_| 1.0 + 0.5 * rng.next()).collect();
-    let scores = Tensor::from_fn(&[s.g, n], |k| {
+    let scores = HostTensor::from_fn(&[s.g, n], |k| {
         let row = &raw[(k / n) * n..(k / n + 1) * n];
         F::from_f64(raw[k] / row.iter().sum::<f64>())
     });
@@ -526,7 +526,7 @@ fn data<F: Float>(s: &BenchShape) -> Data<F> {
             .iter()
             .map(|&v| v + F::from_f64(0.01 * rng.next()))
             .collect();
-        Tensor::new(&sh, d).expect("factor shape")
+        HostTensor::new(&sh, d).expect("factor shape")
     });
     Data {
         base,
@@ -578,8 +578,8 @@ fn prepare_camex<F: Float>(case: &Case) -> Result<Runner> {
     match case.op {
         Op::CaMerge | Op::Curvature => {
             let d = data::<F>(&s);
-            let grad_merged: Tensor<F> = rng.tensor(&[g, o, i], 1.0);
-            let grad_curved: Tensor<F> = rng.tensor(&[n, o, i], 1.0);
+            let grad_merged: HostTensor<F> = rng.tensor(&[g, o, i], 1.0);
+            let grad_curved: HostTensor<F> = rng.tensor(&[n, o, i], 1.0);
             let op = case.op;
             Ok(Box::new(move || {
                 let [a, b, c, dd] = &d.factors;
@@ -626,7 +626,7 @@ fn prepare_camex<F: Float>(case: &Case) -> Result<Runner> {
         Op::TiesMask => {
             let d = data::<F>(&s);
             // The output is reused across iterations (`ties_mask_into`), as a training loop would.
-            let mut m = Tensor::zeros(&[n, o, i]);
+            let mut m = HostTensor::zeros(&[n, o, i]);
             Ok(Box::new(move || {
                 keep(cpu::ties_mask_into(
                     &d.base,
@@ -638,13 +638,13 @@ fn prepare_camex<F: Float>(case: &Case) -> Result<Runner> {
         }
         Op::Merge => {
             let d = data::<F>(&s);
-            let curved: Tensor<F> = rng.tensor(&[n, o, i], 0.01);
-            let grad_merged: Tensor<F> = rng.tensor(&[g, o, i], 1.0);
+            let curved: HostTensor<F> = rng.tensor(&[n, o, i], 0.01);
+            let grad_merged: HostTensor<F> = rng.tensor(&[g, o, i], 1.0);
             drop(d.experts);
             let (base, scores) = (d.base, d.scores);
             // The output is reused across iterations (`merge_into`): a fresh [G, O, I] would be
             // page-faulted in on every call.
-            let mut merged = Tensor::zeros(&[g, o, i]);
+            let mut merged = HostTensor::zeros(&[g, o, i]);
             Ok(Box::new(move || {
                 let inputs = MergeInputs {
                     base: &base,
@@ -670,9 +670,9 @@ fn prepare_camex<F: Float>(case: &Case) -> Result<Runner> {
             }))
         }
         Op::MergedLinear => {
-            let x: Tensor<F> = rng.tensor(&[g, t, i], 1.0);
-            let merged: Tensor<F> = rng.tensor(&[g, o, i], 0.05);
-            let grad_y: Tensor<F> = rng.tensor(&[g, t, o], 1.0);
+            let x: HostTensor<F> = rng.tensor(&[g, t, i], 1.0);
+            let merged: HostTensor<F> = rng.tensor(&[g, o, i], 0.05);
+            let grad_y: HostTensor<F> = rng.tensor(&[g, t, o], 1.0);
             Ok(Box::new(move || {
                 let y = cpu::merged_linear(&x, &merged, None)?;
                 if bwd {
@@ -684,9 +684,9 @@ fn prepare_camex<F: Float>(case: &Case) -> Result<Runner> {
             }))
         }
         Op::DynamicMerge => {
-            let base: Tensor<F> = rng.tensor(&[o, i], 0.05);
-            let curved: Tensor<F> = rng.tensor(&[n, o, i], 0.01);
-            let grad_next: Tensor<F> = rng.tensor(&[o, i], 1.0);
+            let base: HostTensor<F> = rng.tensor(&[o, i], 0.05);
+            let curved: HostTensor<F> = rng.tensor(&[n, o, i], 0.01);
+            let grad_next: HostTensor<F> = rng.tensor(&[o, i], 1.0);
             Ok(Box::new(move || {
                 let nb = cpu::dynamic_merge(&base, &curved, 0.5)?;
                 if bwd {
@@ -699,8 +699,8 @@ fn prepare_camex<F: Float>(case: &Case) -> Result<Runner> {
         }
         Op::SegmentScores => {
             let (b, j) = s.segments;
-            let router: Tensor<F> = rng.tensor(&[b, j, n], 1.0);
-            let grad: Tensor<F> = rng.tensor(&[b, j, n], 1.0);
+            let router: HostTensor<F> = rng.tensor(&[b, j, n], 1.0);
+            let grad: HostTensor<F> = rng.tensor(&[b, j, n], 1.0);
             Ok(Box::new(move || {
                 let sc = cpu::segment_scores(&router)?;
                 if bwd {
@@ -739,7 +739,7 @@ pub mod peer {
     }
 
     /// A camex tensor as a candle tensor of `dtype` on the CPU.
-    pub fn to_candle(t: &Tensor<f32>, dtype: CDType) -> candle_core::Result<CT> {
+    pub fn to_candle(t: &HostTensor<f32>, dtype: CDType) -> candle_core::Result<CT> {
         CT::from_slice(t.data(), t.shape(), &CDevice::Cpu)?.to_dtype(dtype)
     }
 
@@ -839,7 +839,7 @@ pub mod peer {
         let bwd = case.pass == Pass::FwdBwd;
         let mut rng = Rng(0xBE4C_0001);
         let (n, o, i, g, t) = (s.n, s.o, s.i, s.g, s.t);
-        let cv = |x: &Tensor<f32>| to_candle(x, dt)?.to_device(dev);
+        let cv = |x: &HostTensor<f32>| to_candle(x, dt)?.to_device(dev);
         // Each arm: the graph's inputs, the upstream gradient, and the forward as a function.
         type Fwd = Box<dyn Fn(&[CT]) -> candle_core::Result<CT>>;
         let (inputs, grad, fwd): (Vec<CT>, CT, Fwd) = match case.op {
@@ -874,7 +874,7 @@ pub mod peer {
                     let elect = tau.sum_keepdim(0)?.sign()?;
                     tau.sign()?.broadcast_eq(&elect)?.to_dtype(x[0].dtype())
                 });
-                (list, cv(&Tensor::zeros(&[1]))?, f)
+                (list, cv(&HostTensor::zeros(&[1]))?, f)
             }
             Op::Merge => {
                 let d = data::<f32>(&s);
@@ -1003,7 +1003,7 @@ pub mod gpu {
     /// One prepared GPU case: enqueue one iteration on the stream.
     pub type GpuRun = Box<dyn FnMut(&Arc<CudaStream>) -> Result<()>>;
 
-    fn up<T: Element>(s: &Arc<CudaStream>, t: &Tensor<f32>) -> Result<CudaTensor<T>> {
+    fn up<T: Element>(s: &Arc<CudaStream>, t: &HostTensor<f32>) -> Result<CudaTensor<T>> {
         CudaTensor::upload(s, &t.map(T::from_f32))
     }
 
@@ -1705,7 +1705,7 @@ mod tests {
         let want = cpu::ca_merge(&inputs, &MergeOptions::default())
             .unwrap()
             .merged;
-        let cv = |t: &Tensor<f32>| peer::to_candle(t, CDType::F32).unwrap();
+        let cv = |t: &HostTensor<f32>| peer::to_candle(t, CDType::F32).unwrap();
         let u = peer::curvature(
             &cv(&d.base),
             &cv(&d.experts),

@@ -34,4 +34,4 @@ pub use error::{Error, Result};
 pub use memory::MemoryLimit;
 pub use options::{Dare, Mask, MergeOptions};
 pub use shape::Split;
-pub use tensor::{AnyTensor, DType, Float, Tensor};
+pub use tensor::{AnyTensor, DType, Float, HostTensor};

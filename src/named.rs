@@ -28,7 +28,7 @@ use crate::cpu::{self, CaMergeInputs, Curvature, Factors, MergeInputs};
 use crate::error::{Error, Result};
 use crate::memory::{self, MemoryLimit};
 use crate::options::{check_scalar, Dare, Mask, MergeOptions};
-use crate::tensor::{AnyTensor, DType, Float, Tensor};
+use crate::tensor::{AnyTensor, DType, Float, HostTensor};
 use half::{bf16, f16};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -456,7 +456,7 @@ fn run_op_in_limit(
         }
     }
     if dtype == DType::F64 {
-        let t: BTreeMap<String, Tensor<f64>> = inputs
+        let t: BTreeMap<String, HostTensor<f64>> = inputs
             .iter()
             .map(|(k, v)| (k.clone(), v.to_f64()))
             .collect();
@@ -467,7 +467,7 @@ fn run_op_in_limit(
             .collect())
     } else {
         // f32 compute; inputs given in another dtype are first rounded to the storage dtype.
-        let t: BTreeMap<String, Tensor<f32>> = inputs
+        let t: BTreeMap<String, HostTensor<f32>> = inputs
             .iter()
             .map(|(k, v)| {
                 let v = if v.dtype() == dtype {
@@ -523,7 +523,7 @@ mod on_cuda {
         self, CudaCaMergeInputs, CudaCurvature, CudaFactors, CudaMergeInputs, CudaTensor, Element,
     };
     use crate::error::Result;
-    use crate::tensor::{AnyTensor, DType, Tensor};
+    use crate::tensor::{AnyTensor, DType, HostTensor};
     use std::collections::BTreeMap;
 
     impl<'a, T> Named<'a, CudaTensor<T>> {
@@ -719,7 +719,7 @@ mod on_cuda {
         // download waits for the stream's work on each tensor.
         let mut host = BTreeMap::new();
         for (k, v) in out.0 {
-            let t: Tensor<T> = v.download(&stream)?;
+            let t: HostTensor<T> = v.download(&stream)?;
             host.insert(k, AnyTensor::from_f32(&t.map(T::to_f32), dtype));
         }
         Ok(host)
@@ -833,7 +833,7 @@ impl<'a, V> Named<'a, V> {
     }
 }
 
-impl<'a, F: Float> Named<'a, Tensor<F>> {
+impl<'a, F: Float> Named<'a, HostTensor<F>> {
     fn curvature(&self) -> Result<Curvature<'a, F>> {
         Ok(match self.factors()? {
             None => Curvature::Identity,
@@ -885,9 +885,9 @@ fn merge_options(opts: &RunOptions) -> MergeOptions {
 /// The CPU dispatch, in the compute type F.
 fn exec<F: Float>(
     info: &'static OpInfo,
-    map: &BTreeMap<String, Tensor<F>>,
+    map: &BTreeMap<String, HostTensor<F>>,
     opts: &RunOptions,
-) -> Result<BTreeMap<String, Tensor<F>>> {
+) -> Result<BTreeMap<String, HostTensor<F>>> {
     let n = Named { op: info.name, map };
     let mut out = Out(BTreeMap::new());
     match info.name {
@@ -948,7 +948,7 @@ fn exec<F: Float>(
                 out.put("grad_base", g.grad_base);
                 out.put("grad_curved", g.grad_curved);
                 out.put("grad_scores", g.grad_scores);
-                out.put("grad_alpha", Tensor::scalar(g.grad_alpha));
+                out.put("grad_alpha", HostTensor::scalar(g.grad_alpha));
                 out.put_opt("grad_base_bias", g.grad_base_bias);
                 out.put_opt("grad_expert_bias", g.grad_expert_bias);
             }
@@ -988,8 +988,8 @@ fn exec<F: Float>(
                         f.grad_factor_d,
                     ]
                 }));
-                out.put("grad_alpha", Tensor::scalar(g.grad_alpha));
-                out.put_opt("grad_beta", g.grad_beta.map(Tensor::scalar));
+                out.put("grad_alpha", HostTensor::scalar(g.grad_alpha));
+                out.put_opt("grad_beta", g.grad_beta.map(HostTensor::scalar));
                 out.put_opt("grad_base_bias", g.grad_base_bias);
                 out.put_opt("grad_expert_bias", g.grad_expert_bias);
             }
@@ -1028,7 +1028,7 @@ fn exec<F: Float>(
             )?;
             out.put("grad_base", g.grad_base);
             out.put("grad_curved", g.grad_curved);
-            out.put("grad_beta", Tensor::scalar(g.grad_beta));
+            out.put("grad_beta", HostTensor::scalar(g.grad_beta));
         }
         "segment_scores" => {
             out.put("scores", cpu::segment_scores(n.req("router_scores")?)?);
@@ -1111,19 +1111,19 @@ pub fn read_safetensors(path: impl AsRef<Path>) -> Result<BTreeMap<String, AnyTe
         let shape = view.shape();
         let data = view.data();
         let t = match view.dtype() {
-            safetensors::Dtype::F32 => AnyTensor::F32(Tensor::new(
+            safetensors::Dtype::F32 => AnyTensor::F32(HostTensor::new(
                 shape,
                 le_words::<4, _>(name, shape, data, f32::from_le_bytes)?,
             )?),
-            safetensors::Dtype::F64 => AnyTensor::F64(Tensor::new(
+            safetensors::Dtype::F64 => AnyTensor::F64(HostTensor::new(
                 shape,
                 le_words::<8, _>(name, shape, data, f64::from_le_bytes)?,
             )?),
-            safetensors::Dtype::F16 => AnyTensor::F16(Tensor::new(
+            safetensors::Dtype::F16 => AnyTensor::F16(HostTensor::new(
                 shape,
                 le_words::<2, _>(name, shape, data, |b| f16::from_bits(u16::from_le_bytes(b)))?,
             )?),
-            safetensors::Dtype::BF16 => AnyTensor::BF16(Tensor::new(
+            safetensors::Dtype::BF16 => AnyTensor::BF16(HostTensor::new(
                 shape,
                 le_words::<2, _>(name, shape, data, |b| {
                     bf16::from_bits(u16::from_le_bytes(b))

@@ -47,12 +47,12 @@ impl DType {
 
 /// A dense row-major tensor that owns its data.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Tensor<T> {
+pub struct HostTensor<T> {
     shape: Vec<usize>,
     data: Vec<T>,
 }
 
-impl<T> Tensor<T> {
+impl<T> HostTensor<T> {
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
@@ -76,7 +76,7 @@ impl<T> Tensor<T> {
     }
 }
 
-impl<T: Copy> Tensor<T> {
+impl<T: Copy> HostTensor<T> {
     /// Wraps `data` with `shape`; errors when the element count differs.
     pub fn new(shape: &[usize], data: Vec<T>) -> Result<Self> {
         // Checked: a shape whose product wraps around could otherwise pass with a short buffer.
@@ -95,44 +95,44 @@ impl<T: Copy> Tensor<T> {
                 ),
             ));
         }
-        Ok(Tensor {
+        Ok(HostTensor {
             shape: shape.to_vec(),
             data,
         })
     }
     pub fn full(shape: &[usize], v: T) -> Self {
         let n: usize = shape.iter().product();
-        Tensor {
+        HostTensor {
             shape: shape.to_vec(),
             data: vec![v; n],
         }
     }
     pub fn from_fn(shape: &[usize], f: impl FnMut(usize) -> T) -> Self {
         let n: usize = shape.iter().product();
-        Tensor {
+        HostTensor {
             shape: shape.to_vec(),
             data: (0..n).map(f).collect(),
         }
     }
     /// Same data, new shape (same element count).
     pub fn reshape(self, shape: &[usize]) -> Result<Self> {
-        Tensor::new(shape, self.data)
+        HostTensor::new(shape, self.data)
     }
-    pub fn map<U: Copy>(&self, f: impl Fn(T) -> U) -> Tensor<U> {
-        Tensor {
+    pub fn map<U: Copy>(&self, f: impl Fn(T) -> U) -> HostTensor<U> {
+        HostTensor {
             shape: self.shape.clone(),
             data: self.data.iter().map(|&x| f(x)).collect(),
         }
     }
 }
 
-impl<F: Float> Tensor<F> {
+impl<F: Float> HostTensor<F> {
     pub fn zeros(shape: &[usize]) -> Self {
-        Tensor::full(shape, F::ZERO)
+        HostTensor::full(shape, F::ZERO)
     }
     /// A 0-d tensor (scalar gradients such as `grad_alpha`).
     pub fn scalar(v: F) -> Self {
-        Tensor {
+        HostTensor {
             shape: vec![],
             data: vec![v],
         }
@@ -218,10 +218,10 @@ impl Float for f64 {
 /// A tensor of any storage dtype: what the named-tensor interface (CLI, safetensors) moves around.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AnyTensor {
-    F32(Tensor<f32>),
-    F64(Tensor<f64>),
-    F16(Tensor<f16>),
-    BF16(Tensor<bf16>),
+    F32(HostTensor<f32>),
+    F64(HostTensor<f64>),
+    F16(HostTensor<f16>),
+    BF16(HostTensor<bf16>),
 }
 
 impl AnyTensor {
@@ -242,7 +242,7 @@ impl AnyTensor {
         }
     }
     /// Widens to f32 (f64 narrows: use [`AnyTensor::to_f64`] to keep it).
-    pub fn to_f32(&self) -> Tensor<f32> {
+    pub fn to_f32(&self) -> HostTensor<f32> {
         match self {
             AnyTensor::F32(t) => t.clone(),
             AnyTensor::F64(t) => t.map(|x| x as f32),
@@ -250,7 +250,7 @@ impl AnyTensor {
             AnyTensor::BF16(t) => t.map(|x| x.to_f32()),
         }
     }
-    pub fn to_f64(&self) -> Tensor<f64> {
+    pub fn to_f64(&self) -> HostTensor<f64> {
         match self {
             AnyTensor::F32(t) => t.map(|x| x as f64),
             AnyTensor::F64(t) => t.clone(),
@@ -259,7 +259,7 @@ impl AnyTensor {
         }
     }
     /// Rounds an f32 result to `dtype` storage.
-    pub fn from_f32(t: &Tensor<f32>, dtype: DType) -> AnyTensor {
+    pub fn from_f32(t: &HostTensor<f32>, dtype: DType) -> AnyTensor {
         match dtype {
             DType::F32 => AnyTensor::F32(t.clone()),
             DType::F64 => AnyTensor::F64(t.map(|x| x as f64)),
@@ -267,7 +267,7 @@ impl AnyTensor {
             DType::BF16 => AnyTensor::BF16(t.map(bf16::from_f32)),
         }
     }
-    pub fn from_f64(t: &Tensor<f64>, dtype: DType) -> AnyTensor {
+    pub fn from_f64(t: &HostTensor<f64>, dtype: DType) -> AnyTensor {
         match dtype {
             DType::F32 => AnyTensor::F32(t.map(|x| x as f32)),
             DType::F64 => AnyTensor::F64(t.clone()),

@@ -5,7 +5,7 @@
 mod oracle;
 
 use camex::cpu::{self, CaMergeInputs, Curvature, Factors, MergeInputs};
-use camex::{Dare, Mask, MergeOptions, Result, Tensor};
+use camex::{Dare, HostTensor, Mask, MergeOptions, Result};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 // Sizes of the valid inputs: G = 4, N = 3, O = 6 (2 x 3), I = 10 (5 x 2), R = 2, T = 2.
@@ -16,7 +16,7 @@ const I: usize = 10;
 const R: usize = 2;
 const T: usize = 2;
 
-fn z(shape: &[usize]) -> Tensor<f32> {
+fn z(shape: &[usize]) -> HostTensor<f32> {
     let mut rng = oracle::glue::Rng::new(shape.iter().product::<usize>() as u64);
     let n = shape.iter().product();
     oracle::glue::tensor(shape, &rng.vec(n))
@@ -51,18 +51,18 @@ fn expect_err<X>(what: &str, needles: &[&str], f: impl FnOnce() -> Result<X>) {
 
 /// Valid inputs, to break one at a time.
 struct Good {
-    base: Tensor<f32>,
-    experts: Tensor<f32>,
-    scores: Tensor<f32>,
-    a: Tensor<f32>,
-    b: Tensor<f32>,
-    c: Tensor<f32>,
-    d: Tensor<f32>,
-    base_bias: Tensor<f32>,
-    expert_bias: Tensor<f32>,
-    curved: Tensor<f32>,
-    merged: Tensor<f32>,
-    x: Tensor<f32>,
+    base: HostTensor<f32>,
+    experts: HostTensor<f32>,
+    scores: HostTensor<f32>,
+    a: HostTensor<f32>,
+    b: HostTensor<f32>,
+    c: HostTensor<f32>,
+    d: HostTensor<f32>,
+    base_bias: HostTensor<f32>,
+    expert_bias: HostTensor<f32>,
+    curved: HostTensor<f32>,
+    merged: HostTensor<f32>,
+    x: HostTensor<f32>,
 }
 
 fn good() -> Good {
@@ -93,9 +93,9 @@ impl Good {
     }
     fn ca<'a>(
         &'a self,
-        base: &'a Tensor<f32>,
-        experts: &'a Tensor<f32>,
-        scores: &'a Tensor<f32>,
+        base: &'a HostTensor<f32>,
+        experts: &'a HostTensor<f32>,
+        scores: &'a HostTensor<f32>,
     ) -> CaMergeInputs<'a, f32> {
         CaMergeInputs {
             base,
@@ -108,9 +108,9 @@ impl Good {
     }
     fn mi<'a>(
         &'a self,
-        base: &'a Tensor<f32>,
-        curved: &'a Tensor<f32>,
-        scores: &'a Tensor<f32>,
+        base: &'a HostTensor<f32>,
+        curved: &'a HostTensor<f32>,
+        scores: &'a HostTensor<f32>,
     ) -> MergeInputs<'a, f32> {
         MergeInputs {
             base,
@@ -640,10 +640,10 @@ fn biases_one_without_the_other() {
     });
 }
 
-/// Tensor::new with a data length that does not match the shape is an Err too.
+/// HostTensor::new with a data length that does not match the shape is an Err too.
 #[test]
 fn tensor_new_length_mismatch() {
-    expect_err("Tensor::new", &["[2, 3]", "5"], || {
-        Tensor::new(&[2, 3], vec![0.0f32; 5])
+    expect_err("HostTensor::new", &["[2, 3]", "5"], || {
+        HostTensor::new(&[2, 3], vec![0.0f32; 5])
     });
 }

@@ -184,9 +184,9 @@ fn f32_forward_without_autodiff() {
     )
     .unwrap();
     let got = to_vec(merged);
-    let hb = camex::Tensor::new(&base.1, base.0.clone()).unwrap();
-    let he = camex::Tensor::new(&experts.1, experts.0.clone()).unwrap();
-    let hs = camex::Tensor::new(&scores.1, scores.0.clone()).unwrap();
+    let hb = camex::HostTensor::new(&base.1, base.0.clone()).unwrap();
+    let he = camex::HostTensor::new(&experts.1, experts.0.clone()).unwrap();
+    let hs = camex::HostTensor::new(&scores.1, scores.0.clone()).unwrap();
     let inputs = camex::cpu::CaMergeInputs {
         base: &hb,
         experts: &he,

@@ -15,8 +15,8 @@ fn randn(rng: &mut SplitMix, shape: &[usize], std: f64) -> Tensor {
     rng.randn(shape, std, DType::F64, &DEV).unwrap()
 }
 
-fn host(t: &Tensor) -> camex::Tensor<f64> {
-    camex::Tensor::new(t.dims(), t.flatten_all().unwrap().to_vec1::<f64>().unwrap()).unwrap()
+fn host(t: &Tensor) -> camex::HostTensor<f64> {
+    camex::HostTensor::new(t.dims(), t.flatten_all().unwrap().to_vec1::<f64>().unwrap()).unwrap()
 }
 
 fn rel_err(a: &[f64], b: &[f64]) -> f64 {

@@ -6,7 +6,7 @@
 //! writes.
 
 use camex::named::{self, read_safetensors, run_op, write_safetensors, RunOptions};
-use camex::{AnyTensor, DType, Dare, Mask, Tensor};
+use camex::{AnyTensor, DType, Dare, HostTensor, Mask};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -233,14 +233,14 @@ fn wrong_shape_exits_2_without_output() {
     let mut inputs = case.any(DType::F32);
     inputs.insert(
         "experts".into(),
-        AnyTensor::F32(Tensor::zeros(&[N, O + 1, I])),
+        AnyTensor::F32(HostTensor::zeros(&[N, O + 1, I])),
     );
     let (o, out) = run_cli(&dir, "ca_merge_backward", &inputs, &flags(&case.opts));
     assert_fails(&o, &out, &["experts", "[3, 7, 4]"]);
     let mut inputs = case.any(DType::F32);
     inputs.insert(
         "grad_merged".into(),
-        AnyTensor::F32(Tensor::zeros(&[G, O, I + 1])),
+        AnyTensor::F32(HostTensor::zeros(&[G, O, I + 1])),
     );
     let (o, out) = run_cli(&dir, "ca_merge_backward", &inputs, &flags(&case.opts));
     assert_fails(&o, &out, &["grad_merged"]);

@@ -8,7 +8,7 @@
 mod oracle;
 
 use camex::cpu::{self, CaMergeInputs, MergeInputs};
-use camex::{Dare, Float, Mask, MergeOptions, Tensor};
+use camex::{Dare, Float, HostTensor, Mask, MergeOptions};
 use oracle::glue::{
     check, check_scalar, check_sums, dare_of, dares, mask_of, masks, rounded, shapes, tensor, vals,
     Case, Rng,
@@ -16,7 +16,7 @@ use oracle::glue::{
 use oracle::{self as orc, CaRefIn, DareRef, Dims, MaskRef};
 
 /// Random values rounded to F: (as f64 for the oracle, as a tensor for the operator).
-fn rand_t<F: Float>(rng: &mut Rng, shape: &[usize]) -> (Vec<f64>, Tensor<F>) {
+fn rand_t<F: Float>(rng: &mut Rng, shape: &[usize]) -> (Vec<f64>, HostTensor<F>) {
     let n = shape.iter().product();
     let v = rounded::<F>(&rng.vec(n));
     let t = tensor(shape, &v);
@@ -238,7 +238,7 @@ fn merge_vs_oracle<F: Float>() {
         let tau = orc::domain_vectors(&c.base, &c.experts, d.n, d.oi());
         for m in masks() {
             let mask = (m != MaskRef::None).then(|| orc::ties_mask(&tau, d.n, d.oi(), m));
-            let mask_t: Option<Tensor<F>> = mask.as_ref().map(|v| tensor(&[d.n, d.o, d.i], v));
+            let mask_t: Option<HostTensor<F>> = mask.as_ref().map(|v| tensor(&[d.n, d.o, d.i], v));
             for dare in dares() {
                 for with_bias in [false, true] {
                     let what = format!("{s:?} mask={m:?} dare={dare:?} bias={with_bias}");

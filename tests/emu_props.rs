@@ -7,7 +7,7 @@
 //!   launched: all pointers are null, so a launch would fault.
 //! - Valid random shapes run (return 0) and agree with the CPU path.
 
-use camex::{cpu, ffi, Tensor};
+use camex::{cpu, ffi, HostTensor};
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 
@@ -174,11 +174,11 @@ fn splitmix(s: &mut u64) -> f32 {
     ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
 }
 
-fn rand_tensor(shape: &[usize], seed: &mut u64) -> Tensor<f32> {
-    Tensor::from_fn(shape, |_| splitmix(seed))
+fn rand_tensor(shape: &[usize], seed: &mut u64) -> HostTensor<f32> {
+    HostTensor::from_fn(shape, |_| splitmix(seed))
 }
 
-fn close(got: &[f32], want: &Tensor<f32>) -> bool {
+fn close(got: &[f32], want: &HostTensor<f32>) -> bool {
     got.iter()
         .zip(want.data())
         .all(|(&g, &w)| (g - w).abs() <= 1e-4 * (1.0 + w.abs()))

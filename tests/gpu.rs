@@ -18,7 +18,7 @@ mod oracle;
 
 use camex::cpu;
 use camex::cuda::{self, CudaTensor, Element};
-use camex::{Dare, Mask, MergeOptions, Split, Tensor};
+use camex::{Dare, HostTensor, Mask, MergeOptions, Split};
 use half::{bf16, f16};
 use oracle::official as off;
 use oracle::{CaRefIn, DareRef, Dims, KronRef, MaskRef, Split4};
@@ -98,8 +98,8 @@ impl Rng {
         let r = (self.next() % (2 * k as u64 + 1)) as i64 - k;
         r as f64 / 1024.0
     }
-    fn tensor(&mut self, shape: &[usize], lim: f64) -> Tensor<f64> {
-        Tensor::from_fn(shape, |_| self.dyadic(lim))
+    fn tensor(&mut self, shape: &[usize], lim: f64) -> HostTensor<f64> {
+        HostTensor::from_fn(shape, |_| self.dyadic(lim))
     }
 }
 
@@ -165,7 +165,7 @@ fn dims(sh: Sh) -> Dims {
     }
 }
 
-fn kron_ref(sh: Sh, f: [&Tensor<f64>; 4]) -> KronRef {
+fn kron_ref(sh: Sh, f: [&HostTensor<f64>; 4]) -> KronRef {
     let s = Split::default_for(sh.o, sh.i);
     KronRef {
         r: sh.r,
@@ -203,12 +203,12 @@ fn dare_ref(d: &Dare) -> DareRef {
 /// the RESULT line; returns the failure, if any. NaN fails.
 fn judge<T: Dt>(
     op: &str,
-    got: &Tensor<f64>,
-    want: &Tensor<f64>,
+    got: &HostTensor<f64>,
+    want: &HostTensor<f64>,
     off: Option<&[f64]>,
 ) -> Option<String> {
     let e = rel_err(got, want);
-    let e_off = off.map(|o| rel_err(&Tensor::new(want.shape(), o.to_vec()).unwrap(), want));
+    let e_off = off.map(|o| rel_err(&HostTensor::new(want.shape(), o.to_vec()).unwrap(), want));
     let b2 = e_off.map(|x| 2.0 * x + 1e-6);
     let bound = b2.map_or(T::TOL, |b| b.min(T::TOL));
     let e_off_s = e_off.map_or("-".to_string(), |x| format!("{x:.3e}"));
@@ -260,13 +260,13 @@ fn judge_sums<T: Dt>(op: &str, got: &[f64], want: &[f64], scales: &[f64]) -> Opt
 }
 
 /// Rounds to T storage; returns (the f64 oracle input, the device tensor).
-fn put<T: Dt>(s: &Stream, t: &Tensor<f64>) -> (Tensor<f64>, CudaTensor<T>) {
-    let ts: Tensor<T> = t.map(|v| T::from_f32(v as f32));
+fn put<T: Dt>(s: &Stream, t: &HostTensor<f64>) -> (HostTensor<f64>, CudaTensor<T>) {
+    let ts: HostTensor<T> = t.map(|v| T::from_f32(v as f32));
     let back = ts.map(|v| v.to_f32() as f64);
     (back, CudaTensor::upload(s, &ts).expect("upload"))
 }
 
-fn get<T: Dt>(s: &Stream, t: &CudaTensor<T>) -> Tensor<f64> {
+fn get<T: Dt>(s: &Stream, t: &CudaTensor<T>) -> HostTensor<f64> {
     t.download(s).expect("download").map(|v| v.to_f32() as f64)
 }
 
@@ -280,7 +280,7 @@ fn bits<T: Dt>(s: &Stream, t: &CudaTensor<T>) -> Vec<u32> {
 }
 
 /// Relative Frobenius error (absolute when the reference is zero); NaN anywhere fails.
-fn rel_err(got: &Tensor<f64>, want: &Tensor<f64>) -> f64 {
+fn rel_err(got: &HostTensor<f64>, want: &HostTensor<f64>) -> f64 {
     assert_eq!(got.shape(), want.shape(), "shape");
     let (mut num, mut den) = (0.0, 0.0);
     for (&g, &w) in got.data().iter().zip(want.data()) {
@@ -304,7 +304,7 @@ fn close<T: Dt>(
     s: &Stream,
     what: &str,
     got: &CudaTensor<T>,
-    want: &Tensor<f64>,
+    want: &HostTensor<f64>,
     off: Option<&Vec<f64>>,
 ) {
     if let Some(m) = judge::<T>(what, &get(s, got), want, off.map(|v| v.as_slice())) {
@@ -381,22 +381,22 @@ fn t5() -> bool {
 }
 
 struct Weights<T> {
-    base: (Tensor<f64>, CudaTensor<T>),
-    experts: (Tensor<f64>, CudaTensor<T>),
-    scores: (Tensor<f64>, CudaTensor<T>),
-    factors: [(Tensor<f64>, CudaTensor<T>); 4],
-    base_bias: (Tensor<f64>, CudaTensor<T>),
-    expert_bias: (Tensor<f64>, CudaTensor<T>),
+    base: (HostTensor<f64>, CudaTensor<T>),
+    experts: (HostTensor<f64>, CudaTensor<T>),
+    scores: (HostTensor<f64>, CudaTensor<T>),
+    factors: [(HostTensor<f64>, CudaTensor<T>); 4],
+    base_bias: (HostTensor<f64>, CudaTensor<T>),
+    expert_bias: (HostTensor<f64>, CudaTensor<T>),
 }
 
 fn weights<T: Dt>(s: &Stream, sh: Sh, seed: u64) -> Weights<T> {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ seed.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1);
     let split = Split::default_for(sh.o, sh.i);
     // Factors near the normalised identity, so U stays O(1) in every dtype.
-    let eye: [Tensor<f64>; 4] = cpu::identity_factors(sh.r.max(1), sh.n, split, true);
+    let eye: [HostTensor<f64>; 4] = cpu::identity_factors(sh.r.max(1), sh.n, split, true);
     let factors = eye.map(|t| {
         let noise = rng.tensor(t.shape(), 0.25);
-        let sum = Tensor::from_fn(t.shape(), |k| {
+        let sum = HostTensor::from_fn(t.shape(), |k| {
             t.data()[k] + noise.data()[k] / sh.r.max(1) as f64
         });
         put::<T>(s, &sum)
@@ -644,7 +644,7 @@ fn merge_case<T: Dt>(s: &Stream, sh: Sh, with_mask: bool, bias: bool, dare: Dare
     let curved = put::<T>(s, &rng.tensor(&[sh.n, sh.o, sh.i], 2.0));
     let mask = put::<T>(
         s,
-        &Tensor::from_fn(&[sh.n, sh.o, sh.i], |_| (rng.next() % 2) as f64),
+        &HostTensor::from_fn(&[sh.n, sh.o, sh.i], |_| (rng.next() % 2) as f64),
     );
     let ci = cpu::MergeInputs {
         base: &w.base.0,
@@ -808,9 +808,9 @@ fn ca_off<T: Dt>(
     sh: Sh,
     kron: bool,
     opts: &MergeOptions,
-    base: &Tensor<f64>,
-    experts: &Tensor<f64>,
-    factors: [&Tensor<f64>; 4],
+    base: &HostTensor<f64>,
+    experts: &HostTensor<f64>,
+    factors: [&HostTensor<f64>; 4],
 ) -> CaOff {
     let oi = sh.o * sh.i;
     let tau = oracle::domain_vectors(base.data(), experts.data(), sh.n, oi);
@@ -826,10 +826,10 @@ impl CaOff {
         &'a self,
         sh: Sh,
         opts: &MergeOptions,
-        base: &'a Tensor<f64>,
-        experts: &'a Tensor<f64>,
-        scores: &'a Tensor<f64>,
-        biases: Option<(&'a Tensor<f64>, &'a Tensor<f64>)>,
+        base: &'a HostTensor<f64>,
+        experts: &'a HostTensor<f64>,
+        scores: &'a HostTensor<f64>,
+        biases: Option<(&'a HostTensor<f64>, &'a HostTensor<f64>)>,
     ) -> CaRefIn<'a> {
         CaRefIn {
             d: dims(sh),
@@ -849,10 +849,10 @@ impl CaOff {
     fn scales(
         &self,
         x: &CaRefIn,
-        u: &Tensor<f64>,
-        gm: &Tensor<f64>,
-        gmb: Option<&Tensor<f64>>,
-        gnb: &Tensor<f64>,
+        u: &HostTensor<f64>,
+        gm: &HostTensor<f64>,
+        gmb: Option<&HostTensor<f64>>,
+        gnb: &HostTensor<f64>,
     ) -> (f64, Vec<f64>, f64) {
         let (a, sc) = oracle::merge_backward_scales(
             x.d,
@@ -1262,10 +1262,10 @@ fn linear_official<T: Dt>(
     t: usize,
     o: usize,
     i: usize,
-    x: &Tensor<f64>,
-    m: &Tensor<f64>,
-    b: Option<&Tensor<f64>>,
-    dy: &Tensor<f64>,
+    x: &HostTensor<f64>,
+    m: &HostTensor<f64>,
+    b: Option<&HostTensor<f64>>,
+    dy: &HostTensor<f64>,
 ) -> (Option<Vec<f64>>, Option<(Vec<f64>, Vec<f64>, Vec<f64>)>) {
     if !official::<T>((g * t * o * i) as f64 * 3.0) {
         return (None, None);
@@ -1345,10 +1345,10 @@ fn dynamic_case<T: Dt>(s: &Stream, sh: Sh) {
 /// backward); grad_base is grad_next_base itself.
 fn dynamic_official<T: Dt>(
     n: usize,
-    base: &Tensor<f64>,
-    curved: &Tensor<f64>,
+    base: &HostTensor<f64>,
+    curved: &HostTensor<f64>,
     beta: f64,
-    gnb: &Tensor<f64>,
+    gnb: &HostTensor<f64>,
 ) -> (Option<Vec<f64>>, Option<Vec<f64>>) {
     if !T::LOW {
         return (None, None);
@@ -1427,7 +1427,7 @@ fn bad_shapes_are_errors_before_launch() {
     let e = cuda::curvature(&s, &w.base.1, &wrong, &cuda::CudaCurvature::Identity).unwrap_err();
     let cpu_e = cpu::curvature(
         &w.base.0,
-        &Tensor::<f64>::zeros(&[3, 6, 11]),
+        &HostTensor::<f64>::zeros(&[3, 6, 11]),
         &cpu::Curvature::Identity,
     )
     .unwrap_err();
@@ -1469,9 +1469,10 @@ mod emu {
         e
     }
 
-    fn host<T: Dt>(t: &Tensor<f64>) -> (Tensor<f64>, Vec<T>) {
+    fn host<T: Dt>(t: &HostTensor<f64>) -> (HostTensor<f64>, Vec<T>) {
         let v: Vec<T> = t.data().iter().map(|&x| T::from_f32(x as f32)).collect();
-        let back = Tensor::new(t.shape(), v.iter().map(|x| x.to_f32() as f64).collect()).unwrap();
+        let back =
+            HostTensor::new(t.shape(), v.iter().map(|x| x.to_f32() as f64).collect()).unwrap();
         (back, v)
     }
 
@@ -1492,8 +1493,8 @@ mod emu {
     }
 
     /// A tensor output: SPEC section 5's bound 1 and, given `off` (the official result in T), bound 2.
-    fn cmp<T: Dt>(what: &str, got: &[T], want: &Tensor<f64>, off: Option<&Vec<f64>>) {
-        let g = Tensor::new(want.shape(), f64s(&got[..want.len()])).unwrap();
+    fn cmp<T: Dt>(what: &str, got: &[T], want: &HostTensor<f64>, off: Option<&Vec<f64>>) {
+        let g = HostTensor::new(want.shape(), f64s(&got[..want.len()])).unwrap();
         if let Some(m) = judge::<T>(&format!("emu:{what}"), &g, want, off.map(|v| v.as_slice())) {
             panic!("emu {m}");
         }
@@ -1544,24 +1545,24 @@ mod emu {
     }
 
     struct HostW<T> {
-        base: (Tensor<f64>, Vec<T>),
-        experts: (Tensor<f64>, Vec<T>),
-        scores: (Tensor<f64>, Vec<T>),
-        factors: Vec<(Tensor<f64>, Vec<T>)>,
-        base_bias: (Tensor<f64>, Vec<T>),
-        expert_bias: (Tensor<f64>, Vec<T>),
+        base: (HostTensor<f64>, Vec<T>),
+        experts: (HostTensor<f64>, Vec<T>),
+        scores: (HostTensor<f64>, Vec<T>),
+        factors: Vec<(HostTensor<f64>, Vec<T>)>,
+        base_bias: (HostTensor<f64>, Vec<T>),
+        expert_bias: (HostTensor<f64>, Vec<T>),
         split: Split,
     }
 
     fn host_weights<T: Dt>(sh: Sh, seed: u64) -> HostW<T> {
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ seed.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1);
         let split = Split::default_for(sh.o, sh.i);
-        let eye: [Tensor<f64>; 4] = cpu::identity_factors(sh.r, sh.n, split, true);
+        let eye: [HostTensor<f64>; 4] = cpu::identity_factors(sh.r, sh.n, split, true);
         let factors = eye
             .iter()
             .map(|t| {
                 let noise = rng.tensor(t.shape(), 0.25);
-                host::<T>(&Tensor::from_fn(t.shape(), |k| {
+                host::<T>(&HostTensor::from_fn(t.shape(), |k| {
                     t.data()[k] + noise.data()[k] / sh.r as f64
                 }))
             })
@@ -1641,7 +1642,7 @@ mod emu {
             "ca_merge kron={kron} {:?} {:?} beta={:?}",
             opts.mask, opts.dare, opts.beta
         );
-        let fr: Vec<&Tensor<f64>> = w.factors.iter().map(|f| &f.0).collect();
+        let fr: Vec<&HostTensor<f64>> = w.factors.iter().map(|f| &f.0).collect();
         let co = ca_off::<T>(
             sh,
             kron,
@@ -1911,7 +1912,7 @@ mod emu {
             unsafe { ffi::camex_curvature_forward(&f, stream()) },
             "curvature",
         );
-        let fr: Vec<&Tensor<f64>> = w.factors.iter().map(|f| &f.0).collect();
+        let fr: Vec<&HostTensor<f64>> = w.factors.iter().map(|f| &f.0).collect();
         let kr = kron.then(|| kron_ref(sh, [fr[0], fr[1], fr[2], fr[3]]));
         let low = official::<T>(3.0 * curv_work(sh, kron));
         let (bd, ed) = (w.base.0.data(), w.experts.0.data());
@@ -2101,8 +2102,9 @@ mod emu {
                     let (n, o, i, g) = (sh.n, sh.o, sh.i, sh.g);
                     let mut rng = Rng(99);
                     let curved = host::<f32>(&rng.tensor(&[n, o, i], 2.0));
-                    let mask =
-                        host::<f32>(&Tensor::from_fn(&[n, o, i], |_| (rng.next() % 2) as f64));
+                    let mask = host::<f32>(&HostTensor::from_fn(&[n, o, i], |_| {
+                        (rng.next() % 2) as f64
+                    }));
                     let alpha = 0.75;
                     let ci = cpu::MergeInputs {
                         base: &w.base.0,

@@ -7,7 +7,7 @@
 mod oracle;
 
 use camex::cpu::{self, CaMergeInputs, Curvature, Factors, MergeInputs};
-use camex::{Dare, Mask, MergeOptions, Tensor};
+use camex::{Dare, HostTensor, Mask, MergeOptions};
 use oracle::glue::{rel_err, shapes, tensor, vals, Case, Rng, Shape};
 use oracle::{self as orc, CaRefIn, DareRef, MaskRef};
 
@@ -62,7 +62,7 @@ fn fd_check(what: &str, params: &[Param], grads: &[Vec<f64>], loss: impl Fn(&[Ve
     }
 }
 
-fn t(shape: &[usize], v: &[f64]) -> Tensor<f64> {
+fn t(shape: &[usize], v: &[f64]) -> HostTensor<f64> {
     tensor::<f64>(shape, v)
 }
 
@@ -101,10 +101,10 @@ fn smooth_case(s: Shape, seed: u64) -> Case {
 }
 
 fn kron_factors<'a>(
-    a: &'a Tensor<f64>,
-    b: &'a Tensor<f64>,
-    c: &'a Tensor<f64>,
-    d: &'a Tensor<f64>,
+    a: &'a HostTensor<f64>,
+    b: &'a HostTensor<f64>,
+    c: &'a HostTensor<f64>,
+    d: &'a HostTensor<f64>,
 ) -> Curvature<'a, f64> {
     Curvature::Kronecker(Factors { a, b, c, d })
 }
@@ -140,7 +140,7 @@ fn curvature_gradients() {
                 .map(|j| param(names[j], &shp[j], vals0[j]))
                 .collect();
             let loss = |v: &[Vec<f64>]| {
-                let ts: Vec<Tensor<f64>> = (0..np).map(|j| t(&shp[j], &v[j])).collect();
+                let ts: Vec<HostTensor<f64>> = (0..np).map(|j| t(&shp[j], &v[j])).collect();
                 let curv = if kron {
                     kron_factors(&ts[2], &ts[3], &ts[4], &ts[5])
                 } else {
@@ -148,7 +148,7 @@ fn curvature_gradients() {
                 };
                 dot(&cot, &vals(&cpu::curvature(&ts[0], &ts[1], &curv).unwrap()))
             };
-            let ts: Vec<Tensor<f64>> = (0..6).map(|j| t(&shp[j], vals0[j])).collect();
+            let ts: Vec<HostTensor<f64>> = (0..6).map(|j| t(&shp[j], vals0[j])).collect();
             let curv = if kron {
                 kron_factors(&ts[2], &ts[3], &ts[4], &ts[5])
             } else {
@@ -208,7 +208,7 @@ fn merge_gradients() {
                 param("expert_bias", &shp[5], &c.expert_bias),
             ];
             let run = |v: &[Vec<f64>]| {
-                let ts: Vec<Tensor<f64>> = (0..6).map(|j| t(&shp[j], &v[j])).collect();
+                let ts: Vec<HostTensor<f64>> = (0..6).map(|j| t(&shp[j], &v[j])).collect();
                 let inputs = MergeInputs {
                     base: &ts[0],
                     curved: &ts[1],
@@ -225,7 +225,7 @@ fn merge_gradients() {
                     + dot(&cot_b, &vals(out.merged_bias.as_ref().unwrap()))
             };
             let v0: Vec<Vec<f64>> = params.iter().map(|p| p.val.clone()).collect();
-            let ts: Vec<Tensor<f64>> = (0..6).map(|j| t(&shp[j], &v0[j])).collect();
+            let ts: Vec<HostTensor<f64>> = (0..6).map(|j| t(&shp[j], &v0[j])).collect();
             let inputs = MergeInputs {
                 base: &ts[0],
                 curved: &ts[1],
@@ -309,7 +309,7 @@ fn ca_merge_gradients() {
                 want_curved: false,
             };
             let loss = |v: &[Vec<f64>]| {
-                let ts: Vec<Tensor<f64>> = (0..11).map(|j| t(&shp[j], &v[j])).collect();
+                let ts: Vec<HostTensor<f64>> = (0..11).map(|j| t(&shp[j], &v[j])).collect();
                 let inputs = CaMergeInputs {
                     base: &ts[0],
                     experts: &ts[1],
@@ -328,7 +328,7 @@ fn ca_merge_gradients() {
                     + dot(&cot_nb, &vals(out.next_base.as_ref().unwrap()))
             };
             let v0: Vec<Vec<f64>> = params.iter().map(|p| p.val.clone()).collect();
-            let ts: Vec<Tensor<f64>> = (0..11).map(|j| t(&shp[j], &v0[j])).collect();
+            let ts: Vec<HostTensor<f64>> = (0..11).map(|j| t(&shp[j], &v0[j])).collect();
             let inputs = CaMergeInputs {
                 base: &ts[0],
                 experts: &ts[1],

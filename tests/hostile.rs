@@ -12,7 +12,7 @@
 
 use camex::cpu;
 use camex::named::{self, read_safetensors, run_op, write_safetensors, RunOptions};
-use camex::{AnyTensor, Error, MemoryLimit, Tensor};
+use camex::{AnyTensor, Error, HostTensor, MemoryLimit};
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -118,7 +118,7 @@ fn expect_refused(dir: &TempDir, files: &[&str], args: &[&str], needles: &[&str]
 }
 
 fn f32t(shape: &[usize], v: f32) -> AnyTensor {
-    AnyTensor::F32(Tensor::full(shape, v))
+    AnyTensor::F32(HostTensor::full(shape, v))
 }
 
 fn write(path: &Path, tensors: &[(&str, AnyTensor)]) {
@@ -236,8 +236,8 @@ fn amplification_library() {
     };
     assert!(run_op("merge", &inputs, &ok).is_ok());
     // Overflowing sizes: a shape whose bytes do not fit in 64 bits is an Err as well.
-    let x = Tensor::<f32>::full(&[1, 1 << 16, 1], 1.0);
-    let w = Tensor::<f32>::full(&[1, 1 << 16, 1], 1.0);
+    let x = HostTensor::<f32>::full(&[1, 1 << 16, 1], 1.0);
+    let w = HostTensor::<f32>::full(&[1, 1 << 16, 1], 1.0);
     let e = camex::memory::with_limit(MemoryLimit::Bytes(1 << 30), || {
         cpu::merged_linear(&x, &w, None)
     })
@@ -445,11 +445,11 @@ fn overflowing_alpha_and_beta() {
         &[
             (
                 "base",
-                AnyTensor::F16(Tensor::full(&[2, 3], half::f16::ONE)),
+                AnyTensor::F16(HostTensor::full(&[2, 3], half::f16::ONE)),
             ),
             (
                 "curved",
-                AnyTensor::F16(Tensor::full(&[2, 2, 3], half::f16::ONE)),
+                AnyTensor::F16(HostTensor::full(&[2, 2, 3], half::f16::ONE)),
             ),
         ],
     );
@@ -515,8 +515,8 @@ fn overflowing_alpha_and_beta() {
     assert!(o.status.success(), "{}", text(&o.stderr));
     // And in the library, for each storage dtype.
     let e = cpu::dynamic_merge(
-        &Tensor::<f32>::full(&[1, 1], 1.0),
-        &Tensor::<f32>::full(&[1, 1, 1], 1.0),
+        &HostTensor::<f32>::full(&[1, 1], 1.0),
+        &HostTensor::<f32>::full(&[1, 1, 1], 1.0),
         1e300,
     )
     .unwrap_err();
@@ -525,8 +525,8 @@ fn overflowing_alpha_and_beta() {
         "{e}"
     );
     assert!(cpu::dynamic_merge(
-        &Tensor::<f64>::full(&[1, 1], 1.0),
-        &Tensor::<f64>::full(&[1, 1, 1], 1.0),
+        &HostTensor::<f64>::full(&[1, 1], 1.0),
+        &HostTensor::<f64>::full(&[1, 1, 1], 1.0),
         1e300,
     )
     .is_ok());
@@ -547,7 +547,7 @@ fn non_binary_and_nan_masks() {
         ("neg.safetensors", -1.0, "is -1"),
     ] {
         let inp = d.path(file);
-        let mut m = Tensor::<f32>::full(&[2, 2, 3], 1.0);
+        let mut m = HostTensor::<f32>::full(&[2, 2, 3], 1.0);
         m.data_mut()[7] = v;
         write(
             &inp,

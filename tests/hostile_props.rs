@@ -8,7 +8,7 @@
 //! `Error::Memory` rather than in an allocation. Case counts are fixed (a few seconds in all).
 
 use camex::named::{self, read_safetensors, run_op, OpInfo, RunOptions};
-use camex::{AnyTensor, DType, Dare, Error, Mask, MemoryLimit, Tensor};
+use camex::{AnyTensor, DType, Dare, Error, HostTensor, Mask, MemoryLimit};
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 use std::collections::BTreeMap;
@@ -276,13 +276,13 @@ fn build(c: &Case, info: &OpInfo) -> Option<BTreeMap<String, AnyTensor>> {
                 }
             })
             .collect();
-        let t = Tensor::new(&shape, data).unwrap();
+        let t = HostTensor::new(&shape, data).unwrap();
         out.insert(slot.name.to_string(), AnyTensor::from_f64(&t, c.storage));
     }
     if c.extra {
         out.insert(
             "factor_A".to_string(),
-            AnyTensor::from_f64(&Tensor::full(&[1], 1.0), c.storage),
+            AnyTensor::from_f64(&HostTensor::full(&[1], 1.0), c.storage),
         );
     }
     Some(out)
@@ -528,7 +528,7 @@ proptest! {
             .iter()
             .map(|s| {
                 let shape = shape_of(s.shape, &d);
-                let t = Tensor::<f32>::full(&shape, 1.0);
+                let t = HostTensor::<f32>::full(&shape, 1.0);
                 (s.name.to_string(), AnyTensor::F32(t))
             })
             .collect();

@@ -3,11 +3,11 @@
 //! missing output is an `Err` naming the tensor with the expected and actual shapes.
 
 use camex::cpu::{self, MergeInputs};
-use camex::{Dare, Error, Mask, Tensor};
+use camex::{Dare, Error, HostTensor, Mask};
 
-fn rnd(seed: u64, shape: &[usize], scale: f32) -> Tensor<f32> {
+fn rnd(seed: u64, shape: &[usize], scale: f32) -> HostTensor<f32> {
     let mut s = seed;
-    Tensor::from_fn(shape, |_| {
+    HostTensor::from_fn(shape, |_| {
         s = s
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
@@ -15,25 +15,25 @@ fn rnd(seed: u64, shape: &[usize], scale: f32) -> Tensor<f32> {
     })
 }
 
-fn bits(t: &Tensor<f32>) -> Vec<u32> {
+fn bits(t: &HostTensor<f32>) -> Vec<u32> {
     t.data().iter().map(|v| v.to_bits()).collect()
 }
 
 struct Case {
-    base: Tensor<f32>,
-    curved: Tensor<f32>,
-    experts: Tensor<f32>,
-    scores: Tensor<f32>,
-    mask: Tensor<f32>,
-    base_bias: Tensor<f32>,
-    expert_bias: Tensor<f32>,
+    base: HostTensor<f32>,
+    curved: HostTensor<f32>,
+    experts: HostTensor<f32>,
+    scores: HostTensor<f32>,
+    mask: HostTensor<f32>,
+    base_bias: HostTensor<f32>,
+    expert_bias: HostTensor<f32>,
 }
 
 /// G = 3, N = 4, O = 33, I = 70: O*I is not a multiple of any block width.
 fn case() -> Case {
     let (g, n, o, i) = (3, 4, 33, 70);
     let base = rnd(1, &[o, i], 0.05);
-    let experts = Tensor::from_fn(&[n, o, i], {
+    let experts = HostTensor::from_fn(&[n, o, i], {
         let noise = rnd(2, &[n, o, i], 0.01);
         let b = base.clone();
         move |k| b.data()[k % (o * i)] + noise.data()[k]
@@ -74,8 +74,8 @@ fn merge_into_equals_merge_bit_for_bit() {
     let c = case();
     let (g, o, i) = (3, 33, 70);
     // One output reused across every case, NaN-poisoned before each: every element is written.
-    let mut merged = Tensor::full(&[g, o, i], f32::NAN);
-    let mut merged_bias = Tensor::full(&[g, o], f32::NAN);
+    let mut merged = HostTensor::full(&[g, o, i], f32::NAN);
+    let mut merged_bias = HostTensor::full(&[g, o], f32::NAN);
     for dare in dares() {
         for mask in [false, true] {
             for bias in [false, true] {
@@ -109,7 +109,7 @@ fn merge_into_equals_merge_bit_for_bit() {
 #[test]
 fn ties_mask_into_equals_ties_mask_bit_for_bit() {
     let c = case();
-    let mut out = Tensor::full(&[4, 33, 70], f32::NAN);
+    let mut out = HostTensor::full(&[4, 33, 70], f32::NAN);
     for mask in [Mask::None, Mask::TiesSign, Mask::TiesTrim(0.3)] {
         let want = cpu::ties_mask(&c.base, &c.experts, mask).unwrap();
         out.data_mut().fill(f32::NAN);
@@ -128,8 +128,8 @@ fn ties_mask_into_equals_ties_mask_bit_for_bit() {
 fn into_variants_do_not_depend_on_thread_count() {
     let c = case();
     let run = || {
-        let mut merged = Tensor::zeros(&[3, 33, 70]);
-        let mut mb = Tensor::zeros(&[3, 33]);
+        let mut merged = HostTensor::zeros(&[3, 33, 70]);
+        let mut mb = HostTensor::zeros(&[3, 33]);
         cpu::merge_into(
             &inputs(&c, true, true),
             0.8,
@@ -138,7 +138,7 @@ fn into_variants_do_not_depend_on_thread_count() {
             Some(&mut mb),
         )
         .unwrap();
-        let mut m = Tensor::zeros(&[4, 33, 70]);
+        let mut m = HostTensor::zeros(&[4, 33, 70]);
         cpu::ties_mask_into(&c.base, &c.experts, Mask::TiesTrim(0.3), &mut m).unwrap();
         [bits(&merged), bits(&mb), bits(&m)]
     };
@@ -179,14 +179,14 @@ fn assert_shape_err(r: camex::Result<()>, tensor: &str, expected: &str, actual: 
 fn wrong_outputs_are_errors_naming_them() {
     let c = case();
     let inp = inputs(&c, false, false);
-    let mut short = Tensor::zeros(&[3, 33, 69]);
+    let mut short = HostTensor::zeros(&[3, 33, 69]);
     assert_shape_err(
         cpu::merge_into(&inp, 1.0, &Dare::None, &mut short, None),
         "merged",
         "[3, 33, 70]",
         &[3, 33, 69],
     );
-    let mut flat = Tensor::zeros(&[3 * 33 * 70]);
+    let mut flat = HostTensor::zeros(&[3 * 33 * 70]);
     assert_shape_err(
         cpu::merge_into(&inp, 1.0, &Dare::None, &mut flat, None),
         "merged",
@@ -194,8 +194,8 @@ fn wrong_outputs_are_errors_naming_them() {
         &[3 * 33 * 70],
     );
     // merged_bias: wrong size, missing with biases, given without them.
-    let mut merged = Tensor::zeros(&[3, 33, 70]);
-    let mut mb = Tensor::zeros(&[3, 34]);
+    let mut merged = HostTensor::zeros(&[3, 33, 70]);
+    let mut mb = HostTensor::zeros(&[3, 34]);
     assert_shape_err(
         cpu::merge_into(
             &inputs(&c, false, true),
@@ -219,7 +219,7 @@ fn wrong_outputs_are_errors_naming_them() {
         matches!(&missing, Err(Error::Option { name, message }) if name == "merged_bias" && message.contains("[3, 33]")),
         "{missing:?}"
     );
-    let mut mb = Tensor::zeros(&[3, 33]);
+    let mut mb = HostTensor::zeros(&[3, 33]);
     let extra = cpu::merge_into(&inp, 1.0, &Dare::None, &mut merged, Some(&mut mb));
     assert!(
         matches!(&extra, Err(Error::Option { name, .. }) if name == "merged_bias"),
@@ -227,7 +227,7 @@ fn wrong_outputs_are_errors_naming_them() {
     );
     // Bad inputs are still reported before the output is looked at, and nothing is written.
     merged.data_mut().fill(7.0);
-    let bad_scores = Tensor::zeros(&[3, 5]);
+    let bad_scores = HostTensor::zeros(&[3, 5]);
     let mut bad = inputs(&c, false, false);
     bad.scores = &bad_scores;
     assert_shape_err(
@@ -238,14 +238,14 @@ fn wrong_outputs_are_errors_naming_them() {
     );
     assert!(merged.data().iter().all(|&v| v == 7.0));
 
-    let mut m = Tensor::zeros(&[4, 70, 33]);
+    let mut m = HostTensor::zeros(&[4, 70, 33]);
     assert_shape_err(
         cpu::ties_mask_into(&c.base, &c.experts, Mask::TiesSign, &mut m),
         "mask",
         "[4, 33, 70]",
         &[4, 70, 33],
     );
-    let mut m = Tensor::zeros(&[3, 33, 70]);
+    let mut m = HostTensor::zeros(&[3, 33, 70]);
     assert_shape_err(
         cpu::ties_mask_into(&c.base, &c.experts, Mask::None, &mut m),
         "mask",

@@ -5,7 +5,7 @@
 
 use camex::cpu::{self, CaMergeInputs, Curvature, Factors, MergeInputs};
 use camex::named::{self, read_safetensors, run_op, write_safetensors, Device, RunOptions};
-use camex::{AnyTensor, DType, Error, Float, MergeOptions, Tensor};
+use camex::{AnyTensor, DType, Error, Float, HostTensor, MergeOptions};
 use std::collections::BTreeMap;
 
 mod cases;
@@ -15,7 +15,7 @@ use cases::*;
 // The direct camex::cpu calls
 // ---------------------------------------------------------------------------------------------
 
-type Map<F> = BTreeMap<String, Tensor<F>>;
+type Map<F> = BTreeMap<String, HostTensor<F>>;
 
 fn factors<F>(m: &Map<F>) -> Curvature<'_, F> {
     match (
@@ -29,7 +29,7 @@ fn factors<F>(m: &Map<F>) -> Curvature<'_, F> {
     }
 }
 
-fn put<F>(out: &mut Map<F>, name: &str, t: Tensor<F>) {
+fn put<F>(out: &mut Map<F>, name: &str, t: HostTensor<F>) {
     out.insert(name.to_string(), t);
 }
 
@@ -106,7 +106,7 @@ fn direct<F: Float>(op: &str, m: &Map<F>, o: &RunOptions) -> Map<F> {
             put(&mut out, "grad_base", g.grad_base);
             put(&mut out, "grad_curved", g.grad_curved);
             put(&mut out, "grad_scores", g.grad_scores);
-            put(&mut out, "grad_alpha", Tensor::scalar(g.grad_alpha));
+            put(&mut out, "grad_alpha", HostTensor::scalar(g.grad_alpha));
             if let (Some(a), Some(b)) = (g.grad_base_bias, g.grad_expert_bias) {
                 put(&mut out, "grad_base_bias", a);
                 put(&mut out, "grad_expert_bias", b);
@@ -135,9 +135,9 @@ fn direct<F: Float>(op: &str, m: &Map<F>, o: &RunOptions) -> Map<F> {
             put(&mut out, "grad_experts", g.grad_experts);
             put(&mut out, "grad_scores", g.grad_scores);
             put_factor_grads(&mut out, g.factors);
-            put(&mut out, "grad_alpha", Tensor::scalar(g.grad_alpha));
+            put(&mut out, "grad_alpha", HostTensor::scalar(g.grad_alpha));
             if let Some(b) = g.grad_beta {
-                put(&mut out, "grad_beta", Tensor::scalar(b));
+                put(&mut out, "grad_beta", HostTensor::scalar(b));
             }
             if let (Some(a), Some(b)) = (g.grad_base_bias, g.grad_expert_bias) {
                 put(&mut out, "grad_base_bias", a);
@@ -174,7 +174,7 @@ fn direct<F: Float>(op: &str, m: &Map<F>, o: &RunOptions) -> Map<F> {
             .unwrap();
             put(&mut out, "grad_base", g.grad_base);
             put(&mut out, "grad_curved", g.grad_curved);
-            put(&mut out, "grad_beta", Tensor::scalar(g.grad_beta));
+            put(&mut out, "grad_beta", HostTensor::scalar(g.grad_beta));
         }
         "segment_scores" => put(
             &mut out,
@@ -548,7 +548,10 @@ fn unknown_op_and_unknown_tensor() {
 fn wrong_shape_is_a_shape_error() {
     let case = &cases("ca_merge", 15)[1];
     let mut inputs = case.any(DType::F32);
-    inputs.insert("scores".into(), AnyTensor::F32(Tensor::zeros(&[G, N + 1])));
+    inputs.insert(
+        "scores".into(),
+        AnyTensor::F32(HostTensor::zeros(&[G, N + 1])),
+    );
     match run_op("ca_merge", &inputs, &case.opts).unwrap_err() {
         Error::Shape { tensor, actual, .. } => {
             assert_eq!(tensor, "scores");
@@ -560,7 +563,7 @@ fn wrong_shape_is_a_shape_error() {
     let mut inputs = case.any(DType::F32);
     inputs.insert(
         "grad_scores".into(),
-        AnyTensor::F32(Tensor::zeros(&[B, J + 1, N])),
+        AnyTensor::F32(HostTensor::zeros(&[B, J + 1, N])),
     );
     assert!(matches!(
         run_op("segment_scores_backward", &inputs, &case.opts).unwrap_err(),
@@ -688,7 +691,7 @@ fn safetensors_round_trip() {
         for (k, v) in case.any(dtype) {
             all.insert(format!("{}_{k}", dtype.name()), v);
         }
-        let scalar = AnyTensor::from_f64(&Tensor::scalar(-1.25f64), dtype);
+        let scalar = AnyTensor::from_f64(&HostTensor::scalar(-1.25f64), dtype);
         all.insert(format!("{}_scalar", dtype.name()), scalar);
     }
     let path = temp_path("roundtrip");
@@ -733,7 +736,7 @@ fn safetensors_errors() {
     // A directory that does not exist: an error and no file.
     let bad = temp_path("nodir").join("out.safetensors");
     let mut m = BTreeMap::new();
-    m.insert("x".to_string(), AnyTensor::F32(Tensor::scalar(1.0)));
+    m.insert("x".to_string(), AnyTensor::F32(HostTensor::scalar(1.0)));
     assert!(matches!(write_safetensors(&bad, &m), Err(Error::Io(_))));
     assert!(!bad.exists());
 }

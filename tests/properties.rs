@@ -5,10 +5,10 @@
 mod oracle;
 
 use camex::cpu::{self, CaMergeInputs, Curvature, Factors, MergeInputs};
-use camex::{Dare, Float, Mask, MergeOptions, Split, Tensor};
+use camex::{Dare, Float, HostTensor, Mask, MergeOptions, Split};
 use oracle::glue::{dare_of, dares, mask_of, masks, rel_err, shapes, tensor, vals, Case, Rng};
 
-fn bits<F: Float>(t: &Tensor<F>) -> Vec<u64> {
+fn bits<F: Float>(t: &HostTensor<F>) -> Vec<u64> {
     t.data().iter().map(|x| x.to_f64().to_bits()).collect()
 }
 
@@ -56,7 +56,7 @@ fn ca_merge_is_merge_of_curved<F: Float>() {
         let c = Case::random(*s, 1000 + k as u64).rounded::<F>();
         let t = c.tensors::<F>();
         let d = s.d;
-        let tau: Tensor<F> = Tensor::from_fn(&[d.n, d.o, d.i], |idx| {
+        let tau: HostTensor<F> = HostTensor::from_fn(&[d.n, d.o, d.i], |idx| {
             t.experts.data()[idx] - t.base.data()[idx % d.oi()]
         });
         for kron in [false, true] {
@@ -288,8 +288,8 @@ fn ties_sign_with_exact_zeros() {
             experts[e * cols + col] = base[col] + sign * mag[e];
         }
     }
-    let bt: Tensor<f64> = tensor(&[1, cols], &base);
-    let et: Tensor<f64> = tensor(&[n, 1, cols], &experts);
+    let bt: HostTensor<f64> = tensor(&[1, cols], &base);
+    let et: HostTensor<f64> = tensor(&[n, 1, cols], &experts);
     let m = vals(&cpu::ties_mask(&bt, &et, Mask::TiesSign).unwrap());
     let tm = vals(&cpu::ties_mask(&bt, &et, Mask::TiesTrim(1.0)).unwrap());
     for col in 0..cols {
@@ -336,8 +336,8 @@ fn ties_trim_keeps_ties() {
     let experts: Vec<f64> = (0..o * i)
         .map(|_| if rng.unit() < 0.5 { -0.5 } else { 0.5 })
         .collect();
-    let bt: Tensor<f64> = tensor(&[o, i], &base);
-    let et: Tensor<f64> = tensor(&[1, o, i], &experts);
+    let bt: HostTensor<f64> = tensor(&[o, i], &base);
+    let et: HostTensor<f64> = tensor(&[1, o, i], &experts);
     for k in [0.05, 0.3, 1.0] {
         let m = vals(&cpu::ties_mask(&bt, &et, Mask::TiesTrim(k)).unwrap());
         assert!(m.iter().all(|&x| x == 1.0), "k = {k}: {m:?}");
@@ -416,9 +416,9 @@ fn dare_keep_fraction() {
         // Expert granularity: G groups, N = 2 experts, 1 x 1 weights; expert 1 is zero so merged[g]
         // is expert 0's zeta.
         let (g, n) = (3000, 2);
-        let base: Tensor<f64> = Tensor::zeros(&[1, 1]);
-        let curved: Tensor<f64> = tensor(&[n, 1, 1], &[1.0, 0.0]);
-        let scores: Tensor<f64> = Tensor::full(&[g, n], 1.0);
+        let base: HostTensor<f64> = HostTensor::zeros(&[1, 1]);
+        let curved: HostTensor<f64> = tensor(&[n, 1, 1], &[1.0, 0.0]);
+        let scores: HostTensor<f64> = HostTensor::full(&[g, n], 1.0);
         let mi = MergeInputs {
             base: &base,
             curved: &curved,
@@ -427,7 +427,7 @@ fn dare_keep_fraction() {
             base_bias: None,
             expert_bias: None,
         };
-        let check = |what: &str, merged: &Tensor<f64>| {
+        let check = |what: &str, merged: &HostTensor<f64>| {
             let scale = 1.0 / (1.0 - p);
             let total = merged.len() as f64;
             let kept = merged.data().iter().filter(|&&x| x != 0.0).count() as f64;
@@ -451,9 +451,9 @@ fn dare_keep_fraction() {
 
         // Element granularity: one group, one expert of 64 x 64 ones.
         let (o, i) = (64, 64);
-        let base: Tensor<f64> = Tensor::zeros(&[o, i]);
-        let curved: Tensor<f64> = Tensor::full(&[1, o, i], 1.0);
-        let scores: Tensor<f64> = Tensor::full(&[1, 1], 1.0);
+        let base: HostTensor<f64> = HostTensor::zeros(&[o, i]);
+        let curved: HostTensor<f64> = HostTensor::full(&[1, o, i], 1.0);
+        let scores: HostTensor<f64> = HostTensor::full(&[1, 1], 1.0);
         let mi = MergeInputs {
             base: &base,
             curved: &curved,
@@ -478,9 +478,9 @@ fn ca_merge_is_deterministic() {
     let c = Case::random(s, 1500);
     let d = s.d;
     let mut rng = Rng::new(1501);
-    let gm: Tensor<f32> = tensor(&[d.g, d.o, d.i], &rng.vec(d.g * d.oi()));
-    let gmb: Tensor<f32> = tensor(&[d.g, d.o], &rng.vec(d.g * d.o));
-    let gnb: Tensor<f32> = tensor(&[d.o, d.i], &rng.vec(d.oi()));
+    let gm: HostTensor<f32> = tensor(&[d.g, d.o, d.i], &rng.vec(d.g * d.oi()));
+    let gmb: HostTensor<f32> = tensor(&[d.g, d.o], &rng.vec(d.g * d.o));
+    let gnb: HostTensor<f32> = tensor(&[d.o, d.i], &rng.vec(d.oi()));
     let t = c.tensors::<f32>();
     let o = MergeOptions {
         alpha: 1.0,
@@ -571,7 +571,7 @@ fn nan_propagates_to_merged() {
                     }
                     _ => assert!(mg.iter().any(|x| x.is_nan()), "{what}: NaN hidden"),
                 }
-                let gm: Tensor<f32> = Tensor::full(&[d.g, d.o, d.i], 1.0);
+                let gm: HostTensor<f32> = HostTensor::full(&[d.g, d.o, d.i], 1.0);
                 let g = cpu::ca_merge_backward(&inputs, &o, &gm, None, None).unwrap();
                 // grad_scores reads the curved experts, grad_experts reads the scores.
                 let touched = if which == "scores" {

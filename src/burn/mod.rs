@@ -67,12 +67,15 @@ fn host<F: Float + Element>(t: FlexTensor) -> Vec<F> {
         .unwrap_or_default()
 }
 
-fn flex<F: Float + Element>(t: crate::Tensor<F>, dtype: DType) -> FlexTensor {
+fn flex<F: Float + Element>(t: crate::HostTensor<F>, dtype: DType) -> FlexTensor {
     let shape = t.shape().to_vec();
     FlexTensor::from_data(TensorData::new(t.into_data(), shape).convert_dtype(dtype))
 }
 
-fn unpack<F: Float>(packed: Vec<F>, shapes: &[Vec<usize>]) -> crate::Result<Vec<crate::Tensor<F>>> {
+fn unpack<F: Float>(
+    packed: Vec<F>,
+    shapes: &[Vec<usize>],
+) -> crate::Result<Vec<crate::HostTensor<F>>> {
     let mut out = Vec::with_capacity(shapes.len());
     let mut at = 0;
     for s in shapes {
@@ -84,13 +87,13 @@ fn unpack<F: Float>(packed: Vec<F>, shapes: &[Vec<usize>]) -> crate::Result<Vec<
                 &[packed.len()],
             )
         })?;
-        out.push(crate::Tensor::new(s, piece.to_vec())?);
+        out.push(crate::HostTensor::new(s, piece.to_vec())?);
         at += n;
     }
     Ok(out)
 }
 
-fn view<F>(f: &[crate::Tensor<F>]) -> cpu::Curvature<'_, F> {
+fn view<F>(f: &[crate::HostTensor<F>]) -> cpu::Curvature<'_, F> {
     match f {
         [a, b, c, d] => cpu::Curvature::Kronecker(cpu::Factors { a, b, c, d }),
         _ => cpu::Curvature::Identity,
@@ -99,10 +102,10 @@ fn view<F>(f: &[crate::Tensor<F>]) -> cpu::Curvature<'_, F> {
 
 /// Runs `f` on host copies of (base, experts, scores, factors) in the compute type of `dtype`.
 struct Host<F> {
-    base: crate::Tensor<F>,
-    experts: crate::Tensor<F>,
-    scores: crate::Tensor<F>,
-    factors: Vec<crate::Tensor<F>>,
+    base: crate::HostTensor<F>,
+    experts: crate::HostTensor<F>,
+    scores: crate::HostTensor<F>,
+    factors: Vec<crate::HostTensor<F>>,
 }
 
 impl<F: Float + Element> Host<F> {
@@ -115,8 +118,8 @@ impl<F: Float + Element> Host<F> {
         let mut packed = unpack(host::<F>(packed), &spec.packed)?;
         let factors = packed.split_off(1);
         Ok(Host {
-            base: crate::Tensor::new(&spec.base, host::<F>(base))?,
-            experts: crate::Tensor::new(&spec.experts, host::<F>(experts))?,
+            base: crate::HostTensor::new(&spec.base, host::<F>(base))?,
+            experts: crate::HostTensor::new(&spec.experts, host::<F>(experts))?,
             scores: packed
                 .pop()
                 .ok_or_else(|| crate::Error::shape("scores", "[G, N]", &[]))?,
@@ -155,7 +158,7 @@ fn flex_backward<F: Float + Element>(
     dtype: DType,
 ) -> crate::Result<(FlexTensor, FlexTensor, FlexTensor)> {
     let gshape = grad.shape().as_slice().to_vec();
-    let grad = crate::Tensor::new(&gshape, host::<F>(grad))?;
+    let grad = crate::HostTensor::new(&gshape, host::<F>(grad))?;
     let h = Host::<F>::new(base, experts, packed, spec)?;
     let g = cpu::ca_merge_backward(&h.inputs(), &spec.opts, &grad, None, None)?;
     let mut packed: Vec<F> = g.grad_scores.into_data();
@@ -170,7 +173,7 @@ fn flex_backward<F: Float + Element>(
         }
     }
     let n = packed.len();
-    let packed = crate::Tensor::new(&[n], packed)?;
+    let packed = crate::HostTensor::new(&[n], packed)?;
     Ok((
         flex(g.grad_base, dtype),
         flex(g.grad_experts, dtype),
@@ -356,7 +359,8 @@ pub fn ca_merge(
             .map(|t| t.dims().to_vec())
             .collect();
         // The CPU path's own check of the factor shapes, on small zero tensors of those shapes.
-        let z: Vec<crate::Tensor<f32>> = dims.iter().map(|d| crate::Tensor::zeros(d)).collect();
+        let z: Vec<crate::HostTensor<f32>> =
+            dims.iter().map(|d| crate::HostTensor::zeros(d)).collect();
         let curv = cpu::Curvature::Kronecker(cpu::Factors {
             a: &z[0],
             b: &z[1],

@@ -57,12 +57,12 @@ impl Elem for f64 {}
 pub(crate) trait Kernel {
     const NAME: &'static str;
     /// The output of the forward.
-    fn forward<F: Elem>(&self, inputs: Vec<Vec<F>>) -> crate::Result<crate::Tensor<F>>;
+    fn forward<F: Elem>(&self, inputs: Vec<Vec<F>>) -> crate::Result<crate::HostTensor<F>>;
     /// The gradient of every input, in input order, flat.
     fn backward<F: Elem>(
         &self,
         inputs: Vec<Vec<F>>,
-        grad: crate::Tensor<F>,
+        grad: crate::HostTensor<F>,
     ) -> crate::Result<Vec<Vec<F>>>;
     /// The forward on the device; `inputs` are contiguous views of the op's inputs, in input order.
     #[cfg(feature = "cuda")]
@@ -197,7 +197,7 @@ fn bwd_typed<K: Kernel, F: Elem>(k: &K, args: &[&Tensor], grad: &Tensor) -> Resu
         .map(|a| to_host::<F>(a))
         .collect::<Result<Vec<_>>>()?;
     let grad =
-        crate::Tensor::new(grad.dims(), to_host::<F>(grad)?).map_err(|e| cerr(K::NAME, e))?;
+        crate::HostTensor::new(grad.dims(), to_host::<F>(grad)?).map_err(|e| cerr(K::NAME, e))?;
     let grads = k.backward::<F>(bufs, grad).map_err(|e| cerr(K::NAME, e))?;
     args.iter()
         .zip(grads)
@@ -223,12 +223,15 @@ fn bwd_dispatch<K: Kernel>(k: &K, args: &[&Tensor], grad: &Tensor) -> Result<Vec
     }
 }
 
-fn tensor<F: Float>(shape: &[usize], data: Vec<F>) -> crate::Result<crate::Tensor<F>> {
-    crate::Tensor::new(shape, data)
+fn tensor<F: Float>(shape: &[usize], data: Vec<F>) -> crate::Result<crate::HostTensor<F>> {
+    crate::HostTensor::new(shape, data)
 }
 
 /// Splits a packed buffer into pieces of the given shapes.
-fn unpack<F: Float>(packed: Vec<F>, shapes: &[Vec<usize>]) -> crate::Result<Vec<crate::Tensor<F>>> {
+fn unpack<F: Float>(
+    packed: Vec<F>,
+    shapes: &[Vec<usize>],
+) -> crate::Result<Vec<crate::HostTensor<F>>> {
     let total: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
     if total != packed.len() {
         return Err(crate::Error::shape(
@@ -247,18 +250,18 @@ fn unpack<F: Float>(packed: Vec<F>, shapes: &[Vec<usize>]) -> crate::Result<Vec<
     Ok(out)
 }
 
-fn pack<F: Float>(pieces: Vec<crate::Tensor<F>>) -> Vec<F> {
+fn pack<F: Float>(pieces: Vec<crate::HostTensor<F>>) -> Vec<F> {
     pieces.into_iter().flat_map(|t| t.into_data()).collect()
 }
 
-fn factor_view<F>(f: &[crate::Tensor<F>]) -> cpu::Curvature<'_, F> {
+fn factor_view<F>(f: &[crate::HostTensor<F>]) -> cpu::Curvature<'_, F> {
     match f {
         [a, b, c, d] => cpu::Curvature::Kronecker(cpu::Factors { a, b, c, d }),
         _ => cpu::Curvature::Identity,
     }
 }
 
-fn factor_grads<F: Float>(g: Option<cpu::FactorGrads<F>>) -> Vec<crate::Tensor<F>> {
+fn factor_grads<F: Float>(g: Option<cpu::FactorGrads<F>>) -> Vec<crate::HostTensor<F>> {
     match g {
         Some(g) => vec![
             g.grad_factor_a,
@@ -358,13 +361,13 @@ impl CaMergeKernel {
 
 impl Kernel for CaMergeKernel {
     const NAME: &'static str = "ca_merge";
-    fn forward<F: Elem>(&self, inputs: Vec<Vec<F>>) -> crate::Result<crate::Tensor<F>> {
+    fn forward<F: Elem>(&self, inputs: Vec<Vec<F>>) -> crate::Result<crate::HostTensor<F>> {
         self.with_inputs(inputs, |x| Ok(cpu::ca_merge(x, &self.opts)?.merged))
     }
     fn backward<F: Elem>(
         &self,
         inputs: Vec<Vec<F>>,
-        grad: crate::Tensor<F>,
+        grad: crate::HostTensor<F>,
     ) -> crate::Result<Vec<Vec<F>>> {
         self.with_inputs(inputs, |x| {
             let g = cpu::ca_merge_backward(x, &self.opts, &grad, None, None)?;
@@ -573,7 +576,7 @@ struct CurvatureKernel {
 
 impl Kernel for CurvatureKernel {
     const NAME: &'static str = "curvature";
-    fn forward<F: Elem>(&self, inputs: Vec<Vec<F>>) -> crate::Result<crate::Tensor<F>> {
+    fn forward<F: Elem>(&self, inputs: Vec<Vec<F>>) -> crate::Result<crate::HostTensor<F>> {
         let mut it = inputs.into_iter();
         let base = tensor(&self.base, it.next().unwrap_or_default())?;
         let experts = tensor(&self.experts, it.next().unwrap_or_default())?;
@@ -583,7 +586,7 @@ impl Kernel for CurvatureKernel {
     fn backward<F: Elem>(
         &self,
         inputs: Vec<Vec<F>>,
-        grad: crate::Tensor<F>,
+        grad: crate::HostTensor<F>,
     ) -> crate::Result<Vec<Vec<F>>> {
         let mut it = inputs.into_iter();
         let base = tensor(&self.base, it.next().unwrap_or_default())?;
@@ -677,7 +680,7 @@ struct MergeKernel {
     curved: Vec<usize>,
     scores: Vec<usize>,
     /// The 0/1 mask, kept in f64 (exact for 0 and 1) and narrowed per call.
-    mask: Option<crate::Tensor<f64>>,
+    mask: Option<crate::HostTensor<f64>>,
     alpha: f64,
     dare: Dare,
 }
@@ -732,7 +735,7 @@ impl MergeKernel {
 
 impl Kernel for MergeKernel {
     const NAME: &'static str = "merge";
-    fn forward<F: Elem>(&self, inputs: Vec<Vec<F>>) -> crate::Result<crate::Tensor<F>> {
+    fn forward<F: Elem>(&self, inputs: Vec<Vec<F>>) -> crate::Result<crate::HostTensor<F>> {
         self.with_inputs(
             inputs,
             |x| Ok(cpu::merge(x, self.alpha, &self.dare)?.merged),
@@ -741,7 +744,7 @@ impl Kernel for MergeKernel {
     fn backward<F: Elem>(
         &self,
         inputs: Vec<Vec<F>>,
-        grad: crate::Tensor<F>,
+        grad: crate::HostTensor<F>,
     ) -> crate::Result<Vec<Vec<F>>> {
         self.with_inputs(inputs, |x| {
             let g = cpu::merge_backward(x, self.alpha, &self.dare, &grad, None)?;
@@ -830,14 +833,14 @@ struct SegmentKernel {
 
 impl Kernel for SegmentKernel {
     const NAME: &'static str = "segment_scores";
-    fn forward<F: Elem>(&self, inputs: Vec<Vec<F>>) -> crate::Result<crate::Tensor<F>> {
+    fn forward<F: Elem>(&self, inputs: Vec<Vec<F>>) -> crate::Result<crate::HostTensor<F>> {
         let r = tensor(&self.shape, inputs.into_iter().next().unwrap_or_default())?;
         cpu::segment_scores(&r)
     }
     fn backward<F: Elem>(
         &self,
         _inputs: Vec<Vec<F>>,
-        grad: crate::Tensor<F>,
+        grad: crate::HostTensor<F>,
     ) -> crate::Result<Vec<Vec<F>>> {
         Ok(vec![cpu::segment_scores_backward(&grad)?.into_data()])
     }

@@ -11,17 +11,17 @@ use super::gemm::{gemm, View};
 use super::SyncPtr;
 use crate::error::{Error, Result};
 use crate::shape::{expect_nonempty, expect_rank, expect_shape, Split};
-use crate::tensor::{Float, Tensor};
+use crate::tensor::{Float, HostTensor};
 use rayon::prelude::*;
 
 /// The four Kronecker factors `factor_a` [R, N, o1, o1], `factor_b` [R, N, o2, o2],
 /// `factor_c` [R, N, i1, i1], `factor_d` [R, N, i2, i2].
 #[derive(Debug, Clone, Copy)]
 pub struct Factors<'a, F> {
-    pub a: &'a Tensor<F>,
-    pub b: &'a Tensor<F>,
-    pub c: &'a Tensor<F>,
-    pub d: &'a Tensor<F>,
+    pub a: &'a HostTensor<F>,
+    pub b: &'a HostTensor<F>,
+    pub c: &'a HostTensor<F>,
+    pub d: &'a HostTensor<F>,
 }
 
 /// Which M_i to apply.
@@ -36,17 +36,17 @@ pub enum Curvature<'a, F> {
 /// Gradients of the four factors, shaped like them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FactorGrads<F> {
-    pub grad_factor_a: Tensor<F>,
-    pub grad_factor_b: Tensor<F>,
-    pub grad_factor_c: Tensor<F>,
-    pub grad_factor_d: Tensor<F>,
+    pub grad_factor_a: HostTensor<F>,
+    pub grad_factor_b: HostTensor<F>,
+    pub grad_factor_c: HostTensor<F>,
+    pub grad_factor_d: HostTensor<F>,
 }
 
 /// Gradients of `curvature`: `factors` is `None` for the identity curvature.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CurvatureGrads<F> {
-    pub grad_base: Tensor<F>,
-    pub grad_experts: Tensor<F>,
+    pub grad_base: HostTensor<F>,
+    pub grad_experts: HostTensor<F>,
     pub factors: Option<FactorGrads<F>>,
 }
 
@@ -69,8 +69,8 @@ impl Dims {
 
 /// Checks `base` [O, I] and `experts` [N, O, I]; returns (N, O, I).
 pub(crate) fn check_weights<F>(
-    base: &Tensor<F>,
-    experts: &Tensor<F>,
+    base: &HostTensor<F>,
+    experts: &HostTensor<F>,
 ) -> Result<(usize, usize, usize)> {
     expect_rank("base", base.shape(), 2, "[O, I]")?;
     expect_nonempty("base", base.shape())?;
@@ -151,9 +151,9 @@ pub fn identity_factors<F: Float>(
     n: usize,
     split: Split,
     normalised: bool,
-) -> [Tensor<F>; 4] {
+) -> [HostTensor<F>; 4] {
     let eye = |k: usize, v: F| {
-        Tensor::from_fn(&[r, n, k, k], |idx| {
+        HostTensor::from_fn(&[r, n, k, k], |idx| {
             let rc = idx % (k * k);
             if rc / k == rc % k {
                 v
@@ -177,10 +177,10 @@ pub fn identity_factors<F: Float>(
 
 /// `curved` [N, O, I]: `U_i = M_i(experts[i] - base)`.
 pub fn curvature<F: Float>(
-    base: &Tensor<F>,
-    experts: &Tensor<F>,
+    base: &HostTensor<F>,
+    experts: &HostTensor<F>,
     curv: &Curvature<F>,
-) -> Result<Tensor<F>> {
+) -> Result<HostTensor<F>> {
     let (n, o, i) = check_weights(base, experts)?;
     let dims = check_curvature(n, o, i, curv)?;
     let mut bufs = vec![("curved", vec![n, o, i])];
@@ -252,13 +252,13 @@ pub(crate) fn fused_backward_workspace<F>(
 
 /// U for validated inputs.
 pub(crate) fn curved_unchecked<F: Float>(
-    base: &Tensor<F>,
-    experts: &Tensor<F>,
+    base: &HostTensor<F>,
+    experts: &HostTensor<F>,
     curv: &Curvature<F>,
     dims: &Dims,
-) -> Tensor<F> {
+) -> HostTensor<F> {
     let oi = dims.oi();
-    let mut u = Tensor::zeros(&[dims.n, dims.o, dims.i]);
+    let mut u = HostTensor::zeros(&[dims.n, dims.o, dims.i]);
     match curv {
         Curvature::Identity => u
             .data_mut()
@@ -466,10 +466,10 @@ fn foff(r: usize, e: usize, n: usize, k: usize) -> usize {
 
 /// `curvature` backward: from `grad_curved` [N, O, I] to the base, the experts and the factors.
 pub fn curvature_backward<F: Float>(
-    base: &Tensor<F>,
-    experts: &Tensor<F>,
+    base: &HostTensor<F>,
+    experts: &HostTensor<F>,
     curv: &Curvature<F>,
-    grad_curved: &Tensor<F>,
+    grad_curved: &HostTensor<F>,
 ) -> Result<CurvatureGrads<F>> {
     let (n, o, i) = check_weights(base, experts)?;
     let dims = check_curvature(n, o, i, curv)?;
@@ -490,17 +490,17 @@ pub fn curvature_backward<F: Float>(
 }
 
 /// -sum_i grad_tau_i, in expert order (deterministic).
-pub(crate) fn neg_sum_experts<F: Float>(grad_tau: &Tensor<F>, dims: &Dims) -> Tensor<F> {
+pub(crate) fn neg_sum_experts<F: Float>(grad_tau: &HostTensor<F>, dims: &Dims) -> HostTensor<F> {
     let s = super::sum_stack(grad_tau.data(), dims.oi());
-    Tensor::from_fn(&[dims.o, dims.i], |q| -s[q])
+    HostTensor::from_fn(&[dims.o, dims.i], |q| -s[q])
 }
 
 /// What the fused reverse pass returns.
 pub(crate) struct FusedBack<F> {
     /// U = M(tau) [N, O, I], when asked for (the forward, recomputed on the way).
-    pub curved: Option<Tensor<F>>,
+    pub curved: Option<HostTensor<F>>,
     /// dL/dtau [N, O, I].
-    pub grad_tau: Tensor<F>,
+    pub grad_tau: HostTensor<F>,
     pub factors: Option<FactorGrads<F>>,
 }
 
@@ -512,11 +512,11 @@ pub(crate) struct FusedBack<F> {
 /// one contraction per factor (dD from H and t3, dC from dt3 and t2, dB from dt2 and t1, dA from dt1
 /// and tau): 8 mode products and 4 contractions, all but the two x1 products on cache-resident slabs.
 pub(crate) fn fused_backward<F: Float>(
-    base: &Tensor<F>,
-    experts: &Tensor<F>,
+    base: &HostTensor<F>,
+    experts: &HostTensor<F>,
     curv: &Curvature<F>,
     dims: &Dims,
-    h: Tensor<F>,
+    h: HostTensor<F>,
     want_curved: bool,
 ) -> FusedBack<F> {
     let want_u = want_curved;
@@ -534,12 +534,12 @@ pub(crate) fn fused_backward<F: Float>(
     let oi = dims.oi();
     let Split { o1, o2, i1, i2 } = dims.split;
     let (n, rk) = (dims.n, dims.r);
-    let mut grad_tau = Tensor::zeros(&[n, dims.o, dims.i]);
-    let mut u = want_u.then(|| Tensor::zeros(&[n, dims.o, dims.i]));
-    let mut ga = Tensor::zeros(&[rk, n, o1, o1]);
-    let mut gb = Tensor::zeros(&[rk, n, o2, o2]);
-    let mut gc = Tensor::zeros(&[rk, n, i1, i1]);
-    let mut gd = Tensor::zeros(&[rk, n, i2, i2]);
+    let mut grad_tau = HostTensor::zeros(&[n, dims.o, dims.i]);
+    let mut u = want_u.then(|| HostTensor::zeros(&[n, dims.o, dims.i]));
+    let mut ga = HostTensor::zeros(&[rk, n, o1, o1]);
+    let mut gb = HostTensor::zeros(&[rk, n, o2, o2]);
+    let mut gc = HostTensor::zeros(&[rk, n, i1, i1]);
+    let mut gd = HostTensor::zeros(&[rk, n, i2, i2]);
     let mut tau = vec![F::ZERO; oi];
     let mut t1 = vec![F::ZERO; oi];
     let mut dt1 = vec![F::ZERO; oi];

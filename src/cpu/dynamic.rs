@@ -3,7 +3,7 @@
 use super::curvature::check_weights;
 use crate::error::{Error, Result};
 use crate::shape::expect_shape;
-use crate::tensor::{Float, Tensor};
+use crate::tensor::{Float, HostTensor};
 
 fn check_beta<F: Float>(beta: f64) -> Result<()> {
     crate::options::check_scalar("beta", beta, F::DTYPE)
@@ -11,10 +11,10 @@ fn check_beta<F: Float>(beta: f64) -> Result<()> {
 
 /// `next_base` [O, I] from `base` [O, I] and `curved` [N, O, I].
 pub fn dynamic_merge<F: Float>(
-    base: &Tensor<F>,
-    curved: &Tensor<F>,
+    base: &HostTensor<F>,
+    curved: &HostTensor<F>,
     beta: f64,
-) -> Result<Tensor<F>> {
+) -> Result<HostTensor<F>> {
     let (_, o, i) = check_weights(base, curved).map_err(rename_curved)?;
     check_beta::<F>(beta)?;
     super::budget::<F>(&[("next_base", vec![2, o, i])])?;
@@ -38,30 +38,30 @@ fn rename_curved(e: Error) -> Error {
 }
 
 pub(crate) fn next_base_unchecked<F: Float>(
-    base: &Tensor<F>,
-    curved: &Tensor<F>,
+    base: &HostTensor<F>,
+    curved: &HostTensor<F>,
     beta: f64,
-) -> Tensor<F> {
+) -> HostTensor<F> {
     let n = curved.shape()[0];
     let c = F::from_f64(beta / n as f64);
     let s = super::sum_stack(curved.data(), base.len());
-    Tensor::from_fn(base.shape(), |q| base.data()[q] + c * s[q])
+    HostTensor::from_fn(base.shape(), |q| base.data()[q] + c * s[q])
 }
 
 /// Gradients of [`dynamic_merge`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct DynamicGrads<F> {
-    pub grad_base: Tensor<F>,
-    pub grad_curved: Tensor<F>,
+    pub grad_base: HostTensor<F>,
+    pub grad_curved: HostTensor<F>,
     pub grad_beta: F,
 }
 
 /// dL/dE = G, dL/dU_i = (beta/N) G, dL/dbeta = (1/N) sum_i <G, U_i>.
 pub fn dynamic_merge_backward<F: Float>(
-    base: &Tensor<F>,
-    curved: &Tensor<F>,
+    base: &HostTensor<F>,
+    curved: &HostTensor<F>,
     beta: f64,
-    grad_next_base: &Tensor<F>,
+    grad_next_base: &HostTensor<F>,
 ) -> Result<DynamicGrads<F>> {
     let (n, o, i) = check_weights(base, curved).map_err(rename_curved)?;
     check_beta::<F>(beta)?;
@@ -70,7 +70,7 @@ pub fn dynamic_merge_backward<F: Float>(
     let oi = o * i;
     let c = F::from_f64(beta / n as f64);
     let gn = grad_next_base.data();
-    let grad_curved = Tensor::from_fn(curved.shape(), |idx| c * gn[idx % oi]);
+    let grad_curved = HostTensor::from_fn(curved.shape(), |idx| c * gn[idx % oi]);
     Ok(DynamicGrads {
         grad_base: grad_next_base.clone(),
         grad_curved,
@@ -79,7 +79,7 @@ pub fn dynamic_merge_backward<F: Float>(
 }
 
 /// (1/N) sum_i <G, U_i>.
-pub(crate) fn grad_beta_unchecked<F: Float>(curved: &Tensor<F>, gn: &[F], n: usize) -> F {
+pub(crate) fn grad_beta_unchecked<F: Float>(curved: &HostTensor<F>, gn: &[F], n: usize) -> F {
     let oi = gn.len();
     let mut s = F::ZERO;
     for e in 0..n {

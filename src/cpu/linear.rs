@@ -3,13 +3,13 @@
 use super::gemm::{gemm, View};
 use crate::error::Result;
 use crate::shape::{expect_nonempty, expect_rank, expect_shape};
-use crate::tensor::{Float, Tensor};
+use crate::tensor::{Float, HostTensor};
 
 /// Checks x [G, T, I], merged [G, O, I], merged_bias [G, O]; returns (G, T, O, I).
 fn check<F>(
-    x: &Tensor<F>,
-    merged: &Tensor<F>,
-    bias: Option<&Tensor<F>>,
+    x: &HostTensor<F>,
+    merged: &HostTensor<F>,
+    bias: Option<&HostTensor<F>>,
 ) -> Result<(usize, usize, usize, usize)> {
     expect_rank("merged", merged.shape(), 3, "[G, O, I]")?;
     expect_nonempty("merged", merged.shape())?;
@@ -26,13 +26,13 @@ fn check<F>(
 
 /// `y` [G, T, O].
 pub fn merged_linear<F: Float>(
-    x: &Tensor<F>,
-    merged: &Tensor<F>,
-    merged_bias: Option<&Tensor<F>>,
-) -> Result<Tensor<F>> {
+    x: &HostTensor<F>,
+    merged: &HostTensor<F>,
+    merged_bias: Option<&HostTensor<F>>,
+) -> Result<HostTensor<F>> {
     let (g, t, o, i) = check(x, merged, merged_bias)?;
     super::budget::<F>(&[("y", vec![g, t, o])])?;
-    let mut y = Tensor::zeros(&[g, t, o]);
+    let mut y = HostTensor::zeros(&[g, t, o]);
     for gg in 0..g {
         if let Some(b) = merged_bias {
             for tt in 0..t {
@@ -58,17 +58,17 @@ pub fn merged_linear<F: Float>(
 /// Gradients of [`merged_linear`]; `grad_merged_bias` is present when a bias was given.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LinearGrads<F> {
-    pub grad_x: Tensor<F>,
-    pub grad_merged: Tensor<F>,
-    pub grad_merged_bias: Option<Tensor<F>>,
+    pub grad_x: HostTensor<F>,
+    pub grad_merged: HostTensor<F>,
+    pub grad_merged_bias: Option<HostTensor<F>>,
 }
 
 /// dx = dy Wbar, dWbar = dy^T x, dbbar = sum_t dy.
 pub fn merged_linear_backward<F: Float>(
-    x: &Tensor<F>,
-    merged: &Tensor<F>,
-    merged_bias: Option<&Tensor<F>>,
-    grad_y: &Tensor<F>,
+    x: &HostTensor<F>,
+    merged: &HostTensor<F>,
+    merged_bias: Option<&HostTensor<F>>,
+    grad_y: &HostTensor<F>,
 ) -> Result<LinearGrads<F>> {
     let (g, t, o, i) = check(x, merged, merged_bias)?;
     expect_shape("grad_y", grad_y.shape(), &[g, t, o])?;
@@ -77,8 +77,8 @@ pub fn merged_linear_backward<F: Float>(
         ("grad_merged", vec![g, o, i]),
         ("grad_merged_bias", vec![g, o]),
     ])?;
-    let mut grad_x = Tensor::zeros(&[g, t, i]);
-    let mut grad_merged = Tensor::zeros(&[g, o, i]);
+    let mut grad_x = HostTensor::zeros(&[g, t, i]);
+    let mut grad_merged = HostTensor::zeros(&[g, o, i]);
     for gg in 0..g {
         let dy = View::rm(gg * t * o, t, o);
         gemm(
@@ -105,7 +105,7 @@ pub fn merged_linear_backward<F: Float>(
         );
     }
     let grad_merged_bias = merged_bias.map(|_| {
-        Tensor::from_fn(&[g, o], |idx| {
+        HostTensor::from_fn(&[g, o], |idx| {
             let (gg, oo) = (idx / o, idx % o);
             (0..t).map(|tt| grad_y.data()[(gg * t + tt) * o + oo]).sum()
         })

@@ -9,17 +9,21 @@ use super::SyncPtr;
 use crate::error::Result;
 use crate::options::Mask;
 use crate::shape::expect_shape;
-use crate::tensor::{Float, Tensor};
+use crate::tensor::{Float, HostTensor};
 use rayon::prelude::*;
 
 /// `mask` [N, O, I] of 0/1 for `base` and `experts` (all ones for [`Mask::None`]).
-pub fn ties_mask<F: Float>(base: &Tensor<F>, experts: &Tensor<F>, mask: Mask) -> Result<Tensor<F>> {
+pub fn ties_mask<F: Float>(
+    base: &HostTensor<F>,
+    experts: &HostTensor<F>,
+    mask: Mask,
+) -> Result<HostTensor<F>> {
     let (n, o, i) = check_weights(base, experts)?;
     mask.validate()?;
     let mut bufs = vec![("mask", vec![n, o, i])];
     bufs.extend(mask_workspace(n, o, i, mask));
     super::budget::<F>(&bufs)?;
-    let mut out = Tensor::zeros(&[n, o, i]);
+    let mut out = HostTensor::zeros(&[n, o, i]);
     fill_mask(base.data(), experts.data(), mask, n, out.data_mut());
     Ok(out)
 }
@@ -27,10 +31,10 @@ pub fn ties_mask<F: Float>(base: &Tensor<F>, experts: &Tensor<F>, mask: Mask) ->
 /// [`ties_mask`] into a caller's `out` [N, O, I] (every element overwritten): a reused output is
 /// not page-faulted in again on every call. A wrong-sized `out` is an error naming `mask`.
 pub fn ties_mask_into<F: Float>(
-    base: &Tensor<F>,
-    experts: &Tensor<F>,
+    base: &HostTensor<F>,
+    experts: &HostTensor<F>,
     mask: Mask,
-    out: &mut Tensor<F>,
+    out: &mut HostTensor<F>,
 ) -> Result<()> {
     let (n, o, i) = check_weights(base, experts)?;
     mask.validate()?;
@@ -60,14 +64,14 @@ pub(crate) fn mask_workspace(
 
 /// The mask for validated inputs, `None` for [`Mask::None`] (the CA-merge then skips it).
 pub(crate) fn mask_unchecked<F: Float>(
-    base: &Tensor<F>,
-    experts: &Tensor<F>,
+    base: &HostTensor<F>,
+    experts: &HostTensor<F>,
     mask: Mask,
-) -> Option<Tensor<F>> {
+) -> Option<HostTensor<F>> {
     if mask == Mask::None {
         return None;
     }
-    let mut out = Tensor::zeros(experts.shape());
+    let mut out = HostTensor::zeros(experts.shape());
     fill_mask(
         base.data(),
         experts.data(),
@@ -265,8 +269,8 @@ mod tests {
         let mut experts: Vec<f32> = (0..n * oi).map(|_| next()).collect();
         experts[17] = f32::NAN;
         experts[oi + 4096] = f32::NAN;
-        let bt = Tensor::new(&[o, i], base.clone()).unwrap();
-        let et = Tensor::new(&[n, o, i], experts.clone()).unwrap();
+        let bt = HostTensor::new(&[o, i], base.clone()).unwrap();
+        let et = HostTensor::new(&[n, o, i], experts.clone()).unwrap();
         for mask in [Mask::TiesSign, Mask::TiesTrim(0.2), Mask::TiesTrim(0.9)] {
             let want = two_pass(&base, &experts, n, mask);
             let got = ties_mask(&bt, &et, mask).unwrap();

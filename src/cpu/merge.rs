@@ -17,69 +17,69 @@ use crate::error::{Error, Result};
 use crate::options::{Dare, Mask, MergeOptions};
 use crate::philox::{DareDraw, Granularity};
 use crate::shape::{expect_nonempty, expect_rank, expect_shape};
-use crate::tensor::{Float, Tensor};
+use crate::tensor::{Float, HostTensor};
 use rayon::prelude::*;
 
 /// Inputs of [`merge`]: `curved` are the U_i (already curved), `mask` an optional 0/1 [N, O, I].
 #[derive(Debug, Clone, Copy)]
 pub struct MergeInputs<'a, F> {
-    pub base: &'a Tensor<F>,
-    pub curved: &'a Tensor<F>,
-    pub scores: &'a Tensor<F>,
-    pub mask: Option<&'a Tensor<F>>,
-    pub base_bias: Option<&'a Tensor<F>>,
-    pub expert_bias: Option<&'a Tensor<F>>,
+    pub base: &'a HostTensor<F>,
+    pub curved: &'a HostTensor<F>,
+    pub scores: &'a HostTensor<F>,
+    pub mask: Option<&'a HostTensor<F>>,
+    pub base_bias: Option<&'a HostTensor<F>>,
+    pub expert_bias: Option<&'a HostTensor<F>>,
 }
 
 /// `merged` [G, O, I] and, with biases, `merged_bias` [G, O].
 #[derive(Debug, Clone, PartialEq)]
 pub struct MergeOutputs<F> {
-    pub merged: Tensor<F>,
-    pub merged_bias: Option<Tensor<F>>,
+    pub merged: HostTensor<F>,
+    pub merged_bias: Option<HostTensor<F>>,
 }
 
 /// Gradients of [`merge`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct MergeGrads<F> {
-    pub grad_base: Tensor<F>,
-    pub grad_curved: Tensor<F>,
-    pub grad_scores: Tensor<F>,
+    pub grad_base: HostTensor<F>,
+    pub grad_curved: HostTensor<F>,
+    pub grad_scores: HostTensor<F>,
     pub grad_alpha: F,
-    pub grad_base_bias: Option<Tensor<F>>,
-    pub grad_expert_bias: Option<Tensor<F>>,
+    pub grad_base_bias: Option<HostTensor<F>>,
+    pub grad_expert_bias: Option<HostTensor<F>>,
 }
 
 /// Inputs of the fused [`ca_merge`].
 #[derive(Debug, Clone, Copy)]
 pub struct CaMergeInputs<'a, F> {
-    pub base: &'a Tensor<F>,
-    pub experts: &'a Tensor<F>,
-    pub scores: &'a Tensor<F>,
+    pub base: &'a HostTensor<F>,
+    pub experts: &'a HostTensor<F>,
+    pub scores: &'a HostTensor<F>,
     pub curvature: Curvature<'a, F>,
-    pub base_bias: Option<&'a Tensor<F>>,
-    pub expert_bias: Option<&'a Tensor<F>>,
+    pub base_bias: Option<&'a HostTensor<F>>,
+    pub expert_bias: Option<&'a HostTensor<F>>,
 }
 
 /// Outputs of [`ca_merge`]: `next_base` when `beta` is set, `curved` (unmasked U) when asked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CaMergeOutputs<F> {
-    pub merged: Tensor<F>,
-    pub merged_bias: Option<Tensor<F>>,
-    pub next_base: Option<Tensor<F>>,
-    pub curved: Option<Tensor<F>>,
+    pub merged: HostTensor<F>,
+    pub merged_bias: Option<HostTensor<F>>,
+    pub next_base: Option<HostTensor<F>>,
+    pub curved: Option<HostTensor<F>>,
 }
 
 /// Gradients of [`ca_merge`]: `factors` for the Kronecker curvature, `grad_beta` when beta is set.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CaMergeGrads<F> {
-    pub grad_base: Tensor<F>,
-    pub grad_experts: Tensor<F>,
-    pub grad_scores: Tensor<F>,
+    pub grad_base: HostTensor<F>,
+    pub grad_experts: HostTensor<F>,
+    pub grad_scores: HostTensor<F>,
     pub factors: Option<FactorGrads<F>>,
     pub grad_alpha: F,
     pub grad_beta: Option<F>,
-    pub grad_base_bias: Option<Tensor<F>>,
-    pub grad_expert_bias: Option<Tensor<F>>,
+    pub grad_base_bias: Option<HostTensor<F>>,
+    pub grad_expert_bias: Option<HostTensor<F>>,
 }
 
 fn check_alpha<F: Float>(alpha: f64) -> Result<()> {
@@ -88,7 +88,7 @@ fn check_alpha<F: Float>(alpha: f64) -> Result<()> {
 
 /// A mask holds exactly 0 or 1 (SPEC section 3): anything else, NaN included, is an
 /// [`Error::Value`] naming the first offending element.
-pub(crate) fn check_binary_mask<F: Float>(m: &Tensor<F>) -> Result<()> {
+pub(crate) fn check_binary_mask<F: Float>(m: &HostTensor<F>) -> Result<()> {
     let bad = m
         .data()
         .iter()
@@ -147,7 +147,7 @@ fn merge_bufs<F>(
 }
 
 /// Checks `scores` [G, N]; returns G.
-fn check_scores<F>(scores: &Tensor<F>, n: usize) -> Result<usize> {
+fn check_scores<F>(scores: &HostTensor<F>, n: usize) -> Result<usize> {
     expect_rank("scores", scores.shape(), 2, "[G, N]")?;
     expect_nonempty("scores", scores.shape())?;
     let g = scores.shape()[0];
@@ -157,12 +157,12 @@ fn check_scores<F>(scores: &Tensor<F>, n: usize) -> Result<usize> {
 
 /// Biases come together or not at all: `base_bias` [O], `expert_bias` [N, O].
 fn check_biases<'a, F>(
-    base_bias: Option<&'a Tensor<F>>,
-    expert_bias: Option<&'a Tensor<F>>,
+    base_bias: Option<&'a HostTensor<F>>,
+    expert_bias: Option<&'a HostTensor<F>>,
     n: usize,
     o: usize,
     op: &str,
-) -> Result<Option<(&'a Tensor<F>, &'a Tensor<F>)>> {
+) -> Result<Option<(&'a HostTensor<F>, &'a HostTensor<F>)>> {
     match (base_bias, expert_bias) {
         (None, None) => Ok(None),
         (Some(eb), Some(b)) => {
@@ -333,9 +333,9 @@ fn weighted_sum_into<F: Float>(
 }
 
 /// merged_bias[g] = e_b + alpha * sum_i s[g,i] (b_i - e_b).
-fn bias_forward<F: Float>(plan: &Plan<F>, eb: &Tensor<F>, b: &Tensor<F>) -> Tensor<F> {
+fn bias_forward<F: Float>(plan: &Plan<F>, eb: &HostTensor<F>, b: &HostTensor<F>) -> HostTensor<F> {
     let (n, o) = (plan.n, plan.o);
-    Tensor::from_fn(&[plan.g, o], |idx| {
+    HostTensor::from_fn(&[plan.g, o], |idx| {
         let (gg, oo) = (idx / o, idx % o);
         let e0 = eb.data()[oo];
         let mut s = F::ZERO;
@@ -350,13 +350,13 @@ fn bias_forward<F: Float>(plan: &Plan<F>, eb: &Tensor<F>, b: &Tensor<F>) -> Tens
 /// H_i = alpha * m_i (.) sum_g s[g,i] zeta[g,i] Gbar_g.
 struct MergeBack<F> {
     sum_g: Vec<F>,
-    h: Tensor<F>,
+    h: HostTensor<F>,
 }
 
 fn merge_back_h<F: Float>(plan: &Plan<F>, mask: Option<&[F]>, gbar: &[F]) -> MergeBack<F> {
     let (g, n, oi) = (plan.g, plan.n, plan.oi);
     let sum_g = super::sum_stack(gbar, oi);
-    let mut h = Tensor::zeros(&[n, plan.o, plan.i]);
+    let mut h = HostTensor::zeros(&[n, plan.o, plan.i]);
     if let Some(d) = plan.element_dare() {
         h.data_mut()
             .par_chunks_mut(oi)
@@ -443,14 +443,14 @@ fn merge_back_ip<F: Float>(plan: &Plan<F>, p: &[F], gbar: &[F]) -> Vec<F> {
 /// <dbbar_g, b_i - e_b> (which feed grad_scores and grad_alpha exactly like the weight's).
 fn bias_back<F: Float>(
     plan: &Plan<F>,
-    eb: &Tensor<F>,
-    b: &Tensor<F>,
+    eb: &HostTensor<F>,
+    b: &HostTensor<F>,
     dbb: &[F],
     ip: &mut [F],
-) -> (Tensor<F>, Tensor<F>) {
+) -> (HostTensor<F>, HostTensor<F>) {
     let (g, n, o) = (plan.g, plan.n, plan.o);
     let alpha = plan.alpha;
-    let grad_eb = Tensor::from_fn(&[o], |oo| {
+    let grad_eb = HostTensor::from_fn(&[o], |oo| {
         let mut s = F::ZERO;
         for gg in 0..g {
             let ssum: F = (0..n).map(|e| plan.scores[gg * n + e]).sum();
@@ -458,7 +458,7 @@ fn bias_back<F: Float>(
         }
         s
     });
-    let grad_b = Tensor::from_fn(&[n, o], |idx| {
+    let grad_b = HostTensor::from_fn(&[n, o], |idx| {
         let (e, oo) = (idx / o, idx % o);
         let mut s = F::ZERO;
         for gg in 0..g {
@@ -479,8 +479,8 @@ fn bias_back<F: Float>(
 }
 
 /// grad_scores = alpha * ip, grad_alpha = sum s * ip.
-fn score_grads<F: Float>(plan: &Plan<F>, ip: &[F]) -> (Tensor<F>, F) {
-    let gs = Tensor::from_fn(&[plan.g, plan.n], |k| plan.alpha * ip[k]);
+fn score_grads<F: Float>(plan: &Plan<F>, ip: &[F]) -> (HostTensor<F>, F) {
+    let gs = HostTensor::from_fn(&[plan.g, plan.n], |k| plan.alpha * ip[k]);
     let ga = ip.iter().zip(plan.scores).map(|(&a, &s)| a * s).sum();
     (gs, ga)
 }
@@ -491,7 +491,7 @@ fn plan_merge<'a, F: Float>(
     inputs: &'a MergeInputs<'a, F>,
     alpha: f64,
     dare: &Dare,
-) -> Result<(Plan<'a, F>, Option<(&'a Tensor<F>, &'a Tensor<F>)>)> {
+) -> Result<(Plan<'a, F>, Option<(&'a HostTensor<F>, &'a HostTensor<F>)>)> {
     let (n, o, i) = check_weights(inputs.base, inputs.curved).map_err(|e| match e {
         Error::Shape {
             tensor,
@@ -548,7 +548,7 @@ pub fn merge<F: Float>(
 ) -> Result<MergeOutputs<F>> {
     let (plan, biases) = plan_merge(inputs, alpha, dare)?;
     super::budget::<F>(&merge_bufs(&plan, false, biases.is_some(), false))?;
-    let mut merged = Tensor::zeros(&[plan.g, plan.o, plan.i]);
+    let mut merged = HostTensor::zeros(&[plan.g, plan.o, plan.i]);
     weighted_sum_into(
         &plan,
         inputs.base.data(),
@@ -571,8 +571,8 @@ pub fn merge_into<F: Float>(
     inputs: &MergeInputs<F>,
     alpha: f64,
     dare: &Dare,
-    merged: &mut Tensor<F>,
-    merged_bias: Option<&mut Tensor<F>>,
+    merged: &mut HostTensor<F>,
+    merged_bias: Option<&mut HostTensor<F>>,
 ) -> Result<()> {
     let (plan, biases) = plan_merge(inputs, alpha, dare)?;
     expect_shape("merged", merged.shape(), &[plan.g, plan.o, plan.i])?;
@@ -623,8 +623,8 @@ pub fn merge_backward<F: Float>(
     inputs: &MergeInputs<F>,
     alpha: f64,
     dare: &Dare,
-    grad_merged: &Tensor<F>,
-    grad_merged_bias: Option<&Tensor<F>>,
+    grad_merged: &HostTensor<F>,
+    grad_merged_bias: Option<&HostTensor<F>>,
 ) -> Result<MergeGrads<F>> {
     let (plan, biases) = plan_merge(inputs, alpha, dare)?;
     expect_shape(
@@ -652,7 +652,7 @@ pub fn merge_backward<F: Float>(
     };
     let (grad_scores, grad_alpha) = score_grads(&plan, &ip);
     Ok(MergeGrads {
-        grad_base: Tensor::new(&[plan.o, plan.i], back.sum_g)?,
+        grad_base: HostTensor::new(&[plan.o, plan.i], back.sum_g)?,
         grad_curved: back.h,
         grad_scores,
         grad_alpha,
@@ -663,7 +663,7 @@ pub fn merge_backward<F: Float>(
 
 /// `grad_merged_bias` must match [G, O] and is only meaningful with biases; absent means zero.
 fn check_grad_bias<F: Float>(
-    grad: Option<&Tensor<F>>,
+    grad: Option<&HostTensor<F>>,
     has_bias: bool,
     g: usize,
     o: usize,
@@ -688,7 +688,11 @@ fn check_grad_bias<F: Float>(
 fn plan_ca<'a, F: Float>(
     inputs: &'a CaMergeInputs<'a, F>,
     opts: &MergeOptions,
-) -> Result<(Dims, Plan<'a, F>, Option<(&'a Tensor<F>, &'a Tensor<F>)>)> {
+) -> Result<(
+    Dims,
+    Plan<'a, F>,
+    Option<(&'a HostTensor<F>, &'a HostTensor<F>)>,
+)> {
     let (n, o, i) = check_weights(inputs.base, inputs.experts)?;
     let dims = check_curvature(n, o, i, &inputs.curvature)?;
     let g = check_scores(inputs.scores, n)?;
@@ -727,7 +731,7 @@ pub fn ca_merge<F: Float>(
     let u = curved_unchecked(inputs.base, inputs.experts, &inputs.curvature, &dims);
     let next_base = opts.beta.map(|b| next_base_unchecked(inputs.base, &u, b));
     let m = mask_unchecked(inputs.base, inputs.experts, opts.mask);
-    let mut merged = Tensor::zeros(&[plan.g, plan.o, plan.i]);
+    let mut merged = HostTensor::zeros(&[plan.g, plan.o, plan.i]);
     weighted_sum_into(
         &plan,
         inputs.base.data(),
@@ -750,9 +754,9 @@ pub fn ca_merge<F: Float>(
 pub fn ca_merge_backward<F: Float>(
     inputs: &CaMergeInputs<F>,
     opts: &MergeOptions,
-    grad_merged: &Tensor<F>,
-    grad_merged_bias: Option<&Tensor<F>>,
-    grad_next_base: Option<&Tensor<F>>,
+    grad_merged: &HostTensor<F>,
+    grad_merged_bias: Option<&HostTensor<F>>,
+    grad_next_base: Option<&HostTensor<F>>,
 ) -> Result<CaMergeGrads<F>> {
     let (dims, plan, biases) = plan_ca(inputs, opts)?;
     expect_shape(
@@ -816,7 +820,7 @@ pub fn ca_merge_backward<F: Float>(
     drop(u);
     let (grad_tau, factors) = (fused.grad_tau, fused.factors);
     let neg = neg_sum_experts(&grad_tau, &dims);
-    let grad_base = Tensor::from_fn(&[plan.o, plan.i], |q| back.sum_g[q] + neg.data()[q]);
+    let grad_base = HostTensor::from_fn(&[plan.o, plan.i], |q| back.sum_g[q] + neg.data()[q]);
     let (grad_base_bias, grad_expert_bias) = match biases {
         Some((eb, b)) => {
             let (ge, gb) = bias_back(&plan, eb, b, &dbb, &mut ip);

@@ -45,7 +45,7 @@ use crate::error::{Error, Result};
 use crate::ffi;
 use crate::options::Dare;
 use crate::philox::DareDraw;
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{DType, HostTensor};
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
 use half::{bf16, f16};
@@ -260,7 +260,7 @@ fn borrowed_err(what: &str) -> Error {
 
 impl<T: Element> CudaTensor<T> {
     /// Copies a host tensor to the device (asynchronously on `stream`).
-    pub fn upload(stream: &Arc<CudaStream>, t: &Tensor<T>) -> Result<Self> {
+    pub fn upload(stream: &Arc<CudaStream>, t: &HostTensor<T>) -> Result<Self> {
         require_driver()?;
         let data = stream.clone_htod(t.data()).map_err(cuda_err)?;
         Ok(CudaTensor {
@@ -269,12 +269,12 @@ impl<T: Element> CudaTensor<T> {
         })
     }
     /// Copies to the host; waits for the stream's work on this tensor.
-    pub fn download(&self, stream: &Arc<CudaStream>) -> Result<Tensor<T>> {
+    pub fn download(&self, stream: &Arc<CudaStream>) -> Result<HostTensor<T>> {
         let n: usize = self.shape.iter().product();
         let v = stream
             .clone_dtoh(&self.data()?.slice(0..n))
             .map_err(cuda_err)?;
-        Tensor::new(&self.shape, v)
+        HostTensor::new(&self.shape, v)
     }
     /// A view of `len` elements of device memory at `ptr` that the caller owns, without a copy.
     ///

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use camex::named::RunOptions;
-use camex::{AnyTensor, DType, Dare, Mask, Tensor};
+use camex::{AnyTensor, DType, Dare, HostTensor, Mask};
 use std::collections::BTreeMap;
 
 pub const N: usize = 3;
@@ -66,7 +66,7 @@ impl Case {
         self.tensors
             .iter()
             .map(|(k, (s, v))| {
-                let t = Tensor::new(s, v.clone()).unwrap();
+                let t = HostTensor::new(s, v.clone()).unwrap();
                 (k.clone(), AnyTensor::from_f64(&t, dtype))
             })
             .collect()

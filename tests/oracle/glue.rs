@@ -1,10 +1,10 @@
 //! Test glue: a deterministic RNG, random cases, conversions between `Vec<f64>` and
-//! `camex::Tensor<F>`, and SPEC section 5's bound 1: the relative Frobenius error of a tensor, and
+//! `camex::HostTensor<F>`, and SPEC section 5's bound 1: the relative Frobenius error of a tensor, and
 //! |out - ref| <= tol * S for a cancelling sum.
 
 use super::{DareRef, Dims, KronRef, MaskRef, Split4};
 use camex::cpu::{Curvature, Factors};
-use camex::{DType, Dare, Float, Mask, Tensor};
+use camex::{DType, Dare, Float, HostTensor, Mask};
 
 /// splitmix64: small, deterministic, good enough for test data.
 pub struct Rng(u64);
@@ -164,16 +164,16 @@ impl Case {
 
 /// A [`Case`] as camex tensors.
 pub struct CaseT<F> {
-    pub base: Tensor<F>,
-    pub experts: Tensor<F>,
-    pub scores: Tensor<F>,
-    pub a: Tensor<F>,
-    pub b: Tensor<F>,
-    pub c: Tensor<F>,
-    pub d: Tensor<F>,
-    pub base_bias: Tensor<F>,
-    pub expert_bias: Tensor<F>,
-    pub x: Tensor<F>,
+    pub base: HostTensor<F>,
+    pub experts: HostTensor<F>,
+    pub scores: HostTensor<F>,
+    pub a: HostTensor<F>,
+    pub b: HostTensor<F>,
+    pub c: HostTensor<F>,
+    pub d: HostTensor<F>,
+    pub base_bias: HostTensor<F>,
+    pub expert_bias: HostTensor<F>,
+    pub x: HostTensor<F>,
 }
 
 impl<F: Float> CaseT<F> {
@@ -191,11 +191,11 @@ impl<F: Float> CaseT<F> {
     }
 }
 
-pub fn tensor<F: Float>(shape: &[usize], v: &[f64]) -> Tensor<F> {
-    Tensor::new(shape, v.iter().map(|&x| F::from_f64(x)).collect()).expect("tensor shape")
+pub fn tensor<F: Float>(shape: &[usize], v: &[f64]) -> HostTensor<F> {
+    HostTensor::new(shape, v.iter().map(|&x| F::from_f64(x)).collect()).expect("tensor shape")
 }
 
-pub fn vals<F: Float>(t: &Tensor<F>) -> Vec<f64> {
+pub fn vals<F: Float>(t: &HostTensor<F>) -> Vec<f64> {
     t.data().iter().map(|x| x.to_f64()).collect()
 }
 
@@ -230,7 +230,7 @@ pub fn tol<F: Float>() -> f64 {
 }
 
 /// Asserts the shape and the relative error of `out` against `reference`.
-pub fn check<F: Float>(what: &str, out: &Tensor<F>, shape: &[usize], reference: &[f64]) {
+pub fn check<F: Float>(what: &str, out: &HostTensor<F>, shape: &[usize], reference: &[f64]) {
     assert_eq!(out.shape(), shape, "{what}: shape");
     let e = rel_err(&vals(out), reference);
     assert!(
@@ -257,7 +257,7 @@ pub fn check_scalar<F: Float>(what: &str, out: F, reference: f64, scale: f64) {
 /// [`check_scalar`] for every entry of a tensor of cancelling sums (grad_scores), with their S.
 pub fn check_sums<F: Float>(
     what: &str,
-    out: &Tensor<F>,
+    out: &HostTensor<F>,
     shape: &[usize],
     reference: &[f64],
     scales: &[f64],

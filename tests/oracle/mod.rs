@@ -4,7 +4,7 @@
 //! the explicit O x O matrix (A (x) B) and I x I matrix (C (x) D), its own Philox4x32-10 (checked
 //! against the Random123 known-answer vectors in `cpu_ops.rs`), and backward formulas derived here
 //! from the matrix form. Slow on purpose: it only runs on small shapes. `glue` converts to and from
-//! `camex::Tensor` and draws the random test inputs.
+//! `camex::HostTensor` and draws the random test inputs.
 #![allow(dead_code)]
 
 pub mod glue;

@@ -203,7 +203,7 @@ fn neg_sum(q: Q, gtau: &[f64], n: usize, oi: usize) -> Vec<f64> {
         .collect()
 }
 
-/// Tensor gradients of `curvature_backward` in the dtype: (grad_base, grad_experts, factor grads).
+/// HostTensor gradients of `curvature_backward` in the dtype: (grad_base, grad_experts, factor grads).
 #[allow(clippy::type_complexity)]
 pub fn curvature_backward(
     q: Q,
@@ -271,7 +271,7 @@ pub fn merge(
     (merged, merged_bias)
 }
 
-/// Tensor gradients of the merge in the dtype.
+/// HostTensor gradients of the merge in the dtype.
 pub struct MergeGradsQ {
     /// From `base + ...` alone: sum_g grad_merged.
     pub grad_base: Vec<f64>,
