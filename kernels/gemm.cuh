@@ -195,7 +195,7 @@ gemm_tc_kernel(Opnd a, Opnd b, OutView out, float *partial, int64_t M, int64_t N
 
   for (int64_t k0 = blk.k_begin; k0 < blk.k_end; k0 += GEMM_BK) {
     const auto put = [&](MmaT *hi, MmaT *lo, int64_t at, float v) {
-      if (data_lo<T>() && split) split_store(hi, lo, at, v);
+      if (split) split_store(hi, lo, at, v);
       else hi[at] = from_f32<MmaT>(v);
     };
     blk.load<T>(a, b, M, N, k0, [&](int mm, int kk, float v) { put(Ah, Al, mm * LK + kk, v); },
@@ -203,13 +203,13 @@ gemm_tc_kernel(Opnd a, Opnd b, OutView out, float *partial, int64_t M, int64_t N
     __syncthreads();
     uint32_t ah[4], al[4];
     frag_a(ah, Ah, LK, wm * 16, 0, lane);
-    if (data_lo<T>() && split) frag_a(al, Al, LK, wm * 16, 0, lane);
+    if (split) frag_a(al, Al, LK, wm * 16, 0, lane);
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
       uint32_t bh[2], bl[2];
       frag_b(bh, Bh, LK, wn * 32 + nt * 8, 0, lane);
       mma_bf16(acc[nt], ah, bh);
-      if (data_lo<T>() && split) {
+      if (split) {
         frag_b(bl, Bl, LK, wn * 32 + nt * 8, 0, lane);
         mma_bf16(acc[nt], ah, bl);
         mma_bf16(acc[nt], al, bh);

@@ -11,6 +11,7 @@
 //!
 //! Layout everywhere: dense, row-major, contiguous; shapes as SPEC section 2.
 
+pub mod backend;
 pub mod bench;
 pub mod cpu;
 pub mod error;

@@ -24,11 +24,14 @@
 //! silently select the identity curvature). Options an operator does not use are ignored by
 //! [`run_op`] (so one [`RunOptions`] can serve several calls); the CLI rejects them.
 
-use crate::cpu::{self, CaMergeInputs, Curvature, Factors, MergeInputs};
+use crate::backend::{
+    Backend, CaMergeInputs, Cpu, Curvature, FactorGrads, Factors, MergeInputs, Shaped,
+};
+use crate::cpu;
 use crate::error::{Error, Result};
 use crate::memory::{self, MemoryLimit};
 use crate::options::{check_scalar, Dare, Mask, MergeOptions};
-use crate::tensor::{AnyTensor, DType, Float, HostTensor};
+use crate::tensor::{AnyTensor, DType, HostTensor};
 use half::{bf16, f16};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -460,7 +463,7 @@ fn run_op_in_limit(
             .iter()
             .map(|(k, v)| (k.clone(), v.to_f64()))
             .collect();
-        let out = exec(info, &t, opts)?;
+        let out = exec(&Cpu, info, &t, opts)?;
         Ok(out
             .into_iter()
             .map(|(k, v)| (k, AnyTensor::F64(v)))
@@ -478,7 +481,7 @@ fn run_op_in_limit(
                 (k.clone(), v)
             })
             .collect();
-        let out = exec(info, &t, opts)?;
+        let out = exec(&Cpu, info, &t, opts)?;
         Ok(out
             .into_iter()
             .map(|(k, v)| {
@@ -505,9 +508,9 @@ fn run_cuda(
     dtype: DType,
 ) -> Result<BTreeMap<String, AnyTensor>> {
     match dtype {
-        DType::F32 => on_cuda::exec::<f32>(info, inputs, opts, dtype),
-        DType::F16 => on_cuda::exec::<f16>(info, inputs, opts, dtype),
-        DType::BF16 => on_cuda::exec::<bf16>(info, inputs, opts, dtype),
+        DType::F32 => on_cuda::exec_on_device::<f32>(info, inputs, opts, dtype),
+        DType::F16 => on_cuda::exec_on_device::<f16>(info, inputs, opts, dtype),
+        DType::BF16 => on_cuda::exec_on_device::<bf16>(info, inputs, opts, dtype),
         DType::F64 => Err(Error::DType {
             tensor: inputs.keys().next().cloned().unwrap_or_default(),
             expected: "f32, f16 or bf16 (the CUDA kernels' storage dtypes; use --dtype)".into(),
@@ -518,31 +521,20 @@ fn run_cuda(
 
 #[cfg(feature = "cuda")]
 mod on_cuda {
-    use super::{merge_options, Named, OpInfo, Out, RunOptions};
-    use crate::cuda::{
-        self, CudaCaMergeInputs, CudaCurvature, CudaFactors, CudaMergeInputs, CudaTensor, Element,
-    };
+    use super::{exec, OpInfo, RunOptions};
+    use crate::cuda::{self, Cuda, CudaTensor, Element};
     use crate::error::Result;
     use crate::tensor::{AnyTensor, DType, HostTensor};
     use std::collections::BTreeMap;
 
-    impl<'a, T> Named<'a, CudaTensor<T>> {
-        fn curvature(&self) -> Result<CudaCurvature<'a, T>> {
-            Ok(match self.factors()? {
-                None => CudaCurvature::Identity,
-                Some([a, b, c, d]) => CudaCurvature::Kronecker(CudaFactors { a, b, c, d }),
-            })
-        }
-    }
-
-    pub(super) fn exec<T: Element>(
+    pub(super) fn exec_on_device<T: Element>(
         info: &'static OpInfo,
         inputs: &BTreeMap<String, AnyTensor>,
         opts: &RunOptions,
         dtype: DType,
     ) -> Result<BTreeMap<String, AnyTensor>> {
-        let stream = cuda::new_stream(0)?;
-        let mut dev = BTreeMap::new();
+        let dev = Cuda::new(cuda::new_stream(0)?);
+        let mut map = BTreeMap::new();
         for (k, v) in inputs {
             // Rounded to the storage dtype as on the CPU path, then stored as T exactly.
             let v = if v.dtype() == dtype {
@@ -550,176 +542,16 @@ mod on_cuda {
             } else {
                 AnyTensor::from_f64(&v.to_f64(), dtype).to_f32()
             };
-            dev.insert(k.clone(), CudaTensor::upload(&stream, &v.map(T::from_f32))?);
+            map.insert(
+                k.clone(),
+                CudaTensor::upload(&dev.stream, &v.map(T::from_f32))?,
+            );
         }
-        let n = Named {
-            op: info.name,
-            map: &dev,
-        };
-        let s = &stream;
-        let mut out = Out(BTreeMap::new());
-        match info.name {
-            "curvature" => {
-                let curv = n.curvature()?;
-                out.put(
-                    "curved",
-                    cuda::curvature(s, n.req("base")?, n.req("experts")?, &curv)?,
-                );
-            }
-            "curvature_backward" => {
-                let curv = n.curvature()?;
-                let g = cuda::curvature_backward(
-                    s,
-                    n.req("base")?,
-                    n.req("experts")?,
-                    &curv,
-                    n.req("grad_curved")?,
-                )?;
-                out.put("grad_base", g.grad_base);
-                out.put("grad_experts", g.grad_experts);
-                out.put_factors(g.factors.map(|f| {
-                    [
-                        f.grad_factor_a,
-                        f.grad_factor_b,
-                        f.grad_factor_c,
-                        f.grad_factor_d,
-                    ]
-                }));
-            }
-            "ties_mask" => {
-                out.put(
-                    "mask",
-                    cuda::ties_mask(s, n.req("base")?, n.req("experts")?, opts.mask)?,
-                );
-            }
-            "merge" | "merge_backward" => {
-                let (base_bias, expert_bias) = n.biases()?;
-                let inputs = CudaMergeInputs {
-                    base: n.req("base")?,
-                    curved: n.req("curved")?,
-                    scores: n.req("scores")?,
-                    mask: n.opt("mask"),
-                    base_bias,
-                    expert_bias,
-                };
-                if info.name == "merge" {
-                    let o = cuda::merge(s, &inputs, opts.alpha, &opts.dare)?;
-                    out.put("merged", o.merged);
-                    out.put_opt("merged_bias", o.merged_bias);
-                } else {
-                    let g = cuda::merge_backward(
-                        s,
-                        &inputs,
-                        opts.alpha,
-                        &opts.dare,
-                        n.req("grad_merged")?,
-                        n.opt("grad_merged_bias"),
-                    )?;
-                    out.put("grad_base", g.grad_base);
-                    out.put("grad_curved", g.grad_curved);
-                    out.put("grad_scores", g.grad_scores);
-                    out.put("grad_alpha", g.grad_alpha);
-                    out.put_opt("grad_base_bias", g.grad_base_bias);
-                    out.put_opt("grad_expert_bias", g.grad_expert_bias);
-                }
-            }
-            "ca_merge" | "ca_merge_backward" => {
-                let (base_bias, expert_bias) = n.biases()?;
-                let inputs = CudaCaMergeInputs {
-                    base: n.req("base")?,
-                    experts: n.req("experts")?,
-                    scores: n.req("scores")?,
-                    curvature: n.curvature()?,
-                    base_bias,
-                    expert_bias,
-                };
-                let mo = merge_options(opts);
-                if info.name == "ca_merge" {
-                    let o = cuda::ca_merge(s, &inputs, &mo)?;
-                    out.put("merged", o.merged);
-                    out.put_opt("merged_bias", o.merged_bias);
-                    out.put_opt("next_base", o.next_base);
-                } else {
-                    let g = cuda::ca_merge_backward(
-                        s,
-                        &inputs,
-                        &mo,
-                        n.req("grad_merged")?,
-                        n.opt("grad_merged_bias"),
-                        n.opt("grad_next_base"),
-                    )?;
-                    out.put("grad_base", g.grad_base);
-                    out.put("grad_experts", g.grad_experts);
-                    out.put("grad_scores", g.grad_scores);
-                    out.put_factors(g.factors.map(|f| {
-                        [
-                            f.grad_factor_a,
-                            f.grad_factor_b,
-                            f.grad_factor_c,
-                            f.grad_factor_d,
-                        ]
-                    }));
-                    out.put("grad_alpha", g.grad_alpha);
-                    out.put_opt("grad_beta", g.grad_beta);
-                    out.put_opt("grad_base_bias", g.grad_base_bias);
-                    out.put_opt("grad_expert_bias", g.grad_expert_bias);
-                }
-            }
-            "merged_linear" => {
-                out.put(
-                    "y",
-                    cuda::merged_linear(s, n.req("x")?, n.req("merged")?, n.opt("merged_bias"))?,
-                );
-            }
-            "merged_linear_backward" => {
-                let g = cuda::merged_linear_backward(
-                    s,
-                    n.req("x")?,
-                    n.req("merged")?,
-                    n.opt("merged_bias"),
-                    n.req("grad_y")?,
-                )?;
-                out.put("grad_x", g.grad_x);
-                out.put("grad_merged", g.grad_merged);
-                out.put_opt("grad_merged_bias", g.grad_merged_bias);
-            }
-            "dynamic_merge" => {
-                let beta = n.beta(opts)?;
-                out.put(
-                    "next_base",
-                    cuda::dynamic_merge(s, n.req("base")?, n.req("curved")?, beta)?,
-                );
-            }
-            "dynamic_merge_backward" => {
-                let beta = n.beta(opts)?;
-                let g = cuda::dynamic_merge_backward(
-                    s,
-                    n.req("base")?,
-                    n.req("curved")?,
-                    beta,
-                    n.req("grad_next_base")?,
-                )?;
-                out.put("grad_base", g.grad_base);
-                out.put("grad_curved", g.grad_curved);
-                out.put("grad_beta", g.grad_beta);
-            }
-            "segment_scores" => {
-                out.put("scores", cuda::segment_scores(s, n.req("router_scores")?)?);
-            }
-            "segment_scores_backward" => {
-                let r = n.req("router_scores")?;
-                crate::shape::expect_rank("router_scores", r.shape(), 3, "[B, J, N]")?;
-                crate::shape::expect_nonempty("router_scores", r.shape())?;
-                let gs = n.req("grad_scores")?;
-                crate::shape::expect_shape("grad_scores", gs.shape(), r.shape())?;
-                out.put("grad_router_scores", cuda::segment_scores_backward(s, gs)?);
-            }
-            other => return Err(crate::Error::UnknownOp(other.to_string())),
-        }
+        let out = exec::<T, Cuda>(&dev, info, &map, opts)?;
         // download waits for the stream's work on each tensor.
         let mut host = BTreeMap::new();
-        for (k, v) in out.0 {
-            let t: HostTensor<T> = v.download(&stream)?;
+        for (k, v) in out {
+            let t: HostTensor<T> = v.download(&dev.stream)?;
             host.insert(k, AnyTensor::from_f32(&t.map(T::to_f32), dtype));
         }
         Ok(host)
@@ -827,18 +659,15 @@ impl<'a, V> Named<'a, V> {
             note: format!("biases come in pairs, and {given} was given"),
         })
     }
-    fn beta(&self, opts: &RunOptions) -> Result<f64> {
-        opts.beta
-            .ok_or_else(|| Error::option("beta", format!("operator `{}` needs beta", self.op)))
-    }
-}
-
-impl<'a, F: Float> Named<'a, HostTensor<F>> {
-    fn curvature(&self) -> Result<Curvature<'a, F>> {
+    fn curvature(&self) -> Result<Curvature<'a, V>> {
         Ok(match self.factors()? {
             None => Curvature::Identity,
             Some([a, b, c, d]) => Curvature::Kronecker(Factors { a, b, c, d }),
         })
+    }
+    fn beta(&self, opts: &RunOptions) -> Result<f64> {
+        opts.beta
+            .ok_or_else(|| Error::option("beta", format!("operator `{}` needs beta", self.op)))
     }
 }
 
@@ -882,12 +711,13 @@ fn merge_options(opts: &RunOptions) -> MergeOptions {
     }
 }
 
-/// The CPU dispatch, in the compute type F.
-fn exec<F: Float>(
+/// The one dispatch of every operator, on any backend `B` in element type `E`.
+fn exec<E, B: Backend<E>>(
+    b: &B,
     info: &'static OpInfo,
-    map: &BTreeMap<String, HostTensor<F>>,
+    map: &BTreeMap<String, B::Tensor>,
     opts: &RunOptions,
-) -> Result<BTreeMap<String, HostTensor<F>>> {
+) -> Result<BTreeMap<String, B::Tensor>> {
     let n = Named { op: info.name, map };
     let mut out = Out(BTreeMap::new());
     match info.name {
@@ -895,12 +725,12 @@ fn exec<F: Float>(
             let curv = n.curvature()?;
             out.put(
                 "curved",
-                cpu::curvature(n.req("base")?, n.req("experts")?, &curv)?,
+                b.curvature(n.req("base")?, n.req("experts")?, &curv)?,
             );
         }
         "curvature_backward" => {
             let curv = n.curvature()?;
-            let g = cpu::curvature_backward(
+            let g = b.curvature_backward(
                 n.req("base")?,
                 n.req("experts")?,
                 &curv,
@@ -908,19 +738,12 @@ fn exec<F: Float>(
             )?;
             out.put("grad_base", g.grad_base);
             out.put("grad_experts", g.grad_experts);
-            out.put_factors(g.factors.map(|f| {
-                [
-                    f.grad_factor_a,
-                    f.grad_factor_b,
-                    f.grad_factor_c,
-                    f.grad_factor_d,
-                ]
-            }));
+            out.put_factors(g.factors.map(FactorGrads::into_array));
         }
         "ties_mask" => {
             out.put(
                 "mask",
-                cpu::ties_mask(n.req("base")?, n.req("experts")?, opts.mask)?,
+                b.ties_mask(n.req("base")?, n.req("experts")?, opts.mask)?,
             );
         }
         "merge" | "merge_backward" => {
@@ -934,11 +757,11 @@ fn exec<F: Float>(
                 expert_bias,
             };
             if info.name == "merge" {
-                let o = cpu::merge(&inputs, opts.alpha, &opts.dare)?;
+                let o = b.merge(&inputs, opts.alpha, &opts.dare)?;
                 out.put("merged", o.merged);
                 out.put_opt("merged_bias", o.merged_bias);
             } else {
-                let g = cpu::merge_backward(
+                let g = b.merge_backward(
                     &inputs,
                     opts.alpha,
                     &opts.dare,
@@ -948,7 +771,7 @@ fn exec<F: Float>(
                 out.put("grad_base", g.grad_base);
                 out.put("grad_curved", g.grad_curved);
                 out.put("grad_scores", g.grad_scores);
-                out.put("grad_alpha", HostTensor::scalar(g.grad_alpha));
+                out.put("grad_alpha", b.scalar_tensor(g.grad_alpha)?);
                 out.put_opt("grad_base_bias", g.grad_base_bias);
                 out.put_opt("grad_expert_bias", g.grad_expert_bias);
             }
@@ -965,12 +788,12 @@ fn exec<F: Float>(
             };
             let mo = merge_options(opts);
             if info.name == "ca_merge" {
-                let o = cpu::ca_merge(&inputs, &mo)?;
+                let o = b.ca_merge(&inputs, &mo)?;
                 out.put("merged", o.merged);
                 out.put_opt("merged_bias", o.merged_bias);
                 out.put_opt("next_base", o.next_base);
             } else {
-                let g = cpu::ca_merge_backward(
+                let g = b.ca_merge_backward(
                     &inputs,
                     &mo,
                     n.req("grad_merged")?,
@@ -980,16 +803,12 @@ fn exec<F: Float>(
                 out.put("grad_base", g.grad_base);
                 out.put("grad_experts", g.grad_experts);
                 out.put("grad_scores", g.grad_scores);
-                out.put_factors(g.factors.map(|f| {
-                    [
-                        f.grad_factor_a,
-                        f.grad_factor_b,
-                        f.grad_factor_c,
-                        f.grad_factor_d,
-                    ]
-                }));
-                out.put("grad_alpha", HostTensor::scalar(g.grad_alpha));
-                out.put_opt("grad_beta", g.grad_beta.map(HostTensor::scalar));
+                out.put_factors(g.factors.map(FactorGrads::into_array));
+                out.put("grad_alpha", b.scalar_tensor(g.grad_alpha)?);
+                out.put_opt(
+                    "grad_beta",
+                    g.grad_beta.map(|s| b.scalar_tensor(s)).transpose()?,
+                );
                 out.put_opt("grad_base_bias", g.grad_base_bias);
                 out.put_opt("grad_expert_bias", g.grad_expert_bias);
             }
@@ -997,11 +816,11 @@ fn exec<F: Float>(
         "merged_linear" => {
             out.put(
                 "y",
-                cpu::merged_linear(n.req("x")?, n.req("merged")?, n.opt("merged_bias"))?,
+                b.merged_linear(n.req("x")?, n.req("merged")?, n.opt("merged_bias"))?,
             );
         }
         "merged_linear_backward" => {
-            let g = cpu::merged_linear_backward(
+            let g = b.merged_linear_backward(
                 n.req("x")?,
                 n.req("merged")?,
                 n.opt("merged_bias"),
@@ -1015,12 +834,12 @@ fn exec<F: Float>(
             let beta = n.beta(opts)?;
             out.put(
                 "next_base",
-                cpu::dynamic_merge(n.req("base")?, n.req("curved")?, beta)?,
+                b.dynamic_merge(n.req("base")?, n.req("curved")?, beta)?,
             );
         }
         "dynamic_merge_backward" => {
             let beta = n.beta(opts)?;
-            let g = cpu::dynamic_merge_backward(
+            let g = b.dynamic_merge_backward(
                 n.req("base")?,
                 n.req("curved")?,
                 beta,
@@ -1028,18 +847,19 @@ fn exec<F: Float>(
             )?;
             out.put("grad_base", g.grad_base);
             out.put("grad_curved", g.grad_curved);
-            out.put("grad_beta", HostTensor::scalar(g.grad_beta));
+            out.put("grad_beta", b.scalar_tensor(g.grad_beta)?);
         }
         "segment_scores" => {
-            out.put("scores", cpu::segment_scores(n.req("router_scores")?)?);
+            out.put("scores", b.segment_scores(n.req("router_scores")?)?);
         }
         "segment_scores_backward" => {
             let r = n.req("router_scores")?;
-            // Validates router_scores as the forward does, then requires the same shape of the grad.
-            cpu::segment_scores(r)?;
+            // router_scores as the forward checks it, then the same shape of the grad.
+            crate::shape::expect_rank("router_scores", r.shape(), 3, "[B, J, N]")?;
+            crate::shape::expect_nonempty("router_scores", r.shape())?;
             let gs = n.req("grad_scores")?;
             crate::shape::expect_shape("grad_scores", gs.shape(), r.shape())?;
-            out.put("grad_router_scores", cpu::segment_scores_backward(gs)?);
+            out.put("grad_router_scores", b.segment_scores_backward(gs)?);
         }
         // Every table entry has an arm above; the table and this match are kept in step by the tests.
         other => return Err(Error::UnknownOp(other.to_string())),

@@ -12,7 +12,7 @@
 //! - Outputs are allocated by the kernels on candle's stream and handed to candle with
 //!   `wrap_cuda_slice`, without a copy. The one copy left is in the backward of `ca_merge` and
 //!   `curvature`: the small gradients of the packed input (scores and factors) are concatenated
-//!   into one buffer ([`pack`]), because the launchers allocate each gradient themselves (a
+//!   into one buffer (`Backend::pack`), because the launchers allocate each gradient themselves (a
 //!   launcher variant writing into caller-given outputs would remove it); the big ones (`base`,
 //!   `experts`) and a lone scores gradient (identity curvature) are returned as they are.
 //! - Non-contiguous inputs are made contiguous by candle in the public ops (and in the backward,
@@ -25,7 +25,7 @@
 
 use super::cerr;
 use super::ops::{common_dtype, dtype_error, Kernel};
-use crate::cuda::{copy_dtod, CudaTensor, Element};
+use crate::cuda::{Cuda, CudaTensor, Element};
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
 use candle_core::op::BackpropOp;
@@ -122,7 +122,9 @@ fn forward_typed<K: Kernel, T: DevElem>(
         .iter()
         .map(|(n, s, l)| input::<T>(&stream, K::NAME, n, s, l, &mut guards))
         .collect::<Result<Vec<_>>>()?;
-    let out = k.cuda_forward(&stream, bufs).map_err(|e| cerr(K::NAME, e));
+    let out = k
+        .forward::<T, Cuda>(&Cuda::new(stream.clone()), bufs)
+        .map_err(|e| cerr(K::NAME, e));
     // The launches are enqueued: the read guards may record their events now.
     drop(guards);
     wrap(out?, dev)
@@ -187,7 +189,7 @@ fn backward_typed<K: Kernel, T: DevElem>(
         bufs.push(input::<T>(&stream, K::NAME, name, s, l, &mut guards)?);
     }
     let grad = bufs.pop().expect("grad was pushed last");
-    let grads = k.cuda_backward(&stream, bufs, grad);
+    let grads = k.backward::<T, Cuda>(&Cuda::new(stream.clone()), bufs, grad);
     drop(guards);
     drop(storages);
     let grads = grads.map_err(|e| cerr(K::NAME, e))?;
@@ -209,65 +211,4 @@ fn backward_typed<K: Kernel, T: DevElem>(
             ))
         })
         .collect()
-}
-
-/// Splits a packed device tensor into views of the given shapes (no copy).
-///
-/// # Safety
-/// The views borrow `packed`'s memory: they must not outlive it (nor, for a borrowed `packed`,
-/// the guards of its owner), and are only read.
-pub(crate) unsafe fn unpack<T: Element>(
-    stream: &Arc<CudaStream>,
-    packed: &CudaTensor<T>,
-    shapes: &[Vec<usize>],
-) -> crate::Result<Vec<CudaTensor<T>>> {
-    let total: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
-    if total != packed.len() {
-        return Err(crate::Error::shape(
-            "packed",
-            format!("[{total}]"),
-            packed.shape(),
-        ));
-    }
-    let mut out = Vec::with_capacity(shapes.len());
-    let mut at = 0;
-    for s in shapes {
-        let n: usize = s.iter().product();
-        if n == 0 {
-            out.push(CudaTensor::zeros(stream, s)?);
-            continue;
-        }
-        // SAFETY: in bounds (sub_view checks); lifetime and read-only use per this fn's contract.
-        out.push(unsafe { packed.sub_view(stream, at, s) }?);
-        at += n;
-    }
-    Ok(out)
-}
-
-/// Concatenates flattened pieces into one device buffer (the inverse of [`unpack`]): the
-/// gradient of a packed input. One counted device copy per piece ([`copy_dtod`]), none for a
-/// single piece.
-pub(crate) fn pack<T: Element>(
-    stream: &Arc<CudaStream>,
-    pieces: Vec<CudaTensor<T>>,
-) -> crate::Result<CudaTensor<T>> {
-    let total: usize = pieces.iter().map(|p| p.len()).sum();
-    if pieces.len() == 1 {
-        // One piece (the scores of the identity curvature) is the packed gradient already.
-        let p = pieces.into_iter().next().expect("one piece");
-        return CudaTensor::from_slice(&[total], p.into_slice()?);
-    }
-    let mut out = CudaTensor::<T>::zeros(stream, &[total])?;
-    let mut at = 0;
-    for p in &pieces {
-        let n = p.len();
-        if n == 0 {
-            continue;
-        }
-        let src = p.data()?.slice(0..n);
-        let mut dst = out.data_mut()?.slice_mut(at..at + n);
-        copy_dtod(stream, &src, &mut dst)?;
-        at += n;
-    }
-    Ok(out)
 }

@@ -9,22 +9,16 @@
 
 use super::cerr;
 #[cfg(feature = "cuda")]
-use super::cuda::{self as on_cuda, DevElem};
-use crate::cpu;
-#[cfg(feature = "cuda")]
-use crate::cuda::{self as dev, CudaTensor};
+use super::cuda as on_cuda;
+use crate::backend::{Backend, CaMergeInputs, Cpu, Curvature, FactorGrads, MergeInputs};
 use crate::options::{Dare, MergeOptions};
-use crate::tensor::Float;
+use crate::HostTensor;
 use candle_core::backend::BackendStorage;
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType,
 };
-#[cfg(feature = "cuda")]
-use cudarc::driver::CudaStream;
-#[cfg(feature = "cuda")]
-use std::sync::Arc;
 
 /// The four Kronecker factors `factor_a` [R, N, o1, o1], `factor_b` [R, N, o2, o2],
 /// `factor_c` [R, N, i1, i1], `factor_d` [R, N, i2, i2] as candle tensors.
@@ -47,38 +41,25 @@ impl Factors {
     }
 }
 
-/// Compute types: f32 (also for f16/bf16 storage) and f64.
-pub(crate) trait Elem: Float + WithDType {}
+/// Host compute types: f32 (also for f16/bf16 storage) and f64.
+pub(crate) trait Elem: crate::Float + WithDType {}
 impl Elem for f32 {}
 impl Elem for f64 {}
 
-/// One operator's computation on flat, contiguous buffers (the shapes live in the kernel), on the
-/// host and, with feature `cuda`, on the device.
+/// One operator's computation, written once for every [`Backend`]: on the host ([`Cpu`]) and, with
+/// feature `cuda`, on candle's CUDA stream. `inputs` are the op's inputs in order, contiguous; the
+/// packed one is 1-d.
 pub(crate) trait Kernel {
     const NAME: &'static str;
     /// The output of the forward.
-    fn forward<F: Elem>(&self, inputs: Vec<Vec<F>>) -> crate::Result<crate::HostTensor<F>>;
-    /// The gradient of every input, in input order, flat.
-    fn backward<F: Elem>(
+    fn forward<E, B: Backend<E>>(&self, b: &B, inputs: Vec<B::Tensor>) -> crate::Result<B::Tensor>;
+    /// The gradient of every input, in input order (packed inputs packed again).
+    fn backward<E, B: Backend<E>>(
         &self,
-        inputs: Vec<Vec<F>>,
-        grad: crate::HostTensor<F>,
-    ) -> crate::Result<Vec<Vec<F>>>;
-    /// The forward on the device; `inputs` are contiguous views of the op's inputs, in input order.
-    #[cfg(feature = "cuda")]
-    fn cuda_forward<T: DevElem>(
-        &self,
-        stream: &Arc<CudaStream>,
-        inputs: Vec<CudaTensor<T>>,
-    ) -> crate::Result<CudaTensor<T>>;
-    /// The gradient of every input on the device, in input order (packed inputs packed again).
-    #[cfg(feature = "cuda")]
-    fn cuda_backward<T: DevElem>(
-        &self,
-        stream: &Arc<CudaStream>,
-        inputs: Vec<CudaTensor<T>>,
-        grad: CudaTensor<T>,
-    ) -> crate::Result<Vec<CudaTensor<T>>>;
+        b: &B,
+        inputs: Vec<B::Tensor>,
+        grad: B::Tensor,
+    ) -> crate::Result<Vec<B::Tensor>>;
 }
 
 /// Copies the elements a layout addresses, in row-major order (contiguous inputs are a slice copy).
@@ -159,6 +140,11 @@ fn write_f32(v: Vec<f32>, dt: DType) -> CpuStorage {
     }
 }
 
+/// The elements a layout addresses as a host tensor of its shape.
+fn host<F: Copy>(op: &str, v: Vec<F>, l: &Layout) -> Result<HostTensor<F>> {
+    HostTensor::new(l.dims(), v).map_err(|e| cerr(op, e))
+}
+
 fn cpu_dispatch<K: Kernel>(
     k: &K,
     inputs: &[(&str, &CpuStorage, &Layout)],
@@ -169,26 +155,35 @@ fn cpu_dispatch<K: Kernel>(
         let bufs = inputs
             .iter()
             .map(|(_, s, l)| match s {
-                CpuStorage::F64(v) => gather(v, l),
-                _ => Vec::new(),
+                CpuStorage::F64(v) => host(K::NAME, gather(v, l), l),
+                _ => host(K::NAME, Vec::new(), l),
             })
-            .collect();
-        let out = k.forward::<f64>(bufs).map_err(|e| cerr(K::NAME, e))?;
+            .collect::<Result<Vec<_>>>()?;
+        let out = k
+            .forward::<f64, Cpu>(&Cpu, bufs)
+            .map_err(|e| cerr(K::NAME, e))?;
         let shape = Shape::from(out.shape().to_vec());
         Ok((CpuStorage::F64(out.into_data()), shape))
     } else {
-        let bufs = inputs.iter().map(|(_, s, l)| read_f32(s, l)).collect();
-        let out = k.forward::<f32>(bufs).map_err(|e| cerr(K::NAME, e))?;
+        let bufs = inputs
+            .iter()
+            .map(|(_, s, l)| host(K::NAME, read_f32(s, l), l))
+            .collect::<Result<Vec<_>>>()?;
+        let out = k
+            .forward::<f32, Cpu>(&Cpu, bufs)
+            .map_err(|e| cerr(K::NAME, e))?;
         let shape = Shape::from(out.shape().to_vec());
         Ok((write_f32(out.into_data(), dt), shape))
     }
 }
 
-fn to_host<F: Elem>(t: &Tensor) -> Result<Vec<F>> {
-    t.to_device(&Device::Cpu)?
+fn to_host<F: Elem>(t: &Tensor) -> Result<HostTensor<F>> {
+    let v = t
+        .to_device(&Device::Cpu)?
         .to_dtype(<F as WithDType>::DTYPE)?
         .flatten_all()?
-        .to_vec1::<F>()
+        .to_vec1::<F>()?;
+    HostTensor::new(t.dims(), v).map_err(|e| cerr("input", e))
 }
 
 fn bwd_typed<K: Kernel, F: Elem>(k: &K, args: &[&Tensor], grad: &Tensor) -> Result<Vec<Tensor>> {
@@ -196,13 +191,13 @@ fn bwd_typed<K: Kernel, F: Elem>(k: &K, args: &[&Tensor], grad: &Tensor) -> Resu
         .iter()
         .map(|a| to_host::<F>(a))
         .collect::<Result<Vec<_>>>()?;
-    let grad =
-        crate::HostTensor::new(grad.dims(), to_host::<F>(grad)?).map_err(|e| cerr(K::NAME, e))?;
-    let grads = k.backward::<F>(bufs, grad).map_err(|e| cerr(K::NAME, e))?;
+    let grads = k
+        .backward::<F, Cpu>(&Cpu, bufs, to_host::<F>(grad)?)
+        .map_err(|e| cerr(K::NAME, e))?;
     args.iter()
         .zip(grads)
         .map(|(a, g)| {
-            Tensor::from_vec(g, a.shape(), &Device::Cpu)?
+            Tensor::from_vec(g.into_data(), a.shape(), &Device::Cpu)?
                 .to_dtype(a.dtype())?
                 .to_device(a.device())
         })
@@ -223,84 +218,20 @@ fn bwd_dispatch<K: Kernel>(k: &K, args: &[&Tensor], grad: &Tensor) -> Result<Vec
     }
 }
 
-fn tensor<F: Float>(shape: &[usize], data: Vec<F>) -> crate::Result<crate::HostTensor<F>> {
-    crate::HostTensor::new(shape, data)
-}
-
-/// Splits a packed buffer into pieces of the given shapes.
-fn unpack<F: Float>(
-    packed: Vec<F>,
-    shapes: &[Vec<usize>],
-) -> crate::Result<Vec<crate::HostTensor<F>>> {
-    let total: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
-    if total != packed.len() {
-        return Err(crate::Error::shape(
-            "packed",
-            format!("[{total}]"),
-            &[packed.len()],
-        ));
-    }
-    let mut out = Vec::with_capacity(shapes.len());
-    let mut at = 0;
-    for s in shapes {
-        let n: usize = s.iter().product();
-        out.push(tensor(s, packed[at..at + n].to_vec())?);
-        at += n;
-    }
-    Ok(out)
-}
-
-fn pack<F: Float>(pieces: Vec<crate::HostTensor<F>>) -> Vec<F> {
-    pieces.into_iter().flat_map(|t| t.into_data()).collect()
-}
-
-fn factor_view<F>(f: &[crate::HostTensor<F>]) -> cpu::Curvature<'_, F> {
-    match f {
-        [a, b, c, d] => cpu::Curvature::Kronecker(cpu::Factors { a, b, c, d }),
-        _ => cpu::Curvature::Identity,
-    }
-}
-
-fn factor_grads<F: Float>(g: Option<cpu::FactorGrads<F>>) -> Vec<crate::HostTensor<F>> {
-    match g {
-        Some(g) => vec![
-            g.grad_factor_a,
-            g.grad_factor_b,
-            g.grad_factor_c,
-            g.grad_factor_d,
-        ],
-        None => Vec::new(),
-    }
-}
-
-#[cfg(feature = "cuda")]
-fn dev_factor_view<T>(f: &[CudaTensor<T>]) -> dev::CudaCurvature<'_, T> {
-    match f {
-        [a, b, c, d] => dev::CudaCurvature::Kronecker(dev::CudaFactors { a, b, c, d }),
-        _ => dev::CudaCurvature::Identity,
-    }
-}
-
-#[cfg(feature = "cuda")]
-fn dev_factor_grads<T>(g: Option<dev::CudaFactorGrads<T>>) -> Vec<CudaTensor<T>> {
-    match g {
-        Some(g) => vec![
-            g.grad_factor_a,
-            g.grad_factor_b,
-            g.grad_factor_c,
-            g.grad_factor_d,
-        ],
-        None => Vec::new(),
-    }
-}
-
-/// The `N` device inputs of an op, by position.
-#[cfg(feature = "cuda")]
-fn dev_inputs<T, const N: usize>(inputs: Vec<CudaTensor<T>>) -> crate::Result<[CudaTensor<T>; N]> {
+/// The `N` inputs of an op, by position.
+fn take<X, const N: usize>(inputs: Vec<X>) -> crate::Result<[X; N]> {
     let got = inputs.len();
     inputs
         .try_into()
-        .map_err(|_| crate::Error::option("inputs", format!("{N} device tensors, got {got}")))
+        .map_err(|_| crate::Error::option("inputs", format!("{N} tensors, got {got}")))
+}
+
+/// `[g_a, g_b, g_c, g_d]`, or nothing for the identity curvature.
+fn factor_grads<X>(g: Option<FactorGrads<X>>) -> Vec<X> {
+    g.map(FactorGrads::into_array)
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -308,51 +239,28 @@ fn dev_inputs<T, const N: usize>(inputs: Vec<CudaTensor<T>>) -> crate::Result<[C
 
 #[derive(Debug, Clone)]
 struct CaMergeKernel {
-    base: Vec<usize>,
-    experts: Vec<usize>,
     /// scores, then the four factors (Kronecker) or nothing (identity).
     packed: Vec<Vec<usize>>,
     opts: MergeOptions,
 }
 
 impl CaMergeKernel {
-    /// Runs `f` on the op's host inputs, split from the flat buffers.
-    fn with_inputs<F: Elem, R>(
+    /// Runs `f` on the op's inputs, the packed one split (into views on a device).
+    fn with_inputs<E, B: Backend<E>, R>(
         &self,
-        inputs: Vec<Vec<F>>,
-        f: impl FnOnce(&cpu::CaMergeInputs<F>) -> crate::Result<R>,
+        b: &B,
+        inputs: Vec<B::Tensor>,
+        f: impl FnOnce(&CaMergeInputs<B::Tensor>) -> crate::Result<R>,
     ) -> crate::Result<R> {
-        let mut it = inputs.into_iter();
-        let base = tensor(&self.base, it.next().unwrap_or_default())?;
-        let experts = tensor(&self.experts, it.next().unwrap_or_default())?;
-        let mut packed = unpack(it.next().unwrap_or_default(), &self.packed)?;
-        let factors = packed.split_off(1);
-        f(&cpu::CaMergeInputs {
-            base: &base,
-            experts: &experts,
-            scores: &packed[0],
-            curvature: factor_view(&factors),
-            base_bias: None,
-            expert_bias: None,
-        })
-    }
-    /// Runs `f` on the op's device inputs, the packed one split on the device.
-    #[cfg(feature = "cuda")]
-    fn with_dev_inputs<T: DevElem, R>(
-        &self,
-        stream: &Arc<CudaStream>,
-        inputs: Vec<CudaTensor<T>>,
-        f: impl FnOnce(&dev::CudaCaMergeInputs<T>) -> crate::Result<R>,
-    ) -> crate::Result<R> {
-        let [base, experts, packed] = dev_inputs(inputs)?;
-        // SAFETY: the views are read only by `f`, within `packed`'s scope.
-        let mut pieces = unsafe { on_cuda::unpack(stream, &packed, &self.packed) }?;
+        let [base, experts, packed] = take(inputs)?;
+        // SAFETY: the pieces are read only by `f`, within `packed`'s scope.
+        let mut pieces = unsafe { b.unpack(&packed, &self.packed) }?;
         let factors = pieces.split_off(1);
-        f(&dev::CudaCaMergeInputs {
+        f(&CaMergeInputs {
             base: &base,
             experts: &experts,
             scores: &pieces[0],
-            curvature: dev_factor_view(&factors),
+            curvature: Curvature::from_slice(&factors)?,
             base_bias: None,
             expert_bias: None,
         })
@@ -361,51 +269,20 @@ impl CaMergeKernel {
 
 impl Kernel for CaMergeKernel {
     const NAME: &'static str = "ca_merge";
-    fn forward<F: Elem>(&self, inputs: Vec<Vec<F>>) -> crate::Result<crate::HostTensor<F>> {
-        self.with_inputs(inputs, |x| Ok(cpu::ca_merge(x, &self.opts)?.merged))
+    fn forward<E, B: Backend<E>>(&self, b: &B, inputs: Vec<B::Tensor>) -> crate::Result<B::Tensor> {
+        self.with_inputs(b, inputs, |x| Ok(b.ca_merge(x, &self.opts)?.merged))
     }
-    fn backward<F: Elem>(
+    fn backward<E, B: Backend<E>>(
         &self,
-        inputs: Vec<Vec<F>>,
-        grad: crate::HostTensor<F>,
-    ) -> crate::Result<Vec<Vec<F>>> {
-        self.with_inputs(inputs, |x| {
-            let g = cpu::ca_merge_backward(x, &self.opts, &grad, None, None)?;
+        b: &B,
+        inputs: Vec<B::Tensor>,
+        grad: B::Tensor,
+    ) -> crate::Result<Vec<B::Tensor>> {
+        self.with_inputs(b, inputs, |x| {
+            let g = b.ca_merge_backward(x, &self.opts, &grad, None, None)?;
             let mut grad_packed = vec![g.grad_scores];
             grad_packed.extend(factor_grads(g.factors));
-            Ok(vec![
-                g.grad_base.into_data(),
-                g.grad_experts.into_data(),
-                pack(grad_packed),
-            ])
-        })
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_forward<T: DevElem>(
-        &self,
-        stream: &Arc<CudaStream>,
-        inputs: Vec<CudaTensor<T>>,
-    ) -> crate::Result<CudaTensor<T>> {
-        self.with_dev_inputs(stream, inputs, |x| {
-            Ok(dev::ca_merge(stream, x, &self.opts)?.merged)
-        })
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_backward<T: DevElem>(
-        &self,
-        stream: &Arc<CudaStream>,
-        inputs: Vec<CudaTensor<T>>,
-        grad: CudaTensor<T>,
-    ) -> crate::Result<Vec<CudaTensor<T>>> {
-        self.with_dev_inputs(stream, inputs, |x| {
-            let g = dev::ca_merge_backward(stream, x, &self.opts, &grad, None, None)?;
-            let mut grad_packed = vec![g.grad_scores];
-            grad_packed.extend(dev_factor_grads(g.factors));
-            Ok(vec![
-                g.grad_base,
-                g.grad_experts,
-                on_cuda::pack(stream, grad_packed)?,
-            ])
+            Ok(vec![g.grad_base, g.grad_experts, b.pack(grad_packed)?])
         })
     }
 }
@@ -554,8 +431,6 @@ pub fn ca_merge(
     same_kind(OP, &kinds)?;
     let packed = Tensor::cat(&pieces, 0)?;
     let k = CaMergeKernel {
-        base: base.dims().to_vec(),
-        experts: experts.dims().to_vec(),
         packed: packed_shapes,
         opts: *opts,
     };
@@ -569,63 +444,31 @@ pub fn ca_merge(
 
 #[derive(Debug, Clone)]
 struct CurvatureKernel {
-    base: Vec<usize>,
-    experts: Vec<usize>,
     factors: Vec<Vec<usize>>,
 }
 
 impl Kernel for CurvatureKernel {
     const NAME: &'static str = "curvature";
-    fn forward<F: Elem>(&self, inputs: Vec<Vec<F>>) -> crate::Result<crate::HostTensor<F>> {
-        let mut it = inputs.into_iter();
-        let base = tensor(&self.base, it.next().unwrap_or_default())?;
-        let experts = tensor(&self.experts, it.next().unwrap_or_default())?;
-        let factors = unpack(it.next().unwrap_or_default(), &self.factors)?;
-        cpu::curvature(&base, &experts, &factor_view(&factors))
+    fn forward<E, B: Backend<E>>(&self, b: &B, inputs: Vec<B::Tensor>) -> crate::Result<B::Tensor> {
+        let [base, experts, packed] = take(inputs)?;
+        // SAFETY: the views are read by the call below, within `packed`'s scope.
+        let factors = unsafe { b.unpack(&packed, &self.factors) }?;
+        b.curvature(&base, &experts, &Curvature::from_slice(&factors)?)
     }
-    fn backward<F: Elem>(
+    fn backward<E, B: Backend<E>>(
         &self,
-        inputs: Vec<Vec<F>>,
-        grad: crate::HostTensor<F>,
-    ) -> crate::Result<Vec<Vec<F>>> {
-        let mut it = inputs.into_iter();
-        let base = tensor(&self.base, it.next().unwrap_or_default())?;
-        let experts = tensor(&self.experts, it.next().unwrap_or_default())?;
-        let factors = unpack(it.next().unwrap_or_default(), &self.factors)?;
-        let g = cpu::curvature_backward(&base, &experts, &factor_view(&factors), &grad)?;
-        Ok(vec![
-            g.grad_base.into_data(),
-            g.grad_experts.into_data(),
-            pack(factor_grads(g.factors)),
-        ])
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_forward<T: DevElem>(
-        &self,
-        stream: &Arc<CudaStream>,
-        inputs: Vec<CudaTensor<T>>,
-    ) -> crate::Result<CudaTensor<T>> {
-        let [base, experts, packed] = dev_inputs(inputs)?;
-        // SAFETY: the views are read by the launch below, within `packed`'s scope.
-        let factors = unsafe { on_cuda::unpack(stream, &packed, &self.factors) }?;
-        dev::curvature(stream, &base, &experts, &dev_factor_view(&factors))
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_backward<T: DevElem>(
-        &self,
-        stream: &Arc<CudaStream>,
-        inputs: Vec<CudaTensor<T>>,
-        grad: CudaTensor<T>,
-    ) -> crate::Result<Vec<CudaTensor<T>>> {
-        let [base, experts, packed] = dev_inputs(inputs)?;
-        // SAFETY: the views are read by the launch below, within `packed`'s scope.
-        let factors = unsafe { on_cuda::unpack(stream, &packed, &self.factors) }?;
-        let g =
-            dev::curvature_backward(stream, &base, &experts, &dev_factor_view(&factors), &grad)?;
+        b: &B,
+        inputs: Vec<B::Tensor>,
+        grad: B::Tensor,
+    ) -> crate::Result<Vec<B::Tensor>> {
+        let [base, experts, packed] = take(inputs)?;
+        // SAFETY: the views are read by the call below, within `packed`'s scope.
+        let factors = unsafe { b.unpack(&packed, &self.factors) }?;
+        let g = b.curvature_backward(&base, &experts, &Curvature::from_slice(&factors)?, &grad)?;
         Ok(vec![
             g.grad_base,
             g.grad_experts,
-            on_cuda::pack(stream, dev_factor_grads(g.factors))?,
+            b.pack(factor_grads(g.factors))?,
         ])
     }
 }
@@ -661,11 +504,7 @@ pub fn curvature(base: &Tensor, experts: &Tensor, factors: Option<&Factors>) -> 
     }
     same_kind(OP, &kinds)?;
     let packed = Tensor::cat(&pieces, 0)?;
-    let k = CurvatureKernel {
-        base: base.dims().to_vec(),
-        experts: experts.dims().to_vec(),
-        factors: shapes,
-    };
+    let k = CurvatureKernel { factors: shapes };
     // The CUDA forward reads contiguous buffers (a no-op for tensors that already are).
     base.contiguous()?
         .apply_op3(&experts.contiguous()?, &packed, Op3(k))
@@ -676,53 +515,23 @@ pub fn curvature(base: &Tensor, experts: &Tensor, factors: Option<&Factors>) -> 
 
 #[derive(Debug, Clone)]
 struct MergeKernel {
-    base: Vec<usize>,
-    curved: Vec<usize>,
-    scores: Vec<usize>,
     /// The 0/1 mask, kept in f64 (exact for 0 and 1) and narrowed per call.
-    mask: Option<crate::HostTensor<f64>>,
+    mask: Option<HostTensor<f64>>,
     alpha: f64,
     dare: Dare,
 }
 
 impl MergeKernel {
-    /// Runs `f` on the op's host inputs, with the mask in the compute type.
-    fn with_inputs<F: Elem, R>(
+    /// Runs `f` on the op's inputs, with the mask in the element type (exact: 0 or 1).
+    fn with_inputs<E, B: Backend<E>, R>(
         &self,
-        inputs: Vec<Vec<F>>,
-        f: impl FnOnce(&cpu::MergeInputs<F>) -> crate::Result<R>,
+        b: &B,
+        inputs: Vec<B::Tensor>,
+        f: impl FnOnce(&MergeInputs<B::Tensor>) -> crate::Result<R>,
     ) -> crate::Result<R> {
-        let mut it = inputs.into_iter();
-        let base = tensor(&self.base, it.next().unwrap_or_default())?;
-        let curved = tensor(&self.curved, it.next().unwrap_or_default())?;
-        let scores = tensor(&self.scores, it.next().unwrap_or_default())?;
-        let mask = self.mask.as_ref().map(|m| m.map(<F as Float>::from_f64));
-        f(&cpu::MergeInputs {
-            base: &base,
-            curved: &curved,
-            scores: &scores,
-            mask: mask.as_ref(),
-            base_bias: None,
-            expert_bias: None,
-        })
-    }
-    /// Runs `f` on the op's device inputs, with the 0/1 mask uploaded in the storage dtype (exact).
-    #[cfg(feature = "cuda")]
-    fn with_dev_inputs<T: DevElem, R>(
-        &self,
-        stream: &Arc<CudaStream>,
-        inputs: Vec<CudaTensor<T>>,
-        f: impl FnOnce(&dev::CudaMergeInputs<T>) -> crate::Result<R>,
-    ) -> crate::Result<R> {
-        let [base, curved, scores] = dev_inputs(inputs)?;
-        let mask = self
-            .mask
-            .as_ref()
-            .map(|m| {
-                CudaTensor::upload(stream, &m.map(|x| <T as dev::Element>::from_f32(x as f32)))
-            })
-            .transpose()?;
-        f(&dev::CudaMergeInputs {
+        let [base, curved, scores] = take(inputs)?;
+        let mask = self.mask.as_ref().map(|m| b.host_f64(m)).transpose()?;
+        f(&MergeInputs {
             base: &base,
             curved: &curved,
             scores: &scores,
@@ -735,45 +544,19 @@ impl MergeKernel {
 
 impl Kernel for MergeKernel {
     const NAME: &'static str = "merge";
-    fn forward<F: Elem>(&self, inputs: Vec<Vec<F>>) -> crate::Result<crate::HostTensor<F>> {
-        self.with_inputs(
-            inputs,
-            |x| Ok(cpu::merge(x, self.alpha, &self.dare)?.merged),
-        )
-    }
-    fn backward<F: Elem>(
-        &self,
-        inputs: Vec<Vec<F>>,
-        grad: crate::HostTensor<F>,
-    ) -> crate::Result<Vec<Vec<F>>> {
-        self.with_inputs(inputs, |x| {
-            let g = cpu::merge_backward(x, self.alpha, &self.dare, &grad, None)?;
-            Ok(vec![
-                g.grad_base.into_data(),
-                g.grad_curved.into_data(),
-                g.grad_scores.into_data(),
-            ])
+    fn forward<E, B: Backend<E>>(&self, b: &B, inputs: Vec<B::Tensor>) -> crate::Result<B::Tensor> {
+        self.with_inputs(b, inputs, |x| {
+            Ok(b.merge(x, self.alpha, &self.dare)?.merged)
         })
     }
-    #[cfg(feature = "cuda")]
-    fn cuda_forward<T: DevElem>(
+    fn backward<E, B: Backend<E>>(
         &self,
-        stream: &Arc<CudaStream>,
-        inputs: Vec<CudaTensor<T>>,
-    ) -> crate::Result<CudaTensor<T>> {
-        self.with_dev_inputs(stream, inputs, |x| {
-            Ok(dev::merge(stream, x, self.alpha, &self.dare)?.merged)
-        })
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_backward<T: DevElem>(
-        &self,
-        stream: &Arc<CudaStream>,
-        inputs: Vec<CudaTensor<T>>,
-        grad: CudaTensor<T>,
-    ) -> crate::Result<Vec<CudaTensor<T>>> {
-        self.with_dev_inputs(stream, inputs, |x| {
-            let g = dev::merge_backward(stream, x, self.alpha, &self.dare, &grad, None)?;
+        b: &B,
+        inputs: Vec<B::Tensor>,
+        grad: B::Tensor,
+    ) -> crate::Result<Vec<B::Tensor>> {
+        self.with_inputs(b, inputs, |x| {
+            let g = b.merge_backward(x, self.alpha, &self.dare, &grad, None)?;
             Ok(vec![g.grad_base, g.grad_curved, g.grad_scores])
         })
     }
@@ -807,14 +590,11 @@ pub fn merge(
                     crate::Error::shape("mask", format!("{:?}", curved.dims()), m.dims()),
                 ));
             }
-            Some(tensor(m.dims(), to_host::<f64>(m)?).map_err(|e| cerr(OP, e))?)
+            Some(to_host::<f64>(m)?)
         }
         None => None,
     };
     let k = MergeKernel {
-        base: base.dims().to_vec(),
-        curved: curved.dims().to_vec(),
-        scores: scores.dims().to_vec(),
         mask,
         alpha,
         dare: *dare,
@@ -827,40 +607,21 @@ pub fn merge(
 // segment_scores: router_scores [B, J, N] -> scores [B, J, N]
 
 #[derive(Debug, Clone)]
-struct SegmentKernel {
-    shape: Vec<usize>,
-}
+struct SegmentKernel;
 
 impl Kernel for SegmentKernel {
     const NAME: &'static str = "segment_scores";
-    fn forward<F: Elem>(&self, inputs: Vec<Vec<F>>) -> crate::Result<crate::HostTensor<F>> {
-        let r = tensor(&self.shape, inputs.into_iter().next().unwrap_or_default())?;
-        cpu::segment_scores(&r)
+    fn forward<E, B: Backend<E>>(&self, b: &B, inputs: Vec<B::Tensor>) -> crate::Result<B::Tensor> {
+        let [router_scores] = take(inputs)?;
+        b.segment_scores(&router_scores)
     }
-    fn backward<F: Elem>(
+    fn backward<E, B: Backend<E>>(
         &self,
-        _inputs: Vec<Vec<F>>,
-        grad: crate::HostTensor<F>,
-    ) -> crate::Result<Vec<Vec<F>>> {
-        Ok(vec![cpu::segment_scores_backward(&grad)?.into_data()])
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_forward<T: DevElem>(
-        &self,
-        stream: &Arc<CudaStream>,
-        inputs: Vec<CudaTensor<T>>,
-    ) -> crate::Result<CudaTensor<T>> {
-        let [router_scores] = dev_inputs(inputs)?;
-        dev::segment_scores(stream, &router_scores)
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_backward<T: DevElem>(
-        &self,
-        stream: &Arc<CudaStream>,
-        _inputs: Vec<CudaTensor<T>>,
-        grad: CudaTensor<T>,
-    ) -> crate::Result<Vec<CudaTensor<T>>> {
-        Ok(vec![dev::segment_scores_backward(stream, &grad)?])
+        b: &B,
+        _inputs: Vec<B::Tensor>,
+        grad: B::Tensor,
+    ) -> crate::Result<Vec<B::Tensor>> {
+        Ok(vec![b.segment_scores_backward(&grad)?])
     }
 }
 
@@ -874,7 +635,5 @@ pub fn segment_scores(router_scores: &Tensor) -> Result<Tensor> {
         3,
         "[B, J, N]",
     )?;
-    router_scores.contiguous()?.apply_op1(Op1(SegmentKernel {
-        shape: router_scores.dims().to_vec(),
-    }))
+    router_scores.contiguous()?.apply_op1(Op1(SegmentKernel))
 }

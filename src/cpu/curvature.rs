@@ -9,63 +9,21 @@
 
 use super::gemm::{gemm, View};
 use super::SyncPtr;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::shape::{expect_nonempty, expect_rank, expect_shape, Split};
 use crate::tensor::{Float, HostTensor};
 use rayon::prelude::*;
 
-/// The four Kronecker factors `factor_a` [R, N, o1, o1], `factor_b` [R, N, o2, o2],
-/// `factor_c` [R, N, i1, i1], `factor_d` [R, N, i2, i2].
-#[derive(Debug, Clone, Copy)]
-pub struct Factors<'a, F> {
-    pub a: &'a HostTensor<F>,
-    pub b: &'a HostTensor<F>,
-    pub c: &'a HostTensor<F>,
-    pub d: &'a HostTensor<F>,
-}
+pub(crate) use crate::backend::{check_curvature, Dims};
 
-/// Which M_i to apply.
-#[derive(Debug, Clone, Copy)]
-pub enum Curvature<'a, F> {
-    /// U_i = tau_i: domain-specific merging, no curvature.
-    Identity,
-    /// U_i = sum_r (A (x) B) tau_i (C (x) D)^T.
-    Kronecker(Factors<'a, F>),
-}
-
-/// Gradients of the four factors, shaped like them.
-#[derive(Debug, Clone, PartialEq)]
-pub struct FactorGrads<F> {
-    pub grad_factor_a: HostTensor<F>,
-    pub grad_factor_b: HostTensor<F>,
-    pub grad_factor_c: HostTensor<F>,
-    pub grad_factor_d: HostTensor<F>,
-}
-
-/// Gradients of `curvature`: `factors` is `None` for the identity curvature.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CurvatureGrads<F> {
-    pub grad_base: HostTensor<F>,
-    pub grad_experts: HostTensor<F>,
-    pub factors: Option<FactorGrads<F>>,
-}
-
-/// Validated sizes of a (base, experts, curvature) triple.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Dims {
-    pub n: usize,
-    pub o: usize,
-    pub i: usize,
-    /// Rank R (0 for the identity curvature).
-    pub r: usize,
-    pub split: Split,
-}
-
-impl Dims {
-    pub fn oi(&self) -> usize {
-        self.o * self.i
-    }
-}
+/// The four Kronecker factors on the host ([`crate::backend::Factors`]).
+pub type Factors<'a, F> = crate::backend::Factors<'a, HostTensor<F>>;
+/// Which M_i to apply, on the host ([`crate::backend::Curvature`]).
+pub type Curvature<'a, F> = crate::backend::Curvature<'a, HostTensor<F>>;
+/// Gradients of the four factors ([`crate::backend::FactorGrads`]).
+pub type FactorGrads<F> = crate::backend::FactorGrads<HostTensor<F>>;
+/// Gradients of [`curvature`] ([`crate::backend::CurvatureGrads`]).
+pub type CurvatureGrads<F> = crate::backend::CurvatureGrads<HostTensor<F>>;
 
 /// Checks `base` [O, I] and `experts` [N, O, I]; returns (N, O, I).
 pub(crate) fn check_weights<F>(
@@ -80,68 +38,6 @@ pub(crate) fn check_weights<F>(
     let n = experts.shape()[0];
     expect_shape("experts", experts.shape(), &[n, o, i])?;
     Ok((n, o, i))
-}
-
-/// Checks a curvature against (N, O, I) and returns the full dimensions.
-pub(crate) fn check_curvature<F>(
-    n: usize,
-    o: usize,
-    i: usize,
-    curv: &Curvature<F>,
-) -> Result<Dims> {
-    let f = match curv {
-        Curvature::Identity => {
-            return Ok(Dims {
-                n,
-                o,
-                i,
-                r: 0,
-                split: Split {
-                    o1: 1,
-                    o2: o,
-                    i1: 1,
-                    i2: i,
-                },
-            })
-        }
-        Curvature::Kronecker(f) => f,
-    };
-    expect_rank("factor_a", f.a.shape(), 4, "[R, N, o1, o1]")?;
-    expect_nonempty("factor_a", f.a.shape())?;
-    let r = f.a.shape()[0];
-    let o1 = f.a.shape()[2];
-    expect_shape("factor_a", f.a.shape(), &[r, n, o1, o1])?;
-    if o % o1 != 0 {
-        return Err(Error::shape(
-            "factor_a",
-            format!("[R, N, o1, o1] with o1 dividing O = {o}"),
-            f.a.shape(),
-        ));
-    }
-    let o2 = o / o1;
-    expect_rank("factor_b", f.b.shape(), 4, "[R, N, o2, o2]")?;
-    expect_shape("factor_b", f.b.shape(), &[r, n, o2, o2])?;
-    expect_rank("factor_c", f.c.shape(), 4, "[R, N, i1, i1]")?;
-    expect_nonempty("factor_c", f.c.shape())?;
-    let i1 = f.c.shape()[2];
-    if i % i1 != 0 {
-        return Err(Error::shape(
-            "factor_c",
-            format!("[R, N, i1, i1] with i1 dividing I = {i}"),
-            f.c.shape(),
-        ));
-    }
-    expect_shape("factor_c", f.c.shape(), &[r, n, i1, i1])?;
-    let i2 = i / i1;
-    expect_rank("factor_d", f.d.shape(), 4, "[R, N, i2, i2]")?;
-    expect_shape("factor_d", f.d.shape(), &[r, n, i2, i2])?;
-    Ok(Dims {
-        n,
-        o,
-        i,
-        r,
-        split: Split { o1, o2, i1, i2 },
-    })
 }
 
 /// Factors initialised as the official code does: every factor the identity, so M_i = R * I.

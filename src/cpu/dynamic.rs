@@ -48,13 +48,8 @@ pub(crate) fn next_base_unchecked<F: Float>(
     HostTensor::from_fn(base.shape(), |q| base.data()[q] + c * s[q])
 }
 
-/// Gradients of [`dynamic_merge`].
-#[derive(Debug, Clone, PartialEq)]
-pub struct DynamicGrads<F> {
-    pub grad_base: HostTensor<F>,
-    pub grad_curved: HostTensor<F>,
-    pub grad_beta: F,
-}
+/// Gradients of [`dynamic_merge`], `grad_beta` a value ([`crate::backend::DynamicGrads`]).
+pub type DynamicGrads<F> = crate::backend::DynamicGrads<HostTensor<F>, F>;
 
 /// dL/dE = G, dL/dU_i = (beta/N) G, dL/dbeta = (1/N) sum_i <G, U_i>.
 pub fn dynamic_merge_backward<F: Float>(

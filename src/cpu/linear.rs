@@ -55,13 +55,8 @@ pub fn merged_linear<F: Float>(
     Ok(y)
 }
 
-/// Gradients of [`merged_linear`]; `grad_merged_bias` is present when a bias was given.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LinearGrads<F> {
-    pub grad_x: HostTensor<F>,
-    pub grad_merged: HostTensor<F>,
-    pub grad_merged_bias: Option<HostTensor<F>>,
-}
+/// Gradients of [`merged_linear`] ([`crate::backend::LinearGrads`]).
+pub type LinearGrads<F> = crate::backend::LinearGrads<HostTensor<F>>;
 
 /// dx = dy Wbar, dWbar = dy^T x, dbbar = sum_t dy.
 pub fn merged_linear_backward<F: Float>(

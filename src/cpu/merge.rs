@@ -7,7 +7,7 @@
 
 use super::curvature::{
     check_curvature, check_weights, curved_unchecked, curved_workspace, fused_backward,
-    fused_backward_workspace, neg_sum_experts, Curvature, Dims, FactorGrads,
+    fused_backward_workspace, neg_sum_experts, Dims,
 };
 use super::dynamic::{grad_beta_unchecked, next_base_unchecked};
 use super::gemm::{gemm, View};
@@ -20,67 +20,18 @@ use crate::shape::{expect_nonempty, expect_rank, expect_shape};
 use crate::tensor::{Float, HostTensor};
 use rayon::prelude::*;
 
-/// Inputs of [`merge`]: `curved` are the U_i (already curved), `mask` an optional 0/1 [N, O, I].
-#[derive(Debug, Clone, Copy)]
-pub struct MergeInputs<'a, F> {
-    pub base: &'a HostTensor<F>,
-    pub curved: &'a HostTensor<F>,
-    pub scores: &'a HostTensor<F>,
-    pub mask: Option<&'a HostTensor<F>>,
-    pub base_bias: Option<&'a HostTensor<F>>,
-    pub expert_bias: Option<&'a HostTensor<F>>,
-}
-
-/// `merged` [G, O, I] and, with biases, `merged_bias` [G, O].
-#[derive(Debug, Clone, PartialEq)]
-pub struct MergeOutputs<F> {
-    pub merged: HostTensor<F>,
-    pub merged_bias: Option<HostTensor<F>>,
-}
-
-/// Gradients of [`merge`].
-#[derive(Debug, Clone, PartialEq)]
-pub struct MergeGrads<F> {
-    pub grad_base: HostTensor<F>,
-    pub grad_curved: HostTensor<F>,
-    pub grad_scores: HostTensor<F>,
-    pub grad_alpha: F,
-    pub grad_base_bias: Option<HostTensor<F>>,
-    pub grad_expert_bias: Option<HostTensor<F>>,
-}
-
-/// Inputs of the fused [`ca_merge`].
-#[derive(Debug, Clone, Copy)]
-pub struct CaMergeInputs<'a, F> {
-    pub base: &'a HostTensor<F>,
-    pub experts: &'a HostTensor<F>,
-    pub scores: &'a HostTensor<F>,
-    pub curvature: Curvature<'a, F>,
-    pub base_bias: Option<&'a HostTensor<F>>,
-    pub expert_bias: Option<&'a HostTensor<F>>,
-}
-
-/// Outputs of [`ca_merge`]: `next_base` when `beta` is set, `curved` (unmasked U) when asked.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CaMergeOutputs<F> {
-    pub merged: HostTensor<F>,
-    pub merged_bias: Option<HostTensor<F>>,
-    pub next_base: Option<HostTensor<F>>,
-    pub curved: Option<HostTensor<F>>,
-}
-
-/// Gradients of [`ca_merge`]: `factors` for the Kronecker curvature, `grad_beta` when beta is set.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CaMergeGrads<F> {
-    pub grad_base: HostTensor<F>,
-    pub grad_experts: HostTensor<F>,
-    pub grad_scores: HostTensor<F>,
-    pub factors: Option<FactorGrads<F>>,
-    pub grad_alpha: F,
-    pub grad_beta: Option<F>,
-    pub grad_base_bias: Option<HostTensor<F>>,
-    pub grad_expert_bias: Option<HostTensor<F>>,
-}
+/// Inputs of [`merge`] on the host ([`crate::backend::MergeInputs`]).
+pub type MergeInputs<'a, F> = crate::backend::MergeInputs<'a, HostTensor<F>>;
+/// Outputs of [`merge`] ([`crate::backend::MergeOutputs`]).
+pub type MergeOutputs<F> = crate::backend::MergeOutputs<HostTensor<F>>;
+/// Gradients of [`merge`], `grad_alpha` a value ([`crate::backend::MergeGrads`]).
+pub type MergeGrads<F> = crate::backend::MergeGrads<HostTensor<F>, F>;
+/// Inputs of the fused [`ca_merge`] ([`crate::backend::CaMergeInputs`]).
+pub type CaMergeInputs<'a, F> = crate::backend::CaMergeInputs<'a, HostTensor<F>>;
+/// Outputs of [`ca_merge`] ([`crate::backend::CaMergeOutputs`]).
+pub type CaMergeOutputs<F> = crate::backend::CaMergeOutputs<HostTensor<F>>;
+/// Gradients of [`ca_merge`], scalars as values ([`crate::backend::CaMergeGrads`]).
+pub type CaMergeGrads<F> = crate::backend::CaMergeGrads<HostTensor<F>, F>;
 
 fn check_alpha<F: Float>(alpha: f64) -> Result<()> {
     crate::options::check_scalar("alpha", alpha, F::DTYPE)
@@ -549,18 +500,30 @@ pub fn merge<F: Float>(
     let (plan, biases) = plan_merge(inputs, alpha, dare)?;
     super::budget::<F>(&merge_bufs(&plan, false, biases.is_some(), false))?;
     let mut merged = HostTensor::zeros(&[plan.g, plan.o, plan.i]);
+    let merged_bias = merge_planned(&plan, inputs, biases, &mut merged);
+    Ok(MergeOutputs {
+        merged,
+        merged_bias,
+    })
+}
+
+/// The body of [`merge`] and [`merge_into`], on checked inputs and outputs: the weighted sum
+/// into `merged` and the merged bias.
+fn merge_planned<F: Float>(
+    plan: &Plan<F>,
+    inputs: &MergeInputs<F>,
+    biases: Option<(&HostTensor<F>, &HostTensor<F>)>,
+    merged: &mut HostTensor<F>,
+) -> Option<HostTensor<F>> {
     weighted_sum_into(
-        &plan,
+        plan,
         inputs.base.data(),
         inputs.curved.data(),
         inputs.mask.map(|m| m.data()),
         merged.data_mut(),
         MERGE_BLOCK,
     );
-    Ok(MergeOutputs {
-        merged,
-        merged_bias: biases.map(|(eb, b)| bias_forward(&plan, eb, b)),
-    })
+    biases.map(|(eb, b)| bias_forward(plan, eb, b))
 }
 
 /// [`merge`] into the caller's outputs (every element overwritten, same bits as [`merge`]):
@@ -604,16 +567,12 @@ pub fn merge_into<F: Float>(
         bufs.push(("merged_bias", vec![plan.g, plan.o]));
     }
     super::budget::<F>(&bufs)?;
-    weighted_sum_into(
-        &plan,
-        inputs.base.data(),
-        inputs.curved.data(),
-        inputs.mask.map(|m| m.data()),
-        merged.data_mut(),
-        MERGE_BLOCK,
-    );
-    if let Some(((eb, b), mb)) = bias_out {
-        *mb = bias_forward(&plan, eb, b);
+    let (biases, mb) = match bias_out {
+        Some((bb, mb)) => (Some(bb), Some(mb)),
+        None => (None, None),
+    };
+    if let (Some(b), Some(mb)) = (merge_planned(&plan, inputs, biases, merged), mb) {
+        *mb = b;
     }
     Ok(())
 }

@@ -2,42 +2,20 @@
 //! [`crate::cuda`] for the status.
 
 use super::{check, check_weights, workspace, CudaTensor, Element, Launch};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::ffi;
-use crate::shape::{expect_nonempty, expect_rank, expect_shape};
+use crate::shape::expect_shape;
 use cudarc::driver::CudaStream;
 use std::sync::Arc;
 
-/// The four Kronecker factors on the device (shapes as [`crate::cpu::Factors`]).
-#[derive(Debug, Clone, Copy)]
-pub struct CudaFactors<'a, T> {
-    pub a: &'a CudaTensor<T>,
-    pub b: &'a CudaTensor<T>,
-    pub c: &'a CudaTensor<T>,
-    pub d: &'a CudaTensor<T>,
-}
-
-/// Which M_i to apply (as [`crate::cpu::Curvature`]).
-#[derive(Debug, Clone, Copy)]
-pub enum CudaCurvature<'a, T> {
-    Identity,
-    Kronecker(CudaFactors<'a, T>),
-}
-
-#[derive(Debug)]
-pub struct CudaFactorGrads<T> {
-    pub grad_factor_a: CudaTensor<T>,
-    pub grad_factor_b: CudaTensor<T>,
-    pub grad_factor_c: CudaTensor<T>,
-    pub grad_factor_d: CudaTensor<T>,
-}
-
-#[derive(Debug)]
-pub struct CudaCurvatureGrads<T> {
-    pub grad_base: CudaTensor<T>,
-    pub grad_experts: CudaTensor<T>,
-    pub factors: Option<CudaFactorGrads<T>>,
-}
+/// The four Kronecker factors on the device ([`crate::backend::Factors`]).
+pub type CudaFactors<'a, T> = crate::backend::Factors<'a, CudaTensor<T>>;
+/// Which M_i to apply, on the device ([`crate::backend::Curvature`]).
+pub type CudaCurvature<'a, T> = crate::backend::Curvature<'a, CudaTensor<T>>;
+/// Gradients of the four factors on the device ([`crate::backend::FactorGrads`]).
+pub type CudaFactorGrads<T> = crate::backend::FactorGrads<CudaTensor<T>>;
+/// Gradients of [`curvature_backward`] ([`crate::backend::CurvatureGrads`]).
+pub type CudaCurvatureGrads<T> = crate::backend::CurvatureGrads<CudaTensor<T>>;
 
 /// (R, o1, o2, i1, i2); R = 0 for the identity.
 #[derive(Debug, Clone, Copy)]
@@ -49,56 +27,22 @@ pub(crate) struct KronDims {
     pub i2: usize,
 }
 
-/// Checks the factors against (N, O, I), with the CPU path's messages.
+/// Checks the factors against (N, O, I), as the CPU path does.
 pub(crate) fn check_curvature<T>(
     n: usize,
     o: usize,
     i: usize,
     curv: &CudaCurvature<T>,
 ) -> Result<KronDims> {
-    let f = match curv {
-        CudaCurvature::Identity => {
-            return Ok(KronDims {
-                r: 0,
-                o1: 1,
-                o2: o,
-                i1: 1,
-                i2: i,
-            })
-        }
-        CudaCurvature::Kronecker(f) => f,
-    };
-    let sa = f.a.shape();
-    expect_rank("factor_a", sa, 4, "[R, N, o1, o1]")?;
-    expect_nonempty("factor_a", sa)?;
-    let (r, o1) = (sa[0], sa[2]);
-    expect_shape("factor_a", sa, &[r, n, o1, o1])?;
-    if o % o1 != 0 {
-        return Err(Error::shape(
-            "factor_a",
-            format!("[R, N, o1, o1] with o1 dividing O = {o}"),
-            sa,
-        ));
-    }
-    let o2 = o / o1;
-    expect_rank("factor_b", f.b.shape(), 4, "[R, N, o2, o2]")?;
-    expect_shape("factor_b", f.b.shape(), &[r, n, o2, o2])?;
-    let sc = f.c.shape();
-    expect_rank("factor_c", sc, 4, "[R, N, i1, i1]")?;
-    expect_nonempty("factor_c", sc)?;
-    let i1 = sc[2];
-    if i % i1 != 0 {
-        return Err(Error::shape(
-            "factor_c",
-            format!("[R, N, i1, i1] with i1 dividing I = {i}"),
-            sc,
-        ));
-    }
-    expect_shape("factor_c", sc, &[r, n, i1, i1])?;
-    let i2 = i / i1;
-    expect_rank("factor_d", f.d.shape(), 4, "[R, N, i2, i2]")?;
-    expect_shape("factor_d", f.d.shape(), &[r, n, i2, i2])?;
-    Ok(KronDims { r, o1, o2, i1, i2 })
+    let d = crate::backend::check_curvature(n, o, i, curv)?;
+    let s = d.split;
+    Ok(KronDims {
+        r: d.r,
+        o1: s.o1,
+        o2: s.o2,
+        i1: s.i1,
+        i2: s.i2,
+    })
 }
 
 fn params<T: Element>(n: usize, o: usize, i: usize, k: &KronDims) -> ffi::camex_curvature_params {

@@ -8,13 +8,8 @@ use crate::shape::expect_shape;
 use cudarc::driver::CudaStream;
 use std::sync::Arc;
 
-#[derive(Debug)]
-pub struct CudaDynamicGrads<T> {
-    pub grad_base: CudaTensor<T>,
-    pub grad_curved: CudaTensor<T>,
-    /// 0-d.
-    pub grad_beta: CudaTensor<T>,
-}
+/// Gradients of [`dynamic_merge_backward`], `grad_beta` 0-d ([`crate::backend::DynamicGrads`]).
+pub type CudaDynamicGrads<T> = crate::backend::DynamicGrads<CudaTensor<T>>;
 
 fn params<T: Element>(n: usize, o: usize, i: usize, beta: f64) -> ffi::camex_dynamic_params {
     ffi::camex_dynamic_params {

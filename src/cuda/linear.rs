@@ -8,12 +8,8 @@ use crate::shape::{expect_nonempty, expect_rank, expect_shape};
 use cudarc::driver::CudaStream;
 use std::sync::Arc;
 
-#[derive(Debug)]
-pub struct CudaLinearGrads<T> {
-    pub grad_x: CudaTensor<T>,
-    pub grad_merged: CudaTensor<T>,
-    pub grad_merged_bias: Option<CudaTensor<T>>,
-}
+/// Gradients of [`merged_linear_backward`] ([`crate::backend::LinearGrads`]).
+pub type CudaLinearGrads<T> = crate::backend::LinearGrads<CudaTensor<T>>;
 
 /// (G, T, O, I) from x [G, T, I], merged [G, O, I], merged_bias [G, O].
 fn check_linear<T>(

@@ -13,33 +13,12 @@ use crate::shape::expect_shape;
 use cudarc::driver::CudaStream;
 use std::sync::Arc;
 
-/// Inputs of [`merge`] (as [`crate::cpu::MergeInputs`]).
-#[derive(Debug, Clone, Copy)]
-pub struct CudaMergeInputs<'a, T> {
-    pub base: &'a CudaTensor<T>,
-    pub curved: &'a CudaTensor<T>,
-    pub scores: &'a CudaTensor<T>,
-    pub mask: Option<&'a CudaTensor<T>>,
-    pub base_bias: Option<&'a CudaTensor<T>>,
-    pub expert_bias: Option<&'a CudaTensor<T>>,
-}
-
-#[derive(Debug)]
-pub struct CudaMergeOutputs<T> {
-    pub merged: CudaTensor<T>,
-    pub merged_bias: Option<CudaTensor<T>>,
-}
-
-#[derive(Debug)]
-pub struct CudaMergeGrads<T> {
-    pub grad_base: CudaTensor<T>,
-    pub grad_curved: CudaTensor<T>,
-    pub grad_scores: CudaTensor<T>,
-    /// 0-d.
-    pub grad_alpha: CudaTensor<T>,
-    pub grad_base_bias: Option<CudaTensor<T>>,
-    pub grad_expert_bias: Option<CudaTensor<T>>,
-}
+/// Inputs of [`merge`] on the device ([`crate::backend::MergeInputs`]).
+pub type CudaMergeInputs<'a, T> = crate::backend::MergeInputs<'a, CudaTensor<T>>;
+/// Outputs of [`merge`] ([`crate::backend::MergeOutputs`]).
+pub type CudaMergeOutputs<T> = crate::backend::MergeOutputs<CudaTensor<T>>;
+/// Gradients of [`merge_backward`], `grad_alpha` 0-d ([`crate::backend::MergeGrads`]).
+pub type CudaMergeGrads<T> = crate::backend::MergeGrads<CudaTensor<T>>;
 
 struct MergeDims {
     g: usize,
@@ -185,40 +164,12 @@ pub fn merge_backward<T: Element>(
     })
 }
 
-/// Inputs of [`ca_merge`] (as [`crate::cpu::CaMergeInputs`]).
-#[derive(Debug, Clone, Copy)]
-pub struct CudaCaMergeInputs<'a, T> {
-    pub base: &'a CudaTensor<T>,
-    pub experts: &'a CudaTensor<T>,
-    pub scores: &'a CudaTensor<T>,
-    pub curvature: CudaCurvature<'a, T>,
-    pub base_bias: Option<&'a CudaTensor<T>>,
-    pub expert_bias: Option<&'a CudaTensor<T>>,
-}
-
-#[derive(Debug)]
-pub struct CudaCaMergeOutputs<T> {
-    pub merged: CudaTensor<T>,
-    pub merged_bias: Option<CudaTensor<T>>,
-    /// When `opts.beta` is set.
-    pub next_base: Option<CudaTensor<T>>,
-    /// When `opts.want_curved` (U before the mask).
-    pub curved: Option<CudaTensor<T>>,
-}
-
-#[derive(Debug)]
-pub struct CudaCaMergeGrads<T> {
-    pub grad_base: CudaTensor<T>,
-    pub grad_experts: CudaTensor<T>,
-    pub grad_scores: CudaTensor<T>,
-    pub factors: Option<CudaFactorGrads<T>>,
-    /// 0-d.
-    pub grad_alpha: CudaTensor<T>,
-    /// 0-d, when `opts.beta` is set.
-    pub grad_beta: Option<CudaTensor<T>>,
-    pub grad_base_bias: Option<CudaTensor<T>>,
-    pub grad_expert_bias: Option<CudaTensor<T>>,
-}
+/// Inputs of [`ca_merge`] on the device ([`crate::backend::CaMergeInputs`]).
+pub type CudaCaMergeInputs<'a, T> = crate::backend::CaMergeInputs<'a, CudaTensor<T>>;
+/// Outputs of [`ca_merge`] ([`crate::backend::CaMergeOutputs`]).
+pub type CudaCaMergeOutputs<T> = crate::backend::CaMergeOutputs<CudaTensor<T>>;
+/// Gradients of [`ca_merge_backward`], scalars 0-d ([`crate::backend::CaMergeGrads`]).
+pub type CudaCaMergeGrads<T> = crate::backend::CaMergeGrads<CudaTensor<T>>;
 
 struct CaDims {
     m: MergeDims,

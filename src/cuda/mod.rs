@@ -22,6 +22,7 @@
 //!   ops return `Err(Error::Cuda("no CUDA driver (libcuda) on this machine"))` instead of panicking.
 //! - With feature `nvtx`, each op is wrapped in an NVTX range named after it.
 
+mod backend;
 pub mod curvature;
 pub mod dynamic;
 pub mod linear;
@@ -29,6 +30,7 @@ pub mod mask;
 pub mod merge;
 pub mod segment;
 
+pub use backend::Cuda;
 pub use curvature::{
     curvature, curvature_backward, CudaCurvature, CudaCurvatureGrads, CudaFactorGrads, CudaFactors,
 };
