@@ -472,14 +472,7 @@ fn run_op_in_limit(
         // f32 compute; inputs given in another dtype are first rounded to the storage dtype.
         let t: BTreeMap<String, HostTensor<f32>> = inputs
             .iter()
-            .map(|(k, v)| {
-                let v = if v.dtype() == dtype {
-                    v.to_f32()
-                } else {
-                    AnyTensor::from_f64(&v.to_f64(), dtype).to_f32()
-                };
-                (k.clone(), v)
-            })
+            .map(|(k, v)| (k.clone(), rounded_f32(v, dtype)))
             .collect();
         let out = exec(&Cpu, info, &t, opts)?;
         Ok(out
@@ -537,11 +530,7 @@ mod on_cuda {
         let mut map = BTreeMap::new();
         for (k, v) in inputs {
             // Rounded to the storage dtype as on the CPU path, then stored as T exactly.
-            let v = if v.dtype() == dtype {
-                v.to_f32()
-            } else {
-                AnyTensor::from_f64(&v.to_f64(), dtype).to_f32()
-            };
+            let v = super::rounded_f32(v, dtype);
             map.insert(
                 k.clone(),
                 CudaTensor::upload(&dev.stream, &v.map(T::from_f32))?,
@@ -570,6 +559,16 @@ fn run_cuda(
          (rebuild with `--features cuda`, or use --device cpu)",
         info.name
     )))
+}
+
+/// `v` rounded to the storage dtype `dtype` (once, from f64, when it is stored in another one), in
+/// f32.
+fn rounded_f32(v: &AnyTensor, dtype: DType) -> HostTensor<f32> {
+    if v.dtype() == dtype {
+        v.to_f32()
+    } else {
+        AnyTensor::from_f64(&v.to_f64(), dtype).to_f32()
+    }
 }
 
 /// The one dtype of all inputs, or [`Error::DType`] naming the first tensor that differs.
