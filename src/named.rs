@@ -733,7 +733,7 @@ fn run_cuda(
     _opts: &RunOptions,
     _dtype: DType,
 ) -> Result<BTreeMap<String, AnyTensor>> {
-    Err(Error::Cuda(format!(
+    Err(Error::cuda(format!(
         "operator `{}` on device cuda: this camex was built without the `cuda` feature \
          (rebuild with `--features cuda`, or use --device cpu)",
         info.name
@@ -1050,9 +1050,19 @@ fn exec<F: Float>(
 // ---------------------------------------------------------------------------------------------
 // safetensors I/O
 // ---------------------------------------------------------------------------------------------
+/// camex's own refusal of `path` (no underlying error).
 
 fn io_err(path: &Path, what: impl std::fmt::Display) -> Error {
-    Error::Io(format!("{}: {what}", path.display()))
+    Error::io(format!("{}: {what}", path.display()))
+}
+
+/// `path` failed with `e`, which stays the error's source; `what` says what was being done (empty
+/// when `e` says it all).
+fn io_fail<E>(path: &Path, what: &str, e: E) -> Error
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    Error::io_source(format!("{}: {what}{e}", path.display()), e)
 }
 
 /// Reads every tensor of a safetensors file. Accepted dtypes: F32, F64, F16, BF16 (anything else is
@@ -1071,7 +1081,7 @@ fn io_err(path: &Path, what: impl std::fmt::Display) -> Error {
 pub fn read_safetensors(path: impl AsRef<Path>) -> Result<BTreeMap<String, AnyTensor>> {
     let path = path.as_ref();
     let file = open_regular(path)?;
-    let len = file.metadata().map_err(|e| io_err(path, e))?.len();
+    let len = file.metadata().map_err(|e| io_fail(path, "", e))?.len();
     if len < 8 {
         return Err(io_err(
             path,
@@ -1084,10 +1094,10 @@ pub fn read_safetensors(path: impl AsRef<Path>) -> Result<BTreeMap<String, AnyTe
     // below. Another process truncating the file meanwhile would make reads fault (SIGBUS); that
     // is the documented contract of reading a file through a mapping.
     let map = unsafe { memmap2::Mmap::map(&file) }
-        .map_err(|e| io_err(path, format!("cannot memory-map: {e}")))?;
+        .map_err(|e| io_fail(path, "cannot memory-map: ", e))?;
     check_unique_names(path, &map)?;
     let st = safetensors::SafeTensors::deserialize(&map)
-        .map_err(|e| io_err(path, format!("not a valid safetensors file: {e}")))?;
+        .map_err(|e| io_fail(path, "not a valid safetensors file: ", e))?;
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = st.tensors();
     let mut needs = Vec::with_capacity(views.len());
     for (name, view) in &views {
@@ -1195,12 +1205,12 @@ fn open_regular(path: &Path) -> Result<std::fs::File> {
             ),
         )
     };
-    let meta = std::fs::metadata(path).map_err(|e| io_err(path, e))?;
+    let meta = std::fs::metadata(path).map_err(|e| io_fail(path, "", e))?;
     if !meta.is_file() {
         return Err(refuse(&meta));
     }
-    let file = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
-    let opened = file.metadata().map_err(|e| io_err(path, e))?;
+    let file = std::fs::File::open(path).map_err(|e| io_fail(path, "", e))?;
+    let opened = file.metadata().map_err(|e| io_fail(path, "", e))?;
     if !opened.is_file() {
         return Err(refuse(&opened));
     }
@@ -1287,7 +1297,7 @@ pub fn check_output_is_not_input(input: impl AsRef<Path>, output: impl AsRef<Pat
     let Ok(out_meta) = std::fs::metadata(output) else {
         return Ok(());
     };
-    let in_meta = std::fs::metadata(input).map_err(|e| io_err(input, e))?;
+    let in_meta = std::fs::metadata(input).map_err(|e| io_fail(input, "", e))?;
     let same = match (file_id(&in_meta), file_id(&out_meta)) {
         (Some(a), Some(b)) => a == b,
         _ => {

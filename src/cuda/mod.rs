@@ -19,7 +19,7 @@
 //! - Storage dtypes f32, f16, bf16 ([`Element`]); all accumulation is in f32; reductions run in a
 //!   fixed order (no float atomics), so two runs give the same bits.
 //! - Every CUDA failure is returned as [`Error::Cuda`]; where no CUDA driver is installed the
-//!   ops return `Err(Error::Cuda("no CUDA driver (libcuda) on this machine"))` instead of panicking.
+//!   ops return an [`Error::Cuda`] saying "no CUDA driver (libcuda) on this machine" instead of panicking.
 //! - With feature `nvtx`, each op is wrapped in an NVTX range named after it.
 
 pub mod curvature;
@@ -134,14 +134,14 @@ fn require_driver() -> Result<()> {
     if driver_present() {
         Ok(())
     } else {
-        Err(Error::Cuda(
-            "no CUDA driver (libcuda) on this machine".into(),
-        ))
+        Err(Error::cuda("no CUDA driver (libcuda) on this machine"))
     }
 }
 
-pub(crate) fn cuda_err(e: impl std::fmt::Debug) -> Error {
-    Error::Cuda(format!("{e:?}"))
+/// A driver call's error, kept as the source; the message is its `Debug` form
+/// (`DriverError(CUDA_ERROR_..., "...")`), as before.
+pub(crate) fn cuda_err(e: cudarc::driver::DriverError) -> Error {
+    Error::cuda_source(format!("{e:?}"), e)
 }
 
 /// Opens device `ordinal` (primary context). Errors, without panicking, where there is no driver
@@ -150,7 +150,7 @@ pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
     require_driver()?;
     let count = CudaContext::device_count().map_err(cuda_err)?;
     if ordinal as i64 >= count as i64 {
-        return Err(Error::Cuda(format!(
+        return Err(Error::cuda(format!(
             "no CUDA device {ordinal} (found {count})"
         )));
     }
@@ -488,12 +488,12 @@ pub(crate) fn check(code: i32, op: &str) -> Result<()> {
     match code {
         0 => Ok(()),
         c if c == ffi::CAMEX_ERR_WORKSPACE as i32 => {
-            Err(Error::Cuda(format!("{op}: workspace too small (internal)")))
+            Err(Error::cuda(format!("{op}: workspace too small (internal)")))
         }
-        c if c == ffi::CAMEX_ERR_DIMS as i32 => Err(Error::Cuda(format!(
+        c if c == ffi::CAMEX_ERR_DIMS as i32 => Err(Error::cuda(format!(
             "{op}: dimensions exceed the kernels' grid limits or are inconsistent"
         ))),
-        c => Err(Error::Cuda(format!(
+        c => Err(Error::cuda(format!(
             "{op}: CUDA runtime error {c} ({})",
             cuda_error_name(c)
         ))),
