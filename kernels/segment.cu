@@ -56,6 +56,11 @@ extern "C" int camex_emulated(void) {
 #endif
 }
 
+// The CUDA runtime's own names and descriptions of its codes (the emulation build has stand-ins,
+// kernels/emu.h); the launchers return these codes and the Rust side prints them.
+extern "C" const char *camex_error_name(int code) { return cudaGetErrorName((cudaError_t)code); }
+extern "C" const char *camex_error_string(int code) { return cudaGetErrorString((cudaError_t)code); }
+
 #ifndef CAMEX_EMU
 // The emulation's cost counters (kernels/emu_runtime.cpp); a GPU build has none.
 extern "C" int32_t camex_emu_counting(int32_t) { return 0; }

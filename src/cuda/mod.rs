@@ -494,25 +494,25 @@ pub(crate) fn check(code: i32, op: &str) -> Result<()> {
             "{op}: dimensions exceed the kernels' grid limits or are inconsistent"
         ))),
         c => Err(Error::cuda(format!(
-            "{op}: CUDA runtime error {c} ({})",
-            cuda_error_name(c)
+            "{op}: CUDA runtime error {c} ({}: {})",
+            runtime_str(ffi::camex_error_name, c),
+            runtime_str(ffi::camex_error_string, c)
         ))),
     }
 }
 
-fn cuda_error_name(c: i32) -> &'static str {
-    match c {
-        1 => "cudaErrorInvalidValue",
-        2 => "cudaErrorMemoryAllocation",
-        35 => "cudaErrorInsufficientDriver",
-        98 => "cudaErrorInvalidDeviceFunction",
-        100 => "cudaErrorNoDevice",
-        209 => "cudaErrorNoKernelImageForDevice",
-        222 => "cudaErrorUnsupportedPtxVersion",
-        400 => "cudaErrorInvalidResourceHandle",
-        700 => "cudaErrorIllegalAddress",
-        701 => "cudaErrorLaunchOutOfResources",
-        _ => "see cudaGetErrorName",
+/// The CUDA runtime's static string for code `c` (cudaGetErrorName / cudaGetErrorString, exported
+/// by the kernels' library).
+fn runtime_str(f: unsafe extern "C" fn(i32) -> *const std::ffi::c_char, c: i32) -> String {
+    // SAFETY: both functions take any int and return a static NUL-terminated string (or, in
+    // principle, NULL, which is checked).
+    // SAFETY: non-null, NUL-terminated and static (the runtime's own string table).
+    unsafe { std::ffi::CStr::from_ptr(p) }
+        .to_string_lossy()
+        .into_owned()
+    let p = unsafe { f(c) };
+    if p.is_null() {
+        return "unknown".into();
     }
 }
 
