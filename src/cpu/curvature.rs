@@ -111,7 +111,7 @@ pub(crate) fn check_curvature<F>(
     let r = f.a.shape()[0];
     let o1 = f.a.shape()[2];
     expect_shape("factor_a", f.a.shape(), &[r, n, o1, o1])?;
-    if o % o1 != 0 {
+    if !o.is_multiple_of(o1) {
         return Err(Error::shape(
             "factor_a",
             format!("[R, N, o1, o1] with o1 dividing O = {o}"),
@@ -124,7 +124,7 @@ pub(crate) fn check_curvature<F>(
     expect_rank("factor_c", f.c.shape(), 4, "[R, N, i1, i1]")?;
     expect_nonempty("factor_c", f.c.shape())?;
     let i1 = f.c.shape()[2];
-    if i % i1 != 0 {
+    if !i.is_multiple_of(i1) {
         return Err(Error::shape(
             "factor_c",
             format!("[R, N, i1, i1] with i1 dividing I = {i}"),
