@@ -1,6 +1,6 @@
 // Family `segment`: causal segment scores S[b,0] = R[b,0], S[b,j] = R[b,j-1], and the reverse
 // dR[b,j] = dS[b,j+1] for j < J-1, 0 for j = J-1 (SPEC sections 3, 4; src/cpu/segment.rs).
-// Pure data movement, exact in every dtype. RAN ON AN H200 (2026-11-28, scripts/gpu-check.sh): every GPU test in tests/gpu.rs passed.
+// Pure data movement, exact in every dtype.
 #include "elementwise.cuh"
 
 using namespace camex;

@@ -18,7 +18,7 @@
 //! outputs rounded back to the storage dtype.
 //!
 //! Devices: [`Device::Cpu`] runs [`crate::cpu`]; [`Device::Cuda`] (feature `cuda`) runs the CUDA
-//! kernels through the same table (`camex run --device cuda` ran on an H200 in scripts/gpu-check.sh).
+//! kernels through the same table.
 //!
 //! Strictness: a tensor the operator does not read is an error (a misspelt `factor_A` would otherwise
 //! silently select the identity curvature). Options an operator does not use are ignored by
@@ -389,8 +389,7 @@ pub fn op_info(op: &str) -> Result<&'static OpInfo> {
 /// ([`RunOptions::memory_limit`]); [`Error::Cuda`] from the CUDA path.
 ///
 /// On [`Device::Cuda`], with the `cuda` feature, it runs the `camex::cuda` kernels on device 0
-/// (storage dtypes f32, f16, bf16; f64 is an [`Error::DType`]). **That dispatch has not run on a
-/// GPU yet** (it was written on a machine without one). Without the feature it returns
+/// (storage dtypes f32, f16, bf16; f64 is an [`Error::DType`]). Without the feature it returns
 /// [`Error::Cuda`] saying the crate was built without `cuda`; it never falls back to the CPU.
 pub fn run_op(
     op: &str,
@@ -496,7 +495,7 @@ fn run_op_in_limit(
 /// The CUDA dispatch (feature `cuda`): uploads the inputs in the storage dtype, runs the
 /// `camex::cuda` operator on a fresh stream of device 0, downloads the outputs.
 ///
-/// Ran on an H200 (the CLI round trip of `scripts/gpu-check.sh`; status in [`crate::cuda`]). The kernels store f32, f16 and bf16 (accumulating in f32); f64 is refused.
+/// The kernels store f32, f16 and bf16 (accumulating in f32); f64 is refused.
 #[cfg(feature = "cuda")]
 fn run_cuda(
     info: &'static OpInfo,

@@ -1,15 +1,12 @@
 //! The fused CUDA kernels (`kernels/*.cu`) behind a safe API over cudarc streams.
 //!
-//! **Status.** Every operator here ran on an H200 (2026-11-28, `scripts/gpu-check.sh`): all of
-//! `tests/gpu.rs` passed, i.e. every operator and gradient in f32, f16 and bf16 matched the f64 CPU
-//! path ([`crate::cpu`]) at odd and T5-base shapes with NaN-poisoned outputs, and reruns were
-//! bit-identical. Two later changes have run only in the CPU emulation of the kernels
-//! (`CAMEX_KERNEL_EMU=1`, kernels/emu.h: every thread a fiber, barriers, shared memory, atomics,
-//! and mma.sync with the PTX fragment layout): the tensor-core Kronecker forward and backward, opt-in
-//! through [`set_tensor_cores`] for that reason, and the merge epilogue's per-block staged merge
-//! weights.
-//! The emulation covers indexing, tiling, reductions and orchestration, not the GPU memory model, the
-//! CUDA runtime, or speed. Where no GPU is present, `tests/gpu.rs` skips and says why.
+//! Testing: `tests/gpu.rs` compares every operator and gradient in f32, f16 and bf16 with the f64
+//! CPU path ([`crate::cpu`]) at odd and T5-base shapes, with NaN-poisoned outputs and bit-identical
+//! reruns; where no GPU is present it skips and says why. The CPU emulation of the kernels
+//! (`CAMEX_KERNEL_EMU=1`, kernels/emu.h: every thread a fiber, barriers, shared memory, atomics, and
+//! mma.sync with the PTX fragment layout) runs the same kernels without a GPU; it covers indexing,
+//! tiling, reductions and orchestration, not the GPU memory model, the CUDA runtime, or speed. What
+//! has run where is in the README ("Status").
 //!
 //! Conventions:
 //! - Every op takes the stream it runs on (`&Arc<CudaStream>`) and device tensors ([`CudaTensor`]),
@@ -181,9 +178,8 @@ pub fn set_poison_outputs(on: bool) {
 /// off, `None` the process default (the environment variable `CAMEX_TENSOR_CORES=1` turns it on; off
 /// otherwise).
 ///
-/// **Not yet run on a GPU**: the tensor-core kernels are checked only in the CPU emulation of the
-/// kernels (`CAMEX_KERNEL_EMU=1`), so they are opt-in; the scalar kernels, the default, passed every
-/// GPU test on an H200. f32 storage always takes the scalar kernels (SPEC's 1e-5 needs f32 products).
+/// They are opt-in (the README's "Status" says why); the scalar kernels are the
+/// default. f32 storage always takes the scalar kernels (SPEC's 1e-5 needs f32 products).
 pub fn set_tensor_cores(mode: Option<bool>) {
     let m = match mode {
         None => -1,
@@ -506,14 +502,14 @@ pub(crate) fn check(code: i32, op: &str) -> Result<()> {
 fn runtime_str(f: unsafe extern "C" fn(i32) -> *const std::ffi::c_char, c: i32) -> String {
     // SAFETY: both functions take any int and return a static NUL-terminated string (or, in
     // principle, NULL, which is checked).
-    // SAFETY: non-null, NUL-terminated and static (the runtime's own string table).
-    unsafe { std::ffi::CStr::from_ptr(p) }
-        .to_string_lossy()
-        .into_owned()
     let p = unsafe { f(c) };
     if p.is_null() {
         return "unknown".into();
     }
+    // SAFETY: non-null, NUL-terminated and static (the runtime's own string table).
+    unsafe { std::ffi::CStr::from_ptr(p) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// Checks, before allocating, that `name` of `shape` (elements of `T`) fits in the free memory of
