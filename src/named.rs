@@ -1049,8 +1049,8 @@ fn exec<F: Float>(
 // ---------------------------------------------------------------------------------------------
 // safetensors I/O
 // ---------------------------------------------------------------------------------------------
-/// camex's own refusal of `path` (no underlying error).
 
+/// camex's own refusal of `path` (no underlying error).
 fn io_err(path: &Path, what: impl std::fmt::Display) -> Error {
     Error::io(format!("{}: {what}", path.display()))
 }
@@ -1317,8 +1317,8 @@ pub fn check_output_is_not_input(input: impl AsRef<Path>, output: impl AsRef<Pat
     Ok(())
 }
 
-/// The bytes of one tensor in safetensors layout (little-endian), borrowed where the host is
-/// little-endian.
+/// The bytes of one tensor in safetensors layout (little-endian): the tensor's own memory, cast
+/// with `bytemuck`, where the host is little-endian; a little-endian copy elsewhere.
 fn tensor_bytes(t: &AnyTensor) -> std::borrow::Cow<'_, [u8]> {
     use std::borrow::Cow;
     #[cfg(target_endian = "little")]
@@ -1358,11 +1358,37 @@ fn st_dtype(d: DType) -> safetensors::Dtype {
     }
 }
 
-/// Writes `tensors` as a safetensors file at `path`, atomically: the bytes go to a temporary file
-/// in the same directory, which is then renamed over `path`; on any failure the temporary file is
-/// removed and `path` is left as it was (absent, or the previous file). The tensors are streamed
-/// to the file, not first serialised in memory. An existing `path` that is not a regular file (a
-/// device, a pipe, a directory) is refused.
+/// One tensor as the `safetensors` crate's serialisation sees it; the data is borrowed (see
+/// [`tensor_bytes`]) while the file is written.
+struct StView<'a>(&'a AnyTensor);
+
+impl safetensors::View for StView<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        st_dtype(self.0.dtype())
+    }
+    fn shape(&self) -> &[usize] {
+        self.0.shape()
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        tensor_bytes(self.0)
+    }
+    fn data_len(&self) -> usize {
+        match self.0 {
+            AnyTensor::F32(t) => std::mem::size_of_val(t.data()),
+            AnyTensor::F64(t) => std::mem::size_of_val(t.data()),
+            AnyTensor::F16(t) => std::mem::size_of_val(t.data()),
+            AnyTensor::BF16(t) => std::mem::size_of_val(t.data()),
+        }
+    }
+}
+
+/// Writes `tensors` as a safetensors file at `path`, atomically: the file is written in full under
+/// a temporary name in the same directory, synced, and then renamed over `path`; on any failure the
+/// temporary file is removed and `path` is left as it was (absent, or the previous file). The
+/// `safetensors` crate lays out the header and streams the tensors to the file, without first
+/// serialising them in memory. An existing `path` that is not a regular file (a device, a pipe, a
+/// directory) is refused. The file gets the permissions of any new file here (the umask), not the
+/// owner-only ones of the crate's own temporary file.
 pub fn write_safetensors(
     path: impl AsRef<Path>,
     tensors: &BTreeMap<String, AnyTensor>,
@@ -1379,38 +1405,6 @@ pub fn write_safetensors(
             ));
         }
     }
-    // The header, laid out as `safetensors::serialize` does: by decreasing alignment, then name.
-    let mut order: Vec<(&String, &AnyTensor)> = tensors.iter().collect();
-    order.sort_by(|(ln, l), (rn, r)| {
-        st_dtype(r.dtype())
-            .cmp(&st_dtype(l.dtype()))
-            .then(ln.cmp(rn))
-    });
-    let mut infos = Vec::with_capacity(order.len());
-    let mut offset = 0usize;
-    for (name, t) in &order {
-        let n = memory::bytes_of(t.shape(), t.dtype().size_in_bytes())
-            .and_then(|b| usize::try_from(b).ok())
-            .ok_or_else(|| io_err(path, format!("tensor `{name}` is too large to write")))?;
-        let end = offset
-            .checked_add(n)
-            .ok_or_else(|| io_err(path, "the tensors are too large to write"))?;
-        infos.push((
-            name.to_string(),
-            safetensors::tensor::TensorInfo {
-                dtype: st_dtype(t.dtype()),
-                shape: t.shape().to_vec(),
-                data_offsets: (offset, end),
-            },
-        ));
-        offset = end;
-    }
-    let metadata = safetensors::tensor::Metadata::new(None, infos)
-        .map_err(|e| io_err(path, format!("cannot serialize: {e}")))?;
-    let mut header = serde_json::to_string(&metadata)
-        .map_err(|e| io_err(path, format!("cannot serialize: {e}")))?
-        .into_bytes();
-    header.resize(header.len().next_multiple_of(8), b' ');
     let file_name = path
         .file_name()
         .ok_or_else(|| io_err(path, "not a file path"))?;
@@ -1426,27 +1420,30 @@ pub fn write_safetensors(
     tmp_name.push(file_name);
     tmp_name.push(format!(".tmp-{}-{nanos}", std::process::id()));
     let tmp = dir.join(tmp_name);
-    // create_new: never clobber a file we did not create.
-    let f = std::fs::OpenOptions::new()
+    // create_new: never clobber a file we did not create. Its permissions are those a new file
+    // gets here; the crate's temporary file (which replaces it below) would be owner-only.
+    let perms = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(&tmp)
-        .map_err(|e| io_err(&tmp, e))?;
+        .and_then(|f| f.metadata())
+        .map_err(|e| io_fail(&tmp, "", e))?
+        .permissions();
     let result = (|| {
-        use std::io::Write;
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-        w.write_all(&(header.len() as u64).to_le_bytes())?;
-        w.write_all(&header)?;
-        for (_, t) in &order {
-            w.write_all(&tensor_bytes(t))?;
-        }
-        let f = w.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)
+        let views = tensors.iter().map(|(name, t)| (name.as_str(), StView(t)));
+        safetensors::serialize_to_file(views, None, &tmp).map_err(|e| match e {
+            safetensors::SafeTensorError::IoError(e) => io_fail(path, "", e),
+            e => io_fail(path, "cannot serialize: ", e),
+        })?;
+        let sync = || {
+            std::fs::set_permissions(&tmp, perms)?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, path)
+        };
+        sync().map_err(|e| io_fail(path, "", e))
     })();
-    result.map_err(|e| {
+    if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
-        io_err(path, e)
-    })
+    }
+    result
 }
