@@ -61,6 +61,13 @@ mod cuda {
     use std::path::PathBuf;
 
     pub fn build() {
+        // docs.rs (and `DOCS_RS=1 cargo doc`) has no CUDA: only the bindings are generated, which
+        // need no CUDA header; nothing is compiled or linked, and rustdoc links nothing.
+        println!("cargo:rerun-if-env-changed=DOCS_RS");
+        if env::var_os("DOCS_RS").is_some() {
+            bindings();
+            return;
+        }
         let Some((nvcc, root)) = find_nvcc() else {
             panic!(
                 "feature `cuda`: nvcc not found (looked at $NVCC, $CUDA_HOME/bin, PATH and .cuda/nvidia/cu13). \
@@ -120,6 +127,11 @@ mod cuda {
         } else {
             build_device(&nvcc, &root, &sources);
         }
+        bindings();
+    }
+
+    /// kernels/camex.h as Rust (src/ffi.rs includes it).
+    fn bindings() {
         let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
         let bindings = bindgen::Builder::default()
             .header(format!("{KERNEL_DIR}/camex.h"))
@@ -136,6 +148,33 @@ mod cuda {
             .expect("write camex_bindings.rs");
     }
 
+    /// The `-gencode` targets: by default a fatbin of sm_80 and sm_90 SASS plus compute_90 PTX
+    /// (JIT-compiled on newer GPUs); with `CUDA_COMPUTE_CAP=XY` (as candle's build reads it) only
+    /// sm_XY SASS and compute_XY PTX, which builds faster for the one GPU at hand.
+    fn gencodes() -> Vec<String> {
+        println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
+        let Ok(cap) = env::var("CUDA_COMPUTE_CAP") else {
+            return vec![
+                "arch=compute_80,code=sm_80".into(),
+                "arch=compute_90,code=sm_90".into(),
+                "arch=compute_90,code=compute_90".into(),
+            ];
+        };
+        // "90", "9.0", "sm_90" and "90a" all name the same capability (the suffix is kept).
+        let cap = cap.trim().trim_start_matches("sm_").replace('.', "");
+        let digits = cap.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+        if !digits.parse::<u32>().is_ok_and(|d| d >= 80) {
+            panic!(
+                "CUDA_COMPUTE_CAP={cap:?}: expected a compute capability of 8.0 or newer, such as 80, \
+                 86, 89 or 90 (the kernels use sm_80 features)"
+            );
+        }
+        vec![
+            format!("arch=compute_{cap},code=sm_{cap}"),
+            format!("arch=compute_{cap},code=compute_{cap}"),
+        ]
+    }
+
     fn build_device(nvcc: &std::path::Path, root: &std::path::Path, sources: &[PathBuf]) {
         // cc picks nvcc up from $NVCC (and then wraps host flags in -Xcompiler itself).
         env::set_var("NVCC", nvcc);
@@ -145,13 +184,11 @@ mod cuda {
             .cudart("none") // linked below, statically, from the lib dir we found
             .include(KERNEL_DIR)
             .flag("-std=c++17")
-            .flag("-O3")
-            .flag("-gencode")
-            .flag("arch=compute_80,code=sm_80")
-            .flag("-gencode")
-            .flag("arch=compute_90,code=sm_90")
-            .flag("-gencode")
-            .flag("arch=compute_90,code=compute_90")
+            .flag("-O3");
+        for g in gencodes() {
+            build.flag("-gencode").flag(g);
+        }
+        build
             // Always optimised device code: `-G` (what cc adds for debug profiles) makes kernels
             // unrepresentatively slow and changes register allocation.
             .debug(false)

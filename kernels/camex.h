@@ -178,12 +178,18 @@ int camex_segment_backward(const camex_segment_params *p, camex_stream_t stream)
  * "device" pointers are host pointers; 0 for real GPU code. */
 int camex_emulated(void);
 
+/* The CUDA runtime's name ("cudaErrorIllegalAddress") and description of a cudaError_t code a
+ * launcher returned (cudaGetErrorName, cudaGetErrorString); static strings, never NULL. Codes of
+ * camex's own (CAMEX_ERR_*) are not cudaError_t and get the runtime's "unrecognized error code". */
+const char *camex_error_name(int code);
+const char *camex_error_string(int code);
+
 /* Tensor-core paths for f16/bf16 storage, per calling thread: the two-stage Kronecker curvature
  * forward (kernels/kron_tc.cuh), its fused backward (kernels/kron_tc_bwd.cuh), and the strided GEMM
  * behind the merged linear layer and the reverse chain of shapes the fused kernels do not take
  * (factors over 64, or shared memory over the device's limit) (gemm_tc_kernel, kernels/gemm.cuh). mode: 1 on, 0 off,
- * -1 the process default (environment CAMEX_TENSOR_CORES=1 turns it on; off otherwise, because these
- * kernels have run only in the CPU emulation so far, never on a GPU; on in the emulation build).
+ * -1 the process default (environment CAMEX_TENSOR_CORES=1 turns it on; off otherwise, the README's
+ * "Status" says why; on in the emulation build).
  * Workspace sizes fit either path. camex_tensor_cores() reports the mode that applies now. */
 void camex_set_tensor_cores(int32_t mode);
 int32_t camex_tensor_cores(void);

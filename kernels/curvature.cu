@@ -16,10 +16,8 @@
 // tree reductions, builds H_i = dL/dU_i per expert and runs the transposed chain (kron.cuh), or,
 // with the tensor cores on, the fused reverse of kron_tc_bwd.cuh.
 //
-// The scalar path RAN ON AN H200 (2026-11-28, scripts/gpu-check.sh): every comparison with the f64
-// CPU path in tests/gpu.rs passed, reruns bit-identical. The tensor-core forward and backward
-// (kron_tc.cuh, kron_tc_bwd.cuh; opt-in) have run only in the CPU emulation (kernels/emu.h,
-// CAMEX_KERNEL_EMU=1).
+// The tensor-core forward and backward (kron_tc.cuh, kron_tc_bwd.cuh) are opt-in; what has run where
+// is in the README ("Status").
 #include "elementwise.cuh"
 #include "kron_tc_bwd.cuh"
 #include "merge.cuh"

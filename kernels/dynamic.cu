@@ -1,5 +1,4 @@
 // Family `dynamic`: next_base = E + (beta/N) sum_i U_i and its reverse (SPEC sections 3, 4).
-// RAN ON AN H200 (2026-11-28, scripts/gpu-check.sh): every GPU test in tests/gpu.rs passed.
 #include "elementwise.cuh"
 #include "merge.cuh"
 

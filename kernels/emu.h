@@ -85,6 +85,12 @@ inline cudaError_t memset_async(void *dst, int v, size_t bytes, cudaStream_t) {
   return cudaSuccess;
 }
 
+// No CUDA runtime is linked: launchers only ever return cudaSuccess or camex's own codes here.
+inline const char *error_name(cudaError_t e) { return e == cudaSuccess ? "cudaSuccess" : "cudaError (emulation build)"; }
+inline const char *error_string(cudaError_t e) {
+  return e == cudaSuccess ? "no error" : "CUDA runtime error (the emulation build has no CUDA runtime)";
+}
+
 }  // namespace emu
 
 #define threadIdx (::emu::thread_idx())
@@ -97,6 +103,8 @@ inline cudaError_t memset_async(void *dst, int v, size_t bytes, cudaStream_t) {
 #define CAMEX_DYNAMIC_SMEM(name) char *name = ::emu::dyn_smem()
 #define CAMEX_SET_MAX_SMEM(kernel, bytes) cudaSuccess
 #define cudaGetLastError() ::emu::get_last_error()
+#define cudaGetErrorName(e) ::emu::error_name(e)
+#define cudaGetErrorString(e) ::emu::error_string(e)
 #define cudaMemcpyAsync(...) ::emu::memcpy_async(__VA_ARGS__)
 #define cudaMemsetAsync(...) ::emu::memset_async(__VA_ARGS__)
 

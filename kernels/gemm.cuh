@@ -161,8 +161,8 @@ gemm_kernel(Opnd a, Opnd b, OutView out, float *partial, int64_t M, int64_t N, i
   }
 }
 
-// The same GEMM on the tensor cores, for f16/bf16 storage (opt-in: camex_tensor_cores(), camex.h;
-// run only in the CPU emulation so far). Same tiles, grid, operand loads and output; operands in
+// The same GEMM on the tensor cores, for f16/bf16 storage (opt-in: camex_tensor_cores(), camex.h).
+// Same tiles, grid, operand loads and output; operands in
 // shared memory as bf16 (k-contiguous, row stride BK + 8), f32 accumulation. Precision per storage
 // type (TcSplit, mma.cuh; SPEC section 5): where T splits data, each operand is bf16 hi + lo and
 // each 16-deep slice three mma.sync m16n8k16 (hi*hi + hi*lo + lo*hi, ~16 significant bits), except

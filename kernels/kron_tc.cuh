@@ -2,11 +2,10 @@
 //   U = sum_r (A_r (x) B_r) tau (C_r (x) D_r)^T        (SPEC section 3), one expert at a time,
 // with mma.sync m16n8k16 (f16/bf16 operands, f32 accumulation; sm_80 and sm_90).
 //
-// STATUS: checked only in the CPU emulation (kernels/emu.h models mma.sync with the PTX ISA fragment
-// layout; tests/gpu.rs `emu` matches the f64 CPU path to 1e-7..4e-6 before output rounding); it has
-// NOT yet run on a GPU, so it is opt-in (camex_set_tensor_cores, CAMEX_TENSOR_CORES=1; camex.h) and
-// the scalar path, which passed every GPU test on an H200, stays the default. tests/gpu.rs
-// `tensor_core_path_matches_cpu` and scripts/gpu-check.sh check and time it on the next GPU.
+// Opt-in (camex_set_tensor_cores, CAMEX_TENSOR_CORES=1; camex.h); the scalar path is the default
+// (the README's "Status" says why). In the CPU emulation (kernels/emu.h models mma.sync with the PTX
+// ISA fragment layout) tests/gpu.rs `emu` matches the f64 CPU path to 1e-7..4e-6 before output
+// rounding; tests/gpu.rs `tensor_core_path_matches_cpu` checks it on a GPU.
 //
 // Why two stages: the row side (modes a, b) mixes whole columns of tau and the column side (modes c,
 // d) whole rows, so no tile of an expert is closed under both; the exchange goes through one

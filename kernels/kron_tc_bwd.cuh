@@ -2,9 +2,9 @@
 // at a time, fused into three kernels per round of ranks instead of ten mode products and four
 // contractions per rank (kron.cuh's chain).
 //
-// STATUS: checked only in the CPU emulation (kernels/emu.h; tests/gpu.rs `emu`, where the tensor
-// cores are the default); it has NOT run on a GPU, so like the forward (kron_tc.cuh) it is opt-in
-// (camex_set_tensor_cores, CAMEX_TENSOR_CORES=1).
+// Like the forward (kron_tc.cuh) it is opt-in (camex_set_tensor_cores, CAMEX_TENSOR_CORES=1; the
+// README's "Status" says why); in the CPU emulation (kernels/emu.h; tests/gpu.rs `emu`) the tensor
+// cores are the default.
 //
 // With L_r = A_r (x) B_r, R_r = C_r (x) D_r (U = sum_r L_r tau R_r^T) and H = dL/dU, per rank:
 //   P = L tau                              (rows side: kron_rows_split_kernel, the forward's stage 1)

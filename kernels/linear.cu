@@ -9,7 +9,6 @@
 // more traffic than it saves as soon as more than one token tile exists per group. So merged is
 // written once by the merge epilogue and read here; the GEMM dominates.
 //
-// RAN ON AN H200 (2026-11-28, scripts/gpu-check.sh): every GPU test in tests/gpu.rs passed.
 // Scalar f32 FMA, no tensor cores yet (45x its bf16 floor at T5-base, BENCHMARKS.md).
 #include "elementwise.cuh"
 #include "kron.cuh"

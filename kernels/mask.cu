@@ -1,5 +1,4 @@
 // Family `mask`: the TIES masks m_i [N, O, I] (0/1) on the raw domain vectors.
-// RAN ON AN H200 (2026-11-28, scripts/gpu-check.sh): every GPU test in tests/gpu.rs passed.
 #include "elementwise.cuh"
 #include "mask.cuh"
 

@@ -1,7 +1,5 @@
 // Family `merge`: Wbar_g = E + alpha * sum_i s[g,i] zeta[g,i] (m_i (.) curved_i) with curved given,
 // the bias merge, and their reverse. Also the Philox known-answer entry point.
-// RAN ON AN H200 (2026-11-28, scripts/gpu-check.sh): every GPU test in tests/gpu.rs passed.
-// (The epilogue's staged merge weights, merge.cuh, came after that run: emulation only so far.)
 #include "elementwise.cuh"
 #include "merge.cuh"
 

@@ -1,6 +1,6 @@
 // Family `segment`: causal segment scores S[b,0] = R[b,0], S[b,j] = R[b,j-1], and the reverse
 // dR[b,j] = dS[b,j+1] for j < J-1, 0 for j = J-1 (SPEC sections 3, 4; src/cpu/segment.rs).
-// Pure data movement, exact in every dtype. RAN ON AN H200 (2026-11-28, scripts/gpu-check.sh): every GPU test in tests/gpu.rs passed.
+// Pure data movement, exact in every dtype.
 #include "elementwise.cuh"
 
 using namespace camex;
@@ -55,6 +55,11 @@ extern "C" int camex_emulated(void) {
   return 0;
 #endif
 }
+
+// The CUDA runtime's own names and descriptions of its codes (the emulation build has stand-ins,
+// kernels/emu.h); the launchers return these codes and the Rust side prints them.
+extern "C" const char *camex_error_name(int code) { return cudaGetErrorName((cudaError_t)code); }
+extern "C" const char *camex_error_string(int code) { return cudaGetErrorString((cudaError_t)code); }
 
 #ifndef CAMEX_EMU
 // The emulation's cost counters (kernels/emu_runtime.cpp); a GPU build has none.

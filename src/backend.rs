@@ -227,7 +227,7 @@ pub(crate) fn check_curvature<X: Shaped>(
     expect_nonempty("factor_a", sa)?;
     let (r, o1) = (sa[0], sa[2]);
     expect_shape("factor_a", sa, &[r, n, o1, o1])?;
-    if o % o1 != 0 {
+    if !o.is_multiple_of(o1) {
         return Err(Error::shape(
             "factor_a",
             format!("[R, N, o1, o1] with o1 dividing O = {o}"),
@@ -241,7 +241,7 @@ pub(crate) fn check_curvature<X: Shaped>(
     expect_rank("factor_c", sc, 4, "[R, N, i1, i1]")?;
     expect_nonempty("factor_c", sc)?;
     let i1 = sc[2];
-    if i % i1 != 0 {
+    if !i.is_multiple_of(i1) {
         return Err(Error::shape(
             "factor_c",
             format!("[R, N, i1, i1] with i1 dividing I = {i}"),

@@ -556,8 +556,8 @@ pub fn prepare(case: &Case) -> Result<Runner> {
         ));
     }
     match (case.device, case.imp, case.dtype) {
-        (Device::Cuda, _, _) => Err(Error::Cuda(
-            "camex bench: the CUDA benchmark path is not wired yet (unmeasured)".into(),
+        (Device::Cuda, _, _) => Err(Error::cuda(
+            "camex bench: the CUDA benchmark path is not wired yet (unmeasured)",
         )),
         (Device::Cpu, Impl::Camex, DType::F32) => prepare_camex::<f32>(case),
         (Device::Cpu, Impl::Camex, DType::F64) => prepare_camex::<f64>(case),
@@ -943,7 +943,7 @@ pub mod gpu {
     use std::sync::Arc;
 
     fn err(e: impl std::fmt::Debug) -> Error {
-        Error::Cuda(format!("{e:?}"))
+        Error::cuda(format!("{e:?}"))
     }
 
     /// Whether the opt-in tensor-core kernels (`crate::cuda::set_tensor_cores`) serve `op` in
@@ -1144,7 +1144,7 @@ pub mod gpu {
         cu::context(ordinal)?; // errors, without panicking, where there is no driver or device
         let dev = candle_core::Device::new_cuda(ordinal).map_err(err)?;
         let candle_core::Device::Cuda(cd) = &dev else {
-            return Err(Error::Cuda("candle did not open a CUDA device".into()));
+            return Err(Error::cuda("candle did not open a CUDA device"));
         };
         let s = cd.cuda_stream();
         let peer_case = Case {
@@ -1455,13 +1455,13 @@ impl BenchArgs {
 /// Runs `camex bench`: prints the machine line, then one line per case to `out`.
 pub fn run_cli(args: &[String], out: &mut dyn std::io::Write) -> Result<()> {
     let a = BenchArgs::parse(args)?;
-    let io = |e: std::io::Error| Error::Io(e.to_string());
+    let io = |e: std::io::Error| Error::io_source(e.to_string(), e);
     if a.device == Device::Cuda {
         #[cfg(feature = "cuda")]
         return run_cli_cuda(&a, out);
         #[cfg(not(feature = "cuda"))]
-        return Err(Error::Cuda(
-            "camex bench --device cuda needs a build with --features cuda".into(),
+        return Err(Error::cuda(
+            "camex bench --device cuda needs a build with --features cuda",
         ));
     }
     if !matches!(a.dtype, DType::F32 | DType::F64) {
@@ -1590,7 +1590,7 @@ fn xla_peer(case: &Case, machine: &Machine, iters: usize) -> (String, Option<f64
 /// GPU next to each (`--no-peer` skips it; the PyTorch peer is `scripts/torch_baseline.py`).
 #[cfg(feature = "cuda")]
 fn run_cli_cuda(a: &BenchArgs, out: &mut dyn std::io::Write) -> Result<()> {
-    let io = |e: std::io::Error| Error::Io(e.to_string());
+    let io = |e: std::io::Error| Error::io_source(e.to_string(), e);
     let machine = gpu::h200_datasheet(a.dtype);
     writeln!(
         out,

@@ -11,6 +11,9 @@
 //!
 //! Layout everywhere: dense, row-major, contiguous; shapes as SPEC section 2.
 
+// docs.rs (nightly rustdoc) marks the feature-gated items with the feature they need.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 pub mod backend;
 pub mod bench;
 pub mod cpu;
@@ -23,12 +26,16 @@ pub mod shape;
 pub mod tensor;
 
 #[cfg(feature = "burn")]
+#[cfg_attr(docsrs, doc(cfg(feature = "burn")))]
 pub mod burn;
 #[cfg(feature = "candle")]
+#[cfg_attr(docsrs, doc(cfg(feature = "candle")))]
 pub mod candle;
 #[cfg(feature = "cuda")]
+#[cfg_attr(docsrs, doc(cfg(feature = "cuda")))]
 pub mod cuda;
 #[cfg(feature = "cuda")]
+#[cfg_attr(docsrs, doc(cfg(feature = "cuda")))]
 pub mod ffi;
 
 pub use error::{Error, Result};

@@ -18,7 +18,7 @@
 //! outputs rounded back to the storage dtype.
 //!
 //! Devices: [`Device::Cpu`] runs [`crate::cpu`]; [`Device::Cuda`] (feature `cuda`) runs the CUDA
-//! kernels through the same table (`camex run --device cuda` ran on an H200 in scripts/gpu-check.sh).
+//! kernels through the same table.
 //!
 //! Strictness: a tensor the operator does not read is an error (a misspelt `factor_A` would otherwise
 //! silently select the identity curvature). Options an operator does not use are ignored by
@@ -392,8 +392,7 @@ pub fn op_info(op: &str) -> Result<&'static OpInfo> {
 /// ([`RunOptions::memory_limit`]); [`Error::Cuda`] from the CUDA path.
 ///
 /// On [`Device::Cuda`], with the `cuda` feature, it runs the `camex::cuda` kernels on device 0
-/// (storage dtypes f32, f16, bf16; f64 is an [`Error::DType`]). **That dispatch has not run on a
-/// GPU yet** (it was written on a machine without one). Without the feature it returns
+/// (storage dtypes f32, f16, bf16; f64 is an [`Error::DType`]). Without the feature it returns
 /// [`Error::Cuda`] saying the crate was built without `cuda`; it never falls back to the CPU.
 pub fn run_op(
     op: &str,
@@ -492,7 +491,7 @@ fn run_op_in_limit(
 /// The CUDA dispatch (feature `cuda`): uploads the inputs in the storage dtype, runs the
 /// `camex::cuda` operator on a fresh stream of device 0, downloads the outputs.
 ///
-/// Ran on an H200 (the CLI round trip of `scripts/gpu-check.sh`; status in [`crate::cuda`]). The kernels store f32, f16 and bf16 (accumulating in f32); f64 is refused.
+/// The kernels store f32, f16 and bf16 (accumulating in f32); f64 is refused.
 #[cfg(feature = "cuda")]
 fn run_cuda(
     info: &'static OpInfo,
@@ -554,7 +553,7 @@ fn run_cuda(
     _opts: &RunOptions,
     _dtype: DType,
 ) -> Result<BTreeMap<String, AnyTensor>> {
-    Err(Error::Cuda(format!(
+    Err(Error::cuda(format!(
         "operator `{}` on device cuda: this camex was built without the `cuda` feature \
          (rebuild with `--features cuda`, or use --device cpu)",
         info.name
@@ -870,8 +869,18 @@ fn exec<E, B: Backend<E>>(
 // safetensors I/O
 // ---------------------------------------------------------------------------------------------
 
+/// camex's own refusal of `path` (no underlying error).
 fn io_err(path: &Path, what: impl std::fmt::Display) -> Error {
-    Error::Io(format!("{}: {what}", path.display()))
+    Error::io(format!("{}: {what}", path.display()))
+}
+
+/// `path` failed with `e`, which stays the error's source; `what` says what was being done (empty
+/// when `e` says it all).
+fn io_fail<E>(path: &Path, what: &str, e: E) -> Error
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    Error::io_source(format!("{}: {what}{e}", path.display()), e)
 }
 
 /// Reads every tensor of a safetensors file. Accepted dtypes: F32, F64, F16, BF16 (anything else is
@@ -890,7 +899,7 @@ fn io_err(path: &Path, what: impl std::fmt::Display) -> Error {
 pub fn read_safetensors(path: impl AsRef<Path>) -> Result<BTreeMap<String, AnyTensor>> {
     let path = path.as_ref();
     let file = open_regular(path)?;
-    let len = file.metadata().map_err(|e| io_err(path, e))?.len();
+    let len = file.metadata().map_err(|e| io_fail(path, "", e))?.len();
     if len < 8 {
         return Err(io_err(
             path,
@@ -903,10 +912,10 @@ pub fn read_safetensors(path: impl AsRef<Path>) -> Result<BTreeMap<String, AnyTe
     // below. Another process truncating the file meanwhile would make reads fault (SIGBUS); that
     // is the documented contract of reading a file through a mapping.
     let map = unsafe { memmap2::Mmap::map(&file) }
-        .map_err(|e| io_err(path, format!("cannot memory-map: {e}")))?;
+        .map_err(|e| io_fail(path, "cannot memory-map: ", e))?;
     check_unique_names(path, &map)?;
     let st = safetensors::SafeTensors::deserialize(&map)
-        .map_err(|e| io_err(path, format!("not a valid safetensors file: {e}")))?;
+        .map_err(|e| io_fail(path, "not a valid safetensors file: ", e))?;
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = st.tensors();
     let mut needs = Vec::with_capacity(views.len());
     for (name, view) in &views {
@@ -1014,12 +1023,12 @@ fn open_regular(path: &Path) -> Result<std::fs::File> {
             ),
         )
     };
-    let meta = std::fs::metadata(path).map_err(|e| io_err(path, e))?;
+    let meta = std::fs::metadata(path).map_err(|e| io_fail(path, "", e))?;
     if !meta.is_file() {
         return Err(refuse(&meta));
     }
-    let file = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
-    let opened = file.metadata().map_err(|e| io_err(path, e))?;
+    let file = std::fs::File::open(path).map_err(|e| io_fail(path, "", e))?;
+    let opened = file.metadata().map_err(|e| io_fail(path, "", e))?;
     if !opened.is_file() {
         return Err(refuse(&opened));
     }
@@ -1106,7 +1115,7 @@ pub fn check_output_is_not_input(input: impl AsRef<Path>, output: impl AsRef<Pat
     let Ok(out_meta) = std::fs::metadata(output) else {
         return Ok(());
     };
-    let in_meta = std::fs::metadata(input).map_err(|e| io_err(input, e))?;
+    let in_meta = std::fs::metadata(input).map_err(|e| io_fail(input, "", e))?;
     let same = match (file_id(&in_meta), file_id(&out_meta)) {
         (Some(a), Some(b)) => a == b,
         _ => {
@@ -1127,8 +1136,8 @@ pub fn check_output_is_not_input(input: impl AsRef<Path>, output: impl AsRef<Pat
     Ok(())
 }
 
-/// The bytes of one tensor in safetensors layout (little-endian), borrowed where the host is
-/// little-endian.
+/// The bytes of one tensor in safetensors layout (little-endian): the tensor's own memory, cast
+/// with `bytemuck`, where the host is little-endian; a little-endian copy elsewhere.
 fn tensor_bytes(t: &AnyTensor) -> std::borrow::Cow<'_, [u8]> {
     use std::borrow::Cow;
     #[cfg(target_endian = "little")]
@@ -1168,11 +1177,37 @@ fn st_dtype(d: DType) -> safetensors::Dtype {
     }
 }
 
-/// Writes `tensors` as a safetensors file at `path`, atomically: the bytes go to a temporary file
-/// in the same directory, which is then renamed over `path`; on any failure the temporary file is
-/// removed and `path` is left as it was (absent, or the previous file). The tensors are streamed
-/// to the file, not first serialised in memory. An existing `path` that is not a regular file (a
-/// device, a pipe, a directory) is refused.
+/// One tensor as the `safetensors` crate's serialisation sees it; the data is borrowed (see
+/// [`tensor_bytes`]) while the file is written.
+struct StView<'a>(&'a AnyTensor);
+
+impl safetensors::View for StView<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        st_dtype(self.0.dtype())
+    }
+    fn shape(&self) -> &[usize] {
+        self.0.shape()
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        tensor_bytes(self.0)
+    }
+    fn data_len(&self) -> usize {
+        match self.0 {
+            AnyTensor::F32(t) => std::mem::size_of_val(t.data()),
+            AnyTensor::F64(t) => std::mem::size_of_val(t.data()),
+            AnyTensor::F16(t) => std::mem::size_of_val(t.data()),
+            AnyTensor::BF16(t) => std::mem::size_of_val(t.data()),
+        }
+    }
+}
+
+/// Writes `tensors` as a safetensors file at `path`, atomically: the file is written in full under
+/// a temporary name in the same directory, synced, and then renamed over `path`; on any failure the
+/// temporary file is removed and `path` is left as it was (absent, or the previous file). The
+/// `safetensors` crate lays out the header and streams the tensors to the file, without first
+/// serialising them in memory. An existing `path` that is not a regular file (a device, a pipe, a
+/// directory) is refused. The file gets the permissions of any new file here (the umask), not the
+/// owner-only ones of the crate's own temporary file.
 pub fn write_safetensors(
     path: impl AsRef<Path>,
     tensors: &BTreeMap<String, AnyTensor>,
@@ -1189,38 +1224,6 @@ pub fn write_safetensors(
             ));
         }
     }
-    // The header, laid out as `safetensors::serialize` does: by decreasing alignment, then name.
-    let mut order: Vec<(&String, &AnyTensor)> = tensors.iter().collect();
-    order.sort_by(|(ln, l), (rn, r)| {
-        st_dtype(r.dtype())
-            .cmp(&st_dtype(l.dtype()))
-            .then(ln.cmp(rn))
-    });
-    let mut infos = Vec::with_capacity(order.len());
-    let mut offset = 0usize;
-    for (name, t) in &order {
-        let n = memory::bytes_of(t.shape(), t.dtype().size_in_bytes())
-            .and_then(|b| usize::try_from(b).ok())
-            .ok_or_else(|| io_err(path, format!("tensor `{name}` is too large to write")))?;
-        let end = offset
-            .checked_add(n)
-            .ok_or_else(|| io_err(path, "the tensors are too large to write"))?;
-        infos.push((
-            name.to_string(),
-            safetensors::tensor::TensorInfo {
-                dtype: st_dtype(t.dtype()),
-                shape: t.shape().to_vec(),
-                data_offsets: (offset, end),
-            },
-        ));
-        offset = end;
-    }
-    let metadata = safetensors::tensor::Metadata::new(None, infos)
-        .map_err(|e| io_err(path, format!("cannot serialize: {e}")))?;
-    let mut header = serde_json::to_string(&metadata)
-        .map_err(|e| io_err(path, format!("cannot serialize: {e}")))?
-        .into_bytes();
-    header.resize(header.len().next_multiple_of(8), b' ');
     let file_name = path
         .file_name()
         .ok_or_else(|| io_err(path, "not a file path"))?;
@@ -1236,27 +1239,30 @@ pub fn write_safetensors(
     tmp_name.push(file_name);
     tmp_name.push(format!(".tmp-{}-{nanos}", std::process::id()));
     let tmp = dir.join(tmp_name);
-    // create_new: never clobber a file we did not create.
-    let f = std::fs::OpenOptions::new()
+    // create_new: never clobber a file we did not create. Its permissions are those a new file
+    // gets here; the crate's temporary file (which replaces it below) would be owner-only.
+    let perms = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(&tmp)
-        .map_err(|e| io_err(&tmp, e))?;
+        .and_then(|f| f.metadata())
+        .map_err(|e| io_fail(&tmp, "", e))?
+        .permissions();
     let result = (|| {
-        use std::io::Write;
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-        w.write_all(&(header.len() as u64).to_le_bytes())?;
-        w.write_all(&header)?;
-        for (_, t) in &order {
-            w.write_all(&tensor_bytes(t))?;
-        }
-        let f = w.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)
+        let views = tensors.iter().map(|(name, t)| (name.as_str(), StView(t)));
+        safetensors::serialize_to_file(views, None, &tmp).map_err(|e| match e {
+            safetensors::SafeTensorError::IoError(e) => io_fail(path, "", e),
+            e => io_fail(path, "cannot serialize: ", e),
+        })?;
+        let sync = || {
+            std::fs::set_permissions(&tmp, perms)?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, path)
+        };
+        sync().map_err(|e| io_fail(path, "", e))
     })();
-    result.map_err(|e| {
+    if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
-        io_err(path, e)
-    })
+    }
+    result
 }

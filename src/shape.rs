@@ -20,13 +20,13 @@ impl Split {
     }
     /// An explicit split; errors when o1 does not divide O or i1 does not divide I.
     pub fn new(o: usize, i: usize, o1: usize, i1: usize) -> Result<Split> {
-        if o1 == 0 || o % o1 != 0 {
+        if o1 == 0 || !o.is_multiple_of(o1) {
             return Err(Error::option(
                 "o1",
                 format!("O = {o} is not divisible by o1 = {o1}"),
             ));
         }
-        if i1 == 0 || i % i1 != 0 {
+        if i1 == 0 || !i.is_multiple_of(i1) {
             return Err(Error::option(
                 "i1",
                 format!("I = {i} is not divisible by i1 = {i1}"),
@@ -60,7 +60,7 @@ pub fn default_pair(n: usize) -> (usize, usize) {
         r += 1;
     }
     let mut d = r.max(1);
-    while n % d != 0 {
+    while !n.is_multiple_of(d) {
         d -= 1;
     }
     (d, n / d)

@@ -4,10 +4,13 @@
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use camex::burn::{ca_merge, merged_linear, Factors};
-use camex::candle::SplitMix;
 use camex::{Dare, Mask, MergeOptions};
 
-fn data(rng: &mut SplitMix, shape: &[usize], std: f64, shift_eye: bool) -> (Vec<f64>, Vec<usize>) {
+#[path = "rng/mod.rs"]
+mod rng;
+use rng::Rng;
+
+fn data(rng: &mut Rng, shape: &[usize], std: f64, shift_eye: bool) -> (Vec<f64>, Vec<usize>) {
     let n: usize = shape.iter().product();
     let mut v: Vec<f64> = (0..n).map(|_| rng.normal() * std).collect();
     if shift_eye {
@@ -48,7 +51,7 @@ fn rel_err(a: &[f64], b: &[f64]) -> f64 {
 #[test]
 fn burn_autodiff_gradients_equal_candle() {
     let dev = Device::flex().autodiff();
-    let mut rng = SplitMix(21);
+    let mut rng = Rng::new(21);
     let (n, o, i, g, t, r) = (3, 6, 4, 2, 5, 2);
     let base = data(&mut rng, &[o, i], 1.0, false);
     let experts = data(&mut rng, &[n, o, i], 1.0, false);
@@ -165,7 +168,7 @@ fn burn_autodiff_gradients_equal_candle() {
 #[test]
 fn f32_forward_without_autodiff() {
     let dev = Device::flex();
-    let mut rng = SplitMix(22);
+    let mut rng = Rng::new(22);
     let base = data(&mut rng, &[4, 6], 1.0, false);
     let experts = data(&mut rng, &[2, 4, 6], 1.0, false);
     let scores = data(&mut rng, &[3, 2], 1.0, false);

@@ -386,8 +386,8 @@ fn ca_merge_vs_oracle<F: Float>() {
                 for dare in dares() {
                     // Alternate biases and beta over the combinations so every pairing occurs.
                     combo += 1;
-                    let with_bias = combo % 2 == 0;
-                    let beta = (combo % 3 != 0).then_some(beta_v);
+                    let with_bias = combo.is_multiple_of(2);
+                    let beta = (!combo.is_multiple_of(3)).then_some(beta_v);
                     let what = format!(
                         "{s:?} kronecker={kron} mask={m:?} dare={dare:?} bias={with_bias} beta={beta:?}"
                     );

@@ -165,17 +165,11 @@ proptest! {
     }
 }
 
-fn splitmix(s: &mut u64) -> f32 {
-    *s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *s;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^= z >> 31;
-    ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-}
+#[path = "rng/mod.rs"]
+mod rng;
 
-fn rand_tensor(shape: &[usize], seed: &mut u64) -> HostTensor<f32> {
-    HostTensor::from_fn(shape, |_| splitmix(seed))
+fn rand_tensor(shape: &[usize], rng: &mut rng::Rng) -> HostTensor<f32> {
+    HostTensor::from_fn(shape, |_| rng.uniform() as f32)
 }
 
 fn close(got: &[f32], want: &HostTensor<f32>) -> bool {
@@ -195,7 +189,7 @@ proptest! {
         if !on("valid_shapes_run") {
             return Ok(());
         }
-        let mut s = seed;
+        let mut s = rng::Rng::new(seed);
         // dynamic_merge
         let base = rand_tensor(&[o, i], &mut s);
         let curved = rand_tensor(&[n, o, i], &mut s);

@@ -278,7 +278,7 @@ fn endless_input_char_device() {
     );
     let e = read_safetensors("/dev/zero").unwrap_err();
     assert!(
-        matches!(e, Error::Io(ref m) if m.contains("/dev/zero")),
+        matches!(e, Error::Io { ref message, .. } if message.contains("/dev/zero")),
         "{e}"
     );
 }

@@ -24,7 +24,7 @@ pub fn join(prefix: &str, name: &str) -> String {
 }
 
 fn err(what: String) -> candle_core::Error {
-    cerr("checkpoint", crate::Error::Io(what))
+    cerr("checkpoint", crate::Error::io(what))
 }
 
 /// A [`VarMap`] holding exactly these variables (shared, not copied: setting the map sets them).

@@ -1,5 +1,4 @@
-//! `curvature` and `curvature_backward` on the GPU (kernels/curvature.cu). Ran on an H200: see
-//! [`crate::cuda`] for the status.
+//! `curvature` and `curvature_backward` on the GPU (kernels/curvature.cu).
 
 use super::{check, check_weights, workspace, CudaTensor, Element, Launch};
 use crate::error::Result;

@@ -1,5 +1,4 @@
-//! `dynamic_merge` and its backward on the GPU (kernels/dynamic.cu). Ran on an H200: see
-//! [`crate::cuda`] for the status.
+//! `dynamic_merge` and its backward on the GPU (kernels/dynamic.cu).
 
 use super::{check, check_finite, check_weights, workspace, CudaTensor, Element, Launch};
 use crate::error::Result;

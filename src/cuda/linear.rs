@@ -1,5 +1,4 @@
-//! `merged_linear` and its backward on the GPU (kernels/linear.cu). Ran on an H200: see
-//! [`crate::cuda`] for the status.
+//! `merged_linear` and its backward on the GPU (kernels/linear.cu).
 
 use super::{check, CudaTensor, Element, Launch};
 use crate::error::{Error, Result};

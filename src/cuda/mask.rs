@@ -1,4 +1,4 @@
-//! `ties_mask` on the GPU (kernels/mask.cu). Ran on an H200: see [`crate::cuda`] for the status.
+//! `ties_mask` on the GPU (kernels/mask.cu).
 
 use super::{check, check_weights, workspace, CudaTensor, Element, Launch};
 use crate::error::Result;

@@ -1,5 +1,5 @@
 //! `merge` (curved given) and the fused `ca_merge` on the GPU (kernels/merge.cu,
-//! kernels/curvature.cu). Ran on an H200: see [`crate::cuda`] for the status.
+//! kernels/curvature.cu).
 
 use super::curvature::{check_curvature, CudaCurvature, CudaFactorGrads};
 use super::{

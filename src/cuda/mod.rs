@@ -1,15 +1,12 @@
 //! The fused CUDA kernels (`kernels/*.cu`) behind a safe API over cudarc streams.
 //!
-//! **Status.** Every operator here ran on an H200 (2026-11-28, `scripts/gpu-check.sh`): all of
-//! `tests/gpu.rs` passed, i.e. every operator and gradient in f32, f16 and bf16 matched the f64 CPU
-//! path ([`crate::cpu`]) at odd and T5-base shapes with NaN-poisoned outputs, and reruns were
-//! bit-identical. Two later changes have run only in the CPU emulation of the kernels
-//! (`CAMEX_KERNEL_EMU=1`, kernels/emu.h: every thread a fiber, barriers, shared memory, atomics,
-//! and mma.sync with the PTX fragment layout): the tensor-core Kronecker forward and backward, opt-in
-//! through [`set_tensor_cores`] for that reason, and the merge epilogue's per-block staged merge
-//! weights.
-//! The emulation covers indexing, tiling, reductions and orchestration, not the GPU memory model, the
-//! CUDA runtime, or speed. Where no GPU is present, `tests/gpu.rs` skips and says why.
+//! Testing: `tests/gpu.rs` compares every operator and gradient in f32, f16 and bf16 with the f64
+//! CPU path ([`crate::cpu`]) at odd and T5-base shapes, with NaN-poisoned outputs and bit-identical
+//! reruns; where no GPU is present it skips and says why. The CPU emulation of the kernels
+//! (`CAMEX_KERNEL_EMU=1`, kernels/emu.h: every thread a fiber, barriers, shared memory, atomics, and
+//! mma.sync with the PTX fragment layout) runs the same kernels without a GPU; it covers indexing,
+//! tiling, reductions and orchestration, not the GPU memory model, the CUDA runtime, or speed. What
+//! has run where is in the README ("Status").
 //!
 //! Conventions:
 //! - Every op takes the stream it runs on (`&Arc<CudaStream>`) and device tensors ([`CudaTensor`]),
@@ -19,7 +16,7 @@
 //! - Storage dtypes f32, f16, bf16 ([`Element`]); all accumulation is in f32; reductions run in a
 //!   fixed order (no float atomics), so two runs give the same bits.
 //! - Every CUDA failure is returned as [`Error::Cuda`]; where no CUDA driver is installed the
-//!   ops return `Err(Error::Cuda("no CUDA driver (libcuda) on this machine"))` instead of panicking.
+//!   ops return an [`Error::Cuda`] saying "no CUDA driver (libcuda) on this machine" instead of panicking.
 //! - With feature `nvtx`, each op is wrapped in an NVTX range named after it.
 
 mod backend;
@@ -136,14 +133,14 @@ fn require_driver() -> Result<()> {
     if driver_present() {
         Ok(())
     } else {
-        Err(Error::Cuda(
-            "no CUDA driver (libcuda) on this machine".into(),
-        ))
+        Err(Error::cuda("no CUDA driver (libcuda) on this machine"))
     }
 }
 
-pub(crate) fn cuda_err(e: impl std::fmt::Debug) -> Error {
-    Error::Cuda(format!("{e:?}"))
+/// A driver call's error, kept as the source; the message is its `Debug` form
+/// (`DriverError(CUDA_ERROR_..., "...")`), as before.
+pub(crate) fn cuda_err(e: cudarc::driver::DriverError) -> Error {
+    Error::cuda_source(format!("{e:?}"), e)
 }
 
 /// Opens device `ordinal` (primary context). Errors, without panicking, where there is no driver
@@ -152,7 +149,7 @@ pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
     require_driver()?;
     let count = CudaContext::device_count().map_err(cuda_err)?;
     if ordinal as i64 >= count as i64 {
-        return Err(Error::Cuda(format!(
+        return Err(Error::cuda(format!(
             "no CUDA device {ordinal} (found {count})"
         )));
     }
@@ -183,9 +180,8 @@ pub fn set_poison_outputs(on: bool) {
 /// off, `None` the process default (the environment variable `CAMEX_TENSOR_CORES=1` turns it on; off
 /// otherwise).
 ///
-/// **Not yet run on a GPU**: the tensor-core kernels are checked only in the CPU emulation of the
-/// kernels (`CAMEX_KERNEL_EMU=1`), so they are opt-in; the scalar kernels, the default, passed every
-/// GPU test on an H200. f32 storage always takes the scalar kernels (SPEC's 1e-5 needs f32 products).
+/// They are opt-in (the README's "Status" says why); the scalar kernels are the
+/// default. f32 storage always takes the scalar kernels (SPEC's 1e-5 needs f32 products).
 pub fn set_tensor_cores(mode: Option<bool>) {
     let m = match mode {
         None => -1,
@@ -490,32 +486,32 @@ pub(crate) fn check(code: i32, op: &str) -> Result<()> {
     match code {
         0 => Ok(()),
         c if c == ffi::CAMEX_ERR_WORKSPACE as i32 => {
-            Err(Error::Cuda(format!("{op}: workspace too small (internal)")))
+            Err(Error::cuda(format!("{op}: workspace too small (internal)")))
         }
-        c if c == ffi::CAMEX_ERR_DIMS as i32 => Err(Error::Cuda(format!(
+        c if c == ffi::CAMEX_ERR_DIMS as i32 => Err(Error::cuda(format!(
             "{op}: dimensions exceed the kernels' grid limits or are inconsistent"
         ))),
-        c => Err(Error::Cuda(format!(
-            "{op}: CUDA runtime error {c} ({})",
-            cuda_error_name(c)
+        c => Err(Error::cuda(format!(
+            "{op}: CUDA runtime error {c} ({}: {})",
+            runtime_str(ffi::camex_error_name, c),
+            runtime_str(ffi::camex_error_string, c)
         ))),
     }
 }
 
-fn cuda_error_name(c: i32) -> &'static str {
-    match c {
-        1 => "cudaErrorInvalidValue",
-        2 => "cudaErrorMemoryAllocation",
-        35 => "cudaErrorInsufficientDriver",
-        98 => "cudaErrorInvalidDeviceFunction",
-        100 => "cudaErrorNoDevice",
-        209 => "cudaErrorNoKernelImageForDevice",
-        222 => "cudaErrorUnsupportedPtxVersion",
-        400 => "cudaErrorInvalidResourceHandle",
-        700 => "cudaErrorIllegalAddress",
-        701 => "cudaErrorLaunchOutOfResources",
-        _ => "see cudaGetErrorName",
+/// The CUDA runtime's static string for code `c` (cudaGetErrorName / cudaGetErrorString, exported
+/// by the kernels' library).
+fn runtime_str(f: unsafe extern "C" fn(i32) -> *const std::ffi::c_char, c: i32) -> String {
+    // SAFETY: both functions take any int and return a static NUL-terminated string (or, in
+    // principle, NULL, which is checked).
+    let p = unsafe { f(c) };
+    if p.is_null() {
+        return "unknown".into();
     }
+    // SAFETY: non-null, NUL-terminated and static (the runtime's own string table).
+    unsafe { std::ffi::CStr::from_ptr(p) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// Checks, before allocating, that `name` of `shape` (elements of `T`) fits in the free memory of

@@ -1,5 +1,4 @@
-//! Causal segment scores on the GPU (kernels/segment.cu). Ran on an H200: see [`crate::cuda`] for
-//! the status.
+//! Causal segment scores on the GPU (kernels/segment.cu).
 
 use super::{check, CudaTensor, Element, Launch};
 use crate::error::Result;

@@ -17,20 +17,9 @@ pub const T: usize = 3;
 pub const B: usize = 2;
 pub const J: usize = 3;
 
-/// splitmix64 -> uniform in [-1, 1).
-pub struct Rng(pub u64);
-impl Rng {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-    }
-}
+#[path = "../rng/mod.rs"]
+mod rng;
+pub use rng::Rng;
 
 /// One test input: named f64 values (converted to the dtype under test) and options.
 #[derive(Clone)]
@@ -96,7 +85,7 @@ pub fn add_biases(c: &mut Case, rng: &mut Rng) {
 pub fn cases(op: &str, seed: u64) -> Vec<Case> {
     let fwd = op.strip_suffix("_backward").unwrap_or(op);
     let backward = fwd != op;
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let rng = &mut rng;
     let mut out = Vec::new();
     match fwd {

@@ -1,4 +1,4 @@
-//! Test glue: a deterministic RNG, random cases, conversions between `Vec<f64>` and
+//! Test glue: the tests' RNG (tests/rng), random cases, conversions between `Vec<f64>` and
 //! `camex::HostTensor<F>`, and SPEC section 5's bound 1: the relative Frobenius error of a tensor, and
 //! |out - ref| <= tol * S for a cancelling sum.
 
@@ -6,40 +6,9 @@ use super::{DareRef, Dims, KronRef, MaskRef, Split4};
 use camex::cpu::{Curvature, Factors};
 use camex::{DType, Dare, Float, HostTensor, Mask};
 
-/// splitmix64: small, deterministic, good enough for test data.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x5DEE_CE66_D1CE_4E5B)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / 9007199254740992.0)
-    }
-    /// n values uniform in [-1, 1).
-    pub fn vec(&mut self, n: usize) -> Vec<f64> {
-        (0..n).map(|_| 2.0 * self.unit() - 1.0).collect()
-    }
-    /// n values k/32 with k in [-64, 64]: exact in f32, and so are their differences, which keeps
-    /// the sign tests of TIES identical in f32 and f64 (and makes |tau| ties frequent).
-    pub fn dyadic(&mut self, n: usize) -> Vec<f64> {
-        (0..n)
-            .map(|_| ((self.next_u64() % 129) as f64 - 64.0) / 32.0)
-            .collect()
-    }
-    /// n values in [lo, hi).
-    pub fn range(&mut self, n: usize, lo: f64, hi: f64) -> Vec<f64> {
-        (0..n).map(|_| lo + (hi - lo) * self.unit()).collect()
-    }
-}
+#[path = "../rng/mod.rs"]
+mod rng;
+pub use rng::Rng;
 
 /// One shape to test: G, N, O, I, the split and the rank R, and T tokens per group.
 #[derive(Clone, Copy, Debug)]
