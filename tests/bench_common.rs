@@ -5,8 +5,7 @@
 mod bench;
 
 use bench::*;
-use camex::cpu::{self, CaMergeInputs, Curvature, Factors};
-use camex::{DType, Error, HostTensor, MergeOptions};
+use camex::{DType, Error};
 
 #[test]
 fn floors_match_spec_section_8() {
@@ -82,6 +81,8 @@ fn bf16_on_cpu_is_an_error_not_a_panic() {
 #[cfg(feature = "peer")]
 #[test]
 fn peer_matches_fused_ca_merge() {
+    use camex::cpu::{self, CaMergeInputs, Curvature, Factors};
+    use camex::{HostTensor, MergeOptions};
     use candle_core::DType as CDType;
     let s = BenchShape {
         o: 12,
