@@ -1,15 +1,18 @@
 //! CPU benchmarks: every operator family, forward and forward+backward, at the shapes of SPEC
 //! section 8, next to the peer (the official unfused formulation composed from candle ops, built
-//! with `--features peer`), with a roofline line per case (see `camex::bench` and BENCHMARKS.md).
+//! with `--features peer`), with a roofline line per case (see `benches/common` and BENCHMARKS.md).
 //!
 //! `cargo bench --bench cpu --features peer` runs the T5-small set (a few minutes on 2 cores).
 //! `CAMEX_BENCH_SHAPES=t5-small,t5-base,gpt2,minilm` picks the shapes; `CAMEX_BENCH_PEER=0` skips
 //! the peer. Criterion filters (`-- ca_merge`) work as usual. Without `--bench` (as under
 //! `cargo test --all-targets`) every case runs once at the smallest shape and nothing is timed.
 
-use camex::bench::{
-    self, line, machine_line, measure_cpu, peak_since, peak_start, Case, CountingAlloc, Device,
-    Impl, Measured, Op, Pass, ShapeName,
+#[path = "common/mod.rs"]
+mod bench;
+
+use bench::{
+    line, machine_line, measure_cpu, peak_since, peak_start, Case, CountingAlloc, Device, Impl,
+    Measured, Op, Pass, ShapeName,
 };
 use camex::DType;
 use criterion::{Criterion, SamplingMode};
@@ -26,7 +29,9 @@ fn shapes() -> Vec<ShapeName> {
             .split(',')
             .filter(|s| !s.is_empty())
             .map(|s| {
-                ShapeName::parse(s.trim()).unwrap_or_else(|e| panic!("CAMEX_BENCH_SHAPES: {e}"))
+                s.trim()
+                    .parse::<ShapeName>()
+                    .unwrap_or_else(|e| panic!("CAMEX_BENCH_SHAPES: {e}"))
             })
             .collect(),
         Err(_) => vec![ShapeName::T5Small],

@@ -1,7 +1,7 @@
 //! GPU benchmarks (feature `cuda`): the fused CA-merge, curvature, merge and merged linear, forward
 //! and forward+backward, f32 and bf16, at the shapes of SPEC section 8, timed with CUDA events
 //! (criterion `iter_custom`; warm-up, module loading and uploads outside the timed region), then
-//! one roofline line per case against the H200 datasheet floor (see `camex::bench::gpu`).
+//! one roofline line per case against the H200 datasheet floor (see `benches/common/gpu.rs`).
 //!
 //! Ran on an H200 once (2026-11-28, scalar kernels; BENCHMARKS.md). Build it with
 //! `scripts/build-gpu-bins.sh` (as `gpu-bin/bench-cuda`); `scripts/gpu-check.sh` runs it. The PyTorch peer is
@@ -10,7 +10,10 @@
 //! skips it). `CAMEX_BENCH_SHAPES` picks shapes (default t5-base);
 //! `CAMEX_BENCH_OPS` and `CAMEX_BENCH_DTYPES` narrow the ops and dtypes.
 
-use camex::bench::{gpu, line, Case, Device, Impl, Op, Pass, ShapeName};
+#[path = "common/mod.rs"]
+mod bench;
+
+use bench::{gpu, line, Case, Device, Impl, Op, Pass, ShapeName};
 use camex::DType;
 use criterion::{Criterion, SamplingMode};
 use std::time::Duration;
@@ -22,7 +25,9 @@ fn main() {
             .split(',')
             .filter(|s| !s.is_empty())
             .map(|s| {
-                ShapeName::parse(s.trim()).unwrap_or_else(|e| panic!("CAMEX_BENCH_SHAPES: {e}"))
+                s.trim()
+                    .parse::<ShapeName>()
+                    .unwrap_or_else(|e| panic!("CAMEX_BENCH_SHAPES: {e}"))
             })
             .collect(),
         Err(_) => vec![ShapeName::T5Base],

@@ -16,7 +16,10 @@
 //! with `u` the fraction of the 132 SMs the grid keeps busy over its waves (blocks per SM from
 //! ptxas' registers and the launch's shared memory). It knows nothing of scalar FMA throughput,
 //! latency or overlap between launches: BENCHMARKS.md calibrates it against the H200 run.
-use camex::bench::{cost, Op, Pass, ShapeName};
+#[path = "../benches/common/mod.rs"]
+mod bench;
+
+use bench::{cost, Op, Pass, ShapeName};
 use camex::ffi;
 use clap::Parser;
 use std::alloc::{alloc_zeroed, dealloc, Layout};
@@ -540,7 +543,10 @@ fn main() {
         usage("the kernels were built for the GPU; build with CAMEX_KERNEL_EMU=1 (scripts/cost-model.sh does)");
     }
     let dt = Dt::parse(&a.dtype);
-    let shape = ShapeName::parse(&a.shape).unwrap_or_else(|e| usage(&e.to_string()));
+    let shape = a
+        .shape
+        .parse::<ShapeName>()
+        .unwrap_or_else(|e| usage(&e.to_string()));
     let mut bs = shape.dims();
     let k = a.shrink.max(1);
     bs.o /= k;
@@ -576,7 +582,10 @@ fn main() {
     // SAFETY: switches the emulation's counters on (sampled unless --exact).
     unsafe { ffi::camex_emu_counting(if a.exact { 1 } else { 2 }) };
     for op_name in a.ops.split(',') {
-        let op = Op::parse(op_name.trim()).unwrap_or_else(|e| usage(&e.to_string()));
+        let op = op_name
+            .trim()
+            .parse::<Op>()
+            .unwrap_or_else(|e| usage(&e.to_string()));
         let tc_serves =
             dt != Dt::F32 && matches!(op, Op::CaMerge | Op::Curvature | Op::MergedLinear);
         let impls: &[(&str, i32)] = if tc_serves {

@@ -59,7 +59,7 @@ fi
 build gpu-tests test gpu --release --features cuda
 build bench-cuda bench cuda --features "$FEATURES"
 # The CLI, for the check's `camex run --device cuda` round trip.
-cargo build --release --features cuda --bin camex
+cargo build --release --features cuda,cli --bin camex
 cp "$CARGO_TARGET_DIR/release/camex" "$OUT/camex"
 if [ "$CANDLE" = 1 ]; then
   build candle-cuda-tests test candle_cuda --release --features "$FEATURES"

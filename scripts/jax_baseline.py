@@ -15,7 +15,7 @@ Timing: jit compilation and one warm-up call happen first, outside the timed reg
 calls, each ended by block_until_ready; the median is reported. Peak memory:
 XLA's buffer assignment for the compiled call (temporaries plus outputs; the inputs are not
 counted, as in `camex bench`). The floor: the FLOP and byte counts of SPEC section 8 (backward = 2x
-forward FLOP, the same model as src/bench.rs `cost`) over the machine's GEMM rate and copy
+forward FLOP, the same model as benches/common/mod.rs `cost`) over the machine's GEMM rate and copy
 bandwidth; `camex bench --xla` passes the rates it measured (--gemm-gflops, --copy-gbps) so that
 every line of a run shares one floor, otherwise XLA's own 2048^3 f32 matmul and a 256 MiB copy are
 measured here.
@@ -25,7 +25,6 @@ Usage: python3 scripts/jax_baseline.py [--shape t5-small] [--op ca_merge|curvatu
 """
 
 import argparse
-import math
 import os
 import statistics
 import subprocess
@@ -35,13 +34,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV = os.path.join(ROOT, ".venv-jax")
 
-SHAPES = {
-    # O, I of `wi`; N; R; G; T  (SPEC section 8)
-    "t5-small": (2048, 512, 7, 8, 16, 128),
-    "t5-base": (3072, 768, 7, 8, 16, 128),
-    "gpt2": (3072, 768, 7, 8, 32, 256),
-    "minilm": (1536, 384, 7, 8, 32, 128),
-}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from baseline_common import SHAPES, cost, default_pair  # noqa: E402
 
 
 def ensure_venv():
@@ -55,37 +49,6 @@ def ensure_venv():
             subprocess.check_call([sys.executable, "-m", "venv", VENV])
         subprocess.check_call([py, "-m", "pip", "install", "-q", "jax"], stdout=sys.stderr)
     os.execv(py, [py, os.path.abspath(__file__)] + sys.argv[1:])
-
-
-def default_pair(n):
-    """o1 = the largest divisor of n not above floor(sqrt(n)) (SPEC section 2)."""
-    d = max(1, math.isqrt(n))
-    while n % d:
-        d -= 1
-    return d, n // d
-
-
-def cost(op, shape, pas, elem):
-    """FLOP and bytes of SPEC section 8 (same model as src/bench.rs `cost`)."""
-    o, i, n, r, g, t = SHAPES[shape]
-    o1, o2 = default_pair(o)
-    i1, i2 = default_pair(i)
-    oi = o * i
-    kron = 2.0 * n * r * oi * (o1 + o2 + i1 + i2)
-    mergef = 2.0 * g * n * oi
-    bwd = pas == "fwd+bwd"
-    if op == "curvature":
-        flop = 3 * kron if bwd else kron
-        elems = (2 * n + 1) * oi * (2 if bwd else 1)
-    elif op == "merge":
-        flop = 3 * mergef if bwd else mergef
-        elems = (n + 1 + g) * oi * (2 if bwd else 1)
-    elif op == "ca_merge":
-        flop = 3 * (kron + mergef) if bwd else kron + mergef
-        elems = (n + 1 + g) * oi * (2 if bwd else 1)
-    else:
-        raise ValueError(op)
-    return flop, elems * elem
 
 
 def main():

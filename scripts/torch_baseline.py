@@ -11,7 +11,7 @@ Timing: CUDA events around each iteration, after warm-up (compilation and autotu
 warm-up, outside the timed region). Peak memory: torch.cuda.max_memory_allocated above what the
 inputs hold. The floor uses this GPU's measured matmul rate in the same dtype (a large square
 matmul) and its measured copy bandwidth, with the FLOP and byte counts of SPEC section 8 (backward
-= 2x forward), the same model as src/bench.rs.
+= 2x forward), the same model as benches/common/mod.rs.
 
 Usage: python3 scripts/torch_baseline.py [--shape t5-base] [--dtype bf16] [--op ca_merge]
        [--pass all] [--iters 10] [--no-compile]
@@ -19,52 +19,12 @@ Not run on a GPU yet: its numbers are unmeasured until scripts/gpu-check.sh runs
 """
 
 import argparse
-import math
+import os
 import statistics
 import sys
 
-SHAPES = {
-    # O, I of `wi`; N; R; G; T  (SPEC section 8)
-    "t5-small": (2048, 512, 7, 8, 16, 128),
-    "t5-base": (3072, 768, 7, 8, 16, 128),
-    "gpt2": (3072, 768, 7, 8, 32, 256),
-    "minilm": (1536, 384, 7, 8, 32, 128),
-}
-
-
-def default_pair(n):
-    """o1 = the largest divisor of n not above floor(sqrt(n)) (SPEC section 2)."""
-    d = max(1, math.isqrt(n))
-    while n % d:
-        d -= 1
-    return d, n // d
-
-
-def cost(op, shape, pas, elem):
-    """FLOP and bytes of SPEC section 8 (same model as src/bench.rs `cost`)."""
-    o, i, n, r, g, t = SHAPES[shape]
-    o1, o2 = default_pair(o)
-    i1, i2 = default_pair(i)
-    oi = o * i
-    kron = 2.0 * n * r * oi * (o1 + o2 + i1 + i2)
-    mergef = 2.0 * g * n * oi
-    bwd = pas == "fwd+bwd"
-    if op == "curvature":
-        flop = 3 * kron if bwd else kron
-        elems = (2 * n + 1) * oi * (2 if bwd else 1)
-    elif op == "merge":
-        flop = 3 * mergef if bwd else mergef
-        elems = (n + 1 + g) * oi * (2 if bwd else 1)
-    elif op == "ca_merge":
-        flop = 3 * (kron + mergef) if bwd else kron + mergef
-        elems = (n + 1 + g) * oi * (2 if bwd else 1)
-    elif op == "merged_linear":
-        lin = 2.0 * g * t * oi
-        e = g * t * i + g * oi + g * t * o
-        flop, elems = (3 * lin, 2 * e) if bwd else (lin, e)
-    else:
-        raise ValueError(op)
-    return flop, elems * elem
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from baseline_common import SHAPES, cost, default_pair  # noqa: E402
 
 
 def main():

@@ -7,7 +7,8 @@
 //!
 //! - [`cpu`]: the exact reference path, parallel (rayon) on a real GEMM micro-kernel (`gemm`).
 //! - `cuda` (feature `cuda`): the fused CUDA kernels over cudarc streams.
-//! - [`named`]: every operator by name over safetensors-style named tensors (the `camex` CLI).
+//! - `named` (feature `cli`): every operator by name over safetensors-style named tensors (the
+//!   `camex` CLI).
 //!
 //! Layout everywhere: dense, row-major, contiguous; shapes as SPEC section 2.
 
@@ -15,11 +16,9 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod backend;
-pub mod bench;
 pub mod cpu;
 pub mod error;
 pub mod memory;
-pub mod named;
 pub mod options;
 pub mod philox;
 pub mod shape;
@@ -37,9 +36,12 @@ pub mod cuda;
 #[cfg(feature = "cuda")]
 #[cfg_attr(docsrs, doc(cfg(feature = "cuda")))]
 pub mod ffi;
+#[cfg(feature = "cli")]
+#[cfg_attr(docsrs, doc(cfg(feature = "cli")))]
+pub mod named;
 
 pub use error::{Error, Result};
 pub use memory::MemoryLimit;
-pub use options::{Dare, Mask, MergeOptions};
+pub use options::{Dare, Device, Mask, MergeOptions};
 pub use shape::Split;
 pub use tensor::{AnyTensor, DType, Float, HostTensor};

@@ -14,7 +14,7 @@
 //! - [`MemoryLimit::Unlimited`]: only overflow of the size arithmetic is an error.
 //!
 //! Where the limit comes from, innermost first: a [`with_limit`] scope on this thread (the `named`
-//! interface opens one for [`crate::named::RunOptions::memory_limit`]), else the process-wide
+//! interface opens one for its `RunOptions::memory_limit`), else the process-wide
 //! [`set_limit`], else [`MemoryLimit::Available`]. The `camex` CLI sets it with `--max-memory`.
 //!
 //! The CUDA operators compare their device allocations with the free device memory

@@ -36,34 +36,8 @@ use half::{bf16, f16};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// Where an operator runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Device {
-    #[default]
-    Cpu,
-    /// The fused CUDA kernels (crate feature `cuda`).
-    Cuda,
-}
-
-impl Device {
-    pub fn name(self) -> &'static str {
-        match self {
-            Device::Cpu => "cpu",
-            Device::Cuda => "cuda",
-        }
-    }
-    /// Parses `cpu` or `cuda`.
-    pub fn parse(s: &str) -> Result<Device> {
-        match s {
-            "cpu" => Ok(Device::Cpu),
-            "cuda" => Ok(Device::Cuda),
-            _ => Err(Error::option(
-                "device",
-                format!("expected cpu|cuda, got `{s}`"),
-            )),
-        }
-    }
-}
+/// Where `run_op` runs: the crate's one [`Device`](crate::Device).
+pub use crate::options::Device;
 
 /// Scalar options of [`run_op`]. Each operator uses the subset listed in its [`OpInfo::options`].
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -48,9 +48,10 @@ pub enum Mask {
     TiesTrim(f64),
 }
 
-impl Mask {
-    /// Parses `none`, `ties_sign` or `ties_trim:K`.
-    pub fn parse(s: &str) -> Result<Mask> {
+/// Parses `none`, `ties_sign` or `ties_trim:K`.
+impl std::str::FromStr for Mask {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Mask> {
         let m = match s {
             "none" => Mask::None,
             "ties_sign" => Mask::TiesSign,
@@ -69,6 +70,9 @@ impl Mask {
         m.validate()?;
         Ok(m)
     }
+}
+
+impl Mask {
     pub fn validate(&self) -> Result<()> {
         if let Mask::TiesTrim(k) = *self {
             if !(k > 0.0 && k <= 1.0) {
@@ -79,6 +83,17 @@ impl Mask {
             }
         }
         Ok(())
+    }
+}
+
+/// The spelling [`FromStr`](std::str::FromStr) reads: `none`, `ties_sign`, `ties_trim:K`.
+impl std::fmt::Display for Mask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Mask::None => f.write_str("none"),
+            Mask::TiesSign => f.write_str("ties_sign"),
+            Mask::TiesTrim(k) => write!(f, "ties_trim:{k}"),
+        }
     }
 }
 
@@ -93,9 +108,10 @@ pub enum Dare {
     Element { p: f64, seed: u64 },
 }
 
-impl Dare {
-    /// Parses `none`, `expert:P:SEED` or `element:P:SEED`.
-    pub fn parse(s: &str) -> Result<Dare> {
+/// Parses `none`, `expert:P:SEED` or `element:P:SEED`.
+impl std::str::FromStr for Dare {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Dare> {
         if s == "none" {
             return Ok(Dare::None);
         }
@@ -119,6 +135,9 @@ impl Dare {
         d.validate()?;
         Ok(d)
     }
+}
+
+impl Dare {
     pub fn validate(&self) -> Result<()> {
         match *self {
             Dare::None => Ok(()),
@@ -132,6 +151,56 @@ impl Dare {
                     ))
                 }
             }
+        }
+    }
+}
+
+/// The spelling [`FromStr`](std::str::FromStr) reads: `none`, `expert:P:SEED`, `element:P:SEED`.
+impl std::fmt::Display for Dare {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dare::None => f.write_str("none"),
+            Dare::Expert { p, seed } => write!(f, "expert:{p}:{seed}"),
+            Dare::Element { p, seed } => write!(f, "element:{p}:{seed}"),
+        }
+    }
+}
+
+/// Where an operator runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    #[default]
+    Cpu,
+    /// The fused CUDA kernels (crate feature `cuda`).
+    Cuda,
+}
+
+impl Device {
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Parses `cpu` or `cuda`.
+impl std::str::FromStr for Device {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Device> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda),
+            _ => Err(Error::option(
+                "device",
+                format!("expected cpu|cuda, got `{s}`"),
+            )),
         }
     }
 }

@@ -24,7 +24,25 @@ impl DType {
             DType::BF16 => "bf16",
         }
     }
-    pub fn parse(s: &str) -> Result<Self> {
+    pub fn size_in_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F64 => 8,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Parses `f32`, `f64`, `f16` or `bf16`.
+impl std::str::FromStr for DType {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
         match s {
             "f32" => Ok(DType::F32),
             "f64" => Ok(DType::F64),
@@ -34,13 +52,6 @@ impl DType {
                 "dtype",
                 format!("expected f32|f64|f16|bf16, got `{s}`"),
             )),
-        }
-    }
-    pub fn size_in_bytes(self) -> usize {
-        match self {
-            DType::F32 => 4,
-            DType::F64 => 8,
-            DType::F16 | DType::BF16 => 2,
         }
     }
 }

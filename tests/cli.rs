@@ -9,55 +9,16 @@ use camex::named::{self, read_safetensors, run_op, write_safetensors, RunOptions
 use camex::{AnyTensor, DType, Dare, HostTensor, Mask};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 mod cases;
+mod cli_common;
 use cases::*;
+use cli_common::*;
 
 // ---------------------------------------------------------------------------------------------
 // Running the binary
 // ---------------------------------------------------------------------------------------------
-
-/// A fresh, empty directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let p =
-            std::env::temp_dir().join(format!("camex-cli-{tag}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-    /// Names of the files in the directory (to see that nothing, not even a temp file, is left).
-    fn files(&self) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(&self.0)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-            .collect();
-        v.sort();
-        v
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn camex(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_camex"))
-        .args(args)
-        .output()
-        .expect("the camex binary runs")
-}
 
 /// The command-line flags that express `o` (only the non-default ones).
 fn flags(o: &RunOptions) -> Vec<String> {
@@ -111,10 +72,6 @@ fn run_cli(
     (camex(&refs), out)
 }
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).to_string()
-}
-
 /// Status 2, a message on stderr containing every one of `needles`, and no output file.
 fn assert_fails(o: &Output, out: &Path, needles: &[&str]) {
     assert_eq!(o.status.code(), Some(2), "stderr: {}", text(&o.stderr));
@@ -132,7 +89,7 @@ fn assert_fails(o: &Output, out: &Path, needles: &[&str]) {
 /// Every operator, forward and backward, every variant: the CLI's output file equals the library.
 #[test]
 fn every_op_round_trips_through_the_cli() {
-    let dir = TempDir::new("ops");
+    let dir = TempDir::new("cli-ops");
     let mut ran = 0;
     for (k, info) in named::ops().iter().enumerate() {
         for case in cases(info.name, 700 + k as u64) {
@@ -158,7 +115,7 @@ fn every_op_round_trips_through_the_cli() {
 /// f64, f16 and bf16 files, and `--dtype` overriding the storage dtype.
 #[test]
 fn dtypes_through_the_cli() {
-    let dir = TempDir::new("dtypes");
+    let dir = TempDir::new("cli-dtypes");
     for op in [
         "ca_merge_backward",
         "merged_linear",
@@ -197,7 +154,7 @@ fn dtypes_through_the_cli() {
 /// `--flag=value` is the same as `--flag value`.
 #[test]
 fn inline_option_values() {
-    let dir = TempDir::new("inline");
+    let dir = TempDir::new("cli-inline");
     let case = cases("ca_merge", 42).remove(1);
     let inputs = case.any(DType::F32);
     let want = run_op("ca_merge", &inputs, &case.opts).unwrap();
@@ -214,7 +171,7 @@ fn inline_option_values() {
 
 #[test]
 fn missing_tensor_exits_2_without_output() {
-    let dir = TempDir::new("missing");
+    let dir = TempDir::new("cli-missing");
     for info in named::ops() {
         let case = &cases(info.name, 43)[0];
         let name = info.required().last().unwrap();
@@ -228,7 +185,7 @@ fn missing_tensor_exits_2_without_output() {
 
 #[test]
 fn wrong_shape_exits_2_without_output() {
-    let dir = TempDir::new("shape");
+    let dir = TempDir::new("cli-shape");
     let case = cases("ca_merge_backward", 44).remove(1);
     let mut inputs = case.any(DType::F32);
     inputs.insert(
@@ -250,7 +207,7 @@ fn wrong_shape_exits_2_without_output() {
 /// A failure does not touch a file already at the output path.
 #[test]
 fn failure_keeps_an_existing_output_file() {
-    let dir = TempDir::new("keep");
+    let dir = TempDir::new("cli-keep");
     let case = &cases("merge", 45)[0];
     let mut inputs = case.any(DType::F32);
     inputs.remove("scores");
@@ -273,7 +230,7 @@ fn failure_keeps_an_existing_output_file() {
 
 #[test]
 fn bad_usage_exits_2_without_output() {
-    let dir = TempDir::new("usage");
+    let dir = TempDir::new("cli-usage");
     let case = &cases("ca_merge", 46)[0];
     let inputs = case.any(DType::F32);
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
@@ -288,7 +245,11 @@ fn bad_usage_exits_2_without_output() {
         ("ca_merge", s(&["--dtype", "f8"]), &["dtype"]),
         ("ca_merge", s(&["--device", "tpu"]), &["device"]),
         ("ca_merge", s(&["--speed", "9"]), &["--speed"]),
-        ("ca_merge", s(&["--alpha", "1", "--alpha", "2"]), &["twice"]),
+        (
+            "ca_merge",
+            s(&["--alpha", "1", "--alpha", "2"]),
+            &["--alpha", "multiple times"],
+        ),
         ("ca_merge", s(&["extra"]), &["extra"]),
         ("curvature", s(&["--alpha", "2"]), &["--alpha", "curvature"]),
         ("merge", s(&["--mask", "ties_sign"]), &["--mask", "merge"]),
@@ -321,7 +282,7 @@ fn bad_usage_exits_2_without_output() {
 #[cfg(not(feature = "cuda"))]
 #[test]
 fn cuda_without_feature_exits_2() {
-    let dir = TempDir::new("cuda");
+    let dir = TempDir::new("cli-cuda");
     let case = &cases("merge", 47)[0];
     let inputs = case.any(DType::F32);
     let (o, out) = run_cli(&dir, "merge", &inputs, &["--device".into(), "cuda".into()]);

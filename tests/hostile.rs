@@ -15,50 +15,17 @@ use camex::named::{self, read_safetensors, run_op, write_safetensors, RunOptions
 use camex::{AnyTensor, Error, HostTensor, MemoryLimit};
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
+
+mod cli_common;
+use cli_common::*;
 
 const AS_LIMIT: u64 = 1_000_000_000;
 
-/// A fresh, empty directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let p = std::env::temp_dir().join(format!(
-            "camex-hostile-{tag}-{}-{nanos}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-    fn files(&self) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(&self.0)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-            .collect();
-        v.sort();
-        v
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Runs `camex args` with its address space limited to [`AS_LIMIT`].
 fn camex_limited(args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_camex"));
-    cmd.args(args);
+    let mut cmd = camex_command(args);
     // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
@@ -82,10 +49,6 @@ fn children_peak_rss() -> u64 {
     let rc = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
     assert_eq!(rc, 0);
     ru.ru_maxrss as u64 * 1024
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 /// The run must fail with status 2 and a message containing every needle, leave `dir` holding
@@ -140,7 +103,7 @@ fn s(p: &Path) -> &str {
 /// 12 MB of input asks `merge` for a 4 TiB `merged` [G, O, I]: an Err naming it, not an abort.
 #[test]
 fn amplification_huge_g() {
-    let d = TempDir::new("amp-g");
+    let d = TempDir::new("hostile-amp-g");
     let (g, o, i) = (1usize << 20, 1024, 1024);
     let inp = d.path("in.safetensors");
     write(
@@ -173,7 +136,7 @@ fn amplification_huge_g() {
 /// A long T in `merged_linear`: x [1, T, 1] and merged [1, O, 1] (8 MB) ask for y of 4 TiB.
 #[test]
 fn amplification_long_t() {
-    let d = TempDir::new("amp-t");
+    let d = TempDir::new("hostile-amp-t");
     let (t, o) = (1usize << 20, 1usize << 20);
     let inp = d.path("in.safetensors");
     write(
@@ -261,7 +224,7 @@ fn amplification_library() {
 
 #[test]
 fn endless_input_char_device() {
-    let d = TempDir::new("dev");
+    let d = TempDir::new("hostile-dev");
     let out = d.path("out.safetensors");
     expect_refused(
         &d,
@@ -286,7 +249,7 @@ fn endless_input_char_device() {
 /// A FIFO with no writer: opening it for reading would block forever; it is refused before.
 #[test]
 fn endless_input_fifo() {
-    let d = TempDir::new("fifo");
+    let d = TempDir::new("hostile-fifo");
     let fifo = d.path("in.fifo");
     let c = std::ffi::CString::new(s(&fifo)).unwrap();
     // SAFETY: a valid NUL-terminated path.
@@ -306,7 +269,7 @@ fn endless_input_fifo() {
 
 #[test]
 fn outputs_equal_to_inputs() {
-    let d = TempDir::new("same");
+    let d = TempDir::new("hostile-same");
     let inp = d.path("in.safetensors");
     write(
         &inp,
@@ -378,7 +341,7 @@ fn raw_safetensors(path: &Path, header: &str, data: &[u8]) {
 
 #[test]
 fn duplicate_names() {
-    let d = TempDir::new("dup");
+    let d = TempDir::new("hostile-dup");
     let inp = d.path("in.safetensors");
     let data: Vec<u8> = [1.0f32, 2.0, 3.0]
         .iter()
@@ -421,7 +384,7 @@ fn duplicate_names() {
 
 #[test]
 fn overflowing_alpha_and_beta() {
-    let d = TempDir::new("scalar");
+    let d = TempDir::new("hostile-scalar");
     let inp = d.path("in.safetensors");
     write(
         &inp,
@@ -538,7 +501,7 @@ fn overflowing_alpha_and_beta() {
 
 #[test]
 fn non_binary_and_nan_masks() {
-    let d = TempDir::new("mask");
+    let d = TempDir::new("hostile-mask");
     let out = d.path("out.safetensors");
     for (file, v, needle) in [
         ("half.safetensors", 0.5f32, "is 0.5"),
@@ -596,7 +559,7 @@ fn non_binary_and_nan_masks() {
 /// a missing factor names the operator and the factor, and says why.
 #[test]
 fn mended_messages() {
-    let d = TempDir::new("msg");
+    let d = TempDir::new("hostile-msg");
     let inp = d.path("in.safetensors");
     let out = d.path("out.safetensors");
     write(

@@ -9,133 +9,82 @@
 //! a regular file, outputs that are the input file); the message goes to stderr and no output file
 //! is written (an existing file at the output path is left untouched).
 //!
-//! Subcommands are a table ([`SUBCOMMANDS`]): adding one (`bench`, `train`) is a row and a function.
+//! The arguments are clap's (derive); usage errors exit with status 2 as clap's do.
+
+// The benchmark harness lives with the benches (it is no part of the library).
+#[path = "../../benches/common/mod.rs"]
+mod bench;
 
 use camex::named::{self, Device, OpInfo, RunOptions};
 use camex::{DType, Dare, Error, Mask, MemoryLimit};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
 
-/// A subcommand: name, one-line summary, handler (gets the arguments after its name).
-struct Subcommand {
-    name: &'static str,
-    summary: &'static str,
-    run: fn(&[String]) -> Result<(), CliError>,
+/// camex: curvature-aware merging of experts (SPEC.md)
+#[derive(Parser)]
+#[command(name = "camex")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
 }
 
-const SUBCOMMANDS: &[Subcommand] = &[
-    Subcommand {
-        name: "run",
-        summary: "run one operator on the named tensors of a safetensors file",
-        run: cmd_run,
-    },
-    Subcommand {
-        name: "bench",
-        summary: "time every operator at the shapes of SPEC section 8 (one roofline line per case)",
-        run: cmd_bench,
-    },
-];
+#[derive(Subcommand)]
+enum Command {
+    /// Run one operator on the named tensors of a safetensors file
+    Run(RunArgs),
+    /// Time every operator at the shapes of SPEC section 8 (one roofline line per case)
+    Bench(bench::cli::BenchArgs),
+}
 
 // `camex bench` reports peak heap memory per case: count live bytes (a few atomics per allocation).
 #[global_allocator]
-static ALLOC: camex::bench::CountingAlloc = camex::bench::CountingAlloc;
-
-/// Why a command stopped: help was printed (success), or an error (exit 2).
-enum CliError {
-    Help(String),
-    Fail(String),
-}
-
-impl From<Error> for CliError {
-    fn from(e: Error) -> Self {
-        CliError::Fail(e.to_string())
-    }
-}
+static ALLOC: bench::CountingAlloc = bench::CountingAlloc;
 
 fn main() -> ExitCode {
-    let mut args = Vec::new();
-    for a in std::env::args_os().skip(1) {
-        match a.into_string() {
-            Ok(s) => args.push(s),
-            Err(a) => {
-                eprintln!("camex: error: argument {a:?} is not valid UTF-8");
-                return ExitCode::from(2);
-            }
+    // The operator list is generated from `named::ops`, so it is attached at run time.
+    let ops = ops_help();
+    let cmd = Cli::command()
+        .after_help(ops.clone())
+        .mut_subcommand("run", |c| c.after_help(format!("{RUN_NOTES}\n{ops}")))
+        .mut_subcommand("bench", |c| c.after_help(bench::cli::AFTER_HELP));
+    // Help prints to stdout with status 0; usage errors go to stderr as every error does
+    // (`camex: error: ...`), with status 2.
+    let cli = match cmd
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m))
+    {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            eprint!("camex: {}", e.render());
+            return ExitCode::from(2);
         }
-    }
-    let result = match args.first().map(String::as_str) {
-        None => Err(CliError::Fail(format!(
-            "a subcommand is needed: {} (see camex --help)",
-            SUBCOMMANDS
-                .iter()
-                .map(|s| s.name)
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))),
-        Some("-h" | "--help" | "help") => Err(CliError::Help(top_help())),
-        Some(name) => match SUBCOMMANDS.iter().find(|s| s.name == name) {
-            Some(sub) => (sub.run)(&args[1..]),
-            None => Err(CliError::Fail(format!(
-                "unknown subcommand `{name}` (expected one of: {}; see camex --help)",
-                SUBCOMMANDS
-                    .iter()
-                    .map(|s| s.name)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))),
-        },
+        Err(e) => e.exit(),
+    };
+    let result = match cli.command {
+        None => Err("a subcommand is needed: run, bench (see camex --help)".to_string()),
+        Some(Command::Run(a)) => cmd_run(a),
+        Some(Command::Bench(a)) => {
+            bench::cli::run_cli(&a, &mut std::io::stdout().lock()).map_err(|e| e.to_string())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(CliError::Help(text)) => {
-            print!("{text}");
-            ExitCode::SUCCESS
-        }
-        Err(CliError::Fail(msg)) => {
+        Err(msg) => {
             eprintln!("camex: error: {msg}");
             ExitCode::from(2)
         }
     }
 }
 
-fn top_help() -> String {
-    let mut s = String::from(
-        "camex: curvature-aware merging of experts (SPEC.md)\n\nUsage: camex <SUBCOMMAND> [ARGS]\n\nSubcommands:\n",
-    );
-    for sub in SUBCOMMANDS {
-        s += &format!("  {:<8} {}\n", sub.name, sub.summary);
-    }
-    s += "\n";
-    s += &run_help();
-    s
-}
-
-const RUN_USAGE: &str = "\
-Usage: camex run OP --inputs IN.safetensors --outputs OUT.safetensors [OPTIONS]
-
-Options:
-  --inputs PATH        safetensors file with the tensors OP reads (names as below)
-  --outputs PATH       safetensors file to write (atomically; nothing is written on error)
-  --device cpu|cuda    where to run (default cpu)
-  --dtype f32|f64|f16|bf16
-                       storage dtype (default: the inputs' dtype, which must be one for all);
-                       f16/bf16 compute in f32 and round the outputs back
-  --alpha A            merge scale (default 1)
-  --beta B             dynamic-merge step (dynamic_merge*: required; ca_merge*: adds next_base)
-  --mask none|ties_sign|ties_trim:K
-                       TIES mask (default none)
-  --dare none|expert:P:SEED|element:P:SEED
-                       DARE dropout (default none)
-  --max-memory BYTES[K|M|G|T]|available|unlimited
-                       memory the inputs, outputs and workspaces may take (default: available,
-                       what the machine, cgroup and rlimits still give); over it is an error
+const RUN_NOTES: &str = "\
 An option the operator does not use is an error. The inputs must be a regular file, and the
 outputs another file. Exit status: 0 ok, 2 error.
 ";
 
-/// `camex run --help`: usage and every operator, generated from [`named::ops`].
-fn run_help() -> String {
-    let mut s = String::from(RUN_USAGE);
-    s += "\nOperators (SPEC section 7; tensor shapes in SPEC section 2 symbols):\n";
+/// Every operator with what it reads and writes, generated from [`named::ops`].
+fn ops_help() -> String {
+    let mut s =
+        String::from("Operators (SPEC section 7; tensor shapes in SPEC section 2 symbols):\n");
     for op in named::ops() {
         s += &op_help(op);
     }
@@ -178,113 +127,85 @@ fn op_help(op: &OpInfo) -> String {
     s
 }
 
-/// The parsed `camex run` command line.
+/// The `camex run` command line.
+#[derive(clap::Args)]
 struct RunArgs {
-    op: String,
-    inputs: String,
-    outputs: String,
-    opts: RunOptions,
-    /// Scalar options given explicitly (checked against the operator's list).
-    given: Vec<&'static str>,
+    /// The operator (listed below)
+    op: Option<String>,
+    /// safetensors file with the tensors OP reads (names as below)
+    #[arg(long, value_name = "PATH")]
+    inputs: Option<String>,
+    /// safetensors file to write (atomically; nothing is written on error)
+    #[arg(long, value_name = "PATH")]
+    outputs: Option<String>,
+    /// Where to run: cpu|cuda
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    device: Device,
+    /// Storage dtype: f32|f64|f16|bf16 (default: the inputs' dtype, which must be one for all);
+    /// f16/bf16 compute in f32 and round the outputs back
+    #[arg(long, value_name = "DTYPE")]
+    dtype: Option<DType>,
+    /// Merge scale (default 1)
+    #[arg(long, value_name = "A", value_parser = finite("alpha"), allow_negative_numbers = true)]
+    alpha: Option<f64>,
+    /// Dynamic-merge step (dynamic_merge*: required; ca_merge*: adds next_base)
+    #[arg(long, value_name = "B", value_parser = finite("beta"), allow_negative_numbers = true)]
+    beta: Option<f64>,
+    /// TIES mask: none|ties_sign|ties_trim:K (default none)
+    #[arg(long, value_name = "MASK")]
+    mask: Option<Mask>,
+    /// DARE dropout: none|expert:P:SEED|element:P:SEED (default none)
+    #[arg(long, value_name = "DARE")]
+    dare: Option<Dare>,
+    /// Memory the inputs, outputs and workspaces may take: BYTES[K|M|G|T]|available|unlimited
+    /// (default: available, what the machine, cgroup and rlimits still give); over it is an error
+    #[arg(long, value_name = "LIMIT")]
+    max_memory: Option<MemoryLimit>,
 }
 
-fn parse_run(args: &[String]) -> Result<RunArgs, CliError> {
-    let mut op = None;
-    let mut inputs = None;
-    let mut outputs = None;
-    let mut opts = RunOptions::default();
-    let mut given: Vec<&'static str> = Vec::new();
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        if arg == "-h" || arg == "--help" {
-            return Err(CliError::Help(run_help()));
-        }
-        let Some(flag) = arg.strip_prefix("--") else {
-            if op.is_some() {
-                return Err(CliError::Fail(format!(
-                    "unexpected argument `{arg}` (the operator is already `{}`)",
-                    op.unwrap_or_default()
-                )));
-            }
-            op = Some(arg.clone());
-            continue;
-        };
-        // --flag value or --flag=value
-        let (name, inline) = match flag.split_once('=') {
-            Some((n, v)) => (n, Some(v.to_string())),
-            None => (flag, None),
-        };
-        let key: &'static str = match name {
-            "inputs" => "inputs",
-            "outputs" => "outputs",
-            "device" => "device",
-            "dtype" => "dtype",
-            "alpha" => "alpha",
-            "beta" => "beta",
-            "mask" => "mask",
-            "dare" => "dare",
-            "max-memory" => "max-memory",
-            _ => {
-                return Err(CliError::Fail(format!(
-                    "unknown option `--{name}` (see camex run --help)"
-                )))
-            }
-        };
-        if given.contains(&key) {
-            return Err(CliError::Fail(format!("option `--{key}` given twice")));
-        }
-        given.push(key);
-        let value = match inline {
-            Some(v) => v,
-            None => it
-                .next()
-                .cloned()
-                .ok_or_else(|| CliError::Fail(format!("option `--{key}` needs a value")))?,
-        };
-        match key {
-            "inputs" => inputs = Some(value),
-            "outputs" => outputs = Some(value),
-            "device" => opts.device = Device::parse(&value)?,
-            "dtype" => opts.dtype = Some(DType::parse(&value)?),
-            "alpha" => opts.alpha = parse_scalar("alpha", &value)?,
-            "beta" => opts.beta = Some(parse_scalar("beta", &value)?),
-            "mask" => opts.mask = Mask::parse(&value)?,
-            "dare" => opts.dare = Dare::parse(&value)?,
-            "max-memory" => opts.memory_limit = Some(MemoryLimit::parse(&value)?),
-            _ => unreachable!("every key is matched above"),
-        }
-    }
-    let op = op.ok_or_else(|| {
-        CliError::Fail("an operator is needed: camex run OP ... (see camex run --help)".into())
-    })?;
-    let inputs =
-        inputs.ok_or_else(|| CliError::Fail("`--inputs IN.safetensors` is needed".into()))?;
-    let outputs =
-        outputs.ok_or_else(|| CliError::Fail("`--outputs OUT.safetensors` is needed".into()))?;
-    given.retain(|k| !matches!(*k, "inputs" | "outputs" | "device" | "dtype" | "max-memory"));
-    Ok(RunArgs {
-        op,
-        inputs,
-        outputs,
-        opts,
-        given,
-    })
-}
-
-fn parse_scalar(name: &str, v: &str) -> Result<f64, CliError> {
-    match v.parse::<f64>() {
+/// A value parser for a finite number (the scalar options).
+fn finite(name: &'static str) -> impl Fn(&str) -> Result<f64, Error> + Clone {
+    move |v: &str| match v.parse::<f64>() {
         Ok(x) if x.is_finite() => Ok(x),
-        _ => Err(CliError::Fail(
-            Error::option(name, format!("expected a finite number, got `{v}`")).to_string(),
+        _ => Err(Error::option(
+            name,
+            format!("expected a finite number, got `{v}`"),
         )),
     }
 }
 
 /// `camex run`: read, check, run, write (only on success).
-fn cmd_run(args: &[String]) -> Result<(), CliError> {
-    let a = parse_run(args)?;
-    let info = named::op_info(&a.op)?;
-    if let Some(k) = a.given.iter().find(|k| !info.uses_option(k)) {
+fn cmd_run(a: RunArgs) -> Result<(), String> {
+    let op =
+        a.op.ok_or("an operator is needed: camex run OP ... (see camex run --help)")?;
+    let inputs = a.inputs.ok_or("`--inputs IN.safetensors` is needed")?;
+    let outputs = a.outputs.ok_or("`--outputs OUT.safetensors` is needed")?;
+    let mut opts = RunOptions {
+        device: a.device,
+        dtype: a.dtype,
+        memory_limit: a.max_memory,
+        ..RunOptions::default()
+    };
+    // The operator-specific options given, checked against the operator's list.
+    let mut given = Vec::new();
+    if let Some(x) = a.alpha {
+        opts.alpha = x;
+        given.push("alpha");
+    }
+    if let Some(x) = a.beta {
+        opts.beta = Some(x);
+        given.push("beta");
+    }
+    if let Some(m) = a.mask {
+        opts.mask = m;
+        given.push("mask");
+    }
+    if let Some(d) = a.dare {
+        opts.dare = d;
+        given.push("dare");
+    }
+    let info = named::op_info(&op).map_err(|e| e.to_string())?;
+    if let Some(k) = given.iter().find(|k| !info.uses_option(k)) {
         let uses = if info.options.is_empty() {
             "none".to_string()
         } else {
@@ -294,27 +215,20 @@ fn cmd_run(args: &[String]) -> Result<(), CliError> {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        return Err(CliError::Fail(format!(
+        return Err(format!(
             "option `--{k}` does not apply to operator `{}` (its options: {uses})",
             info.name
-        )));
+        ));
     }
     // The limit covers reading the inputs too.
-    if let Some(l) = a.opts.memory_limit {
+    if let Some(l) = opts.memory_limit {
         camex::memory::set_limit(l);
     }
-    named::check_output_is_not_input(&a.inputs, &a.outputs)?;
-    let inputs = named::read_safetensors(&a.inputs)?;
-    let outputs = named::run_op(&a.op, &inputs, &a.opts)?;
-    named::write_safetensors(&a.outputs, &outputs)?;
-    Ok(())
-}
-
-/// `camex bench [...]`: see [`camex::bench::USAGE`].
-fn cmd_bench(args: &[String]) -> Result<(), CliError> {
-    if args.iter().any(|a| a == "-h" || a == "--help") {
-        return Err(CliError::Help(format!("Usage: {}\n", camex::bench::USAGE)));
-    }
-    camex::bench::run_cli(args, &mut std::io::stdout().lock())?;
-    Ok(())
+    let go = || -> Result<(), Error> {
+        named::check_output_is_not_input(&inputs, &outputs)?;
+        let tensors = named::read_safetensors(&inputs)?;
+        let results = named::run_op(&op, &tensors, &opts)?;
+        named::write_safetensors(&outputs, &results)
+    };
+    go().map_err(|e| e.to_string())
 }
