@@ -194,7 +194,8 @@ impl CamexLinear {
                     .into_iter()
                     .zip(eye)
                 {
-                    f.push(get_or(&vb, &t.dims().to_vec(), name, || Ok(t))?);
+                    let shape = t.shape().clone();
+                    f.push(get_or(&vb, shape.dims(), name, || Ok(t))?);
                 }
                 let [a, b, c, d]: [Var; 4] = f.try_into().map_err(|_| {
                     candle_core::Error::Msg("camex CamexLinear: four factors".into())
