@@ -789,6 +789,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn options_parse_and_check() {
+        Args::command().debug_assert();
+        let a =
+            Args::try_parse_from(["train", "--steps", "3", "--variants", "camex,dense"]).unwrap();
+        assert_eq!((a.steps, a.batch), (3, 16));
+        assert_eq!(a.variants, [Variant::Camex, Variant::Dense]);
+        assert!(check_args(&a).is_ok());
+        for bad in [["--variants", "moe"], ["--steps", "x"], ["--device", "tpu"]] {
+            let e = Args::try_parse_from(["train", bad[0], bad[1]]).unwrap_err();
+            // clap exits with status 2 on usage errors.
+            assert_eq!(e.exit_code(), 2, "{bad:?}");
+        }
+        let a = Args::try_parse_from(["train", "--segment", "5"]).unwrap();
+        assert!(check_args(&a).unwrap_err().contains("--segment 5"));
+    }
+
+    #[test]
     fn mean_sd_and_paired_gap() {
         let (m, s) = mean_sd(&[1.0, 2.0, 3.0, 6.0]);
         assert_eq!(m, 3.0);
@@ -835,6 +852,8 @@ mod tests {
         let bytes = std::fs::read(&png).unwrap();
         let _ = std::fs::remove_file(&png);
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+        // IHDR: width and height.
+        assert_eq!(&bytes[16..24], &[0, 0, 0x03, 0xe8, 0, 0, 0x02, 0x58]);
     }
 }
 /// The loss curves as a PNG, drawn with plotters (bitmap backend; text from the bundled DejaVu Sans
