@@ -30,163 +30,144 @@
 //! `--device auto` takes the GPU when the build has `cuda` and one is present, else the CPU.
 //! The GPU run has not been tried yet (no GPU session since the candle CUDA ops were written).
 
-use camex::candle::checkpoint::{self, join};
-use camex::candle::{CamexFfn, CamexFfnConfig, CurvatureKind, DenseFfn, Routing, SplitMix};
-use camex::{Dare, MergeOptions};
-use candle_core::{DType, Device, Result, Tensor, Var, D};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use camex::candle::checkpoint;
+use camex::candle::{
+    Activation, CamexFfn, CamexFfnConfig, CamexLayerConfig, CurvatureKind, DenseFfn, Routing,
+    SeededInit,
+};
+use camex::Dare;
+use candle_core::{DType, Device, Module, Result, Tensor, Var, D};
+use candle_nn::{AdamW, Init, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use clap::{CommandFactory, Parser, ValueEnum};
+use rand::rngs::ChaCha8Rng;
+use rand::{RngExt, SeedableRng};
 use std::io::{Read, Write};
 use std::time::Instant;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Variant {
+    /// CAMEx FFN layers, Kronecker curvature.
+    Camex,
+    /// The same layers with identity curvature (domain-specific merging).
+    Identity,
+    /// The dense FFN.
+    Dense,
+}
+
+impl Variant {
+    fn name(self) -> &'static str {
+        match self {
+            Variant::Camex => "camex",
+            Variant::Identity => "identity",
+            Variant::Dense => "dense",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DeviceArg {
+    /// The GPU when built with `cuda` and one is present, else the CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// train: a small transformer LM with CAMEx FFN layers vs identity merging vs dense FFN.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "train")]
 struct Args {
+    /// Optimizer steps per variant.
+    #[arg(long, default_value_t = 600)]
     steps: usize,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 16)]
     batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 64)]
     seq_len: usize,
+    /// Causal routing segment length (divides --seq-len).
+    #[arg(long, default_value_t = 16)]
     segment: usize,
+    #[arg(long, default_value_t = 64)]
     d_model: usize,
+    #[arg(long, default_value_t = 4)]
     heads: usize,
+    #[arg(long, default_value_t = 2)]
     layers: usize,
+    #[arg(long, default_value_t = 256)]
     d_ff: usize,
+    /// Routed experts per CAMEx layer (plus the base).
+    #[arg(long, default_value_t = 4)]
     experts: usize,
+    /// Kronecker rank R.
+    #[arg(long, default_value_t = 4)]
     rank: usize,
+    /// AdamW peak learning rate (warm-up, cosine decay).
+    #[arg(long, default_value_t = 3e-3)]
     lr: f64,
+    /// DARE p at expert granularity during training (0: off).
+    #[arg(long, default_value_t = 0.1)]
     dare: f64,
+    /// Weight of the load-balancing loss.
+    #[arg(long, default_value_t = 0.01)]
     balance: f64,
+    /// Steps between evaluations.
+    #[arg(long, default_value_t = 50)]
     eval_every: usize,
+    /// Validation batches per evaluation.
+    #[arg(long, default_value_t = 16)]
     eval_batches: usize,
+    /// First seed.
+    #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Runs per variant, seeds --seed.. --seed+K-1 (the same for every variant); prints mean and
+    /// sd per variant and the paired CAMEx gap with its standard error.
+    #[arg(long, default_value_t = 1)]
     seeds: usize,
+    /// Write each trained model to DIR/<variant>-seed<S>.safetensors.
+    #[arg(long, value_name = "DIR")]
     save: Option<String>,
+    /// Start from a saved model (one variant, one seed; --steps 0: evaluate only).
+    #[arg(long, value_name = "FILE")]
     load: Option<String>,
+    /// Start from a saved dense model: its FFNs are upcycled into CAMEx FFNs.
+    #[arg(long, value_name = "FILE")]
     upcycle_from: Option<String>,
+    /// Gzip text.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/kjv-genesis-ruth.txt.gz"))]
     data: String,
+    /// PNG of the loss curves.
+    #[arg(long, default_value = "target/train-loss.png")]
     plot: String,
-    variants: Vec<String>,
-    device: String,
+    /// Comma list of variants.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Variant::Camex, Variant::Identity, Variant::Dense])]
+    variants: Vec<Variant>,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
 }
 
-impl Default for Args {
-    fn default() -> Self {
-        Args {
-            steps: 600,
-            batch: 16,
-            seq_len: 64,
-            segment: 16,
-            d_model: 64,
-            heads: 4,
-            layers: 2,
-            d_ff: 256,
-            experts: 4,
-            rank: 4,
-            lr: 3e-3,
-            dare: 0.1,
-            balance: 0.01,
-            eval_every: 50,
-            eval_batches: 16,
-            seed: 1,
-            seeds: 1,
-            save: None,
-            load: None,
-            upcycle_from: None,
-            data: concat!(env!("CARGO_MANIFEST_DIR"), "/data/kjv-genesis-ruth.txt.gz").into(),
-            plot: "target/train-loss.png".into(),
-            variants: vec!["camex".into(), "identity".into(), "dense".into()],
-            device: "auto".into(),
-        }
-    }
-}
-
-const HELP: &str =
-    "train: a small transformer LM with CAMEx FFN layers vs identity merging vs dense FFN
-
-options (defaults in brackets):
-  --steps N [600]        optimizer steps per variant
-  --batch N [16]         sequences per step
-  --seq-len N [64]       tokens per sequence
-  --segment N [16]       causal routing segment length (divides seq-len)
-  --d-model N [64]  --heads N [4]  --layers N [2]  --d-ff N [256]
-  --experts N [4]        routed experts per CAMEx layer (plus the base)
-  --rank N [4]           Kronecker rank R
-  --lr X [3e-3]          AdamW peak learning rate (warm-up, cosine decay)
-  --dare P [0.1]         DARE p at expert granularity during training (0: off)
-  --balance X [0.01]     weight of the load-balancing loss
-  --eval-every N [50]  --eval-batches N [16]
-  --seed N [1]           first seed
-  --seeds K [1]          runs per variant, seeds N..N+K-1 (the same for every variant); prints
-                         mean and sd per variant and the paired CAMEx gap with its standard error
-  --save DIR             write each trained model to DIR/<variant>-seed<S>.safetensors
-  --load FILE            start from a saved model (one variant, one seed; --steps 0: evaluate only)
-  --upcycle-from FILE    start from a saved dense model: its FFNs are upcycled into CAMEx FFNs
-  --data PATH            gzip text [data/kjv-genesis-ruth.txt.gz]
-  --plot PATH            PNG of the loss curves [target/train-loss.png]
-  --variants LIST        comma list of camex,identity,dense [all three]
-  --device auto|cpu|cuda [auto]  (auto: the GPU when built with `cuda` and one is present)";
-
-fn parse_args() -> std::result::Result<Args, String> {
-    let mut a = Args::default();
-    let mut it = std::env::args().skip(1);
-    while let Some(k) = it.next() {
-        if k == "--help" || k == "-h" {
-            println!("{HELP}");
-            std::process::exit(0);
-        }
-        let v = it.next().ok_or_else(|| format!("{k} needs a value"))?;
-        let num = |v: &str| {
-            v.parse::<usize>()
-                .map_err(|_| format!("{k}: expected an integer, got `{v}`"))
-        };
-        let flt = |v: &str| {
-            v.parse::<f64>()
-                .map_err(|_| format!("{k}: expected a number, got `{v}`"))
-        };
-        match k.as_str() {
-            "--steps" => a.steps = num(&v)?,
-            "--batch" => a.batch = num(&v)?,
-            "--seq-len" => a.seq_len = num(&v)?,
-            "--segment" => a.segment = num(&v)?,
-            "--d-model" => a.d_model = num(&v)?,
-            "--heads" => a.heads = num(&v)?,
-            "--layers" => a.layers = num(&v)?,
-            "--d-ff" => a.d_ff = num(&v)?,
-            "--experts" => a.experts = num(&v)?,
-            "--rank" => a.rank = num(&v)?,
-            "--lr" => a.lr = flt(&v)?,
-            "--dare" => a.dare = flt(&v)?,
-            "--balance" => a.balance = flt(&v)?,
-            "--eval-every" => a.eval_every = num(&v)?.max(1),
-            "--eval-batches" => a.eval_batches = num(&v)?.max(1),
-            "--seed" => a.seed = num(&v)? as u64,
-            "--seeds" => a.seeds = num(&v)?,
-            "--save" => a.save = Some(v),
-            "--load" => a.load = Some(v),
-            "--upcycle-from" => a.upcycle_from = Some(v),
-            "--data" => a.data = v,
-            "--plot" => a.plot = v,
-            "--variants" => a.variants = v.split(',').map(|s| s.trim().to_string()).collect(),
-            "--device" => a.device = v,
-            _ => return Err(format!("unknown option {k} (see --help)")),
-        }
-    }
-    if a.seq_len == 0 || a.segment == 0 || a.seq_len % a.segment != 0 {
+/// The checks between options: a usage error (exit status 2) names them.
+fn check_args(a: &Args) -> std::result::Result<(), String> {
+    if a.seq_len == 0 || a.segment == 0 || !a.seq_len.is_multiple_of(a.segment) {
         return Err(format!(
             "--segment {} must divide --seq-len {}",
             a.segment, a.seq_len
         ));
     }
-    if a.heads == 0 || a.d_model % a.heads != 0 {
+    if a.heads == 0 || !a.d_model.is_multiple_of(a.heads) {
         return Err(format!(
             "--heads {} must divide --d-model {}",
             a.heads, a.d_model
         ));
     }
-    for v in &a.variants {
-        if !["camex", "identity", "dense"].contains(&v.as_str()) {
-            return Err(format!("unknown variant `{v}` (camex, identity, dense)"));
-        }
+    if a.eval_every == 0 || a.eval_batches == 0 {
+        return Err("--eval-every and --eval-batches must be at least 1".into());
     }
     if a.seeds == 0 {
         return Err("--seeds must be at least 1".into());
+    }
+    if a.variants.is_empty() {
+        return Err("--variants needs at least one of camex, identity, dense".into());
     }
     if a.load.is_some() && (a.variants.len() != 1 || a.seeds != 1) {
         return Err("--load FILE holds one model: give one --variants and --seeds 1".into());
@@ -194,7 +175,17 @@ fn parse_args() -> std::result::Result<Args, String> {
     if a.load.is_some() && a.upcycle_from.is_some() {
         return Err("--load and --upcycle-from both set the initial weights: give one".into());
     }
-    Ok(a)
+    Ok(())
+}
+
+fn parse_args() -> Args {
+    let a = Args::parse();
+    if let Err(e) = check_args(&a) {
+        Args::command()
+            .error(clap::error::ErrorKind::ArgumentConflict, e)
+            .exit();
+    }
+    a
 }
 
 /// Character vocabulary and token ids of the text.
@@ -250,193 +241,175 @@ enum Ffn {
     Camex(Box<CamexFfn>),
 }
 
+/// Layer norm from `weight` and `bias` [D]: candle's differentiable composition
+/// (`candle_nn::ops::layer_norm_slow`; the fused `layer_norm` has no backward).
+struct Norm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Norm {
+    fn new(d: usize, vb: VarBuilder) -> Result<Norm> {
+        Ok(Norm {
+            weight: vb.get_with_hints(d, "weight", Init::Const(1.0))?,
+            bias: vb.get_with_hints(d, "bias", Init::Const(0.0))?,
+        })
+    }
+}
+
+impl Module for Norm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, 1e-5)
+    }
+}
+
 struct Block {
-    ln1: (Var, Var),
-    wqkv: Var,
-    wo: Var,
-    ln2: (Var, Var),
+    ln1: Norm,
+    wqkv: Tensor,
+    wo: Tensor,
+    ln2: Norm,
     ffn: Ffn,
 }
 
+/// Every variable lives in `vars` under its checkpoint name (candle-nn's `VarMap`).
 struct Model {
-    tok: Var,
-    pos: Var,
+    vars: VarMap,
+    tok: Tensor,
+    pos: Tensor,
     blocks: Vec<Block>,
-    lnf: (Var, Var),
+    lnf: Norm,
     heads: usize,
     causal: Tensor,
 }
 
-fn layer_norm(x: &Tensor, (w, b): &(Var, Var)) -> Result<Tensor> {
-    // Composed from differentiable candle ops (candle-nn's fused layer_norm has no backward).
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    xc.broadcast_div(&(var + 1e-5)?.sqrt()?)?
-        .broadcast_mul(w)?
-        .broadcast_add(b)
-}
-
 impl Model {
     /// The dense model; `variant` then upcycles every FFN (the same initial function for all three).
-    fn new(a: &Args, vocab: usize, variant: &str, dev: &Device) -> Result<Model> {
-        let mut rng = SplitMix(a.seed);
-        let (d, dt) = (a.d_model, DType::F32);
+    fn new(a: &Args, vocab: usize, variant: Variant, dev: &Device) -> Result<Model> {
+        let vars = VarMap::new();
+        let dt = DType::F32;
+        // One seeded stream for the dense model (the same draws for every variant) and one for
+        // the routers.
+        let init = SeededInit::new(a.seed);
+        let vb = init.var_builder(&vars, dt, dev);
+        let routers = SeededInit::new(a.seed.wrapping_add(1000)).var_builder(&vars, dt, dev);
+        let d = a.d_model;
         let std = 0.02;
-        let ln = |dev: &Device| -> Result<(Var, Var)> {
-            Ok((Var::ones(d, dt, dev)?, Var::zeros(d, dt, dev)?))
-        };
-        let tok = Var::from_tensor(&rng.randn(&[vocab, d], std, dt, dev)?)?;
-        let pos = Var::from_tensor(&rng.randn(&[a.seq_len, d], std, dt, dev)?)?;
+        let randn = |stdev: f64| Init::Randn { mean: 0.0, stdev };
+        let tok = vb.get_with_hints((vocab, d), "tok", randn(std))?;
+        let pos = vb.get_with_hints((a.seq_len, d), "pos", randn(std))?;
         let mut blocks = Vec::new();
-        let mut router_rng = SplitMix(a.seed.wrapping_add(1000));
         for k in 0..a.layers {
-            let wqkv = Var::from_tensor(&rng.randn(&[3 * d, d], std, dt, dev)?)?;
-            let wo = Var::from_tensor(&rng.randn(
-                &[d, d],
-                std / (2.0 * a.layers as f64).sqrt(),
-                dt,
-                dev,
-            )?)?;
-            let mut dense = DenseFfn::new(d, a.d_ff, std, &mut rng, dt, dev)?;
-            let ffn_file = a.upcycle_from.as_deref();
-            let ffn_prefix = format!("blocks.{k}.ffn");
-            if let (Some(path), "dense") = (ffn_file, variant) {
-                dense = DenseFfn::from_safetensors(path, &ffn_prefix, dt, dev)?;
-            }
-            let ffn = match variant {
-                "dense" => Ffn::Dense(dense),
-                v => {
-                    let curvature = if v == "camex" {
-                        // M_i = I at init (normalised), so the merge starts at the dense scale.
-                        CurvatureKind::Kronecker {
-                            rank: a.rank,
-                            normalised: true,
-                        }
-                    } else {
-                        CurvatureKind::Identity
-                    };
-                    let config = CamexFfnConfig {
-                        n_experts: a.experts,
-                        curvature,
-                        routing: Routing::CausalSegments {
-                            segment_len: a.segment,
+            let bv = vb.pp(format!("blocks.{k}"));
+            let ln1 = Norm::new(d, bv.pp("ln1"))?;
+            let wqkv = bv.get_with_hints((3 * d, d), "wqkv", randn(std))?;
+            let wo_std = std / (2.0 * a.layers as f64).sqrt();
+            let wo = bv.get_with_hints((d, d), "wo", randn(wo_std))?;
+            let ln2 = Norm::new(d, bv.pp("ln2"))?;
+            let ffn = if variant == Variant::Dense {
+                Ffn::Dense(DenseFfn::new(
+                    d,
+                    a.d_ff,
+                    std,
+                    Activation::Gelu,
+                    bv.pp("ffn"),
+                )?)
+            } else {
+                // The dense FFN that the CAMEx FFN starts from: the dense variant's draws, into a
+                // scratch map, so that it is not a variable of this model.
+                let scratch = VarMap::new();
+                let dense_vb = init.var_builder(&scratch, dt, dev);
+                let dense = DenseFfn::new(d, a.d_ff, std, Activation::Gelu, dense_vb)?;
+                let curvature = if variant == Variant::Camex {
+                    // M_i = I at init (normalised), so the merge starts at the dense scale.
+                    CurvatureKind::Kronecker {
+                        rank: a.rank,
+                        normalised: true,
+                    }
+                } else {
+                    CurvatureKind::Identity
+                };
+                let config = CamexFfnConfig {
+                    n_experts: a.experts,
+                    curvature,
+                    routing: Routing::CausalSegments {
+                        segment_len: a.segment,
+                    },
+                    top_k: None,
+                    noisy: true,
+                    layer: CamexLayerConfig {
+                        dare: if a.dare > 0.0 {
+                            Dare::Expert {
+                                p: a.dare,
+                                seed: a.seed,
+                            }
+                        } else {
+                            Dare::None
                         },
-                        top_k: None,
-                        noisy: true,
-                        opts: MergeOptions {
-                            dare: if a.dare > 0.0 {
-                                Dare::Expert {
-                                    p: a.dare,
-                                    seed: a.seed,
-                                }
-                            } else {
-                                Dare::None
-                            },
-                            ..MergeOptions::default()
-                        },
-                    };
-                    Ffn::Camex(Box::new(match ffn_file {
-                        // The CAMEx FFN starts from the dense FFN of the checkpoint file.
-                        Some(path) => CamexFfn::upcycle_from_safetensors(
-                            path,
-                            &ffn_prefix,
-                            config,
-                            &mut router_rng,
-                            dt,
-                            dev,
-                        )?,
-                        None => CamexFfn::upcycle(&dense, config, &mut router_rng)?,
-                    }))
-                }
+                        ..CamexLayerConfig::default()
+                    },
+                    seed: a.seed,
+                };
+                let prefix = format!("blocks.{k}.ffn");
+                let rv = routers.pp(&prefix);
+                Ffn::Camex(Box::new(match &a.upcycle_from {
+                    // The CAMEx FFN starts from the dense FFN of the checkpoint file.
+                    Some(path) => CamexFfn::upcycle_from_safetensors(path, &prefix, config, rv)?,
+                    None => CamexFfn::upcycle(&dense, config, rv)?,
+                }))
             };
             blocks.push(Block {
-                ln1: ln(dev)?,
+                ln1,
                 wqkv,
                 wo,
-                ln2: ln(dev)?,
+                ln2,
                 ffn,
             });
         }
+        let lnf = Norm::new(d, vb.pp("lnf"))?;
         let l = a.seq_len;
         let mask: Vec<f32> = (0..l * l)
             .map(|k| if k % l > k / l { -1e9 } else { 0.0 })
             .collect();
         let model = Model {
+            vars,
             tok,
             pos,
             blocks,
-            lnf: ln(dev)?,
+            lnf,
             heads: a.heads,
             causal: Tensor::from_vec(mask, (l, l), dev)?,
         };
         if let Some(path) = &a.upcycle_from {
-            // Everything but the FFNs (made above from the file) comes from the dense checkpoint.
-            checkpoint::load_subset(&model.named_vars(false), path)?;
+            // Everything but the CAMEx FFNs (upcycled above from the file) comes from the dense
+            // checkpoint.
+            let rest: Vec<(String, Var)> = model
+                .named_vars()?
+                .into_iter()
+                .filter(|(n, _)| variant == Variant::Dense || !n.contains(".ffn."))
+                .collect();
+            checkpoint::load_subset(&rest, path)?;
         }
         Ok(model)
     }
 
-    /// Every variable by name (the checkpoint's tensor names); without the FFNs unless `ffn`.
-    fn named_vars(&self, ffn: bool) -> Vec<(String, Var)> {
-        let mut v = vec![
-            ("tok".to_string(), self.tok.clone()),
-            ("pos".to_string(), self.pos.clone()),
-            ("lnf.weight".to_string(), self.lnf.0.clone()),
-            ("lnf.bias".to_string(), self.lnf.1.clone()),
-        ];
-        for (k, b) in self.blocks.iter().enumerate() {
-            let p = format!("blocks.{k}");
-            for (n, x) in [
-                ("ln1.weight", &b.ln1.0),
-                ("ln1.bias", &b.ln1.1),
-                ("wqkv", &b.wqkv),
-                ("wo", &b.wo),
-                ("ln2.weight", &b.ln2.0),
-                ("ln2.bias", &b.ln2.1),
-            ] {
-                v.push((join(&p, n), x.clone()));
-            }
-            if ffn {
-                let p = join(&p, "ffn");
-                v.extend(match &b.ffn {
-                    Ffn::Dense(f) => f.named_vars(&p),
-                    Ffn::Camex(f) => f.named_vars(&p),
-                });
-            }
-        }
-        v
-    }
-
-    fn vars(&self) -> Vec<Var> {
-        let mut v = vec![
-            self.tok.clone(),
-            self.pos.clone(),
-            self.lnf.0.clone(),
-            self.lnf.1.clone(),
-        ];
-        for b in &self.blocks {
-            v.extend([
-                b.ln1.0.clone(),
-                b.ln1.1.clone(),
-                b.wqkv.clone(),
-                b.wo.clone(),
-                b.ln2.0.clone(),
-                b.ln2.1.clone(),
-            ]);
-            match &b.ffn {
-                Ffn::Dense(f) => v.extend(f.vars()),
-                Ffn::Camex(f) => v.extend(f.vars()),
-            }
-        }
-        v
+    /// Every variable by its checkpoint name, sorted.
+    fn named_vars(&self) -> Result<Vec<(String, Var)>> {
+        let data = self
+            .vars
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?;
+        let mut v: Vec<(String, Var)> = data.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(v)
     }
 
     /// Parameters a token uses: for a CAMEx layer, one merged `wi` and `wo` (the dense count).
     fn active_params(&self) -> usize {
-        let mut n = self.tok.elem_count() + self.pos.elem_count() + 2 * self.lnf.0.elem_count();
+        let d = self.tok.dims()[1];
+        let mut n = self.tok.elem_count() + self.pos.elem_count() + 2 * d;
         for b in &self.blocks {
-            n += 4 * b.ln1.0.elem_count() + b.wqkv.elem_count() + b.wo.elem_count();
+            n += 4 * d + b.wqkv.elem_count() + b.wo.elem_count();
             n += match &b.ffn {
                 Ffn::Dense(f) => f.vars().iter().map(|v| v.elem_count()).sum::<usize>(),
                 Ffn::Camex(f) => {
@@ -448,7 +421,7 @@ impl Model {
         n
     }
 
-    /// (logits [B, L, V], load-balancing loss).
+    /// (logits [B, L, V], load-balancing loss); router noise and DARE from `seed` when `train`.
     fn forward(&self, ids: &Tensor, train: bool, seed: u64) -> Result<(Tensor, Tensor)> {
         let (b, l) = ids.dims2()?;
         let d = self.tok.dims()[1];
@@ -461,7 +434,7 @@ impl Model {
             .broadcast_add(&self.pos.narrow(0, 0, l)?)?;
         let mut aux = Tensor::zeros((), x.dtype(), x.device())?;
         for (k, blk) in self.blocks.iter().enumerate() {
-            let a = layer_norm(&x, &blk.ln1)?;
+            let a = blk.ln1.forward(&x)?;
             let qkv = a.broadcast_matmul(&blk.wqkv.t()?)?;
             let split = |s: usize| -> Result<Tensor> {
                 qkv.narrow(2, s * d, d)?
@@ -474,18 +447,19 @@ impl Model {
             let att = candle_nn::ops::softmax(&att, D::Minus1)?;
             let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, l, d))?;
             x = (x + y.broadcast_matmul(&blk.wo.t()?)?)?;
-            let a = layer_norm(&x, &blk.ln2)?;
+            let a = blk.ln2.forward(&x)?;
             let f = match &blk.ffn {
                 Ffn::Dense(f) => f.forward(&a)?,
                 Ffn::Camex(f) => {
-                    let out = f.forward(&a, train, seed.wrapping_mul(31).wrapping_add(k as u64))?;
+                    let layer_seed = seed.wrapping_mul(31).wrapping_add(k as u64);
+                    let out = f.forward_full(&a, train.then_some(layer_seed))?;
                     aux = (aux + out.balance_loss)?;
                     out.y
                 }
             };
             x = (x + f)?;
         }
-        let x = layer_norm(&x, &self.lnf)?;
+        let x = self.lnf.forward(&x)?;
         let logits = x.broadcast_matmul(&self.tok.t()?)?;
         Ok((logits, aux))
     }
@@ -533,13 +507,14 @@ fn label(v: &str) -> &'static str {
     }
 }
 
-fn train(variant: &str, c: &Corpus, a: &Args, dev: &Device) -> Result<Run> {
-    let model = Model::new(a, c.vocab.len(), variant, dev)?;
+fn train(v: Variant, c: &Corpus, a: &Args, dev: &Device) -> Result<Run> {
+    let variant = v.name();
+    let model = Model::new(a, c.vocab.len(), v, dev)?;
     if let Some(path) = &a.load {
-        checkpoint::load(&model.named_vars(true), path)?;
+        checkpoint::load(&model.named_vars()?, path)?;
         println!("loaded {path}");
     }
-    let vars = model.vars();
+    let vars = model.vars.all_vars();
     let params: usize = vars.iter().map(|v| v.elem_count()).sum();
     let active = model.active_params();
     let mut opt = AdamW::new(
@@ -550,7 +525,7 @@ fn train(variant: &str, c: &Corpus, a: &Args, dev: &Device) -> Result<Run> {
             ..ParamsAdamW::default()
         },
     )?;
-    let mut rng = SplitMix(a.seed ^ 0xDA7A);
+    let mut rng = ChaCha8Rng::seed_from_u64(a.seed ^ 0xDA7A);
     let span = c.train.len() - a.seq_len - 1;
     let warmup = (a.steps / 20).max(1);
     let t0 = Instant::now();
@@ -580,9 +555,7 @@ fn train(variant: &str, c: &Corpus, a: &Args, dev: &Device) -> Result<Run> {
             a.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * p).cos()))
         };
         opt.set_learning_rate(lr);
-        let starts: Vec<usize> = (0..a.batch)
-            .map(|_| (rng.next_u64() % span as u64) as usize)
-            .collect();
+        let starts: Vec<usize> = (0..a.batch).map(|_| rng.random_range(0..span)).collect();
         let (x, y) = batch(&c.train, &starts, a.seq_len, dev)?;
         let (ce, aux) = model.loss(
             &x,
@@ -618,7 +591,7 @@ fn train(variant: &str, c: &Corpus, a: &Args, dev: &Device) -> Result<Run> {
     if let Some(dir) = &a.save {
         std::fs::create_dir_all(dir).map_err(|e| candle_core::Error::Msg(format!("{dir}: {e}")))?;
         let path = format!("{dir}/{variant}-seed{}.safetensors", a.seed);
-        checkpoint::save(&model.named_vars(true), &path)?;
+        model.vars.save(&path)?;
         println!("saved {path}");
     }
     Ok(run)
@@ -649,7 +622,7 @@ fn auto_device() -> Device {
 }
 
 fn real_main() -> std::result::Result<(), String> {
-    let a = parse_args()?;
+    let a = parse_args();
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         // candle's CPU thread pool waits on a spinning barrier: on a small machine that is busy
         // with anything else it loses several times over (measured 5x on 2 loaded cores). One
@@ -657,11 +630,10 @@ fn real_main() -> std::result::Result<(), String> {
         // Set CANDLE_NUM_THREADS yourself to override.
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
-    let dev = match a.device.as_str() {
-        "auto" => auto_device(),
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0).map_err(|e| format!("--device cuda: {e}"))?,
-        d => return Err(format!("--device must be auto, cpu or cuda, got `{d}`")),
+    let dev = match a.device {
+        DeviceArg::Auto => auto_device(),
+        DeviceArg::Cpu => Device::Cpu,
+        DeviceArg::Cuda => Device::new_cuda(0).map_err(|e| format!("--device cuda: {e}"))?,
     };
     let c = load_corpus(&a.data)?;
     println!(
@@ -685,8 +657,8 @@ fn real_main() -> std::result::Result<(), String> {
             seed: a.seed + k as u64,
             ..a.clone()
         };
-        for v in &a.variants {
-            runs.push(train(v, &c, &seeded, &dev).map_err(|e| format!("{v}: {e}"))?);
+        for &v in &a.variants {
+            runs.push(train(v, &c, &seeded, &dev).map_err(|e| format!("{}: {e}", v.name()))?);
         }
     }
     println!(
@@ -703,7 +675,11 @@ fn real_main() -> std::result::Result<(), String> {
     let groups: Vec<(String, Vec<&Run>)> = a
         .variants
         .iter()
-        .map(|v| (v.clone(), runs.iter().filter(|r| &r.name == v).collect()))
+        .map(|v| {
+            let name = v.name().to_string();
+            let rs = runs.iter().filter(|r| r.name == name).collect();
+            (name, rs)
+        })
         .collect();
     print!("{}", summary(&groups));
     match plot::write(&a.plot, &groups) {
@@ -808,10 +784,26 @@ fn summary(groups: &[(String, Vec<&Run>)]) -> String {
     }
     out
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn options_parse_and_check() {
+        Args::command().debug_assert();
+        let a =
+            Args::try_parse_from(["train", "--steps", "3", "--variants", "camex,dense"]).unwrap();
+        assert_eq!((a.steps, a.batch), (3, 16));
+        assert_eq!(a.variants, [Variant::Camex, Variant::Dense]);
+        assert!(check_args(&a).is_ok());
+        for bad in [["--variants", "moe"], ["--steps", "x"], ["--device", "tpu"]] {
+            let e = Args::try_parse_from(["train", bad[0], bad[1]]).unwrap_err();
+            // clap exits with status 2 on usage errors.
+            assert_eq!(e.exit_code(), 2, "{bad:?}");
+        }
+        let a = Args::try_parse_from(["train", "--segment", "5"]).unwrap();
+        assert!(check_args(&a).unwrap_err().contains("--segment 5"));
+    }
 
     #[test]
     fn mean_sd_and_paired_gap() {
@@ -860,145 +852,26 @@ mod tests {
         let bytes = std::fs::read(&png).unwrap();
         let _ = std::fs::remove_file(&png);
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+        // IHDR: width and height.
+        assert_eq!(&bytes[16..24], &[0, 0, 0x03, 0xe8, 0, 0, 0x02, 0x58]);
     }
 }
-
-/// A small PNG writer for the loss curves: no plotting crate, one deflate stream (flate2).
+/// The loss curves as a PNG, drawn with plotters (bitmap backend; text from the bundled DejaVu Sans
+/// through ab_glyph, so no system font library is needed).
 mod plot {
     use super::Run;
-    use std::io::Write;
+    use plotters::prelude::*;
+    use plotters::style::{register_font, FontStyle};
 
-    const W: usize = 900;
-    const H: usize = 540;
-    const COLORS: [[u8; 3]; 3] = [[214, 39, 40], [31, 119, 180], [60, 60, 60]];
-
-    struct Canvas {
-        px: Vec<u8>,
-    }
-
-    impl Canvas {
-        fn set(&mut self, x: i64, y: i64, c: [u8; 3]) {
-            if x >= 0 && y >= 0 && (x as usize) < W && (y as usize) < H {
-                let k = (y as usize * W + x as usize) * 3;
-                self.px[k..k + 3].copy_from_slice(&c);
-            }
-        }
-        fn line(&mut self, (x0, y0): (f64, f64), (x1, y1): (f64, f64), c: [u8; 3], thick: i64) {
-            let n = ((x1 - x0).abs().max((y1 - y0).abs()).ceil() as usize).max(1);
-            for s in 0..=n {
-                let t = s as f64 / n as f64;
-                let (x, y) = (
-                    (x0 + t * (x1 - x0)).round() as i64,
-                    (y0 + t * (y1 - y0)).round() as i64,
-                );
-                for dx in 0..thick {
-                    for dy in 0..thick {
-                        self.set(x + dx - thick / 2, y + dy - thick / 2, c);
-                    }
-                }
-            }
-        }
-        /// Mixes `c` into the pixel with weight `a` (overlapping bands stay distinguishable).
-        fn blend(&mut self, x: i64, y: i64, c: [u8; 3], a: f64) {
-            if x >= 0 && y >= 0 && (x as usize) < W && (y as usize) < H {
-                let k = (y as usize * W + x as usize) * 3;
-                for (p, &c) in self.px[k..k + 3].iter_mut().zip(&c) {
-                    *p = (*p as f64 * (1.0 - a) + c as f64 * a).round() as u8;
-                }
-            }
-        }
-        fn rect(&mut self, x: i64, y: i64, w: i64, h: i64, c: [u8; 3]) {
-            for yy in y..y + h {
-                for xx in x..x + w {
-                    self.set(xx, yy, c);
-                }
-            }
-        }
-        /// Text in a 3x5 pixel font, scaled by `s`.
-        fn text(&mut self, x: i64, y: i64, s: i64, t: &str, c: [u8; 3]) {
-            let mut cx = x;
-            for ch in t.chars() {
-                if let Some(g) = glyph(ch.to_ascii_uppercase()) {
-                    for (row, bits) in g.iter().enumerate() {
-                        for col in 0..3 {
-                            if bits & (4 >> col) != 0 {
-                                self.rect(cx + col * s, y + row as i64 * s, s, s, c);
-                            }
-                        }
-                    }
-                }
-                cx += 4 * s;
-            }
-        }
-    }
-
-    fn glyph(c: char) -> Option<[u8; 5]> {
-        Some(match c {
-            '0' => [7, 5, 5, 5, 7],
-            '1' => [2, 6, 2, 2, 7],
-            '2' => [7, 1, 7, 4, 7],
-            '3' => [7, 1, 7, 1, 7],
-            '4' => [5, 5, 7, 1, 1],
-            '5' => [7, 4, 7, 1, 7],
-            '6' => [7, 4, 7, 5, 7],
-            '7' => [7, 1, 1, 2, 2],
-            '8' => [7, 5, 7, 5, 7],
-            '9' => [7, 5, 7, 1, 7],
-            '.' => [0, 0, 0, 0, 2],
-            '-' => [0, 0, 7, 0, 0],
-            '(' => [1, 2, 2, 2, 1],
-            ')' => [4, 2, 2, 2, 4],
-            ':' => [0, 2, 0, 2, 0],
-            'A' => [2, 5, 7, 5, 5],
-            'B' => [6, 5, 6, 5, 6],
-            'C' => [7, 4, 4, 4, 7],
-            'D' => [6, 5, 5, 5, 6],
-            'E' => [7, 4, 6, 4, 7],
-            'F' => [7, 4, 6, 4, 4],
-            'G' => [7, 4, 5, 5, 7],
-            'H' => [5, 5, 7, 5, 5],
-            'I' => [7, 2, 2, 2, 7],
-            'K' => [5, 5, 6, 5, 5],
-            'L' => [4, 4, 4, 4, 7],
-            'M' => [5, 7, 7, 5, 5],
-            'N' => [6, 5, 5, 5, 5],
-            'O' => [7, 5, 5, 5, 7],
-            'P' => [7, 5, 7, 4, 4],
-            'R' => [6, 5, 6, 5, 5],
-            'S' => [7, 4, 7, 1, 7],
-            'T' => [7, 2, 2, 2, 2],
-            'U' => [5, 5, 5, 5, 7],
-            'V' => [5, 5, 5, 5, 2],
-            'W' => [5, 5, 7, 7, 5],
-            'X' => [5, 5, 2, 5, 5],
-            'Y' => [5, 5, 2, 2, 2],
-            ' ' => [0, 0, 0, 0, 0],
-            _ => return None,
-        })
-    }
-
-    fn crc32(bytes: &[u8]) -> u32 {
-        let mut c = 0xFFFF_FFFFu32;
-        for &b in bytes {
-            c ^= b as u32;
-            for _ in 0..8 {
-                c = if c & 1 != 0 {
-                    0xEDB8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-            }
-        }
-        !c
-    }
-
-    fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
-        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        let mut body = kind.to_vec();
-        body.extend_from_slice(data);
-        out.extend_from_slice(&body);
-        out.extend_from_slice(&crc32(&body).to_be_bytes());
-    }
+    const W: u32 = 1000;
+    const H: u32 = 600;
+    const COLORS: [RGBColor; 3] = [
+        RGBColor(214, 39, 40),
+        RGBColor(31, 119, 180),
+        RGBColor(60, 60, 60),
+    ];
+    /// DejaVu Sans (Bitstream Vera licence, `examples/fonts/LICENSE-DejaVu.txt`).
+    const FONT: &[u8] = include_bytes!("fonts/DejaVuSans.ttf");
 
     /// Mean over runs of curves that share their steps (every seed logs the same steps), with
     /// the min and max: (step, mean, min, max).
@@ -1015,19 +888,33 @@ mod plot {
             .collect()
     }
 
+    fn label(name: &str) -> &'static str {
+        match name {
+            "camex" => "CAMEx (Kronecker)",
+            "identity" => "identity merging",
+            _ => "dense FFN",
+        }
+    }
+
     /// Per variant: training loss (moving average, mean over seeds, thin), validation loss (mean
     /// over seeds, thick, with dots) and, with more than one seed, the min..max band of the
     /// validation loss over seeds (shaded).
-    pub fn write(path: &str, groups: &[(String, Vec<&Run>)]) -> std::io::Result<()> {
+    pub fn write(path: &str, groups: &[(String, Vec<&Run>)]) -> Result<(), String> {
         if let Some(dir) = std::path::Path::new(path).parent() {
             if !dir.as_os_str().is_empty() {
-                std::fs::create_dir_all(dir)?;
+                std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
             }
         }
-        let mut cv = Canvas {
-            px: vec![255; W * H * 3],
-        };
-        let (x0, x1, y0, y1) = (70.0, W as f64 - 20.0, 30.0, H as f64 - 50.0);
+        // Registering twice (a second plot in one process) replaces the font with itself.
+        register_font("sans-serif", FontStyle::Normal, FONT)
+            .map_err(|_| "the bundled font does not parse".to_string())?;
+        draw(path, groups).map_err(|e| e.to_string())
+    }
+
+    fn draw(
+        path: &str,
+        groups: &[(String, Vec<&Run>)],
+    ) -> Result<(), Box<dyn std::error::Error + 'static>> {
         let smooth = |r: &Run| -> Vec<(usize, f64)> {
             let mut e = f64::NAN;
             r.train
@@ -1060,7 +947,6 @@ mod plot {
             (lo, hi) = (0.0, 1.0);
         }
         let pad = ((hi - lo) * 0.05).max(1e-3);
-        let (lo, hi) = (lo - pad, hi + pad);
         let smax = trains
             .iter()
             .chain(&vals)
@@ -1069,93 +955,70 @@ mod plot {
             .max()
             .unwrap_or(1)
             .max(1) as f64;
-        let px = |s: usize, v: f64| {
-            (
-                x0 + (x1 - x0) * s as f64 / smax,
-                y1 - (y1 - y0) * (v - lo) / (hi - lo),
+
+        let root = BitMapBackend::new(path, (W, H)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let title = if seeds > 1 {
+            format!(
+                "Loss: validation mean of {seeds} seeds (thick, band min..max), training (thin)"
             )
+        } else {
+            "Loss: validation (thick), training (thin)".to_string()
         };
-        let grey = [200, 200, 200];
-        for k in 0..=5 {
-            let v = lo + (hi - lo) * k as f64 / 5.0;
-            let (_, y) = px(0, v);
-            cv.line((x0, y), (x1, y), grey, 1);
-            cv.text(8, y as i64 - 5, 2, &format!("{v:.2}"), [0, 0, 0]);
-            let s = (smax * k as f64 / 5.0) as usize;
-            let (x, _) = px(s, lo);
-            cv.line((x, y0), (x, y1), grey, 1);
-            cv.text(x as i64 - 10, y1 as i64 + 10, 2, &s.to_string(), [0, 0, 0]);
-        }
-        cv.line((x0, y1), (x1, y1), [0, 0, 0], 2);
-        cv.line((x0, y0), (x0, y1), [0, 0, 0], 2);
-        cv.text((x1 as i64) - 120, y1 as i64 + 28, 2, "STEP", [0, 0, 0]);
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(45)
+            .y_label_area_size(65)
+            .build_cartesian_2d(0f64..smax, (lo - pad)..(hi + pad))?;
+        chart
+            .configure_mesh()
+            .x_desc("optimizer step")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_desc("cross-entropy (nats per character)")
+            .axis_desc_style(("sans-serif", 16))
+            .label_style(("sans-serif", 14))
+            .light_line_style(WHITE.mix(0.0))
+            .draw()?;
         if seeds > 1 {
-            // Bands first, blended, so that every mean curve stays visible on top of them.
+            // Bands first, translucent, so that every mean curve stays visible on top of them.
             for (k, v) in vals.iter().enumerate() {
                 let col = COLORS[k % COLORS.len()];
-                for w in v.windows(2) {
-                    let ((xa, la), (xb, lb)) = (px(w[0].0, w[0].2), px(w[1].0, w[1].2));
-                    let ((_, ha), (_, hb)) = (px(w[0].0, w[0].3), px(w[1].0, w[1].3));
-                    for x in xa.round() as i64..=xb.round() as i64 {
-                        let t = ((x as f64 - xa) / (xb - xa).max(1e-9)).clamp(0.0, 1.0);
-                        let (ylo, yhi) = (la + t * (lb - la), ha + t * (hb - ha));
-                        for y in yhi.round() as i64..=ylo.round() as i64 {
-                            cv.blend(x, y, col, 0.25);
-                        }
-                    }
-                }
+                let upper = v.iter().map(|p| (p.0 as f64, p.3));
+                let lower = v.iter().rev().map(|p| (p.0 as f64, p.2));
+                let outline: Vec<(f64, f64)> = upper.chain(lower).collect();
+                chart.draw_series(std::iter::once(Polygon::new(outline, col.mix(0.2))))?;
             }
         }
         for (k, ((name, _), (t, v))) in groups.iter().zip(trains.iter().zip(&vals)).enumerate() {
             let col = COLORS[k % COLORS.len()];
-            let light = [col[0] / 2 + 127, col[1] / 2 + 127, col[2] / 2 + 127];
-            for w in t.windows(2) {
-                cv.line(px(w[0].0, w[0].1), px(w[1].0, w[1].1), light, 1);
-            }
-            for w in v.windows(2) {
-                cv.line(px(w[0].0, w[0].1), px(w[1].0, w[1].1), col, 3);
-            }
-            for &(s, m, _, _) in v {
-                let (x, y) = px(s, m);
-                cv.rect(x as i64 - 3, y as i64 - 3, 7, 7, col);
-            }
-            let label = match name.as_str() {
-                "camex" => "CAMEX KRONECKER",
-                "identity" => "IDENTITY MERGING",
-                _ => "DENSE FFN",
-            };
-            let ly = 40 + 22 * k as i64;
-            cv.rect(x1 as i64 - 330, ly, 24, 10, col);
-            cv.text(
-                x1 as i64 - 296,
-                ly - 1,
-                2,
-                &format!("{label} VAL {:.3}", v.last().map_or(f64::NAN, |p| p.1)),
-                [0, 0, 0],
-            );
+            chart.draw_series(LineSeries::new(
+                t.iter().map(|p| (p.0 as f64, p.1)),
+                col.mix(0.45).stroke_width(1),
+            ))?;
+            let last = v.last().map_or(f64::NAN, |p| p.1);
+            chart
+                .draw_series(LineSeries::new(
+                    v.iter().map(|p| (p.0 as f64, p.1)),
+                    col.stroke_width(3),
+                ))?
+                .label(format!("{}: val {last:.3}", label(name)))
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 24, y)], col.stroke_width(3))
+                });
+            chart.draw_series(
+                v.iter()
+                    .map(|p| Circle::new((p.0 as f64, p.1), 4, col.filled())),
+            )?;
         }
-        let title = if seeds > 1 {
-            format!("VAL LOSS: MEAN OF {seeds} SEEDS (THICK) AND MIN-MAX (BAND)   TRAINING (THIN)")
-        } else {
-            "LOSS: VALIDATION (THICK) TRAINING (THIN)".to_string()
-        };
-        cv.text(x0 as i64 + 10, 8, 2, &title, [0, 0, 0]);
-        let mut raw = Vec::with_capacity(H * (W * 3 + 1));
-        for row in cv.px.chunks(W * 3) {
-            raw.push(0);
-            raw.extend_from_slice(row);
-        }
-        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
-        z.write_all(&raw)?;
-        let idat = z.finish()?;
-        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
-        let mut ihdr = Vec::new();
-        ihdr.extend_from_slice(&(W as u32).to_be_bytes());
-        ihdr.extend_from_slice(&(H as u32).to_be_bytes());
-        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
-        chunk(&mut png, b"IHDR", &ihdr);
-        chunk(&mut png, b"IDAT", &idat);
-        chunk(&mut png, b"IEND", &[]);
-        std::fs::write(path, png)
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font(("sans-serif", 16))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()?;
+        root.present()?;
+        Ok(())
     }
 }

@@ -36,7 +36,7 @@ use half::{bf16, f16};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// Where `run_op` runs: the crate's one [`Device`](crate::Device).
+/// Where `run_op` runs: the crate's one [`Device`].
 pub use crate::options::Device;
 
 /// Scalar options of [`run_op`]. Each operator uses the subset listed in its [`OpInfo::options`].

@@ -10,9 +10,15 @@
 //! cuBLAS, cuRAND, NVRTC) to start at all: where they are absent it does not run (see README).
 #![cfg(all(feature = "candle", feature = "cuda"))]
 
-use camex::candle::{ca_merge, curvature, merge, segment_scores, CamexLinear, Factors, SplitMix};
+use camex::candle::{
+    ca_merge, curvature, merge, randn, segment_scores, CamexLayerConfig, CamexLinear,
+    CurvatureKind, Factors,
+};
 use camex::{Dare, Mask, MergeOptions};
 use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_nn::VarBuilder;
+use rand::rngs::ChaCha8Rng;
+use rand::SeedableRng;
 
 fn gpu(test: &str) -> Option<Device> {
     let require = std::env::var("CAMEX_REQUIRE_GPU").is_ok_and(|v| v == "1");
@@ -67,8 +73,8 @@ struct Input {
     values: Tensor,
 }
 
-fn input(rng: &mut SplitMix, shape: &[usize], std: f64, near_eye: bool, dt: DType) -> Input {
-    let mut t = rng.randn(shape, std, DType::F64, &Device::Cpu).unwrap();
+fn input(rng: &mut ChaCha8Rng, shape: &[usize], std: f64, near_eye: bool, dt: DType) -> Input {
+    let mut t = randn(rng, shape, std, DType::F64, &Device::Cpu).unwrap();
     if near_eye {
         // Kronecker factors [R, N, k, k] near the identity, so the curvature is far from trivial.
         let k = shape[3];
@@ -169,7 +175,7 @@ fn ca_merge_on_cuda_matches_cpu() {
     ] {
         let (o, i) = (s[0] * s[1], s[2] * s[3]);
         for dt in DTYPES {
-            let mut rng = SplitMix(o as u64 * 31 + i as u64);
+            let mut rng = ChaCha8Rng::seed_from_u64(o as u64 * 31 + i as u64);
             let mut ins = vec![
                 input(&mut rng, &[o, i], 0.5, false, dt),
                 input(&mut rng, &[n, o, i], 0.5, false, dt),
@@ -205,7 +211,7 @@ fn curvature_merge_and_segments_on_cuda_match_cpu() {
     let (g, n, s, r) = (3, 5, [5, 7, 9, 3], 2);
     let (o, i) = (s[0] * s[1], s[2] * s[3]);
     for dt in DTYPES {
-        let mut rng = SplitMix(99);
+        let mut rng = ChaCha8Rng::seed_from_u64(99);
         let mut ins = vec![
             input(&mut rng, &[o, i], 0.5, false, dt),
             input(&mut rng, &[n, o, i], 0.5, false, dt),
@@ -247,7 +253,7 @@ fn camex_linear_on_cuda_matches_cpu() {
     let (n, s, r, g, t) = (4, [4, 5, 3, 7], 2, 3, 5);
     let (o, i) = (s[0] * s[1], s[2] * s[3]);
     for dt in DTYPES {
-        let mut rng = SplitMix(5);
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
         // base, experts, base bias, expert biases, x, scores, then the four factors.
         let mut ins = vec![
             input(&mut rng, &[o, i], 0.5, false, dt),
@@ -266,17 +272,35 @@ fn camex_linear_on_cuda_matches_cpu() {
                 .iter()
                 .map(|x| x.values.to_dtype(ty).unwrap().to_device(d).unwrap())
                 .collect();
-            let lin = CamexLinear::new(
-                &ts[0],
-                &ts[1],
-                Some([&ts[6], &ts[7], &ts[8], &ts[9]]),
-                Some((&ts[2], &ts[3])),
-                MergeOptions {
-                    alpha: 0.8,
-                    ..MergeOptions::default()
-                },
-            )
-            .unwrap();
+            // Built from a VarBuilder over the tensors (SPEC section 7's names), as from a file.
+            let names = [
+                "base",
+                "experts",
+                "base_bias",
+                "expert_bias",
+                "",
+                "",
+                "factor_a",
+                "factor_b",
+                "factor_c",
+                "factor_d",
+            ];
+            let m = names
+                .iter()
+                .zip(&ts)
+                .filter(|(n, _)| !n.is_empty())
+                .map(|(n, t)| (n.to_string(), t.clone()))
+                .collect();
+            let kron = CurvatureKind::Kronecker {
+                rank: r,
+                normalised: false,
+            };
+            let config = CamexLayerConfig {
+                alpha: 0.8,
+                ..CamexLayerConfig::default()
+            };
+            let vb = VarBuilder::from_tensors(m, ty, d);
+            let lin = CamexLinear::new(i, o, n, kron, true, config, vb).unwrap();
             let x = Var::from_tensor(&ts[4]).unwrap();
             let scores = Var::from_tensor(&ts[5]).unwrap();
             let y = lin.forward(&x, &scores).unwrap();
@@ -353,9 +377,9 @@ fn candle_cuda_path_makes_no_device_copies() {
     };
     let (g, n, s, r) = (2, 3, [3, 5, 7, 3], 2);
     let (o, i) = (s[0] * s[1], s[2] * s[3]);
-    let mut rng = SplitMix(99);
-    let cpu = |shape: &[usize], std: f64, rng: &mut SplitMix| {
-        rng.randn(shape, std, DType::F32, &Device::Cpu).unwrap()
+    let mut rng = ChaCha8Rng::seed_from_u64(99);
+    let cpu = |shape: &[usize], std: f64, rng: &mut ChaCha8Rng| {
+        randn(rng, shape, std, DType::F32, &Device::Cpu).unwrap()
     };
     let base = cpu(&[o, i], 0.5, &mut rng);
     // `experts` read in place at a start offset: the middle N of N + 2 experts (contiguous).

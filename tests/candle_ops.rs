@@ -3,16 +3,61 @@
 #![cfg(feature = "candle")]
 
 use camex::candle::{
-    ca_merge, curvature, merge, segment_scores, Activation, CamexFfn, CamexFfnConfig, CamexLinear,
-    CurvatureKind, DenseFfn, Factors, Routing, SplitMix,
+    ca_merge, curvature, merge, segment_scores, Activation, CamexFfn, CamexFfnConfig,
+    CamexLayerConfig, CamexLinear, CurvatureKind, DenseFfn, Factors, Routing, SeededInit,
 };
 use camex::{cpu, Dare, Mask, MergeOptions};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Module, ModuleT, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use rand::rngs::ChaCha8Rng;
+use rand::{Rng, RngExt, SeedableRng};
+use std::collections::HashMap;
 
 const DEV: Device = Device::Cpu;
 
-fn randn(rng: &mut SplitMix, shape: &[usize], std: f64) -> Tensor {
-    rng.randn(shape, std, DType::F64, &DEV).unwrap()
+fn rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+fn randn(rng: &mut ChaCha8Rng, shape: &[usize], std: f64) -> Tensor {
+    camex::candle::randn(rng, shape, std, DType::F64, &DEV).unwrap()
+}
+
+/// A `CamexLinear` holding these tensors: built from a `VarBuilder` over them (SPEC section 7's
+/// names), as from a checkpoint.
+fn linear(
+    base: &Tensor,
+    experts: &Tensor,
+    factors: Option<[&Tensor; 4]>,
+    biases: Option<(&Tensor, &Tensor)>,
+    config: CamexLayerConfig,
+) -> candle_core::Result<CamexLinear> {
+    let mut m = HashMap::new();
+    m.insert("base".to_string(), base.clone());
+    m.insert("experts".to_string(), experts.clone());
+    let curvature = match factors {
+        Some(f) => {
+            for (name, t) in ["factor_a", "factor_b", "factor_c", "factor_d"]
+                .iter()
+                .zip(f)
+            {
+                m.insert(name.to_string(), t.clone());
+            }
+            CurvatureKind::Kronecker {
+                rank: f[0].dims()[0],
+                normalised: false,
+            }
+        }
+        None => CurvatureKind::Identity,
+    };
+    if let Some((eb, b)) = biases {
+        m.insert("base_bias".to_string(), eb.clone());
+        m.insert("expert_bias".to_string(), b.clone());
+    }
+    let (o, i) = base.dims2()?;
+    let n = experts.dims()[0];
+    let vb = VarBuilder::from_tensors(m, DType::F64, &DEV);
+    CamexLinear::new(i, o, n, curvature, biases.is_some(), config, vb)
 }
 
 fn host(t: &Tensor) -> camex::HostTensor<f64> {
@@ -36,8 +81,8 @@ fn flat(t: &Tensor) -> Vec<f64> {
 }
 
 /// Random Kronecker factors near the identity, so the curvature is far from trivial.
-fn factors(rng: &mut SplitMix, r: usize, n: usize, s: [usize; 4]) -> [Var; 4] {
-    let mk = |rng: &mut SplitMix, k: usize| {
+fn factors(rng: &mut ChaCha8Rng, r: usize, n: usize, s: [usize; 4]) -> [Var; 4] {
+    let mk = |rng: &mut ChaCha8Rng, k: usize| {
         let eye = Tensor::eye(k, DType::F64, &DEV).unwrap();
         let eye = eye
             .unsqueeze(0)
@@ -66,13 +111,13 @@ fn check_fd(name: &str, v: &Var, grad: &Tensor, loss: &dyn Fn() -> f64, picks: u
     let g = flat(grad);
     let n = base.len();
     let h = 1e-5;
-    let mut rng = SplitMix(n as u64 * 7 + 1);
+    let mut rng = rng(n as u64 * 7 + 1);
     let mut worst: f64 = 0.0;
     for t in 0..picks.min(n) {
         let k = if picks >= n {
             t
         } else {
-            (rng.next_u64() % n as u64) as usize
+            rng.random_range(0..n)
         };
         let mut p = base.clone();
         p[k] = base[k] + h;
@@ -99,7 +144,7 @@ fn check_fd(name: &str, v: &Var, grad: &Tensor, loss: &dyn Fn() -> f64, picks: u
 
 #[test]
 fn ca_merge_autograd_equals_cpu_backward() {
-    let mut rng = SplitMix(1);
+    let mut rng = rng(1);
     let (n, o, i, g, r) = (3, 6, 4, 5, 2);
     let base = Var::from_tensor(&randn(&mut rng, &[o, i], 1.0)).unwrap();
     let experts = Var::from_tensor(&randn(&mut rng, &[n, o, i], 1.0)).unwrap();
@@ -166,7 +211,7 @@ fn ca_merge_autograd_equals_cpu_backward() {
 
 #[test]
 fn curvature_and_merge_ops_equal_fused_and_finite_differences() {
-    let mut rng = SplitMix(2);
+    let mut rng = rng(2);
     let (n, o, i, g, r) = (2, 4, 6, 3, 2);
     let base = Var::from_tensor(&randn(&mut rng, &[o, i], 1.0)).unwrap();
     let experts = Var::from_tensor(&randn(&mut rng, &[n, o, i], 1.0)).unwrap();
@@ -221,7 +266,7 @@ fn curvature_and_merge_ops_equal_fused_and_finite_differences() {
 
 #[test]
 fn camex_linear_gradients_equal_finite_differences() {
-    let mut rng = SplitMix(3);
+    let mut rng = rng(3);
     let (n, o, i, g, t, r) = (3, 6, 8, 2, 3, 2);
     for curv in [true, false] {
         let base = randn(&mut rng, &[o, i], 0.5);
@@ -230,16 +275,17 @@ fn camex_linear_gradients_equal_finite_differences() {
         let fts: Vec<Tensor> = fs.iter().map(|v| v.as_tensor().clone()).collect();
         let eb = randn(&mut rng, &[o], 0.5);
         let b = randn(&mut rng, &[n, o], 0.5);
-        let opts = MergeOptions {
+        let config = CamexLayerConfig {
             alpha: 0.9,
-            ..MergeOptions::default()
+            ..CamexLayerConfig::default()
         };
-        let lin = CamexLinear::new(
+        let opts = config.merge_options(None);
+        let lin = linear(
             &base,
             &experts,
             curv.then(|| [&fts[0], &fts[1], &fts[2], &fts[3]]),
             Some((&eb, &b)),
-            opts,
+            config,
         )
         .unwrap();
         let x = Var::from_tensor(&randn(&mut rng, &[g, t, i], 1.0)).unwrap();
@@ -322,32 +368,36 @@ fn camex_linear_gradients_equal_finite_differences() {
 }
 
 fn small_ffn(
-    rng: &mut SplitMix,
+    rng: &mut ChaCha8Rng,
     routing: Routing,
     curvature: CurvatureKind,
     dare: Dare,
 ) -> (DenseFfn, CamexFfn) {
-    let mut dense = DenseFfn::new(8, 12, 0.4, rng, DType::F64, &DEV).unwrap();
+    let map = VarMap::new();
+    let vb = SeededInit::new(rng.next_u64()).var_builder(&map, DType::F64, &DEV);
     // SiLU: candle's backward of gelu_erf rounds 1/sqrt(2 pi) to 6 digits, too coarse for 1e-5 checks.
-    dense.activation = Activation::Silu;
+    let dense = DenseFfn::new(8, 12, 0.4, Activation::Silu, vb.pp("dense")).unwrap();
     let config = CamexFfnConfig {
         n_experts: 3,
         curvature,
         routing,
         top_k: None,
         noisy: true,
-        opts: MergeOptions {
+        layer: CamexLayerConfig {
             dare,
-            ..MergeOptions::default()
+            ..CamexLayerConfig::default()
         },
+        seed: 3,
     };
-    let ffn = CamexFfn::upcycle(&dense, config, rng).unwrap();
+    let ffn = CamexFfn::upcycle(&dense, config, vb.pp("camex")).unwrap();
+    // The map holds both layers' variables, under their prefixes.
+    assert_eq!(map.all_vars().len(), 4 + ffn.vars().len());
     (dense, ffn)
 }
 
 #[test]
 fn upcycled_ffn_starts_equal_to_dense() {
-    let mut rng = SplitMix(4);
+    let mut rng = rng(4);
     for routing in [
         Routing::PerSequence,
         Routing::CausalSegments { segment_len: 2 },
@@ -362,7 +412,7 @@ fn upcycled_ffn_starts_equal_to_dense() {
             Dare::None,
         );
         let x = randn(&mut rng, &[2, 6, 8], 1.0);
-        let y = ffn.forward(&x, false, 0).unwrap().y;
+        let y = ffn.forward_t(&x, false).unwrap();
         let yd = dense.forward(&x).unwrap();
         assert!(rel_err(&flat(&y), &flat(&yd)) < 1e-12);
     }
@@ -370,7 +420,7 @@ fn upcycled_ffn_starts_equal_to_dense() {
 
 #[test]
 fn ffn_gradients_equal_finite_differences() {
-    let mut rng = SplitMix(5);
+    let mut rng = rng(5);
     for (routing, curv) in [
         (
             Routing::CausalSegments { segment_len: 2 },
@@ -409,7 +459,7 @@ fn ffn_gradients_equal_finite_differences() {
         }
         // Training mode with a fixed seed: the router noise and DARE draws are constants.
         let loss = || {
-            let out = ffn.forward(&x, true, 42).unwrap();
+            let out = ffn.forward_full(&x, Some(42)).unwrap();
             (out.y.mul(&w).unwrap().sum_all().unwrap() + out.balance_loss).unwrap()
         };
         let grads = loss().backward().unwrap();
@@ -427,7 +477,7 @@ fn ffn_gradients_equal_finite_differences() {
 
 #[test]
 fn segment_scores_shift_and_stop_gradient() {
-    let mut rng = SplitMix(6);
+    let mut rng = rng(6);
     let r = Var::from_tensor(&randn(&mut rng, &[2, 3, 4], 1.0)).unwrap();
     let s = segment_scores(&r).unwrap();
     let rv = r.as_tensor().to_vec3::<f64>().unwrap();
@@ -450,7 +500,7 @@ fn segment_scores_shift_and_stop_gradient() {
 
 #[test]
 fn dtypes_and_strided_inputs() {
-    let mut rng = SplitMix(7);
+    let mut rng = rng(7);
     let (n, o, i, g) = (2, 4, 6, 3);
     let base = randn(&mut rng, &[o, i], 1.0);
     let experts = randn(&mut rng, &[n, o, i], 1.0);
@@ -492,7 +542,7 @@ fn dtypes_and_strided_inputs() {
 
 #[test]
 fn bad_shapes_are_errors_not_panics() {
-    let mut rng = SplitMix(8);
+    let mut rng = rng(8);
     let (n, o, i, g) = (2, 4, 6, 3);
     let base = randn(&mut rng, &[o, i], 1.0);
     let experts = randn(&mut rng, &[n, o, i], 1.0);
@@ -539,7 +589,8 @@ fn bad_shapes_are_errors_not_panics() {
         ),
         "scores",
     );
-    let lin = CamexLinear::new(&base, &experts, None, None, opts).unwrap();
+    let config = CamexLayerConfig::default();
+    let lin = linear(&base, &experts, None, None, config).unwrap();
     expect(
         lin.forward(&randn(&mut rng, &[g, 5, i + 2], 1.0), &scores),
         "x",
@@ -548,7 +599,7 @@ fn bad_shapes_are_errors_not_panics() {
         lin.forward(&randn(&mut rng, &[g + 1, 5, i], 1.0), &scores),
         "scores",
     );
-    assert!(CamexLinear::new(&base, &randn(&mut rng, &[n, i, o], 1.0), None, None, opts).is_err());
+    assert!(linear(&base, &randn(&mut rng, &[n, i, o], 1.0), None, None, config).is_err());
     let (_, ffn) = small_ffn(
         &mut rng,
         Routing::CausalSegments { segment_len: 4 },
@@ -556,7 +607,7 @@ fn bad_shapes_are_errors_not_panics() {
         Dare::None,
     );
     let e = ffn
-        .forward(&randn(&mut rng, &[2, 6, 8], 1.0), false, 0)
+        .forward_t(&randn(&mut rng, &[2, 6, 8], 1.0), false)
         .unwrap_err();
     assert!(e.to_string().contains("segment_len"), "{e}");
     expect(
@@ -568,7 +619,7 @@ fn bad_shapes_are_errors_not_panics() {
 #[test]
 fn router_top_k_and_balance_loss() {
     use camex::candle::{balance_loss, Router};
-    let mut rng = SplitMix(9);
+    let mut rng = rng(9);
     let (g, n, d) = (5, 4, 3);
     let router = Router {
         weight: Var::from_tensor(&randn(&mut rng, &[n, d], 1.0)).unwrap(),
@@ -577,10 +628,12 @@ fn router_top_k_and_balance_loss() {
     };
     let h = randn(&mut rng, &[g, d], 1.0);
     let s = router
-        .forward(&h, true, &mut rng)
+        .scores(&h, Some(&mut rng))
         .unwrap()
         .to_vec2::<f64>()
         .unwrap();
+    // Without a noise weight, training (a generator given) and evaluation agree.
+    assert_eq!(router.forward(&h).unwrap().to_vec2::<f64>().unwrap(), s);
     let logits = h
         .matmul(&router.weight.t().unwrap())
         .unwrap()

@@ -3,9 +3,14 @@
 #![cfg(feature = "candle")]
 
 use camex::candle::checkpoint::{self, join};
-use camex::candle::{CamexFfn, CamexFfnConfig, CurvatureKind, DenseFfn, Routing, SplitMix};
-use camex::MergeOptions;
-use candle_core::{DType, Device, Tensor, Var};
+use camex::candle::{
+    randn, Activation, CamexFfn, CamexFfnConfig, CamexLayerConfig, CurvatureKind, DenseFfn,
+    Routing, SeededInit,
+};
+use candle_core::{DType, Device, Module, ModuleT, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use rand::rngs::ChaCha8Rng;
+use rand::SeedableRng;
 use std::path::PathBuf;
 
 fn tmp(name: &str) -> PathBuf {
@@ -23,7 +28,7 @@ fn config() -> CamexFfnConfig {
             normalised: true,
         },
         routing: Routing::CausalSegments { segment_len: 2 },
-        opts: MergeOptions::default(),
+        layer: CamexLayerConfig::default(),
         ..CamexFfnConfig::default()
     }
 }
@@ -41,15 +46,24 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// A builder over a new map whose new variables draw from `seed`.
+fn builder(seed: u64) -> VarBuilder<'static> {
+    SeededInit::new(seed).var_builder(&VarMap::new(), DType::F32, &Device::Cpu)
+}
+
+/// A dense FFN [4 -> 8 -> 4] with new variables from `seed`.
+fn dense(seed: u64) -> DenseFfn {
+    DenseFfn::new(4, 8, 0.3, Activation::Gelu, builder(seed)).unwrap()
+}
+
 /// A CAMEx FFN whose every variable differs from its upcycled start, so a roundtrip that lost or
 /// swapped a tensor shows.
 fn trained_like(seed: u64) -> CamexFfn {
     let dev = Device::Cpu;
-    let mut rng = SplitMix(seed);
-    let dense = DenseFfn::new(4, 8, 0.3, &mut rng, DType::F32, &dev).unwrap();
-    let ffn = CamexFfn::upcycle(&dense, config(), &mut rng).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let ffn = CamexFfn::upcycle(&dense(seed), config(), builder(seed + 100)).unwrap();
     for v in ffn.vars() {
-        let noise = rng.randn(v.dims(), 0.1, DType::F32, &dev).unwrap();
+        let noise = randn(&mut rng, v.dims(), 0.1, DType::F32, &dev).unwrap();
         v.set(&(v.as_tensor() + noise).unwrap()).unwrap();
     }
     ffn
@@ -59,11 +73,16 @@ fn trained_like(seed: u64) -> CamexFfn {
 fn camex_ffn_roundtrip() {
     let a = trained_like(1);
     let b = trained_like(2);
-    let x = SplitMix(3)
-        .randn(&[2, 4, 4], 1.0, DType::F32, &Device::Cpu)
-        .unwrap();
-    let ya = a.forward(&x, false, 0).unwrap().y;
-    assert!(max_diff(&ya, &b.forward(&x, false, 0).unwrap().y) > 1e-3);
+    let x = randn(
+        &mut ChaCha8Rng::seed_from_u64(3),
+        (2, 4, 4),
+        1.0,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let ya = a.forward_t(&x, false).unwrap();
+    assert!(max_diff(&ya, &b.forward_t(&x, false).unwrap()) > 1e-3);
     let path = tmp("roundtrip");
     let (na, nb) = (a.named_vars("layer"), b.named_vars("layer"));
     // Router, its noise, wi and wo with base, experts, four factors and two biases each.
@@ -78,7 +97,15 @@ fn camex_ffn_roundtrip() {
             "{name} differs after the roundtrip"
         );
     }
-    assert_eq!(max_diff(&ya, &b.forward(&x, false, 0).unwrap().y), 0.0);
+    assert_eq!(max_diff(&ya, &b.forward_t(&x, false).unwrap()), 0.0);
+
+    // The same file through a VarBuilder: a layer built from it computes the same function.
+    checkpoint::save(&na, &path).unwrap();
+    let vb =
+        unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, &Device::Cpu).unwrap() };
+    let c = CamexFfn::new(4, 8, Activation::Gelu, config(), vb.pp("layer")).unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(max_diff(&ya, &c.forward_t(&x, false).unwrap()), 0.0);
 }
 
 #[test]
@@ -88,15 +115,13 @@ fn load_refuses_what_does_not_fit() {
     checkpoint::save(&a.named_vars(""), &path).unwrap();
 
     // Another shape: a model with 4 experts.
-    let mut rng = SplitMix(4);
-    let dense = DenseFfn::new(4, 8, 0.3, &mut rng, DType::F32, &Device::Cpu).unwrap();
     let other = CamexFfn::upcycle(
-        &dense,
+        &dense(4),
         CamexFfnConfig {
             n_experts: 4,
             ..config()
         },
-        &mut rng,
+        builder(5),
     )
     .unwrap();
     let before = other.wi.base.as_tensor().copy().unwrap();
@@ -150,42 +175,28 @@ fn load_refuses_what_does_not_fit() {
 #[test]
 fn upcycle_from_a_dense_checkpoint_file() {
     let dev = Device::Cpu;
-    let mut rng = SplitMix(7);
-    let dense = DenseFfn::new(4, 8, 0.3, &mut rng, DType::F32, &dev).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let dense = dense(7);
     // Non-zero biases, so that the upcycled biases are checked too.
     for b in [&dense.b1, &dense.b2] {
-        b.set(&rng.randn(b.dims(), 0.2, DType::F32, &dev).unwrap())
+        b.set(&randn(&mut rng, b.dims(), 0.2, DType::F32, &dev).unwrap())
             .unwrap();
     }
     let path = tmp("dense");
     checkpoint::save(&dense.named_vars("blocks.0.ffn"), &path).unwrap();
-    let ffn = CamexFfn::upcycle_from_safetensors(
-        &path,
-        "blocks.0.ffn",
-        config(),
-        &mut SplitMix(8),
-        DType::F32,
-        &dev,
-    )
-    .unwrap();
+    let ffn =
+        CamexFfn::upcycle_from_safetensors(&path, "blocks.0.ffn", config(), builder(8)).unwrap();
     // Every expert and the base are the dense weights: the layer computes the dense FFN.
-    let x = rng.randn(&[2, 4, 4], 1.0, DType::F32, &dev).unwrap();
+    let x = randn(&mut rng, (2, 4, 4), 1.0, DType::F32, &dev).unwrap();
     let want = dense.forward(&x).unwrap();
-    let got = ffn.forward(&x, false, 0).unwrap().y;
+    let got = ffn.forward_t(&x, false).unwrap();
     assert!(max_diff(&want, &got) < 1e-5, "{}", max_diff(&want, &got));
     assert_eq!(max_diff(ffn.wo.base.as_tensor(), dense.w2.as_tensor()), 0.0);
 
     // A wrong prefix and a wrong shape name the tensor.
-    let e = CamexFfn::upcycle_from_safetensors(
-        &path,
-        "blocks.1.ffn",
-        config(),
-        &mut SplitMix(8),
-        DType::F32,
-        &dev,
-    )
-    .unwrap_err()
-    .to_string();
+    let e = CamexFfn::upcycle_from_safetensors(&path, "blocks.1.ffn", config(), builder(8))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains(&join("blocks.1.ffn", "w1")), "{e}");
     let mut bad = dense.named_vars("");
     bad[3].1 = Var::zeros(5, DType::F32, &dev).unwrap();

@@ -1,34 +1,46 @@
 //! A few optimizer steps of a CAMEx FFN (Kronecker and identity curvature) lower the loss.
 #![cfg(feature = "candle")]
 
-use camex::candle::{CamexFfn, CamexFfnConfig, CurvatureKind, DenseFfn, Routing, SplitMix};
-use camex::{Dare, MergeOptions};
-use candle_core::{DType, Device, Tensor};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use camex::candle::{
+    randn, Activation, CamexFfn, CamexFfnConfig, CamexLayerConfig, CurvatureKind, DenseFfn,
+    Routing, SeededInit,
+};
+use camex::Dare;
+use candle_core::{DType, Device, ModuleT, Tensor};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
+use rand::rngs::ChaCha8Rng;
+use rand::SeedableRng;
 
 /// Regression onto a fixed random teacher whose function differs per sequence, so that routing
 /// and merging have something to learn.
 fn run(curvature: CurvatureKind, routing: Routing) -> (f64, f64) {
     let dev = Device::Cpu;
-    let mut rng = SplitMix(11);
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let init = SeededInit::new(11);
     let (b, l, d, f) = (4, 8, 8, 16);
-    let dense = DenseFfn::new(d, f, 0.3, &mut rng, DType::F32, &dev).unwrap();
+    let scratch = VarMap::new();
+    let dense_vb = init.var_builder(&scratch, DType::F32, &dev);
+    let dense = DenseFfn::new(d, f, 0.3, Activation::Gelu, dense_vb).unwrap();
     let config = CamexFfnConfig {
         n_experts: 3,
         curvature,
         routing,
         top_k: None,
         noisy: true,
-        opts: MergeOptions {
+        layer: CamexLayerConfig {
             dare: Dare::Expert { p: 0.1, seed: 5 },
-            ..MergeOptions::default()
+            ..CamexLayerConfig::default()
         },
+        seed: 5,
     };
-    let ffn = CamexFfn::upcycle(&dense, config, &mut rng).unwrap();
-    let x = rng.randn(&[b, l, d], 1.0, DType::F32, &dev).unwrap();
-    let target = rng.randn(&[b, l, d], 0.5, DType::F32, &dev).unwrap();
+    let vars = VarMap::new();
+    let ffn = CamexFfn::upcycle(&dense, config, init.var_builder(&vars, DType::F32, &dev)).unwrap();
+    // The layer's variables are the map's: the optimizer trains them through it.
+    assert_eq!(vars.all_vars().len(), ffn.vars().len());
+    let x = randn(&mut rng, (b, l, d), 1.0, DType::F32, &dev).unwrap();
+    let target = randn(&mut rng, (b, l, d), 0.5, DType::F32, &dev).unwrap();
     let mut opt = AdamW::new(
-        ffn.vars(),
+        vars.all_vars(),
         ParamsAdamW {
             lr: 1e-2,
             weight_decay: 0.0,
@@ -37,7 +49,7 @@ fn run(curvature: CurvatureKind, routing: Routing) -> (f64, f64) {
     )
     .unwrap();
     let eval = |ffn: &CamexFfn| -> f64 {
-        let y = ffn.forward(&x, false, 0).unwrap().y;
+        let y = ffn.forward_t(&x, false).unwrap();
         (y - &target)
             .unwrap()
             .sqr()
@@ -49,7 +61,7 @@ fn run(curvature: CurvatureKind, routing: Routing) -> (f64, f64) {
     };
     let before = eval(&ffn);
     for step in 0..30u64 {
-        let out = ffn.forward(&x, true, step).unwrap();
+        let out = ffn.forward_full(&x, Some(step)).unwrap();
         let mse = (out.y - &target)
             .unwrap()
             .sqr()
@@ -94,20 +106,23 @@ fn a_few_steps_lower_the_loss() {
 fn merged_weights_follow_the_scores() {
     // After training, groups with different router scores get different merged weights.
     let dev = Device::Cpu;
-    let mut rng = SplitMix(12);
-    let dense = DenseFfn::new(4, 6, 0.3, &mut rng, DType::F32, &dev).unwrap();
-    let ffn = CamexFfn::upcycle(&dense, CamexFfnConfig::default(), &mut rng).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let map = VarMap::new();
+    let vb = SeededInit::new(12).var_builder(&map, DType::F32, &dev);
+    let dense = DenseFfn::new(4, 6, 0.3, Activation::Gelu, vb.pp("dense")).unwrap();
+    let ffn = CamexFfn::upcycle(&dense, CamexFfnConfig::default(), vb.pp("camex")).unwrap();
     let w = ffn.wi.experts.as_tensor();
     ffn.wi
         .experts
-        .set(&(w + rng.randn(w.dims(), 0.1, DType::F32, &dev).unwrap()).unwrap())
+        .set(&(w + randn(&mut rng, w.dims(), 0.1, DType::F32, &dev).unwrap()).unwrap())
         .unwrap();
     let scores = Tensor::new(
         &[[1f32, 0., 0., 0., 0., 0., 0.], [0., 1., 0., 0., 0., 0., 0.]],
         &dev,
     )
     .unwrap();
-    let (merged, _) = ffn.wi.merged(&scores, &MergeOptions::default()).unwrap();
+    // Evaluation: DARE (on in the default config) is off.
+    let merged = ffn.wi.merge(&scores, None).unwrap().weight;
     let diff = (merged.get(0).unwrap() - merged.get(1).unwrap())
         .unwrap()
         .abs()

@@ -8,9 +8,9 @@
 //! `base_bias`, `expert_bias`); a dense FFN's are `w1`, `b1`, `w2`, `b2`.
 
 use super::cerr;
-use super::layer::{CamexFfn, CamexFfnConfig, CamexLinear, DenseFfn, SplitMix};
+use super::layer::{CamexFfn, CamexFfnConfig, CamexLinear, DenseFfn};
 use candle_core::{DType, Device, Result, Tensor, Var};
-use candle_nn::VarMap;
+use candle_nn::{VarBuilder, VarMap};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -178,19 +178,18 @@ fn shape(path: &Path, name: &str, expected: String, actual: &[usize]) -> candle_
 }
 
 impl CamexFfn {
-    /// Upcycles the dense FFN stored under `prefix` in a safetensors checkpoint (SPEC section 6):
-    /// [`DenseFfn::from_safetensors`] then [`CamexFfn::upcycle`], so the layer starts equal to the
-    /// dense FFN of the file (GELU, the dense default activation).
+    /// Upcycles the dense FFN stored under `prefix` in a safetensors checkpoint (SPEC section 6)
+    /// into a CAMEx FFN from `vb`: [`DenseFfn::from_safetensors`] (in `vb`'s dtype, on its device)
+    /// then [`CamexFfn::upcycle`], so the layer starts equal to the dense FFN of the file (GELU,
+    /// the dense default activation).
     pub fn upcycle_from_safetensors(
         path: impl AsRef<Path>,
         prefix: &str,
         config: CamexFfnConfig,
-        rng: &mut SplitMix,
-        dtype: DType,
-        dev: &Device,
+        vb: VarBuilder,
     ) -> Result<CamexFfn> {
-        let dense = DenseFfn::from_safetensors(path, prefix, dtype, dev)?;
-        CamexFfn::upcycle(&dense, config, rng)
+        let dense = DenseFfn::from_safetensors(path, prefix, vb.dtype(), vb.device())?;
+        CamexFfn::upcycle(&dense, config, vb)
     }
 }
 

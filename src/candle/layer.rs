@@ -4,68 +4,103 @@
 //! router scores each merge group (a whole sequence, or a causal segment of one), every group gets
 //! its own merged weights, and the group's tokens run through them. Active parameters per token
 //! are those of the dense FFN.
+//!
+//! Every layer is built from a [`VarBuilder`]: over a `VarMap` its variables are created (or, when
+//! the map holds them already, shared) and train and save with the map; over safetensors or a
+//! tensor map they are loaded. [`crate::candle::SeededInit`] makes the new variables reproducible.
 
 use super::cerr;
 use super::ops::{ca_merge, segment_scores, Factors};
-use crate::options::{Dare, MergeOptions};
+use super::ChaCha8Rng;
+use crate::options::{Dare, Mask, MergeOptions};
 use crate::shape::Split;
-use candle_core::{DType, Device, Result, Tensor, Var, D};
+use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, Var, D};
+use candle_nn::{Activation, Init, VarBuilder};
+use rand::Rng;
+use std::sync::{Arc, Mutex};
 
 /// Which curvature M_i a [`CamexLinear`] learns.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum CurvatureKind {
     /// U_i = tau_i: domain-specific merging, the non-curvature baseline.
     Identity,
-    /// Kronecker factors of rank `rank`, initialised to the identity (M_i = R * I, or M_i = I with
-    /// `normalised`), on the default split of SPEC section 2.
+    /// Kronecker factors of rank `rank` on the default split of SPEC section 2, initialised to the
+    /// identity (M_i = R * I, or M_i = I with `normalised`).
     Kronecker { rank: usize, normalised: bool },
 }
 
-/// A small deterministic generator (SplitMix64) for the router noise and initialisations, so that a
-/// run is the same on every device and thread count.
-#[derive(Debug, Clone)]
-pub struct SplitMix(pub u64);
+/// The merge of a [`CamexLinear`]: every field is honoured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CamexLayerConfig {
+    /// Scale of the merged domain vectors (default 1).
+    pub alpha: f64,
+    /// TIES mask m_i (default none).
+    pub mask: Mask,
+    /// DARE dropout of the domain vectors, only in training; its seed is mixed with the seed of
+    /// each training forward, so every step draws anew (default none).
+    pub dare: Dare,
+}
 
-impl SplitMix {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in (0, 1).
-    pub fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-    /// Standard normal (Box-Muller).
-    pub fn normal(&mut self) -> f64 {
-        let (u, v) = (self.uniform(), self.uniform());
-        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
-    }
-    /// A tensor of N(0, std^2) entries.
-    pub fn randn(
-        &mut self,
-        shape: &[usize],
-        std: f64,
-        dtype: DType,
-        dev: &Device,
-    ) -> Result<Tensor> {
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n).map(|_| self.normal() * std).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu)?
-            .to_dtype(dtype)?
-            .to_device(dev)
+impl Default for CamexLayerConfig {
+    fn default() -> Self {
+        CamexLayerConfig {
+            alpha: 1.0,
+            mask: Mask::None,
+            dare: Dare::None,
+        }
     }
 }
 
-/// A trainable copy of `t` (never shares storage with `t`, even when `t` is itself a variable).
-fn var(t: &Tensor) -> Result<Var> {
-    Var::from_tensor(&t.detach())
+impl CamexLayerConfig {
+    /// The operator's options: DARE with its seed mixed with `dare_seed` in training (`Some`), off
+    /// in evaluation (`None`).
+    pub fn merge_options(&self, dare_seed: Option<u64>) -> MergeOptions {
+        MergeOptions {
+            alpha: self.alpha,
+            mask: self.mask,
+            dare: match (dare_seed, self.dare) {
+                (None, _) | (_, Dare::None) => Dare::None,
+                (Some(s), Dare::Expert { p, seed }) => Dare::Expert { p, seed: seed ^ s },
+                (Some(s), Dare::Element { p, seed }) => Dare::Element { p, seed: seed ^ s },
+            },
+            ..MergeOptions::default()
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        Ok(self.merge_options(Some(0)).validate()?)
+    }
 }
 
 fn shape_err(op: &str, name: &str, expected: String, actual: &[usize]) -> candle_core::Error {
     cerr(op, crate::Error::shape(name, expected, actual))
+}
+
+/// `name` [shape] from `vb` as a trainable variable: the builder's own variable when it has one
+/// (a `VarMap`), else a variable holding the loaded tensor.
+fn get(vb: &VarBuilder, shape: &[usize], name: &str, init: Init) -> Result<Var> {
+    Var::from_tensor(&vb.get_with_hints(shape, name, init)?)
+}
+
+/// [`get`], and a new variable starts as `value` (e.g. identity factors, which `Init` cannot
+/// express); a variable that the builder already holds or loads keeps its value.
+fn get_or(
+    vb: &VarBuilder,
+    shape: &[usize],
+    name: &str,
+    value: impl FnOnce() -> Result<Tensor>,
+) -> Result<Var> {
+    let fresh = !vb.contains_tensor(name);
+    let v = get(vb, shape, name, Init::Const(0.0))?;
+    if fresh {
+        v.set(&value()?)?;
+    }
+    Ok(v)
+}
+
+/// `t` in `v`'s dtype and on its device.
+fn like(t: &Tensor, v: &Var) -> Result<Tensor> {
+    t.to_dtype(v.dtype())?.to_device(v.device())
 }
 
 /// A CAMEx linear layer: base expert, N experts, optional Kronecker factors, optional biases.
@@ -79,71 +114,122 @@ pub struct CamexLinear {
     pub factors: Option<[Var; 4]>,
     /// `base_bias` `[O]` and `expert_bias` `[N, O]`, together or not at all.
     pub biases: Option<(Var, Var)>,
-    /// alpha, mask and DARE of the merge (beta is not used here).
-    pub opts: MergeOptions,
+    pub config: CamexLayerConfig,
+}
+
+/// The weights of a [`CamexLinear`] merged for G groups: applies them as a [`Module`].
+#[derive(Debug, Clone)]
+pub struct MergedLinear {
+    /// [G, O, I].
+    pub weight: Tensor,
+    /// [G, O].
+    pub bias: Option<Tensor>,
+}
+
+impl Module for MergedLinear {
+    /// y [G, T, O] = weight_g x[g, t] + bias_g for x [G, T, I].
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (g, o, i) = self.weight.dims3()?;
+        if x.rank() != 3 || x.dims()[0] != g || x.dims()[2] != i {
+            return Err(shape_err(
+                "CamexLinear",
+                "x",
+                format!("[{g}, T, {i}]"),
+                x.dims(),
+            ));
+        }
+        let y = x.matmul(&self.weight.transpose(1, 2)?)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((g, 1, o))?),
+            None => Ok(y),
+        }
+    }
 }
 
 impl CamexLinear {
-    /// Wraps existing tensors as trainable variables; checks the shapes.
+    /// A layer of `n` experts from `in_dim` to `out_dim` from `vb`, SPEC section 7's names: `base`
+    /// `[O, I]`, `experts` `[N, O, I]`, `factor_a`..`factor_d` `[R, N, k, k]` (Kronecker
+    /// curvature), `base_bias` `[O]` and `expert_bias` `[N, O]` (`bias`). New variables: base and experts
+    /// N(0, 1/I), the identity factors of `curvature`, zero biases.
     pub fn new(
-        base: &Tensor,
-        experts: &Tensor,
-        factors: Option<[&Tensor; 4]>,
-        biases: Option<(&Tensor, &Tensor)>,
-        opts: MergeOptions,
+        in_dim: usize,
+        out_dim: usize,
+        n: usize,
+        curvature: CurvatureKind,
+        bias: bool,
+        config: CamexLayerConfig,
+        vb: VarBuilder,
     ) -> Result<Self> {
-        const OP: &str = "CamexLinear";
-        opts.validate().map_err(|e| cerr(OP, e))?;
-        if base.rank() != 2 {
-            return Err(shape_err(OP, "base", "[O, I]".into(), base.dims()));
-        }
-        let (o, i) = (base.dims()[0], base.dims()[1]);
-        if experts.rank() != 3 || experts.dims()[1..] != [o, i] {
-            return Err(shape_err(
-                OP,
-                "experts",
-                format!("[N, {o}, {i}]"),
-                experts.dims(),
-            ));
-        }
-        let n = experts.dims()[0];
-        if let Some((eb, b)) = biases {
-            if eb.dims() != [o] {
-                return Err(shape_err(OP, "base_bias", format!("[{o}]"), eb.dims()));
+        let w = Init::Randn {
+            mean: 0.0,
+            stdev: 1.0 / (in_dim.max(1) as f64).sqrt(),
+        };
+        Self::build(in_dim, out_dim, n, curvature, bias, config, vb, w)
+    }
+
+    /// [`Self::new`] with new base and experts from `w`.
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        in_dim: usize,
+        out_dim: usize,
+        n: usize,
+        curvature: CurvatureKind,
+        bias: bool,
+        config: CamexLayerConfig,
+        vb: VarBuilder,
+        w: Init,
+    ) -> Result<Self> {
+        config
+            .validate()
+            .map_err(|e| e.context("camex CamexLinear"))?;
+        let (o, i) = (out_dim, in_dim);
+        let base = get(&vb, &[o, i], "base", w)?;
+        let experts = get(&vb, &[n, o, i], "experts", w)?;
+        let factors = match curvature {
+            CurvatureKind::Identity => None,
+            CurvatureKind::Kronecker { rank, normalised } => {
+                let eye = identity_factors(rank, n, o, i, normalised, vb.dtype(), vb.device())?;
+                let mut f = Vec::with_capacity(4);
+                for (name, t) in ["factor_a", "factor_b", "factor_c", "factor_d"]
+                    .into_iter()
+                    .zip(eye)
+                {
+                    let shape = t.shape().clone();
+                    f.push(get_or(&vb, shape.dims(), name, || Ok(t))?);
+                }
+                let [a, b, c, d]: [Var; 4] = f.try_into().map_err(|_| {
+                    candle_core::Error::Msg("camex CamexLinear: four factors".into())
+                })?;
+                Some([a, b, c, d])
             }
-            if b.dims() != [n, o] {
-                return Err(shape_err(
-                    OP,
-                    "expert_bias",
-                    format!("[{n}, {o}]"),
-                    b.dims(),
-                ));
-            }
-        }
+        };
+        let biases = if bias {
+            Some((
+                get(&vb, &[o], "base_bias", Init::Const(0.0))?,
+                get(&vb, &[n, o], "expert_bias", Init::Const(0.0))?,
+            ))
+        } else {
+            None
+        };
         Ok(CamexLinear {
-            base: var(base)?,
-            experts: var(experts)?,
-            factors: match factors {
-                Some(f) => Some([var(f[0])?, var(f[1])?, var(f[2])?, var(f[3])?]),
-                None => None,
-            },
-            biases: match biases {
-                Some((eb, b)) => Some((var(eb)?, var(b)?)),
-                None => None,
-            },
-            opts,
+            base,
+            experts,
+            factors,
+            biases,
+            config,
         })
     }
 
-    /// Upcycling from a dense layer (SPEC section 6): every expert and the base are the dense
-    /// `weight` `[O, I]` (and `bias` `[O]`), so every tau_i = 0 and the layer starts equal to the dense
-    /// one. Factors are the identity of [`CurvatureKind`].
+    /// Upcycling from a dense layer (SPEC section 6): a layer from `vb` whose base and every
+    /// expert are the dense `weight` `[O, I]` (and `bias` `[O]`), so every tau_i = 0 and the layer
+    /// starts equal to the dense one; the factors are the identity of `curvature`.
     pub fn upcycle(
         weight: &Tensor,
         bias: Option<&Tensor>,
         n: usize,
         curvature: CurvatureKind,
-        opts: MergeOptions,
+        config: CamexLayerConfig,
+        vb: VarBuilder,
     ) -> Result<Self> {
         if weight.rank() != 2 {
             return Err(shape_err(
@@ -154,38 +240,34 @@ impl CamexLinear {
             ));
         }
         let (o, i) = (weight.dims()[0], weight.dims()[1]);
-        let experts = weight.unsqueeze(0)?.repeat((n, 1, 1))?;
-        let factors = match curvature {
-            CurvatureKind::Identity => None,
-            CurvatureKind::Kronecker { rank, normalised } => {
-                let f = crate::cpu::identity_factors::<f32>(
-                    rank,
-                    n,
-                    Split::default_for(o, i),
-                    normalised,
-                );
-                let mut out = Vec::with_capacity(4);
-                for t in f {
-                    out.push(
-                        Tensor::from_vec(t.data().to_vec(), t.shape(), &Device::Cpu)?
-                            .to_dtype(weight.dtype())?
-                            .to_device(weight.device())?,
-                    );
-                }
-                Some(out)
+        if let Some(b) = bias {
+            if b.dims() != [o] {
+                return Err(shape_err(
+                    "CamexLinear::upcycle",
+                    "bias",
+                    format!("[{o}]"),
+                    b.dims(),
+                ));
             }
-        };
-        let expert_bias = match bias {
-            Some(b) => Some(b.unsqueeze(0)?.repeat((n, 1))?),
-            None => None,
-        };
-        Self::new(
-            weight,
-            &experts,
-            factors.as_ref().map(|f| [&f[0], &f[1], &f[2], &f[3]]),
-            bias.zip(expert_bias.as_ref()),
-            opts,
-        )
+        }
+        // Zeros, not random draws: every value is set below.
+        let zero = Init::Const(0.0);
+        let lin = Self::build(i, o, n, curvature, bias.is_some(), config, vb, zero)?;
+        lin.base.set(&like(weight, &lin.base)?)?;
+        let experts = weight.unsqueeze(0)?.repeat((n, 1, 1))?;
+        lin.experts.set(&like(&experts, &lin.experts)?)?;
+        if let (Some(f), CurvatureKind::Kronecker { rank, normalised }) = (&lin.factors, curvature)
+        {
+            let eye = identity_factors(rank, n, o, i, normalised, f[0].dtype(), f[0].device())?;
+            for (v, t) in f.iter().zip(eye) {
+                v.set(&t)?;
+            }
+        }
+        if let (Some((eb, b)), Some(dense)) = (&lin.biases, bias) {
+            eb.set(&like(dense, eb)?)?;
+            b.set(&like(&dense.unsqueeze(0)?.repeat((n, 1))?, b)?)?;
+        }
+        Ok(lin)
     }
 
     /// N, O, I.
@@ -216,16 +298,27 @@ impl CamexLinear {
         })
     }
 
-    /// `merged` [G, O, I] and `merged_bias` [G, O] for `scores` [G, N], with `opts`.
-    pub fn merged(&self, scores: &Tensor, opts: &MergeOptions) -> Result<(Tensor, Option<Tensor>)> {
-        let merged = ca_merge(
+    /// The weights merged for `scores` [G, N]: DARE drawn with `dare_seed` in training (`Some`),
+    /// off in evaluation (`None`).
+    pub fn merge(&self, scores: &Tensor, dare_seed: Option<u64>) -> Result<MergedLinear> {
+        let n = self.dims().0;
+        if scores.rank() != 2 || scores.dims()[1] != n {
+            return Err(shape_err(
+                "CamexLinear",
+                "scores",
+                format!("[G, {n}]"),
+                scores.dims(),
+            ));
+        }
+        let opts = self.config.merge_options(dare_seed);
+        let weight = ca_merge(
             &self.base,
             &self.experts,
             scores,
             self.candle_factors().as_ref(),
-            opts,
+            &opts,
         )?;
-        let merged_bias = match &self.biases {
+        let bias = match &self.biases {
             Some((eb, b)) => {
                 // bbar_g = e_b + alpha * sum_i s[g,i] (b_i - e_b): no curvature, mask or DARE.
                 let diff = b.broadcast_sub(&eb.unsqueeze(0)?)?;
@@ -234,37 +327,62 @@ impl CamexLinear {
             }
             None => None,
         };
-        Ok((merged, merged_bias))
+        Ok(MergedLinear { weight, bias })
     }
 
-    /// y [G, T, O] = merged_g x[g, t] + merged_bias_g for x [G, T, I] and scores [G, N].
+    /// y [G, T, O] for x [G, T, I] and scores [G, N], in evaluation (no DARE): [`Self::merge`]
+    /// then [`MergedLinear`]'s `forward`.
     pub fn forward(&self, x: &Tensor, scores: &Tensor) -> Result<Tensor> {
-        self.forward_with(x, scores, &self.opts)
+        self.forward_with(x, scores, None)
     }
 
-    /// [`CamexLinear::forward`] with other merge options (e.g. DARE off for evaluation).
-    pub fn forward_with(&self, x: &Tensor, scores: &Tensor, opts: &MergeOptions) -> Result<Tensor> {
-        const OP: &str = "CamexLinear";
-        let (n, _, i) = self.dims();
+    /// [`Self::forward`] with DARE drawn from `dare_seed` (training) or off (`None`).
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        scores: &Tensor,
+        dare_seed: Option<u64>,
+    ) -> Result<Tensor> {
+        let i = self.dims().2;
         if x.rank() != 3 || x.dims()[2] != i {
-            return Err(shape_err(OP, "x", format!("[G, T, {i}]"), x.dims()));
+            return Err(shape_err(
+                "CamexLinear",
+                "x",
+                format!("[G, T, {i}]"),
+                x.dims(),
+            ));
         }
         let g = x.dims()[0];
-        if scores.dims() != [g, n] {
+        if scores.rank() != 2 || scores.dims()[0] != g {
             return Err(shape_err(
-                OP,
+                "CamexLinear",
                 "scores",
-                format!("[{g}, {n}]"),
+                format!("[{g}, {}]", self.dims().0),
                 scores.dims(),
             ));
         }
-        let (merged, merged_bias) = self.merged(scores, opts)?;
-        let y = x.matmul(&merged.transpose(1, 2)?)?;
-        match merged_bias {
-            Some(b) => y.broadcast_add(&b.unsqueeze(1)?),
-            None => Ok(y),
-        }
+        self.merge(scores, dare_seed)?.forward(x)
     }
+}
+
+/// The four identity factors of a Kronecker curvature of rank `r` for N experts of [O, I].
+fn identity_factors(
+    r: usize,
+    n: usize,
+    o: usize,
+    i: usize,
+    normalised: bool,
+    dtype: DType,
+    dev: &Device,
+) -> Result<Vec<Tensor>> {
+    crate::cpu::identity_factors::<f32>(r, n, Split::default_for(o, i), normalised)
+        .into_iter()
+        .map(|t| {
+            Tensor::from_vec(t.data().to_vec(), t.shape(), &Device::Cpu)?
+                .to_dtype(dtype)?
+                .to_device(dev)
+        })
+        .collect()
 }
 
 /// The router: a linear layer from the group's mean hidden state to N logits, noisy top-k softmax.
@@ -279,26 +397,55 @@ pub struct Router {
 }
 
 impl Router {
+    /// A router from `d` features to `n` experts from `vb`: `weight` [N, D] (new: N(0, 1/D)) and,
+    /// with `noisy`, `noise_weight` [N, D] (new: zero); `k` experts kept (`None`: k = N).
+    pub fn new(d: usize, n: usize, k: Option<usize>, noisy: bool, vb: VarBuilder) -> Result<Self> {
+        let k = k.unwrap_or(n);
+        if k == 0 || k > n {
+            return Err(cerr(
+                "Router",
+                crate::Error::option("top_k", format!("must be in 1..={n}, got {k}")),
+            ));
+        }
+        let stdev = 1.0 / (d.max(1) as f64).sqrt();
+        Ok(Router {
+            weight: get(&vb, &[n, d], "weight", Init::Randn { mean: 0.0, stdev })?,
+            noise_weight: if noisy {
+                Some(get(&vb, &[n, d], "noise_weight", Init::Const(0.0))?)
+            } else {
+                None
+            },
+            k,
+        })
+    }
+
     pub fn n(&self) -> usize {
         self.weight.dims()[0]
     }
 
-    /// Scores [G, N] for `h` [G, D]; noise only when `train`, drawn from `rng`.
-    pub fn forward(&self, h: &Tensor, train: bool, rng: &mut SplitMix) -> Result<Tensor> {
+    /// Scores [G, N] for `h` [G, D]; with `noise` (training), noisy gating draws from it.
+    pub fn scores(&self, h: &Tensor, noise: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
         let (n, d) = (self.weight.dims()[0], self.weight.dims()[1]);
         if h.rank() != 2 || h.dims()[1] != d {
             return Err(shape_err("Router", "h", format!("[G, {d}]"), h.dims()));
         }
         let mut logits = h.matmul(&self.weight.t()?)?;
-        if let (true, Some(w)) = (train, &self.noise_weight) {
+        if let (Some(rng), Some(w)) = (noise, &self.noise_weight) {
             let std = softplus(&h.matmul(&w.t()?)?)?;
-            let eps = rng.randn(logits.dims(), 1.0, logits.dtype(), logits.device())?;
+            let eps = super::randn(rng, logits.dims(), 1.0, logits.dtype(), logits.device())?;
             logits = (logits + (eps * std)?)?;
         }
         if self.k < n {
             logits = (logits.clone() + top_k_mask(&logits, self.k)?)?;
         }
         candle_nn::ops::softmax(&logits, D::Minus1)
+    }
+}
+
+impl Module for Router {
+    /// The scores without noise (evaluation).
+    fn forward(&self, h: &Tensor) -> Result<Tensor> {
+        self.scores(h, None)
     }
 }
 
@@ -360,8 +507,11 @@ pub struct CamexFfnConfig {
     pub top_k: Option<usize>,
     /// Noisy gating during training.
     pub noisy: bool,
-    /// alpha, mask, DARE (DARE applies only in training).
-    pub opts: MergeOptions,
+    /// alpha, mask and DARE of both linears (DARE only in training).
+    pub layer: CamexLayerConfig,
+    /// Seed of the stream that [`ModuleT::forward_t`] draws each training step's router noise
+    /// and DARE seed from.
+    pub seed: u64,
 }
 
 impl Default for CamexFfnConfig {
@@ -377,30 +527,11 @@ impl Default for CamexFfnConfig {
             routing: Routing::PerSequence,
             top_k: None,
             noisy: true,
-            opts: MergeOptions {
+            layer: CamexLayerConfig {
                 dare: Dare::Expert { p: 0.1, seed: 0 },
-                ..MergeOptions::default()
+                ..CamexLayerConfig::default()
             },
-        }
-    }
-}
-
-/// The activation between the two linears of an FFN.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Activation {
-    /// GELU with the exact erf (candle's backward of it uses 1/sqrt(2 pi) rounded to 6 digits).
-    #[default]
-    GeluErf,
-    Silu,
-    Relu,
-}
-
-impl Activation {
-    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Activation::GeluErf => x.gelu_erf(),
-            Activation::Silu => x.silu(),
-            Activation::Relu => x.relu(),
+            seed: 0,
         }
     }
 }
@@ -418,23 +549,28 @@ pub struct DenseFfn {
 }
 
 impl DenseFfn {
-    /// Random init N(0, std^2) for the weights, zero biases.
+    /// `w1` `[F, D]`, `b1` `[F]`, `w2` `[D, F]`, `b2` `[D]` from `vb`; new weights N(0, std^2),
+    /// new biases zero.
     pub fn new(
         d_model: usize,
         d_ff: usize,
         std: f64,
-        rng: &mut SplitMix,
-        dtype: DType,
-        dev: &Device,
+        activation: Activation,
+        vb: VarBuilder,
     ) -> Result<Self> {
+        let w = Init::Randn {
+            mean: 0.0,
+            stdev: std,
+        };
         Ok(DenseFfn {
-            w1: Var::from_tensor(&rng.randn(&[d_ff, d_model], std, dtype, dev)?)?,
-            b1: Var::zeros(d_ff, dtype, dev)?,
-            w2: Var::from_tensor(&rng.randn(&[d_model, d_ff], std, dtype, dev)?)?,
-            b2: Var::zeros(d_model, dtype, dev)?,
-            activation: Activation::GeluErf,
+            w1: get(&vb, &[d_ff, d_model], "w1", w)?,
+            b1: get(&vb, &[d_ff], "b1", Init::Const(0.0))?,
+            w2: get(&vb, &[d_model, d_ff], "w2", w)?,
+            b2: get(&vb, &[d_model], "b2", Init::Const(0.0))?,
+            activation,
         })
     }
+
     pub fn vars(&self) -> Vec<Var> {
         vec![
             self.w1.clone(),
@@ -443,15 +579,18 @@ impl DenseFfn {
             self.b2.clone(),
         ]
     }
+}
+
+impl Module for DenseFfn {
     /// x [.., D] -> [.., D].
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let d = self.w1.dims()[1];
         if x.dims().last() != Some(&d) {
             return Err(shape_err("DenseFfn", "x", format!("[.., {d}]"), x.dims()));
         }
         let h = self
             .activation
-            .apply(&x.broadcast_matmul(&self.w1.t()?)?.broadcast_add(&self.b1)?)?;
+            .forward(&x.broadcast_matmul(&self.w1.t()?)?.broadcast_add(&self.b1)?)?;
         h.broadcast_matmul(&self.w2.t()?)?.broadcast_add(&self.b2)
     }
 }
@@ -469,6 +608,7 @@ pub struct FfnOutput {
 }
 
 /// The CAMEx FFN: router, `wi` [F, D] and `wo` [D, F] as [`CamexLinear`]s, the activation between.
+/// As a [`ModuleT`] it returns `y`; [`CamexFfn::forward_full`] also returns the balance loss.
 #[derive(Debug, Clone)]
 pub struct CamexFfn {
     pub router: Router,
@@ -476,39 +616,48 @@ pub struct CamexFfn {
     pub wo: CamexLinear,
     pub activation: Activation,
     pub config: CamexFfnConfig,
+    /// Draws the seed of each training forward (`forward_t`); shared by clones.
+    stream: Arc<Mutex<ChaCha8Rng>>,
 }
 
 impl CamexFfn {
-    /// Upcycles a dense FFN (SPEC section 6): both linears start as the dense ones (tau_i = 0), with
-    /// the dense activation, so the layer starts equal to `dense`; the router is random N(0, 1/D) (never left uninitialised).
-    pub fn upcycle(dense: &DenseFfn, config: CamexFfnConfig, rng: &mut SplitMix) -> Result<Self> {
+    /// A CAMEx FFN from `vb`: `router.*` ([`Router::new`]), `wi.*` and `wo.*` ([`CamexLinear::new`],
+    /// with biases).
+    pub fn new(
+        d_model: usize,
+        d_ff: usize,
+        activation: Activation,
+        config: CamexFfnConfig,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let n = config.n_experts;
+        let c = config.curvature;
+        Ok(CamexFfn {
+            router: Router::new(d_model, n, config.top_k, config.noisy, vb.pp("router"))?,
+            wi: CamexLinear::new(d_model, d_ff, n, c, true, config.layer, vb.pp("wi"))?,
+            wo: CamexLinear::new(d_ff, d_model, n, c, true, config.layer, vb.pp("wo"))?,
+            activation,
+            config,
+            stream: Arc::new(Mutex::new(super::rng(config.seed))),
+        })
+    }
+
+    /// Upcycles a dense FFN (SPEC section 6) into a CAMEx FFN from `vb`: both linears start as the
+    /// dense ones (tau_i = 0), with the dense activation, so the layer starts equal to `dense`;
+    /// the router is new (N(0, 1/D), never left uninitialised) unless `vb` holds one.
+    pub fn upcycle(dense: &DenseFfn, config: CamexFfnConfig, vb: VarBuilder) -> Result<Self> {
         let n = config.n_experts;
         let d = dense.w1.dims()[1];
-        if let Some(k) = config.top_k {
-            if k == 0 || k > n {
-                return Err(cerr(
-                    "CamexFfn",
-                    crate::Error::option("top_k", format!("must be in 1..={n}, got {k}")),
-                ));
-            }
-        }
-        let (dtype, dev) = (dense.w1.dtype(), dense.w1.device());
-        let std = 1.0 / (d as f64).sqrt();
-        let router = Router {
-            weight: Var::from_tensor(&rng.randn(&[n, d], std, dtype, dev)?)?,
-            noise_weight: if config.noisy {
-                Some(Var::zeros((n, d), dtype, dev)?)
-            } else {
-                None
-            },
-            k: config.top_k.unwrap_or(n),
-        };
+        let c = config.curvature;
+        let (w1, w2) = (dense.w1.as_tensor(), dense.w2.as_tensor());
+        let (b1, b2) = (dense.b1.as_tensor(), dense.b2.as_tensor());
         Ok(CamexFfn {
-            router,
-            wi: CamexLinear::upcycle(&dense.w1, Some(&dense.b1), n, config.curvature, config.opts)?,
-            wo: CamexLinear::upcycle(&dense.w2, Some(&dense.b2), n, config.curvature, config.opts)?,
+            router: Router::new(d, n, config.top_k, config.noisy, vb.pp("router"))?,
+            wi: CamexLinear::upcycle(w1, Some(b1), n, c, config.layer, vb.pp("wi"))?,
+            wo: CamexLinear::upcycle(w2, Some(b2), n, c, config.layer, vb.pp("wo"))?,
             activation: dense.activation,
             config,
+            stream: Arc::new(Mutex::new(super::rng(config.seed))),
         })
     }
 
@@ -522,9 +671,10 @@ impl CamexFfn {
         v
     }
 
-    /// x [B, L, D] -> y [B, L, D]. In training (`train`), router noise and DARE draw from `seed`;
-    /// in evaluation both are off.
-    pub fn forward(&self, x: &Tensor, train: bool, seed: u64) -> Result<FfnOutput> {
+    /// x [B, L, D] -> y [B, L, D], the router's scores and the balance loss. In training
+    /// (`train = Some(seed)`), router noise and DARE draw from `seed`; in evaluation (`None`) both
+    /// are off.
+    pub fn forward_full(&self, x: &Tensor, train: Option<u64>) -> Result<FfnOutput> {
         const OP: &str = "CamexFfn";
         let d = self.router.weight.dims()[1];
         if x.rank() != 3 || x.dims()[2] != d {
@@ -545,9 +695,9 @@ impl CamexFfn {
                 (x.reshape((b * (l / t), t, d))?, l / t)
             }
         };
-        let mut rng = SplitMix(seed ^ 0x5EED_CA3E);
+        let mut rng = train.map(|s| super::rng(s ^ 0x5EED_CA3E));
         let h = xg.mean(1)?;
-        let router_scores = self.router.forward(&h, train, &mut rng)?;
+        let router_scores = self.router.scores(&h, rng.as_mut())?;
         let n = self.router.n();
         let scores = match self.config.routing {
             Routing::PerSequence => router_scores.clone(),
@@ -555,24 +705,13 @@ impl CamexFfn {
                 segment_scores(&router_scores.reshape((b, j, n))?)?.reshape((b * j, n))?
             }
         };
-        let mut opts = self.config.opts;
-        opts.dare = match (train, opts.dare) {
-            (false, _) | (_, Dare::None) => Dare::None,
-            (true, Dare::Expert { p, seed: s }) => Dare::Expert {
-                p,
-                seed: s ^ rng.next_u64(),
-            },
-            (true, Dare::Element { p, seed: s }) => Dare::Element {
-                p,
-                seed: s ^ rng.next_u64(),
-            },
-        };
+        let dare_seed = rng.as_mut().map(|r| r.next_u64());
         let hid = self
             .activation
-            .apply(&self.wi.forward_with(&xg, &scores, &opts)?)?;
+            .forward(&self.wi.forward_with(&xg, &scores, dare_seed)?)?;
         let y = self
             .wo
-            .forward_with(&hid, &scores, &opts)?
+            .forward_with(&hid, &scores, dare_seed)?
             .reshape((b, l, d))?;
         let balance_loss = balance_loss(&router_scores)?;
         Ok(FfnOutput {
@@ -583,7 +722,19 @@ impl CamexFfn {
     }
 }
 
-/// Upcycles a dense FFN into a CAMEx FFN: [`CamexFfn::upcycle`].
-pub fn upcycle(dense: &DenseFfn, config: CamexFfnConfig, rng: &mut SplitMix) -> Result<CamexFfn> {
-    CamexFfn::upcycle(dense, config, rng)
+impl ModuleT for CamexFfn {
+    /// `y` of [`CamexFfn::forward_full`]; in training with the next seed of the layer's stream
+    /// (`config.seed`).
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let seed = if train {
+            let mut s = self
+                .stream
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("CamexFfn: lock poisoned".into()))?;
+            Some(s.next_u64())
+        } else {
+            None
+        };
+        Ok(self.forward_full(x, seed)?.y)
+    }
 }
