@@ -59,8 +59,8 @@ impl<T: Element> Backend<T> for Cuda {
         }
         Ok(out)
     }
-    /// One counted device copy per piece ([`copy_dtod`]), none for a single piece (which is the
-    /// packed tensor already).
+    /// One device copy per piece, each counted ([`super::device_copies`]), none for a single piece
+    /// (which is the packed tensor already).
     fn pack(&self, pieces: Vec<D<T>>) -> Result<D<T>> {
         let total: usize = pieces.iter().map(|p| p.len()).sum();
         if pieces.len() == 1 {
