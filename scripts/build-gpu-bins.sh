@@ -48,15 +48,15 @@ build() {
 }
 
 CANDLE="${CAMEX_GPU_BINS_CANDLE:-1}"
-FEATURES=cuda
+FEATURES=cuda,cli
 if [ "$CANDLE" = 1 ]; then
   bash "$ROOT/scripts/cuda-link-stubs.sh" "$CUDA_HOME" >/dev/null
   export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
   # One feature set for all three, so that candle's kernels (~10 minutes of nvcc) build once.
-  FEATURES=candle,cuda,peer
+  FEATURES=candle,cuda,peer,cli
 fi
 
-build gpu-tests test gpu --release --features cuda
+build gpu-tests test gpu --release --features cuda,cli
 build bench-cuda bench cuda --features "$FEATURES"
 # The CLI, for the check's `camex run --device cuda` round trip.
 cargo build --release --features cuda,cli --bin camex
