@@ -130,16 +130,7 @@ fn host_weights<T: Dt>(sh: Sh, seed: u64) -> HostW<T> {
 
 impl<T> HostW<T> {
     fn curv(&self, kron: bool) -> cpu::Curvature<'_, f64> {
-        if kron {
-            cpu::Curvature::Kronecker(cpu::Factors {
-                a: &self.factors[0].0,
-                b: &self.factors[1].0,
-                c: &self.factors[2].0,
-                d: &self.factors[3].0,
-            })
-        } else {
-            cpu::Curvature::Identity
-        }
+        host_curv(&self.factors, kron)
     }
 }
 

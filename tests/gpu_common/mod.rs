@@ -408,18 +408,24 @@ pub fn weights<T: Dt>(s: &Stream, sh: Sh, seed: u64) -> Weights<T> {
     }
 }
 
+/// The f64 halves of the four (host, storage) factor pairs as the CPU curvature, or the identity;
+/// shared by the GPU tests' weights and the emulation tests' host-only ones.
+pub fn host_curv<X>(factors: &[(HostTensor<f64>, X)], kron: bool) -> cpu::Curvature<'_, f64> {
+    if kron {
+        cpu::Curvature::Kronecker(cpu::Factors {
+            a: &factors[0].0,
+            b: &factors[1].0,
+            c: &factors[2].0,
+            d: &factors[3].0,
+        })
+    } else {
+        cpu::Curvature::Identity
+    }
+}
+
 impl<T: Dt> Weights<T> {
     pub fn cpu_curv(&self, kron: bool) -> cpu::Curvature<'_, f64> {
-        if kron {
-            cpu::Curvature::Kronecker(cpu::Factors {
-                a: &self.factors[0].0,
-                b: &self.factors[1].0,
-                c: &self.factors[2].0,
-                d: &self.factors[3].0,
-            })
-        } else {
-            cpu::Curvature::Identity
-        }
+        host_curv(&self.factors, kron)
     }
     pub fn gpu_curv(&self, kron: bool) -> cuda::CudaCurvature<'_, T> {
         if kron {
