@@ -7,7 +7,7 @@
 //! buffers. Experts and ranks run in order, blocks and slabs in parallel with fixed partitions, so
 //! the result is the same for any thread count.
 
-use super::gemm::{gemm, View};
+use super::gemm::{gemm, xyt, View};
 use super::SyncPtr;
 use crate::error::Result;
 use crate::shape::{expect_nonempty, expect_rank, expect_shape, Split};
@@ -251,18 +251,7 @@ fn contract_rows<F: Float>(dst: &mut [F], x: &[F], y: &[F], o1: usize, rest: usi
                     by[a * w..(a + 1) * w].copy_from_slice(&y[a * rest + c0..a * rest + c0 + w]);
                 }
                 let mut part = vec![F::ZERO; o1 * o1];
-                let v = View::rm(0, o1, w);
-                gemm(
-                    &mut part,
-                    View::rm(0, o1, o1),
-                    false,
-                    bx,
-                    v,
-                    by,
-                    v.t(),
-                    F::ONE,
-                    false,
-                );
+                xyt(&mut part, o1, false, bx, w, by, w, (o1, o1, w), (1, 0));
                 part
             },
         )
@@ -584,35 +573,23 @@ fn kron_rank_backward<F: Float>(
                     F::ONE,
                     false,
                 );
+                // dC = sum_b dt3_b t2_b^T: the o2 rows b are the summed segments.
                 let mut dc = vec![F::ZERO; i1 * i1];
-                for b in 0..o2 {
-                    let v = View::rm(b * i1 * i2, i1, i2);
-                    gemm(
-                        &mut dc,
-                        View::rm(0, i1, i1),
-                        b > 0,
-                        w,
-                        v,
-                        t2,
-                        v.t(),
-                        F::ONE,
-                        false,
-                    );
-                }
+                xyt(
+                    &mut dc,
+                    i1,
+                    false,
+                    w,
+                    i2,
+                    t2,
+                    i2,
+                    (i1, i1, i2),
+                    (o2, i1 * i2),
+                );
                 // dt2 = C^T dt3 per row (into t3, no longer needed)
                 mode3_rows(t3, w, o2, i1, i2, f.c.data(), oc, true);
                 let mut db = vec![F::ZERO; o2 * o2];
-                gemm(
-                    &mut db,
-                    View::rm(0, o2, o2),
-                    false,
-                    t3,
-                    vs,
-                    t1a,
-                    vs.t(),
-                    F::ONE,
-                    false,
-                );
+                xyt(&mut db, o2, false, t3, ii, t1a, ii, (o2, o2, ii), (1, 0));
                 gemm(
                     dt1a,
                     vs,
