@@ -2,9 +2,10 @@
 //!
 //! `kronecker`: U_i = sum_r (A_ri (x) B_ri) tau_i (C_ri (x) D_ri)^T, computed as four mode products on
 //! the 4-D view [o1, o2, i1, i2] of each weight, never as an O x O or I x I Kronecker matrix. The x1
-//! product mixes rows o2*I apart, so it runs on packed column blocks (`mode1`); the x2, x3, x4
-//! products stay inside one slab [o2, I] of the 4-D view, so they run slab by slab on cache-resident
-//! buffers. Experts and ranks run in order, blocks and slabs in parallel with fixed partitions, so
+//! product mixes rows o2*I apart; the crate's own buffers for its inputs and outputs (tau, t1,
+//! dt1) store those rows [`SLAB_PAD`] elements further apart, so that it and the dA contraction run
+//! in place without cache-set conflicts (`mode1`). The x2, x3, x4 products stay inside one slab
+//! [o2, I] of the 4-D view, so they run slab by slab on cache-resident buffers. Experts and ranks run in order, blocks and slabs in parallel with fixed partitions, so
 //! the result is the same for any thread count.
 
 use super::gemm::{gemm, xyt, View};
@@ -92,6 +93,16 @@ pub(crate) fn domain_vector<F: Float>(base: &[F], expert: &[F], out: &mut [F]) {
     }
 }
 
+/// tau_i = experts[i] - base into a padded [o1, slab] buffer (row stride `slab + SLAB_PAD`).
+fn domain_vector_padded<F: Float>(base: &[F], expert: &[F], tau: &mut [F], slab: usize) {
+    tau.par_chunks_mut(slab + SLAB_PAD)
+        .enumerate()
+        .for_each(|(a, ta)| {
+            let r = a * slab..(a + 1) * slab;
+            domain_vector(&base[r.clone()], &expert[r], &mut ta[..slab]);
+        });
+}
+
 /// The scratch of [`curved_unchecked`] (an upper bound), for the memory check.
 pub(crate) fn curved_workspace<F>(
     dims: &Dims,
@@ -103,7 +114,7 @@ pub(crate) fn curved_workspace<F>(
             "workspace (curvature)",
             vec![
                 2 + 2 * super::threads(),
-                dims.oi().max(dims.split.o1 * PACK_W),
+                dims.oi() + dims.split.o1 * SLAB_PAD,
             ],
         )),
     }
@@ -129,18 +140,15 @@ pub(crate) fn fused_backward_workspace<F>(
         v.push(("grad_factor_d", vec![dims.r, n, i2, i2]));
         v.push((
             "workspace (curvature backward)",
-            vec![3 + 3 * super::threads(), dims.oi().max(o1 * PACK_W)],
+            vec![3 + 3 * super::threads(), dims.oi() + o1 * SLAB_PAD],
         ));
         v.push((
             "workspace (factor partials)",
             vec![o1, o2 * o2 + i1 * i1 + i2 * i2],
         ));
         v.push((
-            "workspace (dA split-k)",
-            vec![
-                (dims.oi() / o1).div_ceil(SPLIT_K) * o1 + 2 * super::threads() * SPLIT_K,
-                o1,
-            ],
+            "workspace (dA split-k partials)",
+            vec![(dims.oi() / o1).div_ceil(SPLIT_K), o1 * o1],
         ));
     }
     v
@@ -166,10 +174,13 @@ pub(crate) fn curved_unchecked<F: Float>(
         // Experts in order, each parallel inside (column blocks, then slabs): N = 7 experts do
         // not split evenly over a few threads, the 32+ blocks of one expert do.
         Curvature::Kronecker(f) => {
-            let mut tau = vec![F::ZERO; oi];
-            let mut t1 = vec![F::ZERO; oi];
+            let slab = oi / dims.split.o1;
+            let padded = dims.split.o1 * (slab + SLAB_PAD);
+            let mut tau = vec![F::ZERO; padded];
+            let mut t1 = vec![F::ZERO; padded];
             for (e, ue) in u.data_mut().chunks_mut(oi).enumerate() {
-                domain_vector(base.data(), &experts.data()[e * oi..(e + 1) * oi], &mut tau);
+                let expert = &experts.data()[e * oi..(e + 1) * oi];
+                domain_vector_padded(base.data(), expert, &mut tau, slab);
                 for r in 0..dims.r {
                     kron_rank_forward(&tau, &mut t1, ue, f, e, r, dims, r > 0);
                 }
@@ -179,19 +190,23 @@ pub(crate) fn curved_unchecked<F: Float>(
     u
 }
 
-/// Column-block width of the mode-1 product: the o1 rows of the 4-D view are o2*I elements apart
-/// (a power of two at every SPEC shape), so they are packed into a contiguous block first;
-/// the strided product thrashes cache sets.
-const PACK_W: usize = 256;
+/// Extra elements between the o1 rows (slabs) of the crate's own [o1, o2*I] buffers. Rows o2*I
+/// apart are a multiple of 4 KiB at every SPEC shape, so the o1 rows that the x1 product and the
+/// dA contraction read side by side would all fall into one cache set; one more cache line per row
+/// spreads them over o1 sets. Before, each block was copied into a packed buffer and back: 11 % of
+/// a T5-small forward in memmove.
+const SLAB_PAD: usize = 16;
 
-/// y (+)= M x (M^T x when `transpose`) for x, y [o1, rest] row-major and M the o1 x o1 factor at
-/// `m[m_off..]`: the mode-1 product, over packed column blocks in parallel.
+/// y (+)= M x (M^T x when `transpose`) for x, y [o1, rest] with row strides `xs`, `ys` and M the
+/// o1 x o1 factor at `m[m_off..]`: the mode-1 product as one GEMM that the `gemm` crate splits over
+/// threads by output blocks (k = o1 is never split, so the bits do not depend on the thread count).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn mode1<F: Float>(
     y: &mut [F],
+    ys: usize,
     x: &[F],
-    o1: usize,
-    rest: usize,
+    xs: usize,
+    (o1, rest): (usize, usize),
     m: &[F],
     m_off: usize,
     transpose: bool,
@@ -199,34 +214,14 @@ pub(crate) fn mode1<F: Float>(
 ) {
     let mv = View::rm(m_off, o1, o1);
     let mv = if transpose { mv.t() } else { mv };
-    let blocks = rest.div_ceil(PACK_W);
-    // Each block writes its own columns of y; the raw pointer is only used for disjoint ranges.
-    let yp = SyncPtr(y.as_mut_ptr());
-    let ylen = y.len();
-    (0..blocks).into_par_iter().for_each_init(
-        || (vec![F::ZERO; o1 * PACK_W], vec![F::ZERO; o1 * PACK_W]),
-        |(bx, by), b| {
-            let c0 = b * PACK_W;
-            let w = PACK_W.min(rest - c0);
-            for a in 0..o1 {
-                bx[a * w..(a + 1) * w].copy_from_slice(&x[a * rest + c0..a * rest + c0 + w]);
-            }
-            let v = View::rm(0, o1, w);
-            gemm(by, v, false, m, mv, bx, v, F::ONE, false);
-            for a in 0..o1 {
-                assert!(a * rest + c0 + w <= ylen);
-                // SAFETY: block b alone owns columns c0..c0+w of every row of y (blocks are
-                // disjoint), and the range is inside y (asserted above).
-                let dst = unsafe { std::slice::from_raw_parts_mut(yp.get().add(a * rest + c0), w) };
-                let src = &by[a * w..(a + 1) * w];
-                if accumulate {
-                    dst.iter_mut().zip(src).for_each(|(d, &s)| *d += s);
-                } else {
-                    dst.copy_from_slice(src);
-                }
-            }
-        },
-    );
+    let view = |rs| View {
+        off: 0,
+        rows: o1,
+        cols: rest,
+        rs,
+        cs: 1,
+    };
+    gemm(y, view(ys), accumulate, m, mv, x, view(xs), F::ONE, true);
 }
 
 /// Columns per split-k chunk of [`contract_rows`]: k = O*I/o1 is long (32768 at T5-small) and the
@@ -234,27 +229,38 @@ pub(crate) fn mode1<F: Float>(
 /// run in parallel and their partials are added in chunk order (the same bits for any thread count).
 const SPLIT_K: usize = 1024;
 
-/// dst [o1, o1] = x [o1, rest] @ y [o1, rest]^T, as blocked split-k: each chunk of columns is
-/// packed (rows are o2*I apart, which would thrash cache sets, see [`PACK_W`]) and contracted on
-/// its own, then the partials are summed in chunk order.
-fn contract_rows<F: Float>(dst: &mut [F], x: &[F], y: &[F], o1: usize, rest: usize) {
+/// dst [o1, o1] = x [o1, rest] @ y [o1, rest]^T (row strides `xs`, `ys`, padded: see
+/// [`SLAB_PAD`]) as blocked split-k: each chunk of columns is contracted on its own, then the
+/// partials are summed in chunk order.
+fn contract_rows<F: Float>(
+    dst: &mut [F],
+    x: &[F],
+    xs: usize,
+    y: &[F],
+    ys: usize,
+    o1: usize,
+    rest: usize,
+) {
     let chunks = rest.div_ceil(SPLIT_K);
     let partials: Vec<Vec<F>> = (0..chunks)
         .into_par_iter()
-        .map_init(
-            || (vec![F::ZERO; o1 * SPLIT_K], vec![F::ZERO; o1 * SPLIT_K]),
-            |(bx, by), c| {
-                let c0 = c * SPLIT_K;
-                let w = SPLIT_K.min(rest - c0);
-                for a in 0..o1 {
-                    bx[a * w..(a + 1) * w].copy_from_slice(&x[a * rest + c0..a * rest + c0 + w]);
-                    by[a * w..(a + 1) * w].copy_from_slice(&y[a * rest + c0..a * rest + c0 + w]);
-                }
-                let mut part = vec![F::ZERO; o1 * o1];
-                xyt(&mut part, o1, false, bx, w, by, w, (o1, o1, w), (1, 0));
-                part
-            },
-        )
+        .map(|c| {
+            let c0 = c * SPLIT_K;
+            let w = SPLIT_K.min(rest - c0);
+            let mut part = vec![F::ZERO; o1 * o1];
+            xyt(
+                &mut part,
+                o1,
+                false,
+                &x[c0..],
+                xs,
+                &y[c0..],
+                ys,
+                (o1, o1, w),
+                (1, 0),
+            );
+            part
+        })
         .collect();
     dst.copy_from_slice(&partials[0]);
     for p in &partials[1..] {
@@ -299,11 +305,13 @@ fn kron_rank_forward<F: Float>(
     let Split { o1, o2, i1, i2 } = dims.split;
     let (n, ii) = (dims.n, dims.i);
     let slab = o2 * ii;
+    let ps = slab + SLAB_PAD;
     mode1(
         t1,
+        ps,
         tau,
-        o1,
-        slab,
+        ps,
+        (o1, slab),
         f.a.data(),
         foff(r, e, n, o1),
         false,
@@ -313,7 +321,7 @@ fn kron_rank_forward<F: Float>(
     u.par_chunks_mut(slab).enumerate().for_each_init(
         || (vec![F::ZERO; slab], vec![F::ZERO; slab]),
         |(t2, t3), (a, ua)| {
-            let xs = &t1[a * slab..(a + 1) * slab];
+            let xs = &t1[a * ps..a * ps + slab];
             let v = View::rm(0, o2, ii);
             gemm(
                 t2,
@@ -425,11 +433,18 @@ pub(crate) fn fused_backward<F: Float>(
     let mut gb = HostTensor::zeros(&[rk, n, o2, o2]);
     let mut gc = HostTensor::zeros(&[rk, n, i1, i1]);
     let mut gd = HostTensor::zeros(&[rk, n, i2, i2]);
-    let mut tau = vec![F::ZERO; oi];
-    let mut t1 = vec![F::ZERO; oi];
-    let mut dt1 = vec![F::ZERO; oi];
+    let slab = oi / o1;
+    let ps = slab + SLAB_PAD;
+    let mut tau = vec![F::ZERO; o1 * ps];
+    let mut t1 = vec![F::ZERO; o1 * ps];
+    let mut dt1 = vec![F::ZERO; o1 * ps];
     for e in 0..n {
-        domain_vector(base.data(), &experts.data()[e * oi..(e + 1) * oi], &mut tau);
+        domain_vector_padded(
+            base.data(),
+            &experts.data()[e * oi..(e + 1) * oi],
+            &mut tau,
+            slab,
+        );
         let he = &h.data()[e * oi..(e + 1) * oi];
         for r in 0..rk {
             let ue = u.as_mut().map(|t| &mut t.data_mut()[e * oi..(e + 1) * oi]);
@@ -437,21 +452,23 @@ pub(crate) fn fused_backward<F: Float>(
             gb.data_mut()[foff(r, e, n, o2)..][..o2 * o2].copy_from_slice(&db);
             gc.data_mut()[foff(r, e, n, i1)..][..i1 * i1].copy_from_slice(&dc);
             gd.data_mut()[foff(r, e, n, i2)..][..i2 * i2].copy_from_slice(&dd);
-            // dA = dt1 [o1, rest] @ tau^T [rest, o1]; dtau (+)= A^T dt1.
-            let rest = oi / o1;
+            // dA = dt1 [o1, slab] @ tau^T [slab, o1]; dtau (+)= A^T dt1.
             contract_rows(
                 &mut ga.data_mut()[foff(r, e, n, o1)..][..o1 * o1],
                 &dt1,
+                ps,
                 &tau,
+                ps,
                 o1,
-                rest,
+                slab,
             );
             let gte = &mut grad_tau.data_mut()[e * oi..(e + 1) * oi];
             mode1(
                 gte,
+                slab,
                 &dt1,
-                o1,
-                rest,
+                ps,
+                (o1, slab),
                 f.a.data(),
                 foff(r, e, n, o1),
                 true,
@@ -492,11 +509,13 @@ fn kron_rank_backward<F: Float>(
     let Split { o1, o2, i1, i2 } = dims.split;
     let (n, ii) = (dims.n, dims.i);
     let slab = o2 * ii;
+    let ps = slab + SLAB_PAD;
     mode1(
         t1,
+        ps,
         tau,
-        o1,
-        slab,
+        ps,
+        (o1, slab),
         f.a.data(),
         foff(r, e, n, o1),
         false,
@@ -506,7 +525,7 @@ fn kron_rank_backward<F: Float>(
     let (ob, oc, od) = (foff(r, e, n, o2), foff(r, e, n, i1), foff(r, e, n, i2));
     let up = u.map(|u| (SyncPtr(u.as_mut_ptr()), u.len()));
     let partials: Vec<[Vec<F>; 3]> = dt1
-        .par_chunks_mut(slab)
+        .par_chunks_mut(ps)
         .enumerate()
         .map_init(
             || {
@@ -517,7 +536,8 @@ fn kron_rank_backward<F: Float>(
                 )
             },
             |(t2, t3, w), (a, dt1a)| {
-                let t1a = &t1[a * slab..(a + 1) * slab];
+                let dt1a = &mut dt1a[..slab];
+                let t1a = &t1[a * ps..a * ps + slab];
                 let ha = &h[a * slab..(a + 1) * slab];
                 let vs = View::rm(0, o2, ii);
                 let vd = View::rm(0, o2 * i1, i2);
