@@ -113,9 +113,11 @@ impl<T: Copy> HostTensor<T> {
     }
     pub fn full(shape: &[usize], v: T) -> Self {
         let n: usize = shape.iter().product();
+        let data = vec![v; n];
+        crate::memory::huge_pages(&data);
         HostTensor {
             shape: shape.to_vec(),
-            data: vec![v; n],
+            data,
         }
     }
     pub fn from_fn(shape: &[usize], f: impl FnMut(usize) -> T) -> Self {

@@ -754,7 +754,18 @@ fn dare_draws_match_oracle_with_large_counters() {
 
 /// A medium shape (O = 48 as 6 x 8, I = 40 as 5 x 8, N = 4, R = 3, G = 2): longer reductions.
 fn ca_merge_medium<F: Float>() {
-    let s = oracle::glue::shape(2, 4, (6, 8), (5, 8), 3, 4);
+    ca_merge_at::<F>(oracle::glue::shape(2, 4, (6, 8), (5, 8), 3, 4));
+}
+
+/// A shape whose slabs span several of the CPU path's 1024-column blocks, none of them full
+/// (o2 * I = 3600), with factor sizes that leave edges in the contraction kernel's 4 x 2 blocks
+/// and tails in its vector steps (6, 20, 9, 20).
+fn ca_merge_blocks<F: Float>() {
+    ca_merge_at::<F>(oracle::glue::shape(2, 2, (6, 20), (9, 20), 2, 2));
+}
+
+fn ca_merge_at<F: Float>(s: oracle::glue::Shape) {
+    let (rk, sp) = (s.r, s.split);
     let c = Case::random(s, 77).rounded::<F>();
     let t = c.tensors::<F>();
     let d = s.d;
@@ -833,25 +844,25 @@ fn ca_merge_medium<F: Float>() {
         check(
             &format!("grad_factor_a {what}"),
             &f.grad_factor_a,
-            &[3, d.n, 6, 6],
+            &[rk, d.n, sp.o1, sp.o1],
             &rf[0],
         );
         check(
             &format!("grad_factor_b {what}"),
             &f.grad_factor_b,
-            &[3, d.n, 8, 8],
+            &[rk, d.n, sp.o2, sp.o2],
             &rf[1],
         );
         check(
             &format!("grad_factor_c {what}"),
             &f.grad_factor_c,
-            &[3, d.n, 5, 5],
+            &[rk, d.n, sp.i1, sp.i1],
             &rf[2],
         );
         check(
             &format!("grad_factor_d {what}"),
             &f.grad_factor_d,
-            &[3, d.n, 8, 8],
+            &[rk, d.n, sp.i2, sp.i2],
             &rf[3],
         );
     }
@@ -865,6 +876,16 @@ fn ca_merge_medium_f64() {
 #[test]
 fn ca_merge_medium_f32() {
     ca_merge_medium::<f32>();
+}
+
+#[test]
+fn ca_merge_blocks_f64() {
+    ca_merge_blocks::<f64>();
+}
+
+#[test]
+fn ca_merge_blocks_f32() {
+    ca_merge_blocks::<f32>();
 }
 
 /// Without beta there is no next_base and no grad_beta; without want_curved no curved.

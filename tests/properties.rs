@@ -474,7 +474,17 @@ fn dare_keep_fraction() {
 /// ca_merge forward and backward give the same bits twice, and on 1 or 3 rayon threads.
 #[test]
 fn ca_merge_is_deterministic() {
-    let s = oracle::glue::shape(4, 4, (6, 8), (5, 8), 3, 2);
+    ca_merge_deterministic_at(oracle::glue::shape(4, 4, (6, 8), (5, 8), 3, 2));
+}
+
+/// The same where the CPU path splits each slab into several column blocks (o2 * I = 3600), so
+/// threads share one expert's mode-1 products and dA contraction.
+#[test]
+fn ca_merge_is_deterministic_across_blocks() {
+    ca_merge_deterministic_at(oracle::glue::shape(2, 3, (6, 20), (9, 20), 2, 2));
+}
+
+fn ca_merge_deterministic_at(s: oracle::glue::Shape) {
     let c = Case::random(s, 1500);
     let d = s.d;
     let mut rng = Rng::new(1501);

@@ -8,7 +8,7 @@
 //! [o2, I] of the 4-D view, so they run slab by slab on cache-resident buffers. Experts and ranks run in order, blocks and slabs in parallel with fixed partitions, so
 //! the result is the same for any thread count.
 
-use super::gemm::{gemm, xyt, View};
+use super::gemm::{gemm, gemm_raw, xyt, View};
 use super::SyncPtr;
 use crate::error::Result;
 use crate::shape::{expect_nonempty, expect_rank, expect_shape, Split};
@@ -148,7 +148,7 @@ pub(crate) fn fused_backward_workspace<F>(
         ));
         v.push((
             "workspace (dA split-k partials)",
-            vec![(dims.oi() / o1).div_ceil(SPLIT_K), o1 * o1],
+            vec![(dims.oi() / o1).div_ceil(BLOCK_W), o1 * o1],
         ));
     }
     v
@@ -197,9 +197,12 @@ pub(crate) fn curved_unchecked<F: Float>(
 /// a T5-small forward in memmove.
 const SLAB_PAD: usize = 16;
 
+/// Columns per parallel block of the mode-1 product, which are also the split-k chunks of the dA
+/// contraction: the o1 rows of a block (128 KiB at o1 = 32 in f32) stay in L2 for both.
+const BLOCK_W: usize = 1024;
+
 /// y (+)= M x (M^T x when `transpose`) for x, y [o1, rest] with row strides `xs`, `ys` and M the
-/// o1 x o1 factor at `m[m_off..]`: the mode-1 product as one GEMM that the `gemm` crate splits over
-/// threads by output blocks (k = o1 is never split, so the bits do not depend on the thread count).
+/// o1 x o1 factor at `m[m_off..]`: the mode-1 product, in parallel column blocks.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn mode1<F: Float>(
     y: &mut [F],
@@ -212,59 +215,81 @@ pub(crate) fn mode1<F: Float>(
     transpose: bool,
     accumulate: bool,
 ) {
-    let mv = View::rm(m_off, o1, o1);
-    let mv = if transpose { mv.t() } else { mv };
-    let view = |rs| View {
-        off: 0,
-        rows: o1,
-        cols: rest,
-        rs,
-        cs: 1,
-    };
-    gemm(y, view(ys), accumulate, m, mv, x, view(xs), F::ONE, true);
+    let mode = (m, m_off, transpose, accumulate);
+    mode1_blocks(y, ys, x, xs, (o1, rest), mode, None);
 }
 
-/// Columns per split-k chunk of [`contract_rows`]: k = O*I/o1 is long (32768 at T5-small) and the
-/// o1 x o1 output too small to split, so one GEMM runs on one thread at a low rate; fixed chunks
-/// run in parallel and their partials are added in chunk order (the same bits for any thread count).
-const SPLIT_K: usize = 1024;
-
-/// dst [o1, o1] = x [o1, rest] @ y [o1, rest]^T (row strides `xs`, `ys`, padded: see
-/// [`SLAB_PAD`]) as blocked split-k: each chunk of columns is contracted on its own, then the
-/// partials are summed in chunk order.
-fn contract_rows<F: Float>(
-    dst: &mut [F],
+/// [`mode1`] with `mode` = (m, m_off, transpose, accumulate); with `contract` = (z, zs, dst), also
+/// dst [o1, o1] = x z^T (the dA contraction) as split-k over the same column blocks, partials
+/// summed in block order, so each block of x is read once for both. Blocks are fixed, and within a
+/// block k = o1 is not split, so the bits do not depend on the thread count.
+#[allow(clippy::type_complexity)]
+fn mode1_blocks<F: Float>(
+    y: &mut [F],
+    ys: usize,
     x: &[F],
     xs: usize,
-    y: &[F],
-    ys: usize,
-    o1: usize,
-    rest: usize,
+    (o1, rest): (usize, usize),
+    (m, m_off, transpose, accumulate): (&[F], usize, bool, bool),
+    contract: Option<(&[F], usize, &mut [F])>,
 ) {
-    let chunks = rest.div_ceil(SPLIT_K);
-    let partials: Vec<Vec<F>> = (0..chunks)
+    let mv = View::rm(m_off, o1, o1);
+    let mv = if transpose { mv.t() } else { mv };
+    let (yp, ylen) = (SyncPtr(y.as_mut_ptr()), y.len());
+    let z = contract.as_ref().map(|(z, zs, _)| (*z, *zs));
+    let partials: Vec<Vec<F>> = (0..rest.div_ceil(BLOCK_W))
         .into_par_iter()
-        .map(|c| {
-            let c0 = c * SPLIT_K;
-            let w = SPLIT_K.min(rest - c0);
-            let mut part = vec![F::ZERO; o1 * o1];
-            xyt(
-                &mut part,
-                o1,
-                false,
-                &x[c0..],
-                xs,
-                &y[c0..],
-                ys,
-                (o1, o1, w),
-                (1, 0),
-            );
-            part
+        .map(|b| {
+            let c0 = b * BLOCK_W;
+            let w = BLOCK_W.min(rest - c0);
+            let view = |rs| View {
+                off: c0,
+                rows: o1,
+                cols: w,
+                rs,
+                cs: 1,
+            };
+            // SAFETY: y is an exclusive borrow of ylen elements; block b alone touches its
+            // columns c0..c0+w (blocks are disjoint), and x and m are other buffers.
+            unsafe {
+                gemm_raw(
+                    yp.get(),
+                    ylen,
+                    view(ys),
+                    accumulate,
+                    m,
+                    mv,
+                    x,
+                    view(xs),
+                    F::ONE,
+                    false,
+                )
+            };
+            match z {
+                Some((z, zs)) => {
+                    let mut part = vec![F::ZERO; o1 * o1];
+                    xyt(
+                        &mut part,
+                        o1,
+                        false,
+                        &x[c0..],
+                        xs,
+                        &z[c0..],
+                        zs,
+                        (o1, o1, w),
+                        (1, 0),
+                    );
+                    part
+                }
+                None => Vec::new(),
+            }
         })
         .collect();
-    dst.copy_from_slice(&partials[0]);
-    for p in &partials[1..] {
-        dst.iter_mut().zip(p).for_each(|(d, &v)| *d += v);
+    if let Some((_, _, dst)) = contract {
+        dst.copy_from_slice(&partials[0]);
+        for p in &partials[1..] {
+            dst.iter_mut().zip(p).for_each(|(d, &v)| *d += v);
+        }
     }
 }
 
@@ -452,28 +477,11 @@ pub(crate) fn fused_backward<F: Float>(
             gb.data_mut()[foff(r, e, n, o2)..][..o2 * o2].copy_from_slice(&db);
             gc.data_mut()[foff(r, e, n, i1)..][..i1 * i1].copy_from_slice(&dc);
             gd.data_mut()[foff(r, e, n, i2)..][..i2 * i2].copy_from_slice(&dd);
-            // dA = dt1 [o1, slab] @ tau^T [slab, o1]; dtau (+)= A^T dt1.
-            contract_rows(
-                &mut ga.data_mut()[foff(r, e, n, o1)..][..o1 * o1],
-                &dt1,
-                ps,
-                &tau,
-                ps,
-                o1,
-                slab,
-            );
+            // dtau (+)= A^T dt1, and dA = dt1 [o1, slab] @ tau^T [slab, o1] on the same blocks.
+            let da = &mut ga.data_mut()[foff(r, e, n, o1)..][..o1 * o1];
             let gte = &mut grad_tau.data_mut()[e * oi..(e + 1) * oi];
-            mode1(
-                gte,
-                slab,
-                &dt1,
-                ps,
-                (o1, slab),
-                f.a.data(),
-                foff(r, e, n, o1),
-                true,
-                r > 0,
-            );
+            let mode = (f.a.data(), foff(r, e, n, o1), true, r > 0);
+            mode1_blocks(gte, slab, &dt1, ps, (o1, slab), mode, Some((&tau, ps, da)));
         }
     }
     let grads = FactorGrads {

@@ -62,6 +62,42 @@ pub(crate) fn gemm<F: Float>(
     scale: F,
     parallel: bool,
 ) {
+    // SAFETY: dst is an exclusive borrow of dst.len() elements.
+    unsafe {
+        gemm_raw(
+            dst.as_mut_ptr(),
+            dst.len(),
+            d,
+            accumulate,
+            lhs,
+            l,
+            rhs,
+            r,
+            scale,
+            parallel,
+        )
+    }
+}
+
+/// [`gemm`] into a destination given as a pointer and a length, for parallel tasks that each own
+/// disjoint column blocks of one row-major matrix (which no `&mut` slice can express).
+///
+/// # Safety
+/// `dst` must be valid for reads and writes of `dst_len` elements, and for the duration of the call
+/// no one else may access the elements that the view `d` touches; lhs and rhs must not alias them.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_raw<F: Float>(
+    dst: *mut F,
+    dst_len: usize,
+    d: View,
+    accumulate: bool,
+    lhs: &[F],
+    l: View,
+    rhs: &[F],
+    r: View,
+    scale: F,
+    parallel: bool,
+) {
     assert!(
         d.rows == l.rows && d.cols == r.cols && l.cols == r.rows,
         "camex internal: gemm shapes {}x{} = {}x{} @ {}x{}",
@@ -72,7 +108,7 @@ pub(crate) fn gemm<F: Float>(
         r.rows,
         r.cols
     );
-    assert!(d.end() <= dst.len() && l.end() <= lhs.len() && r.end() <= rhs.len());
+    assert!(d.end() <= dst_len && l.end() <= lhs.len() && r.end() <= rhs.len());
     if d.rows == 0 || d.cols == 0 {
         return;
     }
@@ -80,7 +116,7 @@ pub(crate) fn gemm<F: Float>(
         if !accumulate {
             for i in 0..d.rows {
                 for j in 0..d.cols {
-                    dst[d.off + i * d.rs + j * d.cs] = F::ZERO;
+                    *dst.add(d.off + i * d.rs + j * d.cs) = F::ZERO;
                 }
             }
         }
@@ -91,31 +127,30 @@ pub(crate) fn gemm<F: Float>(
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: every index the kernel touches is inside its slice (checked above); dst does not
-    // alias lhs or rhs (distinct borrows). gemm computes dst = alpha*dst + beta*lhs*rhs.
-    unsafe {
-        gemm::gemm(
-            d.rows,
-            d.cols,
-            l.cols,
-            dst.as_mut_ptr().add(d.off),
-            d.cs as isize,
-            d.rs as isize,
-            accumulate,
-            lhs.as_ptr().add(l.off),
-            l.cs as isize,
-            l.rs as isize,
-            rhs.as_ptr().add(r.off),
-            r.cs as isize,
-            r.rs as isize,
-            F::ONE,
-            scale,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
+    // SAFETY: every index the kernel touches is inside its buffer (checked above); the caller
+    // guarantees exclusive access to dst's view and no aliasing with lhs or rhs. gemm computes
+    // dst = alpha*dst + beta*lhs*rhs.
+    gemm::gemm(
+        d.rows,
+        d.cols,
+        l.cols,
+        dst.add(d.off),
+        d.cs as isize,
+        d.rs as isize,
+        accumulate,
+        lhs.as_ptr().add(l.off),
+        l.cs as isize,
+        l.rs as isize,
+        rhs.as_ptr().add(r.off),
+        r.cs as isize,
+        r.rs as isize,
+        F::ONE,
+        scale,
+        false,
+        false,
+        false,
+        par,
+    );
 }
 
 /// dst [m, n] (+)= sum_s x_s [m, k] @ y_s [n, k]^T with both operands contiguous along k (row
