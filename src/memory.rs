@@ -338,6 +338,29 @@ pub fn try_reserve<T>(out: &mut Vec<T>, what: &str, shape: &[usize], n: usize) -
     })
 }
 
+/// Asks the kernel for transparent huge pages on the 2 MiB-aligned part of a large, freshly
+/// allocated buffer, before anything touches it. Large host buffers are fresh mappings on every
+/// call, so each 4 KiB page of them costs a fault on first touch: a [16, 2048, 512] f32 output is
+/// 16,384 faults. With `transparent_hugepage` set to `madvise` (a common default) the same buffer
+/// takes 32. A hint only: where it is refused or unsupported nothing changes.
+pub(crate) fn huge_pages<T>(data: &[T]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let bytes = std::mem::size_of_val(data);
+        if bytes < 2 * HUGE {
+            return;
+        }
+        let start = data.as_ptr() as usize;
+        let (lo, hi) = (start.next_multiple_of(HUGE), (start + bytes) / HUGE * HUGE);
+        if hi > lo {
+            // SAFETY: [lo, hi) lies inside `data`'s allocation, and MADV_HUGEPAGE only changes
+            // how the kernel backs those pages, never their contents.
+            unsafe { libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE) };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -397,28 +420,5 @@ mod tests {
             assert!(check(&[need("y", &[16], 4)]).is_err());
         });
         assert_ne!(limit(), MemoryLimit::Bytes(10));
-    }
-}
-
-/// Asks the kernel for transparent huge pages on the 2 MiB-aligned part of a large, freshly
-/// allocated buffer, before anything touches it. Large host buffers are fresh mappings on every
-/// call, so each 4 KiB page of them costs a fault on first touch: a [16, 2048, 512] f32 output is
-/// 16,384 faults. With `transparent_hugepage` set to `madvise` (a common default) the same buffer
-/// takes 32. A hint only: where it is refused or unsupported nothing changes.
-pub(crate) fn huge_pages<T>(data: &[T]) {
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let bytes = std::mem::size_of_val(data);
-        if bytes < 2 * HUGE {
-            return;
-        }
-        let start = data.as_ptr() as usize;
-        let (lo, hi) = (start.next_multiple_of(HUGE), (start + bytes) / HUGE * HUGE);
-        if hi > lo {
-            // SAFETY: [lo, hi) lies inside `data`'s allocation, and MADV_HUGEPAGE only changes
-            // how the kernel backs those pages, never their contents.
-            unsafe { libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE) };
-        }
     }
 }
