@@ -10,7 +10,7 @@ use super::curvature::{
     fused_backward_workspace, neg_sum_experts, Dims,
 };
 use super::dynamic::{grad_beta_unchecked, next_base_unchecked};
-use super::gemm::{gemm, View};
+use super::gemm::{gemm, xyt, View};
 use super::mask::{mask_unchecked, mask_workspace};
 use super::SyncPtr;
 use crate::error::{Error, Result};
@@ -304,10 +304,17 @@ struct MergeBack<F> {
     h: HostTensor<F>,
 }
 
+/// Columns per block of [`merge_back_h`]: Gbar's [G, w] block and the [N + 1, w] result stay in L2.
+const BACK_BLOCK: usize = 2048;
+
 fn merge_back_h<F: Float>(plan: &Plan<F>, mask: Option<&[F]>, gbar: &[F]) -> MergeBack<F> {
     let (g, n, oi) = (plan.g, plan.n, plan.oi);
-    let sum_g = super::sum_stack(gbar, oi);
+    let alpha = plan.alpha;
     let mut h = HostTensor::zeros(&[n, plan.o, plan.i]);
+    let scale = |e: usize, q: usize| match mask {
+        Some(m) => alpha * m[e * oi + q],
+        None => alpha,
+    };
     if let Some(d) = plan.element_dare() {
         h.data_mut()
             .par_chunks_mut(oi)
@@ -318,35 +325,67 @@ fn merge_back_h<F: Float>(plan: &Plan<F>, mask: Option<&[F]>, gbar: &[F]) -> Mer
                     for gg in 0..g {
                         s += plan.scores[gg * n + e] * plan.zeta(&d, gg, e, q) * gbar[gg * oi + q];
                     }
-                    *hv = s;
+                    *hv = scale(e, q) * s;
                 }
             });
-    } else {
-        // H = (s zeta)^T [N, G] @ Gbar [G, OI]: one GEMM, no [G, N, O, I] tensor.
-        let coef = plan.coef();
-        gemm(
-            h.data_mut(),
-            View::rm(0, n, oi),
-            false,
-            &coef,
-            View::rm(0, g, n).t(),
-            gbar,
-            View::rm(0, g, oi),
-            F::ONE,
-            true,
-        );
+        let sum_g = super::sum_stack(gbar, oi);
+        return MergeBack { sum_g, h };
     }
-    let alpha = plan.alpha;
-    match mask {
-        Some(m) => h
-            .data_mut()
-            .par_iter_mut()
-            .zip(m.par_iter())
-            .for_each(|(v, &mv)| *v = alpha * mv * *v),
-        None => h.data_mut().par_iter_mut().for_each(|v| *v = alpha * *v),
+    // Per column block, [(s zeta)^T; 1] [N + 1, G] @ Gbar [G, w]: H's rows and sum_g in one read
+    // of Gbar, scaled by alpha and the mask while the block is in cache. No [G, N, O, I] tensor.
+    let coef = plan.coef();
+    let mut lhs = vec![F::ONE; (n + 1) * g];
+    for gg in 0..g {
+        for e in 0..n {
+            lhs[e * g + gg] = coef[gg * n + e];
+        }
     }
+    let mut sum_g = vec![F::ZERO; oi];
+    let (hp, sp) = (
+        SyncPtr(h.data_mut().as_mut_ptr()),
+        SyncPtr(sum_g.as_mut_ptr()),
+    );
+    (0..oi.div_ceil(BACK_BLOCK)).into_par_iter().for_each_init(
+        || vec![F::ZERO; (n + 1) * BACK_BLOCK],
+        |buf, b| {
+            let c0 = b * BACK_BLOCK;
+            let w = BACK_BLOCK.min(oi - c0);
+            let rhs = View {
+                off: c0,
+                rows: g,
+                cols: w,
+                rs: oi,
+                cs: 1,
+            };
+            gemm(
+                buf,
+                View::rm(0, n + 1, w),
+                false,
+                &lhs,
+                View::rm(0, n + 1, g),
+                gbar,
+                rhs,
+                F::ONE,
+                false,
+            );
+            for e in 0..n {
+                // SAFETY: block b alone writes columns c0..c0+w of each row of H (blocks are
+                // disjoint); no other reference to H lives during the loop.
+                let dst = unsafe { hp.slice(e * oi + c0, w, n * oi) };
+                for (k, (d, &v)) in dst.iter_mut().zip(&buf[e * w..(e + 1) * w]).enumerate() {
+                    *d = scale(e, c0 + k) * v;
+                }
+            }
+            // SAFETY: as above, for sum_g.
+            let dst = unsafe { sp.slice(c0, w, oi) };
+            dst.copy_from_slice(&buf[n * w..(n + 1) * w]);
+        },
+    );
     MergeBack { sum_g, h }
 }
+
+/// Columns per split-k chunk of [`merge_back_ip`].
+const IP_CHUNK: usize = 16384;
 
 /// The merge's reverse, part 2: raw inner products ip[g,i] = <Gbar_g, zeta[g,i] (.) P_i>.
 fn merge_back_ip<F: Float>(plan: &Plan<F>, p: &[F], gbar: &[F]) -> Vec<F> {
@@ -363,18 +402,32 @@ fn merge_back_ip<F: Float>(plan: &Plan<F>, p: &[F], gbar: &[F]) -> Vec<F> {
         });
         return ip;
     }
-    // ip = Gbar [G, OI] @ P^T [OI, N], then the expert-level zeta per (g, i).
-    gemm(
-        &mut ip,
-        View::rm(0, g, n),
-        false,
-        gbar,
-        View::rm(0, g, oi),
-        p,
-        View::rm(0, n, oi).t(),
-        F::ONE,
-        true,
-    );
+    // ip = Gbar [G, OI] @ P^T [OI, N], then the expert-level zeta per (g, i). k = OI is long and
+    // the G x N output small (one thread in a plain GEMM), so as fixed split-k chunks in parallel,
+    // partials added in chunk order.
+    let partials: Vec<Vec<F>> = (0..oi.div_ceil(IP_CHUNK))
+        .into_par_iter()
+        .map(|c| {
+            let c0 = c * IP_CHUNK;
+            let w = IP_CHUNK.min(oi - c0);
+            let mut part = vec![F::ZERO; g * n];
+            xyt(
+                &mut part,
+                n,
+                false,
+                &gbar[c0..],
+                oi,
+                &p[c0..],
+                oi,
+                (g, n, w),
+                (1, 0),
+            );
+            part
+        })
+        .collect();
+    for part in &partials {
+        ip.iter_mut().zip(part).for_each(|(v, &x)| *v += x);
+    }
     if let Some(d) = plan.dare {
         let scale = F::from_f64(d.scale);
         for gg in 0..g {
