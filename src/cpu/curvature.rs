@@ -8,7 +8,7 @@
 //! [o2, I] of the 4-D view, so they run slab by slab on cache-resident buffers. Experts and ranks run in order, blocks and slabs in parallel with fixed partitions, so
 //! the result is the same for any thread count.
 
-use super::gemm::{gemm, gemm_raw, xyt, View};
+use super::gemm::{gemm, gemm_raw, left_small, xyt, View};
 use super::SyncPtr;
 use crate::error::Result;
 use crate::shape::{expect_nonempty, expect_rank, expect_shape, Split};
@@ -293,7 +293,7 @@ fn mode1_blocks<F: Float>(
     }
 }
 
-/// Per-row mode-3 product on a slab [o2, i1, i2]: y_b (+)= M x_b (M^T x_b when `transpose`) for
+/// Per-row mode-3 product on a slab [o2, i1, i2]: y_b = M x_b (M^T x_b when `transpose`) for
 /// every row b, M the i1 x i1 factor.
 #[allow(clippy::too_many_arguments)]
 fn mode3_rows<F: Float>(
@@ -306,12 +306,7 @@ fn mode3_rows<F: Float>(
     m_off: usize,
     transpose: bool,
 ) {
-    let mv = View::rm(m_off, i1, i1);
-    let mv = if transpose { mv.t() } else { mv };
-    for b in 0..rows {
-        let v = View::rm(b * i1 * i2, i1, i2);
-        gemm(y, v, false, m, mv, x, v, F::ONE, false);
-    }
+    left_small(y, x, rows, (i1, i2), m, m_off, transpose);
 }
 
 /// One rank of U for expert `e`: t1 = tau x1 A, then per slab a (o2 x I, cache-resident):
