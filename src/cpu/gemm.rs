@@ -607,6 +607,46 @@ mod left_x86 {
     );
 }
 
+/// dst = src with non-temporal stores where the CPU has them (x86-64: SSE2, always): a large
+/// output written once (the [G, O, I] merged weights) then skips the read-for-ownership of every
+/// cache line and does not evict the inputs, a third less memory traffic for the merge. The bytes
+/// are copied as they are, so any `Float` type goes through the same f32-lane path.
+pub(crate) fn copy_streaming<F: Float>(dst: &mut [F], src: &[F]) {
+    assert_eq!(
+        dst.len(),
+        src.len(),
+        "camex internal: copy_streaming lengths"
+    );
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_loadu_ps, _mm_sfence, _mm_stream_ps};
+        let lanes = std::mem::size_of_val(dst) / 4;
+        let (dp, sp) = (dst.as_mut_ptr().cast::<f32>(), src.as_ptr().cast::<f32>());
+        // Scalar lanes up to the first 16-byte boundary of dst, then 4 lanes per store.
+        let head = (dp.align_offset(16)).min(lanes);
+        // SAFETY: dst and src hold `lanes` f32 lanes each (same byte length, asserted above) and do
+        // not overlap (distinct borrows); every _mm_stream_ps address is 16-byte aligned (after the
+        // head); SSE2 is part of x86-64. The sfence orders the streaming stores before any later
+        // store, so that the rayon join after this task publishes them.
+        unsafe {
+            for k in 0..head {
+                *dp.add(k) = *sp.add(k);
+            }
+            let mut k = head;
+            while k + 4 <= lanes {
+                _mm_stream_ps(dp.add(k), _mm_loadu_ps(sp.add(k)));
+                k += 4;
+            }
+            for j in k..lanes {
+                *dp.add(j) = *sp.add(j);
+            }
+            _mm_sfence();
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    dst.copy_from_slice(src);
+}
+
 #[cfg(test)]
 mod tests {
     use super::xyt;

@@ -10,7 +10,7 @@ use super::curvature::{
     fused_backward_workspace, neg_sum_experts, Dims,
 };
 use super::dynamic::{grad_beta_unchecked, next_base_unchecked};
-use super::gemm::{gemm, xyt, View};
+use super::gemm::{copy_streaming, gemm, xyt, View};
 use super::mask::{mask_unchecked, mask_workspace};
 use super::SyncPtr;
 use crate::error::{Error, Result};
@@ -277,7 +277,7 @@ fn weighted_sum_into<F: Float>(
             for gg in 0..g {
                 // SAFETY: block b alone writes columns c0..c0+w of every row of out.
                 let dst = unsafe { op.slice(gg * oi + c0, w, total) };
-                dst.copy_from_slice(&blk[gg * w..(gg + 1) * w]);
+                copy_streaming(dst, &blk[gg * w..(gg + 1) * w]);
             }
         },
     );
