@@ -858,4 +858,29 @@ mod tests {
             unsafe { super::left_x86::avx2::run(y, x, &m[m_off..], &args) }
         });
     }
+
+    /// copy_streaming copies every element exactly, at every alignment and length (head, 4-lane
+    /// body, tail), for f32 and f64, and leaves the elements around the target alone.
+    #[test]
+    fn copy_streaming_is_exact() {
+        fn run<F: Float>() {
+            for off in 0..5 {
+                for len in [0, 1, 3, 4, 7, 16, 37] {
+                    let src: Vec<F> = (0..len)
+                        .map(|k| F::from_f64(k as f64 * 1.5 - 7.25))
+                        .collect();
+                    let mut buf = vec![F::from_f64(-1.0); off + len + 3];
+                    super::copy_streaming(&mut buf[off..off + len], &src);
+                    assert!(buf[..off].iter().all(|&v| v == F::from_f64(-1.0)));
+                    assert!(buf[off..off + len]
+                        .iter()
+                        .zip(&src)
+                        .all(|(a, b)| a.to_f64().to_bits() == b.to_f64().to_bits()));
+                    assert!(buf[off + len..].iter().all(|&v| v == F::from_f64(-1.0)));
+                }
+            }
+        }
+        run::<f32>();
+        run::<f64>();
+    }
 }
