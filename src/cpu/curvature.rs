@@ -3,7 +3,7 @@
 //! `kronecker`: U_i = sum_r (A_ri (x) B_ri) tau_i (C_ri (x) D_ri)^T, computed as four mode products on
 //! the 4-D view [o1, o2, i1, i2] of each weight, never as an O x O or I x I Kronecker matrix. The x1
 //! product mixes rows o2*I apart; the crate's own buffers for its inputs and outputs (tau, t1,
-//! dt1) store those rows [`SLAB_PAD`] elements further apart, so that it and the dA contraction run
+//! dt1) store those rows `SLAB_PAD` elements further apart, so that it and the dA contraction run
 //! in place without cache-set conflicts (`mode1`). The x2, x3, x4 products stay inside one slab
 //! [o2, I] of the 4-D view, so they run slab by slab on cache-resident buffers. Experts and ranks run in order, blocks and slabs in parallel with fixed partitions, so
 //! the result is the same for any thread count.
