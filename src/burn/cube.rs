@@ -44,7 +44,9 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Cube, CubeDevice, TensorMetadata};
 use burn::cubecl::cuda::CudaRuntime;
 use burn::cubecl::future::block_on;
-use burn::cubecl::Runtime;
+// cubecl 0.11 re-exports its `Runtime` trait only here (the server type of a runtime is named
+// through it; `CudaServer` itself is not exported).
+use burn::cubecl::__private::Runtime;
 use burn::tensor::{DType, Shape};
 use cudarc::driver::{CudaStream, DevicePtr};
 use half::{bf16, f16};
