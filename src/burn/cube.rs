@@ -32,8 +32,10 @@
 //! Storage dtypes f32, f16 and bf16 go to the kernels as they are; f64 is not a CUDA dtype of
 //! burn's CubeCL backend.
 //!
-//! **Status:** compiled and linted here; nothing of it has run on a GPU yet. `tests/burn_cuda.rs`
-//! compares it with the Flex path and skips where there is no CUDA driver.
+//! **Status:** type-checked and linted (clippy) only, under `DOCS_RS=1`: burn's `cuda` feature
+//! needs `cubecl-llvm`, whose build downloads an LLVM bundle, and the machine it was written on has
+//! no network (README, "burn on CUDA"). Nothing of it has run on a GPU yet. `tests/burn_cuda.rs`
+//! compares it with the Flex path and skips where there is no CUDA driver or device.
 
 use super::{expect_ok, CaMergeSpec, CamexBackend};
 use crate::backend::{Backend as _, CaMergeInputs, Curvature, FactorGrads};
