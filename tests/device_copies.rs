@@ -1,7 +1,9 @@
 //! A static check, runnable without a GPU, that the crate's device-to-device copies all go through
 //! one counted function (`camex::cuda::copy_dtod`, read by `camex::cuda::device_copies`), that
 //! the one caller is the CUDA backend's `pack` (the small gradients of a packed input, as the note
-//! in `src/candle/cuda.rs` says), and that the candle adapter copies nothing itself.
+//! in `src/candle/cuda.rs` says), and that the candle adapter copies nothing itself. The burn
+//! adapter on CUDA (`src/burn/cube.rs`) copies each output into CubeCL's memory through the
+//! second counted function, `copy_dtod_raw` (raw device pointers).
 //! `tests/candle_cuda.rs` counts the copies of the candle ops on a GPU.
 
 use std::path::Path;
@@ -41,7 +43,8 @@ fn every_device_copy_goes_through_the_counted_wrapper() {
     let mut files = Vec::new();
     sources(&root.join("src"), &mut files);
     assert!(files.len() > 10, "found only {} source files", files.len());
-    // cudarc's device-to-device copies (and the driver's) appear once: inside `copy_dtod`.
+    // cudarc's device-to-device copies (and the driver's) appear only inside `copy_dtod` and
+    // `copy_dtod_raw`, both in src/cuda/mod.rs.
     for needle in [
         "memcpy_dtod",
         "clone_dtod",
@@ -50,8 +53,9 @@ fn every_device_copy_goes_through_the_counted_wrapper() {
         "cuMemcpyAsync",
     ] {
         let hits = uses(&files, needle);
-        let allowed =
-            needle == "memcpy_dtod" && hits.len() == 1 && hits[0].contains("src/cuda/mod.rs");
+        let allowed = needle == "memcpy_dtod"
+            && hits.len() <= 2
+            && hits.iter().all(|h| h.contains("src/cuda/mod.rs"));
         assert!(
             hits.is_empty() || allowed,
             "`{needle}` outside camex::cuda::copy_dtod: {hits:?}"
@@ -67,6 +71,24 @@ fn every_device_copy_goes_through_the_counted_wrapper() {
     assert!(
         body.contains("DEVICE_COPIES.with"),
         "copy_dtod does not count"
+    );
+    // The raw one counts too, and only the burn CUDA adapter calls it.
+    let raw = cuda
+        .split("pub(crate) unsafe fn copy_dtod_raw")
+        .nth(1)
+        .expect("copy_dtod_raw exists");
+    let raw = &raw[..raw.find("\n}\n").expect("copy_dtod_raw ends")];
+    assert!(
+        raw.contains("DEVICE_COPIES.with") && raw.contains("memcpy_dtod"),
+        "copy_dtod_raw does not count"
+    );
+    let raw_calls: Vec<String> = uses(&files, "copy_dtod_raw(")
+        .into_iter()
+        .filter(|h| !h.contains("src/cuda/mod.rs"))
+        .collect();
+    assert!(
+        raw_calls.iter().all(|h| h.contains("src/burn/cube.rs")),
+        "{raw_calls:?}"
     );
     // One caller: the CUDA backend's `pack` (the backward's packed gradient). The candle adapter
     // and everything else never copy, so the forward's and the backward's inputs are read in place.

@@ -7,13 +7,19 @@
 //! and `reshape` backward hand the packed gradient back to each tensor, so autodiff reaches base,
 //! experts, scores and every factor.
 //!
-//! Not done: burn's CUDA backend. Reaching it soundly needs the raw device pointers of a CubeCL
-//! tensor and the stream it is ordered on, which this adapter does not take; only the backends
-//! listed in `#[backend_extension(Flex, Autodiff)]` route to CAMEx, any other panics in burn's
-//! generated dispatch ("unlisted backend").
+//! On CUDA (features `burn` and `cuda`): [`CamexBackend`] is implemented for burn's CubeCL
+//! backend `Cube` (burn 0.22's `burn::backend::Cuda` is that type) on the crate's CUDA kernels,
+//! with two host synchronisations per op (CubeCL does not expose its stream) and one device copy
+//! per output; the module `cube` (private) says how, and `tests/burn_cuda.rs` checks it against
+//! the Flex path where there is a GPU. **Nothing of it has run on a GPU yet.** Only the backends
+//! listed in `#[backend_extension(..)]` (Flex, Cube with `cuda`, Autodiff over them) route to
+//! CAMEx; any other panics in burn's generated dispatch ("unlisted backend").
 //!
 //! Errors: burn's backend operations cannot return errors, so [`ca_merge`] checks every shape and
 //! option first and returns a [`crate::Error`]; the backend op only sees validated inputs.
+
+#[cfg(feature = "cuda")]
+mod cube;
 
 use crate::cpu;
 use crate::options::MergeOptions;
@@ -39,7 +45,7 @@ pub struct CaMergeSpec {
 }
 
 /// The CAMEx operators as a burn backend extension.
-#[backend_extension(Flex, Autodiff)]
+#[backend_extension(Flex, Cube: cfg(feature = "cuda"), Autodiff)]
 pub trait CamexBackend: Backend {
     /// `merged` [G, O, I] of the fused CA-merge; `packed` as in the module docs.
     fn camex_ca_merge(

@@ -226,6 +226,26 @@ pub(crate) fn copy_dtod<T, S: DevicePtr<T>, D: DevicePtrMut<T>>(
     stream.memcpy_dtod(src, dst).map_err(cuda_err)
 }
 
+/// `bytes` bytes from `src` to `dst`, device memory the crate does not own (the burn adapter's
+/// outputs, in CubeCL's memory), on `stream`; counted for [`device_copies`].
+///
+/// # Safety
+/// `src` and `dst` address `bytes` live bytes each in the stream's context, not overlapping, and
+/// stay allocated until the copy has run (the caller synchronises the stream).
+#[cfg(feature = "burn")]
+pub(crate) unsafe fn copy_dtod_raw(
+    stream: &Arc<CudaStream>,
+    dst: CUdeviceptr,
+    src: CUdeviceptr,
+    bytes: usize,
+) -> Result<()> {
+    DEVICE_COPIES.with(|c| c.set(c.get() + 1));
+    stream.context().bind_to_thread().map_err(cuda_err)?;
+    // SAFETY: per this fn's contract.
+    unsafe { cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, stream.cu_stream()) }
+        .map_err(cuda_err)
+}
+
 /// Where a [`CudaTensor`]'s elements live.
 #[derive(Debug)]
 #[cfg_attr(not(feature = "candle"), allow(dead_code))]
