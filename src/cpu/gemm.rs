@@ -200,7 +200,8 @@ pub(crate) fn xyt<F: Float>(
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if let (Some(d), Some(xf), Some(yf)) = (as_f32_mut(dst), as_f32(x), as_f32(y)) {
+    if let (Some(isa), Some(d), Some(xf), Some(yf)) = (isa(), as_f32_mut(dst), as_f32(x), as_f32(y))
+    {
         let args = xyt_x86::Args {
             dld,
             accumulate,
@@ -212,18 +213,15 @@ pub(crate) fn xyt<F: Float>(
             segs,
             seg_stride,
         };
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: AVX-512F is present (checked above); every index is inside its slice
-            // (asserted above), and dst does not alias x or y (distinct borrows).
-            unsafe { xyt_x86::avx512::run(d, xf, yf, &args) };
-            return;
+        // SAFETY: the instruction set is present (`isa` detected it); every index is inside its
+        // slice (asserted above), and dst does not alias x or y (distinct borrows).
+        unsafe {
+            match isa {
+                Isa::Avx512 => xyt_x86::avx512::run(d, xf, yf, &args),
+                Isa::Avx2 => xyt_x86::avx2::run(d, xf, yf, &args),
+            }
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: as above, for AVX2 and FMA.
-            unsafe { xyt_x86::avx2::run(d, xf, yf, &args) };
-            return;
-        }
+        return;
     }
     for s in 0..segs {
         let dv = View {
@@ -258,6 +256,28 @@ pub(crate) fn xyt<F: Float>(
             F::ONE,
             false,
         );
+    }
+}
+
+/// The vector instruction set of this module's f32 kernels on this machine.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+enum Isa {
+    Avx512,
+    Avx2,
+}
+
+/// AVX-512F where present, else AVX2 with FMA, else none (the `gemm` crate then).
+#[cfg(target_arch = "x86_64")]
+fn isa() -> Option<Isa> {
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        Some(Isa::Avx512)
+    } else if std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+    {
+        Some(Isa::Avx2)
+    } else {
+        None
     }
 }
 
@@ -447,21 +467,19 @@ pub(crate) fn left_small<F: Float>(
     );
     let (rs, cs) = if transpose { (1, k) } else { (k, 1) };
     #[cfg(target_arch = "x86_64")]
-    if let (Some(yf), Some(xf), Some(mf)) = (as_f32_mut(y), as_f32(x), as_f32(m)) {
+    if let (Some(isa), Some(yf), Some(xf), Some(mf)) = (isa(), as_f32_mut(y), as_f32(x), as_f32(m))
+    {
         let args = left_x86::Args { rows, k, w, rs, cs };
         let mf = &mf[m_off..];
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: AVX-512F is present (checked above); every index is inside its slice
-            // (asserted above), and y does not alias x or m (distinct borrows).
-            unsafe { left_x86::avx512::run(yf, xf, mf, &args) };
-            return;
+        // SAFETY: the instruction set is present (`isa` detected it); every index is inside its
+        // slice (asserted above), and y does not alias x or m (distinct borrows).
+        unsafe {
+            match isa {
+                Isa::Avx512 => left_x86::avx512::run(yf, xf, mf, &args),
+                Isa::Avx2 => left_x86::avx2::run(yf, xf, mf, &args),
+            }
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: as above, for AVX2 and FMA.
-            unsafe { left_x86::avx2::run(yf, xf, mf, &args) };
-            return;
-        }
+        return;
     }
     let mv = View {
         off: m_off,
