@@ -288,6 +288,30 @@ pub trait Backend<E> {
     ) -> Result<Vec<Self::Tensor>>;
     /// The pieces flattened and concatenated, as one 1-d tensor.
     fn pack(&self, pieces: Vec<Self::Tensor>) -> Result<Self::Tensor>;
+    /// Runs `f` on the CA-merge inputs of the adapters' packed convention: `packed` is
+    /// [scores, factor_a, factor_b, factor_c, factor_d] flattened (no factors for the identity
+    /// curvature) with the pieces' `shapes`; no biases.
+    fn with_packed_ca_inputs<R>(
+        &self,
+        base: &Self::Tensor,
+        experts: &Self::Tensor,
+        packed: &Self::Tensor,
+        shapes: &[Vec<usize>],
+        f: impl FnOnce(&CaMergeInputs<Self::Tensor>) -> Result<R>,
+    ) -> Result<R> {
+        // SAFETY: the pieces are read only by `f`, and dropped at the end of this call, before
+        // `packed` (which the caller still borrows).
+        let mut pieces = unsafe { self.unpack(packed, shapes) }?;
+        let factors = pieces.split_off(1);
+        f(&CaMergeInputs {
+            base,
+            experts,
+            scores: &pieces[0],
+            curvature: Curvature::from_slice(&factors)?,
+            base_bias: None,
+            expert_bias: None,
+        })
+    }
 
     fn curvature(
         &self,

@@ -38,7 +38,7 @@
 //! compares it with the Flex path and skips where there is no CUDA driver or device.
 
 use super::{expect_ok, CaMergeSpec, CamexBackend};
-use crate::backend::{Backend as _, CaMergeInputs, Curvature, FactorGrads};
+use crate::backend::{Backend as _, CaMergeInputs, FactorGrads};
 use crate::cuda::{Cuda, CudaTensor, Element};
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::ops::FloatTensorOps;
@@ -237,20 +237,8 @@ fn run<T: Element>(
     let [base, experts, packed]: [CudaTensor<T>; 3] = views
         .try_into()
         .map_err(|_| crate::Error::option("inputs", "base, experts, packed"))?;
-    let outs = {
-        // SAFETY: read-only views of `packed`, dropped at the end of this block.
-        let mut pieces = unsafe { b.unpack(&packed, &spec.packed) }?;
-        let factors = pieces.split_off(1);
-        let x = CaMergeInputs {
-            base: &base,
-            experts: &experts,
-            scores: &pieces[0],
-            curvature: Curvature::from_slice(&factors)?,
-            base_bias: None,
-            expert_bias: None,
-        };
-        f(&b, &x, &extra)
-    };
+    let outs =
+        b.with_packed_ca_inputs(&base, &experts, &packed, &spec.packed, |x| f(&b, x, &extra));
     let outs = match outs {
         Ok(o) => o,
         Err(e) => {

@@ -253,17 +253,7 @@ impl CaMergeKernel {
         f: impl FnOnce(&CaMergeInputs<B::Tensor>) -> crate::Result<R>,
     ) -> crate::Result<R> {
         let [base, experts, packed] = take(inputs)?;
-        // SAFETY: the pieces are read only by `f`, within `packed`'s scope.
-        let mut pieces = unsafe { b.unpack(&packed, &self.packed) }?;
-        let factors = pieces.split_off(1);
-        f(&CaMergeInputs {
-            base: &base,
-            experts: &experts,
-            scores: &pieces[0],
-            curvature: Curvature::from_slice(&factors)?,
-            base_bias: None,
-            expert_bias: None,
-        })
+        b.with_packed_ca_inputs(&base, &experts, &packed, &self.packed, f)
     }
 }
 
