@@ -339,10 +339,12 @@ pub fn try_reserve<T>(out: &mut Vec<T>, what: &str, shape: &[usize], n: usize) -
 }
 
 /// Asks the kernel for transparent huge pages on the 2 MiB-aligned part of a large, freshly
-/// allocated buffer, before anything touches it. Large host buffers are fresh mappings on every
-/// call, so each 4 KiB page of them costs a fault on first touch: a [16, 2048, 512] f32 output is
-/// 16,384 faults. With `transparent_hugepage` set to `madvise` (a common default) the same buffer
-/// takes 32. A hint only: where it is refused or unsupported nothing changes.
+/// allocated buffer. Large host buffers are fresh mappings on every call, so each 4 KiB page of
+/// them costs a fault on first touch: a [16, 2048, 512] f32 output is 16,384 faults. With
+/// `transparent_hugepage` set to `madvise` (a common default) the same buffer takes 32. It helps
+/// the pages nothing has touched yet: a zero-filled `vec!` comes untouched from `calloc`, a buffer
+/// filled with another value is touched already (khugepaged may still merge it later). A hint
+/// only: where it is refused or unsupported nothing changes.
 pub(crate) fn huge_pages<T>(data: &[T]) {
     #[cfg(target_os = "linux")]
     {

@@ -156,7 +156,7 @@ pub(crate) unsafe fn gemm_raw<F: Float>(
 /// dst [m, n] (+)= sum_s x_s [m, k] @ y_s [n, k]^T with both operands contiguous along k (row
 /// strides `xs`, `ys`, `dld` for dst; `segs` = (count, stride) of the summed segments s, the same
 /// for x and y): the factor-gradient contractions dA, dB, dC of the Kronecker backward (dC sums
-/// over the o2 rows of a slab as segments).
+/// over the o2 rows of a slab as segments) and the merge's inner products.
 ///
 /// The `gemm` crate packs such operands with a transpose and runs them at about 40 % of its rate
 /// (measured at 64 x 64 x 512 on Zen 4), so f32 on x86 takes a register-blocked dot-product
@@ -282,6 +282,7 @@ fn isa() -> Option<Isa> {
 }
 
 /// The slice as f32 when `F` is f32.
+#[cfg(target_arch = "x86_64")]
 fn as_f32<F: Float>(s: &[F]) -> Option<&[f32]> {
     (std::any::TypeId::of::<F>() == std::any::TypeId::of::<f32>())
         // SAFETY: F is f32 (same type id), so the cast changes nothing.
@@ -289,6 +290,7 @@ fn as_f32<F: Float>(s: &[F]) -> Option<&[f32]> {
 }
 
 /// The mutable slice as f32 when `F` is f32.
+#[cfg(target_arch = "x86_64")]
 fn as_f32_mut<F: Float>(s: &mut [F]) -> Option<&mut [f32]> {
     (std::any::TypeId::of::<F>() == std::any::TypeId::of::<f32>())
         // SAFETY: F is f32 (same type id), so the cast changes nothing.
