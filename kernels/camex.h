@@ -218,6 +218,11 @@ int32_t camex_emu_counting(int32_t mode);
 /* Sets the grid-dimension size above which mode 2 samples (at least 2); returns the previous. */
 int64_t camex_emu_sample_above(int64_t blocks);
 void camex_emu_reset(void);
+/* The emulated device's opt-in shared memory per block, for launches from the calling thread:
+ * sm_90's 232448 bytes (227 KiB, the default; bytes <= 0 restores it) or sm_80's 166912 (163 KiB),
+ * or a smaller value that makes the launchers take their smaller layouts. A launch over it fails,
+ * as on the GPU. Returns the previous limit; 0 in a GPU build (the device's own applies). */
+int64_t camex_emu_smem_limit(int64_t bytes);
 /* add = 1: registers [ptr, ptr + bytes) as one allocation (a launch's distinct bytes within it are
  * then at most its size: sampling may over-estimate shared tiles); add = 0: forgets the one at ptr. */
 void camex_emu_register(uint64_t ptr, int64_t bytes, int32_t add);

@@ -57,6 +57,12 @@ void run(dim3 g, dim3 b, const char *kernel, int64_t smem, void (*body)(void *),
 // Whether the cost counters are on (camex_emu_counting): launchers then size their work as the GPU
 // build does, where the tests' sizes differ (kron_tc.cuh's Z budget).
 bool counting();
+// The emulated device's opt-in shared memory per block for the calling thread
+// (camex_emu_smem_limit): sm_90's 227 KiB unless a test sets another.
+int64_t smem_limit();
+// The error of this thread's last launch (a launch asking for more dynamic shared memory than
+// smem_limit() fails without running, as cudaLaunchKernel does), cleared by reading it.
+cudaError_t take_launch_error();
 
 template <class... P> struct Launcher {
   void (*kernel)(P...);
@@ -75,7 +81,7 @@ Launcher<P...> launcher(void (*k)(P...), dim3 g, dim3 b, const char *name, int64
   return Launcher<P...>{k, g, b, name, smem};
 }
 
-inline cudaError_t get_last_error() { return cudaSuccess; }
+inline cudaError_t get_last_error() { return take_launch_error(); }
 inline cudaError_t memcpy_async(void *dst, const void *src, size_t bytes, cudaMemcpyKind, cudaStream_t) {
   std::memmove(dst, src, bytes);
   return cudaSuccess;
@@ -85,7 +91,8 @@ inline cudaError_t memset_async(void *dst, int v, size_t bytes, cudaStream_t) {
   return cudaSuccess;
 }
 
-// No CUDA runtime is linked: launchers only ever return cudaSuccess or camex's own codes here.
+// No CUDA runtime is linked: launchers return cudaSuccess, a launch's cudaErrorInvalidValue (too
+// much shared memory) or camex's own codes here.
 inline const char *error_name(cudaError_t e) { return e == cudaSuccess ? "cudaSuccess" : "cudaError (emulation build)"; }
 inline const char *error_string(cudaError_t e) {
   return e == cudaSuccess ? "no error" : "CUDA runtime error (the emulation build has no CUDA runtime)";

@@ -538,7 +538,23 @@ void cp_async_wait(int n) {
   wk->pending.swap(keep);
 }
 
+// Opt-in shared memory per block of the emulated device, per calling thread (camex_emu_smem_limit;
+// 0: sm_90's 227 KiB), and the thread's last launch error.
+constexpr int64_t SM90_SMEM_OPTIN = 227 * 1024;
+thread_local int64_t t_smem_limit = 0;
+thread_local cudaError_t t_launch_error = cudaSuccess;
+int64_t smem_limit() { return t_smem_limit > 0 ? t_smem_limit : SM90_SMEM_OPTIN; }
+cudaError_t take_launch_error() {
+  const cudaError_t e = t_launch_error;
+  t_launch_error = cudaSuccess;
+  return e;
+}
+
 void run(dim3 g, dim3 b, const char *kernel, int64_t smem, void (*body)(void *), void *ctx) {
+  if (smem > smem_limit()) {  // the GPU refuses the launch; nothing runs, nothing is counted
+    t_launch_error = cudaErrorInvalidValue;
+    return;
+  }
   std::lock_guard<std::mutex> lock(launch_mutex);
   const unsigned nt = b.x * b.y * b.z;
   const bool count = g_mode != 0, sample = g_mode == 2;
@@ -660,6 +676,12 @@ extern "C" int32_t camex_emu_counting(int32_t mode) {
   std::lock_guard<std::mutex> lock(emu::launch_mutex);  // never between the blocks of a launch
   const int prev = emu::g_mode;
   emu::g_mode = mode == 1 || mode == 2 ? mode : 0;
+  return prev;
+}
+
+extern "C" int64_t camex_emu_smem_limit(int64_t bytes) {
+  const int64_t prev = emu::smem_limit();
+  emu::t_smem_limit = bytes > 0 ? bytes : 0;
   return prev;
 }
 

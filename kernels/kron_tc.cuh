@@ -11,9 +11,10 @@
 // d) whole rows, so no tile of an expert is closed under both; the exchange goes through one
 // intermediate per rank, Z_r = (A_r (x) B_r) tau (bf16 for bf16 storage, f32 for f16: FwdZ), a few
 // ranks at a time so that it stays in L2 between the stages (tc_z_budget(); never [R, N, O, I]).
-//   stage 1 (rows_kernel): one block per (8-column slab, r): tau = W - E of the slab in chunks of
-//     row runs, mode b (B_r on each 64-row run), then mode a (A_r across them) on the whole slab;
-//     Z_r written slab-contiguous ([r][slab][O][8]) so that both stages move whole 32-byte runs;
+//   stage 1 (rows_kernel): one block per 8-column slab, looping over the round's ranks: tau = W - E
+//     of the slab, held in shared memory across the ranks where it fits (rows_layout's `resident`;
+//     else in chunks of row runs, read again per rank), mode b (B_r on each o2-row run), then mode a
+//     (A_r across them) on the whole slab; Z_r written slab-contiguous ([r][slab][O][8]);
 //   stage 2 (cols_kernel): one block per run of PR rows, looping over the ranks: Z_r rows into
 //     shared memory, mode d (D_r) then mode c (C_r), accumulating sum_r in registers; U in f32.
 // Every matrix product is a padded (to 16) GEMM on shared-memory operands. Operands read with
@@ -108,10 +109,10 @@ __device__ __forceinline__ void slab_mode_b(const MmaT *fh, const MmaT *fl, int 
 }
 
 // Mode a on a whole 8-column slab: out[(a * o2 + b) * 8 + j] = sum_a' F[a][a'] Y[b][j][a']
-// (M = a, N = (b, j), K = a'), f32, written slab-contiguous.
-template <typename P>
+// (M = a, N = (b, j), K = a'), f32, handed to st(a, b, j, out[.. + j], out[.. + j + 1]) for even j.
+template <typename P, typename St>
 __device__ __forceinline__ void slab_mode_a(const MmaT *fh, const MmaT *fl, int lf, const MmaT *yh, const MmaT *yl,
-                                            int ly, float *out, int o1, int o1p, int o2) {
+                                            int ly, St st, int o1, int o1p, int o2) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int mta = o1p / 16;
   for (int tile = warp; tile < mta * o2; tile += TC_WARPS) {
@@ -122,44 +123,47 @@ __device__ __forceinline__ void slab_mode_a(const MmaT *fh, const MmaT *fl, int 
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int a = mt * 16 + g + 8 * h;
-      if (a >= o1) continue;
-      *reinterpret_cast<float2 *>(out + ((int64_t)a * o2 + b) * TC_QC + 2 * t) = make_float2(c[2 * h], c[2 * h + 1]);
+      if (a < o1) st(a, b, 2 * t, c[2 * h], c[2 * h + 1]);
     }
   }
 }
 
-// The forward's stage 1 keeps Y as [a'][b * 8 + j] (rows_layout(.., fwd)): mode b's outputs go out
-// as 32-bit pairs and mode a's B fragments come through ldmatrix.trans, both free of bank
-// conflicts, and each warp reuses its fragments across tiles (the data's across mode b's m tiles,
-// the factor's across mode a's n tiles).
+// Stage 1 (both the forward's and the backward's P = L tau) keeps Y as [a'][b * 8 + j]: mode b's
+// outputs go out as 32-bit pairs and mode a's B fragments come through ldmatrix.trans, both free of
+// bank conflicts, and each warp keeps in registers the factor fragments that its tiles share.
 
-// Mode b on TC_AC (= TC_WARPS) row runs of an 8-column slab, one per warp:
-// Y[a0 + al][b * 8 + j] = sum_b' F[b][b'] X[al][j][b'] (M = b, N = j, K = b').
+// Mode b on ac row runs of an 8-column slab (X[al][j][b'], row stride lx):
+// Y[a0 + al][b * 8 + j] = sum_b' F[b][b'] X[al][j][b'] (M = b, N = j, K = b'). Tiles (m tile of b,
+// row run) are taken m-tile-major, so a warp loads F's fragments of an m tile once for all its row
+// runs of that tile (with ac = o1, once per m tile and rank).
 template <typename P>
 __device__ __forceinline__ void slab_fwd_mode_b(const MmaT *fh, const MmaT *fl, int lf, const MmaT *xh, const MmaT *xl,
                                                 int lx, MmaT *yh, MmaT *yl, int ly, int a0, int ac, int o2, int o2p) {
-  static_assert(TC_AC == TC_WARPS, "one row run per warp");
-  const int lane = threadIdx.x & 31, al = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  if (al >= ac) return;  // the whole warp
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int kt = o2p / 16;
-  uint32_t bh[TC_KMAX / 16][2], bl[TC_KMAX / 16][2];  // X's fragments, every k step
+  uint32_t ah[TC_KMAX / 16][4], alo[P::factor_lo ? TC_KMAX / 16 : 1][4];
+  int cached = -1;
+  for (int tile = warp; tile < kt * ac; tile += TC_WARPS) {
+    const int mt = tile / ac, al = tile % ac;
+    if (mt != cached) {
 #pragma unroll
-  for (int k = 0; k < TC_KMAX / 16; ++k)
-    if (k < kt) {
-      frag_b(bh[k], xh + al * TC_QC * lx, lx, 0, k * 16, lane);
-      if constexpr (P::data_lo) frag_b(bl[k], xl + al * TC_QC * lx, lx, 0, k * 16, lane);
+      for (int k = 0; k < TC_KMAX / 16; ++k)
+        if (k < kt) {
+          frag_a(ah[k], fh, lf, mt * 16, k * 16, lane);
+          if constexpr (P::factor_lo) frag_a(alo[k], fl, lf, mt * 16, k * 16, lane);
+        }
+      cached = mt;
     }
-  MmaT *yrh = yh + (int64_t)(a0 + al) * ly, *yrl = yl + (int64_t)(a0 + al) * ly;
-  for (int mt = 0; mt < o2p / 16; ++mt) {
     float c[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int k = 0; k < TC_KMAX / 16; ++k)
       if (k < kt) {
-        uint32_t ah[4], alo[4];
-        frag_a(ah, fh, lf, mt * 16, k * 16, lane);
-        if constexpr (P::factor_lo) frag_a(alo, fl, lf, mt * 16, k * 16, lane);
-        mma_split<P>(c, ah, alo, bh[k], bl[k]);
+        uint32_t bh[2], bl[2];
+        frag_b(bh, xh + al * TC_QC * lx, lx, 0, k * 16, lane);
+        if constexpr (P::data_lo) frag_b(bl, xl + al * TC_QC * lx, lx, 0, k * 16, lane);
+        mma_split<P>(c, ah[k], alo[P::factor_lo ? k : 0], bh, bl);
       }
+    MmaT *yrh = yh + (int64_t)(a0 + al) * ly, *yrl = yl + (int64_t)(a0 + al) * ly;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int b = mt * 16 + g + 8 * h;
@@ -168,40 +172,78 @@ __device__ __forceinline__ void slab_fwd_mode_b(const MmaT *fh, const MmaT *fl, 
   }
 }
 
+// One m16n8 tile of mode a's output, slab-contiguous: out[(a * o2 + b) * 8 + j], f32 or bf16 (Z).
+template <typename Z>
+__device__ __forceinline__ void store_z_tile(Z *out, const float c[4], int mt, int b, int o1, int o2, int g, int t) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int a = mt * 16 + g + 8 * h;
+    if (a >= o1) continue;
+    Z *dst = out + ((int64_t)a * o2 + b) * TC_QC + 2 * t;
+    if constexpr (std::is_same<Z, float>::value) *reinterpret_cast<float2 *>(dst) = make_float2(c[2 * h], c[2 * h + 1]);
+    else store_data2<Prec<false, false>>(dst, nullptr, 0, c[2 * h], c[2 * h + 1]);
+  }
+}
+
 // Mode a on the whole slab: out[(a * o2 + b) * 8 + j] = sum_a' F[a][a'] Y[a'][b * 8 + j]
-// (M = a, N = (b, j), K = a'), f32, slab-contiguous. Warps take n tiles b; each m tile's factor
-// fragments are loaded once per warp.
+// (M = a, N = (b, j), K = a'), slab-contiguous. Warps take n tiles b. Without factor lo halves a
+// warp keeps F's fragments of TC_MH m tiles at a time (32 registers; all four, 64, spilled at two
+// blocks per SM) and reads its n tiles' fragments once per TC_MH m tiles; with them (f16), whose
+// hi and lo would spill, it loads F's fragments per m tile and reads the n tiles' once per m tile.
+constexpr int TC_MH = 2;
 template <typename P, typename Z>
 __device__ __forceinline__ void slab_fwd_mode_a(const MmaT *fh, const MmaT *fl, int lf, const MmaT *yh, const MmaT *yl,
                                                 int ly, Z *out, int o1, int o1p, int o2) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int kt = o1p / 16;
   const int64_t lrow = (lane & 15) * (int64_t)ly;  // ldmatrix.x2: lanes 0..15 give rows k0..k0+15
-  for (int mt = 0; mt < o1p / 16; ++mt) {
-    uint32_t ah[TC_KMAX / 16][4], alo[TC_KMAX / 16][4];
+  if constexpr (!P::factor_lo) {
+    for (int m0 = 0; m0 < kt; m0 += TC_MH) {
+      uint32_t ah[TC_MH][TC_KMAX / 16][4];  // [m tile - m0][k step]
 #pragma unroll
-    for (int k = 0; k < TC_KMAX / 16; ++k)
-      if (k < kt) {
-        frag_a(ah[k], fh, lf, mt * 16, k * 16, lane);
-        if constexpr (P::factor_lo) frag_a(alo[k], fl, lf, mt * 16, k * 16, lane);
+      for (int mh = 0; mh < TC_MH; ++mh)
+#pragma unroll
+        for (int k = 0; k < TC_KMAX / 16; ++k)
+          if (m0 + mh < kt && k < kt) frag_a(ah[mh][k], fh, lf, (m0 + mh) * 16, k * 16, lane);
+      for (int b = warp; b < o2; b += TC_WARPS) {
+        uint32_t bh[TC_KMAX / 16][2], bl[TC_KMAX / 16][2];
+#pragma unroll
+        for (int k = 0; k < TC_KMAX / 16; ++k)
+          if (k < kt) {
+            ldmatrix_x2<true>(bh[k], yh + (int64_t)k * 16 * ly + lrow + b * TC_QC);
+            if constexpr (P::data_lo) ldmatrix_x2<true>(bl[k], yl + (int64_t)k * 16 * ly + lrow + b * TC_QC);
+          }
+#pragma unroll
+        for (int mh = 0; mh < TC_MH; ++mh)
+          if (m0 + mh < kt) {
+            float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int k = 0; k < TC_KMAX / 16; ++k)
+              if (k < kt) mma_split<P>(c, ah[mh][k], ah[mh][k], bh[k], bl[k]);
+            store_z_tile(out, c, m0 + mh, b, o1, o2, g, t);
+          }
       }
-    for (int b = warp; b < o2; b += TC_WARPS) {
-      float c[4] = {0.f, 0.f, 0.f, 0.f};
+    }
+  } else {
+    for (int mt = 0; mt < kt; ++mt) {
+      uint32_t ah[TC_KMAX / 16][4], alo[TC_KMAX / 16][4];
 #pragma unroll
       for (int k = 0; k < TC_KMAX / 16; ++k)
         if (k < kt) {
-          uint32_t bh[2], bl[2];
-          ldmatrix_x2<true>(bh, yh + (int64_t)k * 16 * ly + lrow + b * TC_QC);
-          if constexpr (P::data_lo) ldmatrix_x2<true>(bl, yl + (int64_t)k * 16 * ly + lrow + b * TC_QC);
-          mma_split<P>(c, ah[k], alo[k], bh, bl);
+          frag_a(ah[k], fh, lf, mt * 16, k * 16, lane);
+          frag_a(alo[k], fl, lf, mt * 16, k * 16, lane);
         }
+      for (int b = warp; b < o2; b += TC_WARPS) {
+        float c[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int a = mt * 16 + g + 8 * h;
-        if (a >= o1) continue;
-        Z *dst = out + ((int64_t)a * o2 + b) * TC_QC + 2 * t;
-        if constexpr (std::is_same<Z, float>::value) *reinterpret_cast<float2 *>(dst) = make_float2(c[2 * h], c[2 * h + 1]);
-        else store_data2<Prec<false, false>>(dst, nullptr, 0, c[2 * h], c[2 * h + 1]);
+        for (int k = 0; k < TC_KMAX / 16; ++k)
+          if (k < kt) {
+            uint32_t bh[2], bl[2];
+            ldmatrix_x2<true>(bh, yh + (int64_t)k * 16 * ly + lrow + b * TC_QC);
+            if constexpr (P::data_lo) ldmatrix_x2<true>(bl, yl + (int64_t)k * 16 * ly + lrow + b * TC_QC);
+            mma_split<P>(c, ah[k], alo[k], bh, bl);
+          }
+        store_z_tile(out, c, mt, b, o1, o2, g, t);
       }
     }
   }
@@ -211,25 +253,27 @@ __device__ __forceinline__ void slab_fwd_mode_a(const MmaT *fh, const MmaT *fl, 
 
 
 struct RowsLayout {
-  int o1p, o2p, lx, ly, la, lb;
+  int o1p, o2p, xa, lx, ly, la, lb;
   int64_t xh, xl, yh, yl, ah, al, bh, bl, bytes;  // byte offsets
 };
 
-// sp: which operands have lo halves (tc_split<T>()); the others' lo arrays are empty. fwd: Y as the
-// forward's stage 1 keeps it (slab_fwd_mode_b), [o1p][ly] with Y[a'][b * 8 + q] and ly = 8 u for an
-// odd u, so that ldmatrix's eight 16-byte rows fall in eight distinct bank groups.
-__host__ __device__ inline RowsLayout rows_layout(int o1, int o2, TcSplit sp, bool fwd = false) {
+// sp: which operands have lo halves (the kernel's Prec); the others' lo arrays are empty.
+// X [xa][8][lx] holds xa row runs of tau (X[a][q][b'] = tau[(a, b'), q]): all o1 when `resident`, so
+// that a block reads its slab of W and E once for all its ranks, else TC_AC at a time, read again
+// per rank. Y [o1p][ly] with Y[a'][b * 8 + q] and ly = 8 u for an odd u, so that ldmatrix's eight
+// 16-byte rows fall in eight distinct bank groups (rows past o1: mode a's K padding, zero).
+__host__ __device__ inline RowsLayout rows_layout(int o1, int o2, TcSplit sp, bool resident) {
   RowsLayout l;
   l.o1p = tc_pad(o1);
   l.o2p = tc_pad(o2);
+  l.xa = resident ? o1 : TC_AC;
   l.lx = tc_ld(l.o2p);
-  l.ly = fwd ? TC_QC * (o2 + 1 + (o2 & 1)) : tc_ld(l.o1p);
+  l.ly = TC_QC * (o2 + 1 + (o2 & 1));
   l.la = tc_ld(l.o1p);
   l.lb = tc_ld(l.o2p);
-  const int64_t e = 2;                              // bytes per f16/bf16 element
-  const int64_t x = (int64_t)TC_AC * TC_QC * l.lx * e;  // X [AC * 8][lx]: X[a][q][b'] = tau[(a, b'), q]
-  // Y [o2 * 8][ly]: Y[b][q][a'] = (tau x2 B)[(a', b), q]; fwd: [o1p][ly] (rows past o1: mode a's K padding)
-  const int64_t y = (fwd ? (int64_t)l.o1p : (int64_t)o2 * TC_QC) * l.ly * e;
+  const int64_t e = 2;  // bytes per f16/bf16 element
+  const int64_t x = (int64_t)l.xa * TC_QC * l.lx * e;
+  const int64_t y = (int64_t)l.o1p * l.ly * e;
   const bool dlo = sp.data_lo, flo = sp.factor_lo;
   l.xh = 0;
   l.xl = l.xh + x;
@@ -243,8 +287,11 @@ __host__ __device__ inline RowsLayout rows_layout(int o1, int o2, TcSplit sp, bo
   return l;
 }
 
-// grid (slabs = ceil(I / 8), ranks in this chunk); rank r = r0 + blockIdx.y.
-// z: f32 [chunk rank][slabs][O][8] = ((A_r (x) B_r) tau)[p, slab*8 + j].
+// Whether stage 1 under split sp keeps the whole slab of tau resident within `lim` bytes.
+__host__ __device__ inline bool rows_resident(int o1, int o2, TcSplit sp, int64_t lim) {
+  return rows_layout(o1, o2, sp, true).bytes <= lim;
+}
+
 // tau = W - E of rows (a0..a0+ac, all b) and columns q0..q0+7 into shared X[al][j][b] (row
 // stride lx; exact in f32, then a data operand under P, store_data); vec: 16-byte loads.
 template <typename P, typename T>
@@ -282,74 +329,84 @@ template <typename T> using FwdZ = typename std::conditional<FwdPrec<T>::data_lo
 // (FwdPrec); mma.cuh has the measurements.
 template <typename T> using RowsSplitPrec = FwdPrec<T>;
 
-// The body of stage 1 under precision policy P: kron_rows_kernel (the forward's, FwdPrec, with
-// FWD's layout and modes) and kron_rows_split_kernel (the backward's) below.
-template <typename T, typename P, bool FWD, typename Z>
+// The body of stage 1 under precision policy P: kron_rows_kernel (the forward's, FwdPrec, bf16 or
+// f32 Z: FwdZ) and kron_rows_split_kernel (the backward's P = L tau, f32 Z) below.
+// grid (slabs = ceil(I / 8)); each block runs ranks r0..r0+nr of its slab, tau resident in X across
+// them where `resident` (rows_layout). z: [nr][slabs][O][8] = ((A_r (x) B_r) tau)[p, slab*8 + j].
+template <typename T, typename P, typename Z>
 __device__ __forceinline__ void kron_rows_body(char *smem, const T *__restrict__ w, const T *__restrict__ e,
                                                const T *__restrict__ fa, const T *__restrict__ fb,
                                                Z *__restrict__ z, int o1, int o2, int64_t I, int64_t nexp,
-                                               int64_t expert, int64_t r0) {
-  const RowsLayout L = rows_layout(o1, o2, P::split(), FWD);
+                                               int64_t expert, int64_t r0, int64_t nr, int resident) {
+  const RowsLayout L = rows_layout(o1, o2, P::split(), resident != 0);
   MmaT *Xh = reinterpret_cast<MmaT *>(smem + L.xh), *Xl = reinterpret_cast<MmaT *>(smem + L.xl);
   MmaT *Yh = reinterpret_cast<MmaT *>(smem + L.yh), *Yl = reinterpret_cast<MmaT *>(smem + L.yl);
   MmaT *Ah = reinterpret_cast<MmaT *>(smem + L.ah), *Al = reinterpret_cast<MmaT *>(smem + L.al);
   MmaT *Bh = reinterpret_cast<MmaT *>(smem + L.bh), *Bl = reinterpret_cast<MmaT *>(smem + L.bl);
   const int64_t O = (int64_t)o1 * o2, slabs = (I + TC_QC - 1) / TC_QC;
-  const int64_t slab = blockIdx.x, r = r0 + blockIdx.y;
+  const int64_t slab = blockIdx.x;
   const int64_t q0 = slab * TC_QC;
   const bool vec = I % TC_QC == 0 && ((reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(e)) & 15) == 0;
 
   zero_smem(smem, L.bytes);  // the K padding of every operand stays zero
-  __syncthreads();
-  load_factor<P>(Ah, Al, fa + (r * nexp + expert) * o1 * o1, o1, L.la);
-  load_factor<P>(Bh, Bl, fb + (r * nexp + expert) * o2 * o2, o2, L.lb);
-
-  for (int a0 = 0; a0 < o1; a0 += TC_AC) {
-    const int ac = o1 - a0 < TC_AC ? o1 - a0 : TC_AC;
-    __syncthreads();  // the previous chunk's readers are done (and the factors are visible)
-    load_tau_chunk<P>(Xh, Xl, L.lx, w, e, a0, ac, o2, I, q0, vec);
+  for (int64_t rl = 0; rl < nr; ++rl) {
+    const int64_t r = r0 + rl;
+    __syncthreads();  // the previous rank's mode a is done with A and Y (and the zeroing is visible)
+    load_factor<P>(Ah, Al, fa + (r * nexp + expert) * o1 * o1, o1, L.la);
+    load_factor<P>(Bh, Bl, fb + (r * nexp + expert) * o2 * o2, o2, L.lb);
+    for (int a0 = 0; a0 < o1; a0 += L.xa) {
+      const int ac = o1 - a0 < L.xa ? o1 - a0 : L.xa;
+      if (!resident || rl == 0) {  // resident: one chunk (xa = o1), loaded for the first rank only
+        __syncthreads();             // the previous chunk's mode b is done with X
+        load_tau_chunk<P>(Xh, Xl, L.lx, w, e, a0, ac, o2, I, q0, vec);
+      }
+      __syncthreads();  // X and the factors are visible
+      // Mode b, per row run a: Y[a][b * 8 + q] = sum_b' B[b][b'] X[a][q][b'].
+      slab_fwd_mode_b<P>(Bh, Bl, L.lb, Xh, Xl, L.lx, Yh, Yl, L.ly, a0, ac, o2, L.o2p);
+    }
     __syncthreads();
-    // Mode b, per row run a: Y[b][q] = sum_b' B[b][b'] X[a][q][b'].
-    if constexpr (FWD) slab_fwd_mode_b<P>(Bh, Bl, L.lb, Xh, Xl, L.lx, Yh, Yl, L.ly, a0, ac, o2, L.o2p);
-    else slab_mode_b<P>(Bh, Bl, L.lb, Xh, Xl, L.lx, Yh, Yl, L.ly, a0, ac, o2, L.o2p);
+    // Mode a: Z[a][(b, q)] = sum_a' A[a][a'] Y[a'][b * 8 + q], slab-contiguous.
+    slab_fwd_mode_a<P>(Ah, Al, L.la, Yh, Yl, L.ly, z + (rl * slabs + slab) * O * TC_QC, o1, L.o1p, o2);
   }
-  __syncthreads();
-
-  // Mode a: Z[a][(b, q)] = sum_a' A[a][a'] Y[b][q][a'], slab-contiguous.
-  Z *zs = z + (blockIdx.y * slabs + slab) * O * TC_QC;
-  if constexpr (FWD) slab_fwd_mode_a<P>(Ah, Al, L.la, Yh, Yl, L.ly, zs, o1, L.o1p, o2);
-  else slab_mode_a<P>(Ah, Al, L.la, Yh, Yl, L.ly, zs, o1, L.o1p, o2);
 }
 
 #define CAMEX_KRON_ROWS_PARAMS(ZT)                                                                         \
   const T *__restrict__ w, const T *__restrict__ e, const T *__restrict__ fa, const T *__restrict__ fb,   \
-      ZT *__restrict__ z, int o1, int o2, int64_t I, int64_t nexp, int64_t expert, int64_t r0
+      ZT *__restrict__ z, int o1, int o2, int64_t I, int64_t nexp, int64_t expert, int64_t r0, int64_t nr, \
+      int resident
+#define CAMEX_KRON_ROWS_ARGS w, e, fa, fb, z, o1, o2, I, nexp, expert, r0, nr, resident
 // Launch bounds of two blocks per SM (at most 128 registers): with the default, ptxas 13.0 capped
 // the f16 instance at 64 registers and spilled (mode a's factor fragments, hi and lo).
 template <typename T> __global__ void __launch_bounds__(TC_THREADS, 2) kron_rows_kernel(CAMEX_KRON_ROWS_PARAMS(FwdZ<T>)) {
   CAMEX_DYNAMIC_SMEM(smem);
-  kron_rows_body<T, FwdPrec<T>, true>(smem, w, e, fa, fb, z, o1, o2, I, nexp, expert, r0);
+  kron_rows_body<T, FwdPrec<T>>(smem, CAMEX_KRON_ROWS_ARGS);
 }
-template <typename T> __global__ void __launch_bounds__(TC_THREADS) kron_rows_split_kernel(CAMEX_KRON_ROWS_PARAMS(float)) {
+template <typename T>
+__global__ void __launch_bounds__(TC_THREADS, 2) kron_rows_split_kernel(CAMEX_KRON_ROWS_PARAMS(float)) {
   CAMEX_DYNAMIC_SMEM(smem);
-  kron_rows_body<T, RowsSplitPrec<T>, false>(smem, w, e, fa, fb, z, o1, o2, I, nexp, expert, r0);
+  kron_rows_body<T, RowsSplitPrec<T>>(smem, CAMEX_KRON_ROWS_ARGS);
 }
 #undef CAMEX_KRON_ROWS_PARAMS
+#undef CAMEX_KRON_ROWS_ARGS
 
 // Rows p0..p0+pr of one rank of Z (slab layout [slab][O][8], f32 or bf16: FwdZ) into shared
-// X[p][c][d] (row stride lx), a data operand under P (store_data); rows past O are left as they are.
+// X[p][c][d] (row stride lx, p stride ps), a data operand under P (store_data); rows past O are left
+// as they are.
 template <typename P, typename Z>
-__device__ __forceinline__ void load_z_rows(MmaT *xh, MmaT *xl, int lx, const Z *zr, int64_t p0, int pr, int64_t O,
-                                            int i1, int i2, int i1p) {
+__device__ __forceinline__ void load_z_rows(MmaT *xh, MmaT *xl, int lx, int64_t ps, const Z *zr, int64_t p0, int pr,
+                                            int64_t O, int i1, int i2) {
   const int64_t I = (int64_t)i1 * i2, slabs = (I + TC_QC - 1) / TC_QC;
   if constexpr (std::is_same<Z, MmaT>::value && !P::data_lo) {
     // bf16 Z taken as it is: where a slab's 8 values are one run of d (i2 % 8 == 0, so I % 8 == 0
-    // too), one 16-byte copy instead of eight 2-byte stores.
+    // too), one 16-byte copy instead of eight 2-byte stores. Consecutive lanes take consecutive
+    // rows p of one slab, so that a warp reads whole 32-byte sectors ([slab][O][8]), and the
+    // forward's ps (an odd number of 16-byte units past a multiple of 128 bytes: cols_layout)
+    // puts their eight 16-byte stores of a phase in eight bank groups.
     if (i2 % TC_QC == 0) {
       for (int64_t x = threadIdx.x; x < (int64_t)pr * slabs; x += TC_THREADS) {
-        const int64_t pl = x / slabs, sl = x % slabs, p = p0 + pl, q = sl * TC_QC;
+        const int64_t sl = x / pr, pl = x % pr, p = p0 + pl, q = sl * TC_QC;
         if (p < O)
-          *reinterpret_cast<uint4 *>(xh + (pl * i1p + q / i2) * lx + q % i2) =
+          *reinterpret_cast<uint4 *>(xh + pl * ps + (q / i2) * lx + q % i2) =
               *reinterpret_cast<const uint4 *>(zr + (sl * O + p) * TC_QC);
       }
       return;
@@ -373,7 +430,7 @@ __device__ __forceinline__ void load_z_rows(MmaT *xh, MmaT *xl, int lx, const Z 
 #pragma unroll
     for (int j = 0; j < TC_QC; ++j) {
       const int64_t q = sl * TC_QC + j;
-      if (q < I) store_data<P>(xh, xl, (pl * i1p + q / i2) * lx + q % i2, vt[j]);
+      if (q < I) store_data<P>(xh, xl, pl * ps + (q / i2) * lx + q % i2, vt[j]);
     }
   }
 }
@@ -416,21 +473,24 @@ __device__ __forceinline__ void rows_by_factor(const MmaT *xh, const MmaT *xl, i
 }
 
 // The forward's mode d on rows (p, c') of X, mt16 m tiles of 16 (M = (p, c'), N = d, K = d'):
-// Y[(p, c')][d] = sum_d' X[(p, c')][d'] F[d][d'], Y's rows as X's (row stride ly), written as
-// 32-bit pairs. Each warp keeps an m tile's data fragments across the n tiles (bf16).
+// Y[(p, c')][d] = sum_d' X[(p, c')][d'] F[d][d'], Y's rows (p, c') at (p i1p + c') ly, written as
+// 32-bit pairs. X's rows are at p ps + c' lx (mtp m tiles per p). Each warp keeps an m tile's data
+// fragments across the n tiles (bf16).
 template <typename P>
-__device__ __forceinline__ void cols_fwd_mode_d(const MmaT *xh, const MmaT *xl, int lx, const MmaT *fh, const MmaT *fl,
-                                                int lf, MmaT *yh, MmaT *yl, int ly, int mt16, int i2p) {
+__device__ __forceinline__ void cols_fwd_mode_d(const MmaT *xh, const MmaT *xl, int lx, int64_t ps, int mtp,
+                                                const MmaT *fh, const MmaT *fl, int lf, MmaT *yh, MmaT *yl, int ly,
+                                                int mt16, int i2p) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int kt = i2p / 16;
   // With data lo halves (f16) the fragments are loaded per use: kept, they spill on sm_80.
   constexpr bool keep = !P::data_lo;
   for (int mt = warp; mt < mt16; mt += TC_WARPS) {
+    const int64_t x0 = (mt / mtp) * ps + (int64_t)(mt % mtp) * 16 * lx;  // the m tile's first row
     uint32_t ah[keep ? TC_KMAX / 16 : 1][4], al[4];
     if constexpr (keep) {
 #pragma unroll
       for (int k = 0; k < TC_KMAX / 16; ++k)
-        if (k < kt) frag_a(ah[k], xh, lx, mt * 16, k * 16, lane);
+        if (k < kt) frag_a(ah[k], xh + x0, lx, 0, k * 16, lane);
     }
     for (int nt = 0; nt < i2p / 8; ++nt) {
       float c[4] = {0.f, 0.f, 0.f, 0.f};
@@ -439,8 +499,8 @@ __device__ __forceinline__ void cols_fwd_mode_d(const MmaT *xh, const MmaT *xl, 
         if (k < kt) {
           uint32_t *a = ah[keep ? k : 0];
           if constexpr (!keep) {
-            frag_a(a, xh, lx, mt * 16, k * 16, lane);
-            frag_a(al, xl, lx, mt * 16, k * 16, lane);
+            frag_a(a, xh + x0, lx, 0, k * 16, lane);
+            frag_a(al, xl + x0, lx, 0, k * 16, lane);
           }
           uint32_t bh[2], bl[2];
           frag_b(bh, fh, lf, nt * 8, k * 16, lane);
@@ -460,7 +520,7 @@ __device__ __forceinline__ void cols_fwd_mode_d(const MmaT *xh, const MmaT *xl, 
 
 struct ColsLayout {
   int i1p, i2p, lz, ly, lc, ld, pr, tpr;
-  int64_t zh, zl, yh, yl, ch, cl, dh, dl, bytes;
+  int64_t ps, zh, zl, yh, yl, ch, cl, dh, dl, bytes;
 };
 
 __host__ __device__ inline ColsLayout cols_layout(int i1, int i2, TcSplit sp) {
@@ -475,7 +535,11 @@ __host__ __device__ inline ColsLayout cols_layout(int i1, int i2, TcSplit sp) {
   l.pr = TC_ACC * TC_WARPS / l.tpr;          // rows per block: every warp holds at most TC_ACC tiles
   if (l.pr < 1) l.pr = 1;
   const int64_t e = 2;
-  const int64_t zb = (int64_t)l.pr * l.i1p * l.lz * e;   // Z [pr * i1p][lz]: Z[p][c'][d'] = Z_r[p, (c', d')]
+  // Z [pr][ps]: Z[p][c'][d'] = Z_r[p, (c', d')] at p ps + c' lz; ps = i1p lz + 8 is 16 bytes past a
+  // multiple of 128 (i1p lz is a multiple of 128 elements), so rows p of one 16-byte column fall in
+  // eight distinct bank groups (load_z_rows' stores).
+  l.ps = (int64_t)l.i1p * l.lz + 8;
+  const int64_t zb = (int64_t)l.pr * l.ps * e;
   // Y [pr * i1p][ly]: Y[p][c'][d] = (Z_r x4 D)[p, (c', d)], the B operand of mode c through
   // ldmatrix.trans (ly = i2p + 8: an odd number of 16-byte units, eight rows in eight bank groups).
   const int64_t yb = (int64_t)l.pr * l.i1p * l.ly * e;
@@ -510,6 +574,8 @@ kron_cols_kernel(const FwdZ<T> *__restrict__ z, const T *__restrict__ fc, const 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int ntc = L.i2p / 8;  // n tiles per row
+  // U's pairs (d, d + 1) as one 8-byte access: a warp's 32 lanes then cover 8 whole sectors.
+  const bool pairs = i2 % 2 == 0 && (reinterpret_cast<uintptr_t>(u) & 7) == 0;
 
   float acc[TC_ACC][4];
 #pragma unroll
@@ -521,11 +587,11 @@ kron_cols_kernel(const FwdZ<T> *__restrict__ z, const T *__restrict__ fc, const 
     __syncthreads();  // the previous rank's readers are done (and the zeroing is visible)
     load_factor<P>(Ch, Cl, fc + (r * nexp + expert) * i1 * i1, i1, L.lc);
     load_factor<P>(Dh, Dl, fd + (r * nexp + expert) * i2 * i2, i2, L.ld);
-    load_z_rows<P>(Zh, Zl, L.lz, z + rl * slabs * O * TC_QC, p0, L.pr, O, i1, i2, L.i1p);
+    load_z_rows<P>(Zh, Zl, L.lz, L.ps, z + rl * slabs * O * TC_QC, p0, L.pr, O, i1, i2);
     __syncthreads();
 
     // Mode d: Y[p][c'][d] = sum_d' Z[p][c'][d'] D[d][d'].
-    cols_fwd_mode_d<P>(Zh, Zl, L.lz, Dh, Dl, L.ld, Yh, Yl, L.ly, L.pr * L.i1p / 16, L.i2p);
+    cols_fwd_mode_d<P>(Zh, Zl, L.lz, L.ps, L.i1p / 16, Dh, Dl, L.ld, Yh, Yl, L.ly, L.pr * L.i1p / 16, L.i2p);
     __syncthreads();
 
     // Mode c, accumulated over r: U[p][c][d] += sum_c' C[c][c'] Y[p][c'][d]  (M = c, N = d, K = c').
@@ -575,14 +641,21 @@ kron_cols_kernel(const FwdZ<T> *__restrict__ z, const T *__restrict__ fc, const 
     if (tile >= L.pr * L.tpr || p >= O) continue;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int cc = mt * 16 + g + 8 * h;
-      if (cc >= i1) continue;
-#pragma unroll
-      for (int v = 0; v < 2; ++v) {
-        const int d = nt * 8 + 2 * t + v;
-        if (d >= i2) continue;
-        float *dst = u + p * I + (int64_t)cc * i2 + d;
-        *dst = accumulate ? *dst + acc[j][2 * h + v] : acc[j][2 * h + v];
+      const int cc = mt * 16 + g + 8 * h, d = nt * 8 + 2 * t;
+      if (cc >= i1 || d >= i2) continue;
+      float *dst = u + p * I + (int64_t)cc * i2 + d;
+      const float v0 = acc[j][2 * h], v1 = acc[j][2 * h + 1];
+      if (pairs) {  // d + 1 < i2 too (i2 even); 8-byte aligned (u is, and I and i2 are even)
+        float2 *d2 = reinterpret_cast<float2 *>(dst);
+        if (accumulate) {
+          const float2 o = *d2;
+          *d2 = make_float2(o.x + v0, o.y + v1);
+        } else {
+          *d2 = make_float2(v0, v1);
+        }
+      } else {
+        dst[0] = accumulate ? dst[0] + v0 : v0;
+        if (d + 1 < i2) dst[1] = accumulate ? dst[1] + v1 : v1;
       }
     }
   }
@@ -601,7 +674,8 @@ inline bool kron_tc_dims_ok(const D4 &d4) {
 // sm_90 227 KB), capped at TC_SMEM_MAX.
 inline int64_t tc_smem_limit() {
 #ifdef CAMEX_EMU
-  return TC_SMEM_MAX;
+  const int64_t v = ::emu::smem_limit();  // the emulated device's (camex_emu_smem_limit)
+  return v < TC_SMEM_MAX ? v : TC_SMEM_MAX;
 #else
   int dev = 0, v = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
@@ -613,7 +687,7 @@ inline int64_t tc_smem_limit() {
 
 // Whether the two stages' shared memory fits `lim` (tc_smem_limit() of the launch's device).
 inline bool kron_tc_fits(const D4 &d4, TcSplit sp, int64_t lim) {
-  return rows_layout((int)d4.d[0], (int)d4.d[1], sp, true).bytes <= lim &&
+  return rows_layout((int)d4.d[0], (int)d4.d[1], sp, false).bytes <= lim &&
          cols_layout((int)d4.d[2], (int)d4.d[3], sp).bytes <= lim;
 }
 
@@ -658,7 +732,8 @@ inline int kron_forward_tc(cudaStream_t s, float *u, const T *w, const T *e, con
   const int o1 = (int)d4.d[0], o2 = (int)d4.d[1], i1 = (int)d4.d[2], i2 = (int)d4.d[3];
   const int64_t O = (int64_t)o1 * o2, I = (int64_t)i1 * i2;
   using P = FwdPrec<T>;
-  const RowsLayout rl = rows_layout(o1, o2, P::split(), true);
+  const int resident = rows_resident(o1, o2, P::split(), lim) ? 1 : 0;
+  const RowsLayout rl = rows_layout(o1, o2, P::split(), resident != 0);
   const ColsLayout cl = cols_layout(i1, i2, P::split());
   // The opt-in is a process-wide attribute of each kernel: always the device's limit (>= every size
   // kron_tc_fits accepts), so concurrent calls with other shapes cannot lower it under a launch.
@@ -670,9 +745,9 @@ inline int kron_forward_tc(cudaStream_t s, float *u, const T *w, const T *e, con
   const int64_t chunk = kron_tc_rank_chunk(d4, f.r, sizeof(FwdZ<T>));
   for (int64_t r0 = 0; r0 < f.r; r0 += chunk) {
     const int64_t nr = f.r - r0 < chunk ? f.r - r0 : chunk;
-    const dim3 g1((unsigned)((I + TC_QC - 1) / TC_QC), (unsigned)nr);
-    CAMEX_LAUNCH_SMEM(kron_rows_kernel<T>, g1, TC_THREADS, rl.bytes, s)(
-        w, e, reinterpret_cast<const T *>(f.a), reinterpret_cast<const T *>(f.b), zt, o1, o2, I, f.n, expert, r0);
+    CAMEX_LAUNCH_SMEM(kron_rows_kernel<T>, (unsigned)((I + TC_QC - 1) / TC_QC), TC_THREADS, rl.bytes, s)(
+        w, e, reinterpret_cast<const T *>(f.a), reinterpret_cast<const T *>(f.b), zt, o1, o2, I, f.n, expert, r0, nr,
+        resident);
     CAMEX_CHECK_LAUNCH();
     const unsigned g2 = (unsigned)((O + cl.pr - 1) / cl.pr);
     CAMEX_LAUNCH_SMEM(kron_cols_kernel<T>, g2, TC_THREADS, cl.bytes, s)(

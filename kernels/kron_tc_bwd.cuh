@@ -16,13 +16,14 @@
 //   dtau += V x1 A^T = L^T H R
 // which is the chain of SPEC section 4 regrouped (every factor gradient contracts H with tau
 // transformed by the other three factors). Per round of ranks (kron_tc_rank_chunk, Z in f32):
-//   1. kron_rows_split_kernel: Z_r = P_r (slab layout [r][slab][O][8], as the forward);
+//   1. kron_rows_split_kernel: Z_r = P_r (slab layout [r][slab][O][8], as the forward), one block
+//      per 8-column slab looping over the round's ranks;
 //   2. kron_cols_bwd_kernel, one block per run of rows, looping over the round's ranks: H's rows
 //      stay in shared memory; P's rows in, dC and dD partials out, and K's rows written over P's;
-//   3. kron_rows_bwd_kernel, one block per (8-column slab, rank): K's slab and tau in, dA and dB
-//      partials out, and L^T K written over K's slab;
-//   4. one fixed-order reduction of the partials into the factor gradients, one sum over the
-//      round's ranks into dtau. No atomics: the same inputs give the same bits.
+//   3. kron_rows_bwd_kernel, one block per 8-column slab looping over the round's ranks: K's slab
+//      and tau in, dA and dB partials out, and L^T K added to dtau's slab, rank by rank;
+//   4. one fixed-order reduction of the partials into the factor gradients. No atomics: the same
+//      inputs give the same bits.
 // Every product goes through the tensor cores as in kron_tc.cuh, under a precision policy per
 // kernel (ColsBwdPrec, RowsBwdPrec below; Prec in mma.cuh): bf16 is single-pass except on the
 // columns side (dC, dD), which splits data into bf16 hi + lo; f16 splits data and factors;
@@ -58,6 +59,18 @@ template <typename F> __device__ __forceinline__ void frag_b_at(uint32_t b[2], F
     const int k = k0 + 2 * t + 8 * j;
     b[j] = mma_bits(at(k, n0 + g)) | (mma_bits(at(k + 1, n0 + g)) << 16);
   }
+}
+
+// The same fragments where the k-major matrix is a plain shared array with k's row stride ld (A[m][k]
+// = s[k * ld + m], B[k][n] = s[k * ld + n]; ld * 2 bytes an odd multiple of 16, m0 and n0 multiples
+// of 8): ldmatrix.trans, one 128-byte phase per 8 x 8 matrix and free of bank conflicts, where the
+// gathers above take eight 2-byte loads per lane.
+__device__ __forceinline__ void frag_a_kmajor(uint32_t a[4], const MmaT *s, int ld, int m0, int k0, int lane) {
+  const int i = lane >> 3, r = lane & 7;  // lanes 8i..8i+7: matrix i = (k half i / 2, m half i % 2)
+  ldmatrix_x4<true>(a, s + (int64_t)(k0 + r + 8 * (i >> 1)) * ld + m0 + 8 * (i & 1));
+}
+__device__ __forceinline__ void frag_b_kmajor(uint32_t b[2], const MmaT *s, int ld, int n0, int k0, int lane) {
+  ldmatrix_x2<true>(b, s + (int64_t)(k0 + (lane & 15)) * ld + n0);  // lanes 0..15: rows k0..k0+15
 }
 
 // Copies a k x k factor transposed (dst[j'][j] = f[j][j']) into zero-padded shared matrices.
@@ -165,7 +178,7 @@ kron_cols_bwd_kernel(Opnd h, float *__restrict__ z, const T *__restrict__ fc, co
     load_factor<P>(Dh, Dl, fd + (r * nexp + expert) * i2 * i2, i2, L.ld);
     load_factor_t<P>(Dth, Dtl, fd + (r * nexp + expert) * i2 * i2, i2, L.ld);
     float *zr = z + rl * slabs * O * TC_QC;
-    load_z_rows<P>(Ph, Pl, L.lz, zr, p0, pr, O, i1, i2, i1p);
+    load_z_rows<P>(Ph, Pl, L.lz, (int64_t)i1p * L.lz, zr, p0, pr, O, i1, i2);
     __syncthreads();
 
     // YD[p][d][c'] = sum_d' P[p][c'][d'] D[d][d'], as the forward's mode d.
@@ -183,10 +196,10 @@ kron_cols_bwd_kernel(Opnd h, float *__restrict__ z, const T *__restrict__ fc, co
           for (int k0 = 0; k0 < i2p; k0 += 16) {
             uint32_t ah[4], al[4], bh[2], bl[2];
             frag_a(ah, Hh + (int64_t)pl * i1p * L.lz, L.lz, mt * 16, k0, lane);
-            frag_b_at(bh, [&](int k, int n) { return yh[k * L.lyt + n]; }, nt * 8, k0, lane);
+            frag_b_kmajor(bh, yh, L.lyt, nt * 8, k0, lane);
             if constexpr (P::data_lo) {
               frag_a(al, Hl + (int64_t)pl * i1p * L.lz, L.lz, mt * 16, k0, lane);
-              frag_b_at(bl, [&](int k, int n) { return yl[k * L.lyt + n]; }, nt * 8, k0, lane);
+              frag_b_kmajor(bl, yl, L.lyt, nt * 8, k0, lane);
             }
             mma_data<P>(c, ah, al, bh, bl);
           }
@@ -211,8 +224,8 @@ kron_cols_bwd_kernel(Opnd h, float *__restrict__ z, const T *__restrict__ fc, co
           uint32_t fh[4], fl[4], bh[2], bl[2];
           frag_a(fh, Ch, L.lc, mt * 16, k0, lane);
           if constexpr (P::factor_lo) frag_a(fl, Cl, L.lc, mt * 16, k0, lane);
-          frag_b_at(bh, [&](int k, int n) { return xh[k * L.lz + n]; }, nt * 8, k0, lane);
-          if constexpr (P::data_lo) frag_b_at(bl, [&](int k, int n) { return xl[k * L.lz + n]; }, nt * 8, k0, lane);
+          frag_b_kmajor(bh, xh, L.lz, nt * 8, k0, lane);
+          if constexpr (P::data_lo) frag_b_kmajor(bl, xl, L.lz, nt * 8, k0, lane);
           mma_split<P>(c, fh, fl, bh, bl);
         }
 #pragma unroll
@@ -234,11 +247,11 @@ kron_cols_bwd_kernel(Opnd h, float *__restrict__ z, const T *__restrict__ fc, co
           const int64_t off = (int64_t)pl * i1p * L.lz;
           for (int k0 = 0; k0 < i1p; k0 += 16) {
             uint32_t ah[4], al[4], bh[2], bl[2];
-            frag_a_at(ah, [&](int m, int k) { return Hh[off + k * L.lz + m]; }, mt * 16, k0, lane);
-            frag_b_at(bh, [&](int k, int n) { return Yh[off + k * L.lz + n]; }, nt * 8, k0, lane);
+            frag_a_kmajor(ah, Hh + off, L.lz, mt * 16, k0, lane);
+            frag_b_kmajor(bh, Yh + off, L.lz, nt * 8, k0, lane);
             if constexpr (P::data_lo) {
-              frag_a_at(al, [&](int m, int k) { return Hl[off + k * L.lz + m]; }, mt * 16, k0, lane);
-              frag_b_at(bl, [&](int k, int n) { return Yl[off + k * L.lz + n]; }, nt * 8, k0, lane);
+              frag_a_kmajor(al, Hl + off, L.lz, mt * 16, k0, lane);
+              frag_b_kmajor(bl, Yl + off, L.lz, nt * 8, k0, lane);
             }
             mma_data<P>(c, ah, al, bh, bl);
           }
@@ -343,12 +356,15 @@ template <typename T> __device__ __forceinline__ float tau_at(const Opnd &tau, i
 
 // One block per SM at the shapes that matter (about 200 KB of shared memory at T5-base `wi`), so
 // the launch bounds ask for one: with the default, ptxas 13.0 capped registers at 80 and spilled.
-// grid (slabs, nr); rank r = r0 + blockIdx.y. z: the round's K_r, overwritten with L_r^T K_r (slab
-// layout); part: f32 [nr][slabs][o1*o1 + o2*o2], this slab's dA and dB contributions.
+// grid (slabs); each block runs ranks r0..r0+nr of its slab in order. z: the round's K_r (slab
+// layout); gt: f32 [O][I], dtau, to which this slab's L_r^T K_r is added rank by rank (written by
+// the first rank when r0 == 0): a fixed order, so the bits do not depend on the schedule.
+// part: f32 [nr][slabs][o1*o1 + o2*o2], this slab's dA and dB contributions.
 template <typename T>
 __global__ void __launch_bounds__(TC_THREADS, 1)
-kron_rows_bwd_kernel(Opnd tau, float *__restrict__ z, const T *__restrict__ fa, const T *__restrict__ fb,
-                     float *__restrict__ part, int o1, int o2, int64_t I, int64_t nexp, int64_t expert, int64_t r0) {
+kron_rows_bwd_kernel(Opnd tau, const float *__restrict__ z, const T *__restrict__ fa, const T *__restrict__ fb,
+                     float *__restrict__ part, float *__restrict__ gt, int o1, int o2, int64_t I, int64_t nexp,
+                     int64_t expert, int64_t r0, int64_t nr) {
   CAMEX_DYNAMIC_SMEM(smem);
   using P = RowsBwdPrec<T>;
   const RowsBwdLayout L = rows_bwd_layout(o1, o2, P::split());
@@ -360,132 +376,149 @@ kron_rows_bwd_kernel(Opnd tau, float *__restrict__ z, const T *__restrict__ fa, 
   MmaT *Bth = reinterpret_cast<MmaT *>(smem + L.bth), *Btl = reinterpret_cast<MmaT *>(smem + L.btl);
   float *dAs = reinterpret_cast<float *>(smem + L.das), *dBs = reinterpret_cast<float *>(smem + L.dbs);
   const int64_t O = (int64_t)o1 * o2, slabs = (I + TC_QC - 1) / TC_QC;
-  const int64_t slab = blockIdx.x, rl = blockIdx.y, r = r0 + rl;
+  const int64_t slab = blockIdx.x;
   const int64_t q0 = slab * TC_QC;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int o1p = L.o1p, o2p = L.o2p;
-  float *zs = z + (rl * slabs + slab) * O * TC_QC;  // zs[p * 8 + j]: this slab of K_r
+  // dtau's pairs (q, q + 1) as one 8-byte access (q0 and j even): whole sectors per row.
+  const bool pairs = I % 2 == 0 && (reinterpret_cast<uintptr_t>(gt) & 7) == 0;
 
-  zero_smem(smem, L.bytes);
-  __syncthreads();
-  load_factor_t<P>(Ath, Atl, fa + (r * nexp + expert) * o1 * o1, o1, L.la);
-  load_factor_t<P>(Bth, Btl, fb + (r * nexp + expert) * o2 * o2, o2, L.lb);
-  // K's slab as the B operand of a mode-a product: Y[b][j][a] = K[(a, b), q0 + j].
-  for (int64_t x = threadIdx.x; x < O * TC_QC; x += TC_THREADS) {
-    const int64_t p = x / TC_QC, j = x % TC_QC, a = p / o2, b = p % o2;
-    store_data<P>(Yh, Yl, (b * TC_QC + j) * L.ly + a, zs[x]);
-  }
-
-  // dB, TC_AC rows of W = K x1 A^T at a time (M = a', N = (b, j), K = a; a 16-row tile of which
-  // the first TC_AC rows are kept), then dB[b][b'] += sum_{(a', j)} W[(a', b), j] tau[(a', b'), j].
-  const int mtb = o2p / 16, ntb = o2p / 8;
-  for (int a0 = 0; a0 < o1; a0 += TC_AC) {
-    __syncthreads();  // Y and the factors are in; the previous chunk's contraction is done
-    for (int64_t x = threadIdx.x; x < (int64_t)o2 * TC_AC * TC_QC; x += TC_THREADS) {
-      const int b = (int)(x / (TC_AC * TC_QC)), k = (int)(x % (TC_AC * TC_QC)), a = a0 + k / TC_QC;
-      store_data<P>(Th, Tl, b * L.lw + k, a < o1 ? tau_at<T>(tau, (int64_t)a * o2 + b, q0 + k % TC_QC, I) : 0.f);
+  for (int64_t rl = 0; rl < nr; ++rl) {
+    const int64_t r = r0 + rl;
+    const float *zs = z + (rl * slabs + slab) * O * TC_QC;  // zs[p * 8 + j]: this slab of K_r
+    __syncthreads();  // the previous rank is done with shared memory
+    zero_smem(smem, L.bytes);
+    __syncthreads();
+    load_factor_t<P>(Ath, Atl, fa + (r * nexp + expert) * o1 * o1, o1, L.la);
+    load_factor_t<P>(Bth, Btl, fb + (r * nexp + expert) * o2 * o2, o2, L.lb);
+    // K's slab as the B operand of a mode-a product: Y[b][j][a] = K[(a, b), q0 + j].
+    for (int64_t x = threadIdx.x; x < O * TC_QC; x += TC_THREADS) {
+      const int64_t p = x / TC_QC, j = x % TC_QC, a = p / o2, b = p % o2;
+      store_data<P>(Yh, Yl, (b * TC_QC + j) * L.ly + a, zs[x]);
     }
-    for (int b = warp; b < o2; b += TC_WARPS) {
-      float c[4] = {0.f, 0.f, 0.f, 0.f};
-      factor_by_data<P>(c, Ath, Atl, L.la, a0,
-          Yh + (int64_t)b * TC_QC * L.ly, Yl + (int64_t)b * TC_QC * L.ly, L.ly, 0, o1p, lane);
-      // Rows g (kept when a0 + g < o1) of the tile; rows g + 8 belong to the next chunk.
-      const bool in = a0 + g < o1;
-      store_data<P>(Wh, Wl, b * L.lw + g * TC_QC + 2 * t, in ? c[0] : 0.f);
-      store_data<P>(Wh, Wl, b * L.lw + g * TC_QC + 2 * t + 1, in ? c[1] : 0.f);
+
+    // dB, TC_AC rows of W = K x1 A^T at a time (M = a', N = (b, j), K = a; a 16-row tile of which
+    // the first TC_AC rows are kept), then dB[b][b'] += sum_{(a', j)} W[(a', b), j] tau[(a', b'), j].
+    const int mtb = o2p / 16, ntb = o2p / 8;
+    for (int a0 = 0; a0 < o1; a0 += TC_AC) {
+      __syncthreads();  // Y and the factors are in; the previous chunk's contraction is done
+      for (int64_t x = threadIdx.x; x < (int64_t)o2 * TC_AC * TC_QC; x += TC_THREADS) {
+        const int b = (int)(x / (TC_AC * TC_QC)), k = (int)(x % (TC_AC * TC_QC)), a = a0 + k / TC_QC;
+        store_data<P>(Th, Tl, b * L.lw + k, a < o1 ? tau_at<T>(tau, (int64_t)a * o2 + b, q0 + k % TC_QC, I) : 0.f);
+      }
+      for (int b = warp; b < o2; b += TC_WARPS) {
+        float c[4] = {0.f, 0.f, 0.f, 0.f};
+        factor_by_data<P>(c, Ath, Atl, L.la, a0,
+            Yh + (int64_t)b * TC_QC * L.ly, Yl + (int64_t)b * TC_QC * L.ly, L.ly, 0, o1p, lane);
+        // Rows g (kept when a0 + g < o1) of the tile; rows g + 8 belong to the next chunk.
+        const bool in = a0 + g < o1;
+        store_data<P>(Wh, Wl, b * L.lw + g * TC_QC + 2 * t, in ? c[0] : 0.f);
+        store_data<P>(Wh, Wl, b * L.lw + g * TC_QC + 2 * t + 1, in ? c[1] : 0.f);
+      }
+      __syncthreads();
+      for (int tile = warp; tile < mtb * ntb; tile += TC_WARPS) {
+        const int mt = tile / ntb, nt = tile % ntb;
+        float c[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int k0 = 0; k0 < TC_AC * TC_QC; k0 += 16) {
+          uint32_t ah[4], al[4], bh[2], bl[2];
+          frag_a(ah, Wh, L.lw, mt * 16, k0, lane);
+          frag_b(bh, Th, L.lw, nt * 8, k0, lane);
+          if constexpr (P::data_lo) {
+            frag_a(al, Wl, L.lw, mt * 16, k0, lane);
+            frag_b(bl, Tl, L.lw, nt * 8, k0, lane);
+          }
+          mma_data<P>(c, ah, al, bh, bl);
+        }
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+          const int b = mt * 16 + g + 8 * (v >> 1), bp = nt * 8 + 2 * t + (v & 1);
+          if (b < o2 && bp < o2) dBs[b * o2 + bp] += c[v];
+        }
+      }
     }
     __syncthreads();
-    for (int tile = warp; tile < mtb * ntb; tile += TC_WARPS) {
-      const int mt = tile / ntb, nt = tile % ntb;
+    zero_smem(smem + L.xh, L.ath - L.xh);  // X's K padding (columns b >= o2) must read zero again
+
+    // V = K x2 B^T, TC_AC row runs of K (read again from z) at a time:
+    // V[(a, b'), j] = sum_b B[b][b'] X[a][j][b]  (M = b', N = j, K = b), into Y[b'][j][a] over K's copy.
+    for (int a0 = 0; a0 < o1; a0 += TC_AC) {
+      const int ac = o1 - a0 < TC_AC ? o1 - a0 : TC_AC;
+      __syncthreads();
+      for (int64_t x = threadIdx.x; x < (int64_t)ac * o2 * TC_QC; x += TC_THREADS) {
+        const int64_t pl = x / TC_QC, j = x % TC_QC, al = pl / o2, b = pl % o2;
+        store_data<P>(Xh, Xl, (al * TC_QC + j) * L.lx + b, zs[(a0 * o2 + pl) * TC_QC + j]);
+      }
+      __syncthreads();
+      slab_mode_b<P>(Bth, Btl, L.lb, Xh, Xl, L.lx, Yh, Yl, L.ly, a0, ac, o2, o2p);
+    }
+    __syncthreads();
+
+    // dtau_r = V x1 A^T: gt[(a', b'), q0 + j] (+)= sum_a A[a][a'] Y[b'][j][a].
+    const bool acc = r0 > 0 || rl > 0;
+    slab_mode_a<P>(Ath, Atl, L.la, Yh, Yl, L.ly, [&](int a, int b, int j, float v0, float v1) {
+      const int64_t q = q0 + j;
+      float *d = gt + ((int64_t)a * o2 + b) * I + q;
+      if (pairs && q + 1 < I) {
+        float2 *d2 = reinterpret_cast<float2 *>(d);
+        const float2 o = acc ? *d2 : make_float2(0.f, 0.f);
+        *d2 = acc ? make_float2(o.x + v0, o.y + v1) : make_float2(v0, v1);
+      } else {
+        if (q < I) d[0] = acc ? d[0] + v0 : v0;
+        if (q + 1 < I) d[1] = acc ? d[1] + v1 : v1;
+      }
+    }, o1, o1p, o2);
+    const int mta = o1p / 16;
+
+    // dA[a][a'] += sum_{(b, j)} V[(a, b), j] tau[(a', b), j], TC_AC rows a' (one n8 tile) at a time
+    // (M = a, N = a', K = (b, j) = o2 * 8, padded to 16). There are only o1p / 16 <= 4 tiles, so the
+    // warps split K: warp w takes tile w % mta and slice w / mta; the slices' partials are summed in
+    // slice order through shared memory (red), the same order every run.
+    const int kv = o2 * TC_QC, kvp = tc_pad(kv);
+    const int slices = TC_WARPS / mta, ksteps = kvp / 16, per = (ksteps + slices - 1) / slices;
+    const int mt_a = warp % mta, sl_a = warp / mta;
+    float *red = reinterpret_cast<float *>(smem + L.red);
+    const MmaT zero = from_f32<MmaT>(0.f);
+    for (int a0 = 0; a0 < o1; a0 += TC_AC) {
+      const int ac = o1 - a0 < TC_AC ? o1 - a0 : TC_AC;
+      __syncthreads();
+      for (int64_t x = threadIdx.x; x < (int64_t)ac * o2 * TC_QC; x += TC_THREADS) {
+        const int64_t pl = x / TC_QC, j = x % TC_QC, al = pl / o2, b = pl % o2;
+        store_data<P>(Xh, Xl, (al * TC_QC + j) * L.lx + b, tau_at<T>(tau, a0 * o2 + pl, q0 + j, I));
+      }
+      __syncthreads();
       float c[4] = {0.f, 0.f, 0.f, 0.f};
-      for (int k0 = 0; k0 < TC_AC * TC_QC; k0 += 16) {
+      const int k_end = sl_a < slices ? min((sl_a + 1) * per, ksteps) : 0;
+      for (int ks = sl_a * per; ks < k_end; ++ks) {
+        const int k0 = ks * 16;
         uint32_t ah[4], al[4], bh[2], bl[2];
-        frag_a(ah, Wh, L.lw, mt * 16, k0, lane);
-        frag_b(bh, Th, L.lw, nt * 8, k0, lane);
+        frag_a_at(ah, [&](int m, int k) { return k < kv ? Yh[(int64_t)k * L.ly + m] : zero; }, mt_a * 16, k0, lane);
+        frag_b_at(bh, [&](int k, int n) { return k < kv && n < ac ? Xh[(n * TC_QC + k % TC_QC) * L.lx + k / TC_QC] : zero; },
+                  0, k0, lane);
         if constexpr (P::data_lo) {
-          frag_a(al, Wl, L.lw, mt * 16, k0, lane);
-          frag_b(bl, Tl, L.lw, nt * 8, k0, lane);
+          frag_a_at(al, [&](int m, int k) { return k < kv ? Yl[(int64_t)k * L.ly + m] : zero; }, mt_a * 16, k0, lane);
+          frag_b_at(bl, [&](int k, int n) { return k < kv && n < ac ? Xl[(n * TC_QC + k % TC_QC) * L.lx + k / TC_QC] : zero; },
+                    0, k0, lane);
         }
         mma_data<P>(c, ah, al, bh, bl);
       }
 #pragma unroll
-      for (int v = 0; v < 4; ++v) {
-        const int b = mt * 16 + g + 8 * (v >> 1), bp = nt * 8 + 2 * t + (v & 1);
-        if (b < o2 && bp < o2) dBs[b * o2 + bp] += c[v];
-      }
-    }
-  }
-  __syncthreads();
-  zero_smem(smem + L.xh, L.ath - L.xh);  // X's K padding (columns b >= o2) must read zero again
-
-  // V = K x2 B^T, TC_AC row runs of K (read again from z) at a time:
-  // V[(a, b'), j] = sum_b B[b][b'] X[a][j][b]  (M = b', N = j, K = b), into Y[b'][j][a] over K's copy.
-  for (int a0 = 0; a0 < o1; a0 += TC_AC) {
-    const int ac = o1 - a0 < TC_AC ? o1 - a0 : TC_AC;
-    __syncthreads();
-    for (int64_t x = threadIdx.x; x < (int64_t)ac * o2 * TC_QC; x += TC_THREADS) {
-      const int64_t pl = x / TC_QC, j = x % TC_QC, al = pl / o2, b = pl % o2;
-      store_data<P>(Xh, Xl, (al * TC_QC + j) * L.lx + b, zs[(a0 * o2 + pl) * TC_QC + j]);
-    }
-    __syncthreads();
-    slab_mode_b<P>(Bth, Btl, L.lb, Xh, Xl, L.lx, Yh, Yl, L.ly, a0, ac, o2, o2p);
-  }
-  __syncthreads();
-
-  // dtau_r = V x1 A^T: out[(a', b'), j] = sum_a A[a][a'] Y[b'][j][a], written over K's slab (read
-  // completely above).
-  slab_mode_a<P>(Ath, Atl, L.la, Yh, Yl, L.ly, zs, o1, o1p, o2);
-  const int mta = o1p / 16;
-
-  // dA[a][a'] += sum_{(b, j)} V[(a, b), j] tau[(a', b), j], TC_AC rows a' (one n8 tile) at a time
-  // (M = a, N = a', K = (b, j) = o2 * 8, padded to 16). There are only o1p / 16 <= 4 tiles, so the
-  // warps split K: warp w takes tile w % mta and slice w / mta; the slices' partials are summed in
-  // slice order through shared memory (red), the same order every run.
-  const int kv = o2 * TC_QC, kvp = tc_pad(kv);
-  const int slices = TC_WARPS / mta, ksteps = kvp / 16, per = (ksteps + slices - 1) / slices;
-  const int mt_a = warp % mta, sl_a = warp / mta;
-  float *red = reinterpret_cast<float *>(smem + L.red);
-  const MmaT zero = from_f32<MmaT>(0.f);
-  for (int a0 = 0; a0 < o1; a0 += TC_AC) {
-    const int ac = o1 - a0 < TC_AC ? o1 - a0 : TC_AC;
-    __syncthreads();
-    for (int64_t x = threadIdx.x; x < (int64_t)ac * o2 * TC_QC; x += TC_THREADS) {
-      const int64_t pl = x / TC_QC, j = x % TC_QC, al = pl / o2, b = pl % o2;
-      store_data<P>(Xh, Xl, (al * TC_QC + j) * L.lx + b, tau_at<T>(tau, a0 * o2 + pl, q0 + j, I));
-    }
-    __syncthreads();
-    float c[4] = {0.f, 0.f, 0.f, 0.f};
-    const int k_end = sl_a < slices ? min((sl_a + 1) * per, ksteps) : 0;
-    for (int ks = sl_a * per; ks < k_end; ++ks) {
-      const int k0 = ks * 16;
-      uint32_t ah[4], al[4], bh[2], bl[2];
-      frag_a_at(ah, [&](int m, int k) { return k < kv ? Yh[(int64_t)k * L.ly + m] : zero; }, mt_a * 16, k0, lane);
-      frag_b_at(bh, [&](int k, int n) { return k < kv && n < ac ? Xh[(n * TC_QC + k % TC_QC) * L.lx + k / TC_QC] : zero; },
-                0, k0, lane);
-      if constexpr (P::data_lo) {
-        frag_a_at(al, [&](int m, int k) { return k < kv ? Yl[(int64_t)k * L.ly + m] : zero; }, mt_a * 16, k0, lane);
-        frag_b_at(bl, [&](int k, int n) { return k < kv && n < ac ? Xl[(n * TC_QC + k % TC_QC) * L.lx + k / TC_QC] : zero; },
-                  0, k0, lane);
-      }
-      mma_data<P>(c, ah, al, bh, bl);
-    }
+      for (int v = 0; v < 4; ++v) red[(warp * 32 + lane) * 4 + v] = c[v];
+      __syncthreads();
+      if (sl_a == 0) {
 #pragma unroll
-    for (int v = 0; v < 4; ++v) red[(warp * 32 + lane) * 4 + v] = c[v];
-    __syncthreads();
-    if (sl_a == 0) {
-#pragma unroll
-      for (int v = 0; v < 4; ++v) {
-        float sum = 0.f;
-        for (int sl = 0; sl < slices; ++sl) sum += red[((sl * mta + mt_a) * 32 + lane) * 4 + v];
-        const int a = mt_a * 16 + g + 8 * (v >> 1), ap = a0 + 2 * t + (v & 1);
-        if (a < o1 && 2 * t + (v & 1) < ac) dAs[a * o1 + ap] += sum;
+        for (int v = 0; v < 4; ++v) {
+          float sum = 0.f;
+          for (int sl = 0; sl < slices; ++sl) sum += red[((sl * mta + mt_a) * 32 + lane) * 4 + v];
+          const int a = mt_a * 16 + g + 8 * (v >> 1), ap = a0 + 2 * t + (v & 1);
+          if (a < o1 && 2 * t + (v & 1) < ac) dAs[a * o1 + ap] += sum;
+        }
       }
     }
+    __syncthreads();
+    float *out = part + (rl * slabs + slab) * ((int64_t)o1 * o1 + (int64_t)o2 * o2);
+    for (int x = threadIdx.x; x < o1 * o1 + o2 * o2; x += TC_THREADS) out[x] = x < o1 * o1 ? dAs[x] : dBs[x - o1 * o1];
   }
-  __syncthreads();
-  float *out = part + (rl * slabs + slab) * ((int64_t)o1 * o1 + (int64_t)o2 * o2);
-  for (int x = threadIdx.x; x < o1 * o1 + o2 * o2; x += TC_THREADS) out[x] = x < o1 * o1 ? dAs[x] : dBs[x - o1 * o1];
 }
 
 // ---- host side ----
@@ -514,22 +547,10 @@ __global__ void kron_bwd_reduce_kernel(const float *pab, const float *pcd, T *ga
   }
 }
 
-// gt[p][q] (+)= sum over the round's ranks of z (slab layout), ranks in order.
-template <typename T>  // T: unused; a template keeps the header free of non-inline kernels
-__global__ void kron_bwd_sum_kernel(const float *z, float *gt, int64_t O, int64_t I, int64_t nr, int accumulate) {
-  const int64_t slabs = (I + TC_QC - 1) / TC_QC;
-  CAMEX_GRID_STRIDE(k, O * I) {
-    const int64_t p = k / I, q = k % I;
-    float s = 0.f;
-    for (int64_t rl = 0; rl < nr; ++rl) s += z[((rl * slabs + q / TC_QC) * O + p) * TC_QC + q % TC_QC];
-    gt[k] = accumulate ? gt[k] + s : s;
-  }
-}
-
 // Shared memory of the three stages (rows forward, columns backward, rows backward).
 inline bool kron_tc_bwd_fits(const D4 &d4, TcSplit sp, int64_t lim) {
   const int i1 = (int)d4.d[2], i2 = (int)d4.d[3];
-  return rows_layout((int)d4.d[0], (int)d4.d[1], sp).bytes <= lim &&
+  return rows_layout((int)d4.d[0], (int)d4.d[1], sp, false).bytes <= lim &&
          cols_bwd_layout(i1, i2, cols_bwd_rows(i1, i2, sp), sp).bytes <= lim &&
          rows_bwd_layout((int)d4.d[0], (int)d4.d[1], sp).bytes <= lim;
 }
@@ -553,7 +574,8 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
   const int o1 = (int)d4.d[0], o2 = (int)d4.d[1], i1 = (int)d4.d[2], i2 = (int)d4.d[3];
   const int64_t O = (int64_t)o1 * o2, I = (int64_t)i1 * i2, slabs = (I + TC_QC - 1) / TC_QC;
   constexpr TcSplit sp = PrecOf<T>::split();  // the partials' sizing (kron_tc_bwd_partial_floats)
-  const RowsLayout rl = rows_layout(o1, o2, RowsSplitPrec<T>::split());
+  const int resident = rows_resident(o1, o2, RowsSplitPrec<T>::split(), lim) ? 1 : 0;
+  const RowsLayout rl = rows_layout(o1, o2, RowsSplitPrec<T>::split(), resident != 0);
   const int pr = cols_bwd_rows(i1, i2, sp);
   const ColsBwdLayout cl = cols_bwd_layout(i1, i2, pr, ColsBwdPrec<T>::split());
   const RowsBwdLayout bl = rows_bwd_layout(o1, o2, RowsBwdPrec<T>::split());
@@ -569,20 +591,19 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
   float *pab = part, *pcd = part + chunk * slabs * ((int64_t)o1 * o1 + (int64_t)o2 * o2);
   for (int64_t r0 = 0; r0 < f.r; r0 += chunk) {
     const int64_t nr = f.r - r0 < chunk ? f.r - r0 : chunk;
-    const dim3 g1((unsigned)slabs, (unsigned)nr);
-    CAMEX_LAUNCH_SMEM(kron_rows_split_kernel<T>, g1, TC_THREADS, rl.bytes, s)(w, e, fa, fb, z, o1, o2, I, f.n, expert, r0);
+
+    CAMEX_LAUNCH_SMEM(kron_rows_split_kernel<T>, (unsigned)slabs, TC_THREADS, rl.bytes, s)(w, e, fa, fb, z, o1, o2, I, f.n,
+                                                                                         expert, r0, nr, resident);
     CAMEX_CHECK_LAUNCH();
     CAMEX_LAUNCH_SMEM(kron_cols_bwd_kernel<T>, (unsigned)cblocks, TC_THREADS, cl.bytes, s)(
         h, z, fc, fd, pcd, i1, i2, pr, O, r0, nr, f.n, expert);
     CAMEX_CHECK_LAUNCH();
-    CAMEX_LAUNCH_SMEM(kron_rows_bwd_kernel<T>, g1, TC_THREADS, bl.bytes, s)(tau, z, fa, fb, pab, o1, o2, I, f.n, expert,
-                                                                           r0);
+    CAMEX_LAUNCH_SMEM(kron_rows_bwd_kernel<T>, (unsigned)slabs, TC_THREADS, bl.bytes, s)(tau, z, fa, fb, pab, gt, o1, o2,
+                                                                                        I, f.n, expert, r0, nr);
     CAMEX_CHECK_LAUNCH();
     const int64_t nred = nr * ((int64_t)o1 * o1 + (int64_t)o2 * o2 + (int64_t)i1 * i1 + (int64_t)i2 * i2);
     CAMEX_LAUNCH(kron_bwd_reduce_kernel<T>, grid_for(nred, 256), 256, s)(pab, pcd, ga, gb, gc, gd, slabs, cblocks, o1, o2,
                                                                        i1, i2, r0, nr, f.n, expert);
-    CAMEX_CHECK_LAUNCH();
-    CAMEX_LAUNCH(kron_bwd_sum_kernel<T>, grid_for(O * I, 256), 256, s)(z, gt, O, I, nr, r0 > 0 ? 1 : 0);
     CAMEX_CHECK_LAUNCH();
   }
   return 0;

@@ -421,27 +421,9 @@ fn emu_ca_merge_half_matches_cpu() {
 fn curvature_case<T: Dt>(sh: Sh, kron: bool) {
     let w = host_weights::<T>(sh, 1);
     let (n, o, i) = (sh.n, sh.o, sh.i);
-    let s = w.split;
-    let mut prm = ffi::camex_curvature_params {
-        dtype: T::CODE,
-        n: n as i64,
-        o: o as i64,
-        i: i as i64,
-        r: if kron { sh.r as i64 } else { 0 },
-        o1: s.o1 as i64,
-        o2: s.o2 as i64,
-        i1: s.i1 as i64,
-        i2: s.i2 as i64,
-        base: p(&w.base.1),
-        experts: p(&w.experts.1),
-        ..Default::default()
-    };
-    if kron {
-        prm.factor_a = p(&w.factors[0].1);
-        prm.factor_b = p(&w.factors[1].1);
-        prm.factor_c = p(&w.factors[2].1);
-        prm.factor_d = p(&w.factors[3].1);
-    }
+    let fv: Vec<&[T]> = w.factors.iter().map(|f| f.1.as_slice()).collect();
+    let factors = kron.then(|| [fv[0], fv[1], fv[2], fv[3]]);
+    let prm = curvature_params(sh, w.split, &w.base.1, &w.experts.1, factors);
     // SAFETY: host-side size computation, then host buffers of the implied sizes (emulation).
     let ws = vec![0u8; unsafe { ffi::camex_curvature_workspace(&prm, 0) } as usize + 1];
     let curved = nan::<T>(n * o * i);

@@ -327,3 +327,170 @@ fn ldmatrix_and_cp_async_follow_the_ptx_isa() {
         }
     }
 }
+
+/// The name of a launch record's kernel.
+fn kernel_name(l: &ffi::camex_emu_launch) -> String {
+    let b: Vec<u8> = l
+        .kernel
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    String::from_utf8_lossy(&b).into_owned()
+}
+
+/// `k` 16-bit values in 256-byte aligned memory: bf16 or f16 (`f16`) of the dyadic values
+/// (h % 61 - 30) / 16 of a hash h, never all alike.
+fn varied(k: usize, seed: u64, f16: bool) -> Vec<Chunk> {
+    let mut v = aligned(k.div_ceil(2), 0.0);
+    let mut h = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let bits: Vec<u16> = (0..k)
+        .map(|_| {
+            h ^= h << 13;
+            h ^= h >> 7;
+            h ^= h << 17;
+            let x = ((h % 61) as f32 - 30.0) / 16.0;
+            if f16 {
+                half::f16::from_f32(x).to_bits()
+            } else {
+                half::bf16::from_f32(x).to_bits()
+            }
+        })
+        .collect();
+    // SAFETY: v holds at least k 16-bit values.
+    unsafe { std::ptr::copy_nonoverlapping(bits.as_ptr(), v.as_mut_ptr().cast::<u16>(), k) };
+    v
+}
+
+/// The emulated device's opt-in shared memory per block (`camex_emu_smem_limit`: sm_90's 227 KiB,
+/// sm_80's 163 KiB) steers the tensor-core path as the device's would, at T5-base `wi`'s factor
+/// sizes (48 x 64; I = 16 keeps the test quick). Stage 1 of the forward holds the slab of tau for
+/// all of a block's ranks where it fits (bf16: 118 KiB), else reads it in chunks per rank; the
+/// backward's rows side (193 KiB) runs only under sm_90's limit, the scalar chain under sm_80's.
+/// The forward's bits are the same whichever layout stage 1 takes: counting every block runs the
+/// launchers with the GPU's Z budget (a stage-1 block loops over all three ranks) and complete
+/// outputs; the backward's launches are listed from a sampled run.
+#[test]
+fn smem_limit_steers_the_tensor_core_path() {
+    let _g = COUNTING.lock().unwrap_or_else(|e| e.into_inner());
+    if !emulated("smem_limit_steers_the_tensor_core_path") {
+        return;
+    }
+    const SM90: i64 = 227 * 1024;
+    const SM80: i64 = 163 * 1024;
+    let (n, o, i, r) = (2usize, 3072usize, 16usize, 3usize);
+    let (o1, o2, i1, i2) = (48usize, 64usize, 4usize, 4usize);
+    for f16 in [false, true] {
+        let v = |k: usize, seed: u64| varied(k, seed, f16);
+        let (base, experts) = (v(o * i, 1), v(n * o * i, 2));
+        let (fa, fb) = (v(r * n * o1 * o1, 3), v(r * n * o2 * o2, 4));
+        let (fc, fd) = (v(r * n * i1 * i1, 5), v(r * n * i2 * i2, 6));
+        let gc = v(n * o * i, 7);
+        let addr = |b: &Vec<Chunk>| b.as_ptr() as u64;
+        // Under `limit`, counted in `mode`: the launches of a forward (and a backward), and the
+        // forward's output bits.
+        let run = |limit: i64, mode: i32, backward: bool| {
+            let (curved, gb, ge) = (v(n * o * i, 0), v(o * i, 0), v(n * o * i, 0));
+            let (ga, gbb) = (v(r * n * o1 * o1, 0), v(r * n * o2 * o2, 0));
+            let (gcc, gd) = (v(r * n * i1 * i1, 0), v(r * n * i2 * i2, 0));
+            let recs = counted(mode, || {
+                let mut p = ffi::camex_curvature_params {
+                    dtype: if f16 {
+                        ffi::camex_dtype_CAMEX_F16
+                    } else {
+                        ffi::camex_dtype_CAMEX_BF16
+                    } as i32,
+                    n: n as i64,
+                    o: o as i64,
+                    i: i as i64,
+                    r: r as i64,
+                    o1: o1 as i64,
+                    o2: o2 as i64,
+                    i1: i1 as i64,
+                    i2: i2 as i64,
+                    base: addr(&base),
+                    experts: addr(&experts),
+                    factor_a: addr(&fa),
+                    factor_b: addr(&fb),
+                    factor_c: addr(&fc),
+                    factor_d: addr(&fd),
+                    curved: addr(&curved),
+                    grad_curved: addr(&gc),
+                    grad_base: addr(&gb),
+                    grad_experts: addr(&ge),
+                    grad_factor_a: addr(&ga),
+                    grad_factor_b: addr(&gbb),
+                    grad_factor_c: addr(&gcc),
+                    grad_factor_d: addr(&gd),
+                    ..Default::default()
+                };
+                // SAFETY: a per-thread setting of the emulation, size queries, then host buffers
+                // of the implied sizes (the emulation's device memory).
+                unsafe {
+                    let prev = ffi::camex_emu_smem_limit(limit);
+                    ffi::camex_set_tensor_cores(1);
+                    let w0 = ffi::camex_curvature_workspace(&p, 0) as usize;
+                    let w1 = ffi::camex_curvature_workspace(&p, 1) as usize;
+                    let ws = aligned(w0.max(w1).div_ceil(4), 0.0);
+                    p.workspace = ws.as_ptr() as u64;
+                    p.workspace_bytes = (ws.len() * 256) as i64;
+                    assert_eq!(ffi::camex_curvature_forward(&p, std::ptr::null_mut()), 0);
+                    if backward {
+                        assert_eq!(ffi::camex_curvature_backward(&p, std::ptr::null_mut()), 0);
+                    }
+                    ffi::camex_set_tensor_cores(-1);
+                    ffi::camex_emu_smem_limit(prev);
+                }
+            });
+            let bits: Vec<u32> = curved.iter().flat_map(|c| c.0).map(f32::to_bits).collect();
+            (recs, bits)
+        };
+        let dt = if f16 { "f16" } else { "bf16" };
+        let smem_of = |recs: &[ffi::camex_emu_launch], kernel: &str| -> Vec<i64> {
+            recs.iter()
+                .filter(|l| kernel_name(l).starts_with(kernel))
+                .map(|l| l.dyn_smem_bytes)
+                .collect()
+        };
+        let (r90, c90) = run(SM90, 1, false);
+        let (r80, c80) = run(SM80, 1, false);
+        let (b90, _) = run(SM90, 2, true);
+        let (b80, _) = run(SM80, 2, true);
+        for (recs, lim) in [(&r90, SM90), (&r80, SM80), (&b90, SM90), (&b80, SM80)] {
+            assert!(
+                recs.iter().all(|l| l.dyn_smem_bytes <= lim),
+                "{dt}: every launch within {lim} bytes"
+            );
+            // Stage 1 on the tensor cores: bf16 with the slab resident (118 KiB against 73 KiB
+            // in chunks); f16, whose resident layout (hi + lo, 236 KiB) fits neither, in chunks.
+            let rows = smem_of(recs, "kron_rows_kernel");
+            assert!(!rows.is_empty(), "{dt}: the forward's stage 1 ran");
+            assert!(
+                f16 || rows.iter().all(|&b| b > 100 * 1024),
+                "{dt}: stage 1's layout, {rows:?}"
+            );
+        }
+        assert!(
+            !smem_of(&b90, "kron_rows_bwd_kernel").is_empty(),
+            "{dt}: sm_90's limit takes the tensor-core backward"
+        );
+        assert!(
+            smem_of(&b80, "kron_rows_bwd_kernel").is_empty(),
+            "{dt}: sm_80's limit sends the backward to the scalar chain"
+        );
+        assert_eq!(c90, c80, "{dt}: the same forward under both limits");
+        if !f16 {
+            // Under 100 KiB bf16's stage 1 reads tau in chunks per rank: the same bits again.
+            let (r100, c100) = run(100 * 1024, 1, false);
+            let rows = smem_of(&r100, "kron_rows_kernel");
+            assert!(
+                !rows.is_empty() && rows.iter().all(|&b| b <= 100 * 1024),
+                "bf16: stage 1 in chunks, {rows:?}"
+            );
+            assert_eq!(
+                c90, c100,
+                "bf16: resident and chunked stage 1 agree bit for bit"
+            );
+        }
+    }
+}

@@ -587,3 +587,37 @@ pub fn linear_official<T: Dt>(
     let back = off::merged_linear_backward(&T::q, d, t, x.data(), m.data(), dy.data());
     (Some(y), Some(back))
 }
+
+/// The curvature op's FFI parameters over host buffers (the emulation's "device" memory, where
+/// tests call the kernels' C entry points directly): `factors` = Some([A, B, C, D]) for the
+/// Kronecker curvature, None for the identity. Outputs and workspace are the caller's to set.
+pub fn curvature_params<T: Dt>(
+    sh: Sh,
+    split: Split,
+    base: &[T],
+    experts: &[T],
+    factors: Option<[&[T]; 4]>,
+) -> camex::ffi::camex_curvature_params {
+    let ptr = |v: &[T]| v.as_ptr() as u64;
+    let mut prm = camex::ffi::camex_curvature_params {
+        dtype: T::CODE,
+        n: sh.n as i64,
+        o: sh.o as i64,
+        i: sh.i as i64,
+        r: if factors.is_some() { sh.r as i64 } else { 0 },
+        o1: split.o1 as i64,
+        o2: split.o2 as i64,
+        i1: split.i1 as i64,
+        i2: split.i2 as i64,
+        base: ptr(base),
+        experts: ptr(experts),
+        ..Default::default()
+    };
+    if let Some([a, b, c, d]) = factors {
+        prm.factor_a = ptr(a);
+        prm.factor_b = ptr(b);
+        prm.factor_c = ptr(c);
+        prm.factor_d = ptr(d);
+    }
+    prm
+}
