@@ -1,7 +1,8 @@
 //! A static check, runnable without a GPU, that the crate's device-to-device copies all go through
 //! one counted function (`camex::cuda::copy_dtod`, read by `camex::cuda::device_copies`), that
-//! the one caller is the CUDA backend's `pack` (the small gradients of a packed input, as the note
-//! in `src/candle/cuda.rs` says), and that the candle adapter copies nothing itself. The burn
+//! the one caller is the CUDA backend's `pack` (its fallback for pieces that are not one op's
+//! packed output; the ops' own packed gradients come home without it, as the note in
+//! `src/candle/cuda.rs` says), and that the candle adapter copies nothing itself. The burn
 //! adapter on CUDA (`src/burn/cube.rs`) copies each output into CubeCL's memory through the
 //! second counted function, `copy_dtod_raw` (raw device pointers).
 //! `tests/candle_cuda.rs` counts the copies of the candle ops on a GPU.

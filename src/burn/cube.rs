@@ -50,7 +50,7 @@ use burn::cubecl::future::block_on;
 // through it; `CudaServer` itself is not exported).
 use burn::cubecl::__private::Runtime;
 use burn::tensor::{DType, Shape};
-use cudarc::driver::{CudaStream, DevicePtr};
+use cudarc::driver::CudaStream;
 use half::{bf16, f16};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -178,9 +178,10 @@ fn adopt<T: Element>(
                 .client
                 .get_resource::<CudaServer>(handle.clone())
                 .map_err(|e| crate::Error::cuda(format!("camex burn: CubeCL get_resource: {e}")))?;
-            let (src, guard) = o.data()?.device_ptr(stream);
-            // SAFETY: both live allocations of at least `bytes` (the output owns its slice; `r`
-            // pins the new buffer, held until the stream is synchronised below).
+            let (src, guard) = o.device_ptr(stream);
+            // SAFETY: both live allocations of at least `bytes` (the output owns its buffer, or
+            // its piece of a packed one; `r` pins the new buffer, held until the stream is
+            // synchronised below).
             unsafe { crate::cuda::copy_dtod_raw(stream, r.resource().ptr, src, bytes) }?;
             keep.push((r, guard));
         }

@@ -7,14 +7,12 @@
 //! - Inputs are read in place from candle's storage: each becomes a view of the
 //!   [`CudaStorage`]'s slice at the layout's start offset, with cudarc's read guard held
 //!   through the launch (no device copy; `crate::cuda::device_copies` counts the crate's copies and
-//!   `tests/candle_cuda.rs` checks that the forward makes none). The packed input of `ca_merge`
-//!   and `curvature` is split into views as well.
+//!   `tests/candle_cuda.rs` checks that the forward and the backward make none). The packed input
+//!   of `ca_merge` and `curvature` is split into views as well.
 //! - Outputs are allocated by the kernels on candle's stream and handed to candle with
-//!   `wrap_cuda_slice`, without a copy. The one copy left is in the backward of `ca_merge` and
-//!   `curvature`: the small gradients of the packed input (scores and factors) are concatenated
-//!   into one buffer (`Backend::pack`), because the launchers allocate each gradient themselves (a
-//!   launcher variant writing into caller-given outputs would remove it); the big ones (`base`,
-//!   `experts`) and a lone scores gradient (identity curvature) are returned as they are.
+//!   `wrap_cuda_slice`, without a copy. The gradients of the packed input (scores and factors) are
+//!   written by the backward kernels into one buffer in the packed order (`PackedOutputs`), so
+//!   `Backend::pack` returns that buffer as it is.
 //! - Non-contiguous inputs are made contiguous by candle in the public ops (and in the backward,
 //!   for the incoming gradient); a strided layout reaching this module anyway is refused with an
 //!   error naming the tensor.

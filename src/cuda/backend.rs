@@ -59,10 +59,16 @@ impl<T: Element> Backend<T> for Cuda {
         }
         Ok(out)
     }
-    /// One device copy per piece, each counted ([`super::device_copies`]), none for a single piece
-    /// (which is the packed tensor already).
+    /// No copy where the pieces are the parts of one op's packed output, in order (the backward
+    /// ops' gradients of `scores` and the factors: [`super::PackedOutputs`]) or a single piece;
+    /// otherwise one device copy per piece, each counted ([`super::device_copies`]).
     fn pack(&self, pieces: Vec<D<T>>) -> Result<D<T>> {
         let total: usize = pieces.iter().map(|p| p.len()).sum();
+        let pieces = match CudaTensor::unpack_parts(pieces) {
+            Ok(whole) if whole.len() == total => return CudaTensor::from_slice(&[total], whole),
+            Ok(_) => return CudaTensor::zeros(&self.stream, &[total]), // no elements
+            Err(pieces) => pieces,
+        };
         if pieces.len() == 1 {
             let p = pieces.into_iter().next().expect("one piece");
             return CudaTensor::from_slice(&[total], p.into_slice()?);
@@ -74,7 +80,7 @@ impl<T: Element> Backend<T> for Cuda {
             if n == 0 {
                 continue;
             }
-            let src = p.data()?.slice(0..n);
+            let src = p.view()?;
             let mut dst = out.data_mut()?.slice_mut(at..at + n);
             copy_dtod(&self.stream, &src, &mut dst)?;
             at += n;

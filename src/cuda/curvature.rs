@@ -1,7 +1,7 @@
 //! `curvature` and `curvature_backward` on the GPU (kernels/curvature.cu).
 
 use super::{check, check_weights, workspace, CudaTensor, Element, Launch};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ffi;
 use crate::shape::expect_shape;
 use cudarc::driver::CudaStream;
@@ -15,6 +15,44 @@ pub type CudaCurvature<'a, T> = crate::backend::Curvature<'a, CudaTensor<T>>;
 pub type CudaFactorGrads<T> = crate::backend::FactorGrads<CudaTensor<T>>;
 /// Gradients of [`curvature_backward`] ([`crate::backend::CurvatureGrads`]).
 pub type CudaCurvatureGrads<T> = crate::backend::CurvatureGrads<CudaTensor<T>>;
+
+/// The factors' shapes, A to D (none for the identity): the pieces of packed factor gradients.
+pub(crate) fn factor_shapes<T>(curv: &CudaCurvature<T>) -> Vec<Vec<usize>> {
+    match curv {
+        CudaCurvature::Identity => Vec::new(),
+        CudaCurvature::Kronecker(f) => [f.a, f.b, f.c, f.d]
+            .iter()
+            .map(|t| t.shape().to_vec())
+            .collect(),
+    }
+}
+
+/// Pieces of a packed output, and the factor gradients split off their end.
+type SplitParts<T> = (Vec<CudaTensor<T>>, Option<CudaFactorGrads<T>>);
+
+/// The factor gradients from the last four of `parts` (none for the identity), and the parts
+/// before them.
+pub(crate) fn split_factor_parts<T>(
+    mut parts: Vec<CudaTensor<T>>,
+    kron: bool,
+) -> Result<SplitParts<T>> {
+    if !kron {
+        return Ok((parts, None));
+    }
+    let four = parts.split_off(parts.len().saturating_sub(4));
+    let [a, b, c, d]: [CudaTensor<T>; 4] = four
+        .try_into()
+        .map_err(|_| Error::cuda("factor gradients: four pieces expected (internal)"))?;
+    Ok((
+        parts,
+        Some(CudaFactorGrads {
+            grad_factor_a: a,
+            grad_factor_b: b,
+            grad_factor_c: c,
+            grad_factor_d: d,
+        }),
+    ))
+}
 
 /// (R, o1, o2, i1, i2); R = 0 for the identity.
 #[derive(Debug, Clone, Copy)]
@@ -114,15 +152,9 @@ pub fn curvature_backward<T: Element>(
     let mut ws = workspace(stream, ws_bytes)?;
     let mut grad_base = CudaTensor::<T>::output(stream, "grad_base", &[o, i])?;
     let mut grad_experts = CudaTensor::<T>::output(stream, "grad_experts", &[n, o, i])?;
-    let mut fg = match curv {
-        CudaCurvature::Identity => None,
-        CudaCurvature::Kronecker(f) => Some(CudaFactorGrads {
-            grad_factor_a: CudaTensor::output(stream, "grad_factor_a", f.a.shape())?,
-            grad_factor_b: CudaTensor::output(stream, "grad_factor_b", f.b.shape())?,
-            grad_factor_c: CudaTensor::output(stream, "grad_factor_c", f.c.shape())?,
-            grad_factor_d: CudaTensor::output(stream, "grad_factor_d", f.d.shape())?,
-        }),
-    };
+    // The factor gradients in one buffer, as the adapters pack them (no copy).
+    let mut packed =
+        super::PackedOutputs::<T>::new(stream, "the factor gradients", factor_shapes(curv))?;
     {
         let mut l = Launch::new(stream)?;
         p.base = l.read(base);
@@ -133,11 +165,9 @@ pub fn curvature_backward<T: Element>(
             p.factor_c = l.read(f.c);
             p.factor_d = l.read(f.d);
         }
-        if let Some(g) = fg.as_mut() {
-            p.grad_factor_a = l.write(&mut g.grad_factor_a);
-            p.grad_factor_b = l.write(&mut g.grad_factor_b);
-            p.grad_factor_c = l.write(&mut g.grad_factor_c);
-            p.grad_factor_d = l.write(&mut g.grad_factor_d);
+        if let [a, b, c, d] = packed.ptrs(&mut l)[..] {
+            (p.grad_factor_a, p.grad_factor_b) = (a, b);
+            (p.grad_factor_c, p.grad_factor_d) = (c, d);
         }
         p.grad_curved = l.read(grad_curved);
         p.grad_base = l.write(&mut grad_base);
@@ -150,9 +180,11 @@ pub fn curvature_backward<T: Element>(
             "curvature_backward",
         )?;
     }
+    let kron = matches!(curv, CudaCurvature::Kronecker(_));
+    let (_, factors) = split_factor_parts(packed.into_parts(), kron)?;
     Ok(CudaCurvatureGrads {
         grad_base,
         grad_experts,
-        factors: fg,
+        factors,
     })
 }

@@ -1,7 +1,7 @@
 //! `merge` (curved given) and the fused `ca_merge` on the GPU (kernels/merge.cu,
 //! kernels/curvature.cu).
 
-use super::curvature::{check_curvature, CudaCurvature, CudaFactorGrads};
+use super::curvature::{check_curvature, CudaCurvature};
 use super::{
     check, check_biases, check_finite, check_grad_bias, check_scores, check_weights, dare_params,
     workspace, CudaTensor, Element, Launch,
@@ -292,6 +292,13 @@ pub fn ca_merge<T: Element>(
     })
 }
 
+/// The packed gradients' shapes: `scores`' [G, N], then the four factors' for the Kronecker curvature.
+fn packed_grad_shapes<T>(g: usize, n: usize, curv: &CudaCurvature<T>) -> Vec<Vec<usize>> {
+    let mut shapes = vec![vec![g, n]];
+    shapes.extend(super::curvature::factor_shapes(curv));
+    shapes
+}
+
 /// The fused CA-merge backward. `grad_next_base` is allowed only when `opts.beta` is set (absent
 /// means zero); `grad_merged_bias` is optional with biases (absent means zero).
 pub fn ca_merge_backward<T: Element>(
@@ -322,21 +329,17 @@ pub fn ca_merge_backward<T: Element>(
     let mut ws = workspace(stream, ws_bytes)?;
     let mut grad_base = CudaTensor::<T>::output(stream, "grad_base", &[o, i])?;
     let mut grad_experts = CudaTensor::<T>::output(stream, "grad_experts", &[n, o, i])?;
-    let mut grad_scores = CudaTensor::<T>::output(stream, "grad_scores", &[g, n])?;
+    // grad_scores and the factor gradients in one buffer, as the adapters pack them (no copy).
+    let mut packed = super::PackedOutputs::<T>::new(
+        stream,
+        "grad_scores and the factor gradients",
+        packed_grad_shapes(g, n, &inputs.curvature),
+    )?;
     let mut grad_alpha = CudaTensor::<T>::output(stream, "grad_alpha", &[])?;
     let mut grad_beta = if opts.beta.is_some() {
         Some(CudaTensor::<T>::output(stream, "grad_beta", &[])?)
     } else {
         None
-    };
-    let mut factors = match &inputs.curvature {
-        CudaCurvature::Identity => None,
-        CudaCurvature::Kronecker(f) => Some(CudaFactorGrads {
-            grad_factor_a: CudaTensor::output(stream, "grad_factor_a", f.a.shape())?,
-            grad_factor_b: CudaTensor::output(stream, "grad_factor_b", f.b.shape())?,
-            grad_factor_c: CudaTensor::output(stream, "grad_factor_c", f.c.shape())?,
-            grad_factor_d: CudaTensor::output(stream, "grad_factor_d", f.d.shape())?,
-        }),
     };
     let (mut gbb, mut geb) = if d.m.bias {
         (
@@ -363,15 +366,14 @@ pub fn ca_merge_backward<T: Element>(
         p.grad_next_base = l.read_opt(grad_next_base);
         p.grad_base = l.write(&mut grad_base);
         p.grad_experts = l.write(&mut grad_experts);
-        p.grad_scores = l.write(&mut grad_scores);
+        let ptrs = packed.ptrs(&mut l);
+        p.grad_scores = ptrs[0];
+        if let [_, a, b, c, d] = ptrs[..] {
+            (p.grad_factor_a, p.grad_factor_b) = (a, b);
+            (p.grad_factor_c, p.grad_factor_d) = (c, d);
+        }
         p.grad_alpha = l.write(&mut grad_alpha);
         p.grad_beta = l.write_opt(grad_beta.as_mut());
-        if let Some(f) = factors.as_mut() {
-            p.grad_factor_a = l.write(&mut f.grad_factor_a);
-            p.grad_factor_b = l.write(&mut f.grad_factor_b);
-            p.grad_factor_c = l.write(&mut f.grad_factor_c);
-            p.grad_factor_d = l.write(&mut f.grad_factor_d);
-        }
         p.grad_base_bias = l.write_opt(gbb.as_mut());
         p.grad_expert_bias = l.write_opt(geb.as_mut());
         p.workspace = l.write_slice(&mut ws);
@@ -382,6 +384,11 @@ pub fn ca_merge_backward<T: Element>(
             "ca_merge_backward",
         )?;
     }
+    let kron = matches!(inputs.curvature, CudaCurvature::Kronecker(_));
+    let (mut rest, factors) = super::curvature::split_factor_parts(packed.into_parts(), kron)?;
+    let grad_scores = rest
+        .pop()
+        .ok_or_else(|| Error::cuda("ca_merge_backward: grad_scores missing (internal)"))?;
     Ok(CudaCaMergeGrads {
         grad_base,
         grad_experts,

@@ -46,7 +46,9 @@ use crate::options::Dare;
 use crate::philox::DareDraw;
 use crate::tensor::{DType, HostTensor};
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
+use cudarc::driver::{
+    CudaContext, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, SyncOnDrop,
+};
 use half::{bf16, f16};
 use std::cell::Cell;
 use std::marker::PhantomData;
@@ -259,6 +261,10 @@ enum Data<T> {
         ptr: CUdeviceptr,
         _t: PhantomData<T>,
     },
+    /// Elements `at..` of `whole`, a buffer that an op filled with several outputs at once (the
+    /// packed gradients the adapters return, [`PackedOutputs`]): read-only, and turned back into
+    /// the whole buffer without a copy when every piece comes home ([`CudaTensor::unpack_parts`]).
+    Part { whole: Arc<CudaSlice<T>>, at: usize },
 }
 
 /// A dense row-major tensor in device memory (SPEC section 2 layout): a buffer it owns, or (inside
@@ -276,6 +282,13 @@ fn borrowed_err(what: &str) -> Error {
     )
 }
 
+fn part_err(what: &str) -> Error {
+    Error::option(
+        "tensor",
+        format!("{what}: this tensor is a piece of a packed output (read it, or pack the pieces)"),
+    )
+}
+
 impl<T: Element> CudaTensor<T> {
     /// Copies a host tensor to the device (asynchronously on `stream`).
     pub fn upload(stream: &Arc<CudaStream>, t: &HostTensor<T>) -> Result<Self> {
@@ -288,10 +301,7 @@ impl<T: Element> CudaTensor<T> {
     }
     /// Copies to the host; waits for the stream's work on this tensor.
     pub fn download(&self, stream: &Arc<CudaStream>) -> Result<HostTensor<T>> {
-        let n: usize = self.shape.iter().product();
-        let v = stream
-            .clone_dtoh(&self.data()?.slice(0..n))
-            .map_err(cuda_err)?;
+        let v = stream.clone_dtoh(&self.view()?).map_err(cuda_err)?;
         HostTensor::new(&self.shape, v)
     }
     /// A view of `len` elements of device memory at `ptr` that the caller owns, without a copy.
@@ -341,15 +351,9 @@ impl<T: Element> CudaTensor<T> {
                 &self.shape,
             ));
         }
-        let base = match &self.data {
-            Data::Owned(s) => {
-                // The guard only records a read event now; the reads happen in later launches on
-                // this stream, ordered after anything enqueued before them.
-                let (p, _g) = s.device_ptr(stream);
-                p
-            }
-            Data::Borrowed { ptr, .. } => *ptr,
-        };
+        // The guard only records a read event now; the reads happen in later launches on this
+        // stream, ordered after anything enqueued before them.
+        let (base, _g) = self.device_ptr(stream);
         let off = (at * std::mem::size_of::<T>()) as CUdeviceptr;
         // SAFETY: in bounds of self's memory (checked above); lifetime per this fn's contract.
         unsafe { Self::borrowed(shape, base + off, n) }
@@ -427,12 +431,14 @@ impl<T> CudaTensor<T> {
         match &self.data {
             Data::Owned(s) => Ok(s),
             Data::Borrowed { .. } => Err(borrowed_err("data")),
+            Data::Part { .. } => Err(part_err("data")),
         }
     }
     pub fn data_mut(&mut self) -> Result<&mut CudaSlice<T>> {
         match &mut self.data {
             Data::Owned(s) => Ok(s),
             Data::Borrowed { .. } => Err(borrowed_err("data_mut")),
+            Data::Part { .. } => Err(part_err("data_mut")),
         }
     }
     /// The device buffer. It holds at least one element: a tensor with no elements still owns
@@ -441,7 +447,117 @@ impl<T> CudaTensor<T> {
         match self.data {
             Data::Owned(s) => Ok(s),
             Data::Borrowed { .. } => Err(borrowed_err("into_slice")),
+            Data::Part { .. } => Err(part_err("into_slice")),
         }
+    }
+    /// The tensor's elements as a device view (a buffer it owns, or its piece of a packed one).
+    pub fn view(&self) -> Result<CudaView<'_, T>> {
+        let n = self.len();
+        match &self.data {
+            Data::Owned(s) => Ok(s.slice(0..n)),
+            Data::Part { whole, at } => Ok(whole.slice(*at..*at + n)),
+            Data::Borrowed { .. } => Err(borrowed_err("view")),
+        }
+    }
+    /// The device address of the first element, with cudarc's read guard of the buffer where the
+    /// crate owns one (dropping the guard records the stream's read event).
+    pub(crate) fn device_ptr<'s>(
+        &'s self,
+        stream: &'s Arc<CudaStream>,
+    ) -> (CUdeviceptr, Option<SyncOnDrop<'s>>) {
+        match &self.data {
+            Data::Owned(s) => {
+                let (p, g) = s.device_ptr(stream);
+                (p, Some(g))
+            }
+            Data::Part { whole, at } => {
+                let (p, g) = whole.device_ptr(stream);
+                (p + (at * std::mem::size_of::<T>()) as CUdeviceptr, Some(g))
+            }
+            // The view's owner holds the guard (CudaTensor::borrowed).
+            Data::Borrowed { ptr, .. } => (*ptr, None),
+        }
+    }
+    /// The buffer that `pieces` are the consecutive parts of, in order and covering it, without a
+    /// copy; otherwise the pieces back, unchanged.
+    pub(crate) fn unpack_parts(
+        pieces: Vec<CudaTensor<T>>,
+    ) -> std::result::Result<CudaSlice<T>, Vec<CudaTensor<T>>> {
+        let whole = match pieces.first().map(|p| &p.data) {
+            Some(Data::Part { whole, .. }) => whole.clone(),
+            _ => return Err(pieces),
+        };
+        let mut next = 0;
+        for p in &pieces {
+            match &p.data {
+                Data::Part { whole: w, at } if Arc::ptr_eq(w, &whole) && *at == next => {
+                    next += p.len()
+                }
+                _ => return Err(pieces),
+            }
+        }
+        // A buffer always holds at least one element (`output`), also for no elements.
+        if next != whole.len() && !(next == 0 && whole.len() == 1) {
+            return Err(pieces);
+        }
+        drop(pieces);
+        // The pieces were the only other holders (unless a caller cloned one out: then no).
+        Arc::try_unwrap(whole).map_err(|w| {
+            vec![CudaTensor {
+                shape: vec![next],
+                data: Data::Part { whole: w, at: 0 },
+            }]
+        })
+    }
+}
+
+/// Several outputs of one op in one buffer, in order: the gradients the adapters return packed
+/// (`scores`', then the factors'), so that packing them again ([`crate::backend::Backend::pack`])
+/// is free ([`CudaTensor::unpack_parts`]), with no device copy.
+pub(crate) struct PackedOutputs<T> {
+    whole: CudaSlice<T>,
+    shapes: Vec<Vec<usize>>,
+}
+
+impl<T: Element> PackedOutputs<T> {
+    /// One output buffer for pieces of `shapes` (`name` in its errors).
+    pub fn new(stream: &Arc<CudaStream>, name: &str, shapes: Vec<Vec<usize>>) -> Result<Self> {
+        let total: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
+        let whole = CudaTensor::<T>::output(stream, name, &[total])?.into_slice()?;
+        Ok(PackedOutputs { whole, shapes })
+    }
+    /// The device address of each piece, for the one launch that writes them all.
+    pub fn ptrs<'a>(&'a mut self, l: &mut Launch<'a>) -> Vec<u64> {
+        let base = l.write_slice(&mut self.whole);
+        let mut at = 0;
+        self.shapes
+            .iter()
+            .map(|s| {
+                let p = base + (at * std::mem::size_of::<T>()) as u64;
+                at += s.iter().product::<usize>();
+                p
+            })
+            .collect()
+    }
+    /// The pieces, as tensors (read-only views that share the buffer).
+    pub fn into_parts(self) -> Vec<CudaTensor<T>> {
+        let whole = Arc::new(self.whole);
+        let mut at = 0;
+        self.shapes
+            .into_iter()
+            .map(|shape| {
+                let n: usize = shape.iter().product();
+                let t = CudaTensor {
+                    shape,
+                    data: Data::Part {
+                        whole: whole.clone(),
+                        at,
+                    },
+                };
+                at += n;
+                t
+            })
+            .collect()
     }
 }
 
@@ -464,15 +580,9 @@ impl<'a> Launch<'a> {
         })
     }
     pub fn read<T>(&mut self, t: &'a CudaTensor<T>) -> u64 {
-        match &t.data {
-            Data::Owned(s) => {
-                let (p, g) = s.device_ptr(self.stream);
-                self.guards.push(g);
-                p
-            }
-            // The view's owner holds the guard (CudaTensor::borrowed).
-            Data::Borrowed { ptr, .. } => *ptr,
-        }
+        let (p, g) = t.device_ptr(self.stream);
+        self.guards.extend(g);
+        p
     }
     pub fn read_opt<T>(&mut self, t: Option<&'a CudaTensor<T>>) -> u64 {
         t.map_or(0, |t| self.read(t))
@@ -485,12 +595,19 @@ impl<'a> Launch<'a> {
                 p
             }
             Data::Borrowed { ptr, .. } => *ptr,
+            // Pieces are written only through their whole buffer, by the launch that makes them
+            // (PackedOutputs); no op writes into a tensor it was given.
+            Data::Part { whole, at } => {
+                let (p, g) = whole.device_ptr(self.stream);
+                self.guards.push(g);
+                p + (*at * std::mem::size_of::<T>()) as CUdeviceptr
+            }
         }
     }
     pub fn write_opt<T>(&mut self, t: Option<&'a mut CudaTensor<T>>) -> u64 {
         t.map_or(0, |t| self.write(t))
     }
-    pub fn write_slice(&mut self, s: &'a mut CudaSlice<u8>) -> u64 {
+    pub fn write_slice<T>(&mut self, s: &'a mut CudaSlice<T>) -> u64 {
         let (p, g) = s.device_ptr_mut(self.stream);
         self.guards.push(g);
         p
