@@ -364,9 +364,9 @@ fn varied(k: usize, seed: u64, f16: bool) -> Vec<Chunk> {
 
 /// The emulated device's opt-in shared memory per block (`camex_emu_smem_limit`: sm_90's 227 KiB,
 /// sm_80's 163 KiB) steers the tensor-core path as the device's would, at T5-base `wi`'s factor
-/// sizes (48 x 64; I = 16 keeps the test quick). Stage 1 of the forward holds the slab of tau for
-/// all of a block's ranks where it fits (bf16: 118 KiB), else reads it in chunks per rank; the
-/// backward's rows side (193 KiB) runs only under sm_90's limit, the scalar chain under sm_80's.
+/// sizes (48 x 64; I = 8, one slab, keeps the test quick). Stage 1 of the forward holds the slab of
+/// tau for all of a block's ranks where it fits (bf16: 118 KiB), else reads it in chunks per rank;
+/// the backward's rows side (193 KiB) runs only under sm_90's limit, the scalar chain under sm_80's.
 /// The forward's bits are the same whichever layout stage 1 takes: counting every block runs the
 /// launchers with the GPU's Z budget (a stage-1 block loops over all three ranks) and complete
 /// outputs; the backward's launches are listed from a sampled run.
@@ -378,8 +378,8 @@ fn smem_limit_steers_the_tensor_core_path() {
     }
     const SM90: i64 = 227 * 1024;
     const SM80: i64 = 163 * 1024;
-    let (n, o, i, r) = (2usize, 3072usize, 16usize, 3usize);
-    let (o1, o2, i1, i2) = (48usize, 64usize, 4usize, 4usize);
+    let (n, o, i, r) = (2usize, 3072usize, 8usize, 3usize);
+    let (o1, o2, i1, i2) = (48usize, 64usize, 2usize, 4usize);
     for f16 in [false, true] {
         let v = |k: usize, seed: u64| varied(k, seed, f16);
         let (base, experts) = (v(o * i, 1), v(n * o * i, 2));
