@@ -50,6 +50,43 @@ fn aligned(floats: usize, v: f32) -> Vec<Chunk> {
     vec![Chunk([v; 64]); floats.div_ceil(64)]
 }
 
+/// A curvature call's parameters: dims [N, O, I, R, o1, o2, i1, i2] and the buffers base,
+/// experts, the four factors, curved, grad_curved, grad_base, grad_experts and the four factor
+/// gradients (workspace left to the caller).
+fn curvature_params(
+    dtype: i32,
+    d: [usize; 8],
+    b: [&Vec<Chunk>; 14],
+) -> ffi::camex_curvature_params {
+    let a = |k: usize| b[k].as_ptr() as u64;
+    ffi::camex_curvature_params {
+        dtype,
+        n: d[0] as i64,
+        o: d[1] as i64,
+        i: d[2] as i64,
+        r: d[3] as i64,
+        o1: d[4] as i64,
+        o2: d[5] as i64,
+        i1: d[6] as i64,
+        i2: d[7] as i64,
+        base: a(0),
+        experts: a(1),
+        factor_a: a(2),
+        factor_b: a(3),
+        factor_c: a(4),
+        factor_d: a(5),
+        curved: a(6),
+        grad_curved: a(7),
+        grad_base: a(8),
+        grad_experts: a(9),
+        grad_factor_a: a(10),
+        grad_factor_b: a(11),
+        grad_factor_c: a(12),
+        grad_factor_d: a(13),
+        ..Default::default()
+    }
+}
+
 /// One probe launch: every lane copies the `width`-byte word at element lane * stride of a shared
 /// array (filled first, 33 coalesced rounds) and of global memory to two output slots.
 fn probe(width: i32, stride: i32) -> ffi::camex_emu_launch {
@@ -169,32 +206,14 @@ fn sampled_blocks_count_like_every_block() {
     let addr = |v: &Vec<Chunk>| v.as_ptr() as u64;
     let run = |mode: i32| {
         counted(mode, || {
-            let mut p = ffi::camex_curvature_params {
-                dtype: ffi::camex_dtype_CAMEX_BF16 as i32,
-                n: n as i64,
-                o: o as i64,
-                i: i as i64,
-                r: r as i64,
-                o1: o1 as i64,
-                o2: o2 as i64,
-                i1: i1 as i64,
-                i2: i2 as i64,
-                base: addr(&base),
-                experts: addr(&experts),
-                factor_a: addr(&fa),
-                factor_b: addr(&fb),
-                factor_c: addr(&fc),
-                factor_d: addr(&fd),
-                curved: addr(&curved),
-                grad_curved: addr(&gc),
-                grad_base: addr(&gb),
-                grad_experts: addr(&ge),
-                grad_factor_a: addr(&ga),
-                grad_factor_b: addr(&gbb),
-                grad_factor_c: addr(&gcc),
-                grad_factor_d: addr(&gd),
-                ..Default::default()
-            };
+            let mut p = curvature_params(
+                ffi::camex_dtype_CAMEX_BF16 as i32,
+                [n, o, i, r, o1, o2, i1, i2],
+                [
+                    &base, &experts, &fa, &fb, &fc, &fd, &curved, &gc, &gb, &ge, &ga, &gbb, &gcc,
+                    &gd,
+                ],
+            );
             // SAFETY: size queries, then host buffers of the implied sizes (the emulation's
             // device memory); counting is on for both queries and launches (same mode).
             unsafe {
@@ -386,7 +405,6 @@ fn smem_limit_steers_the_tensor_core_path() {
         let (fa, fb) = (v(r * n * o1 * o1, 3), v(r * n * o2 * o2, 4));
         let (fc, fd) = (v(r * n * i1 * i1, 5), v(r * n * i2 * i2, 6));
         let gc = v(n * o * i, 7);
-        let addr = |b: &Vec<Chunk>| b.as_ptr() as u64;
         // Under `limit`, counted in `mode`: the launches of a forward (and a backward), and the
         // forward's output bits.
         let run = |limit: i64, mode: i32, backward: bool| {
@@ -394,36 +412,19 @@ fn smem_limit_steers_the_tensor_core_path() {
             let (ga, gbb) = (v(r * n * o1 * o1, 0), v(r * n * o2 * o2, 0));
             let (gcc, gd) = (v(r * n * i1 * i1, 0), v(r * n * i2 * i2, 0));
             let recs = counted(mode, || {
-                let mut p = ffi::camex_curvature_params {
-                    dtype: if f16 {
-                        ffi::camex_dtype_CAMEX_F16
-                    } else {
-                        ffi::camex_dtype_CAMEX_BF16
-                    } as i32,
-                    n: n as i64,
-                    o: o as i64,
-                    i: i as i64,
-                    r: r as i64,
-                    o1: o1 as i64,
-                    o2: o2 as i64,
-                    i1: i1 as i64,
-                    i2: i2 as i64,
-                    base: addr(&base),
-                    experts: addr(&experts),
-                    factor_a: addr(&fa),
-                    factor_b: addr(&fb),
-                    factor_c: addr(&fc),
-                    factor_d: addr(&fd),
-                    curved: addr(&curved),
-                    grad_curved: addr(&gc),
-                    grad_base: addr(&gb),
-                    grad_experts: addr(&ge),
-                    grad_factor_a: addr(&ga),
-                    grad_factor_b: addr(&gbb),
-                    grad_factor_c: addr(&gcc),
-                    grad_factor_d: addr(&gd),
-                    ..Default::default()
+                let dtype = if f16 {
+                    ffi::camex_dtype_CAMEX_F16
+                } else {
+                    ffi::camex_dtype_CAMEX_BF16
                 };
+                let mut p = curvature_params(
+                    dtype as i32,
+                    [n, o, i, r, o1, o2, i1, i2],
+                    [
+                        &base, &experts, &fa, &fb, &fc, &fd, &curved, &gc, &gb, &ge, &ga, &gbb,
+                        &gcc, &gd,
+                    ],
+                );
                 // SAFETY: a per-thread setting of the emulation, size queries, then host buffers
                 // of the implied sizes (the emulation's device memory).
                 unsafe {
