@@ -60,18 +60,20 @@ impl<T: Element> Backend<T> for Cuda {
         Ok(out)
     }
     /// No copy where the pieces are the parts of one op's packed output, in order (the backward
-    /// ops' gradients of `scores` and the factors: [`super::PackedOutputs`]) or a single piece;
+    /// ops' gradients of `scores` and the factors, written into one buffer) or a single piece;
     /// otherwise one device copy per piece, each counted ([`super::device_copies`]).
     fn pack(&self, pieces: Vec<D<T>>) -> Result<D<T>> {
         let total: usize = pieces.iter().map(|p| p.len()).sum();
-        let pieces = match CudaTensor::unpack_parts(pieces) {
+        let mut pieces = match CudaTensor::unpack_parts(pieces) {
             Ok(whole) if whole.len() == total => return CudaTensor::from_slice(&[total], whole),
             Ok(_) => return CudaTensor::zeros(&self.stream, &[total]), // no elements
             Err(pieces) => pieces,
         };
-        if pieces.len() == 1 {
-            let p = pieces.into_iter().next().expect("one piece");
-            return CudaTensor::from_slice(&[total], p.into_slice()?);
+        // A single buffer of its own is the packed tensor already (a view is copied below).
+        if pieces.len() == 1 && pieces[0].data().is_ok() {
+            if let Some(p) = pieces.pop() {
+                return CudaTensor::from_slice(&[total], p.into_slice()?);
+            }
         }
         let mut out = CudaTensor::<T>::zeros(&self.stream, &[total])?;
         let mut at = 0;
