@@ -39,6 +39,8 @@ uint3 block_idx();
 dim3 block_dim();
 dim3 grid_dim();
 void syncthreads();
+// __syncwarp(): the warp's lanes wait for each other (the full mask only).
+void syncwarp();
 // mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 on one warp, PTX ISA fragment layout.
 void mma_bf16(float c[4], const uint32_t a[4], const uint32_t b[2]);
 // ldmatrix.sync.aligned.m8n8.x{num}[.trans].shared.b16 on one warp (kernels/ldst.cuh).
@@ -116,6 +118,7 @@ inline const char *error_string(cudaError_t e) {
 #define cudaMemsetAsync(...) ::emu::memset_async(__VA_ARGS__)
 
 inline void __syncthreads() { ::emu::syncthreads(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { ::emu::syncwarp(); }
 inline unsigned atomicAdd(unsigned *p, unsigned v) { return ::emu::atomic_add(p, v); }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }

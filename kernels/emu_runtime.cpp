@@ -426,6 +426,12 @@ void syncthreads() {
   fbar_wait(*w->bar, [] {});
 }
 
+void syncwarp() {
+  Worker *w = t_worker;
+  ++w->epoch;
+  fbar_wait(w->warp->bar, [] {});
+}
+
 char *dyn_smem() { return dyn_buf; }
 
 bool counting() { return g_mode != 0; }

@@ -87,47 +87,6 @@ __device__ __forceinline__ void zero_smem(char *smem, int64_t bytes) {
   for (int64_t x = threadIdx.x; x < bytes / 16; x += TC_THREADS) reinterpret_cast<uint4 *>(smem)[x] = z;
 }
 
-// Mode b on TC_AC row runs of an 8-column slab: Y[b][j][a0 + al] = sum_b' F[b][b'] X[al][j][b'] for
-// al < ac (M = b, N = j, K = b'; F: the factor or its transpose, row stride lf).
-template <typename P>
-__device__ __forceinline__ void slab_mode_b(const MmaT *fh, const MmaT *fl, int lf, const MmaT *xh, const MmaT *xl,
-                                            int lx, MmaT *yh, MmaT *yl, int ly, int a0, int ac, int o2, int o2p) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int mtb = o2p / 16;
-  for (int tile = warp; tile < ac * mtb; tile += TC_WARPS) {
-    const int al = tile / mtb, mt = tile % mtb, a = a0 + al;
-    float c[4] = {0.f, 0.f, 0.f, 0.f};
-    factor_by_data<P>(c, fh, fl, lf, mt * 16, xh + al * TC_QC * lx, xl + al * TC_QC * lx, lx, 0, o2p, lane);
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int b = mt * 16 + g + 8 * h;
-      if (b >= o2) continue;
-      store_data<P>(yh, yl, (b * TC_QC + 2 * t) * ly + a, c[2 * h]);
-      store_data<P>(yh, yl, (b * TC_QC + 2 * t + 1) * ly + a, c[2 * h + 1]);
-    }
-  }
-}
-
-// Mode a on a whole 8-column slab: out[(a * o2 + b) * 8 + j] = sum_a' F[a][a'] Y[b][j][a']
-// (M = a, N = (b, j), K = a'), f32, handed to st(a, b, j, out[.. + j], out[.. + j + 1]) for even j.
-template <typename P, typename St>
-__device__ __forceinline__ void slab_mode_a(const MmaT *fh, const MmaT *fl, int lf, const MmaT *yh, const MmaT *yl,
-                                            int ly, St st, int o1, int o1p, int o2) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int mta = o1p / 16;
-  for (int tile = warp; tile < mta * o2; tile += TC_WARPS) {
-    const int b = tile / mta, mt = tile % mta;
-    float c[4] = {0.f, 0.f, 0.f, 0.f};
-    factor_by_data<P>(c, fh, fl, lf, mt * 16, yh + (int64_t)b * TC_QC * ly, yl + (int64_t)b * TC_QC * ly, ly, 0, o1p,
-                      lane);
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int a = mt * 16 + g + 8 * h;
-      if (a < o1) st(a, b, 2 * t, c[2 * h], c[2 * h + 1]);
-    }
-  }
-}
-
 // Stage 1 (both the forward's and the backward's P = L tau) keeps Y as [a'][b * 8 + j]: mode b's
 // outputs go out as 32-bit pairs and mode a's B fragments come through ldmatrix.trans, both free of
 // bank conflicts, and each warp keeps in registers the factor fragments that its tiles share.
@@ -185,26 +144,27 @@ __device__ __forceinline__ void store_z_tile(Z *out, const float c[4], int mt, i
   }
 }
 
-// Mode a on the whole slab: out[(a * o2 + b) * 8 + j] = sum_a' F[a][a'] Y[a'][b * 8 + j]
-// (M = a, N = (b, j), K = a'), slab-contiguous. Warps take n tiles b. Without factor lo halves a
-// warp keeps F's fragments of TC_MH m tiles at a time (32 registers; all four, 64, spilled at two
-// blocks per SM) and reads its n tiles' fragments once per TC_MH m tiles; with them (f16), whose
-// hi and lo would spill, it loads F's fragments per m tile and reads the n tiles' once per m tile.
+// Mode a on a slab, m tiles mt0..mt1 of the output: c = sum_a' F[a][a'] Y[a'][b * 8 + j] for a in
+// the m tile (M = a, N = (b, j), K = a' over kt k steps), handed per m16n8 tile to st(mt, b, c).
+// Warps take n tiles b. Without factor lo halves a warp keeps F's fragments of TC_MH m tiles at a
+// time (32 registers; all four, 64, spilled at two blocks per SM) and reads its n tiles' fragments
+// once per TC_MH m tiles; with them (f16), whose hi and lo would spill, it loads F's fragments per
+// m tile and reads the n tiles' once per m tile. Used by the forward (Z = A Y) and by the rows-side
+// backward (A^T K and A^T V).
 constexpr int TC_MH = 2;
-template <typename P, typename Z>
+template <typename P, typename St>
 __device__ __forceinline__ void slab_fwd_mode_a(const MmaT *fh, const MmaT *fl, int lf, const MmaT *yh, const MmaT *yl,
-                                                int ly, Z *out, int o1, int o1p, int o2) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int kt = o1p / 16;
+                                                int ly, St st, int mt0, int mt1, int kt, int o2) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t lrow = (lane & 15) * (int64_t)ly;  // ldmatrix.x2: lanes 0..15 give rows k0..k0+15
   if constexpr (!P::factor_lo) {
-    for (int m0 = 0; m0 < kt; m0 += TC_MH) {
+    for (int m0 = mt0; m0 < mt1; m0 += TC_MH) {
       uint32_t ah[TC_MH][TC_KMAX / 16][4];  // [m tile - m0][k step]
 #pragma unroll
       for (int mh = 0; mh < TC_MH; ++mh)
 #pragma unroll
         for (int k = 0; k < TC_KMAX / 16; ++k)
-          if (m0 + mh < kt && k < kt) frag_a(ah[mh][k], fh, lf, (m0 + mh) * 16, k * 16, lane);
+          if (m0 + mh < mt1 && k < kt) frag_a(ah[mh][k], fh, lf, (m0 + mh) * 16, k * 16, lane);
       for (int b = warp; b < o2; b += TC_WARPS) {
         uint32_t bh[TC_KMAX / 16][2], bl[TC_KMAX / 16][2];
 #pragma unroll
@@ -215,17 +175,17 @@ __device__ __forceinline__ void slab_fwd_mode_a(const MmaT *fh, const MmaT *fl, 
           }
 #pragma unroll
         for (int mh = 0; mh < TC_MH; ++mh)
-          if (m0 + mh < kt) {
+          if (m0 + mh < mt1) {
             float c[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
             for (int k = 0; k < TC_KMAX / 16; ++k)
               if (k < kt) mma_split<P>(c, ah[mh][k], ah[mh][k], bh[k], bl[k]);
-            store_z_tile(out, c, m0 + mh, b, o1, o2, g, t);
+            st(m0 + mh, b, c);
           }
       }
     }
   } else {
-    for (int mt = 0; mt < kt; ++mt) {
+    for (int mt = mt0; mt < mt1; ++mt) {
       uint32_t ah[TC_KMAX / 16][4], alo[TC_KMAX / 16][4];
 #pragma unroll
       for (int k = 0; k < TC_KMAX / 16; ++k)
@@ -243,14 +203,13 @@ __device__ __forceinline__ void slab_fwd_mode_a(const MmaT *fh, const MmaT *fl, 
             if constexpr (P::data_lo) ldmatrix_x2<true>(bl, yl + (int64_t)k * 16 * ly + lrow + b * TC_QC);
             mma_split<P>(c, ah[k], alo[k], bh, bl);
           }
-        store_z_tile(out, c, mt, b, o1, o2, g, t);
+        st(mt, b, c);
       }
     }
   }
 }
 
 // ---- stage 1: rows ----
-
 
 struct RowsLayout {
   int o1p, o2p, xa, lx, ly, la, lb;
@@ -366,7 +325,10 @@ __device__ __forceinline__ void kron_rows_body(char *smem, const T *__restrict__
     }
     __syncthreads();
     // Mode a: Z[a][(b, q)] = sum_a' A[a][a'] Y[a'][b * 8 + q], slab-contiguous.
-    slab_fwd_mode_a<P>(Ah, Al, L.la, Yh, Yl, L.ly, z + (rl * slabs + slab) * O * TC_QC, o1, L.o1p, o2);
+    Z *out = z + (rl * slabs + slab) * O * TC_QC;
+    const int kt = L.o1p / 16, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    slab_fwd_mode_a<P>(Ah, Al, L.la, Yh, Yl, L.ly,
+        [&](int mt, int b, const float c[4]) { store_z_tile(out, c, mt, b, o1, o2, g, t); }, 0, kt, kt, o2);
   }
 }
 

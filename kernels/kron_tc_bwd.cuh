@@ -41,30 +41,9 @@ namespace camex {
 template <typename T> using ColsBwdPrec = PrecOf<T>;
 template <typename T> using RowsBwdPrec = FwdPrec<T>;
 
-// Fragments gathered through an accessor at(row, col) -> MmaT (zero outside the matrix), for
-// operands stored with k as the slow index (the paired loads of frag_a/frag_b need k contiguous).
-// A: rows m0.., k k0..; B: k k0.., columns n0...
-template <typename F> __device__ __forceinline__ void frag_a_at(uint32_t a[4], F at, int m0, int k0, int lane) {
-  const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int m = m0 + g + 8 * (j & 1), k = k0 + 2 * t + 8 * (j >> 1);
-    a[j] = mma_bits(at(m, k)) | (mma_bits(at(m, k + 1)) << 16);
-  }
-}
-template <typename F> __device__ __forceinline__ void frag_b_at(uint32_t b[2], F at, int n0, int k0, int lane) {
-  const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    const int k = k0 + 2 * t + 8 * j;
-    b[j] = mma_bits(at(k, n0 + g)) | (mma_bits(at(k + 1, n0 + g)) << 16);
-  }
-}
-
-// The same fragments where the k-major matrix is a plain shared array with k's row stride ld (A[m][k]
-// = s[k * ld + m], B[k][n] = s[k * ld + n]; ld * 2 bytes an odd multiple of 16, m0 and n0 multiples
-// of 8): ldmatrix.trans, one 128-byte phase per 8 x 8 matrix and free of bank conflicts, where the
-// gathers above take eight 2-byte loads per lane.
+// Fragments of a k-major plain shared array with k's row stride ld (A[m][k] = s[k * ld + m],
+// B[k][n] = s[k * ld + n]; ld * 2 bytes an odd multiple of 16, m0 and n0 multiples of 8):
+// ldmatrix.trans, one 128-byte phase per 8 x 8 matrix and free of bank conflicts.
 __device__ __forceinline__ void frag_a_kmajor(uint32_t a[4], const MmaT *s, int ld, int m0, int k0, int lane) {
   const int i = lane >> 3, r = lane & 7;  // lanes 8i..8i+7: matrix i = (k half i / 2, m half i % 2)
   ldmatrix_x4<true>(a, s + (int64_t)(k0 + r + 8 * (i >> 1)) * ld + m0 + 8 * (i & 1));
@@ -303,221 +282,351 @@ kron_cols_bwd_kernel(Opnd h, float *__restrict__ z, const T *__restrict__ fc, co
 }
 
 // ---- rows side: dA, dB and L^T K ----
+// Every matrix of a slab is kept as the forward's stage 1 keeps Y: X[a][b * 8 + j] = X[(a, b), q0 + j]
+// (row stride ly = 8 (o2p + 1), an odd number of 16-byte units), which is also the slab layout of z.
+// Then every product is a plain GEMM with ldmatrix fragments, free of bank conflicts:
+//   W = A^T K (mode a, M = a', N = (b, j), K = a),  dB[b][b'] = sum_{a', j} W[a'][b * 8 + j] tau[a'][b' * 8 + j]
+//     (M = b, N = b', K = (a', j): 8 consecutive k of one row a' are one 16-byte ldmatrix row);
+//   V = K x2 B^T (mode b, M = b', N = j, K = b; in place, one row run a per warp);
+//   dtau += A^T V (mode a),  dA[a][a'] = sum_{(b, j)} V[a][b * 8 + j] tau[a'][b * 8 + j] (M = a, N = a').
+// W is made 16 rows a' at a time (one m tile, TC_WR) and contracted into dB at once; dA and dB stay
+// in registers until they are written as this slab's partials.
+
+constexpr int TC_WR = 16;  // rows a' of W per chunk (one m tile)
 
 struct RowsBwdLayout {
-  int o1p, o2p, lx, ly, lw, la, lb;
-  int64_t yh, yl, xh, xl, wh, wl, th, tl, ath, atl, bth, btl, das, dbs, red, bytes;
+  int o1p, o2p, ly, la, lb, ta;
+  int64_t kh, kl, wh, wl, th, tl, ath, atl, bth, btl, bytes;
 };
 
-// Y [o2 * 8][ly] (Y[b][j][a]: K's slab, then V); a union of X [TC_AC * 8][lx] (X[a][j][b]: row runs
-// of K or tau) with Wc, Tc [o2p][lw] (k = (a, j) over TC_AC row runs); A^T [o1p + 16][la] (one
-// 16-row tile past the end is read and discarded), B^T [o2p][lb]; dA, dB and dA's split-K partials
-// in f32.
-__host__ __device__ inline RowsBwdLayout rows_bwd_layout(int o1, int o2, TcSplit sp) {
+// K (then V) [o1p][ly]; W [TC_WR][ly]; tau [ta][ly], all o1p rows when `resident` (read once for
+// the round's ranks) else TC_WR at a time (read again per use); A^T [o1p][la], B^T [o2p][lb]. Rows
+// past o1 and columns b past o2 are zero (K padding of the products that read them).
+__host__ __device__ inline RowsBwdLayout rows_bwd_layout(int o1, int o2, TcSplit sp, bool resident) {
   RowsBwdLayout l;
   l.o1p = tc_pad(o1);
   l.o2p = tc_pad(o2);
-  l.lx = tc_ld(l.o2p);
-  l.ly = tc_ld(l.o1p);
-  l.lw = tc_ld(TC_AC * TC_QC);
+  l.ly = TC_QC * (l.o2p + 1);
   l.la = tc_ld(l.o1p);
   l.lb = tc_ld(l.o2p);
+  l.ta = resident ? l.o1p : TC_WR;
   const int64_t e = 2;
-  const int64_t y = (int64_t)o2 * TC_QC * l.ly * e;
-  const int64_t x = (int64_t)TC_AC * TC_QC * l.lx * e;
-  const int64_t w = (int64_t)l.o2p * l.lw * e;
+  const int64_t k = (int64_t)l.o1p * l.ly * e, w = (int64_t)TC_WR * l.ly * e, t = (int64_t)l.ta * l.ly * e;
+  const int64_t ab = (int64_t)l.o1p * l.la * e, bb = (int64_t)l.o2p * l.lb * e;
   const bool dlo = sp.data_lo, flo = sp.factor_lo;
-  const int64_t h = dlo ? 2 : 1;  // halves per data operand
-  const int64_t uni = (h * x > 2 * h * w ? h * x : 2 * h * w);
-  const int64_t ab = (int64_t)(l.o1p + 16) * l.la * e, bb = (int64_t)l.o2p * l.lb * e;
-  l.yh = 0;
-  l.yl = l.yh + y;
-  l.xh = l.yl + (dlo ? y : 0);  // the union starts here
-  l.xl = l.xh + x;
-  l.wh = l.xh;
+  l.kh = 0;
+  l.kl = l.kh + k;
+  l.wh = l.kl + (dlo ? k : 0);
   l.wl = l.wh + w;
   l.th = l.wl + (dlo ? w : 0);
-  l.tl = l.th + w;
-  l.ath = l.xh + uni;
+  l.tl = l.th + t;
+  l.ath = l.tl + (dlo ? t : 0);
   l.atl = l.ath + ab;
   l.bth = l.atl + (flo ? ab : 0);
   l.btl = l.bth + bb;
-  l.das = l.btl + (flo ? bb : 0);
-  l.dbs = l.das + (int64_t)o1 * o1 * 4;
-  l.red = (l.dbs + (int64_t)o2 * o2 * 4 + 15) / 16 * 16;  // dA's split-K partials [warps][32][4]
-  l.bytes = l.red + (int64_t)TC_WARPS * 32 * 4 * 4;
+  l.bytes = (l.btl + (flo ? bb : 0) + 15) / 16 * 16;
   return l;
 }
 
-// tau = W - E (an OP_TAU operand) at (row p, column q) of the expert, 0 past the last column.
-template <typename T> __device__ __forceinline__ float tau_at(const Opnd &tau, int64_t p, int64_t q, int64_t I) {
-  return q < I ? opnd_ld<T>(tau, p * I + q) : 0.f;
+// Whether the rows-side backward under split sp keeps the slab of tau resident within `lim` bytes.
+__host__ __device__ inline bool rows_bwd_resident(int o1, int o2, TcSplit sp, int64_t lim) {
+  return rows_bwd_layout(o1, o2, sp, true).bytes <= lim;
 }
 
-// One block per SM at the shapes that matter (about 200 KB of shared memory at T5-base `wi`), so
-// the launch bounds ask for one: with the default, ptxas 13.0 capped registers at 80 and spilled.
+// tau = W - E of rows a0..a0+rows (all b) and columns q0..q0+7 into X[a - a0][b * 8 + j] (row stride
+// ly), zero for rows past o1 and columns past I; vec: 16-byte loads.
+template <typename P, typename T>
+__device__ __forceinline__ void load_tau_rows(MmaT *xh, MmaT *xl, int ly, const T *__restrict__ w,
+                                              const T *__restrict__ e, int a0, int rows, int o1, int o2, int64_t I,
+                                              int64_t q0, bool vec) {
+  for (int64_t x = threadIdx.x; x < (int64_t)rows * o2; x += TC_THREADS) {
+    const int al = (int)(x / o2), b = (int)(x % o2), a = a0 + al;
+    const int64_t p = (int64_t)a * o2 + b;
+    float v[TC_QC];
+    if (a >= o1) {
+#pragma unroll
+      for (int j = 0; j < TC_QC; ++j) v[j] = 0.f;
+    } else if (vec) {
+      const uint4 wv = *reinterpret_cast<const uint4 *>(w + p * I + q0);
+      const uint4 ev = *reinterpret_cast<const uint4 *>(e + p * I + q0);
+      T wt[TC_QC], et[TC_QC];
+      memcpy(wt, &wv, 16);
+      memcpy(et, &ev, 16);
+#pragma unroll
+      for (int j = 0; j < TC_QC; ++j) v[j] = to_f32(wt[j]) - to_f32(et[j]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < TC_QC; ++j) {
+        const int64_t q = q0 + j;
+        v[j] = q < I ? to_f32(w[p * I + q]) - to_f32(e[p * I + q]) : 0.f;
+      }
+    }
+    store_data8<P>(xh, xl, (int64_t)al * ly + b * TC_QC, v);
+  }
+}
+
+// Mode b in place on the slab: X[a][b' * 8 + j] <- sum_b F[b'][b] X[a][b * 8 + j] for a < o1 (F the
+// A operand as stored, M = b', N = j, K = b; X's row a the B operand through ldmatrix.trans). One row
+// run per warp at a time: the warp reads the whole row before it writes it back, and no other warp
+// touches it. Without factor lo halves each warp keeps all of F's fragments (at most 64 registers).
+template <typename P>
+__device__ __forceinline__ void slab_mode_b_inplace(const MmaT *fh, const MmaT *fl, int lf, MmaT *xh, MmaT *xl, int ly,
+                                                    int o1, int o2, int o2p) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int kt = o2p / 16;
+  constexpr bool keep = !P::factor_lo;
+  constexpr int KS = TC_KMAX / 16;
+  uint32_t fk[keep ? KS : 1][keep ? KS : 1][4];  // [m tile][k step]
+  if constexpr (keep) {
+#pragma unroll
+    for (int mt = 0; mt < KS; ++mt)
+#pragma unroll
+      for (int k = 0; k < KS; ++k)
+        if (mt < kt && k < kt) frag_a(fk[mt][k], fh, lf, mt * 16, k * 16, lane);
+  }
+  for (int a = warp; a < o1; a += TC_WARPS) {
+    MmaT *rh = xh + (int64_t)a * ly, *rl = xl + (int64_t)a * ly;
+    uint32_t bh[KS][2], bl[KS][2];
+#pragma unroll
+    for (int k = 0; k < KS; ++k)
+      if (k < kt) {
+        ldmatrix_x2<true>(bh[k], rh + (k * 16 + (lane & 15)) * TC_QC);
+        if constexpr (P::data_lo) ldmatrix_x2<true>(bl[k], rl + (k * 16 + (lane & 15)) * TC_QC);
+      }
+    float c[KS][4];
+#pragma unroll
+    for (int mt = 0; mt < KS; ++mt) {
+#pragma unroll
+      for (int v = 0; v < 4; ++v) c[mt][v] = 0.f;
+      if (mt < kt) {
+#pragma unroll
+        for (int k = 0; k < KS; ++k)
+          if (k < kt) {
+            if constexpr (keep) {
+              mma_split<P>(c[mt], fk[mt][k], fk[mt][k], bh[k], bl[k]);
+            } else {
+              uint32_t ah[4], al[4];
+              frag_a(ah, fh, lf, mt * 16, k * 16, lane);
+              frag_a(al, fl, lf, mt * 16, k * 16, lane);
+              mma_split<P>(c[mt], ah, al, bh[k], bl[k]);
+            }
+          }
+      }
+    }
+    __syncwarp();  // the row is read (ldmatrix is warp-wide) before any lane writes it
+#pragma unroll
+    for (int mt = 0; mt < KS; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int b = mt * 16 + g + 8 * h;
+        if (mt < kt && b < o2) store_data2<P>(rh, rl, b * TC_QC + 2 * t, c[mt][2 * h], c[mt][2 * h + 1]);
+      }
+  }
+}
+
+// dB's units per warp: (m tile of b, pair of n tiles of b') units, unit u taken by warp u % TC_WARPS;
+// at most (64 / 16)^2 = 16 units, two per warp.
+constexpr int TC_DB_UNITS = 2;
+
+// dB += W_chunk tau_chunk over one chunk of TC_WR rows a' (M = b, N = b', K = (a', j): k step s is
+// rows 2s and 2s + 1 of the chunk). acc[u]: unit u of this warp, its two n8 tiles' accumulators.
+template <typename P>
+__device__ __forceinline__ void rows_bwd_db(float acc[TC_DB_UNITS][8], const MmaT *wh, const MmaT *wl, const MmaT *th,
+                                            const MmaT *tl, int ly, int o2p) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int i = lane >> 3, r = lane & 7;
+  const int npb = o2p / 16, units = (o2p / 16) * npb;
+#pragma unroll
+  for (int uu = 0; uu < TC_DB_UNITS; ++uu) {
+    const int u = warp + uu * TC_WARPS;
+    if (u >= units) continue;
+    const int mt = u / npb, np = u % npb;
+#pragma unroll
+    for (int s = 0; s < TC_WR / 2; ++s) {
+      // A: matrix i = (k half i / 2: row a' = 2s + i / 2, m half i % 2); B: matrix i = (n tile i / 2,
+      // k half i % 2), so that d[0..1] and d[2..3] are the two n tiles' fragments.
+      const int64_t ao = (int64_t)(2 * s + (i >> 1)) * ly + (mt * 16 + r + 8 * (i & 1)) * TC_QC;
+      const int64_t bo = (int64_t)(2 * s + (i & 1)) * ly + (np * 16 + 8 * (i >> 1) + r) * TC_QC;
+      uint32_t ah[4], al[4], bh[4], bl[4];
+      ldmatrix_x4<false>(ah, wh + ao);
+      ldmatrix_x4<false>(bh, th + bo);
+      if constexpr (P::data_lo) {
+        ldmatrix_x4<false>(al, wl + ao);
+        ldmatrix_x4<false>(bl, tl + bo);
+      }
+      mma_data<P>(acc[uu], ah, al, bh, bl);
+      mma_data<P>(acc[uu] + 4, ah, al, bh + 2, bl + 2);
+    }
+  }
+}
+
+// dA[a][a0 + n] = sum_k V[a][k] tau_view[n][k] for the view's ntiles n tiles (rows a0.. of tau;
+// M = a, N = a', K = (b, j) over ks k steps), written to out[a * o1 + a'] (a, a' < o1). Warps
+// sharing an m tile split the n tiles, and each takes up to four at once so that its A fragment
+// is read once per k step for all of them.
+template <typename P>
+__device__ __forceinline__ void rows_bwd_da(const MmaT *vh, const MmaT *vl, const MmaT *th, const MmaT *tl, int ly,
+                                            int a0, int ntiles, int ks, int o1, int o1p, float *out) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int i = lane >> 3, r = lane & 7;
+  const int mta = o1p / 16, wpm = TC_WARPS / mta;  // warps per m tile (mta <= 4: at least two)
+  if (warp >= mta * wpm) return;
+  const int mt = warp % mta;
+  for (int nb = warp / mta; nb < ntiles; nb += 4 * wpm) {
+    float c[4][4] = {};
+    for (int s = 0; s < ks; ++s) {
+      const int64_t ao = (int64_t)(mt * 16 + r + 8 * (i & 1)) * ly + s * 16 + 8 * (i >> 1);
+      uint32_t ah[4], al[4];
+      ldmatrix_x4<false>(ah, vh + ao);
+      if constexpr (P::data_lo) ldmatrix_x4<false>(al, vl + ao);
+#pragma unroll
+      for (int h = 0; h < 4; ++h) {
+        const int nt = nb + h * wpm;
+        if (nt >= ntiles) continue;
+        const int64_t bo = (int64_t)(nt * 8 + r) * ly + s * 16 + 8 * (i & 1);  // lanes 0..15
+        uint32_t bh[2], bl[2];
+        ldmatrix_x2<false>(bh, th + bo);
+        if constexpr (P::data_lo) ldmatrix_x2<false>(bl, tl + bo);
+        mma_data<P>(c[h], ah, al, bh, bl);
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 4; ++h) {
+      const int nt = nb + h * wpm;
+      if (nt >= ntiles) continue;
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        const int a = mt * 16 + g + 8 * (v >> 1), ap = a0 + nt * 8 + 2 * t + (v & 1);
+        if (a < o1 && ap < o1) out[a * o1 + ap] = c[h][v];
+      }
+    }
+  }
+}
+
+// One block per SM at the shapes that matter (about 130 KB of shared memory at T5-base `wi`, bf16).
 // grid (slabs); each block runs ranks r0..r0+nr of its slab in order. z: the round's K_r (slab
 // layout); gt: f32 [O][I], dtau, to which this slab's L_r^T K_r is added rank by rank (written by
 // the first rank when r0 == 0): a fixed order, so the bits do not depend on the schedule.
 // part: f32 [nr][slabs][o1*o1 + o2*o2], this slab's dA and dB contributions.
 template <typename T>
 __global__ void __launch_bounds__(TC_THREADS, 1)
-kron_rows_bwd_kernel(Opnd tau, const float *__restrict__ z, const T *__restrict__ fa, const T *__restrict__ fb,
-                     float *__restrict__ part, float *__restrict__ gt, int o1, int o2, int64_t I, int64_t nexp,
-                     int64_t expert, int64_t r0, int64_t nr) {
+kron_rows_bwd_kernel(const T *__restrict__ w, const T *__restrict__ e, const float *__restrict__ z,
+                     const T *__restrict__ fa, const T *__restrict__ fb, float *__restrict__ part,
+                     float *__restrict__ gt, int o1, int o2, int64_t I, int64_t nexp, int64_t expert, int64_t r0,
+                     int64_t nr, int resident) {
   CAMEX_DYNAMIC_SMEM(smem);
   using P = RowsBwdPrec<T>;
-  const RowsBwdLayout L = rows_bwd_layout(o1, o2, P::split());
-  MmaT *Yh = reinterpret_cast<MmaT *>(smem + L.yh), *Yl = reinterpret_cast<MmaT *>(smem + L.yl);
-  MmaT *Xh = reinterpret_cast<MmaT *>(smem + L.xh), *Xl = reinterpret_cast<MmaT *>(smem + L.xl);
+  const RowsBwdLayout L = rows_bwd_layout(o1, o2, P::split(), resident != 0);
+  MmaT *Kh = reinterpret_cast<MmaT *>(smem + L.kh), *Kl = reinterpret_cast<MmaT *>(smem + L.kl);
   MmaT *Wh = reinterpret_cast<MmaT *>(smem + L.wh), *Wl = reinterpret_cast<MmaT *>(smem + L.wl);
   MmaT *Th = reinterpret_cast<MmaT *>(smem + L.th), *Tl = reinterpret_cast<MmaT *>(smem + L.tl);
   MmaT *Ath = reinterpret_cast<MmaT *>(smem + L.ath), *Atl = reinterpret_cast<MmaT *>(smem + L.atl);
   MmaT *Bth = reinterpret_cast<MmaT *>(smem + L.bth), *Btl = reinterpret_cast<MmaT *>(smem + L.btl);
-  float *dAs = reinterpret_cast<float *>(smem + L.das), *dBs = reinterpret_cast<float *>(smem + L.dbs);
   const int64_t O = (int64_t)o1 * o2, slabs = (I + TC_QC - 1) / TC_QC;
-  const int64_t slab = blockIdx.x;
-  const int64_t q0 = slab * TC_QC;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, t = lane & 3;
-  const int o1p = L.o1p, o2p = L.o2p;
+  const int64_t slab = blockIdx.x, q0 = slab * TC_QC;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int ly = L.ly, kta = L.o1p / 16, chunks = L.o1p / TC_WR;
+  const int ks = (o2 * TC_QC + 15) / 16;  // dA's k steps: columns past o2 * 8 are zero
+  const bool vec = I % TC_QC == 0 && ((reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(e)) & 15) == 0;
   // dtau's pairs (q, q + 1) as one 8-byte access (q0 and j even): whole sectors per row.
   const bool pairs = I % 2 == 0 && (reinterpret_cast<uintptr_t>(gt) & 7) == 0;
+  // tau's rows of chunk c: resident, a view of the whole slab; else loaded into the chunk buffer.
+  auto tau_chunk = [&](int c, const MmaT *&th, const MmaT *&tl) {
+    if (resident) {
+      th = Th + (int64_t)c * TC_WR * ly;
+      tl = Tl + (int64_t)c * TC_WR * ly;
+    } else {
+      load_tau_rows<P>(Th, Tl, ly, w, e, c * TC_WR, TC_WR, o1, o2, I, q0, vec);
+      th = Th;
+      tl = Tl;
+    }
+  };
 
+  zero_smem(smem, L.bytes);  // every operand's padding stays zero
+  __syncthreads();
+  if (resident) load_tau_rows<P>(Th, Tl, ly, w, e, 0, o1, o1, o2, I, q0, vec);
   for (int64_t rl = 0; rl < nr; ++rl) {
     const int64_t r = r0 + rl;
     const float *zs = z + (rl * slabs + slab) * O * TC_QC;  // zs[p * 8 + j]: this slab of K_r
+    float *out = part + (rl * slabs + slab) * ((int64_t)o1 * o1 + (int64_t)o2 * o2);
     __syncthreads();  // the previous rank is done with shared memory
-    zero_smem(smem, L.bytes);
-    __syncthreads();
     load_factor_t<P>(Ath, Atl, fa + (r * nexp + expert) * o1 * o1, o1, L.la);
     load_factor_t<P>(Bth, Btl, fb + (r * nexp + expert) * o2 * o2, o2, L.lb);
-    // K's slab as the B operand of a mode-a product: Y[b][j][a] = K[(a, b), q0 + j].
-    for (int64_t x = threadIdx.x; x < O * TC_QC; x += TC_THREADS) {
-      const int64_t p = x / TC_QC, j = x % TC_QC, a = p / o2, b = p % o2;
-      store_data<P>(Yh, Yl, (b * TC_QC + j) * L.ly + a, zs[x]);
+    // K's slab: K[a][b * 8 + j] = zs[(a * o2 + b) * 8 + j], a row-run copy.
+    for (int64_t p = threadIdx.x; p < O; p += TC_THREADS) {
+      const float4 *src = reinterpret_cast<const float4 *>(zs + p * TC_QC);
+      const float4 v0 = src[0], v1 = src[1];
+      const float v[TC_QC] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+      store_data8<P>(Kh, Kl, (p / o2) * ly + (p % o2) * TC_QC, v);
     }
 
-    // dB, TC_AC rows of W = K x1 A^T at a time (M = a', N = (b, j), K = a; a 16-row tile of which
-    // the first TC_AC rows are kept), then dB[b][b'] += sum_{(a', j)} W[(a', b), j] tau[(a', b'), j].
-    const int mtb = o2p / 16, ntb = o2p / 8;
-    for (int a0 = 0; a0 < o1; a0 += TC_AC) {
-      __syncthreads();  // Y and the factors are in; the previous chunk's contraction is done
-      for (int64_t x = threadIdx.x; x < (int64_t)o2 * TC_AC * TC_QC; x += TC_THREADS) {
-        const int b = (int)(x / (TC_AC * TC_QC)), k = (int)(x % (TC_AC * TC_QC)), a = a0 + k / TC_QC;
-        store_data<P>(Th, Tl, b * L.lw + k, a < o1 ? tau_at<T>(tau, (int64_t)a * o2 + b, q0 + k % TC_QC, I) : 0.f);
-      }
-      for (int b = warp; b < o2; b += TC_WARPS) {
-        float c[4] = {0.f, 0.f, 0.f, 0.f};
-        factor_by_data<P>(c, Ath, Atl, L.la, a0,
-            Yh + (int64_t)b * TC_QC * L.ly, Yl + (int64_t)b * TC_QC * L.ly, L.ly, 0, o1p, lane);
-        // Rows g (kept when a0 + g < o1) of the tile; rows g + 8 belong to the next chunk.
-        const bool in = a0 + g < o1;
-        store_data<P>(Wh, Wl, b * L.lw + g * TC_QC + 2 * t, in ? c[0] : 0.f);
-        store_data<P>(Wh, Wl, b * L.lw + g * TC_QC + 2 * t + 1, in ? c[1] : 0.f);
-      }
-      __syncthreads();
-      for (int tile = warp; tile < mtb * ntb; tile += TC_WARPS) {
-        const int mt = tile / ntb, nt = tile % ntb;
-        float c[4] = {0.f, 0.f, 0.f, 0.f};
-        for (int k0 = 0; k0 < TC_AC * TC_QC; k0 += 16) {
-          uint32_t ah[4], al[4], bh[2], bl[2];
-          frag_a(ah, Wh, L.lw, mt * 16, k0, lane);
-          frag_b(bh, Th, L.lw, nt * 8, k0, lane);
-          if constexpr (P::data_lo) {
-            frag_a(al, Wl, L.lw, mt * 16, k0, lane);
-            frag_b(bl, Tl, L.lw, nt * 8, k0, lane);
-          }
-          mma_data<P>(c, ah, al, bh, bl);
-        }
+    // dB, chunk by chunk of W = A^T K (rows c * 16.., one m tile), accumulated in registers.
+    float db[TC_DB_UNITS][8] = {};
+    for (int c = 0; c < chunks; ++c) {
+      __syncthreads();  // K and the factors are in; the previous chunk's dB is done with W and tau
+      const MmaT *th, *tl;
+      tau_chunk(c, th, tl);
+      slab_fwd_mode_a<P>(Ath, Atl, L.la, Kh, Kl, ly, [&](int, int b, const float v[4]) {
 #pragma unroll
-        for (int v = 0; v < 4; ++v) {
-          const int b = mt * 16 + g + 8 * (v >> 1), bp = nt * 8 + 2 * t + (v & 1);
-          if (b < o2 && bp < o2) dBs[b * o2 + bp] += c[v];
+        for (int h = 0; h < 2; ++h) store_data2<P>(Wh, Wl, (g + 8 * h) * ly + b * TC_QC + 2 * t, v[2 * h], v[2 * h + 1]);
+      }, c, c + 1, kta, o2);
+      __syncthreads();
+      rows_bwd_db<P>(db, Wh, Wl, th, tl, ly, L.o2p);
+    }
+    {
+      const int npb = L.o2p / 16, units = (L.o2p / 16) * npb, warp = threadIdx.x >> 5;
+      float *dbo = out + (int64_t)o1 * o1;
+#pragma unroll
+      for (int uu = 0; uu < TC_DB_UNITS; ++uu) {
+        const int u = warp + uu * TC_WARPS;
+        if (u >= units) continue;
+#pragma unroll
+        for (int v = 0; v < 8; ++v) {
+          const int b = (u / npb) * 16 + g + 8 * ((v & 3) >> 1), bp = (u % npb) * 16 + 8 * (v >> 2) + 2 * t + (v & 1);
+          if (b < o2 && bp < o2) dbo[b * o2 + bp] = db[uu][v];
         }
       }
     }
-    __syncthreads();
-    zero_smem(smem + L.xh, L.ath - L.xh);  // X's K padding (columns b >= o2) must read zero again
+    __syncthreads();  // every W chunk has read K
 
-    // V = K x2 B^T, TC_AC row runs of K (read again from z) at a time:
-    // V[(a, b'), j] = sum_b B[b][b'] X[a][j][b]  (M = b', N = j, K = b), into Y[b'][j][a] over K's copy.
-    for (int a0 = 0; a0 < o1; a0 += TC_AC) {
-      const int ac = o1 - a0 < TC_AC ? o1 - a0 : TC_AC;
-      __syncthreads();
-      for (int64_t x = threadIdx.x; x < (int64_t)ac * o2 * TC_QC; x += TC_THREADS) {
-        const int64_t pl = x / TC_QC, j = x % TC_QC, al = pl / o2, b = pl % o2;
-        store_data<P>(Xh, Xl, (al * TC_QC + j) * L.lx + b, zs[(a0 * o2 + pl) * TC_QC + j]);
-      }
-      __syncthreads();
-      slab_mode_b<P>(Bth, Btl, L.lb, Xh, Xl, L.lx, Yh, Yl, L.ly, a0, ac, o2, o2p);
-    }
+    // V = K x2 B^T, over K.
+    slab_mode_b_inplace<P>(Bth, Btl, L.lb, Kh, Kl, ly, o1, o2, L.o2p);
     __syncthreads();
 
-    // dtau_r = V x1 A^T: gt[(a', b'), q0 + j] (+)= sum_a A[a][a'] Y[b'][j][a].
+    // dtau_r = A^T V: gt[(a', b'), q0 + j] (+)= sum_a A[a][a'] V[a][b' * 8 + j].
     const bool acc = r0 > 0 || rl > 0;
-    slab_mode_a<P>(Ath, Atl, L.la, Yh, Yl, L.ly, [&](int a, int b, int j, float v0, float v1) {
-      const int64_t q = q0 + j;
-      float *d = gt + ((int64_t)a * o2 + b) * I + q;
-      if (pairs && q + 1 < I) {
-        float2 *d2 = reinterpret_cast<float2 *>(d);
-        const float2 o = acc ? *d2 : make_float2(0.f, 0.f);
-        *d2 = acc ? make_float2(o.x + v0, o.y + v1) : make_float2(v0, v1);
-      } else {
-        if (q < I) d[0] = acc ? d[0] + v0 : v0;
-        if (q + 1 < I) d[1] = acc ? d[1] + v1 : v1;
+    slab_fwd_mode_a<P>(Ath, Atl, L.la, Kh, Kl, ly, [&](int mt, int b, const float v[4]) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int a = mt * 16 + g + 8 * h;
+        const int64_t q = q0 + 2 * t;
+        if (a >= o1) continue;
+        float *d = gt + ((int64_t)a * o2 + b) * I + q;
+        const float v0 = v[2 * h], v1 = v[2 * h + 1];
+        if (pairs && q + 1 < I) {
+          float2 *d2 = reinterpret_cast<float2 *>(d);
+          const float2 o = acc ? *d2 : make_float2(0.f, 0.f);
+          *d2 = make_float2(o.x + v0, o.y + v1);
+        } else {
+          if (q < I) d[0] = acc ? d[0] + v0 : v0;
+          if (q + 1 < I) d[1] = acc ? d[1] + v1 : v1;
+        }
       }
-    }, o1, o1p, o2);
-    const int mta = o1p / 16;
+    }, 0, kta, kta, o2);
 
-    // dA[a][a'] += sum_{(b, j)} V[(a, b), j] tau[(a', b), j], TC_AC rows a' (one n8 tile) at a time
-    // (M = a, N = a', K = (b, j) = o2 * 8, padded to 16). There are only o1p / 16 <= 4 tiles, so the
-    // warps split K: warp w takes tile w % mta and slice w / mta; the slices' partials are summed in
-    // slice order through shared memory (red), the same order every run.
-    const int kv = o2 * TC_QC, kvp = tc_pad(kv);
-    const int slices = TC_WARPS / mta, ksteps = kvp / 16, per = (ksteps + slices - 1) / slices;
-    const int mt_a = warp % mta, sl_a = warp / mta;
-    float *red = reinterpret_cast<float *>(smem + L.red);
-    const MmaT zero = from_f32<MmaT>(0.f);
-    for (int a0 = 0; a0 < o1; a0 += TC_AC) {
-      const int ac = o1 - a0 < TC_AC ? o1 - a0 : TC_AC;
-      __syncthreads();
-      for (int64_t x = threadIdx.x; x < (int64_t)ac * o2 * TC_QC; x += TC_THREADS) {
-        const int64_t pl = x / TC_QC, j = x % TC_QC, al = pl / o2, b = pl % o2;
-        store_data<P>(Xh, Xl, (al * TC_QC + j) * L.lx + b, tau_at<T>(tau, a0 * o2 + pl, q0 + j, I));
-      }
-      __syncthreads();
-      float c[4] = {0.f, 0.f, 0.f, 0.f};
-      const int k_end = sl_a < slices ? min((sl_a + 1) * per, ksteps) : 0;
-      for (int ks = sl_a * per; ks < k_end; ++ks) {
-        const int k0 = ks * 16;
-        uint32_t ah[4], al[4], bh[2], bl[2];
-        frag_a_at(ah, [&](int m, int k) { return k < kv ? Yh[(int64_t)k * L.ly + m] : zero; }, mt_a * 16, k0, lane);
-        frag_b_at(bh, [&](int k, int n) { return k < kv && n < ac ? Xh[(n * TC_QC + k % TC_QC) * L.lx + k / TC_QC] : zero; },
-                  0, k0, lane);
-        if constexpr (P::data_lo) {
-          frag_a_at(al, [&](int m, int k) { return k < kv ? Yl[(int64_t)k * L.ly + m] : zero; }, mt_a * 16, k0, lane);
-          frag_b_at(bl, [&](int k, int n) { return k < kv && n < ac ? Xl[(n * TC_QC + k % TC_QC) * L.lx + k / TC_QC] : zero; },
-                    0, k0, lane);
-        }
-        mma_data<P>(c, ah, al, bh, bl);
-      }
-#pragma unroll
-      for (int v = 0; v < 4; ++v) red[(warp * 32 + lane) * 4 + v] = c[v];
-      __syncthreads();
-      if (sl_a == 0) {
-#pragma unroll
-        for (int v = 0; v < 4; ++v) {
-          float sum = 0.f;
-          for (int sl = 0; sl < slices; ++sl) sum += red[((sl * mta + mt_a) * 32 + lane) * 4 + v];
-          const int a = mt_a * 16 + g + 8 * (v >> 1), ap = a0 + 2 * t + (v & 1);
-          if (a < o1 && 2 * t + (v & 1) < ac) dAs[a * o1 + ap] += sum;
-        }
+    // dA[a][a'] = sum_{(b, j)} V[a][b * 8 + j] tau[a'][b * 8 + j]: all of tau at once where it is
+    // resident, else chunk by chunk.
+    if (resident) {
+      rows_bwd_da<P>(Kh, Kl, Th, Tl, ly, 0, L.o1p / 8, ks, o1, L.o1p, out);
+    } else {
+      for (int c = 0; c < chunks; ++c) {
+        __syncthreads();  // the previous chunk's readers are done with tau
+        const MmaT *th, *tl;
+        tau_chunk(c, th, tl);
+        __syncthreads();
+        rows_bwd_da<P>(Kh, Kl, th, tl, ly, c * TC_WR, TC_WR / 8, ks, o1, L.o1p, out);
       }
     }
-    __syncthreads();
-    float *out = part + (rl * slabs + slab) * ((int64_t)o1 * o1 + (int64_t)o2 * o2);
-    for (int x = threadIdx.x; x < o1 * o1 + o2 * o2; x += TC_THREADS) out[x] = x < o1 * o1 ? dAs[x] : dBs[x - o1 * o1];
   }
 }
 
@@ -547,12 +656,14 @@ __global__ void kron_bwd_reduce_kernel(const float *pab, const float *pcd, T *ga
   }
 }
 
-// Shared memory of the three stages (rows forward, columns backward, rows backward).
-inline bool kron_tc_bwd_fits(const D4 &d4, TcSplit sp, int64_t lim) {
-  const int i1 = (int)d4.d[2], i2 = (int)d4.d[3];
-  return rows_layout((int)d4.d[0], (int)d4.d[1], sp, false).bytes <= lim &&
-         cols_bwd_layout(i1, i2, cols_bwd_rows(i1, i2, sp), sp).bytes <= lim &&
-         rows_bwd_layout((int)d4.d[0], (int)d4.d[1], sp).bytes <= lim;
+// Shared memory of the three stages (rows forward, columns backward, rows backward), each under
+// its own precision policy, in their smallest layouts.
+template <typename T> inline bool kron_tc_bwd_fits(const D4 &d4, int64_t lim) {
+  const int o1 = (int)d4.d[0], o2 = (int)d4.d[1], i1 = (int)d4.d[2], i2 = (int)d4.d[3];
+  const int pr = cols_bwd_rows(i1, i2, PrecOf<T>::split());
+  return rows_layout(o1, o2, RowsSplitPrec<T>::split(), false).bytes <= lim &&
+         cols_bwd_layout(i1, i2, pr, ColsBwdPrec<T>::split()).bytes <= lim &&
+         rows_bwd_layout(o1, o2, RowsBwdPrec<T>::split(), false).bytes <= lim;
 }
 
 // Floats of the partials of one round (both sides), sized on the dimensions alone.
@@ -578,7 +689,8 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
   const RowsLayout rl = rows_layout(o1, o2, RowsSplitPrec<T>::split(), resident != 0);
   const int pr = cols_bwd_rows(i1, i2, sp);
   const ColsBwdLayout cl = cols_bwd_layout(i1, i2, pr, ColsBwdPrec<T>::split());
-  const RowsBwdLayout bl = rows_bwd_layout(o1, o2, RowsBwdPrec<T>::split());
+  const int bres = rows_bwd_resident(o1, o2, RowsBwdPrec<T>::split(), lim) ? 1 : 0;
+  const RowsBwdLayout bl = rows_bwd_layout(o1, o2, RowsBwdPrec<T>::split(), bres != 0);
   const int64_t cblocks = (O + pr - 1) / pr;
   cudaError_t err = CAMEX_SET_MAX_SMEM(kron_rows_split_kernel<T>, lim);
   if (err == cudaSuccess) err = CAMEX_SET_MAX_SMEM(kron_cols_bwd_kernel<T>, lim);
@@ -598,8 +710,8 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
     CAMEX_LAUNCH_SMEM(kron_cols_bwd_kernel<T>, (unsigned)cblocks, TC_THREADS, cl.bytes, s)(
         h, z, fc, fd, pcd, i1, i2, pr, O, r0, nr, f.n, expert);
     CAMEX_CHECK_LAUNCH();
-    CAMEX_LAUNCH_SMEM(kron_rows_bwd_kernel<T>, (unsigned)slabs, TC_THREADS, bl.bytes, s)(tau, z, fa, fb, pab, gt, o1, o2,
-                                                                                        I, f.n, expert, r0, nr);
+    CAMEX_LAUNCH_SMEM(kron_rows_bwd_kernel<T>, (unsigned)slabs, TC_THREADS, bl.bytes, s)(
+        w, e, z, fa, fb, pab, gt, o1, o2, I, f.n, expert, r0, nr, bres);
     CAMEX_CHECK_LAUNCH();
     const int64_t nred = nr * ((int64_t)o1 * o1 + (int64_t)o2 * o2 + (int64_t)i1 * i1 + (int64_t)i2 * i2);
     CAMEX_LAUNCH(kron_bwd_reduce_kernel<T>, grid_for(nred, 256), 256, s)(pab, pcd, ga, gb, gc, gd, slabs, cblocks, o1, o2,
@@ -617,7 +729,7 @@ inline int kron_backward_any(cudaStream_t s, float *gt, Opnd h, Opnd tau, const 
   if constexpr (is_half_type<T>::value) {
     if (camex_tensor_cores() && kron_tc_dims_ok(d4)) {
       const int64_t lim = tc_smem_limit();
-      if (kron_tc_bwd_fits(d4, PrecOf<T>::split(), lim))
+      if (kron_tc_bwd_fits<T>(d4, lim))
         return kron_backward_tc<T>(s, gt, h, tau, f, e, d4, ga, gb, gc, gd, t1, partial, lim);
     }
   }

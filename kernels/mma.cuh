@@ -144,6 +144,22 @@ template <typename P> __device__ __forceinline__ void store_data2(MmaT *hi, MmaT
   }
 }
 
+// Eight consecutive data elements (k a multiple of 8) as one 16-byte store per half.
+template <typename P> __device__ __forceinline__ void store_data8(MmaT *hi, MmaT *lo, int64_t k, const float v[8]) {
+  uint32_t h[4], l[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const MmaT h0 = from_f32<MmaT>(v[2 * i]), h1 = from_f32<MmaT>(v[2 * i + 1]);
+    h[i] = mma_bits(h0) | (mma_bits(h1) << 16);
+    if constexpr (P::data_lo) {
+      const MmaT l0 = from_f32<MmaT>(v[2 * i] - to_f32(h0)), l1 = from_f32<MmaT>(v[2 * i + 1] - to_f32(h1));
+      l[i] = mma_bits(l0) | (mma_bits(l1) << 16);
+    }
+  }
+  *reinterpret_cast<uint4 *>(hi + k) = make_uint4(h[0], h[1], h[2], h[3]);
+  if constexpr (P::data_lo) *reinterpret_cast<uint4 *>(lo + k) = make_uint4(l[0], l[1], l[2], l[3]);
+}
+
 // c += A B for two data operands: Ah Bh, plus Ah Bl + Al Bh when data has lo halves (never lo lo).
 template <typename P>
 __device__ __forceinline__ void mma_data(float c[4], const uint32_t ah[4], const uint32_t al[4], const uint32_t bh[2],

@@ -384,11 +384,12 @@ fn varied(k: usize, seed: u64, f16: bool) -> Vec<Chunk> {
 /// The emulated device's opt-in shared memory per block (`camex_emu_smem_limit`: sm_90's 227 KiB,
 /// sm_80's 163 KiB) steers the tensor-core path as the device's would, at T5-base `wi`'s factor
 /// sizes (48 x 64; I = 8, one slab, keeps the test quick). Stage 1 of the forward holds the slab of
-/// tau for all of a block's ranks where it fits (bf16: 118 KiB), else reads it in chunks per rank;
-/// the backward's rows side (193 KiB) runs only under sm_90's limit, the scalar chain under sm_80's.
-/// The forward's bits are the same whichever layout stage 1 takes: counting every block runs the
-/// launchers with the GPU's Z budget (a stage-1 block loops over all three ranks) and complete
-/// outputs; the backward's launches are listed from a sampled run.
+/// tau for all of a block's ranks where it fits (bf16: 118 KiB), else reads it in chunks per rank,
+/// and so does the backward's rows side (bf16: 128 KiB resident, 96 KiB in chunks; f16 191 KiB in
+/// chunks, so only under sm_90's limit, the scalar chain under sm_80's). The forward's bits, and
+/// bf16's gradient bits, are the same whichever layout the kernels take: counting every block runs
+/// the launchers with the GPU's Z budget (a block loops over all three ranks) and complete outputs;
+/// sm_80's backward launches are listed from a sampled run.
 #[test]
 fn smem_limit_steers_the_tensor_core_path() {
     let _g = COUNTING.lock().unwrap_or_else(|e| e.into_inner());
@@ -443,7 +444,13 @@ fn smem_limit_steers_the_tensor_core_path() {
                     ffi::camex_emu_smem_limit(prev);
                 }
             });
-            let bits: Vec<u32> = curved.iter().flat_map(|c| c.0).map(f32::to_bits).collect();
+            // The forward's output bits, then (after a backward) every gradient's.
+            let mut bits: Vec<u32> = curved.iter().flat_map(|c| c.0).map(f32::to_bits).collect();
+            if backward {
+                for g in [&gb, &ge, &ga, &gbb, &gcc, &gd] {
+                    bits.extend(g.iter().flat_map(|c| c.0).map(f32::to_bits));
+                }
+            }
             (recs, bits)
         };
         let dt = if f16 { "f16" } else { "bf16" };
@@ -455,7 +462,7 @@ fn smem_limit_steers_the_tensor_core_path() {
         };
         let (r90, c90) = run(SM90, 1, false);
         let (r80, c80) = run(SM80, 1, false);
-        let (b90, _) = run(SM90, 2, true);
+        let (b90, g90) = run(SM90, 1, true);
         let (b80, _) = run(SM80, 2, true);
         for (recs, lim) in [(&r90, SM90), (&r80, SM80), (&b90, SM90), (&b80, SM80)] {
             assert!(
@@ -471,14 +478,26 @@ fn smem_limit_steers_the_tensor_core_path() {
                 "{dt}: stage 1's layout, {rows:?}"
             );
         }
+        // The rows-side backward: bf16 with tau resident (128 KiB), on both architectures; f16,
+        // whose resident layout (hi + lo, 256 KiB) fits neither, in chunks (191 KiB) on sm_90 and
+        // on the scalar chain under sm_80's limit.
+        let bwd90 = smem_of(&b90, "kron_rows_bwd_kernel");
         assert!(
-            !smem_of(&b90, "kron_rows_bwd_kernel").is_empty(),
+            !bwd90.is_empty(),
             "{dt}: sm_90's limit takes the tensor-core backward"
         );
-        assert!(
-            smem_of(&b80, "kron_rows_bwd_kernel").is_empty(),
-            "{dt}: sm_80's limit sends the backward to the scalar chain"
-        );
+        let bwd80 = smem_of(&b80, "kron_rows_bwd_kernel");
+        if f16 {
+            assert!(
+                bwd80.is_empty(),
+                "f16: sm_80's limit sends the backward to the scalar chain"
+            );
+        } else {
+            assert!(
+                !bwd80.is_empty() && bwd90.iter().chain(&bwd80).all(|&b| b > 120 * 1024),
+                "bf16: the rows-side backward with tau resident, {bwd90:?} {bwd80:?}"
+            );
+        }
         assert_eq!(c90, c80, "{dt}: the same forward under both limits");
         if !f16 {
             // Under 100 KiB bf16's stage 1 reads tau in chunks per rank: the same bits again.
@@ -491,6 +510,17 @@ fn smem_limit_steers_the_tensor_core_path() {
             assert_eq!(
                 c90, c100,
                 "bf16: resident and chunked stage 1 agree bit for bit"
+            );
+            // And its rows-side backward reads tau in chunks per use: the same gradient bits.
+            let (b100, g100) = run(100 * 1024, 1, true);
+            let bwd = smem_of(&b100, "kron_rows_bwd_kernel");
+            assert!(
+                !bwd.is_empty() && bwd.iter().all(|&b| b <= 100 * 1024),
+                "bf16: the rows-side backward in chunks, {bwd:?}"
+            );
+            assert_eq!(
+                g90, g100,
+                "bf16: resident and chunked backward agree bit for bit"
             );
         }
     }
