@@ -66,22 +66,6 @@ __device__ __forceinline__ void mma_split(float c[4], const uint32_t ah[4], cons
   if constexpr (P::factor_lo) mma_bf16(c, al, bh);
 }
 
-// c += F[m0..m0+15][k] X[n0..n0+7][k] over k < kp: a factor (the A operand: hi, and lo where T
-// splits factors) times data (the B operand: hi, and lo where T splits data), both k-contiguous
-// with row strides lf and lx.
-template <typename P>
-__device__ __forceinline__ void factor_by_data(float c[4], const MmaT *fh, const MmaT *fl, int lf, int m0, const MmaT *xh,
-                                               const MmaT *xl, int lx, int n0, int kp, int lane) {
-  for (int k0 = 0; k0 < kp; k0 += 16) {
-    uint32_t ah[4], al[4], bh[2], bl[2];
-    frag_a(ah, fh, lf, m0, k0, lane);
-    if constexpr (P::factor_lo) frag_a(al, fl, lf, m0, k0, lane);
-    frag_b(bh, xh, lx, n0, k0, lane);
-    if constexpr (P::data_lo) frag_b(bl, xl, lx, n0, k0, lane);
-    mma_split<P>(c, ah, al, bh, bl);
-  }
-}
-
 __device__ __forceinline__ void zero_smem(char *smem, int64_t bytes) {
   uint4 z = make_uint4(0, 0, 0, 0);
   for (int64_t x = threadIdx.x; x < bytes / 16; x += TC_THREADS) reinterpret_cast<uint4 *>(smem)[x] = z;
@@ -374,6 +358,7 @@ __device__ __forceinline__ void load_z_rows(MmaT *xh, MmaT *xl, int lx, int64_t 
       return;
     }
   }
+  // Consecutive lanes take consecutive slabs of one row p: each reads a whole 32-byte sector.
   for (int64_t x = threadIdx.x; x < (int64_t)pr * slabs; x += TC_THREADS) {
     const int64_t pl = x / slabs, sl = x % slabs, p = p0 + pl;
     if (p >= O) continue;
@@ -389,9 +374,14 @@ __device__ __forceinline__ void load_z_rows(MmaT *xh, MmaT *xl, int lx, int64_t 
 #pragma unroll
       for (int j = 0; j < TC_QC; ++j) vt[j] = to_f32(zt[j]);
     }
+    const int64_t q0 = sl * TC_QC;
+    if (i2 % TC_QC == 0) {  // the slab is one run of d: one 16-byte store per half
+      store_data8<P>(xh, xl, pl * ps + (q0 / i2) * lx + q0 % i2, vt);
+      continue;
+    }
 #pragma unroll
     for (int j = 0; j < TC_QC; ++j) {
-      const int64_t q = sl * TC_QC + j;
+      const int64_t q = q0 + j;
       if (q < I) store_data<P>(xh, xl, pl * ps + (q / i2) * lx + q % i2, vt[j]);
     }
   }
@@ -399,75 +389,43 @@ __device__ __forceinline__ void load_z_rows(MmaT *xh, MmaT *xl, int lx, int64_t 
 
 // ---- stage 2: columns ----
 
-// Y[p][d][c] = sum_d' X[p][c][d'] F[d][d'] for the rows (p, c) of X, p < rows (M = (p, c), N = d,
-// K = d'): the data is the A operand (hi, and lo where T splits data; row stride lx), the factor
-// the B operand (hi, and lo where T splits factors; row stride lf); Y's row stride ly. Used by the forward's mode d and by the
-// backward's (P x4 D and H x4 D^T).
-template <typename P>
-__device__ __forceinline__ void rows_by_factor(const MmaT *xh, const MmaT *xl, int lx, const MmaT *fh, const MmaT *fl,
-                                               int lf, MmaT *yh, MmaT *yl, int ly, int rows, int i1p, int i2p) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int ntd = i2p / 8, mtd = rows * i1p / 16;
-  for (int tile = warp; tile < mtd * ntd; tile += TC_WARPS) {
-    const int mt = tile / ntd, nt = tile % ntd;
-    float c[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int k0 = 0; k0 < i2p; k0 += 16) {
-      uint32_t ah[4], al[4], bh[2], bl[2];
-      frag_a(ah, xh, lx, mt * 16, k0, lane);
-      frag_b(bh, fh, lf, nt * 8, k0, lane);
-      mma_bf16(c, ah, bh);
-      if constexpr (P::data_lo) {
-        frag_a(al, xl, lx, mt * 16, k0, lane);
-        mma_bf16(c, al, bh);
-      }
-      if constexpr (P::factor_lo) {
-        frag_b(bl, fl, lf, nt * 8, k0, lane);
-        mma_bf16(c, ah, bl);
-      }
-    }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int m = mt * 16 + g + 8 * h, pl = m / i1p, cc = m % i1p, d = nt * 8 + 2 * t;
-      store_data<P>(yh, yl, (pl * i2p + d) * ly + cc, c[2 * h]);
-      store_data<P>(yh, yl, (pl * i2p + d + 1) * ly + cc, c[2 * h + 1]);
-    }
-  }
-}
-
 // The forward's mode d on rows (p, c') of X, mt16 m tiles of 16 (M = (p, c'), N = d, K = d'):
 // Y[(p, c')][d] = sum_d' X[(p, c')][d'] F[d][d'], Y's rows (p, c') at (p i1p + c') ly, written as
 // 32-bit pairs. X's rows are at p ps + c' lx (mtp m tiles per p). Each warp keeps an m tile's data
-// fragments across the n tiles (bf16).
-template <typename P>
+// fragments across the n tiles where Keep (by default without data lo halves: with them, kept, they
+// spill on sm_80 at two blocks per SM; the backward, at one, keeps them).
+template <typename P, bool Keep = !P::data_lo>
 __device__ __forceinline__ void cols_fwd_mode_d(const MmaT *xh, const MmaT *xl, int lx, int64_t ps, int mtp,
                                                 const MmaT *fh, const MmaT *fl, int lf, MmaT *yh, MmaT *yl, int ly,
                                                 int mt16, int i2p) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int kt = i2p / 16;
-  // With data lo halves (f16) the fragments are loaded per use: kept, they spill on sm_80.
-  constexpr bool keep = !P::data_lo;
+  constexpr bool keep = Keep;
   for (int mt = warp; mt < mt16; mt += TC_WARPS) {
     const int64_t x0 = (mt / mtp) * ps + (int64_t)(mt % mtp) * 16 * lx;  // the m tile's first row
-    uint32_t ah[keep ? TC_KMAX / 16 : 1][4], al[4];
+    uint32_t ah[keep ? TC_KMAX / 16 : 1][4], al[keep && P::data_lo ? TC_KMAX / 16 : 1][4];
     if constexpr (keep) {
 #pragma unroll
       for (int k = 0; k < TC_KMAX / 16; ++k)
-        if (k < kt) frag_a(ah[k], xh + x0, lx, 0, k * 16, lane);
+        if (k < kt) {
+          frag_a(ah[k], xh + x0, lx, 0, k * 16, lane);
+          if constexpr (P::data_lo) frag_a(al[k], xl + x0, lx, 0, k * 16, lane);
+        }
     }
     for (int nt = 0; nt < i2p / 8; ++nt) {
       float c[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int k = 0; k < TC_KMAX / 16; ++k)
         if (k < kt) {
-          uint32_t *a = ah[keep ? k : 0];
+          uint32_t *a = ah[keep ? k : 0], *alo = al[keep && P::data_lo ? k : 0];
           if constexpr (!keep) {
             frag_a(a, xh + x0, lx, 0, k * 16, lane);
-            frag_a(al, xl + x0, lx, 0, k * 16, lane);
+            if constexpr (P::data_lo) frag_a(alo, xl + x0, lx, 0, k * 16, lane);
           }
           uint32_t bh[2], bl[2];
           frag_b(bh, fh, lf, nt * 8, k * 16, lane);
           mma_bf16(c, a, bh);
-          if constexpr (P::data_lo) mma_bf16(c, al, bh);
+          if constexpr (P::data_lo) mma_bf16(c, alo, bh);
           if constexpr (P::factor_lo) {
             frag_b(bl, fl, lf, nt * 8, k * 16, lane);
             mma_bf16(c, a, bl);

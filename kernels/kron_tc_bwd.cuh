@@ -63,27 +63,30 @@ __device__ __forceinline__ void load_factor_t(MmaT *hi, MmaT *lo, const T *f, in
 }
 
 // ---- columns side: dC, dD and K = H R ----
+// Every per-row matrix (H[p], P[p] and the intermediates YD = P D^T, YC = C P, T1 = H D) is kept
+// row-major as X[p][c][d] (row stride lz, an odd number of 16-byte units), written by the producing
+// mma as 32-bit pairs; every product reads it through ldmatrix-friendly fragments (k-contiguous
+// pairs, or ldmatrix.trans where k is the row index), so no operand is stored transposed.
 
 struct ColsBwdLayout {
-  int i1p, i2p, lz, lyt, lc, ld, pr;
-  int64_t hh, hl, ph, pl, yh, yl, ch, cl, cth, ctl, dh, dl, dth, dtl, dcs, dds, bytes;
+  int i1p, i2p, lz, lc, ld, pr;
+  int64_t ps, hh, hl, ph, pl, yh, yl, ch, cl, cth, ctl, dh, dl, dth, dtl, red, bytes;
 };
 
-// pr: rows per block. Shared matrices: Hs, Ps [pr * i1p][lz] (X[p][c][d]); Y, the products,
-// [max(pr * i2p * lyt, pr * i1p * lz)]; C, C^T [i1p][lc]; D, D^T [i2p][ld]; dC, dD in f32.
+// pr: rows per block. Shared matrices: H, P and Y (the intermediates) [pr][i1p][lz]; C, C^T
+// [i1p][lc]; D, D^T [i2p][ld]; the f32 accumulators of dC's and dD's warps (cols_bwd_contract),
+// [warps][n tiles][32 lanes][4].
 __host__ __device__ inline ColsBwdLayout cols_bwd_layout(int i1, int i2, int pr, TcSplit sp) {
   ColsBwdLayout l;
   l.pr = pr;
   l.i1p = tc_pad(i1);
   l.i2p = tc_pad(i2);
   l.lz = tc_ld(l.i2p);
-  l.lyt = tc_ld(l.i1p);
   l.lc = tc_ld(l.i1p);
   l.ld = tc_ld(l.i2p);
+  l.ps = (int64_t)l.i1p * l.lz;
   const int64_t e = 2;
-  const int64_t xb = (int64_t)pr * l.i1p * l.lz * e;
-  const int64_t ya = (int64_t)pr * l.i2p * l.lyt, yb2 = (int64_t)pr * l.i1p * l.lz;
-  const int64_t yb = (ya > yb2 ? ya : yb2) * e;
+  const int64_t xb = (int64_t)pr * l.ps * e;
   const int64_t cb = (int64_t)l.i1p * l.lc * e, db = (int64_t)l.i2p * l.ld * e;
   const bool dlo = sp.data_lo, flo = sp.factor_lo;
   l.hh = 0;
@@ -91,8 +94,8 @@ __host__ __device__ inline ColsBwdLayout cols_bwd_layout(int i1, int i2, int pr,
   l.ph = l.hl + (dlo ? xb : 0);
   l.pl = l.ph + xb;
   l.yh = l.pl + (dlo ? xb : 0);
-  l.yl = l.yh + yb;
-  l.ch = l.yl + (dlo ? yb : 0);
+  l.yl = l.yh + xb;
+  l.ch = l.yl + (dlo ? xb : 0);
   l.cl = l.ch + cb;
   l.cth = l.cl + (flo ? cb : 0);
   l.ctl = l.cth + cb;
@@ -100,9 +103,9 @@ __host__ __device__ inline ColsBwdLayout cols_bwd_layout(int i1, int i2, int pr,
   l.dl = l.dh + db;
   l.dth = l.dl + (flo ? db : 0);
   l.dtl = l.dth + db;
-  l.dcs = l.dtl + (flo ? db : 0);
-  l.dds = l.dcs + (int64_t)i1 * i1 * 4;
-  l.bytes = (l.dds + (int64_t)i2 * i2 * 4 + 15) / 16 * 16;
+  l.red = l.dtl + (flo ? db : 0);
+  const int ntmax = (l.i1p > l.i2p ? l.i1p : l.i2p) / 8;
+  l.bytes = l.red + (int64_t)TC_WARPS * ntmax * 32 * 4 * 4;
   return l;
 }
 
@@ -114,12 +117,126 @@ __host__ __device__ inline int cols_bwd_rows(int i1, int i2, TcSplit sp) {
   return 1;
 }
 
+// out[m][n] (row stride nv; m < mv, n < nv) = sum_p sum_k A_p[m][k] B_p[k][n] over the block's pr
+// rows p (operands at p * ps): a data-by-data contraction (mp x np, k padded to kp). A_p is H[p] as
+// stored (AK false: A[m][k] = H[m][k]) or transposed (AK: A[m][k] = H[k][m]); B_p is an
+// intermediate as [n][k] (BK false) or [k][n] (BK). Each warp takes one m tile and every n tile
+// (its A fragment read once per k step) over a group of rows p; the groups' accumulators meet in
+// `red` (as each lane holds them, 16-byte stores free of bank conflicts) and are summed in group
+// order (a fixed order: the same bits every run) into out, in global memory.
+template <typename P, bool AK, bool BK>
+__device__ __forceinline__ void cols_bwd_contract(const MmaT *ah_, const MmaT *al_, const MmaT *bh_, const MmaT *bl_,
+                                                  int lz, int64_t ps, int pr, int mp, int np, int kp, float4 *red,
+                                                  float *out, int mv, int nv) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int mtn = mp / 16, ntn = np / 8, groups = TC_WARPS / mtn;
+  const int mt = warp % mtn, pg = warp / mtn;
+  const bool active = pg < groups;
+  float c[TC_KMAX / 8][4] = {};
+  if (active) {
+    for (int p = pg; p < pr; p += groups) {
+      const int64_t off = p * ps;
+      for (int k0 = 0; k0 < kp; k0 += 16) {
+        uint32_t ah[4], al[4];
+        if constexpr (AK) frag_a_kmajor(ah, ah_ + off, lz, mt * 16, k0, lane);
+        else frag_a(ah, ah_ + off, lz, mt * 16, k0, lane);
+        if constexpr (P::data_lo) {
+          if constexpr (AK) frag_a_kmajor(al, al_ + off, lz, mt * 16, k0, lane);
+          else frag_a(al, al_ + off, lz, mt * 16, k0, lane);
+        }
+#pragma unroll
+        for (int nt = 0; nt < TC_KMAX / 8; ++nt)
+          if (nt < ntn) {
+            uint32_t bh[2], bl[2];
+            if constexpr (BK) frag_b_kmajor(bh, bh_ + off, lz, nt * 8, k0, lane);
+            else frag_b(bh, bh_ + off, lz, nt * 8, k0, lane);
+            if constexpr (P::data_lo) {
+              if constexpr (BK) frag_b_kmajor(bl, bl_ + off, lz, nt * 8, k0, lane);
+              else frag_b(bl, bl_ + off, lz, nt * 8, k0, lane);
+            }
+            mma_data<P>(c[nt], ah, al, bh, bl);
+          }
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < TC_KMAX / 8; ++nt)
+      if (nt < ntn) red[(warp * ntn + nt) * 32 + lane] = make_float4(c[nt][0], c[nt][1], c[nt][2], c[nt][3]);
+  }
+  __syncthreads();
+  if (active && pg == 0) {
+#pragma unroll
+    for (int nt = 0; nt < TC_KMAX / 8; ++nt)
+      if (nt < ntn) {
+        float sum[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int s = 0; s < groups; ++s) {
+          const float4 v = red[((s * mtn + mt) * ntn + nt) * 32 + lane];
+          sum[0] += v.x, sum[1] += v.y, sum[2] += v.z, sum[3] += v.w;
+        }
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+          const int m = mt * 16 + g + 8 * (v >> 1), n = nt * 8 + 2 * t + (v & 1);
+          if (m < mv && n < nv) out[m * nv + n] = sum[v];
+        }
+      }
+  }
+}
+
+// A factor times each row's matrix: st(p, mt, nt, c) gets the m16n8 tile (mt, nt) of F X_p
+// (M = i1p rows of F, N = i2p columns of X_p, K = i1p; X_p k-major at p * ps, row stride lz, read
+// with ldmatrix.trans). Warps take (row, n tile) units and read each unit's fragments once for all
+// m tiles; without factor lo halves a warp keeps all of F's fragments (at most 64 registers).
+template <typename P, typename St>
+__device__ __forceinline__ void cols_factor_by_rows(const MmaT *fh, const MmaT *fl, int lf, const MmaT *xh,
+                                                    const MmaT *xl, int lz, int64_t ps, int pr, int i1p, int i2p,
+                                                    St st) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int kt = i1p / 16, ntd = i2p / 8;
+  constexpr bool keep = !P::factor_lo;
+  constexpr int KS = TC_KMAX / 16;
+  uint32_t fk[keep ? KS : 1][keep ? KS : 1][4];  // [m tile][k step]
+  if constexpr (keep) {
+#pragma unroll
+    for (int mt = 0; mt < KS; ++mt)
+#pragma unroll
+      for (int k = 0; k < KS; ++k)
+        if (mt < kt && k < kt) frag_a(fk[mt][k], fh, lf, mt * 16, k * 16, lane);
+  }
+  for (int u = warp; u < pr * ntd; u += TC_WARPS) {
+    const int p = u / ntd, nt = u % ntd;
+    uint32_t bh[KS][2], bl[KS][2];
+#pragma unroll
+    for (int k = 0; k < KS; ++k)
+      if (k < kt) {
+        frag_b_kmajor(bh[k], xh + p * ps, lz, nt * 8, k * 16, lane);
+        if constexpr (P::data_lo) frag_b_kmajor(bl[k], xl + p * ps, lz, nt * 8, k * 16, lane);
+      }
+#pragma unroll
+    for (int mt = 0; mt < KS; ++mt)
+      if (mt < kt) {
+        float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int k = 0; k < KS; ++k)
+          if (k < kt) {
+            if constexpr (keep) {
+              mma_split<P>(c, fk[mt][k], fk[mt][k], bh[k], bl[k]);
+            } else {
+              uint32_t ah[4], al[4];
+              frag_a(ah, fh, lf, mt * 16, k * 16, lane);
+              frag_a(al, fl, lf, mt * 16, k * 16, lane);
+              mma_split<P>(c, ah, al, bh[k], bl[k]);
+            }
+          }
+        st(p, mt, nt, c);
+      }
+  }
+}
+
 // grid (ceil(O / pr)). z: the round's P_r, overwritten with K_r (slab layout, ranks r0..r0+nr);
 // part: f32 [nr][blocks][i1*i1 + i2*i2], this block's dC and dD contributions per rank.
-// Launch bounds of two blocks per SM (at most 128 registers): with the default, ptxas 13.0 capped
-// the bf16 instance at 64 registers and spilled.
+// One block per SM at the shapes that matter (about 130 KB of shared memory at T5-base `wi`), so
+// the launch bounds ask for one: the warps keep factor and data fragments in registers.
 template <typename T>
-__global__ void __launch_bounds__(TC_THREADS, 2)
+__global__ void __launch_bounds__(TC_THREADS, 1)
 kron_cols_bwd_kernel(Opnd h, float *__restrict__ z, const T *__restrict__ fc, const T *__restrict__ fd,
                      float *__restrict__ part, int i1, int i2, int pr, int64_t O, int64_t r0, int64_t nr, int64_t nexp,
                      int64_t expert) {
@@ -133,20 +250,20 @@ kron_cols_bwd_kernel(Opnd h, float *__restrict__ z, const T *__restrict__ fc, co
   MmaT *Cth = reinterpret_cast<MmaT *>(smem + L.cth), *Ctl = reinterpret_cast<MmaT *>(smem + L.ctl);
   MmaT *Dh = reinterpret_cast<MmaT *>(smem + L.dh), *Dl = reinterpret_cast<MmaT *>(smem + L.dl);
   MmaT *Dth = reinterpret_cast<MmaT *>(smem + L.dth), *Dtl = reinterpret_cast<MmaT *>(smem + L.dtl);
-  float *dCs = reinterpret_cast<float *>(smem + L.dcs), *dDs = reinterpret_cast<float *>(smem + L.dds);
+  float4 *red = reinterpret_cast<float4 *>(smem + L.red);
   const int64_t I = (int64_t)i1 * i2, slabs = (I + TC_QC - 1) / TC_QC;
   const int64_t p0 = (int64_t)blockIdx.x * pr, blocks = gridDim.x;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, t = lane & 3;
-  const int i1p = L.i1p, i2p = L.i2p;
-  const int ntd = i2p / 8;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int i1p = L.i1p, i2p = L.i2p, lz = L.lz;
+  const int64_t ps = L.ps;
+  const int mt16 = pr * i1p / 16, mtp = i1p / 16;
 
-  zero_smem(smem, L.bytes);  // K padding, rows past O, and the f32 accumulators
+  zero_smem(smem, L.bytes);  // K padding and rows past O
   __syncthreads();
-  // H's rows, once for every rank: Hs[p][c][d] = H[p, c*i2 + d].
+  // H's rows, once for every rank: H[p][c][d] = H[p, c*i2 + d].
   for (int64_t x = threadIdx.x; x < (int64_t)pr * I; x += TC_THREADS) {
     const int64_t pl = x / I, q = x % I, p = p0 + pl;
-    if (p < O) store_data<P>(Hh, Hl, (pl * i1p + q / i2) * L.lz + q % i2, opnd_ld<T>(h, p * I + q));
+    if (p < O) store_data<P>(Hh, Hl, pl * ps + (q / i2) * lz + q % i2, opnd_ld<T>(h, p * I + q));
   }
 
   for (int64_t rl = 0; rl < nr; ++rl) {
@@ -157,127 +274,43 @@ kron_cols_bwd_kernel(Opnd h, float *__restrict__ z, const T *__restrict__ fc, co
     load_factor<P>(Dh, Dl, fd + (r * nexp + expert) * i2 * i2, i2, L.ld);
     load_factor_t<P>(Dth, Dtl, fd + (r * nexp + expert) * i2 * i2, i2, L.ld);
     float *zr = z + rl * slabs * O * TC_QC;
-    load_z_rows<P>(Ph, Pl, L.lz, (int64_t)i1p * L.lz, zr, p0, pr, O, i1, i2);
-    __syncthreads();
-
-    // YD[p][d][c'] = sum_d' P[p][c'][d'] D[d][d'], as the forward's mode d.
-    rows_by_factor<P>(Ph, Pl, L.lz, Dh, Dl, L.ld, Yh, Yl, L.lyt, pr, i1p, i2p);
-    __syncthreads();
-
-    // dC[c][c'] += sum_{p,d} H[p][c][d] YD[p][d][c']  (M = c, N = c', K = (p, d)).
-    {
-      const int mtc = i1p / 16, ntc = i1p / 8;
-      for (int tile = warp; tile < mtc * ntc; tile += TC_WARPS) {
-        const int mt = tile / ntc, nt = tile % ntc;
-        float c[4] = {0.f, 0.f, 0.f, 0.f};
-        for (int pl = 0; pl < pr; ++pl) {
-          const MmaT *yh = Yh + (int64_t)pl * i2p * L.lyt, *yl = Yl + (int64_t)pl * i2p * L.lyt;
-          for (int k0 = 0; k0 < i2p; k0 += 16) {
-            uint32_t ah[4], al[4], bh[2], bl[2];
-            frag_a(ah, Hh + (int64_t)pl * i1p * L.lz, L.lz, mt * 16, k0, lane);
-            frag_b_kmajor(bh, yh, L.lyt, nt * 8, k0, lane);
-            if constexpr (P::data_lo) {
-              frag_a(al, Hl + (int64_t)pl * i1p * L.lz, L.lz, mt * 16, k0, lane);
-              frag_b_kmajor(bl, yl, L.lyt, nt * 8, k0, lane);
-            }
-            mma_data<P>(c, ah, al, bh, bl);
-          }
-        }
-#pragma unroll
-        for (int v = 0; v < 4; ++v) {
-          const int cc = mt * 16 + g + 8 * (v >> 1), cp = nt * 8 + 2 * t + (v & 1);
-          if (cc < i1 && cp < i1) dCs[cc * i1 + cp] += c[v];
-        }
-      }
-    }
-    __syncthreads();
-
-    // YC[p][c][d'] = sum_c' C[c][c'] P[p][c'][d']  (M = c, N = d', K = c'), one row p at a time.
-    {
-      const int mtc = i1p / 16;
-      for (int tile = warp; tile < pr * mtc * ntd; tile += TC_WARPS) {
-        const int pl = tile / (mtc * ntd), mt = (tile / ntd) % mtc, nt = tile % ntd;
-        const MmaT *xh = Ph + (int64_t)pl * i1p * L.lz, *xl = Pl + (int64_t)pl * i1p * L.lz;
-        float c[4] = {0.f, 0.f, 0.f, 0.f};
-        for (int k0 = 0; k0 < i1p; k0 += 16) {
-          uint32_t fh[4], fl[4], bh[2], bl[2];
-          frag_a(fh, Ch, L.lc, mt * 16, k0, lane);
-          if constexpr (P::factor_lo) frag_a(fl, Cl, L.lc, mt * 16, k0, lane);
-          frag_b_kmajor(bh, xh, L.lz, nt * 8, k0, lane);
-          if constexpr (P::data_lo) frag_b_kmajor(bl, xl, L.lz, nt * 8, k0, lane);
-          mma_split<P>(c, fh, fl, bh, bl);
-        }
-#pragma unroll
-        for (int v = 0; v < 4; ++v) {
-          const int cc = mt * 16 + g + 8 * (v >> 1), d = nt * 8 + 2 * t + (v & 1);
-          store_data<P>(Yh, Yl, (pl * i1p + cc) * L.lz + d, c[v]);
-        }
-      }
-    }
-    __syncthreads();
-
-    // dD[d][d'] += sum_{p,c} H[p][c][d] YC[p][c][d']  (M = d, N = d', K = (p, c)).
-    {
-      const int mtd = i2p / 16;
-      for (int tile = warp; tile < mtd * ntd; tile += TC_WARPS) {
-        const int mt = tile / ntd, nt = tile % ntd;
-        float c[4] = {0.f, 0.f, 0.f, 0.f};
-        for (int pl = 0; pl < pr; ++pl) {
-          const int64_t off = (int64_t)pl * i1p * L.lz;
-          for (int k0 = 0; k0 < i1p; k0 += 16) {
-            uint32_t ah[4], al[4], bh[2], bl[2];
-            frag_a_kmajor(ah, Hh + off, L.lz, mt * 16, k0, lane);
-            frag_b_kmajor(bh, Yh + off, L.lz, nt * 8, k0, lane);
-            if constexpr (P::data_lo) {
-              frag_a_kmajor(al, Hl + off, L.lz, mt * 16, k0, lane);
-              frag_b_kmajor(bl, Yl + off, L.lz, nt * 8, k0, lane);
-            }
-            mma_data<P>(c, ah, al, bh, bl);
-          }
-        }
-#pragma unroll
-        for (int v = 0; v < 4; ++v) {
-          const int d = mt * 16 + g + 8 * (v >> 1), dp = nt * 8 + 2 * t + (v & 1);
-          if (d < i2 && dp < i2) dDs[d * i2 + dp] += c[v];
-        }
-      }
-    }
-    __syncthreads();
-
-    // T1[p][d'][c] = sum_d H[p][c][d] D[d][d'] (the factor operand is D^T as stored).
-    rows_by_factor<P>(Hh, Hl, L.lz, Dth, Dtl, L.ld, Yh, Yl, L.lyt, pr, i1p, i2p);
-    __syncthreads();
-
-    // K[p][c'][d'] = sum_c C[c][c'] T1[p][d'][c]  (M = c', N = d', K = c; A = C^T stored), over P.
-    {
-      const int mtc = i1p / 16;
-      for (int tile = warp; tile < pr * mtc * ntd; tile += TC_WARPS) {
-        const int pl = tile / (mtc * ntd), mt = (tile / ntd) % mtc, nt = tile % ntd;
-        const int64_t p = p0 + pl;
-        float c[4] = {0.f, 0.f, 0.f, 0.f};
-        factor_by_data<P>(c, Cth, Ctl, L.lc, mt * 16,
-            Yh + (int64_t)pl * i2p * L.lyt, Yl + (int64_t)pl * i2p * L.lyt, L.lyt, nt * 8, i1p, lane);
-        if (p >= O) continue;
-#pragma unroll
-        for (int v = 0; v < 4; ++v) {
-          const int cc = mt * 16 + g + 8 * (v >> 1), d = nt * 8 + 2 * t + (v & 1);
-          if (cc >= i1 || d >= i2) continue;
-          const int64_t q = (int64_t)cc * i2 + d;
-          zr[((q / TC_QC) * O + p) * TC_QC + q % TC_QC] = c[v];
-        }
-      }
-    }
-    __syncthreads();
     float *out = part + (rl * blocks + blockIdx.x) * ((int64_t)i1 * i1 + (int64_t)i2 * i2);
-    for (int x = threadIdx.x; x < i1 * i1 + i2 * i2; x += TC_THREADS) {
-      if (x < i1 * i1) {
-        out[x] = dCs[x];
-        dCs[x] = 0.f;
-      } else {
-        out[x] = dDs[x - i1 * i1];
-        dDs[x - i1 * i1] = 0.f;
+    load_z_rows<P>(Ph, Pl, lz, ps, zr, p0, pr, O, i1, i2);
+    __syncthreads();
+
+    // YD[p][c'][d] = sum_d' P[p][c'][d'] D[d][d'], as the forward's mode d.
+    cols_fwd_mode_d<P, true>(Ph, Pl, lz, ps, mtp, Dh, Dl, L.ld, Yh, Yl, lz, mt16, i2p);
+    __syncthreads();
+    // dC[c][c'] += sum_{p,d} H[p][c][d] YD[p][c'][d]  (M = c, N = c', K = (p, d)).
+    cols_bwd_contract<P, false, false>(Hh, Hl, Yh, Yl, lz, ps, pr, i1p, i1p, i2p, red, out, i1, i1);
+    __syncthreads();
+
+    // YC[p][c][d'] = sum_c' C[c][c'] P[p][c'][d']  (M = c, N = d', K = c').
+    cols_factor_by_rows<P>(Ch, Cl, L.lc, Ph, Pl, lz, ps, pr, i1p, i2p, [&](int p, int mt, int nt, const float c[4]) {
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh)
+        store_data2<P>(Yh, Yl, p * ps + (int64_t)(mt * 16 + g + 8 * hh) * lz + nt * 8 + 2 * t, c[2 * hh], c[2 * hh + 1]);
+    });
+    __syncthreads();
+    // dD[d][d'] += sum_{p,c} H[p][c][d] YC[p][c][d']  (M = d, N = d', K = (p, c)).
+    cols_bwd_contract<P, true, true>(Hh, Hl, Yh, Yl, lz, ps, pr, i2p, i2p, i1p, red, out + (int64_t)i1 * i1, i2, i2);
+    __syncthreads();
+
+    // T1[p][c][d'] = sum_d H[p][c][d] D[d][d'] (the factor operand is D^T as stored).
+    cols_fwd_mode_d<P, true>(Hh, Hl, lz, ps, mtp, Dth, Dtl, L.ld, Yh, Yl, lz, mt16, i2p);
+    __syncthreads();
+    // K[p][c'][d'] = sum_c C[c][c'] T1[p][c][d']  (M = c', N = d', K = c; A = C^T as stored), over P.
+    cols_factor_by_rows<P>(Cth, Ctl, L.lc, Yh, Yl, lz, ps, pr, i1p, i2p, [&](int pl, int mt, int nt, const float c[4]) {
+      const int64_t p = p0 + pl;
+      if (p >= O) return;
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        const int cc = mt * 16 + g + 8 * (v >> 1), d = nt * 8 + 2 * t + (v & 1);
+        if (cc >= i1 || d >= i2) continue;
+        const int64_t q = (int64_t)cc * i2 + d;
+        zr[((q / TC_QC) * O + p) * TC_QC + q % TC_QC] = c[v];
       }
-    }
+    });
   }
 }
 

@@ -87,6 +87,27 @@ fn curvature_params(
     }
 }
 
+/// A curvature forward (and backward) of `p` on the tensor-core path, with a workspace of the size
+/// the library asks for. `p`'s buffers must be live host buffers of the sizes its dims imply
+/// (curvature_params): the emulation's device memory.
+fn run_curvature(p: &mut ffi::camex_curvature_params, backward: bool) {
+    // SAFETY: size queries, then host buffers of the implied sizes; the tensor-core setting is
+    // per thread and restored.
+    unsafe {
+        ffi::camex_set_tensor_cores(1);
+        let w0 = ffi::camex_curvature_workspace(p, 0) as usize;
+        let w1 = ffi::camex_curvature_workspace(p, 1) as usize;
+        let ws = aligned(w0.max(w1).div_ceil(4), 0.0);
+        p.workspace = ws.as_ptr() as u64;
+        p.workspace_bytes = (ws.len() * 256) as i64;
+        assert_eq!(ffi::camex_curvature_forward(p, std::ptr::null_mut()), 0);
+        if backward {
+            assert_eq!(ffi::camex_curvature_backward(p, std::ptr::null_mut()), 0);
+        }
+        ffi::camex_set_tensor_cores(-1);
+    }
+}
+
 /// One probe launch: every lane copies the `width`-byte word at element lane * stride of a shared
 /// array (filled first, 33 coalesced rounds) and of global memory to two output slots.
 fn probe(width: i32, stride: i32) -> ffi::camex_emu_launch {
@@ -214,19 +235,8 @@ fn sampled_blocks_count_like_every_block() {
                     &gd,
                 ],
             );
-            // SAFETY: size queries, then host buffers of the implied sizes (the emulation's
-            // device memory); counting is on for both queries and launches (same mode).
-            unsafe {
-                ffi::camex_set_tensor_cores(1);
-                let w0 = ffi::camex_curvature_workspace(&p, 0) as usize;
-                let w1 = ffi::camex_curvature_workspace(&p, 1) as usize;
-                let ws = aligned(w0.max(w1).div_ceil(4), 0.0);
-                p.workspace = ws.as_ptr() as u64;
-                p.workspace_bytes = (ws.len() * 256) as i64;
-                assert_eq!(ffi::camex_curvature_forward(&p, std::ptr::null_mut()), 0);
-                assert_eq!(ffi::camex_curvature_backward(&p, std::ptr::null_mut()), 0);
-                ffi::camex_set_tensor_cores(-1);
-            }
+            // Counting is on for both the size queries and the launches (same mode).
+            run_curvature(&mut p, true);
         })
     };
     // Registered allocations cap each one's distinct bytes at its size (as scripts/cost-model.sh
@@ -256,14 +266,7 @@ fn sampled_blocks_count_like_every_block() {
     );
     assert!(exact.iter().any(|l| l.mma_flop > 0), "the tensor cores ran");
     for (e, s) in exact.iter().zip(&sampled) {
-        let name = String::from_utf8_lossy(
-            &e.kernel
-                .iter()
-                .take_while(|&&c| c != 0)
-                .map(|&c| c as u8)
-                .collect::<Vec<u8>>(),
-        )
-        .into_owned();
+        let name = kernel_name(e);
         assert_eq!(e.blocks, s.blocks, "{name}: grid");
         assert_eq!(e.mma_flop, s.mma_flop, "{name}: mma");
         assert_eq!(e.smem_wavefronts, s.smem_wavefronts, "{name}: wavefronts");
@@ -426,23 +429,11 @@ fn smem_limit_steers_the_tensor_core_path() {
                         &gcc, &gd,
                     ],
                 );
-                // SAFETY: a per-thread setting of the emulation, size queries, then host buffers
-                // of the implied sizes (the emulation's device memory).
-                unsafe {
-                    let prev = ffi::camex_emu_smem_limit(limit);
-                    ffi::camex_set_tensor_cores(1);
-                    let w0 = ffi::camex_curvature_workspace(&p, 0) as usize;
-                    let w1 = ffi::camex_curvature_workspace(&p, 1) as usize;
-                    let ws = aligned(w0.max(w1).div_ceil(4), 0.0);
-                    p.workspace = ws.as_ptr() as u64;
-                    p.workspace_bytes = (ws.len() * 256) as i64;
-                    assert_eq!(ffi::camex_curvature_forward(&p, std::ptr::null_mut()), 0);
-                    if backward {
-                        assert_eq!(ffi::camex_curvature_backward(&p, std::ptr::null_mut()), 0);
-                    }
-                    ffi::camex_set_tensor_cores(-1);
-                    ffi::camex_emu_smem_limit(prev);
-                }
+                // SAFETY: a per-thread setting of the emulation (restored below).
+                let prev = unsafe { ffi::camex_emu_smem_limit(limit) };
+                run_curvature(&mut p, backward);
+                // SAFETY: as above.
+                unsafe { ffi::camex_emu_smem_limit(prev) };
             });
             // The forward's output bits, then (after a backward) every gradient's.
             let mut bits: Vec<u32> = curved.iter().flat_map(|c| c.0).map(f32::to_bits).collect();

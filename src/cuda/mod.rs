@@ -517,45 +517,46 @@ impl<T> CudaTensor<T> {
 pub(crate) struct PackedOutputs<T> {
     whole: CudaSlice<T>,
     shapes: Vec<Vec<usize>>,
+    /// Where each piece starts in `whole`, in elements.
+    starts: Vec<usize>,
 }
 
 impl<T: Element> PackedOutputs<T> {
     /// One output buffer for pieces of `shapes` (`name` in its errors).
     pub fn new(stream: &Arc<CudaStream>, name: &str, shapes: Vec<Vec<usize>>) -> Result<Self> {
-        let total: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
+        let mut starts = Vec::with_capacity(shapes.len());
+        let mut total = 0;
+        for s in &shapes {
+            starts.push(total);
+            total += s.iter().product::<usize>();
+        }
         let whole = CudaTensor::<T>::output(stream, name, &[total])?.into_slice()?;
-        Ok(PackedOutputs { whole, shapes })
+        Ok(PackedOutputs {
+            whole,
+            shapes,
+            starts,
+        })
     }
     /// The device address of each piece, for the one launch that writes them all.
     pub fn ptrs<'a>(&'a mut self, l: &mut Launch<'a>) -> Vec<u64> {
         let base = l.write_slice(&mut self.whole);
-        let mut at = 0;
-        self.shapes
+        self.starts
             .iter()
-            .map(|s| {
-                let p = base + (at * std::mem::size_of::<T>()) as u64;
-                at += s.iter().product::<usize>();
-                p
-            })
+            .map(|&at| base + (at * std::mem::size_of::<T>()) as u64)
             .collect()
     }
     /// The pieces, as tensors (read-only views that share the buffer).
     pub fn into_parts(self) -> Vec<CudaTensor<T>> {
         let whole = Arc::new(self.whole);
-        let mut at = 0;
         self.shapes
             .into_iter()
-            .map(|shape| {
-                let n: usize = shape.iter().product();
-                let t = CudaTensor {
-                    shape,
-                    data: Data::Part {
-                        whole: whole.clone(),
-                        at,
-                    },
-                };
-                at += n;
-                t
+            .zip(self.starts)
+            .map(|(shape, at)| CudaTensor {
+                shape,
+                data: Data::Part {
+                    whole: whole.clone(),
+                    at,
+                },
             })
             .collect()
     }
@@ -588,20 +589,16 @@ impl<'a> Launch<'a> {
         t.map_or(0, |t| self.read(t))
     }
     pub fn write<T>(&mut self, t: &'a mut CudaTensor<T>) -> u64 {
-        match &mut t.data {
-            Data::Owned(s) => {
+        match t.data {
+            Data::Owned(ref mut s) => {
                 let (p, g) = s.device_ptr_mut(self.stream);
                 self.guards.push(g);
                 p
             }
-            Data::Borrowed { ptr, .. } => *ptr,
-            // Pieces are written only through their whole buffer, by the launch that makes them
-            // (PackedOutputs); no op writes into a tensor it was given.
-            Data::Part { whole, at } => {
-                let (p, g) = whole.device_ptr(self.stream);
-                self.guards.push(g);
-                p + (*at * std::mem::size_of::<T>()) as CUdeviceptr
-            }
+            // A borrowed view's owner holds its guard, and pieces are written only through their
+            // whole buffer, by the launch that makes them (PackedOutputs): no op writes into a
+            // tensor it was given, so these take the address as a read does.
+            _ => self.read(t),
         }
     }
     pub fn write_opt<T>(&mut self, t: Option<&'a mut CudaTensor<T>>) -> u64 {
