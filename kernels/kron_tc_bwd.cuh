@@ -327,22 +327,29 @@ kron_cols_bwd_kernel(Opnd h, float *__restrict__ z, const T *__restrict__ fc, co
 
 constexpr int TC_WR = 16;  // rows a' of W per chunk (one m tile)
 
+// What the rows-side backward keeps in shared memory beyond the least (bits of its `mode`): the
+// slab of tau for the round's ranks (else read per use), and the slab of dtau, accumulated over the
+// round's ranks and written once (else read, added to and written per rank).
+constexpr int TC_TAU_RESIDENT = 1, TC_DTAU_RESIDENT = 2;
+
 struct RowsBwdLayout {
-  int o1p, o2p, ly, la, lb, ta;
-  int64_t kh, kl, wh, wl, th, tl, ath, atl, bth, btl, bytes;
+  int o1p, o2p, ly, la, lb, ta, lg;
+  int64_t kh, kl, wh, wl, th, tl, ath, atl, bth, btl, gs, bytes;
 };
 
-// K (then V) [o1p][ly]; W [TC_WR][ly]; tau [ta][ly], all o1p rows when `resident` (read once for
-// the round's ranks) else TC_WR at a time (read again per use); A^T [o1p][la], B^T [o2p][lb]. Rows
-// past o1 and columns b past o2 are zero (K padding of the products that read them).
-__host__ __device__ inline RowsBwdLayout rows_bwd_layout(int o1, int o2, TcSplit sp, bool resident) {
+// K (then V) [o1p][ly]; W [TC_WR][ly]; tau [ta][ly], all o1p rows with TC_TAU_RESIDENT else TC_WR
+// at a time; A^T [o1p][la], B^T [o2p][lb]; with TC_DTAU_RESIDENT dtau in f32 [o1][lg], lg = o2 * 8
+// + 8 (rows 32 bytes apart in the banks: a warp's 8-byte pairs of 8 rows a take two wavefronts).
+// Rows past o1 and columns b past o2 are zero (K padding of the products that read them).
+__host__ __device__ inline RowsBwdLayout rows_bwd_layout(int o1, int o2, TcSplit sp, int mode) {
   RowsBwdLayout l;
   l.o1p = tc_pad(o1);
   l.o2p = tc_pad(o2);
   l.ly = TC_QC * (l.o2p + 1);
   l.la = tc_ld(l.o1p);
   l.lb = tc_ld(l.o2p);
-  l.ta = resident ? l.o1p : TC_WR;
+  l.ta = mode & TC_TAU_RESIDENT ? l.o1p : TC_WR;
+  l.lg = o2 * TC_QC + 8;
   const int64_t e = 2;
   const int64_t k = (int64_t)l.o1p * l.ly * e, w = (int64_t)TC_WR * l.ly * e, t = (int64_t)l.ta * l.ly * e;
   const int64_t ab = (int64_t)l.o1p * l.la * e, bb = (int64_t)l.o2p * l.lb * e;
@@ -357,13 +364,18 @@ __host__ __device__ inline RowsBwdLayout rows_bwd_layout(int o1, int o2, TcSplit
   l.atl = l.ath + ab;
   l.bth = l.atl + (flo ? ab : 0);
   l.btl = l.bth + bb;
-  l.bytes = (l.btl + (flo ? bb : 0) + 15) / 16 * 16;
+  l.gs = (l.btl + (flo ? bb : 0) + 15) / 16 * 16;
+  l.bytes = l.gs + (mode & TC_DTAU_RESIDENT ? (int64_t)o1 * l.lg * 4 : 0);
   return l;
 }
 
-// Whether the rows-side backward under split sp keeps the slab of tau resident within `lim` bytes.
-__host__ __device__ inline bool rows_bwd_resident(int o1, int o2, TcSplit sp, int64_t lim) {
-  return rows_bwd_layout(o1, o2, sp, true).bytes <= lim;
+// The rows-side backward's mode under split sp within `lim` bytes: both slabs resident where they
+// fit, else tau's (it is read twice per rank otherwise), else dtau's, else neither.
+__host__ __device__ inline int rows_bwd_mode(int o1, int o2, TcSplit sp, int64_t lim) {
+  const int modes[3] = {TC_TAU_RESIDENT | TC_DTAU_RESIDENT, TC_TAU_RESIDENT, TC_DTAU_RESIDENT};
+  for (int i = 0; i < 3; ++i)
+    if (rows_bwd_layout(o1, o2, sp, modes[i]).bytes <= lim) return modes[i];
+  return 0;
 }
 
 // tau = W - E of rows a0..a0+rows (all b) and columns q0..q0+7 into X[a - a0][b * 8 + j] (row stride
@@ -536,7 +548,8 @@ __device__ __forceinline__ void rows_bwd_da(const MmaT *vh, const MmaT *vl, cons
   }
 }
 
-// One block per SM at the shapes that matter (about 130 KB of shared memory at T5-base `wi`, bf16).
+// One block per SM at the shapes that matter (at T5-base `wi`, bf16: 128 KiB with tau resident,
+// 225 KiB with dtau too, on sm_90).
 // grid (slabs); each block runs ranks r0..r0+nr of its slab in order. z: the round's K_r (slab
 // layout); gt: f32 [O][I], dtau, to which this slab's L_r^T K_r is added rank by rank (written by
 // the first rank when r0 == 0): a fixed order, so the bits do not depend on the schedule.
@@ -546,10 +559,12 @@ __global__ void __launch_bounds__(TC_THREADS, 1)
 kron_rows_bwd_kernel(const T *__restrict__ w, const T *__restrict__ e, const float *__restrict__ z,
                      const T *__restrict__ fa, const T *__restrict__ fb, float *__restrict__ part,
                      float *__restrict__ gt, int o1, int o2, int64_t I, int64_t nexp, int64_t expert, int64_t r0,
-                     int64_t nr, int resident) {
+                     int64_t nr, int mode) {
   CAMEX_DYNAMIC_SMEM(smem);
   using P = RowsBwdPrec<T>;
-  const RowsBwdLayout L = rows_bwd_layout(o1, o2, P::split(), resident != 0);
+  const RowsBwdLayout L = rows_bwd_layout(o1, o2, P::split(), mode);
+  const bool resident = mode & TC_TAU_RESIDENT, dacc = mode & TC_DTAU_RESIDENT;
+  float *Gs = reinterpret_cast<float *>(smem + L.gs);
   MmaT *Kh = reinterpret_cast<MmaT *>(smem + L.kh), *Kl = reinterpret_cast<MmaT *>(smem + L.kl);
   MmaT *Wh = reinterpret_cast<MmaT *>(smem + L.wh), *Wl = reinterpret_cast<MmaT *>(smem + L.wl);
   MmaT *Th = reinterpret_cast<MmaT *>(smem + L.th), *Tl = reinterpret_cast<MmaT *>(smem + L.tl);
@@ -575,9 +590,15 @@ kron_rows_bwd_kernel(const T *__restrict__ w, const T *__restrict__ e, const flo
     }
   };
 
-  zero_smem(smem, L.bytes);  // every operand's padding stays zero
+  zero_smem(smem, L.bytes);  // every operand's padding stays zero, and dtau starts at zero
   __syncthreads();
   if (resident) load_tau_rows<P>(Th, Tl, ly, w, e, 0, o1, o1, o2, I, q0, vec);
+  if (dacc && r0 > 0) {  // the earlier rounds' dtau, to add this round's ranks to in order
+    for (int64_t x = threadIdx.x; x < O * TC_QC; x += TC_THREADS) {
+      const int64_t p = x / TC_QC, j = x % TC_QC;
+      if (q0 + j < I) Gs[(p / o2) * L.lg + (p % o2) * TC_QC + j] = gt[p * I + q0 + j];
+    }
+  }
   for (int64_t rl = 0; rl < nr; ++rl) {
     const int64_t r = r0 + rl;
     const float *zs = z + (rl * slabs + slab) * O * TC_QC;  // zs[p * 8 + j]: this slab of K_r
@@ -626,7 +647,8 @@ kron_rows_bwd_kernel(const T *__restrict__ w, const T *__restrict__ e, const flo
     slab_mode_b_inplace<P>(Bth, Btl, L.lb, Kh, Kl, ly, o1, o2, L.o2p);
     __syncthreads();
 
-    // dtau_r = A^T V: gt[(a', b'), q0 + j] (+)= sum_a A[a][a'] V[a][b' * 8 + j].
+    // dtau_r = A^T V: dtau[(a', b'), q0 + j] (+)= sum_a A[a][a'] V[a][b' * 8 + j], in shared memory
+    // or in gt.
     const bool acc = r0 > 0 || rl > 0;
     slab_fwd_mode_a<P>(Ath, Atl, L.la, Kh, Kl, ly, [&](int mt, int b, const float v[4]) {
 #pragma unroll
@@ -634,6 +656,12 @@ kron_rows_bwd_kernel(const T *__restrict__ w, const T *__restrict__ e, const flo
         const int a = mt * 16 + g + 8 * h;
         const int64_t q = q0 + 2 * t;
         if (a >= o1) continue;
+        if (dacc) {
+          float2 *d2 = reinterpret_cast<float2 *>(Gs + a * L.lg + b * TC_QC + 2 * t);
+          const float2 o = *d2;
+          *d2 = make_float2(o.x + v[2 * h], o.y + v[2 * h + 1]);
+          continue;
+        }
         float *d = gt + ((int64_t)a * o2 + b) * I + q;
         const float v0 = v[2 * h], v1 = v[2 * h + 1];
         if (pairs && q + 1 < I) {
@@ -659,6 +687,13 @@ kron_rows_bwd_kernel(const T *__restrict__ w, const T *__restrict__ e, const flo
         __syncthreads();
         rows_bwd_da<P>(Kh, Kl, th, tl, ly, c * TC_WR, TC_WR / 8, ks, o1, L.o1p, out);
       }
+    }
+  }
+  if (dacc) {  // the round's dtau, once
+    __syncthreads();
+    for (int64_t x = threadIdx.x; x < O * TC_QC; x += TC_THREADS) {
+      const int64_t p = x / TC_QC, j = x % TC_QC;
+      if (q0 + j < I) gt[p * I + q0 + j] = Gs[(p / o2) * L.lg + (p % o2) * TC_QC + j];
     }
   }
 }
@@ -696,7 +731,7 @@ template <typename T> inline bool kron_tc_bwd_fits(const D4 &d4, int64_t lim) {
   const int pr = cols_bwd_rows(i1, i2, PrecOf<T>::split());
   return rows_layout(o1, o2, RowsSplitPrec<T>::split(), false).bytes <= lim &&
          cols_bwd_layout(i1, i2, pr, ColsBwdPrec<T>::split()).bytes <= lim &&
-         rows_bwd_layout(o1, o2, RowsBwdPrec<T>::split(), false).bytes <= lim;
+         rows_bwd_layout(o1, o2, RowsBwdPrec<T>::split(), 0).bytes <= lim;
 }
 
 // Floats of the partials of one round (both sides), sized on the dimensions alone.
@@ -722,8 +757,8 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
   const RowsLayout rl = rows_layout(o1, o2, RowsSplitPrec<T>::split(), resident != 0);
   const int pr = cols_bwd_rows(i1, i2, sp);
   const ColsBwdLayout cl = cols_bwd_layout(i1, i2, pr, ColsBwdPrec<T>::split());
-  const int bres = rows_bwd_resident(o1, o2, RowsBwdPrec<T>::split(), lim) ? 1 : 0;
-  const RowsBwdLayout bl = rows_bwd_layout(o1, o2, RowsBwdPrec<T>::split(), bres != 0);
+  const int bmode = rows_bwd_mode(o1, o2, RowsBwdPrec<T>::split(), lim);
+  const RowsBwdLayout bl = rows_bwd_layout(o1, o2, RowsBwdPrec<T>::split(), bmode);
   const int64_t cblocks = (O + pr - 1) / pr;
   cudaError_t err = CAMEX_SET_MAX_SMEM(kron_rows_split_kernel<T>, lim);
   if (err == cudaSuccess) err = CAMEX_SET_MAX_SMEM(kron_cols_bwd_kernel<T>, lim);
@@ -744,7 +779,7 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
         h, z, fc, fd, pcd, i1, i2, pr, O, r0, nr, f.n, expert);
     CAMEX_CHECK_LAUNCH();
     CAMEX_LAUNCH_SMEM(kron_rows_bwd_kernel<T>, (unsigned)slabs, TC_THREADS, bl.bytes, s)(
-        w, e, z, fa, fb, pab, gt, o1, o2, I, f.n, expert, r0, nr, bres);
+        w, e, z, fa, fb, pab, gt, o1, o2, I, f.n, expert, r0, nr, bmode);
     CAMEX_CHECK_LAUNCH();
     const int64_t nred = nr * ((int64_t)o1 * o1 + (int64_t)o2 * o2 + (int64_t)i1 * i1 + (int64_t)i2 * i2);
     CAMEX_LAUNCH(kron_bwd_reduce_kernel<T>, grid_for(nred, 256), 256, s)(pab, pcd, ga, gb, gc, gd, slabs, cblocks, o1, o2,
