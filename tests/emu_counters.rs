@@ -494,27 +494,19 @@ fn smem_limit_steers_the_tensor_core_path() {
         }
         assert_eq!(c90, c80, "{dt}: the same forward under both limits");
         if !f16 {
-            // Under 100 KiB bf16's stage 1 reads tau in chunks per rank: the same bits again.
-            let (r100, c100) = run(100 * 1024, 1, false);
-            let rows = smem_of(&r100, "kron_rows_kernel");
-            assert!(
-                !rows.is_empty() && rows.iter().all(|&b| b <= 100 * 1024),
-                "bf16: stage 1 in chunks, {rows:?}"
-            );
-            assert_eq!(
-                c90, c100,
-                "bf16: resident and chunked stage 1 agree bit for bit"
-            );
-            // And its rows-side backward reads tau in chunks per use: the same gradient bits.
+            // Under 100 KiB bf16 reads tau in chunks, stage 1 per rank and the rows-side backward
+            // per use: the same forward and gradient bits again.
             let (b100, g100) = run(100 * 1024, 1, true);
-            let bwd = smem_of(&b100, "kron_rows_bwd_kernel");
-            assert!(
-                !bwd.is_empty() && bwd.iter().all(|&b| b <= 100 * 1024),
-                "bf16: the rows-side backward in chunks, {bwd:?}"
-            );
+            for kernel in ["kron_rows_kernel", "kron_rows_bwd_kernel"] {
+                let smem = smem_of(&b100, kernel);
+                assert!(
+                    !smem.is_empty() && smem.iter().all(|&b| b <= 100 * 1024),
+                    "bf16: {kernel} in chunks, {smem:?}"
+                );
+            }
             assert_eq!(
                 g90, g100,
-                "bf16: resident and chunked backward agree bit for bit"
+                "bf16: resident and chunked layouts agree bit for bit"
             );
         }
     }
