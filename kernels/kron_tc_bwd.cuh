@@ -62,6 +62,41 @@ __device__ __forceinline__ void load_factor_t(MmaT *hi, MmaT *lo, const T *f, in
   }
 }
 
+// A square factor's A-operand fragments ([m tile][k step], kt x kt tiles of 16, F as stored) for
+// the products whose B fragments a warp holds for every k step. Without factor lo halves they are
+// loaded once and kept in registers (at most 64; the backward's kernels run one block per SM); with
+// them (f16), whose hi and lo would not fit, factor_frags_tile reads them per use.
+template <typename P>
+using FactorFrags = uint32_t[P::factor_lo ? 1 : TC_KMAX / 16][P::factor_lo ? 1 : TC_KMAX / 16][4];
+template <typename P>
+__device__ __forceinline__ void factor_frags_load(FactorFrags<P> &fk, const MmaT *fh, int lf, int kt, int lane) {
+  if constexpr (!P::factor_lo) {
+#pragma unroll
+    for (int mt = 0; mt < TC_KMAX / 16; ++mt)
+#pragma unroll
+      for (int k = 0; k < TC_KMAX / 16; ++k)
+        if (mt < kt && k < kt) frag_a(fk[mt][k], fh, lf, mt * 16, k * 16, lane);
+  }
+}
+// c += sum_k F[m tile mt][k step k] X[k step k] over kt k steps (X's fragments bh, bl per k step).
+template <typename P>
+__device__ __forceinline__ void factor_frags_tile(float c[4], const FactorFrags<P> &fk, const MmaT *fh, const MmaT *fl,
+                                                  int lf, int mt, int kt, const uint32_t (*bh)[2],
+                                                  const uint32_t (*bl)[2], int lane) {
+#pragma unroll
+  for (int k = 0; k < TC_KMAX / 16; ++k)
+    if (k < kt) {
+      if constexpr (!P::factor_lo) {
+        mma_split<P>(c, fk[mt][k], fk[mt][k], bh[k], bl[k]);
+      } else {
+        uint32_t ah[4], al[4];
+        frag_a(ah, fh, lf, mt * 16, k * 16, lane);
+        frag_a(al, fl, lf, mt * 16, k * 16, lane);
+        mma_split<P>(c, ah, al, bh[k], bl[k]);
+      }
+    }
+}
+
 // ---- columns side: dC, dD and K = H R ----
 // Every per-row matrix (H[p], P[p] and the intermediates YD = P D^T, YC = C P, T1 = H D) is kept
 // row-major as X[p][c][d] (row stride lz, an odd number of 16-byte units), written by the producing
@@ -191,16 +226,9 @@ __device__ __forceinline__ void cols_factor_by_rows(const MmaT *fh, const MmaT *
                                                     St st) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int kt = i1p / 16, ntd = i2p / 8;
-  constexpr bool keep = !P::factor_lo;
   constexpr int KS = TC_KMAX / 16;
-  uint32_t fk[keep ? KS : 1][keep ? KS : 1][4];  // [m tile][k step]
-  if constexpr (keep) {
-#pragma unroll
-    for (int mt = 0; mt < KS; ++mt)
-#pragma unroll
-      for (int k = 0; k < KS; ++k)
-        if (mt < kt && k < kt) frag_a(fk[mt][k], fh, lf, mt * 16, k * 16, lane);
-  }
+  FactorFrags<P> fk;
+  factor_frags_load<P>(fk, fh, lf, kt, lane);
   for (int u = warp; u < pr * ntd; u += TC_WARPS) {
     const int p = u / ntd, nt = u % ntd;
     uint32_t bh[KS][2], bl[KS][2];
@@ -214,18 +242,7 @@ __device__ __forceinline__ void cols_factor_by_rows(const MmaT *fh, const MmaT *
     for (int mt = 0; mt < KS; ++mt)
       if (mt < kt) {
         float c[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-        for (int k = 0; k < KS; ++k)
-          if (k < kt) {
-            if constexpr (keep) {
-              mma_split<P>(c, fk[mt][k], fk[mt][k], bh[k], bl[k]);
-            } else {
-              uint32_t ah[4], al[4];
-              frag_a(ah, fh, lf, mt * 16, k * 16, lane);
-              frag_a(al, fl, lf, mt * 16, k * 16, lane);
-              mma_split<P>(c, ah, al, bh[k], bl[k]);
-            }
-          }
+        factor_frags_tile<P>(c, fk, fh, fl, lf, mt, kt, bh, bl, lane);
         st(p, mt, nt, c);
       }
   }
@@ -233,7 +250,7 @@ __device__ __forceinline__ void cols_factor_by_rows(const MmaT *fh, const MmaT *
 
 // grid (ceil(O / pr)). z: the round's P_r, overwritten with K_r (slab layout, ranks r0..r0+nr);
 // part: f32 [nr][blocks][i1*i1 + i2*i2], this block's dC and dD contributions per rank.
-// One block per SM at the shapes that matter (about 130 KB of shared memory at T5-base `wi`), so
+// One block per SM at the shapes that matter (146 KiB of shared memory at T5-base `wi`, bf16), so
 // the launch bounds ask for one: the warps keep factor and data fragments in registers.
 template <typename T>
 __global__ void __launch_bounds__(TC_THREADS, 1)
@@ -419,16 +436,9 @@ __device__ __forceinline__ void slab_mode_b_inplace(const MmaT *fh, const MmaT *
                                                     int o1, int o2, int o2p) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int kt = o2p / 16;
-  constexpr bool keep = !P::factor_lo;
   constexpr int KS = TC_KMAX / 16;
-  uint32_t fk[keep ? KS : 1][keep ? KS : 1][4];  // [m tile][k step]
-  if constexpr (keep) {
-#pragma unroll
-    for (int mt = 0; mt < KS; ++mt)
-#pragma unroll
-      for (int k = 0; k < KS; ++k)
-        if (mt < kt && k < kt) frag_a(fk[mt][k], fh, lf, mt * 16, k * 16, lane);
-  }
+  FactorFrags<P> fk;
+  factor_frags_load<P>(fk, fh, lf, kt, lane);
   for (int a = warp; a < o1; a += TC_WARPS) {
     MmaT *rh = xh + (int64_t)a * ly, *rl = xl + (int64_t)a * ly;
     uint32_t bh[KS][2], bl[KS][2];
@@ -443,20 +453,7 @@ __device__ __forceinline__ void slab_mode_b_inplace(const MmaT *fh, const MmaT *
     for (int mt = 0; mt < KS; ++mt) {
 #pragma unroll
       for (int v = 0; v < 4; ++v) c[mt][v] = 0.f;
-      if (mt < kt) {
-#pragma unroll
-        for (int k = 0; k < KS; ++k)
-          if (k < kt) {
-            if constexpr (keep) {
-              mma_split<P>(c[mt], fk[mt][k], fk[mt][k], bh[k], bl[k]);
-            } else {
-              uint32_t ah[4], al[4];
-              frag_a(ah, fh, lf, mt * 16, k * 16, lane);
-              frag_a(al, fl, lf, mt * 16, k * 16, lane);
-              mma_split<P>(c[mt], ah, al, bh[k], bl[k]);
-            }
-          }
-      }
+      if (mt < kt) factor_frags_tile<P>(c[mt], fk, fh, fl, lf, mt, kt, bh, bl, lane);
     }
     __syncwarp();  // the row is read (ldmatrix is warp-wide) before any lane writes it
 #pragma unroll
