@@ -20,5 +20,8 @@ PTXAS_LOG="$ROOT/target/ptxas-sm_90.log"
 if [ ! -s "$PTXAS_LOG" ] || [ -n "$(find kernels -newer "$PTXAS_LOG" -print -quit)" ]; then
   bash scripts/check-ptxas.sh sm_90 >/dev/null
 fi
-CARGO_TARGET_DIR="$ROOT/target-emu" CAMEX_KERNEL_EMU=1 cargo build --quiet --release --features cuda --example cost_model
-CAMEX_KERNEL_EMU=1 "$ROOT/target-emu/release/examples/cost_model" --ptxas "$PTXAS_LOG" "$@"
+# The emulation build's own target dir (a real CUDA build and an emulated one rebuild each other's
+# crate); CI points it at the real build's, whose release dependencies it then reuses.
+EMU_TARGET="${CAMEX_EMU_TARGET_DIR:-$ROOT/target-emu}"
+CARGO_TARGET_DIR="$EMU_TARGET" CAMEX_KERNEL_EMU=1 cargo build --quiet --release --features cuda --example cost_model
+CAMEX_KERNEL_EMU=1 "$EMU_TARGET/release/examples/cost_model" --ptxas "$PTXAS_LOG" "$@"
