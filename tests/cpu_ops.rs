@@ -460,6 +460,17 @@ fn ca_merge_vs_oracle<F: Float>() {
                         beta.map(|_| &gnb_t),
                     )
                     .unwrap();
+                    // Given the forward's U instead of recomputing it: the same bits.
+                    let gu = cpu::ca_merge_backward_with_curved(
+                        &inputs,
+                        &opts,
+                        curved,
+                        &gm_t,
+                        with_bias.then_some(&gmb_t),
+                        beta.map(|_| &gnb_t),
+                    )
+                    .unwrap();
+                    assert_same_grads(&what, &g, &gu);
                     let gmb_opt = with_bias.then_some(gmb.as_slice());
                     let rg = orc::ca_merge_backward(&x, &gm, gmb_opt, beta.map(|_| gnb.as_slice()));
                     check(
@@ -564,6 +575,94 @@ fn ca_merge_vs_oracle<F: Float>() {
             }
         }
     }
+}
+
+/// Every gradient of `a` and `b` has the same bits (and the same presence).
+fn assert_same_grads<F: Float>(what: &str, a: &cpu::CaMergeGrads<F>, b: &cpu::CaMergeGrads<F>) {
+    let bits = |x: &[F]| x.iter().map(|v| v.to_f64().to_bits()).collect::<Vec<_>>();
+    let same = |name: &str, x: Option<&HostTensor<F>>, y: Option<&HostTensor<F>>| match (x, y) {
+        (Some(x), Some(y)) => {
+            assert_eq!(x.shape(), y.shape(), "{what}: {name} shape");
+            assert!(
+                bits(x.data()) == bits(y.data()),
+                "{what}: {name} bits differ"
+            );
+        }
+        (None, None) => {}
+        _ => panic!("{what}: {name} presence differs"),
+    };
+    same("grad_base", Some(&a.grad_base), Some(&b.grad_base));
+    same("grad_experts", Some(&a.grad_experts), Some(&b.grad_experts));
+    same("grad_scores", Some(&a.grad_scores), Some(&b.grad_scores));
+    same(
+        "grad_base_bias",
+        a.grad_base_bias.as_ref(),
+        b.grad_base_bias.as_ref(),
+    );
+    same(
+        "grad_expert_bias",
+        a.grad_expert_bias.as_ref(),
+        b.grad_expert_bias.as_ref(),
+    );
+    let (fa, fb) = (a.factors.as_ref(), b.factors.as_ref());
+    same(
+        "grad_factor_a",
+        fa.map(|f| &f.grad_factor_a),
+        fb.map(|f| &f.grad_factor_a),
+    );
+    same(
+        "grad_factor_b",
+        fa.map(|f| &f.grad_factor_b),
+        fb.map(|f| &f.grad_factor_b),
+    );
+    same(
+        "grad_factor_c",
+        fa.map(|f| &f.grad_factor_c),
+        fb.map(|f| &f.grad_factor_c),
+    );
+    same(
+        "grad_factor_d",
+        fa.map(|f| &f.grad_factor_d),
+        fb.map(|f| &f.grad_factor_d),
+    );
+    let scalar = |v: Option<F>| v.map(|v| v.to_f64().to_bits());
+    assert_eq!(
+        scalar(Some(a.grad_alpha)),
+        scalar(Some(b.grad_alpha)),
+        "{what}: grad_alpha"
+    );
+    assert_eq!(
+        scalar(a.grad_beta),
+        scalar(b.grad_beta),
+        "{what}: grad_beta"
+    );
+}
+
+/// `ca_merge_backward_with_curved` names `curved` when its shape is wrong.
+#[test]
+fn backward_with_curved_checks_its_shape() {
+    let s = shapes()[0];
+    let c = Case::random(s, 5).rounded::<f32>();
+    let t = c.tensors::<f32>();
+    let d = s.d;
+    let inputs = CaMergeInputs {
+        base: &t.base,
+        experts: &t.experts,
+        scores: &t.scores,
+        curvature: t.curvature(true),
+        base_bias: None,
+        expert_bias: None,
+    };
+    let opts = MergeOptions::default();
+    let gm = tensor::<f32>(&[d.g, d.o, d.i], &vec![1.0; d.g * d.o * d.i]);
+    let wrong = tensor::<f32>(&[d.n + 1, d.o, d.i], &vec![0.0; (d.n + 1) * d.o * d.i]);
+    let err = cpu::ca_merge_backward_with_curved(&inputs, &opts, &wrong, &gm, None, None)
+        .expect_err("a curved of N + 1 experts is refused")
+        .to_string();
+    let expected = format!("{:?}", [d.n, d.o, d.i]);
+    let actual = format!("{:?}", [d.n + 1, d.o, d.i]);
+    assert!(err.contains("`curved`"), "{err}");
+    assert!(err.contains(&expected) && err.contains(&actual), "{err}");
 }
 
 #[test]

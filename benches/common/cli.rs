@@ -8,9 +8,10 @@ use std::str::FromStr;
 pub const AFTER_HELP: &str = concat!(
     "Prints a machine line (measured GEMM rate and copy bandwidth), then one line per case:\n",
     "op= shape= device= dtype= pass= median_ms= gflops= floor_ms= peak_mem_mb=, then\n",
-    "impl=camex|candle-unfused|xla-official gbps= x_floor= [speedup_vs_peer= mem_vs_peer=]\n",
-    "[speedup_vs_xla=]. The peer (the official unfused formulation in candle) runs when built with\n",
-    "--features peer.",
+    "impl=camex|camex-recompute|candle-unfused|xla-official gbps= x_floor= [speedup_vs_peer=\n",
+    "mem_vs_peer=] [speedup_vs_xla=]. The peer (the official unfused formulation in candle) runs when\n",
+    "built with --features peer. ca_merge's forward+backward on the CPU is timed twice: `camex` keeps\n",
+    "the forward's U for the backward (as autodiff keeps intermediates), `camex-recompute` does not.",
 );
 
 /// `--pass`: one pass, or `all` (forward, then forward+backward).
@@ -162,6 +163,17 @@ pub fn run_cli(a: &BenchArgs, out: &mut dyn std::io::Write) -> Result<()> {
                 l += &format!(" speedup_vs_xla={:.2}", x / (m.median_s * 1e3));
             }
             writeln!(out, "{l}").map_err(io)?;
+            // The ca_merge backward that keeps nothing between the passes, beside the one above.
+            if op == Op::CaMerge && pass == Pass::FwdBwd && a.device == Device::Cpu {
+                let rc = Case {
+                    imp: Impl::CamexRecompute,
+                    ..case
+                };
+                let mut run = prepare(&rc)?;
+                let m = measure(&mut run, a.warmup, a.iters())?;
+                drop(run);
+                writeln!(out, "{}", line(&rc, &m, &machine, peer_m.as_ref())).map_err(io)?;
+            }
         }
     }
     Ok(())

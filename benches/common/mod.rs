@@ -189,9 +189,13 @@ pub enum Pass {
 }
 
 /// Who computes: this crate's fused path, or the peer (the unfused formulation in candle).
+/// `Camex`'s ca_merge forward+backward keeps the forward's U for the backward, as an autodiff
+/// framework keeps a forward's intermediates (the floor's assumption); `CamexRecompute` is the
+/// plain `ca_merge_backward`, which recomputes it and keeps nothing between the passes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Impl {
     Camex,
+    CamexRecompute,
     Candle,
 }
 
@@ -241,7 +245,11 @@ spelled!(Op, "op", {
     SegmentScores => "segment_scores",
 });
 spelled!(Pass, "pass", { Fwd => "fwd", FwdBwd => "fwd+bwd" });
-spelled!(Impl, "impl", { Camex => "camex", Candle => "candle-unfused" });
+spelled!(Impl, "impl", {
+    Camex => "camex",
+    CamexRecompute => "camex-recompute",
+    Candle => "candle-unfused",
+});
 
 /// Where a case runs: the library's one `Device` (the CLI's `--device` too).
 pub use camex::Device;
@@ -533,8 +541,8 @@ pub fn prepare(case: &Case) -> Result<Runner> {
         (Device::Cuda, _, _) => Err(Error::cuda(
             "camex bench: the CUDA benchmark path is not wired yet (unmeasured)",
         )),
-        (Device::Cpu, Impl::Camex, DType::F32) => prepare_camex::<f32>(case),
-        (Device::Cpu, Impl::Camex, DType::F64) => prepare_camex::<f64>(case),
+        (Device::Cpu, Impl::Camex | Impl::CamexRecompute, DType::F32) => prepare_camex::<f32>(case),
+        (Device::Cpu, Impl::Camex | Impl::CamexRecompute, DType::F64) => prepare_camex::<f64>(case),
         (Device::Cpu, Impl::Candle, DType::F32 | DType::F64) => prepare_peer(case),
         (Device::Cpu, _, d) => Err(Error::DType {
             tensor: "bench inputs".into(),
@@ -554,7 +562,7 @@ fn prepare_camex<F: Float>(case: &Case) -> Result<Runner> {
             let d = data::<F>(&s);
             let grad_merged: HostTensor<F> = rng.tensor(&[g, o, i], 1.0);
             let grad_curved: HostTensor<F> = rng.tensor(&[n, o, i], 1.0);
-            let op = case.op;
+            let (op, imp) = (case.op, case.imp);
             Ok(Box::new(move || {
                 let [a, b, c, dd] = &d.factors;
                 let curv = Curvature::Kronecker(Factors { a, b, c, d: dd });
@@ -581,19 +589,35 @@ fn prepare_camex<F: Float>(case: &Case) -> Result<Runner> {
                     base_bias: None,
                     expert_bias: None,
                 };
-                let opts = MergeOptions::default();
+                let keep_u = bwd && imp == Impl::Camex;
+                let opts = MergeOptions {
+                    want_curved: keep_u,
+                    ..MergeOptions::default()
+                };
                 let out = cpu::ca_merge(&inputs, &opts)?;
-                if bwd {
-                    drop(out);
-                    keep(cpu::ca_merge_backward(
-                        &inputs,
-                        &opts,
-                        &grad_merged,
-                        None,
-                        None,
-                    ))
-                } else {
-                    keep(Ok(out))
+                match (bwd, out.curved) {
+                    (false, _) => keep(Ok(out.merged)),
+                    (true, Some(u)) => {
+                        drop(out.merged);
+                        keep(cpu::ca_merge_backward_with_curved(
+                            &inputs,
+                            &opts,
+                            &u,
+                            &grad_merged,
+                            None,
+                            None,
+                        ))
+                    }
+                    (true, None) => {
+                        drop(out.merged);
+                        keep(cpu::ca_merge_backward(
+                            &inputs,
+                            &opts,
+                            &grad_merged,
+                            None,
+                            None,
+                        ))
+                    }
                 }
             }))
         }

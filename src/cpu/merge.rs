@@ -762,7 +762,9 @@ pub fn ca_merge<F: Float>(
 }
 
 /// The fused CA-merge backward. `grad_next_base` is required exactly when `opts.beta` is set
-/// (absent means zero); `grad_merged_bias` is optional with biases (absent means zero).
+/// (absent means zero); `grad_merged_bias` is optional with biases (absent means zero). U is
+/// recomputed on the way (no [N, O, I] kept between the passes); a caller that kept the forward's
+/// `curved` saves that with [`ca_merge_backward_with_curved`].
 pub fn ca_merge_backward<F: Float>(
     inputs: &CaMergeInputs<F>,
     opts: &MergeOptions,
@@ -770,7 +772,52 @@ pub fn ca_merge_backward<F: Float>(
     grad_merged_bias: Option<&HostTensor<F>>,
     grad_next_base: Option<&HostTensor<F>>,
 ) -> Result<CaMergeGrads<F>> {
+    backward_ca(
+        inputs,
+        opts,
+        None,
+        grad_merged,
+        grad_merged_bias,
+        grad_next_base,
+    )
+}
+
+/// [`ca_merge_backward`] given the forward's U (`curved` [N, O, I], from [`ca_merge`] with
+/// `opts.want_curved`), as an autodiff framework keeps it between the passes: the reverse pass
+/// then skips U's x4 product and its read-modify-write per rank. `curved` must be that forward's
+/// output for these inputs (only its shape can be checked); the gradients are the same bits as
+/// [`ca_merge_backward`]'s.
+pub fn ca_merge_backward_with_curved<F: Float>(
+    inputs: &CaMergeInputs<F>,
+    opts: &MergeOptions,
+    curved: &HostTensor<F>,
+    grad_merged: &HostTensor<F>,
+    grad_merged_bias: Option<&HostTensor<F>>,
+    grad_next_base: Option<&HostTensor<F>>,
+) -> Result<CaMergeGrads<F>> {
+    let given = Some(curved);
+    backward_ca(
+        inputs,
+        opts,
+        given,
+        grad_merged,
+        grad_merged_bias,
+        grad_next_base,
+    )
+}
+
+fn backward_ca<F: Float>(
+    inputs: &CaMergeInputs<F>,
+    opts: &MergeOptions,
+    curved: Option<&HostTensor<F>>,
+    grad_merged: &HostTensor<F>,
+    grad_merged_bias: Option<&HostTensor<F>>,
+    grad_next_base: Option<&HostTensor<F>>,
+) -> Result<CaMergeGrads<F>> {
     let (dims, plan, biases) = plan_ca(inputs, opts)?;
+    if let Some(u) = curved {
+        expect_shape("curved", u.shape(), &[dims.n, dims.o, dims.i])?;
+    }
     expect_shape(
         "grad_merged",
         grad_merged.shape(),
@@ -790,11 +837,16 @@ pub fn ca_merge_backward<F: Float>(
     let mut bufs = merge_bufs(&plan, opts.mask != Mask::None, biases.is_some(), true);
     bufs.push(("grad_next_base (zeros)", vec![o, i]));
     bufs.push(("grad_base", vec![2, o, i]));
-    bufs.extend(fused_backward_workspace(&dims, &inputs.curvature, true));
+    let recompute = curved.is_none();
+    bufs.extend(fused_backward_workspace(
+        &dims,
+        &inputs.curvature,
+        recompute,
+    ));
     bufs.extend(mask_workspace(n, o, i, opts.mask));
     super::budget::<F>(&bufs)?;
-    // H needs only the mask; U is recomputed inside the fused reverse pass (cheaper than storing
-    // [N, O, I] between passes for callers that did not ask for it).
+    // H needs only the mask; U, unless given, is recomputed inside the fused reverse pass (cheaper
+    // than storing [N, O, I] between passes for callers that did not ask for it).
     let m = mask_unchecked(inputs.base, inputs.experts, opts.mask);
     let mask = m.as_ref().map(|t| t.data());
     let mut back = merge_back_h(&plan, mask, grad_merged.data());
@@ -821,15 +873,23 @@ pub fn ca_merge_backward<F: Float>(
         &inputs.curvature,
         &dims,
         back.h,
-        true,
+        recompute,
     );
-    let u = fused.curved.expect("fused_backward returns U when asked");
-    let grad_beta = opts.beta.map(|_| grad_beta_unchecked(&u, gn, plan.n));
-    let mut ip = {
+    let (grad_beta, mut ip) = {
+        let u = match curved {
+            Some(u) => u,
+            None => fused
+                .curved
+                .as_ref()
+                .expect("fused_backward returns U when asked"),
+        };
         let p = masked(u.data(), mask);
-        merge_back_ip(&plan, &p, grad_merged.data())
+        (
+            opts.beta.map(|_| grad_beta_unchecked(u, gn, plan.n)),
+            merge_back_ip(&plan, &p, grad_merged.data()),
+        )
     };
-    drop(u);
+    drop(fused.curved);
     let (grad_tau, factors) = (fused.grad_tau, fused.factors);
     let neg = neg_sum_experts(&grad_tau, &dims);
     let grad_base = HostTensor::from_fn(&[plan.o, plan.i], |q| back.sum_g[q] + neg.data()[q]);

@@ -22,8 +22,8 @@ pub use dynamic::{dynamic_merge, dynamic_merge_backward, DynamicGrads};
 pub use linear::{merged_linear, merged_linear_backward, LinearGrads};
 pub use mask::{ties_mask, ties_mask_into};
 pub use merge::{
-    ca_merge, ca_merge_backward, merge, merge_backward, merge_into, CaMergeGrads, CaMergeInputs,
-    CaMergeOutputs, MergeGrads, MergeInputs, MergeOutputs,
+    ca_merge, ca_merge_backward, ca_merge_backward_with_curved, merge, merge_backward, merge_into,
+    CaMergeGrads, CaMergeInputs, CaMergeOutputs, MergeGrads, MergeInputs, MergeOutputs,
 };
 pub use segment::{segment_scores, segment_scores_backward};
 
