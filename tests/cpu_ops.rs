@@ -11,7 +11,7 @@ use camex::cpu::{self, CaMergeInputs, MergeInputs};
 use camex::{Dare, Float, HostTensor, Mask, MergeOptions};
 use oracle::glue::{
     check, check_scalar, check_sums, dare_of, dares, mask_of, masks, rounded, shapes, tensor, vals,
-    Case, Rng,
+    Case, CaseT, Rng,
 };
 use oracle::{self as orc, CaRefIn, DareRef, Dims, MaskRef};
 
@@ -638,6 +638,18 @@ fn assert_same_grads<F: Float>(what: &str, a: &cpu::CaMergeGrads<F>, b: &cpu::Ca
     );
 }
 
+/// CA-merge inputs of a case with Kronecker factors and no biases.
+fn kronecker_inputs<F: Float>(t: &CaseT<F>) -> CaMergeInputs<'_, F> {
+    CaMergeInputs {
+        base: &t.base,
+        experts: &t.experts,
+        scores: &t.scores,
+        curvature: t.curvature(true),
+        base_bias: None,
+        expert_bias: None,
+    }
+}
+
 /// `ca_merge_backward_with_curved` names `curved` when its shape is wrong.
 #[test]
 fn backward_with_curved_checks_its_shape() {
@@ -645,14 +657,7 @@ fn backward_with_curved_checks_its_shape() {
     let c = Case::random(s, 5).rounded::<f32>();
     let t = c.tensors::<f32>();
     let d = s.d;
-    let inputs = CaMergeInputs {
-        base: &t.base,
-        experts: &t.experts,
-        scores: &t.scores,
-        curvature: t.curvature(true),
-        base_bias: None,
-        expert_bias: None,
-    };
+    let inputs = kronecker_inputs(&t);
     let opts = MergeOptions::default();
     let gm = tensor::<f32>(&[d.g, d.o, d.i], &vec![1.0; d.g * d.o * d.i]);
     let wrong = tensor::<f32>(&[d.n + 1, d.o, d.i], &vec![0.0; (d.n + 1) * d.o * d.i]);
@@ -994,14 +999,7 @@ fn optional_outputs_absent() {
     let c = Case::random(s, 88);
     let t = c.tensors::<f64>();
     let d = s.d;
-    let inputs = CaMergeInputs {
-        base: &t.base,
-        experts: &t.experts,
-        scores: &t.scores,
-        curvature: t.curvature(true),
-        base_bias: None,
-        expert_bias: None,
-    };
+    let inputs = kronecker_inputs(&t);
     let opts = MergeOptions::default();
     let out = cpu::ca_merge(&inputs, &opts).unwrap();
     assert!(out.next_base.is_none() && out.curved.is_none() && out.merged_bias.is_none());

@@ -122,6 +122,11 @@ pub fn run_cli(a: &BenchArgs, out: &mut dyn std::io::Write) -> Result<()> {
         )
         .map_err(io)?;
     }
+    // One case timed; its inputs and outputs are freed before the next case is prepared.
+    let timed = |c: &Case| {
+        let mut run = prepare(c)?;
+        measure(&mut run, a.warmup, a.iters())
+    };
     for &op in &a.ops() {
         for &pass in &a.passes.0 {
             if pass == Pass::FwdBwd && !op.has_backward() {
@@ -140,9 +145,7 @@ pub fn run_cli(a: &BenchArgs, out: &mut dyn std::io::Write) -> Result<()> {
                     imp: Impl::Candle,
                     ..case
                 };
-                let mut run = prepare(&pc)?;
-                let m = measure(&mut run, a.warmup, a.iters())?;
-                drop(run);
+                let m = timed(&pc)?;
                 writeln!(out, "{}", line(&pc, &m, &machine, None)).map_err(io)?;
                 Some(m)
             } else {
@@ -155,9 +158,7 @@ pub fn run_cli(a: &BenchArgs, out: &mut dyn std::io::Write) -> Result<()> {
             } else {
                 None
             };
-            let mut run = prepare(&case)?;
-            let m = measure(&mut run, a.warmup, a.iters())?;
-            drop(run);
+            let m = timed(&case)?;
             let mut l = line(&case, &m, &machine, peer_m.as_ref());
             if let Some(x) = xla_ms {
                 l += &format!(" speedup_vs_xla={:.2}", x / (m.median_s * 1e3));
@@ -169,9 +170,7 @@ pub fn run_cli(a: &BenchArgs, out: &mut dyn std::io::Write) -> Result<()> {
                     imp: Impl::CamexRecompute,
                     ..case
                 };
-                let mut run = prepare(&rc)?;
-                let m = measure(&mut run, a.warmup, a.iters())?;
-                drop(run);
+                let m = timed(&rc)?;
                 writeln!(out, "{}", line(&rc, &m, &machine, peer_m.as_ref())).map_err(io)?;
             }
         }

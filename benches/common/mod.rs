@@ -595,30 +595,21 @@ fn prepare_camex<F: Float>(case: &Case) -> Result<Runner> {
                     ..MergeOptions::default()
                 };
                 let out = cpu::ca_merge(&inputs, &opts)?;
-                match (bwd, out.curved) {
-                    (false, _) => keep(Ok(out.merged)),
-                    (true, Some(u)) => {
-                        drop(out.merged);
-                        keep(cpu::ca_merge_backward_with_curved(
-                            &inputs,
-                            &opts,
-                            &u,
-                            &grad_merged,
-                            None,
-                            None,
-                        ))
-                    }
-                    (true, None) => {
-                        drop(out.merged);
-                        keep(cpu::ca_merge_backward(
-                            &inputs,
-                            &opts,
-                            &grad_merged,
-                            None,
-                            None,
-                        ))
-                    }
+                if !bwd {
+                    return keep(Ok(out.merged));
                 }
+                drop(out.merged);
+                keep(match &out.curved {
+                    Some(u) => cpu::ca_merge_backward_with_curved(
+                        &inputs,
+                        &opts,
+                        u,
+                        &grad_merged,
+                        None,
+                        None,
+                    ),
+                    None => cpu::ca_merge_backward(&inputs, &opts, &grad_merged, None, None),
+                })
             }))
         }
         Op::TiesMask => {

@@ -764,7 +764,7 @@ pub fn ca_merge<F: Float>(
 /// The fused CA-merge backward. `grad_next_base` is required exactly when `opts.beta` is set
 /// (absent means zero); `grad_merged_bias` is optional with biases (absent means zero). U is
 /// recomputed on the way (no [N, O, I] kept between the passes); a caller that kept the forward's
-/// `curved` saves that with [`ca_merge_backward_with_curved`].
+/// `curved` skips that recomputation with [`ca_merge_backward_with_curved`].
 pub fn ca_merge_backward<F: Float>(
     inputs: &CaMergeInputs<F>,
     opts: &MergeOptions,
@@ -795,11 +795,10 @@ pub fn ca_merge_backward_with_curved<F: Float>(
     grad_merged_bias: Option<&HostTensor<F>>,
     grad_next_base: Option<&HostTensor<F>>,
 ) -> Result<CaMergeGrads<F>> {
-    let given = Some(curved);
     backward_ca(
         inputs,
         opts,
-        given,
+        Some(curved),
         grad_merged,
         grad_merged_bias,
         grad_next_base,
