@@ -318,8 +318,9 @@ fn factor_bufs(d: Dims, elem: usize) -> [Buf; 4] {
     [d.o1, d.o2, d.i1, d.i2].map(|k| Buf::new(d.r * d.n * k * k * elem))
 }
 
-/// Runs `pass` of `op` once; the emulation records its launches.
-fn run_op(op: Op, pass: Pass, d: Dims, dt: Dt) {
+/// Runs `pass` of `op` once; the emulation records its launches. `keep_u`: ca_merge's forward
+/// hands its U (`curved`) to the backward, as a tape keeps it; else the backward recomputes U.
+fn run_op(op: Op, pass: Pass, d: Dims, dt: Dt, keep_u: bool) {
     let e = dt.size();
     let (n, o, i, g, r) = (d.n, d.o, d.i, d.g, d.r);
     let oi = o * i;
@@ -353,6 +354,10 @@ fn run_op(op: Op, pass: Pass, d: Dims, dt: Dt) {
                 };
                 let merged = b(g * oi);
                 p.merged = merged.addr();
+                let curved = b(n * oi);
+                if bwd && keep_u {
+                    p.curved = curved.addr();
+                }
                 // SAFETY: a size query on plain values.
                 let ws = Buf::new(unsafe { ffi::camex_ca_merge_workspace(&p, 0) } as usize);
                 p.workspace = ws.addr();
@@ -596,10 +601,21 @@ fn main() {
         for &(imp, tc) in impls {
             // SAFETY: a per-thread switch.
             unsafe { ffi::camex_set_tensor_cores(tc) };
-            for pass in [Pass::Fwd, Pass::FwdBwd] {
+            // ca_merge's forward+backward twice: keeping the forward's U for the backward (as an
+            // autodiff tape does; the plain name), and recomputing it ("-recompute").
+            let mut runs = vec![(Pass::Fwd, true), (Pass::FwdBwd, true)];
+            if op == Op::CaMerge {
+                runs.push((Pass::FwdBwd, false));
+            }
+            for (pass, keep_u) in runs {
+                let imp = if keep_u {
+                    imp.to_string()
+                } else {
+                    format!("{imp}-recompute")
+                };
                 // SAFETY: clears the records.
                 unsafe { ffi::camex_emu_reset() };
-                run_op(op, pass, d, dt);
+                run_op(op, pass, d, dt, keep_u);
                 let launches = take_launches(&ptxas, dt);
                 let mut total = Sum::default();
                 let mut per_kernel: BTreeMap<String, (Sum, Vec<&Launch>)> = BTreeMap::new();

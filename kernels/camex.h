@@ -78,9 +78,11 @@ typedef struct camex_ca_merge_params {
   int32_t mask_kind;                           /* NONE, TIES_SIGN or TIES_TRIM */
   double trim_k;
   camex_dare dare;
-  /* forward outputs (0 = not wanted, except merged) */
+  /* forward outputs (0 = not wanted, except merged). curved [N, O, I] is U; to the backward it is
+     an input: nonzero, the forward's U for these inputs, which the backward then reads instead of
+     recomputing it (size its workspace with the same nonzero-ness) */
   uint64_t merged, merged_bias, next_base, curved;
-  /* backward inputs (grad_merged_bias, grad_next_base may be 0 = zero) */
+  /* backward inputs (grad_merged_bias, grad_next_base may be 0 = zero; curved above) */
   uint64_t grad_merged, grad_merged_bias, grad_next_base;
   /* backward outputs */
   uint64_t grad_base, grad_experts, grad_scores;

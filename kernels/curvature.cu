@@ -106,11 +106,10 @@ template <typename T> int curvature_backward_t(const camex_curvature_params &p, 
   KronFactors f = {ptr<const void>(p.factor_a), ptr<const void>(p.factor_b), ptr<const void>(p.factor_c),
                    ptr<const void>(p.factor_d), p.r, p.n};
   for (int64_t e = 0; e < p.n; ++e) {
+    const ExpertFinish<T> fin = {grad_experts + e * oi, ws.acc, e == 0};
     CAMEX_TRY(kron_backward_any<T>(s, ws.gt, store_opnd<T>(gc + e * oi), tau_opnd<T>(experts + e * oi, base), f, e, d4,
                                ptr<T>(p.grad_factor_a), ptr<T>(p.grad_factor_b), ptr<T>(p.grad_factor_c),
-                               ptr<T>(p.grad_factor_d), ws.t1, ws.kk, ws.w, ws.partial));
-    CAMEX_LAUNCH(finish_expert_kernel<T>, grid_for(oi, 256), 256, s)(ws.gt, grad_experts + e * oi, ws.acc, e == 0, oi);
-    CAMEX_CHECK_LAUNCH();
+                               ptr<T>(p.grad_factor_d), ws.t1, ws.kk, ws.w, ws.partial, fin, oi));
   }
   CAMEX_LAUNCH(base_grad_kernel<T>, grid_for(oi, 256), 256, s)(nullptr, ws.acc, grad_base, oi);
   CAMEX_CHECK_LAUNCH();
@@ -121,9 +120,14 @@ template <typename T> int curvature_backward_t(const camex_curvature_params &p, 
 
 struct CaWs {
   uint32_t *thr;
-  float *u_all, *s1, *s2;                             // U recompute (kronecker)
+  float *u_all, *s1, *s2;                             // U (kronecker), unless the backward is given it
+  int64_t scalars_at;                                 // the backward's scalar arena (byte offset)
   float *sumg, *h, *gt, *t1, *kk, *w, *acc, *partial; // backward
 };
+
+// Whether U comes from the caller's `curved` (the backward given the forward's U, camex.h) rather
+// than being recomputed into u_all. Without curvature U is tau itself and `curved` is not read.
+inline bool ca_u_given(const camex_ca_merge_params &p, bool backward) { return backward && p.r > 0 && p.curved != 0; }
 
 CaWs ca_ws(const camex_ca_merge_params &p, bool backward, Arena &ar) {
   CaWs ws = {};
@@ -131,18 +135,21 @@ CaWs ca_ws(const camex_ca_merge_params &p, bool backward, Arena &ar) {
   ws.thr = ar.take<uint32_t>(p.n);
   if (p.mask_kind == CAMEX_MASK_TIES_TRIM) ar.used += trim_arena_bytes(p.n);
   if (p.r > 0) {
-    ws.u_all = ar.take<float>(p.n * oi);
+    if (!ca_u_given(p, backward)) ws.u_all = ar.take<float>(p.n * oi);
     ws.s1 = ar.take<float>(kron_scratch_floats(p.dtype, dims4(p.o1, p.o2, p.i1, p.i2), p.r));
     ws.s2 = ws.s1 + oi;
   }
   if (backward) {
+    ws.scalars_at = ar.used;
     ar.used += scalars_floats(p.g, p.n, oi) * 4 + 4 * 256;
     ws.sumg = ar.take<float>(oi);
-    ws.h = ar.take<float>(oi);
+    // With the curvature, H of every expert in one pass over grad_merged ([N, O*I]): in U's place
+    // once the scalars have read U, else (U given) its own; without it, one expert's at a time.
+    ws.h = p.r == 0 ? ar.take<float>(oi) : ws.u_all ? ws.u_all : ar.take<float>(p.n * oi);
     ws.acc = ar.take<float>(oi);
     if (p.r > 0) {
       ws.gt = ar.take<float>(oi);
-      ws.t1 = ws.s1;  // the forward scratch is free again once U is built
+      ws.t1 = ws.s1;  // the forward scratch is free again once U is built (or not needed: U given)
       ws.kk = ws.s2;
       ws.w = ar.take<float>(oi);
       ws.partial = ar.take<float>(kron_bwd_partial_floats(p.dtype, dims4(p.o1, p.o2, p.i1, p.i2), p.r));
@@ -155,9 +162,9 @@ template <typename T> MergeArgs<T> ca_args(const camex_ca_merge_params &p, const
   MergeArgs<T> a;
   const int64_t oi = p.o * p.i;
   TauSrc<T> tau = {ptr<const T>(p.base), ptr<const T>(p.experts), oi};
-  a.u.kind = p.r > 0 ? U_F32 : U_TAU;
+  a.u.kind = p.r == 0 ? U_TAU : ws.u_all ? U_F32 : U_STORE;
   a.u.f = ws.u_all;
-  a.u.t = nullptr;
+  a.u.t = ws.u_all ? nullptr : ptr<const T>(p.curved);
   a.u.tau = tau;
   a.mask.kind = p.mask_kind;
   a.mask.t = tau;
@@ -182,7 +189,7 @@ template <typename T> int ca_prepare(const camex_ca_merge_params &p, const CaWs 
     TauSrc<T> tau = {base, experts, oi};
     CAMEX_TRY(trim_thresholds<T>(s, tau, p.n, p.trim_k, ws.thr, trim_ar));
   }
-  if (p.r > 0) {
+  if (p.r > 0 && ws.u_all) {  // else the backward was given the forward's U
     const D4 d4 = dims4(p.o1, p.o2, p.i1, p.i2);
     KronFactors f = {ptr<const void>(p.factor_a), ptr<const void>(p.factor_b), ptr<const void>(p.factor_c),
                      ptr<const void>(p.factor_d), p.r, p.n};
@@ -232,18 +239,8 @@ template <typename T> int ca_merge_backward_t(const camex_ca_merge_params &p, cu
   const T *gbar = ptr<const T>(p.grad_merged);
   const T *gnb = p.has_beta ? ptr<const T>(p.grad_next_base) : nullptr;
   const float beta_n = p.has_beta ? (float)(p.beta / (double)p.n) : 0.f;
-  // Scalars and biases. The scalar arena starts after the trim arena (disjoint from ws buffers).
-  Arena sar = {ptr<char>(p.workspace), 0};
-  {
-    Arena probe = {nullptr, 0};
-    probe.take<uint32_t>(p.n);
-    if (p.mask_kind == CAMEX_MASK_TIES_TRIM) probe.used += trim_arena_bytes(p.n);
-    if (p.r > 0) {
-      probe.take<float>(p.n * oi);
-      probe.take<float>(kron_scratch_floats(p.dtype, dims4(p.o1, p.o2, p.i1, p.i2), p.r));
-    }
-    sar.used = probe.used;
-  }
+  // Scalars and biases, in the arena ca_ws set aside for them (disjoint from the other buffers).
+  Arena sar = {ptr<char>(p.workspace), ws.scalars_at};
   CAMEX_TRY(merge_reverse_scalars<T>(s, a, gbar, p.has_beta != 0, gnb, ptr<const T>(p.base_bias),
                                      ptr<const T>(p.expert_bias), ptr<const T>(p.grad_merged_bias),
                                      ptr<T>(p.grad_scores), ptr<T>(p.grad_alpha), ptr<T>(p.grad_beta),
@@ -254,18 +251,22 @@ template <typename T> int ca_merge_backward_t(const camex_ca_merge_params &p, cu
   KronFactors f = {ptr<const void>(p.factor_a), ptr<const void>(p.factor_b), ptr<const void>(p.factor_c),
                    ptr<const void>(p.factor_d), p.r, p.n};
   T *grad_experts = ptr<T>(p.grad_experts);
+  if (p.r > 0) {  // after merge_reverse_scalars, the last reader of U (ws.h may be its buffer)
+    CAMEX_LAUNCH(h_kernel<T>, grid_for(oi, 256), 256, s)(a, gbar, gnb, beta_n, 0, p.n, ws.h, nullptr);
+    CAMEX_CHECK_LAUNCH();
+  }
   for (int64_t e = 0; e < p.n; ++e) {
-    CAMEX_LAUNCH(h_kernel<T>, grid_for(oi, 256), 256, s)(a, gbar, gnb, beta_n, e, e + 1, ws.h, nullptr);
-    CAMEX_CHECK_LAUNCH();
-    float *gt = ws.h;
-    if (p.r > 0) {
-      CAMEX_TRY(kron_backward_any<T>(s, ws.gt, f32_opnd(ws.h), tau_opnd<T>(experts + e * oi, base), f, e, d4,
+    const ExpertFinish<T> fin = {grad_experts + e * oi, ws.acc, e == 0};
+    if (p.r == 0) {  // dL/dtau_e = H_e
+      CAMEX_LAUNCH(h_kernel<T>, grid_for(oi, 256), 256, s)(a, gbar, gnb, beta_n, e, e + 1, ws.h, nullptr);
+      CAMEX_CHECK_LAUNCH();
+      CAMEX_LAUNCH(finish_expert_kernel<T>, grid_for(oi, 256), 256, s)(ws.h, fin, oi);
+      CAMEX_CHECK_LAUNCH();
+    } else {
+      CAMEX_TRY(kron_backward_any<T>(s, ws.gt, f32_opnd(ws.h + e * oi), tau_opnd<T>(experts + e * oi, base), f, e, d4,
                                  ptr<T>(p.grad_factor_a), ptr<T>(p.grad_factor_b), ptr<T>(p.grad_factor_c),
-                                 ptr<T>(p.grad_factor_d), ws.t1, ws.kk, ws.w, ws.partial));
-      gt = ws.gt;
+                                 ptr<T>(p.grad_factor_d), ws.t1, ws.kk, ws.w, ws.partial, fin, oi));
     }
-    CAMEX_LAUNCH(finish_expert_kernel<T>, grid_for(oi, 256), 256, s)(gt, grad_experts + e * oi, ws.acc, e == 0, oi);
-    CAMEX_CHECK_LAUNCH();
   }
   CAMEX_LAUNCH(base_grad_kernel<T>, grid_for(oi, 256), 256, s)(ws.sumg, ws.acc, ptr<T>(p.grad_base), oi);
   CAMEX_CHECK_LAUNCH();

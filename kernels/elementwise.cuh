@@ -26,13 +26,20 @@ template <typename T> __global__ void sum_experts_kernel(const T *x, T *out, int
   }
 }
 
-// grad_experts_e = T(gt); acc = gt (first expert) or acc + gt: the running sum_i dL/dtau_i.
-template <typename T> __global__ void finish_expert_kernel(const float *gt, T *grad_e, float *acc, int first, int64_t oi) {
-  CAMEX_GRID_STRIDE(q, oi) {
-    const float v = gt[q];
+// Where one expert's dL/dtau goes once complete: grad_experts_e = T(v), and acc = v (first expert)
+// or acc + v, the running sum_i dL/dtau_i (the base gradient's).
+template <typename T> struct ExpertFinish {
+  T *grad_e = nullptr;
+  float *acc = nullptr;
+  int first = 0;
+  __device__ __forceinline__ void store(int64_t q, float v) const {
     grad_e[q] = from_f32<T>(v);
     acc[q] = first ? v : acc[q] + v;
   }
+};
+
+template <typename T> __global__ void finish_expert_kernel(const float *gt, ExpertFinish<T> fin, int64_t oi) {
+  CAMEX_GRID_STRIDE(q, oi) fin.store(q, gt[q]);
 }
 
 // grad_base = T(sumg - acc) (sumg null: -acc).

@@ -14,7 +14,8 @@
 //   stage 1 (rows_kernel): one block per 8-column slab, looping over the round's ranks: tau = W - E
 //     of the slab, held in shared memory across the ranks where it fits (rows_layout's `resident`;
 //     else in chunks of row runs, read again per rank), mode b (B_r on each o2-row run), then mode a
-//     (A_r across them) on the whole slab; Z_r written slab-contiguous ([r][slab][O][8]);
+//     (A_r across them) on the whole slab; Z_r written slab-contiguous ([r][slab][O][8], rows in
+//     store_z_tile's order);
 //   stage 2 (cols_kernel): one block per run of PR rows, looping over the ranks: Z_r rows into
 //     shared memory, mode d (D_r) then mode c (C_r), accumulating sum_r in registers; U in f32.
 // Every matrix product is a padded (to 16) GEMM on shared-memory operands. Operands read with
@@ -115,14 +116,21 @@ __device__ __forceinline__ void slab_fwd_mode_b(const MmaT *fh, const MmaT *fl, 
   }
 }
 
-// One m16n8 tile of mode a's output, slab-contiguous: out[(a * o2 + b) * 8 + j], f32 or bf16 (Z).
+// Z's row of output row p = (a, b) within a slab: p itself for f32 Z (a row is one 32-byte sector),
+// b * o1 + a for bf16 Z (the forward's FwdZ), so that the eight rows a of one mma tile are 128
+// contiguous bytes (four whole sectors) instead of eight half sectors; stage 2 takes runs of Z rows
+// and maps them back (kron_cols_kernel).
+template <typename Z> __host__ __device__ constexpr bool z_rows_by_b() { return sizeof(Z) == 2; }
+
+// One m16n8 tile of mode a's output, slab-contiguous: out[zrow(a, b) * 8 + j], f32 or bf16 (Z).
 template <typename Z>
 __device__ __forceinline__ void store_z_tile(Z *out, const float c[4], int mt, int b, int o1, int o2, int g, int t) {
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int a = mt * 16 + g + 8 * h;
     if (a >= o1) continue;
-    Z *dst = out + ((int64_t)a * o2 + b) * TC_QC + 2 * t;
+    const int64_t zrow = z_rows_by_b<Z>() ? (int64_t)b * o1 + a : (int64_t)a * o2 + b;
+    Z *dst = out + zrow * TC_QC + 2 * t;
     if constexpr (std::is_same<Z, float>::value) *reinterpret_cast<float2 *>(dst) = make_float2(c[2 * h], c[2 * h + 1]);
     else store_data2<Prec<false, false>>(dst, nullptr, 0, c[2 * h], c[2 * h + 1]);
   }
@@ -476,12 +484,14 @@ __host__ __device__ inline ColsLayout cols_layout(int i1, int i2, TcSplit sp) {
   return l;
 }
 
-// grid (ceil(O / pr)). u: f32 [O][I] of this expert; ranks r0..r0+nr of z; accumulate: u += the sum.
-// Two blocks per SM (at most 128 registers): the default let the f16 instance take 174.
+// grid (ceil(O / pr)): each block a run of pr Z rows (store_z_tile's order; for bf16 Z, row zr is
+// output row (zr % o1, zr / o1)). u: f32 [O][I] of this expert; ranks r0..r0+nr of z; accumulate:
+// u += the sum. Two blocks per SM (at most 128 registers): the default let the f16 instance take 174.
 template <typename T>
 __global__ void __launch_bounds__(TC_THREADS, 2)
 kron_cols_kernel(const FwdZ<T> *__restrict__ z, const T *__restrict__ fc, const T *__restrict__ fd, float *__restrict__ u,
-                 int i1, int i2, int64_t O, int64_t r0, int64_t nr, int64_t nexp, int64_t expert, int accumulate) {
+                 int o1, int i1, int i2, int64_t O, int64_t r0, int64_t nr, int64_t nexp, int64_t expert,
+                 int accumulate) {
   CAMEX_DYNAMIC_SMEM(smem);
   using P = FwdPrec<T>;  // only the forward runs stage 2
   const ColsLayout L = cols_layout(i1, i2, P::split());
@@ -557,8 +567,9 @@ kron_cols_kernel(const FwdZ<T> *__restrict__ z, const T *__restrict__ fc, const 
   for (int j = 0; j < TC_ACC; ++j) {
     const int tile = warp + TC_WARPS * j;
     const int pl = tile / L.tpr, mt = (tile % L.tpr) / ntc, nt = tile % ntc;
-    const int64_t p = p0 + pl;
-    if (tile >= L.pr * L.tpr || p >= O) continue;
+    const int64_t zr = p0 + pl;
+    if (tile >= L.pr * L.tpr || zr >= O) continue;
+    const int64_t p = z_rows_by_b<FwdZ<T>>() ? (zr % o1) * (O / o1) + zr / o1 : zr;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int cc = mt * 16 + g + 8 * h, d = nt * 8 + 2 * t;
@@ -671,8 +682,8 @@ inline int kron_forward_tc(cudaStream_t s, float *u, const T *w, const T *e, con
     CAMEX_CHECK_LAUNCH();
     const unsigned g2 = (unsigned)((O + cl.pr - 1) / cl.pr);
     CAMEX_LAUNCH_SMEM(kron_cols_kernel<T>, g2, TC_THREADS, cl.bytes, s)(
-        zt, reinterpret_cast<const T *>(f.c), reinterpret_cast<const T *>(f.d), u, i1, i2, O, r0, nr, f.n, expert,
-        r0 > 0 ? 1 : 0);
+        zt, reinterpret_cast<const T *>(f.c), reinterpret_cast<const T *>(f.d), u, o1, i1, i2, O, r0, nr, f.n,
+        expert, r0 > 0 ? 1 : 0);
     CAMEX_CHECK_LAUNCH();
   }
   return 0;

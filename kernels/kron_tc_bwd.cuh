@@ -21,7 +21,9 @@
 //   2. kron_cols_bwd_kernel, one block per run of rows, looping over the round's ranks: H's rows
 //      stay in shared memory; P's rows in, dC and dD partials out, and K's rows written over P's;
 //   3. kron_rows_bwd_kernel, one block per 8-column slab looping over the round's ranks: K's slab
-//      and tau in, dA and dB partials out, and L^T K added to dtau's slab, rank by rank;
+//      and tau in, dA and dB partials out, and L^T K added to dtau's slab, rank by rank (with dtau
+//      resident, the last round writes the expert's gradient and the base gradient's running sum
+//      instead of dtau: finish_expert_kernel's work, ExpertFinish);
 //   4. one fixed-order reduction of the partials into the factor gradients. No atomics: the same
 //      inputs give the same bits.
 // Every product goes through the tensor cores as in kron_tc.cuh, under a precision policy per
@@ -550,13 +552,14 @@ __device__ __forceinline__ void rows_bwd_da(const MmaT *vh, const MmaT *vl, cons
 // grid (slabs); each block runs ranks r0..r0+nr of its slab in order. z: the round's K_r (slab
 // layout); gt: f32 [O][I], dtau, to which this slab's L_r^T K_r is added rank by rank (written by
 // the first rank when r0 == 0): a fixed order, so the bits do not depend on the schedule.
-// part: f32 [nr][slabs][o1*o1 + o2*o2], this slab's dA and dB contributions.
+// part: f32 [nr][slabs][o1*o1 + o2*o2], this slab's dA and dB contributions. fin (dtau resident,
+// last round only): the expert's gradient goes to fin instead of gt.
 template <typename T>
 __global__ void __launch_bounds__(TC_THREADS, 1)
 kron_rows_bwd_kernel(const T *__restrict__ w, const T *__restrict__ e, const float *__restrict__ z,
                      const T *__restrict__ fa, const T *__restrict__ fb, float *__restrict__ part,
                      float *__restrict__ gt, int o1, int o2, int64_t I, int64_t nexp, int64_t expert, int64_t r0,
-                     int64_t nr, int mode) {
+                     int64_t nr, int mode, ExpertFinish<T> fin) {
   CAMEX_DYNAMIC_SMEM(smem);
   using P = RowsBwdPrec<T>;
   const RowsBwdLayout L = rows_bwd_layout(o1, o2, P::split(), mode);
@@ -686,11 +689,14 @@ kron_rows_bwd_kernel(const T *__restrict__ w, const T *__restrict__ e, const flo
       }
     }
   }
-  if (dacc) {  // the round's dtau, once
+  if (dacc) {  // the round's dtau, once; after the last round, as finish_expert_kernel would
     __syncthreads();
     for (int64_t x = threadIdx.x; x < O * TC_QC; x += TC_THREADS) {
-      const int64_t p = x / TC_QC, j = x % TC_QC;
-      if (q0 + j < I) gt[p * I + q0 + j] = Gs[(p / o2) * L.lg + (p % o2) * TC_QC + j];
+      const int64_t p = x / TC_QC, j = x % TC_QC, at = p * I + q0 + j;
+      if (q0 + j >= I) continue;
+      const float v = Gs[(p / o2) * L.lg + (p % o2) * TC_QC + j];
+      if (fin.grad_e) fin.store(at, v);
+      else gt[at] = v;
     }
   }
 }
@@ -746,7 +752,8 @@ inline int64_t kron_tc_bwd_partial_floats(const D4 &d4, int64_t r, TcSplit sp) {
 // part: kron_tc_bwd_partial_floats; lim: tc_smem_limit(), checked by kron_tc_bwd_fits.
 template <typename T>
 inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const KronFactors &f, int64_t expert,
-                            const D4 &d4, T *ga, T *gb, T *gc, T *gd, float *z, float *part, int64_t lim) {
+                            const D4 &d4, T *ga, T *gb, T *gc, T *gd, float *z, float *part, int64_t lim,
+                            ExpertFinish<T> fin, bool *finished) {
   const int o1 = (int)d4.d[0], o2 = (int)d4.d[1], i1 = (int)d4.d[2], i2 = (int)d4.d[3];
   const int64_t O = (int64_t)o1 * o2, I = (int64_t)i1 * i2, slabs = (I + TC_QC - 1) / TC_QC;
   constexpr TcSplit sp = PrecOf<T>::split();  // the partials' sizing (kron_tc_bwd_partial_floats)
@@ -775,8 +782,11 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
     CAMEX_LAUNCH_SMEM(kron_cols_bwd_kernel<T>, (unsigned)cblocks, TC_THREADS, cl.bytes, s)(
         h, z, fc, fd, pcd, i1, i2, pr, O, r0, nr, f.n, expert);
     CAMEX_CHECK_LAUNCH();
+    // With dtau resident the last round finishes the expert (gt is then not written).
+    const bool last = r0 + nr == f.r && (bmode & TC_DTAU_RESIDENT) && fin.grad_e;
     CAMEX_LAUNCH_SMEM(kron_rows_bwd_kernel<T>, (unsigned)slabs, TC_THREADS, bl.bytes, s)(
-        w, e, z, fa, fb, pab, gt, o1, o2, I, f.n, expert, r0, nr, bmode);
+        w, e, z, fa, fb, pab, gt, o1, o2, I, f.n, expert, r0, nr, bmode, last ? fin : ExpertFinish<T>{});
+    if (last) *finished = true;
     CAMEX_CHECK_LAUNCH();
     const int64_t nred = nr * ((int64_t)o1 * o1 + (int64_t)o2 * o2 + (int64_t)i1 * i1 + (int64_t)i2 * i2);
     CAMEX_LAUNCH(kron_bwd_reduce_kernel<T>, grid_for(nred, 256), 256, s)(pab, pcd, ga, gb, gc, gd, slabs, cblocks, o1, o2,
@@ -788,17 +798,26 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
 
 // The reverse chain of one expert on whichever path takes it (see kron_backward in kron.cuh for
 // the arguments). t1 must hold kron_scratch_floats(.., 1) and partial kron_bwd_partial_floats.
+// Then the expert's gradient goes to `fin` (elementwise.cuh): from the tensor-core path's last
+// kernel where it can (one pass fewer over dtau, one launch fewer), else by finish_expert_kernel.
 template <typename T>
 inline int kron_backward_any(cudaStream_t s, float *gt, Opnd h, Opnd tau, const KronFactors &f, int64_t e, const D4 &d4,
-                             T *ga, T *gb, T *gc, T *gd, float *t1, float *kk, float *w, float *partial) {
+                             T *ga, T *gb, T *gc, T *gd, float *t1, float *kk, float *w, float *partial,
+                             ExpertFinish<T> fin, int64_t oi) {
+  bool finished = false;
+  int rc = -1;
   if constexpr (is_half_type<T>::value) {
     if (camex_tensor_cores() && kron_tc_dims_ok(d4)) {
       const int64_t lim = tc_smem_limit();
       if (kron_tc_bwd_fits<T>(d4, lim))
-        return kron_backward_tc<T>(s, gt, h, tau, f, e, d4, ga, gb, gc, gd, t1, partial, lim);
+        rc = kron_backward_tc<T>(s, gt, h, tau, f, e, d4, ga, gb, gc, gd, t1, partial, lim, fin, &finished);
     }
   }
-  return kron_backward<T>(s, gt, h, tau, f, e, d4, ga, gb, gc, gd, t1, kk, w, partial);
+  if (rc < 0) rc = kron_backward<T>(s, gt, h, tau, f, e, d4, ga, gb, gc, gd, t1, kk, w, partial);
+  if (rc != 0 || finished) return rc;
+  CAMEX_LAUNCH(finish_expert_kernel<T>, grid_for(oi, 256), 256, s)(gt, fin, oi);
+  CAMEX_CHECK_LAUNCH();
+  return 0;
 }
 
 // Floats of backward partials: the chain's split-K partials or the tensor-core path's, whichever

@@ -120,40 +120,71 @@ constexpr int64_t DOT_CHUNK = 4096;  // elements per block: fixes the reduction 
 inline int64_t dot_chunks(int64_t oi) { return (oi + DOT_CHUNK - 1) / DOT_CHUNK; }
 
 // Partial inner products, rows r < G: <Gbar_r, zeta[r,i] (m_i U_i)>; row G (when `gnb`):
-// <grad_next_base, U_i>. Block (chunk, row, expert-block of NREG); out[((row*N)+i)*chunks + chunk].
-template <typename T>
-__global__ void __launch_bounds__(DOT_THREADS)
-dots_kernel(MergeArgs<T> a, const T *gbar, const T *gnb, float *out, int64_t chunks) {
-  __shared__ float red[DOT_THREADS];
-  const int64_t chunk = blockIdx.x, row = blockIdx.y, i0 = (int64_t)blockIdx.z * NREG;
-  const bool beta_row = row == a.g;
-  float acc[NREG];
+// <grad_next_base, U_i>. Block (chunk, row-block of DOT_ROWS, expert-block of NREG);
+// out[((row*N)+i)*chunks + chunk]. A block reads its chunk of U (and the mask) once for DOT_ROWS
+// rows (one with DARE, whose per-element draws took 221 registers at four rows); each
+// row's sum runs over q in the same order as with one row per block.
+constexpr int DOT_ROWS = 4;
+template <bool Dare> __host__ __device__ constexpr int dot_rows() { return Dare ? 1 : DOT_ROWS; }
+template <typename T, bool Dare>
+__device__ __forceinline__ void dots_body(float *red, const MergeArgs<T> &a, const T *gbar, const T *gnb, float *out,
+                                          int64_t chunks, int64_t rows) {
+  constexpr int rb = dot_rows<Dare>();  // rows per block
+  const int64_t chunk = blockIdx.x, row0 = (int64_t)blockIdx.y * rb, i0 = (int64_t)blockIdx.z * NREG;
+  float acc[rb][NREG];
 #pragma unroll
-  for (int i = 0; i < NREG; ++i) acc[i] = 0.f;
+  for (int r = 0; r < rb; ++r)
+#pragma unroll
+    for (int i = 0; i < NREG; ++i) acc[r][i] = 0.f;
   const int64_t q_end = min(a.oi, (chunk + 1) * DOT_CHUNK);
   for (int64_t q = chunk * DOT_CHUNK + threadIdx.x; q < q_end; q += DOT_THREADS) {
-    const float gv = beta_row ? (gnb ? to_f32(gnb[q]) : 0.f) : to_f32(gbar[row * a.oi + q]);
-    const float el = beta_row ? 0.f : a.mask.elect(q);
+    const float el = a.mask.elect(q);
+    float u[NREG], pi[NREG];
 #pragma unroll
     for (int i = 0; i < NREG; ++i) {
       const int64_t ie = i0 + i;
-      if (ie < a.n) {
-        const float u = a.u.u(ie, q);
-        if (beta_row) {
-          acc[i] += gv * u;
-        } else {
-          const float pi = a.mask.kind == CAMEX_MASK_NONE ? u : u * a.mask.m(ie, q, el);
-          acc[i] += gv * dare_zeta(a.dare, row, ie, a.n, a.oi, q) * pi;
-        }
+      u[i] = ie < a.n ? a.u.u(ie, q) : 0.f;
+      pi[i] = ie < a.n && a.mask.kind != CAMEX_MASK_NONE ? u[i] * a.mask.m(ie, q, el) : u[i];
+    }
+#pragma unroll
+    for (int r = 0; r < rb; ++r) {
+      const int64_t row = row0 + r;
+      if (row >= rows) continue;
+      if (row == a.g) {  // the beta row
+        const float gv = gnb ? to_f32(gnb[q]) : 0.f;
+#pragma unroll
+        for (int i = 0; i < NREG; ++i) acc[r][i] += gv * u[i];
+      } else {
+        const float gv = to_f32(gbar[row * a.oi + q]);
+#pragma unroll
+        for (int i = 0; i < NREG; ++i)
+          if (i0 + i < a.n) acc[r][i] += gv * (Dare ? dare_zeta(a.dare, row, i0 + i, a.n, a.oi, q) : 1.f) * pi[i];
       }
     }
   }
 #pragma unroll
-  for (int i = 0; i < NREG; ++i) {
-    const float s = block_sum<DOT_THREADS>(acc[i], red);
-    const int64_t ie = i0 + i;
-    if (threadIdx.x == 0 && ie < a.n) out[(row * a.n + ie) * chunks + chunk] = s;
+  for (int r = 0; r < rb; ++r) {
+    const int64_t row = row0 + r;
+    if (row >= rows) continue;  // uniform across the block
+#pragma unroll
+    for (int i = 0; i < NREG; ++i) {
+      const float s = block_sum<DOT_THREADS>(acc[r][i], red);
+      const int64_t ie = i0 + i;
+      if (threadIdx.x == 0 && ie < a.n) out[(row * a.n + ie) * chunks + chunk] = s;
+    }
   }
+}
+template <typename T>
+__global__ void __launch_bounds__(DOT_THREADS)
+dots_kernel(MergeArgs<T> a, const T *gbar, const T *gnb, float *out, int64_t chunks, int64_t rows) {
+  __shared__ float red[DOT_THREADS];
+  dots_body<T, false>(red, a, gbar, gnb, out, chunks, rows);
+}
+template <typename T>
+__global__ void __launch_bounds__(DOT_THREADS)
+dots_dare_kernel(MergeArgs<T> a, const T *gbar, const T *gnb, float *out, int64_t chunks, int64_t rows) {
+  __shared__ float red[DOT_THREADS];
+  dots_body<T, true>(red, a, gbar, gnb, out, chunks, rows);
 }
 
 // Bias reverse: grad_base_bias[o] = sum_g (1 - alpha sum_i s[g,i]) dbb[g,o];
@@ -221,19 +252,41 @@ __global__ void finalize_kernel(const float *dots, int64_t chunks, const float *
 
 // H_i[q] = alpha * m_i[q] * sum_g s[g,i] zeta[g,i,q] Gbar_g[q]  (+ beta_n * gnb[q]),
 // for experts [i_begin, i_end); written to f32 `hf` [.., O*I] (offset by i - i_begin) or to T `ht`.
+// Groups outer, H_EXPERTS experts' sums in registers: Gbar is read once per H_EXPERTS experts, each
+// sum still in group order (8 spilled on sm_80 under ptxas 13.0). The scores go through shared
+// memory where they fit (every thread reads all of them).
+constexpr int H_EXPERTS = 4, H_SCORES = 1024;
 template <typename T>
 __global__ void __launch_bounds__(256)
 h_kernel(MergeArgs<T> a, const T *gbar, const T *gnb, float beta_n, int64_t i_begin, int64_t i_end, float *hf, T *ht) {
+  __shared__ float sc[H_SCORES];
+  const bool staged = a.g * a.n <= H_SCORES;
+  if (staged)
+    for (int64_t k = threadIdx.x; k < a.g * a.n; k += blockDim.x) sc[k] = to_f32(a.scores[k]);
+  __syncthreads();
   for (int64_t q = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; q < a.oi; q += (int64_t)gridDim.x * blockDim.x) {
     const float el = a.mask.elect(q);
-    for (int64_t i = i_begin; i < i_end; ++i) {
-      float s = 0.f;
-      for (int64_t g = 0; g < a.g; ++g)
-        s += to_f32(a.scores[g * a.n + i]) * dare_zeta(a.dare, g, i, a.n, a.oi, q) * to_f32(gbar[g * a.oi + q]);
-      float h = a.mask.kind == CAMEX_MASK_NONE ? a.alpha * s : a.alpha * a.mask.m(i, q, el) * s;
-      if (gnb) h += beta_n * to_f32(gnb[q]);
-      if (hf) hf[(i - i_begin) * a.oi + q] = h;
-      else ht[i * a.oi + q] = from_f32<T>(h);
+    for (int64_t i0 = i_begin; i0 < i_end; i0 += H_EXPERTS) {
+      float s[H_EXPERTS];
+#pragma unroll
+      for (int j = 0; j < H_EXPERTS; ++j) s[j] = 0.f;
+      for (int64_t g = 0; g < a.g; ++g) {
+        const float gb = to_f32(gbar[g * a.oi + q]);
+#pragma unroll
+        for (int j = 0; j < H_EXPERTS; ++j)
+          if (i0 + j < i_end)
+            s[j] += (staged ? sc[g * a.n + i0 + j] : to_f32(a.scores[g * a.n + i0 + j])) *
+                    dare_zeta(a.dare, g, i0 + j, a.n, a.oi, q) * gb;
+      }
+#pragma unroll
+      for (int j = 0; j < H_EXPERTS; ++j) {
+        const int64_t i = i0 + j;
+        if (i >= i_end) continue;
+        float h = a.mask.kind == CAMEX_MASK_NONE ? a.alpha * s[j] : a.alpha * a.mask.m(i, q, el) * s[j];
+        if (gnb) h += beta_n * to_f32(gnb[q]);
+        if (hf) hf[(i - i_begin) * a.oi + q] = h;
+        else ht[i * a.oi + q] = from_f32<T>(h);
+      }
     }
   }
 }
@@ -266,8 +319,14 @@ inline int merge_reverse_scalars(cudaStream_t s, const MergeArgs<T> &a, const T 
   float *ip = ar.take<float>((a.g + 1) * a.n);
   const int64_t rows = a.g + (beta_row ? 1 : 0);
   if (chunks > 0x7FFFFFFF || rows > 65535 || (a.n + NREG - 1) / NREG > 65535) return CAMEX_ERR_DIMS;
-  CAMEX_LAUNCH(dots_kernel<T>, dim3((unsigned)chunks, (unsigned)rows, (unsigned)((a.n + NREG - 1) / NREG)), DOT_THREADS, s)(
-      a, gbar, gnb, dots, chunks);
+  if (a.dare.kind == CAMEX_DARE_NONE) {
+    const dim3 grid((unsigned)chunks, (unsigned)((rows + dot_rows<false>() - 1) / dot_rows<false>()),
+                    (unsigned)((a.n + NREG - 1) / NREG));
+    CAMEX_LAUNCH(dots_kernel<T>, grid, DOT_THREADS, s)(a, gbar, gnb, dots, chunks, rows);
+  } else {
+    const dim3 grid((unsigned)chunks, (unsigned)rows, (unsigned)((a.n + NREG - 1) / NREG));
+    CAMEX_LAUNCH(dots_dare_kernel<T>, grid, DOT_THREADS, s)(a, gbar, gnb, dots, chunks, rows);
+  }
   CAMEX_CHECK_LAUNCH();
   const bool bias = eb && b;
   if (bias) {

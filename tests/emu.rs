@@ -236,41 +236,6 @@ fn ca_case<T: Dt>(sh: Sh, kron: bool, opts: MergeOptions, bias: bool) {
     let gm = host::<T>(&rng.tensor(&[g, o, i], 1.0));
     let gmb = host::<T>(&rng.tensor(&[g, o], 1.0));
     let gnb = host::<T>(&rng.tensor(&[o, i], 1.0));
-    // SAFETY: host-side size computation.
-    let ws = vec![0u8; unsafe { ffi::camex_ca_merge_workspace(&prm, 1) } as usize + 1];
-    let grad_base = nan::<T>(o * i);
-    let grad_experts = nan::<T>(n * o * i);
-    let grad_scores = nan::<T>(g * n);
-    let grad_alpha = nan::<T>(1);
-    let grad_beta = opts.beta.map(|_| nan::<T>(1));
-    let gfs: Vec<Vec<T>> = w.factors.iter().map(|f| nan::<T>(f.0.len())).collect();
-    let gbb = bias.then(|| nan::<T>(o));
-    let geb = bias.then(|| nan::<T>(n * o));
-    let mut b = prm;
-    b.grad_merged = p(&gm.1);
-    if bias {
-        b.grad_merged_bias = p(&gmb.1);
-    }
-    if opts.beta.is_some() {
-        b.grad_next_base = p(&gnb.1);
-    }
-    b.grad_base = p(&grad_base);
-    b.grad_experts = p(&grad_experts);
-    b.grad_scores = p(&grad_scores);
-    b.grad_alpha = p(&grad_alpha);
-    b.grad_beta = opt(&grad_beta);
-    if kron {
-        b.grad_factor_a = p(&gfs[0]);
-        b.grad_factor_b = p(&gfs[1]);
-        b.grad_factor_c = p(&gfs[2]);
-        b.grad_factor_d = p(&gfs[3]);
-    }
-    b.grad_base_bias = opt(&gbb);
-    b.grad_expert_bias = opt(&geb);
-    b.workspace = p(&ws);
-    b.workspace_bytes = ws.len() as i64;
-    // SAFETY: as above.
-    ok(unsafe { ffi::camex_ca_merge_backward(&b, stream()) }, &tag);
     let has_beta = opts.beta.is_some();
     let want = cpu::ca_merge_backward(
         &ci,
@@ -293,67 +258,140 @@ fn ca_case<T: Dt>(sh: Sh, kron: bool, opts: MergeOptions, bias: bool) {
     let u = cpu::curvature(&w.base.0, &w.experts.0, &ci.curvature).unwrap();
     let (s_alpha, s_scores, s_beta) = co.scales(&x, &u, &gm.0, bias.then_some(&gmb.0), &gnb.0);
     let ob = bo.as_ref();
-    cmp(
-        &format!("{tag} grad_base"),
-        &grad_base,
-        &want.grad_base,
-        ob.map(|b| &b.grad_base),
-    );
-    cmp(
-        &format!("{tag} grad_experts"),
-        &grad_experts,
-        &want.grad_experts,
-        ob.map(|b| &b.grad_experts),
-    );
-    cmp_sums(
-        &format!("{tag} grad_scores"),
-        &grad_scores,
-        want.grad_scores.data(),
-        &s_scores,
-    );
-    cmp_sums(
-        &format!("{tag} grad_alpha"),
-        &grad_alpha,
-        &[want.grad_alpha],
-        &[s_alpha],
-    );
-    if let (Some(gb), Some(wb)) = (&grad_beta, want.grad_beta) {
-        cmp_sums(&format!("{tag} grad_beta"), gb, &[wb], &[s_beta]);
-    }
-    if let Some(wf) = &want.factors {
-        let o = |k: usize| ob.and_then(|b| b.factors.as_ref()).map(|f| &f[k]);
+    // Twice where the forward gave U: recomputing it, then given it (the tape's case).
+    type Bits = Vec<Vec<u32>>;
+    let mut first: Option<(Bits, Bits)> = None;
+    for given in [None]
+        .into_iter()
+        .chain(curved.as_ref().filter(|_| kron).map(Some))
+    {
+        let kept = if given.is_some() { " (U given)" } else { "" };
+        let grad_base = nan::<T>(o * i);
+        let grad_experts = nan::<T>(n * o * i);
+        let grad_scores = nan::<T>(g * n);
+        let grad_alpha = nan::<T>(1);
+        let grad_beta = opts.beta.map(|_| nan::<T>(1));
+        let gfs: Vec<Vec<T>> = w.factors.iter().map(|f| nan::<T>(f.0.len())).collect();
+        let gbb = bias.then(|| nan::<T>(o));
+        let geb = bias.then(|| nan::<T>(n * o));
+        let mut b = prm;
+        // The backward given the forward's U reads it; the workspace is sized for that (camex.h).
+        b.curved = given.map_or(0, |u| p(u));
+        b.grad_merged = p(&gm.1);
+        if bias {
+            b.grad_merged_bias = p(&gmb.1);
+        }
+        if opts.beta.is_some() {
+            b.grad_next_base = p(&gnb.1);
+        }
+        b.grad_base = p(&grad_base);
+        b.grad_experts = p(&grad_experts);
+        b.grad_scores = p(&grad_scores);
+        b.grad_alpha = p(&grad_alpha);
+        b.grad_beta = opt(&grad_beta);
+        if kron {
+            b.grad_factor_a = p(&gfs[0]);
+            b.grad_factor_b = p(&gfs[1]);
+            b.grad_factor_c = p(&gfs[2]);
+            b.grad_factor_d = p(&gfs[3]);
+        }
+        b.grad_base_bias = opt(&gbb);
+        b.grad_expert_bias = opt(&geb);
+        // SAFETY: host-side size computation.
+        let ws = vec![0u8; unsafe { ffi::camex_ca_merge_workspace(&b, 1) } as usize + 1];
+        b.workspace = p(&ws);
+        b.workspace_bytes = ws.len() as i64;
+        // SAFETY: as above.
+        ok(unsafe { ffi::camex_ca_merge_backward(&b, stream()) }, &tag);
         cmp(
-            &format!("{tag} grad_factor_a"),
-            &gfs[0],
-            &wf.grad_factor_a,
-            o(0),
+            &format!("{tag}{kept} grad_base"),
+            &grad_base,
+            &want.grad_base,
+            ob.map(|b| &b.grad_base),
         );
         cmp(
-            &format!("{tag} grad_factor_b"),
-            &gfs[1],
-            &wf.grad_factor_b,
-            o(1),
+            &format!("{tag}{kept} grad_experts"),
+            &grad_experts,
+            &want.grad_experts,
+            ob.map(|b| &b.grad_experts),
         );
-        cmp(
-            &format!("{tag} grad_factor_c"),
-            &gfs[2],
-            &wf.grad_factor_c,
-            o(2),
+        cmp_sums(
+            &format!("{tag}{kept} grad_scores"),
+            &grad_scores,
+            want.grad_scores.data(),
+            &s_scores,
         );
-        cmp(
-            &format!("{tag} grad_factor_d"),
-            &gfs[3],
-            &wf.grad_factor_d,
-            o(3),
+        cmp_sums(
+            &format!("{tag}{kept} grad_alpha"),
+            &grad_alpha,
+            &[want.grad_alpha],
+            &[s_alpha],
         );
-    }
-    if let (Some(g1), Some(w1)) = (&gbb, &want.grad_base_bias) {
-        let o = ob.and_then(|b| b.grad_base_bias.as_ref());
-        cmp(&format!("{tag} grad_base_bias"), g1, w1, o);
-    }
-    if let (Some(g1), Some(w1)) = (&geb, &want.grad_expert_bias) {
-        let o = ob.and_then(|b| b.grad_expert_bias.as_ref());
-        cmp(&format!("{tag} grad_expert_bias"), g1, w1, o);
+        if let (Some(gb), Some(wb)) = (&grad_beta, want.grad_beta) {
+            cmp_sums(&format!("{tag}{kept} grad_beta"), gb, &[wb], &[s_beta]);
+        }
+        if let Some(wf) = &want.factors {
+            let o = |k: usize| ob.and_then(|b| b.factors.as_ref()).map(|f| &f[k]);
+            cmp(
+                &format!("{tag}{kept} grad_factor_a"),
+                &gfs[0],
+                &wf.grad_factor_a,
+                o(0),
+            );
+            cmp(
+                &format!("{tag}{kept} grad_factor_b"),
+                &gfs[1],
+                &wf.grad_factor_b,
+                o(1),
+            );
+            cmp(
+                &format!("{tag}{kept} grad_factor_c"),
+                &gfs[2],
+                &wf.grad_factor_c,
+                o(2),
+            );
+            cmp(
+                &format!("{tag}{kept} grad_factor_d"),
+                &gfs[3],
+                &wf.grad_factor_d,
+                o(3),
+            );
+        }
+        if let (Some(g1), Some(w1)) = (&gbb, &want.grad_base_bias) {
+            let o = ob.and_then(|b| b.grad_base_bias.as_ref());
+            cmp(&format!("{tag}{kept} grad_base_bias"), g1, w1, o);
+        }
+        if let (Some(g1), Some(w1)) = (&geb, &want.grad_expert_bias) {
+            let o = ob.and_then(|b| b.grad_expert_bias.as_ref());
+            cmp(&format!("{tag}{kept} grad_expert_bias"), g1, w1, o);
+        }
+        // The gradients that do not read U are the same bits either way; those that do (scores,
+        // alpha, beta) are held to the bounds above, and in f32 (U stored exactly) are the same
+        // bits too.
+        let bits = |v: &[T]| v.iter().map(|x| x.to_f32().to_bits()).collect::<Vec<u32>>();
+        let u_free: Vec<Vec<u32>> = [&grad_base, &grad_experts]
+            .into_iter()
+            .chain(&gfs)
+            .chain(gbb.iter().chain(&geb))
+            .map(|v| bits(v))
+            .collect();
+        let u_read: Vec<Vec<u32>> = [&grad_scores, &grad_alpha]
+            .into_iter()
+            .chain(&grad_beta)
+            .map(|v| bits(v))
+            .collect();
+        match &first {
+            Some((f, r)) => {
+                assert_eq!(
+                    f, &u_free,
+                    "emu {tag}: U given changed a gradient that does not read U"
+                );
+                if !T::LOW {
+                    assert_eq!(r, &u_read, "emu {tag}: U given changed f32 gradients' bits");
+                }
+            }
+            None => first = Some((u_free, u_read)),
+        }
     }
 }
 

@@ -436,6 +436,7 @@ fn ca_case<T: Dt>(s: &Stream, sh: Sh, kron: bool, opts: MergeOptions, bias: bool
     if !backward {
         return;
     }
+    let curved = got.curved;
     let mut rng = Rng(1234);
     let gm = put::<T>(s, &rng.tensor(&[sh.g, sh.o, sh.i], 1.0));
     let gmb = put::<T>(s, &rng.tensor(&[sh.g, sh.o], 1.0));
@@ -581,6 +582,45 @@ fn ca_case<T: Dt>(s: &Stream, sh: Sh, kron: bool, opts: MergeOptions, bias: bool
             want.grad_expert_bias.as_ref().unwrap(),
             bo.as_ref().and_then(|b| b.grad_expert_bias.as_ref()),
         );
+    }
+    // Given the forward's U: the gradients that do not read U are the same bits; those that do
+    // (scores, alpha, beta) are held to the bounds, and in f32 are the same bits too.
+    let Some(u) = curved.filter(|_| kron) else {
+        return;
+    };
+    let kept = cuda::ca_merge_backward_with_curved(
+        s,
+        &gi,
+        &opts,
+        &u,
+        &gm.1,
+        bias.then_some(&gmb.1),
+        has_beta.then_some(&gnb.1),
+    )
+    .unwrap();
+    let tag = format!("{tag} (U given)");
+    same_bits(s, &tag, &got.grad_base, &kept.grad_base);
+    same_bits(s, &tag, &got.grad_experts, &kept.grad_experts);
+    if let (Some(g), Some(k)) = (&got.factors, &kept.factors) {
+        same_bits(s, &tag, &g.grad_factor_a, &k.grad_factor_a);
+        same_bits(s, &tag, &g.grad_factor_d, &k.grad_factor_d);
+    }
+    close_sums(
+        s,
+        &format!("{tag} grad_scores"),
+        &kept.grad_scores,
+        want.grad_scores.data(),
+        &s_scores,
+    );
+    close_sums(
+        s,
+        &format!("{tag} grad_alpha"),
+        &kept.grad_alpha,
+        &[want.grad_alpha],
+        &[s_alpha],
+    );
+    if !T::LOW {
+        same_bits(s, &tag, &got.grad_scores, &kept.grad_scores);
     }
 }
 
@@ -884,6 +924,30 @@ fn bad_shapes_are_errors_before_launch() {
     .unwrap_err();
     assert!(
         matches!(e, camex::Error::Shape { ref tensor, .. } if tensor == "scores"),
+        "{e}"
+    );
+    // The backward given U names `curved` when its shape is not [N, O, I].
+    let scores = CudaTensor::<f32>::zeros(&s, &[2, 3]).unwrap();
+    let gm = CudaTensor::<f32>::zeros(&s, &[2, 6, 10]).unwrap();
+    let e = cuda::ca_merge_backward_with_curved(
+        &s,
+        &cuda::CudaCaMergeInputs {
+            base: &w.base.1,
+            experts: &w.experts.1,
+            scores: &scores,
+            curvature: cuda::CudaCurvature::Identity,
+            base_bias: None,
+            expert_bias: None,
+        },
+        &MergeOptions::default(),
+        &wrong,
+        &gm,
+        None,
+        None,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, camex::Error::Shape { ref tensor, .. } if tensor == "curved"),
         "{e}"
     );
 }

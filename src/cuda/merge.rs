@@ -300,7 +300,9 @@ fn packed_grad_shapes<T>(g: usize, n: usize, curv: &CudaCurvature<T>) -> Vec<Vec
 }
 
 /// The fused CA-merge backward. `grad_next_base` is allowed only when `opts.beta` is set (absent
-/// means zero); `grad_merged_bias` is optional with biases (absent means zero).
+/// means zero); `grad_merged_bias` is optional with biases (absent means zero). U is recomputed
+/// on the way; a caller that kept the forward's `curved` skips that with
+/// [`ca_merge_backward_with_curved`].
 pub fn ca_merge_backward<T: Element>(
     stream: &Arc<CudaStream>,
     inputs: &CudaCaMergeInputs<T>,
@@ -310,8 +312,58 @@ pub fn ca_merge_backward<T: Element>(
     grad_next_base: Option<&CudaTensor<T>>,
 ) -> Result<CudaCaMergeGrads<T>> {
     let _r = super::op_range(c"camex::ca_merge_backward");
+    backward_ca(
+        stream,
+        inputs,
+        opts,
+        None,
+        grad_merged,
+        grad_merged_bias,
+        grad_next_base,
+    )
+}
+
+/// [`ca_merge_backward`] given the forward's U (`curved` [N, O, I], from [`ca_merge`] with
+/// `opts.want_curved`), as an autodiff tape keeps it between the passes: the backward reads it
+/// instead of running the curvature's forward chain again (same workspace). `curved` must be that
+/// forward's output for these inputs (only its shape can be checked). In f32 the gradients are the same bits as [`ca_merge_backward`]'s; in f16/bf16,
+/// `grad_scores`, `grad_alpha` and `grad_beta` then read U as stored (rounded once to the dtype,
+/// as the official code keeps it) instead of in f32.
+pub fn ca_merge_backward_with_curved<T: Element>(
+    stream: &Arc<CudaStream>,
+    inputs: &CudaCaMergeInputs<T>,
+    opts: &MergeOptions,
+    curved: &CudaTensor<T>,
+    grad_merged: &CudaTensor<T>,
+    grad_merged_bias: Option<&CudaTensor<T>>,
+    grad_next_base: Option<&CudaTensor<T>>,
+) -> Result<CudaCaMergeGrads<T>> {
+    let _r = super::op_range(c"camex::ca_merge_backward_with_curved");
+    backward_ca(
+        stream,
+        inputs,
+        opts,
+        Some(curved),
+        grad_merged,
+        grad_merged_bias,
+        grad_next_base,
+    )
+}
+
+fn backward_ca<T: Element>(
+    stream: &Arc<CudaStream>,
+    inputs: &CudaCaMergeInputs<T>,
+    opts: &MergeOptions,
+    curved: Option<&CudaTensor<T>>,
+    grad_merged: &CudaTensor<T>,
+    grad_merged_bias: Option<&CudaTensor<T>>,
+    grad_next_base: Option<&CudaTensor<T>>,
+) -> Result<CudaCaMergeGrads<T>> {
     let d = check_ca(inputs, opts)?;
     let (g, n, o, i) = (d.m.g, d.m.n, d.m.o, d.m.i);
+    if let Some(u) = curved {
+        expect_shape("curved", u.shape(), &[n, o, i])?;
+    }
     expect_shape("grad_merged", grad_merged.shape(), &[g, o, i])?;
     check_grad_bias(grad_merged_bias.map(|t| t.shape()), d.m.bias, g, o)?;
     if let Some(gn) = grad_next_base {
@@ -324,6 +376,8 @@ pub fn ca_merge_backward<T: Element>(
         expect_shape("grad_next_base", gn.shape(), &[o, i])?;
     }
     let mut p = ca_params::<T>(&d, opts);
+    // The workspace's size depends only on whether `curved` is given (camex.h); the pointer follows.
+    p.curved = u64::from(curved.is_some());
     // SAFETY: host-side size computation.
     let ws_bytes = unsafe { ffi::camex_ca_merge_workspace(&p, 1) };
     let mut ws = workspace(stream, ws_bytes)?;
@@ -361,6 +415,7 @@ pub fn ca_merge_backward<T: Element>(
         read_curvature(&mut l, &mut p, &inputs.curvature);
         p.base_bias = l.read_opt(inputs.base_bias);
         p.expert_bias = l.read_opt(inputs.expert_bias);
+        p.curved = l.read_opt(curved);
         p.grad_merged = l.read(grad_merged);
         p.grad_merged_bias = l.read_opt(grad_merged_bias);
         p.grad_next_base = l.read_opt(grad_next_base);

@@ -35,8 +35,9 @@ pub use dynamic::{dynamic_merge, dynamic_merge_backward, CudaDynamicGrads};
 pub use linear::{merged_linear, merged_linear_backward, CudaLinearGrads};
 pub use mask::ties_mask;
 pub use merge::{
-    ca_merge, ca_merge_backward, merge, merge_backward, CudaCaMergeGrads, CudaCaMergeInputs,
-    CudaCaMergeOutputs, CudaMergeGrads, CudaMergeInputs, CudaMergeOutputs,
+    ca_merge, ca_merge_backward, ca_merge_backward_with_curved, merge, merge_backward,
+    CudaCaMergeGrads, CudaCaMergeInputs, CudaCaMergeOutputs, CudaMergeGrads, CudaMergeInputs,
+    CudaMergeOutputs,
 };
 pub use segment::{segment_scores, segment_scores_backward};
 
