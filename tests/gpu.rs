@@ -908,20 +908,16 @@ fn bad_shapes_are_errors_before_launch() {
     // The same variant and the same fields, so the same message.
     assert!(matches!(e, camex::Error::Shape { .. }), "{e}");
     assert_eq!(e.to_string(), cpu_e.to_string());
+    let inputs = |scores| cuda::CudaCaMergeInputs {
+        base: &w.base.1,
+        experts: &w.experts.1,
+        scores,
+        curvature: cuda::CudaCurvature::Identity,
+        base_bias: None,
+        expert_bias: None,
+    };
     let scores = CudaTensor::<f32>::zeros(&s, &[2, 4]).unwrap();
-    let e = cuda::ca_merge(
-        &s,
-        &cuda::CudaCaMergeInputs {
-            base: &w.base.1,
-            experts: &w.experts.1,
-            scores: &scores,
-            curvature: cuda::CudaCurvature::Identity,
-            base_bias: None,
-            expert_bias: None,
-        },
-        &MergeOptions::default(),
-    )
-    .unwrap_err();
+    let e = cuda::ca_merge(&s, &inputs(&scores), &MergeOptions::default()).unwrap_err();
     assert!(
         matches!(e, camex::Error::Shape { ref tensor, .. } if tensor == "scores"),
         "{e}"
@@ -931,14 +927,7 @@ fn bad_shapes_are_errors_before_launch() {
     let gm = CudaTensor::<f32>::zeros(&s, &[2, 6, 10]).unwrap();
     let e = cuda::ca_merge_backward_with_curved(
         &s,
-        &cuda::CudaCaMergeInputs {
-            base: &w.base.1,
-            experts: &w.experts.1,
-            scores: &scores,
-            curvature: cuda::CudaCurvature::Identity,
-            base_bias: None,
-            expert_bias: None,
-        },
+        &inputs(&scores),
         &MergeOptions::default(),
         &wrong,
         &gm,
