@@ -354,9 +354,9 @@ fn run_op(op: Op, pass: Pass, d: Dims, dt: Dt, keep_u: bool) {
                 };
                 let merged = b(g * oi);
                 p.merged = merged.addr();
-                let curved = b(n * oi);
-                if bwd && keep_u {
-                    p.curved = curved.addr();
+                let curved = (bwd && keep_u).then(|| b(n * oi));
+                if let Some(c) = &curved {
+                    p.curved = c.addr();
                 }
                 // SAFETY: a size query on plain values.
                 let ws = Buf::new(unsafe { ffi::camex_ca_merge_workspace(&p, 0) } as usize);

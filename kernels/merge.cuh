@@ -137,14 +137,16 @@ __device__ __forceinline__ void dots_body(float *red, const MergeArgs<T> &a, con
 #pragma unroll
     for (int i = 0; i < NREG; ++i) acc[r][i] = 0.f;
   const int64_t q_end = min(a.oi, (chunk + 1) * DOT_CHUNK);
+  // A block of the beta row alone reads U unmasked: no election, no mask.
+  const bool masked = a.mask.kind != CAMEX_MASK_NONE && row0 < a.g;
   for (int64_t q = chunk * DOT_CHUNK + threadIdx.x; q < q_end; q += DOT_THREADS) {
-    const float el = a.mask.elect(q);
+    const float el = masked ? a.mask.elect(q) : 0.f;
     float u[NREG], pi[NREG];
 #pragma unroll
     for (int i = 0; i < NREG; ++i) {
       const int64_t ie = i0 + i;
       u[i] = ie < a.n ? a.u.u(ie, q) : 0.f;
-      pi[i] = ie < a.n && a.mask.kind != CAMEX_MASK_NONE ? u[i] * a.mask.m(ie, q, el) : u[i];
+      pi[i] = ie < a.n && masked ? u[i] * a.mask.m(ie, q, el) : u[i];
     }
 #pragma unroll
     for (int r = 0; r < rb; ++r) {
@@ -319,14 +321,13 @@ inline int merge_reverse_scalars(cudaStream_t s, const MergeArgs<T> &a, const T 
   float *ip = ar.take<float>((a.g + 1) * a.n);
   const int64_t rows = a.g + (beta_row ? 1 : 0);
   if (chunks > 0x7FFFFFFF || rows > 65535 || (a.n + NREG - 1) / NREG > 65535) return CAMEX_ERR_DIMS;
-  if (a.dare.kind == CAMEX_DARE_NONE) {
-    const dim3 grid((unsigned)chunks, (unsigned)((rows + dot_rows<false>() - 1) / dot_rows<false>()),
-                    (unsigned)((a.n + NREG - 1) / NREG));
-    CAMEX_LAUNCH(dots_kernel<T>, grid, DOT_THREADS, s)(a, gbar, gnb, dots, chunks, rows);
-  } else {
-    const dim3 grid((unsigned)chunks, (unsigned)rows, (unsigned)((a.n + NREG - 1) / NREG));
-    CAMEX_LAUNCH(dots_dare_kernel<T>, grid, DOT_THREADS, s)(a, gbar, gnb, dots, chunks, rows);
-  }
+  const auto grid = [&](int rb) {
+    return dim3((unsigned)chunks, (unsigned)((rows + rb - 1) / rb), (unsigned)((a.n + NREG - 1) / NREG));
+  };
+  if (a.dare.kind == CAMEX_DARE_NONE)
+    CAMEX_LAUNCH(dots_kernel<T>, grid(dot_rows<false>()), DOT_THREADS, s)(a, gbar, gnb, dots, chunks, rows);
+  else
+    CAMEX_LAUNCH(dots_dare_kernel<T>, grid(dot_rows<true>()), DOT_THREADS, s)(a, gbar, gnb, dots, chunks, rows);
   CAMEX_CHECK_LAUNCH();
   const bool bias = eb && b;
   if (bias) {

@@ -326,9 +326,10 @@ pub fn ca_merge_backward<T: Element>(
 /// [`ca_merge_backward`] given the forward's U (`curved` [N, O, I], from [`ca_merge`] with
 /// `opts.want_curved`), as an autodiff tape keeps it between the passes: the backward reads it
 /// instead of running the curvature's forward chain again (same workspace). `curved` must be that
-/// forward's output for these inputs (only its shape can be checked). In f32 the gradients are the same bits as [`ca_merge_backward`]'s; in f16/bf16,
-/// `grad_scores`, `grad_alpha` and `grad_beta` then read U as stored (rounded once to the dtype,
-/// as the official code keeps it) instead of in f32.
+/// forward's output for these inputs (only its shape can be checked). In f32 the gradients are the
+/// same bits as [`ca_merge_backward`]'s; in f16/bf16, `grad_scores`, `grad_alpha` and `grad_beta`
+/// then read U as stored (rounded once to the dtype, as the official code keeps it) instead of in
+/// f32.
 pub fn ca_merge_backward_with_curved<T: Element>(
     stream: &Arc<CudaStream>,
     inputs: &CudaCaMergeInputs<T>,
