@@ -58,7 +58,9 @@ fn find_nvcc() -> Option<(PathBuf, PathBuf)> {
 mod cuda {
     use super::{find_nvcc, KERNEL_DIR};
     use std::env;
-    use std::path::PathBuf;
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+    use std::sync::Mutex;
 
     pub fn build() {
         // docs.rs (and `DOCS_RS=1 cargo doc`) has no CUDA: only the bindings are generated, which
@@ -175,28 +177,76 @@ mod cuda {
         ]
     }
 
-    fn build_device(nvcc: &std::path::Path, root: &std::path::Path, sources: &[PathBuf]) {
-        // cc picks nvcc up from $NVCC (and then wraps host flags in -Xcompiler itself).
-        env::set_var("NVCC", nvcc);
-        let mut build = cc::Build::new();
-        build
-            .cuda(true)
-            .cudart("none") // linked below, statically, from the lib dir we found
-            .include(KERNEL_DIR)
-            .flag("-std=c++17")
-            .flag("-O3");
-        for g in gencodes() {
-            build.flag("-gencode").flag(g);
+    /// One kernel source to an object; returns nvcc's stderr (ptxas' `-v` report).
+    fn nvcc_compile(nvcc: &Path, gencodes: &[String], src: &Path, obj: &Path) -> String {
+        let mut cmd = Command::new(nvcc);
+        cmd.args(["-std=c++17", "-O3", "-I", KERNEL_DIR])
+            .args(["-Xcompiler", "-fPIC,-ffunction-sections,-fdata-sections"]);
+        for g in gencodes {
+            cmd.arg("-gencode").arg(g);
         }
-        build
-            // Always optimised device code: `-G` (what cc adds for debug profiles) makes kernels
-            // unrepresentatively slow and changes register allocation.
-            .debug(false)
-            .warnings(false);
-        for s in sources {
-            build.file(s);
-        }
-        build.compile("camex_kernels");
+        cmd.args(["-Xptxas", "-v", "-c"])
+            .arg(src)
+            .arg("-o")
+            .arg(obj);
+        let run = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+        let report = String::from_utf8_lossy(&run.stderr).into_owned();
+        assert!(
+            run.status.success(),
+            "nvcc failed on {} ({}):\n{report}",
+            src.display(),
+            run.status
+        );
+        report
+    }
+
+    /// nvcc on every kernel source, one process per file and up to cargo's job count at once,
+    /// heaviest first (cc's `Build` runs them one after another, and as relocatable device code,
+    /// which no kernel needs: each .cu is a whole program with its launchers, so ptxas sees every
+    /// kernel whole). ptxas' `-v` report (registers, stack, spills of each kernel per arch) is kept
+    /// as OUT_DIR/ptxas.log: `scripts/check-ptxas.sh --from-build` reads it instead of compiling
+    /// every kernel again.
+    fn build_device(nvcc: &Path, root: &Path, sources: &[PathBuf]) {
+        let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
+        let jobs = env::var("NUM_JOBS")
+            .ok()
+            .and_then(|j| j.parse::<usize>().ok())
+            .unwrap_or(1)
+            .clamp(1, sources.len().max(1));
+        // The largest source (the tensor-core curvature kernels) takes half the time: start it first.
+        let mut order: Vec<&PathBuf> = sources.iter().collect();
+        order.sort_by_key(|s| std::cmp::Reverse(std::fs::metadata(s).map_or(0, |m| m.len())));
+        let gencodes = gencodes();
+        let queue = Mutex::new(order.into_iter());
+        let reports = Mutex::new(Vec::new());
+        std::thread::scope(|scope| {
+            for _ in 0..jobs {
+                scope.spawn(|| loop {
+                    let Some(src) = queue.lock().unwrap().next() else {
+                        break;
+                    };
+                    let obj = out.join(src.file_name().unwrap()).with_extension("o");
+                    let report = nvcc_compile(nvcc, &gencodes, src, &obj);
+                    reports.lock().unwrap().push((src.clone(), obj, report));
+                });
+            }
+        });
+        let mut reports = reports.into_inner().unwrap();
+        reports.sort();
+        let log: String = reports.iter().map(|(_, _, r)| r.as_str()).collect();
+        std::fs::write(out.join("ptxas.log"), log).expect("write ptxas.log");
+        let mut archive = Command::new(nvcc);
+        archive
+            .arg("--lib")
+            .arg("-o")
+            .arg(out.join("libcamex_kernels.a"))
+            .args(reports.iter().map(|(_, obj, _)| obj));
+        let status = archive.status().expect("nvcc --lib");
+        assert!(status.success(), "{archive:?} failed: {status}");
+        println!("cargo:rustc-link-search=native={}", out.display());
+        println!("cargo:rustc-link-lib=static=camex_kernels");
 
         let lib = root.join("lib");
         let lib64 = root.join("lib64");

@@ -71,6 +71,10 @@ struct Args {
     /// Count every block instead of sampling the first, one interior and the last per grid axis.
     #[arg(long)]
     exact: bool,
+    /// ca_merge's forward+backward only keeping U: no `-recompute` run. The CI gate's setting (its
+    /// kernels all run in the other passes; the run cost a minute of CI).
+    #[arg(long)]
+    no_recompute: bool,
     /// Compare the counts with this baseline file; exit 1 when one grows by more than 5%.
     #[arg(long)]
     check: Option<String>,
@@ -604,7 +608,7 @@ fn main() {
             // ca_merge's forward+backward twice: keeping the forward's U for the backward (as an
             // autodiff tape does; the plain name), and recomputing it ("-recompute").
             let mut runs = vec![(Pass::Fwd, true), (Pass::FwdBwd, true)];
-            if op == Op::CaMerge {
+            if op == Op::CaMerge && !a.no_recompute {
                 runs.push((Pass::FwdBwd, false));
             }
             for (pass, keep_u) in runs {
@@ -678,8 +682,9 @@ fn main() {
     print!("{kernel_lines}");
     if let Some(path) = &a.write {
         let mut s = format!(
-            "# scripts/cost-model.sh counts: shape={shape_name} dtype={} (regenerate with --write; CI fails when one grows by more than 5%)\n",
-            a.dtype
+            "# scripts/cost-model.sh counts: shape={shape_name} dtype={}{} (regenerate with --write; CI fails when one grows by more than 5%)\n",
+            a.dtype,
+            if a.no_recompute { " --no-recompute" } else { "" }
         );
         for (k, v) in &counts {
             let _ = writeln!(s, "{k} {v}");

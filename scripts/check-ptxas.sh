@@ -2,32 +2,55 @@
 # Compiles every kernels/*.cu for sm_90 with `-Xptxas -v`, prints registers / stack / spills per
 # kernel, and fails when a kernel spills registers or uses a stack frame (local memory), unless it
 # is on the exception list below (kernel name pattern + reason).
-# Usage: scripts/check-ptxas.sh [ARCH] (default sm_90). Needs nvcc (scripts/setup-cuda.sh).
+# Usage: scripts/check-ptxas.sh [--from-build] [ARCH] (default sm_90). Needs nvcc
+# (scripts/setup-cuda.sh). With --from-build it compiles nothing: it reads the report the cuda
+# build's build.rs kept (ptxas -v of the very objects linked, every arch of the fatbin) from the
+# newest `cargo build --features cuda` under $CARGO_TARGET_DIR (default target/), and fails when
+# that report is older than a kernel source.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-ARCH="${1:-sm_90}"
-CUDA_HOME="${CUDA_HOME:-$ROOT/.cuda/nvidia/cu13}"
-NVCC="${NVCC:-$CUDA_HOME/bin/nvcc}"
-if [ ! -x "$NVCC" ]; then
-  NVCC="$(command -v nvcc || true)"
-fi
-if [ -z "$NVCC" ] || [ ! -x "$NVCC" ]; then
-  echo "check-ptxas: nvcc not found; run scripts/setup-cuda.sh or set CUDA_HOME/NVCC" >&2
-  exit 2
-fi
-
 # Exceptions: "pattern|reason" (pattern: a substring of the mangled kernel name). None needed now.
 EXCEPTIONS=(
 )
 
+FROM_BUILD=0
+if [ "${1:-}" = "--from-build" ]; then FROM_BUILD=1; shift; fi
+ARCH="${1:-sm_90}"
 TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
 LOG="$TMP/ptxas.log"
 : >"$LOG"
-for cu in "$ROOT"/kernels/*.cu; do
-  "$NVCC" -std=c++17 -O3 -I"$ROOT/kernels" -gencode "arch=compute_${ARCH#sm_},code=$ARCH" \
-    -Xptxas -v -c "$cu" -o "$TMP/$(basename "$cu").o" >>"$LOG" 2>&1 || { cat "$LOG" >&2; exit 1; }
-done
+if [ "$FROM_BUILD" = 1 ]; then
+  TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+  BUILT="$(ls -t "$TARGET"/*/build/camex-*/out/ptxas.log 2>/dev/null | head -1 || true)"
+  if [ -z "$BUILT" ]; then
+    echo "check-ptxas: no ptxas.log of a cuda build under $TARGET (cargo build --features cuda first)" >&2
+    exit 2
+  fi
+  if [ -n "$(find "$ROOT/kernels" -newer "$BUILT" -print -quit)" ]; then
+    echo "check-ptxas: $BUILT is older than kernels/ (rebuild with --features cuda)" >&2
+    exit 2
+  fi
+  # Only this arch's entries: each starts at its "Compiling entry function ... for 'sm_XX'" line.
+  awk -v arch="'$ARCH'" '/Compiling entry function/ { keep = index($0, "for " arch) > 0 } keep' \
+    "$BUILT" >"$LOG"
+  echo "check-ptxas: $ARCH from the build's report $BUILT"
+else
+  CUDA_HOME="${CUDA_HOME:-$ROOT/.cuda/nvidia/cu13}"
+  NVCC="${NVCC:-$CUDA_HOME/bin/nvcc}"
+  if [ ! -x "$NVCC" ]; then
+    NVCC="$(command -v nvcc || true)"
+  fi
+  if [ -z "$NVCC" ] || [ ! -x "$NVCC" ]; then
+    echo "check-ptxas: nvcc not found; run scripts/setup-cuda.sh or set CUDA_HOME/NVCC" >&2
+    exit 2
+  fi
+
+  for cu in "$ROOT"/kernels/*.cu; do
+    "$NVCC" -std=c++17 -O3 -I"$ROOT/kernels" -gencode "arch=compute_${ARCH#sm_},code=$ARCH" \
+      -Xptxas -v -c "$cu" -o "$TMP/$(basename "$cu").o" >>"$LOG" 2>&1 || { cat "$LOG" >&2; exit 1; }
+  done
+fi
 mkdir -p "$ROOT/target"
 cp "$LOG" "$ROOT/target/ptxas-$ARCH.log" 2>/dev/null || true
 
