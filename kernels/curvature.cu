@@ -106,13 +106,11 @@ template <typename T> int curvature_backward_t(const camex_curvature_params &p, 
   KronFactors f = {ptr<const void>(p.factor_a), ptr<const void>(p.factor_b), ptr<const void>(p.factor_c),
                    ptr<const void>(p.factor_d), p.r, p.n};
   for (int64_t e = 0; e < p.n; ++e) {
-    const ExpertFinish<T> fin = {grad_experts + e * oi, ws.acc, e == 0};
+    const ExpertFinish<T> fin = expert_finish(grad_experts, ws.acc, e, p.n, oi, grad_base, (const float *)nullptr);
     CAMEX_TRY(kron_backward_any<T>(s, ws.gt, store_opnd<T>(gc + e * oi), tau_opnd<T>(experts + e * oi, base), f, e, d4,
                                ptr<T>(p.grad_factor_a), ptr<T>(p.grad_factor_b), ptr<T>(p.grad_factor_c),
                                ptr<T>(p.grad_factor_d), ws.t1, ws.kk, ws.w, ws.partial, fin, oi));
   }
-  CAMEX_LAUNCH(base_grad_kernel<T>, grid_for(oi, 256), 256, s)(nullptr, ws.acc, grad_base, oi);
-  CAMEX_CHECK_LAUNCH();
   return 0;
 }
 
@@ -245,20 +243,22 @@ template <typename T> int ca_merge_backward_t(const camex_ca_merge_params &p, cu
                                      ptr<const T>(p.expert_bias), ptr<const T>(p.grad_merged_bias),
                                      ptr<T>(p.grad_scores), ptr<T>(p.grad_alpha), ptr<T>(p.grad_beta),
                                      ptr<T>(p.grad_base_bias), ptr<T>(p.grad_expert_bias), p.o, sar));
-  CAMEX_LAUNCH(sum_groups_kernel<T>, grid_for(oi, 256), 256, s)(gbar, gnb, p.g, oi, ws.sumg);
-  CAMEX_CHECK_LAUNCH();
   const D4 d4 = dims4(p.o1, p.o2, p.i1, p.i2);
   KronFactors f = {ptr<const void>(p.factor_a), ptr<const void>(p.factor_b), ptr<const void>(p.factor_c),
                    ptr<const void>(p.factor_d), p.r, p.n};
   T *grad_experts = ptr<T>(p.grad_experts);
+  // H's launch (the first, without curvature) also sums Gbar over the groups (sumg, + gnb), which
+  // the last expert's finish turns into the base gradient.
+  const GroupSum<T> sumg = {ws.sumg, nullptr};
   if (p.r > 0) {  // after merge_reverse_scalars, the last reader of U (ws.h may be its buffer)
-    CAMEX_LAUNCH(h_kernel<T>, grid_for(oi, 256), 256, s)(a, gbar, gnb, beta_n, 0, p.n, ws.h, nullptr);
+    CAMEX_LAUNCH(h_kernel<T>, grid_for(oi, 256), 256, s)(a, gbar, gnb, beta_n, 0, p.n, ws.h, nullptr, sumg);
     CAMEX_CHECK_LAUNCH();
   }
   for (int64_t e = 0; e < p.n; ++e) {
-    const ExpertFinish<T> fin = {grad_experts + e * oi, ws.acc, e == 0};
+    const ExpertFinish<T> fin = expert_finish(grad_experts, ws.acc, e, p.n, oi, ptr<T>(p.grad_base), ws.sumg);
     if (p.r == 0) {  // dL/dtau_e = H_e
-      CAMEX_LAUNCH(h_kernel<T>, grid_for(oi, 256), 256, s)(a, gbar, gnb, beta_n, e, e + 1, ws.h, nullptr);
+      CAMEX_LAUNCH(h_kernel<T>, grid_for(oi, 256), 256, s)(a, gbar, gnb, beta_n, e, e + 1, ws.h, nullptr,
+                                                           e == 0 ? sumg : GroupSum<T>{});
       CAMEX_CHECK_LAUNCH();
       CAMEX_LAUNCH(finish_expert_kernel<T>, grid_for(oi, 256), 256, s)(ws.h, fin, oi);
       CAMEX_CHECK_LAUNCH();
@@ -268,8 +268,6 @@ template <typename T> int ca_merge_backward_t(const camex_ca_merge_params &p, cu
                                  ptr<T>(p.grad_factor_d), ws.t1, ws.kk, ws.w, ws.partial, fin, oi));
     }
   }
-  CAMEX_LAUNCH(base_grad_kernel<T>, grid_for(oi, 256), 256, s)(ws.sumg, ws.acc, ptr<T>(p.grad_base), oi);
-  CAMEX_CHECK_LAUNCH();
   return 0;
 }
 

@@ -27,27 +27,43 @@ template <typename T> __global__ void sum_experts_kernel(const T *x, T *out, int
 }
 
 // Where one expert's dL/dtau goes once complete: grad_experts_e = T(v), and acc = v (first expert)
-// or acc + v, the running sum_i dL/dtau_i (the base gradient's).
+// or acc + v, the running sum_i dL/dtau_i. The last expert writes the base gradient from it instead,
+// T(sumg - acc) (sumg null: -acc), so no pass of its own reads acc back.
 template <typename T> struct ExpertFinish {
   T *grad_e = nullptr;
   float *acc = nullptr;
   int first = 0;
+  T *grad_base = nullptr;  // set for the last expert only
+  const float *sumg = nullptr;
   __device__ __forceinline__ void store(int64_t q, float v) const {
     grad_e[q] = from_f32<T>(v);
-    acc[q] = first ? v : acc[q] + v;
+    const float a = first ? v : acc[q] + v;
+    if (grad_base) {
+      const float neg = -a;
+      grad_base[q] = from_f32<T>(sumg ? sumg[q] + neg : neg);
+    } else {
+      acc[q] = a;
+    }
   }
 };
 
-template <typename T> __global__ void finish_expert_kernel(const float *gt, ExpertFinish<T> fin, int64_t oi) {
-  CAMEX_GRID_STRIDE(q, oi) fin.store(q, gt[q]);
+// Expert e's of n: its gradient slice of grad_experts, and the base gradient for the last.
+template <typename T>
+inline ExpertFinish<T> expert_finish(T *grad_experts, float *acc, int64_t e, int64_t n, int64_t oi, T *grad_base,
+                                     const float *sumg) {
+  ExpertFinish<T> f;
+  f.grad_e = grad_experts + e * oi;
+  f.acc = acc;
+  f.first = e == 0;
+  if (e == n - 1) {
+    f.grad_base = grad_base;
+    f.sumg = sumg;
+  }
+  return f;
 }
 
-// grad_base = T(sumg - acc) (sumg null: -acc).
-template <typename T> __global__ void base_grad_kernel(const float *sumg, const float *acc, T *out, int64_t oi) {
-  CAMEX_GRID_STRIDE(q, oi) {
-    const float neg = -acc[q];
-    out[q] = from_f32<T>(sumg ? sumg[q] + neg : neg);
-  }
+template <typename T> __global__ void finish_expert_kernel(const float *gt, ExpertFinish<T> fin, int64_t oi) {
+  CAMEX_GRID_STRIDE(q, oi) fin.store(q, gt[q]);
 }
 
 }  // namespace camex

@@ -55,11 +55,9 @@ template <typename T> int merge_backward_t(const camex_merge_params &p, cudaStre
   CAMEX_TRY(merge_reverse_scalars<T>(s, a, gbar, false, nullptr, ptr<const T>(p.base_bias), ptr<const T>(p.expert_bias),
                                      ptr<const T>(p.grad_merged_bias), ptr<T>(p.grad_scores), ptr<T>(p.grad_alpha),
                                      nullptr, ptr<T>(p.grad_base_bias), ptr<T>(p.grad_expert_bias), p.o, ar));
-  // grad_base = sum_g Gbar_g; grad_curved_i = H_i.
-  const int64_t oi = a.oi;
-  CAMEX_LAUNCH(sum_experts_kernel<T>, grid_for(oi, 256), 256, s)(gbar, ptr<T>(p.grad_base), p.g, oi, 1.f);
-  CAMEX_CHECK_LAUNCH();
-  CAMEX_LAUNCH(h_kernel<T>, grid_for(oi, 256), 256, s)(a, gbar, nullptr, 0.f, 0, p.n, nullptr, ptr<T>(p.grad_curved));
+  // grad_curved_i = H_i, and grad_base = sum_g Gbar_g from the same reads of Gbar.
+  CAMEX_LAUNCH(h_kernel<T>, grid_for(a.oi, 256), 256, s)(a, gbar, nullptr, 0.f, 0, p.n, nullptr, ptr<T>(p.grad_curved),
+                                                         GroupSum<T>{nullptr, ptr<T>(p.grad_base)});
   CAMEX_CHECK_LAUNCH();
   return 0;
 }

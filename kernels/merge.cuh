@@ -254,13 +254,21 @@ __global__ void finalize_kernel(const float *dots, int64_t chunks, const float *
 
 // H_i[q] = alpha * m_i[q] * sum_g s[g,i] zeta[g,i,q] Gbar_g[q]  (+ beta_n * gnb[q]),
 // for experts [i_begin, i_end); written to f32 `hf` [.., O*I] (offset by i - i_begin) or to T `ht`.
+// With `sum` set, also sum_g Gbar_g[q] (+ gnb[q]) in group order, from the same reads of Gbar (the
+// base gradient's term: no pass of its own over the upstream gradient).
 // Groups outer, H_EXPERTS experts' sums in registers: Gbar is read once per H_EXPERTS experts, each
 // sum still in group order (8 spilled on sm_80 under ptxas 13.0). The scores go through shared
 // memory where they fit (every thread reads all of them).
 constexpr int H_EXPERTS = 4, H_SCORES = 1024;
+// Where h_kernel writes sum_g Gbar_g (+ gnb): f32 `f` or storage `t`; neither when both are null.
+template <typename T> struct GroupSum {
+  float *f = nullptr;
+  T *t = nullptr;
+};
 template <typename T>
-__global__ void __launch_bounds__(256)
-h_kernel(MergeArgs<T> a, const T *gbar, const T *gnb, float beta_n, int64_t i_begin, int64_t i_end, float *hf, T *ht) {
+__global__ void __launch_bounds__(256, 1)
+h_kernel(MergeArgs<T> a, const T *gbar, const T *gnb, float beta_n, int64_t i_begin, int64_t i_end, float *hf, T *ht,
+         GroupSum<T> sum) {
   __shared__ float sc[H_SCORES];
   const bool staged = a.g * a.n <= H_SCORES;
   if (staged)
@@ -268,17 +276,25 @@ h_kernel(MergeArgs<T> a, const T *gbar, const T *gnb, float beta_n, int64_t i_be
   __syncthreads();
   for (int64_t q = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; q < a.oi; q += (int64_t)gridDim.x * blockDim.x) {
     const float el = a.mask.elect(q);
+    const bool summing = sum.f || sum.t;
     for (int64_t i0 = i_begin; i0 < i_end; i0 += H_EXPERTS) {
       float s[H_EXPERTS];
 #pragma unroll
       for (int j = 0; j < H_EXPERTS; ++j) s[j] = 0.f;
+      float sg = 0.f;  // the group sum (kept from the first pass over the groups only)
       for (int64_t g = 0; g < a.g; ++g) {
         const float gb = to_f32(gbar[g * a.oi + q]);
+        sg += gb;
 #pragma unroll
         for (int j = 0; j < H_EXPERTS; ++j)
           if (i0 + j < i_end)
             s[j] += (staged ? sc[g * a.n + i0 + j] : to_f32(a.scores[g * a.n + i0 + j])) *
                     dare_zeta(a.dare, g, i0 + j, a.n, a.oi, q) * gb;
+      }
+      if (summing && i0 == i_begin) {
+        if (gnb) sg += to_f32(gnb[q]);
+        if (sum.f) sum.f[q] = sg;
+        else sum.t[q] = from_f32<T>(sg);
       }
 #pragma unroll
       for (int j = 0; j < H_EXPERTS; ++j) {
@@ -290,17 +306,6 @@ h_kernel(MergeArgs<T> a, const T *gbar, const T *gnb, float beta_n, int64_t i_be
         else ht[i * a.oi + q] = from_f32<T>(h);
       }
     }
-  }
-}
-
-// sumg[q] = sum_g Gbar_g[q] (+ gnb[q]), f32, in group order.
-template <typename T>
-__global__ void sum_groups_kernel(const T *gbar, const T *gnb, int64_t g, int64_t oi, float *sumg) {
-  for (int64_t q = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; q < oi; q += (int64_t)gridDim.x * blockDim.x) {
-    float s = 0.f;
-    for (int64_t gg = 0; gg < g; ++gg) s += to_f32(gbar[gg * oi + q]);
-    if (gnb) s += to_f32(gnb[q]);
-    sumg[q] = s;
   }
 }
 
