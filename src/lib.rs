@@ -11,6 +11,35 @@
 //!   `camex` CLI).
 //!
 //! Layout everywhere: dense, row-major, contiguous; shapes as SPEC section 2.
+//!
+//! # Example
+//!
+//! The README's example (`tests/readme.rs` keeps the two the same):
+//!
+//! ```rust
+//! use camex::cpu::{self, CaMergeInputs, Curvature, Factors};
+//! use camex::{MergeOptions, Split, HostTensor};
+//!
+//! let (n, o, i, g, r) = (3, 6, 10, 4, 2);
+//! let base = HostTensor::<f32>::zeros(&[o, i]);
+//! let experts = HostTensor::<f32>::full(&[n, o, i], 0.5);
+//! let scores = HostTensor::<f32>::full(&[g, n], 1.0 / n as f32);
+//! let [a, b, c, d] = cpu::identity_factors::<f32>(r, n, Split::default_for(o, i), true);
+//! let inputs = CaMergeInputs {
+//!     base: &base,
+//!     experts: &experts,
+//!     scores: &scores,
+//!     curvature: Curvature::Kronecker(Factors { a: &a, b: &b, c: &c, d: &d }),
+//!     base_bias: None,
+//!     expert_bias: None,
+//! };
+//! let out = cpu::ca_merge(&inputs, &MergeOptions::default())?;
+//! assert_eq!(out.merged.shape(), &[g, o, i]);
+//! // Gradients of every input from the gradient of `merged`:
+//! let grads = cpu::ca_merge_backward(&inputs, &MergeOptions::default(), &out.merged, None, None)?;
+//! assert!(grads.factors.is_some());
+//! # Ok::<(), camex::Error>(())
+//! ```
 
 // docs.rs (nightly rustdoc) marks the feature-gated items with the feature they need.
 #![cfg_attr(docsrs, feature(doc_cfg))]
