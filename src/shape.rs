@@ -90,6 +90,64 @@ pub fn expect_nonempty(tensor: &str, actual: &[usize]) -> Result<()> {
     Ok(())
 }
 
+/// `grad_merged_bias` of a merge backward: [G, O], and only where the merge has biases (absent
+/// means zero). The CPU and CUDA backwards share it.
+pub(crate) fn check_grad_merged_bias(
+    shape: Option<&[usize]>,
+    has_bias: bool,
+    g: usize,
+    o: usize,
+) -> Result<()> {
+    if let Some(s) = shape {
+        if !has_bias {
+            return Err(Error::option(
+                "grad_merged_bias",
+                "given, but the merge has no base_bias/expert_bias",
+            ));
+        }
+        expect_shape("grad_merged_bias", s, &[g, o])?;
+    }
+    Ok(())
+}
+
+/// The shapes a CA-merge backward is given besides its inputs (`None`: not given).
+pub(crate) struct CaBackwardShapes<'a> {
+    /// The forward's U, [N, O, I].
+    pub curved: Option<&'a [usize]>,
+    /// [G, O, I].
+    pub grad_merged: &'a [usize],
+    /// [G, O], only with biases.
+    pub grad_merged_bias: Option<&'a [usize]>,
+    /// [O, I], only with `beta` (the dynamic merge's next base).
+    pub grad_next_base: Option<&'a [usize]>,
+}
+
+/// Checks a CA-merge backward's upstream gradients (and U, when given) against the merge's
+/// [G, N, O, I]; the CPU and CUDA backwards share it, so both name the same tensor for the same
+/// mistake.
+pub(crate) fn check_ca_backward(
+    [g, n, o, i]: [usize; 4],
+    has_bias: bool,
+    has_beta: bool,
+    s: &CaBackwardShapes,
+) -> Result<()> {
+    if let Some(u) = s.curved {
+        expect_shape("curved", u, &[n, o, i])?;
+    }
+    expect_shape("grad_merged", s.grad_merged, &[g, o, i])?;
+    check_grad_merged_bias(s.grad_merged_bias, has_bias, g, o)?;
+    if let Some(gn) = s.grad_next_base {
+        if !has_beta {
+            return Err(Error::option(
+                "grad_next_base",
+                "given, but beta is not set",
+            ));
+        }
+        expect_shape("grad_next_base", gn, &[o, i])?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,10 @@ use super::SyncPtr;
 use crate::error::{Error, Result};
 use crate::options::{Dare, Mask, MergeOptions};
 use crate::philox::{DareDraw, Granularity};
-use crate::shape::{expect_nonempty, expect_rank, expect_shape};
+use crate::shape::{
+    check_ca_backward, check_grad_merged_bias, expect_nonempty, expect_rank, expect_shape,
+    CaBackwardShapes,
+};
 use crate::tensor::{Float, HostTensor};
 use rayon::prelude::*;
 
@@ -650,7 +653,13 @@ pub fn merge_backward<F: Float>(
         biases.is_some(),
         true,
     ))?;
-    let dbb = check_grad_bias(grad_merged_bias, biases.is_some(), plan.g, plan.o)?;
+    check_grad_merged_bias(
+        grad_merged_bias.map(|t| t.shape()),
+        biases.is_some(),
+        plan.g,
+        plan.o,
+    )?;
+    let dbb = grad_bias_data(grad_merged_bias, plan.g, plan.o);
     let mask = inputs.mask.map(|m| m.data());
     let p = masked(inputs.curved.data(), mask);
     let back = merge_back_h(&plan, mask, grad_merged.data());
@@ -673,26 +682,9 @@ pub fn merge_backward<F: Float>(
     })
 }
 
-/// `grad_merged_bias` must match [G, O] and is only meaningful with biases; absent means zero.
-fn check_grad_bias<F: Float>(
-    grad: Option<&HostTensor<F>>,
-    has_bias: bool,
-    g: usize,
-    o: usize,
-) -> Result<Vec<F>> {
-    match grad {
-        Some(t) => {
-            if !has_bias {
-                return Err(Error::option(
-                    "grad_merged_bias",
-                    "given, but the merge has no base_bias/expert_bias",
-                ));
-            }
-            expect_shape("grad_merged_bias", t.shape(), &[g, o])?;
-            Ok(t.data().to_vec())
-        }
-        None => Ok(vec![F::ZERO; g * o]),
-    }
+/// `grad_merged_bias`'s values (checked by the caller), zeros when absent.
+fn grad_bias_data<F: Float>(grad: Option<&HostTensor<F>>, g: usize, o: usize) -> Vec<F> {
+    grad.map_or_else(|| vec![F::ZERO; g * o], |t| t.data().to_vec())
 }
 
 /// Validates a CA-merge; returns dims, plan and biases.
@@ -814,24 +806,15 @@ fn backward_ca<F: Float>(
     grad_next_base: Option<&HostTensor<F>>,
 ) -> Result<CaMergeGrads<F>> {
     let (dims, plan, biases) = plan_ca(inputs, opts)?;
-    if let Some(u) = curved {
-        expect_shape("curved", u.shape(), &[dims.n, dims.o, dims.i])?;
-    }
-    expect_shape(
-        "grad_merged",
-        grad_merged.shape(),
-        &[plan.g, plan.o, plan.i],
-    )?;
-    let dbb = check_grad_bias(grad_merged_bias, biases.is_some(), plan.g, plan.o)?;
-    if let Some(gn) = grad_next_base {
-        if opts.beta.is_none() {
-            return Err(Error::option(
-                "grad_next_base",
-                "given, but beta is not set",
-            ));
-        }
-        expect_shape("grad_next_base", gn.shape(), &[plan.o, plan.i])?;
-    }
+    let shapes = CaBackwardShapes {
+        curved: curved.map(|u| u.shape()),
+        grad_merged: grad_merged.shape(),
+        grad_merged_bias: grad_merged_bias.map(|t| t.shape()),
+        grad_next_base: grad_next_base.map(|t| t.shape()),
+    };
+    let gnoi = [plan.g, dims.n, dims.o, dims.i];
+    check_ca_backward(gnoi, biases.is_some(), opts.beta.is_some(), &shapes)?;
+    let dbb = grad_bias_data(grad_merged_bias, plan.g, plan.o);
     let (n, o, i) = (dims.n, dims.o, dims.i);
     let mut bufs = merge_bufs(&plan, opts.mask != Mask::None, biases.is_some(), true);
     bufs.push(("grad_next_base (zeros)", vec![o, i]));

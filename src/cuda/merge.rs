@@ -3,13 +3,13 @@
 
 use super::curvature::{check_curvature, CudaCurvature};
 use super::{
-    check, check_biases, check_finite, check_grad_bias, check_scores, check_weights, dare_params,
-    workspace, CudaTensor, Element, Launch,
+    check, check_biases, check_finite, check_scores, check_weights, dare_params, workspace,
+    CudaTensor, Element, Launch,
 };
 use crate::error::{Error, Result};
 use crate::ffi;
 use crate::options::{Dare, Mask, MergeOptions};
-use crate::shape::expect_shape;
+use crate::shape::{check_ca_backward, check_grad_merged_bias, expect_shape, CaBackwardShapes};
 use cudarc::driver::CudaStream;
 use std::sync::Arc;
 
@@ -109,7 +109,7 @@ pub fn merge_backward<T: Element>(
     let _r = super::op_range(c"camex::merge_backward");
     let d = check_merge(inputs, alpha, dare)?;
     expect_shape("grad_merged", grad_merged.shape(), &[d.g, d.o, d.i])?;
-    check_grad_bias(grad_merged_bias.map(|t| t.shape()), d.bias, d.g, d.o)?;
+    check_grad_merged_bias(grad_merged_bias.map(|t| t.shape()), d.bias, d.g, d.o)?;
     let mut p = merge_params::<T>(&d, alpha, dare);
     // SAFETY: host-side size computation.
     let ws_bytes = unsafe { ffi::camex_merge_workspace(&p, 1) };
@@ -362,20 +362,13 @@ fn backward_ca<T: Element>(
 ) -> Result<CudaCaMergeGrads<T>> {
     let d = check_ca(inputs, opts)?;
     let (g, n, o, i) = (d.m.g, d.m.n, d.m.o, d.m.i);
-    if let Some(u) = curved {
-        expect_shape("curved", u.shape(), &[n, o, i])?;
-    }
-    expect_shape("grad_merged", grad_merged.shape(), &[g, o, i])?;
-    check_grad_bias(grad_merged_bias.map(|t| t.shape()), d.m.bias, g, o)?;
-    if let Some(gn) = grad_next_base {
-        if opts.beta.is_none() {
-            return Err(Error::option(
-                "grad_next_base",
-                "given, but beta is not set",
-            ));
-        }
-        expect_shape("grad_next_base", gn.shape(), &[o, i])?;
-    }
+    let shapes = CaBackwardShapes {
+        curved: curved.map(|u| u.shape()),
+        grad_merged: grad_merged.shape(),
+        grad_merged_bias: grad_merged_bias.map(|t| t.shape()),
+        grad_next_base: grad_next_base.map(|t| t.shape()),
+    };
+    check_ca_backward([g, n, o, i], d.m.bias, opts.beta.is_some(), &shapes)?;
     let mut p = ca_params::<T>(&d, opts);
     // The workspace's size depends only on whether `curved` is given (camex.h); the pointer follows.
     p.curved = u64::from(curved.is_some());

@@ -832,22 +832,3 @@ pub(crate) fn check_biases(
 pub(crate) fn check_finite<T: Element>(name: &str, v: f64) -> Result<()> {
     crate::options::check_scalar(name, v, T::DTYPE)
 }
-
-/// `grad_merged_bias`: only meaningful with biases; [G, O].
-pub(crate) fn check_grad_bias(
-    shape: Option<&[usize]>,
-    has_bias: bool,
-    g: usize,
-    o: usize,
-) -> Result<()> {
-    if let Some(s) = shape {
-        if !has_bias {
-            return Err(Error::option(
-                "grad_merged_bias",
-                "given, but the merge has no base_bias/expert_bias",
-            ));
-        }
-        expect_shape("grad_merged_bias", s, &[g, o])?;
-    }
-    Ok(())
-}
