@@ -24,8 +24,8 @@
 //      and tau in, dA and dB partials out, and L^T K added to dtau's slab, rank by rank (with dtau
 //      resident, the last round writes the expert's gradient and the base gradient's running sum
 //      instead of dtau: finish_expert_kernel's work, ExpertFinish);
-//   4. one fixed-order reduction of the partials into the factor gradients. No atomics: the same
-//      inputs give the same bits.
+//   4. after the rounds, one fixed-order reduction of every rank's partials into the factor
+//      gradients (one launch per expert). No atomics: the same inputs give the same bits.
 // Every product goes through the tensor cores as in kron_tc.cuh, under a precision policy per
 // kernel (ColsBwdPrec, RowsBwdPrec below; Prec in mma.cuh): bf16 is single-pass except on the
 // columns side (dC, dD), which splits data into bf16 hi + lo; f16 splits data and factors;
@@ -703,7 +703,8 @@ kron_rows_bwd_kernel(const T *__restrict__ w, const T *__restrict__ e, const flo
 
 // ---- host side ----
 
-// Factor gradients of the round: grad_f[(r*n + e)][...] = sum over blocks of part, blocks in order.
+// Factor gradients of ranks r0..r0+nr: grad_f[(r*n + e)][...] = sum over blocks of part, blocks in
+// order.
 // parts: the rows side [nr][slabs][o1^2 + o2^2] at pab, the columns side [nr][cblocks][i1^2 + i2^2]
 // at pcd.
 template <typename T>
@@ -737,11 +738,12 @@ template <typename T> inline bool kron_tc_bwd_fits(const D4 &d4, int64_t lim) {
          rows_bwd_layout(o1, o2, RowsBwdPrec<T>::split(), 0).bytes <= lim;
 }
 
-// Floats of the partials of one round (both sides), sized on the dimensions alone.
+// Floats of the partials of every rank of one expert (both sides), sized on the dimensions alone:
+// the rounds write their ranks' partials side by side, and one reduction per expert sums them.
 inline int64_t kron_tc_bwd_partial_floats(const D4 &d4, int64_t r, TcSplit sp) {
   if (!kron_tc_dims_ok(d4)) return 0;
   const int64_t o1 = d4.d[0], o2 = d4.d[1], i1 = d4.d[2], i2 = d4.d[3];
-  const int64_t O = o1 * o2, I = i1 * i2, nr = kron_tc_rank_chunk(d4, r);
+  const int64_t O = o1 * o2, I = i1 * i2, nr = r;
   const int64_t slabs = (I + TC_QC - 1) / TC_QC, pr = cols_bwd_rows((int)i1, (int)i2, sp);
   const int64_t cblocks = (O + pr - 1) / pr;
   return nr * (slabs * (o1 * o1 + o2 * o2) + cblocks * (i1 * i1 + i2 * i2)) + 64;
@@ -772,7 +774,9 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
   const T *fa = reinterpret_cast<const T *>(f.a), *fb = reinterpret_cast<const T *>(f.b);
   const T *fc = reinterpret_cast<const T *>(f.c), *fd = reinterpret_cast<const T *>(f.d);
   const int64_t chunk = kron_tc_rank_chunk(d4, f.r);
-  float *pab = part, *pcd = part + chunk * slabs * ((int64_t)o1 * o1 + (int64_t)o2 * o2);
+  const int64_t sab = (int64_t)o1 * o1 + (int64_t)o2 * o2, scd = (int64_t)i1 * i1 + (int64_t)i2 * i2;
+  // Every rank's partials, [r][slabs][sab] then [r][cblocks][scd]: reduced once after the rounds.
+  float *pab = part, *pcd = part + f.r * slabs * sab;
   for (int64_t r0 = 0; r0 < f.r; r0 += chunk) {
     const int64_t nr = f.r - r0 < chunk ? f.r - r0 : chunk;
 
@@ -780,19 +784,19 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
                                                                                          expert, r0, nr, resident);
     CAMEX_CHECK_LAUNCH();
     CAMEX_LAUNCH_SMEM(kron_cols_bwd_kernel<T>, (unsigned)cblocks, TC_THREADS, cl.bytes, s)(
-        h, z, fc, fd, pcd, i1, i2, pr, O, r0, nr, f.n, expert);
+        h, z, fc, fd, pcd + r0 * cblocks * scd, i1, i2, pr, O, r0, nr, f.n, expert);
     CAMEX_CHECK_LAUNCH();
     // With dtau resident the last round finishes the expert (gt is then not written).
     const bool last = r0 + nr == f.r && (bmode & TC_DTAU_RESIDENT) && fin.grad_e;
     CAMEX_LAUNCH_SMEM(kron_rows_bwd_kernel<T>, (unsigned)slabs, TC_THREADS, bl.bytes, s)(
-        w, e, z, fa, fb, pab, gt, o1, o2, I, f.n, expert, r0, nr, bmode, last ? fin : ExpertFinish<T>{});
+        w, e, z, fa, fb, pab + r0 * slabs * sab, gt, o1, o2, I, f.n, expert, r0, nr, bmode,
+        last ? fin : ExpertFinish<T>{});
     if (last) *finished = true;
     CAMEX_CHECK_LAUNCH();
-    const int64_t nred = nr * ((int64_t)o1 * o1 + (int64_t)o2 * o2 + (int64_t)i1 * i1 + (int64_t)i2 * i2);
-    CAMEX_LAUNCH(kron_bwd_reduce_kernel<T>, grid_for(nred, 256), 256, s)(pab, pcd, ga, gb, gc, gd, slabs, cblocks, o1, o2,
-                                                                       i1, i2, r0, nr, f.n, expert);
-    CAMEX_CHECK_LAUNCH();
   }
+  CAMEX_LAUNCH(kron_bwd_reduce_kernel<T>, grid_for(f.r * (sab + scd), 256), 256, s)(pab, pcd, ga, gb, gc, gd, slabs, cblocks,
+                                                                                 o1, o2, i1, i2, 0, f.r, f.n, expert);
+  CAMEX_CHECK_LAUNCH();
   return 0;
 }
 
