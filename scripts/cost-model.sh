@@ -4,7 +4,7 @@
 #
 #   scripts/cost-model.sh [--shape t5-base|t5-small|gpt2|minilm] [--dtype bf16|f16|f32]
 #                         [--ops ca_merge,curvature,merge,merged_linear] [--shrink K] [--exact]
-#                         [--check FILE] [--write FILE]
+#                         [--no-recompute] [--check FILE] [--write FILE]
 #
 # Prints one `model op=... pass=fwd|fwd+bwd impl=scalar|tc ...` line per op, pass and path, then one
 # `kernel ...` line per kernel of each. --check FILE fails (exit 1) when a count grew by more than 5%
