@@ -743,10 +743,10 @@ template <typename T> inline bool kron_tc_bwd_fits(const D4 &d4, int64_t lim) {
 inline int64_t kron_tc_bwd_partial_floats(const D4 &d4, int64_t r, TcSplit sp) {
   if (!kron_tc_dims_ok(d4)) return 0;
   const int64_t o1 = d4.d[0], o2 = d4.d[1], i1 = d4.d[2], i2 = d4.d[3];
-  const int64_t O = o1 * o2, I = i1 * i2, nr = r;
+  const int64_t O = o1 * o2, I = i1 * i2;
   const int64_t slabs = (I + TC_QC - 1) / TC_QC, pr = cols_bwd_rows((int)i1, (int)i2, sp);
   const int64_t cblocks = (O + pr - 1) / pr;
-  return nr * (slabs * (o1 * o1 + o2 * o2) + cblocks * (i1 * i1 + i2 * i2)) + 64;
+  return r * (slabs * (o1 * o1 + o2 * o2) + cblocks * (i1 * i1 + i2 * i2)) + 64;
 }
 
 // The reverse of expert `expert`: gt (f32 [O*I], overwritten) = dL/dtau, and the factor gradients

@@ -3,7 +3,7 @@
 # kernel, and fails when a kernel spills registers or uses a stack frame (local memory), unless it
 # is on the exception list below (kernel name pattern + reason).
 # Usage: scripts/check-ptxas.sh [--from-build] [ARCH] (default sm_90). Needs nvcc
-# (scripts/setup-cuda.sh). With --from-build it compiles nothing: it reads the report the cuda
+# (scripts/setup-cuda.sh), except with --from-build, which compiles nothing: it reads the report the cuda
 # build's build.rs kept (ptxas -v of the very objects linked, every arch of the fatbin) from the
 # newest `cargo build --features cuda` under $CARGO_TARGET_DIR (default target/), and fails when
 # that report is older than a kernel source.
