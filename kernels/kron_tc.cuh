@@ -77,41 +77,77 @@ __device__ __forceinline__ void zero_smem(char *smem, int64_t bytes) {
 // bank conflicts, and each warp keeps in registers the factor fragments that its tiles share.
 
 // Mode b on ac row runs of an 8-column slab (X[al][j][b'], row stride lx):
-// Y[a0 + al][b * 8 + j] = sum_b' F[b][b'] X[al][j][b'] (M = b, N = j, K = b'). Tiles (m tile of b,
-// row run) are taken m-tile-major, so a warp loads F's fragments of an m tile once for all its row
-// runs of that tile (with ac = o1, once per m tile and rank).
+// Y[a0 + al][b * 8 + j] = sum_b' F[b][b'] X[al][j][b'] (M = b, N = j, K = b').
+// Without factor lo halves (bf16 storage) each warp holds all of F's fragments (kt x kt tiles, at
+// most 64 registers) for the whole call and takes row runs: it reads a run's X fragments once for
+// every m tile (one 2-wavefront fragment per k step, shared by kt mma), instead of once per m tile.
+// With them (f16), whose hi and lo would not fit, tiles (m tile of b, row run) are taken
+// m-tile-major, so that a warp loads F's fragments of an m tile once for all its row runs of it.
 template <typename P>
 __device__ __forceinline__ void slab_fwd_mode_b(const MmaT *fh, const MmaT *fl, int lf, const MmaT *xh, const MmaT *xl,
                                                 int lx, MmaT *yh, MmaT *yl, int ly, int a0, int ac, int o2, int o2p) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int kt = o2p / 16;
-  uint32_t ah[TC_KMAX / 16][4], alo[P::factor_lo ? TC_KMAX / 16 : 1][4];
-  int cached = -1;
-  for (int tile = warp; tile < kt * ac; tile += TC_WARPS) {
-    const int mt = tile / ac, al = tile % ac;
-    if (mt != cached) {
+  constexpr int KS = TC_KMAX / 16;
+  if constexpr (!P::factor_lo) {
+    uint32_t ah[KS][KS][4];  // [m tile][k step]
 #pragma unroll
-      for (int k = 0; k < TC_KMAX / 16; ++k)
+    for (int mt = 0; mt < KS; ++mt)
+#pragma unroll
+      for (int k = 0; k < KS; ++k)
+        if (mt < kt && k < kt) frag_a(ah[mt][k], fh, lf, mt * 16, k * 16, lane);
+    for (int al = warp; al < ac; al += TC_WARPS) {
+      uint32_t bh[KS][2], bl[KS][2];
+#pragma unroll
+      for (int k = 0; k < KS; ++k)
         if (k < kt) {
-          frag_a(ah[k], fh, lf, mt * 16, k * 16, lane);
-          if constexpr (P::factor_lo) frag_a(alo[k], fl, lf, mt * 16, k * 16, lane);
+          frag_b(bh[k], xh + al * TC_QC * lx, lx, 0, k * 16, lane);
+          if constexpr (P::data_lo) frag_b(bl[k], xl + al * TC_QC * lx, lx, 0, k * 16, lane);
         }
-      cached = mt;
+      MmaT *yrh = yh + (int64_t)(a0 + al) * ly, *yrl = yl + (int64_t)(a0 + al) * ly;
+#pragma unroll
+      for (int mt = 0; mt < KS; ++mt)
+        if (mt < kt) {
+          float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+          for (int k = 0; k < KS; ++k)
+            if (k < kt) mma_split<P>(c, ah[mt][k], ah[mt][k], bh[k], bl[k]);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int b = mt * 16 + g + 8 * h;
+            if (b < o2) store_data2<P>(yrh, yrl, b * TC_QC + 2 * t, c[2 * h], c[2 * h + 1]);
+          }
+        }
     }
-    float c[4] = {0.f, 0.f, 0.f, 0.f};
+  } else {
+    uint32_t ah[KS][4], alo[KS][4];
+    int cached = -1;
+    for (int tile = warp; tile < kt * ac; tile += TC_WARPS) {
+      const int mt = tile / ac, al = tile % ac;
+      if (mt != cached) {
 #pragma unroll
-    for (int k = 0; k < TC_KMAX / 16; ++k)
-      if (k < kt) {
-        uint32_t bh[2], bl[2];
-        frag_b(bh, xh + al * TC_QC * lx, lx, 0, k * 16, lane);
-        if constexpr (P::data_lo) frag_b(bl, xl + al * TC_QC * lx, lx, 0, k * 16, lane);
-        mma_split<P>(c, ah[k], alo[P::factor_lo ? k : 0], bh, bl);
+        for (int k = 0; k < KS; ++k)
+          if (k < kt) {
+            frag_a(ah[k], fh, lf, mt * 16, k * 16, lane);
+            frag_a(alo[k], fl, lf, mt * 16, k * 16, lane);
+          }
+        cached = mt;
       }
-    MmaT *yrh = yh + (int64_t)(a0 + al) * ly, *yrl = yl + (int64_t)(a0 + al) * ly;
+      float c[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int b = mt * 16 + g + 8 * h;
-      if (b < o2) store_data2<P>(yrh, yrl, b * TC_QC + 2 * t, c[2 * h], c[2 * h + 1]);
+      for (int k = 0; k < KS; ++k)
+        if (k < kt) {
+          uint32_t bh[2], bl[2];
+          frag_b(bh, xh + al * TC_QC * lx, lx, 0, k * 16, lane);
+          if constexpr (P::data_lo) frag_b(bl, xl + al * TC_QC * lx, lx, 0, k * 16, lane);
+          mma_split<P>(c, ah[k], alo[k], bh, bl);
+        }
+      MmaT *yrh = yh + (int64_t)(a0 + al) * ly, *yrl = yl + (int64_t)(a0 + al) * ly;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int b = mt * 16 + g + 8 * h;
+        if (b < o2) store_data2<P>(yrh, yrl, b * TC_QC + 2 * t, c[2 * h], c[2 * h + 1]);
+      }
     }
   }
 }
@@ -139,11 +175,11 @@ __device__ __forceinline__ void store_z_tile(Z *out, const float c[4], int mt, i
 // Mode a on a slab, m tiles mt0..mt1 of the output: c = sum_a' F[a][a'] Y[a'][b * 8 + j] for a in
 // the m tile (M = a, N = (b, j), K = a' over kt k steps), handed per m16n8 tile to st(mt, b, c).
 // Warps take n tiles b. Without factor lo halves a warp keeps F's fragments of TC_MH m tiles at a
-// time (32 registers; all four, 64, spilled at two blocks per SM) and reads its n tiles' fragments
-// once per TC_MH m tiles; with them (f16), whose hi and lo would spill, it loads F's fragments per
+// time (48 registers: o1 <= 48 in one pass; all four, 64, spilled at two blocks per SM) and reads
+// its n tiles' fragments once per TC_MH m tiles; with them (f16), whose hi and lo would spill, it loads F's fragments per
 // m tile and reads the n tiles' once per m tile. Used by the forward (Z = A Y) and by the rows-side
 // backward (A^T K and A^T V).
-constexpr int TC_MH = 2;
+constexpr int TC_MH = 3;
 template <typename P, typename St>
 __device__ __forceinline__ void slab_fwd_mode_a(const MmaT *fh, const MmaT *fl, int lf, const MmaT *yh, const MmaT *yl,
                                                 int ly, St st, int mt0, int mt1, int kt, int o2) {
@@ -329,14 +365,21 @@ __device__ __forceinline__ void kron_rows_body(char *smem, const T *__restrict__
       ZT *__restrict__ z, int o1, int o2, int64_t I, int64_t nexp, int64_t expert, int64_t r0, int64_t nr, \
       int resident
 #define CAMEX_KRON_ROWS_ARGS w, e, fa, fb, z, o1, o2, I, nexp, expert, r0, nr, resident
-// Launch bounds of two blocks per SM (at most 128 registers): with the default, ptxas 13.0 capped
-// the f16 instance at 64 registers and spilled (mode a's factor fragments, hi and lo).
-template <typename T> __global__ void __launch_bounds__(TC_THREADS, 2) kron_rows_kernel(CAMEX_KRON_ROWS_PARAMS(FwdZ<T>)) {
+// Launch bounds: with factor lo halves (f16) two blocks per SM (at most 128 registers; with the
+// default, ptxas 13.0 capped that instance at 64 registers and spilled mode a's factor fragments, hi
+// and lo); without them (bf16) one, for mode b's 64 registers of factor fragments (at 128 they
+// spilled). No SPEC section 8 shape loses a block per SM by it: their I / 8 slabs are fewer than the
+// SMs (T5-base's 117 KB block takes one SM alone anyway).
+template <typename P> constexpr int tc_rows_min_blocks() { return P::factor_lo ? 2 : 1; }
+template <typename T>
+__global__ void __launch_bounds__(TC_THREADS, tc_rows_min_blocks<FwdPrec<T>>())
+    kron_rows_kernel(CAMEX_KRON_ROWS_PARAMS(FwdZ<T>)) {
   CAMEX_DYNAMIC_SMEM(smem);
   kron_rows_body<T, FwdPrec<T>>(smem, CAMEX_KRON_ROWS_ARGS);
 }
 template <typename T>
-__global__ void __launch_bounds__(TC_THREADS, 2) kron_rows_split_kernel(CAMEX_KRON_ROWS_PARAMS(float)) {
+__global__ void __launch_bounds__(TC_THREADS, tc_rows_min_blocks<RowsSplitPrec<T>>())
+    kron_rows_split_kernel(CAMEX_KRON_ROWS_PARAMS(float)) {
   CAMEX_DYNAMIC_SMEM(smem);
   kron_rows_body<T, RowsSplitPrec<T>>(smem, CAMEX_KRON_ROWS_ARGS);
 }
