@@ -175,10 +175,10 @@ __device__ __forceinline__ void store_z_tile(Z *out, const float c[4], int mt, i
 // Mode a on a slab, m tiles mt0..mt1 of the output: c = sum_a' F[a][a'] Y[a'][b * 8 + j] for a in
 // the m tile (M = a, N = (b, j), K = a' over kt k steps), handed per m16n8 tile to st(mt, b, c).
 // Warps take n tiles b. Without factor lo halves a warp keeps F's fragments of TC_MH m tiles at a
-// time (48 registers: o1 <= 48 in one pass; all four, 64, spilled at two blocks per SM) and reads
-// its n tiles' fragments once per TC_MH m tiles; with them (f16), whose hi and lo would spill, it loads F's fragments per
-// m tile and reads the n tiles' once per m tile. Used by the forward (Z = A Y) and by the rows-side
-// backward (A^T K and A^T V).
+// time (48 registers; o1 <= 48, as at every SPEC section 8 shape, in one pass; all four, 64, spilled
+// when stage 1 ran two blocks per SM) and reads its n tiles' fragments once per TC_MH m tiles; with
+// them (f16), whose hi and lo would spill, it loads F's fragments per m tile and reads the n tiles'
+// once per m tile. Used by the forward (Z = A Y) and by the rows-side backward (A^T K and A^T V).
 constexpr int TC_MH = 3;
 template <typename P, typename St>
 __device__ __forceinline__ void slab_fwd_mode_a(const MmaT *fh, const MmaT *fl, int lf, const MmaT *yh, const MmaT *yl,
