@@ -76,6 +76,41 @@ __device__ __forceinline__ void zero_smem(char *smem, int64_t bytes) {
 // outputs go out as 32-bit pairs and mode a's B fragments come through ldmatrix.trans, both free of
 // bank conflicts, and each warp keeps in registers the factor fragments that its tiles share.
 
+// A square factor's A-operand fragments ([m tile][k step], kt x kt tiles of 16, F as stored) for
+// the products whose B fragments a warp holds for every k step. Without factor lo halves they are
+// loaded once and kept in registers (at most 64; the kernels that keep them run one block per SM);
+// with them (f16), whose hi and lo would not fit, factor_frags_tile reads them per use.
+template <typename P>
+using FactorFrags = uint32_t[P::factor_lo ? 1 : TC_KMAX / 16][P::factor_lo ? 1 : TC_KMAX / 16][4];
+template <typename P>
+__device__ __forceinline__ void factor_frags_load(FactorFrags<P> &fk, const MmaT *fh, int lf, int kt, int lane) {
+  if constexpr (!P::factor_lo) {
+#pragma unroll
+    for (int mt = 0; mt < TC_KMAX / 16; ++mt)
+#pragma unroll
+      for (int k = 0; k < TC_KMAX / 16; ++k)
+        if (mt < kt && k < kt) frag_a(fk[mt][k], fh, lf, mt * 16, k * 16, lane);
+  }
+}
+// c += sum_k F[m tile mt][k step k] X[k step k] over kt k steps (X's fragments bh, bl per k step).
+template <typename P>
+__device__ __forceinline__ void factor_frags_tile(float c[4], const FactorFrags<P> &fk, const MmaT *fh, const MmaT *fl,
+                                                  int lf, int mt, int kt, const uint32_t (*bh)[2],
+                                                  const uint32_t (*bl)[2], int lane) {
+#pragma unroll
+  for (int k = 0; k < TC_KMAX / 16; ++k)
+    if (k < kt) {
+      if constexpr (!P::factor_lo) {
+        mma_split<P>(c, fk[mt][k], fk[mt][k], bh[k], bl[k]);
+      } else {
+        uint32_t ah[4], al[4];
+        frag_a(ah, fh, lf, mt * 16, k * 16, lane);
+        frag_a(al, fl, lf, mt * 16, k * 16, lane);
+        mma_split<P>(c, ah, al, bh[k], bl[k]);
+      }
+    }
+}
+
 // Mode b on ac row runs of an 8-column slab (X[al][j][b'], row stride lx):
 // Y[a0 + al][b * 8 + j] = sum_b' F[b][b'] X[al][j][b'] (M = b, N = j, K = b').
 // Without factor lo halves (bf16 storage) each warp holds all of F's fragments (kt x kt tiles, at
@@ -89,13 +124,18 @@ __device__ __forceinline__ void slab_fwd_mode_b(const MmaT *fh, const MmaT *fl, 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int kt = o2p / 16;
   constexpr int KS = TC_KMAX / 16;
+  // The m16n8 tile (m tile mt of b, row run al) into Y's row a0 + al.
+  auto store_y = [&](int al, int mt, const float c[4]) {
+    MmaT *yrh = yh + (int64_t)(a0 + al) * ly, *yrl = yl + (int64_t)(a0 + al) * ly;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int b = mt * 16 + g + 8 * h;
+      if (b < o2) store_data2<P>(yrh, yrl, b * TC_QC + 2 * t, c[2 * h], c[2 * h + 1]);
+    }
+  };
   if constexpr (!P::factor_lo) {
-    uint32_t ah[KS][KS][4];  // [m tile][k step]
-#pragma unroll
-    for (int mt = 0; mt < KS; ++mt)
-#pragma unroll
-      for (int k = 0; k < KS; ++k)
-        if (mt < kt && k < kt) frag_a(ah[mt][k], fh, lf, mt * 16, k * 16, lane);
+    FactorFrags<P> fk;
+    factor_frags_load<P>(fk, fh, lf, kt, lane);
     for (int al = warp; al < ac; al += TC_WARPS) {
       uint32_t bh[KS][2], bl[KS][2];
 #pragma unroll
@@ -104,19 +144,12 @@ __device__ __forceinline__ void slab_fwd_mode_b(const MmaT *fh, const MmaT *fl, 
           frag_b(bh[k], xh + al * TC_QC * lx, lx, 0, k * 16, lane);
           if constexpr (P::data_lo) frag_b(bl[k], xl + al * TC_QC * lx, lx, 0, k * 16, lane);
         }
-      MmaT *yrh = yh + (int64_t)(a0 + al) * ly, *yrl = yl + (int64_t)(a0 + al) * ly;
 #pragma unroll
       for (int mt = 0; mt < KS; ++mt)
         if (mt < kt) {
           float c[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-          for (int k = 0; k < KS; ++k)
-            if (k < kt) mma_split<P>(c, ah[mt][k], ah[mt][k], bh[k], bl[k]);
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int b = mt * 16 + g + 8 * h;
-            if (b < o2) store_data2<P>(yrh, yrl, b * TC_QC + 2 * t, c[2 * h], c[2 * h + 1]);
-          }
+          factor_frags_tile<P>(c, fk, fh, fl, lf, mt, kt, bh, bl, lane);
+          store_y(al, mt, c);
         }
     }
   } else {
@@ -142,12 +175,7 @@ __device__ __forceinline__ void slab_fwd_mode_b(const MmaT *fh, const MmaT *fl, 
           if constexpr (P::data_lo) frag_b(bl, xl + al * TC_QC * lx, lx, 0, k * 16, lane);
           mma_split<P>(c, ah[k], alo[k], bh, bl);
         }
-      MmaT *yrh = yh + (int64_t)(a0 + al) * ly, *yrl = yl + (int64_t)(a0 + al) * ly;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int b = mt * 16 + g + 8 * h;
-        if (b < o2) store_data2<P>(yrh, yrl, b * TC_QC + 2 * t, c[2 * h], c[2 * h + 1]);
-      }
+      store_y(al, mt, c);
     }
   }
 }

@@ -64,41 +64,6 @@ __device__ __forceinline__ void load_factor_t(MmaT *hi, MmaT *lo, const T *f, in
   }
 }
 
-// A square factor's A-operand fragments ([m tile][k step], kt x kt tiles of 16, F as stored) for
-// the products whose B fragments a warp holds for every k step. Without factor lo halves they are
-// loaded once and kept in registers (at most 64; the backward's kernels run one block per SM); with
-// them (f16), whose hi and lo would not fit, factor_frags_tile reads them per use.
-template <typename P>
-using FactorFrags = uint32_t[P::factor_lo ? 1 : TC_KMAX / 16][P::factor_lo ? 1 : TC_KMAX / 16][4];
-template <typename P>
-__device__ __forceinline__ void factor_frags_load(FactorFrags<P> &fk, const MmaT *fh, int lf, int kt, int lane) {
-  if constexpr (!P::factor_lo) {
-#pragma unroll
-    for (int mt = 0; mt < TC_KMAX / 16; ++mt)
-#pragma unroll
-      for (int k = 0; k < TC_KMAX / 16; ++k)
-        if (mt < kt && k < kt) frag_a(fk[mt][k], fh, lf, mt * 16, k * 16, lane);
-  }
-}
-// c += sum_k F[m tile mt][k step k] X[k step k] over kt k steps (X's fragments bh, bl per k step).
-template <typename P>
-__device__ __forceinline__ void factor_frags_tile(float c[4], const FactorFrags<P> &fk, const MmaT *fh, const MmaT *fl,
-                                                  int lf, int mt, int kt, const uint32_t (*bh)[2],
-                                                  const uint32_t (*bl)[2], int lane) {
-#pragma unroll
-  for (int k = 0; k < TC_KMAX / 16; ++k)
-    if (k < kt) {
-      if constexpr (!P::factor_lo) {
-        mma_split<P>(c, fk[mt][k], fk[mt][k], bh[k], bl[k]);
-      } else {
-        uint32_t ah[4], al[4];
-        frag_a(ah, fh, lf, mt * 16, k * 16, lane);
-        frag_a(al, fl, lf, mt * 16, k * 16, lane);
-        mma_split<P>(c, ah, al, bh[k], bl[k]);
-      }
-    }
-}
-
 // ---- columns side: dC, dD and K = H R ----
 // Every per-row matrix (H[p], P[p] and the intermediates YD = P D^T, YC = C P, T1 = H D) is kept
 // row-major as X[p][c][d] (row stride lz, an odd number of 16-byte units), written by the producing
