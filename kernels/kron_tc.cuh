@@ -180,22 +180,44 @@ __device__ __forceinline__ void slab_fwd_mode_b(const MmaT *fh, const MmaT *fl, 
   }
 }
 
-// Z's row of output row p = (a, b) within a slab: p itself for f32 Z (a row is one 32-byte sector),
-// b * o1 + a for bf16 Z (the forward's FwdZ), so that the eight rows a of one mma tile are 128
-// contiguous bytes (four whole sectors) instead of eight half sectors; stage 2 takes runs of Z rows
-// and maps them back (kron_cols_kernel).
-template <typename Z> __host__ __device__ constexpr bool z_rows_by_b() { return sizeof(Z) == 2; }
+// The backward's Z (P = L tau, then K written over it): each value v as two bf16 planes, hi =
+// bf16(v) and lo = bf16(v - hi), the split store_data makes of an f32 value, so the columns side
+// loads the bits it would have split from f32 Z; per rank [hi, lo][slab][O][8]. The same 4 bytes per
+// value as f32 Z, but a reader without data lo halves (bf16's rows-side backward) reads the hi plane
+// alone: half the bytes. A tag: the memory is MmaT (ZMem).
+struct ZSplit {};
+template <typename Z> struct ZMem {
+  using type = Z;
+  static constexpr int planes = 1;
+};
+template <> struct ZMem<ZSplit> {
+  using type = MmaT;
+  static constexpr int planes = 2;
+};
+template <typename Z> using ZPtr = typename ZMem<Z>::type *;
 
-// One m16n8 tile of mode a's output, slab-contiguous: out[zrow(a, b) * 8 + j], f32 or bf16 (Z).
+// Z's row of output row p = (a, b) within a slab: p itself for f32 Z (a row is one 32-byte sector),
+// b * o1 + a for bf16 planes (the forward's FwdZ, the backward's ZSplit), so that the eight rows a
+// of one mma tile are 128 contiguous bytes (four whole sectors) instead of eight half sectors; the
+// readers take runs of Z rows and map them back (z_row_to_p).
+template <typename Z> __host__ __device__ constexpr bool z_rows_by_b() { return sizeof(typename ZMem<Z>::type) == 2; }
+template <typename Z> __host__ __device__ inline int64_t z_row_to_p(int64_t zr, int o1, int64_t O) {
+  return z_rows_by_b<Z>() ? (zr % o1) * (O / o1) + zr / o1 : zr;
+}
+
+// One m16n8 tile of mode a's output, slab-contiguous: out[zrow(a, b) * 8 + j], f32 or bf16 (Z), or
+// both bf16 planes of ZSplit (the lo plane `plane` elements past the hi one).
 template <typename Z>
-__device__ __forceinline__ void store_z_tile(Z *out, const float c[4], int mt, int b, int o1, int o2, int g, int t) {
+__device__ __forceinline__ void store_z_tile(ZPtr<Z> out, int64_t plane, const float c[4], int mt, int b, int o1,
+                                             int o2, int g, int t) {
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int a = mt * 16 + g + 8 * h;
     if (a >= o1) continue;
     const int64_t zrow = z_rows_by_b<Z>() ? (int64_t)b * o1 + a : (int64_t)a * o2 + b;
-    Z *dst = out + zrow * TC_QC + 2 * t;
+    ZPtr<Z> dst = out + zrow * TC_QC + 2 * t;
     if constexpr (std::is_same<Z, float>::value) *reinterpret_cast<float2 *>(dst) = make_float2(c[2 * h], c[2 * h + 1]);
+    else if constexpr (std::is_same<Z, ZSplit>::value) store_data2<Prec<true, false>>(dst, dst + plane, 0, c[2 * h], c[2 * h + 1]);
     else store_data2<Prec<false, false>>(dst, nullptr, 0, c[2 * h], c[2 * h + 1]);
   }
 }
@@ -345,13 +367,13 @@ template <typename T> using FwdZ = typename std::conditional<FwdPrec<T>::data_lo
 template <typename T> using RowsSplitPrec = FwdPrec<T>;
 
 // The body of stage 1 under precision policy P: kron_rows_kernel (the forward's, FwdPrec, bf16 or
-// f32 Z: FwdZ) and kron_rows_split_kernel (the backward's P = L tau, f32 Z) below.
+// f32 Z: FwdZ) and kron_rows_split_kernel (the backward's P = L tau, ZSplit planes) below.
 // grid (slabs = ceil(I / 8)); each block runs ranks r0..r0+nr of its slab, tau resident in X across
 // them where `resident` (rows_layout). z: [nr][slabs][O][8] = ((A_r (x) B_r) tau)[p, slab*8 + j].
 template <typename T, typename P, typename Z>
 __device__ __forceinline__ void kron_rows_body(char *smem, const T *__restrict__ w, const T *__restrict__ e,
                                                const T *__restrict__ fa, const T *__restrict__ fb,
-                                               Z *__restrict__ z, int o1, int o2, int64_t I, int64_t nexp,
+                                               ZPtr<Z> __restrict__ z, int o1, int o2, int64_t I, int64_t nexp,
                                                int64_t expert, int64_t r0, int64_t nr, int resident) {
   const RowsLayout L = rows_layout(o1, o2, P::split(), resident != 0);
   MmaT *Xh = reinterpret_cast<MmaT *>(smem + L.xh), *Xl = reinterpret_cast<MmaT *>(smem + L.xl);
@@ -381,16 +403,17 @@ __device__ __forceinline__ void kron_rows_body(char *smem, const T *__restrict__
     }
     __syncthreads();
     // Mode a: Z[a][(b, q)] = sum_a' A[a][a'] Y[a'][b * 8 + q], slab-contiguous.
-    Z *out = z + (rl * slabs + slab) * O * TC_QC;
+    const int64_t plane = slabs * O * TC_QC;
+    ZPtr<Z> out = z + (rl * ZMem<Z>::planes * slabs + slab) * O * TC_QC;
     const int kt = L.o1p / 16, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
     slab_fwd_mode_a<P>(Ah, Al, L.la, Yh, Yl, L.ly,
-        [&](int mt, int b, const float c[4]) { store_z_tile(out, c, mt, b, o1, o2, g, t); }, 0, kt, kt, o2);
+        [&](int mt, int b, const float c[4]) { store_z_tile<Z>(out, plane, c, mt, b, o1, o2, g, t); }, 0, kt, kt, o2);
   }
 }
 
 #define CAMEX_KRON_ROWS_PARAMS(ZT)                                                                         \
   const T *__restrict__ w, const T *__restrict__ e, const T *__restrict__ fa, const T *__restrict__ fb,   \
-      ZT *__restrict__ z, int o1, int o2, int64_t I, int64_t nexp, int64_t expert, int64_t r0, int64_t nr, \
+      ZPtr<ZT> __restrict__ z, int o1, int o2, int64_t I, int64_t nexp, int64_t expert, int64_t r0, int64_t nr, \
       int resident
 #define CAMEX_KRON_ROWS_ARGS w, e, fa, fb, z, o1, o2, I, nexp, expert, r0, nr, resident
 // Launch bounds: with factor lo halves (f16) two blocks per SM (at most 128 registers; with the
@@ -403,65 +426,82 @@ template <typename T>
 __global__ void __launch_bounds__(TC_THREADS, tc_rows_min_blocks<FwdPrec<T>>())
     kron_rows_kernel(CAMEX_KRON_ROWS_PARAMS(FwdZ<T>)) {
   CAMEX_DYNAMIC_SMEM(smem);
-  kron_rows_body<T, FwdPrec<T>>(smem, CAMEX_KRON_ROWS_ARGS);
+  kron_rows_body<T, FwdPrec<T>, FwdZ<T>>(smem, CAMEX_KRON_ROWS_ARGS);
 }
 template <typename T>
 __global__ void __launch_bounds__(TC_THREADS, tc_rows_min_blocks<RowsSplitPrec<T>>())
-    kron_rows_split_kernel(CAMEX_KRON_ROWS_PARAMS(float)) {
+    kron_rows_split_kernel(CAMEX_KRON_ROWS_PARAMS(ZSplit)) {
   CAMEX_DYNAMIC_SMEM(smem);
-  kron_rows_body<T, RowsSplitPrec<T>>(smem, CAMEX_KRON_ROWS_ARGS);
+  kron_rows_body<T, RowsSplitPrec<T>, ZSplit>(smem, CAMEX_KRON_ROWS_ARGS);
 }
 #undef CAMEX_KRON_ROWS_PARAMS
 #undef CAMEX_KRON_ROWS_ARGS
 
-// Rows p0..p0+pr of one rank of Z (slab layout [slab][O][8], f32 or bf16: FwdZ) into shared
-// X[p][c][d] (row stride lx, p stride ps), a data operand under P (store_data); rows past O are left
-// as they are.
+// Rows p0..p0+pr of one rank of Z (slab layout [slab][O][8], f32 or bf16: FwdZ; or ZSplit's two
+// planes) into shared X[p][c][d] (row stride lx, p stride ps), a data operand under P (store_data;
+// ZSplit's planes as they are, which are the bits store_data would have split); rows past O are
+// left as they are.
 template <typename P, typename Z>
-__device__ __forceinline__ void load_z_rows(MmaT *xh, MmaT *xl, int lx, int64_t ps, const Z *zr, int64_t p0, int pr,
-                                            int64_t O, int i1, int i2) {
+__device__ __forceinline__ void load_z_rows(MmaT *xh, MmaT *xl, int lx, int64_t ps, const typename ZMem<Z>::type *zr,
+                                            int64_t p0, int pr, int64_t O, int i1, int i2) {
   const int64_t I = (int64_t)i1 * i2, slabs = (I + TC_QC - 1) / TC_QC;
-  if constexpr (std::is_same<Z, MmaT>::value && !P::data_lo) {
-    // bf16 Z taken as it is: where a slab's 8 values are one run of d (i2 % 8 == 0, so I % 8 == 0
-    // too), one 16-byte copy instead of eight 2-byte stores. Consecutive lanes take consecutive
-    // rows p of one slab, so that a warp reads whole 32-byte sectors ([slab][O][8]), and the
-    // forward's ps (an odd number of 16-byte units past a multiple of 128 bytes: cols_layout)
-    // puts their eight 16-byte stores of a phase in eight bank groups.
+  constexpr bool split = std::is_same<Z, ZSplit>::value;
+  if constexpr (split || (std::is_same<Z, MmaT>::value && !P::data_lo)) {
+    // bf16 planes taken as they are: where a slab's 8 values are one run of d (i2 % 8 == 0, so
+    // I % 8 == 0 too), one 16-byte copy per plane instead of eight 2-byte stores. Consecutive lanes
+    // take consecutive rows p of one slab, so that a warp reads whole 32-byte sectors
+    // ([slab][O][8]), and ps (an odd number of 16-byte units past a multiple of 128 bytes:
+    // cols_layout, cols_bwd_layout) puts their eight 16-byte stores of a phase in eight bank groups.
+    const int64_t plane = slabs * O * TC_QC;
     if (i2 % TC_QC == 0) {
       for (int64_t x = threadIdx.x; x < (int64_t)pr * slabs; x += TC_THREADS) {
         const int64_t sl = x / pr, pl = x % pr, p = p0 + pl, q = sl * TC_QC;
-        if (p < O)
-          *reinterpret_cast<uint4 *>(xh + pl * ps + (q / i2) * lx + q % i2) =
-              *reinterpret_cast<const uint4 *>(zr + (sl * O + p) * TC_QC);
+        if (p >= O) continue;
+        const int64_t at = pl * ps + (q / i2) * lx + q % i2, from = (sl * O + p) * TC_QC;
+        *reinterpret_cast<uint4 *>(xh + at) = *reinterpret_cast<const uint4 *>(zr + from);
+        if constexpr (split && P::data_lo)
+          *reinterpret_cast<uint4 *>(xl + at) = *reinterpret_cast<const uint4 *>(zr + plane + from);
+      }
+      return;
+    }
+    if constexpr (split) {
+      for (int64_t x = threadIdx.x; x < (int64_t)pr * I; x += TC_THREADS) {
+        const int64_t pl = x / I, q = x % I, p = p0 + pl;
+        if (p >= O) continue;
+        const int64_t at = pl * ps + (q / i2) * lx + q % i2, from = ((q / TC_QC) * O + p) * TC_QC + q % TC_QC;
+        xh[at] = zr[from];
+        if constexpr (P::data_lo) xl[at] = zr[plane + from];
       }
       return;
     }
   }
-  // Consecutive lanes take consecutive slabs of one row p: each reads a whole 32-byte sector.
-  for (int64_t x = threadIdx.x; x < (int64_t)pr * slabs; x += TC_THREADS) {
-    const int64_t pl = x / slabs, sl = x % slabs, p = p0 + pl;
-    if (p >= O) continue;
-    float vt[TC_QC];
-    if constexpr (std::is_same<Z, float>::value) {
-      const float4 *src = reinterpret_cast<const float4 *>(zr + (sl * O + p) * TC_QC);
-      const float4 v0 = src[0], v1 = src[1];
-      vt[0] = v0.x, vt[1] = v0.y, vt[2] = v0.z, vt[3] = v0.w, vt[4] = v1.x, vt[5] = v1.y, vt[6] = v1.z, vt[7] = v1.w;
-    } else {
-      const uint4 v = *reinterpret_cast<const uint4 *>(zr + (sl * O + p) * TC_QC);
-      Z zt[TC_QC];
-      memcpy(zt, &v, 16);
+  if constexpr (!split) {
+    // Consecutive lanes take consecutive slabs of one row p: each reads a whole 32-byte sector.
+    for (int64_t x = threadIdx.x; x < (int64_t)pr * slabs; x += TC_THREADS) {
+      const int64_t pl = x / slabs, sl = x % slabs, p = p0 + pl;
+      if (p >= O) continue;
+      float vt[TC_QC];
+      if constexpr (std::is_same<Z, float>::value) {
+        const float4 *src = reinterpret_cast<const float4 *>(zr + (sl * O + p) * TC_QC);
+        const float4 v0 = src[0], v1 = src[1];
+        vt[0] = v0.x, vt[1] = v0.y, vt[2] = v0.z, vt[3] = v0.w, vt[4] = v1.x, vt[5] = v1.y, vt[6] = v1.z, vt[7] = v1.w;
+      } else {
+        const uint4 v = *reinterpret_cast<const uint4 *>(zr + (sl * O + p) * TC_QC);
+        Z zt[TC_QC];
+        memcpy(zt, &v, 16);
 #pragma unroll
-      for (int j = 0; j < TC_QC; ++j) vt[j] = to_f32(zt[j]);
-    }
-    const int64_t q0 = sl * TC_QC;
-    if (i2 % TC_QC == 0) {  // the slab is one run of d: one 16-byte store per half
-      store_data8<P>(xh, xl, pl * ps + (q0 / i2) * lx + q0 % i2, vt);
-      continue;
-    }
+        for (int j = 0; j < TC_QC; ++j) vt[j] = to_f32(zt[j]);
+      }
+      const int64_t q0 = sl * TC_QC;
+      if (i2 % TC_QC == 0) {  // the slab is one run of d: one 16-byte store per half
+        store_data8<P>(xh, xl, pl * ps + (q0 / i2) * lx + q0 % i2, vt);
+        continue;
+      }
 #pragma unroll
-    for (int j = 0; j < TC_QC; ++j) {
-      const int64_t q = q0 + j;
-      if (q < I) store_data<P>(xh, xl, pl * ps + (q / i2) * lx + q % i2, vt[j]);
+      for (int j = 0; j < TC_QC; ++j) {
+        const int64_t q = q0 + j;
+        if (q < I) store_data<P>(xh, xl, pl * ps + (q / i2) * lx + q % i2, vt[j]);
+      }
     }
   }
 }
@@ -469,19 +509,20 @@ __device__ __forceinline__ void load_z_rows(MmaT *xh, MmaT *xl, int lx, int64_t 
 // ---- stage 2: columns ----
 
 // The forward's mode d on rows (p, c') of X, mt16 m tiles of 16 (M = (p, c'), N = d, K = d'):
-// Y[(p, c')][d] = sum_d' X[(p, c')][d'] F[d][d'], Y's rows (p, c') at (p i1p + c') ly, written as
+// Y[(p, c')][d] = sum_d' X[(p, c')][d'] F[d][d'], Y's rows (p, c') at p yps + c' ly, written as
 // 32-bit pairs. X's rows are at p ps + c' lx (mtp m tiles per p). Each warp keeps an m tile's data
 // fragments across the n tiles where Keep (by default without data lo halves: with them, kept, they
 // spill on sm_80 at two blocks per SM; the backward, at one, keeps them).
 template <typename P, bool Keep = !P::data_lo>
 __device__ __forceinline__ void cols_fwd_mode_d(const MmaT *xh, const MmaT *xl, int lx, int64_t ps, int mtp,
                                                 const MmaT *fh, const MmaT *fl, int lf, MmaT *yh, MmaT *yl, int ly,
-                                                int mt16, int i2p) {
+                                                int64_t yps, int mt16, int i2p) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int kt = i2p / 16;
   constexpr bool keep = Keep;
   for (int mt = warp; mt < mt16; mt += TC_WARPS) {
     const int64_t x0 = (mt / mtp) * ps + (int64_t)(mt % mtp) * 16 * lx;  // the m tile's first row
+    const int64_t y0 = (mt / mtp) * yps + (int64_t)(mt % mtp) * 16 * ly;
     uint32_t ah[keep ? TC_KMAX / 16 : 1][4], al[keep && P::data_lo ? TC_KMAX / 16 : 1][4];
     if constexpr (keep) {
 #pragma unroll
@@ -512,7 +553,7 @@ __device__ __forceinline__ void cols_fwd_mode_d(const MmaT *xh, const MmaT *xl, 
         }
 #pragma unroll
       for (int h = 0; h < 2; ++h)
-        store_data2<P>(yh, yl, (int64_t)(mt * 16 + g + 8 * h) * ly + nt * 8 + 2 * t, c[2 * h], c[2 * h + 1]);
+        store_data2<P>(yh, yl, y0 + (int64_t)(g + 8 * h) * ly + nt * 8 + 2 * t, c[2 * h], c[2 * h + 1]);
     }
   }
 }
@@ -588,11 +629,12 @@ kron_cols_kernel(const FwdZ<T> *__restrict__ z, const T *__restrict__ fc, const 
     __syncthreads();  // the previous rank's readers are done (and the zeroing is visible)
     load_factor<P>(Ch, Cl, fc + (r * nexp + expert) * i1 * i1, i1, L.lc);
     load_factor<P>(Dh, Dl, fd + (r * nexp + expert) * i2 * i2, i2, L.ld);
-    load_z_rows<P>(Zh, Zl, L.lz, L.ps, z + rl * slabs * O * TC_QC, p0, L.pr, O, i1, i2);
+    load_z_rows<P, FwdZ<T>>(Zh, Zl, L.lz, L.ps, z + rl * slabs * O * TC_QC, p0, L.pr, O, i1, i2);
     __syncthreads();
 
     // Mode d: Y[p][c'][d] = sum_d' Z[p][c'][d'] D[d][d'].
-    cols_fwd_mode_d<P>(Zh, Zl, L.lz, L.ps, L.i1p / 16, Dh, Dl, L.ld, Yh, Yl, L.ly, L.pr * L.i1p / 16, L.i2p);
+    cols_fwd_mode_d<P>(Zh, Zl, L.lz, L.ps, L.i1p / 16, Dh, Dl, L.ld, Yh, Yl, L.ly, (int64_t)L.i1p * L.ly,
+                       L.pr * L.i1p / 16, L.i2p);
     __syncthreads();
 
     // Mode c, accumulated over r: U[p][c][d] += sum_c' C[c][c'] Y[p][c'][d]  (M = c, N = d, K = c').
@@ -640,7 +682,7 @@ kron_cols_kernel(const FwdZ<T> *__restrict__ z, const T *__restrict__ fc, const 
     const int pl = tile / L.tpr, mt = (tile % L.tpr) / ntc, nt = tile % ntc;
     const int64_t zr = p0 + pl;
     if (tile >= L.pr * L.tpr || zr >= O) continue;
-    const int64_t p = z_rows_by_b<FwdZ<T>>() ? (zr % o1) * (O / o1) + zr / o1 : zr;
+    const int64_t p = z_row_to_p<FwdZ<T>>(zr, o1, O);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int cc = mt * 16 + g + 8 * h, d = nt * 8 + 2 * t;
@@ -694,8 +736,8 @@ inline bool kron_tc_fits(const D4 &d4, TcSplit sp, int64_t lim) {
 }
 
 // Ranks per stage-1/stage-2 round: as many as keep Z within tc_z_budget() bytes, so that it stays in
-// L2 between the two stages (at T5-base `wi`: 2 ranks, 19 MB, of f32 Z; 5 ranks, 24 MB, of the
-// forward's bf16 Z; the H200's L2 is 50 MB).
+// L2 between the two stages (at T5-base `wi`: 2 ranks, 19 MB, of 4-byte Z, f32 or the backward's
+// ZSplit; 5 ranks, 24 MB, of the forward's bf16 Z; the H200's L2 is 50 MB).
 #ifdef CAMEX_TC_Z_BUDGET  // tests: small budgets exercise the accumulation across rounds
 inline int64_t tc_z_budget() { return CAMEX_TC_Z_BUDGET; }
 #elif defined(CAMEX_EMU)

@@ -8,18 +8,20 @@
 //
 // With L_r = A_r (x) B_r, R_r = C_r (x) D_r (U = sum_r L_r tau R_r^T) and H = dL/dU, per rank:
 //   P = L tau                              (rows side: kron_rows_split_kernel, the forward's stage 1)
-//   K = H R   = H x3 C^T x4 D^T            (columns side)
-//   dC[c][c'] = sum_{p,d} H[p,(c,d)] (P x4 D)[p,(c',d)]
-//   dD[d][d'] = sum_{p,c} H[p,(c,d)] (P x3 C)[p,(c,d')]
+//   T1 = H x4 D^T,  T2 = H x3 C^T,  K = H R = T1 x3 C^T          (columns side)
+//   dC[c][c'] = sum_{p,d'} T1[p,(c,d')] P[p,(c',d')]
+//   dD[d][d'] = sum_{p,c'} T2[p,(c',d)] P[p,(c',d')]
 //   V = K x2 B^T,  dA[a][a'] = sum_{b,q} V[(a,b),q] tau[(a',b),q]
 //   W = K x1 A^T,  dB[b][b'] = sum_{a,q} W[(a,b),q] tau[(a,b'),q]
 //   dtau += V x1 A^T = L^T H R
 // which is the chain of SPEC section 4 regrouped (every factor gradient contracts H with tau
-// transformed by the other three factors). Per round of ranks (kron_tc_rank_chunk, Z in f32):
-//   1. kron_rows_split_kernel: Z_r = P_r (slab layout [r][slab][O][8], as the forward), one block
-//      per 8-column slab looping over the round's ranks;
-//   2. kron_cols_bwd_kernel, one block per run of rows, looping over the round's ranks: H's rows
-//      stay in shared memory; P's rows in, dC and dD partials out, and K's rows written over P's;
+// transformed by the other three factors). Per round of ranks (kron_tc_rank_chunk, Z as ZSplit's
+// two bf16 planes, hi and lo, 4 bytes per value):
+//   1. kron_rows_split_kernel: Z_r = P_r (slab layout [r][hi, lo][slab][O][8]), one block per
+//      8-column slab looping over the round's ranks;
+//   2. kron_cols_bwd_kernel, one block per run of Z rows, looping over the round's ranks: H's rows
+//      stay in shared memory; P's rows in, dC and dD partials out, and K's rows written over P's,
+//      rounded as the rows side reads them (bf16: the hi plane alone, half the bytes);
 //   3. kron_rows_bwd_kernel, one block per 8-column slab looping over the round's ranks: K's slab
 //      and tau in, dA and dB partials out, and L^T K added to dtau's slab, rank by rank (with dtau
 //      resident, the last round writes the expert's gradient and the base gradient's running sum
@@ -65,18 +67,18 @@ __device__ __forceinline__ void load_factor_t(MmaT *hi, MmaT *lo, const T *f, in
 }
 
 // ---- columns side: dC, dD and K = H R ----
-// Every per-row matrix (H[p], P[p] and the intermediates YD = P D^T, YC = C P, T1 = H D) is kept
+// Every per-row matrix (H[p], P[p] and the intermediates T1 = H D, T2 = C^T H) is kept
 // row-major as X[p][c][d] (row stride lz, an odd number of 16-byte units), written by the producing
 // mma as 32-bit pairs; every product reads it through ldmatrix-friendly fragments (k-contiguous
 // pairs, or ldmatrix.trans where k is the row index), so no operand is stored transposed.
 
 struct ColsBwdLayout {
   int i1p, i2p, lz, lc, ld, pr;
-  int64_t ps, hh, hl, ph, pl, yh, yl, ch, cl, cth, ctl, dh, dl, dth, dtl, red, bytes;
+  int64_t ps, hh, hl, ph, pl, yh, yl, cth, ctl, dth, dtl, red, bytes;
 };
 
-// pr: rows per block. Shared matrices: H, P and Y (the intermediates) [pr][i1p][lz]; C, C^T
-// [i1p][lc]; D, D^T [i2p][ld]; the f32 accumulators of dC's and dD's warps (cols_bwd_contract),
+// pr: rows per block. Shared matrices: H, P and Y (the intermediates T1, T2) [pr][i1p][lz]; C^T
+// [i1p][lc]; D^T [i2p][ld]; the f32 accumulators of dC's and dD's warps (cols_bwd_contract),
 // [warps][n tiles][32 lanes][4].
 __host__ __device__ inline ColsBwdLayout cols_bwd_layout(int i1, int i2, int pr, TcSplit sp) {
   ColsBwdLayout l;
@@ -86,7 +88,9 @@ __host__ __device__ inline ColsBwdLayout cols_bwd_layout(int i1, int i2, int pr,
   l.lz = tc_ld(l.i2p);
   l.lc = tc_ld(l.i1p);
   l.ld = tc_ld(l.i2p);
-  l.ps = (int64_t)l.i1p * l.lz;
+  // ps = i1p lz + 8 is 16 bytes past a multiple of 128 (i1p lz is a multiple of 128 elements), so
+  // rows p of one 16-byte column fall in eight distinct bank groups (load_z_rows' plane copies).
+  l.ps = (int64_t)l.i1p * l.lz + 8;
   const int64_t e = 2;
   const int64_t xb = (int64_t)pr * l.ps * e;
   const int64_t cb = (int64_t)l.i1p * l.lc * e, db = (int64_t)l.i2p * l.ld * e;
@@ -97,13 +101,9 @@ __host__ __device__ inline ColsBwdLayout cols_bwd_layout(int i1, int i2, int pr,
   l.pl = l.ph + xb;
   l.yh = l.pl + (dlo ? xb : 0);
   l.yl = l.yh + xb;
-  l.ch = l.yl + (dlo ? xb : 0);
-  l.cl = l.ch + cb;
-  l.cth = l.cl + (flo ? cb : 0);
+  l.cth = l.yl + (dlo ? xb : 0);
   l.ctl = l.cth + cb;
-  l.dh = l.ctl + (flo ? cb : 0);
-  l.dl = l.dh + db;
-  l.dth = l.dl + (flo ? db : 0);
+  l.dth = l.ctl + (flo ? cb : 0);
   l.dtl = l.dth + db;
   l.red = l.dtl + (flo ? db : 0);
   const int ntmax = (l.i1p > l.i2p ? l.i1p : l.i2p) / 8;
@@ -215,27 +215,29 @@ __device__ __forceinline__ void cols_factor_by_rows(const MmaT *fh, const MmaT *
   }
 }
 
-// grid (ceil(O / pr)). z: the round's P_r, overwritten with K_r (slab layout, ranks r0..r0+nr);
+// grid (ceil(O / pr)): each block a run of pr Z rows (for ZSplit, row zr is output row (zr % o1,
+// zr / o1): z_row_to_p). z: the round's P_r (ZSplit planes, ranks r0..r0+nr), overwritten with K_r
+// as the rows side reads it (its hi plane alone without the rows side's data lo halves: bf16);
 // part: f32 [nr][blocks][i1*i1 + i2*i2], this block's dC and dD contributions per rank.
 // One block per SM at the shapes that matter (146 KiB of shared memory at T5-base `wi`, bf16), so
 // the launch bounds ask for one: the warps keep factor and data fragments in registers.
 template <typename T>
 __global__ void __launch_bounds__(TC_THREADS, 1)
-kron_cols_bwd_kernel(Opnd h, float *__restrict__ z, const T *__restrict__ fc, const T *__restrict__ fd,
-                     float *__restrict__ part, int i1, int i2, int pr, int64_t O, int64_t r0, int64_t nr, int64_t nexp,
-                     int64_t expert) {
+kron_cols_bwd_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc, const T *__restrict__ fd,
+                     float *__restrict__ part, int o1, int i1, int i2, int pr, int64_t O, int64_t r0, int64_t nr,
+                     int64_t nexp, int64_t expert) {
   CAMEX_DYNAMIC_SMEM(smem);
   using P = ColsBwdPrec<T>;
   const ColsBwdLayout L = cols_bwd_layout(i1, i2, pr, P::split());
   MmaT *Hh = reinterpret_cast<MmaT *>(smem + L.hh), *Hl = reinterpret_cast<MmaT *>(smem + L.hl);
   MmaT *Ph = reinterpret_cast<MmaT *>(smem + L.ph), *Pl = reinterpret_cast<MmaT *>(smem + L.pl);
   MmaT *Yh = reinterpret_cast<MmaT *>(smem + L.yh), *Yl = reinterpret_cast<MmaT *>(smem + L.yl);
-  MmaT *Ch = reinterpret_cast<MmaT *>(smem + L.ch), *Cl = reinterpret_cast<MmaT *>(smem + L.cl);
   MmaT *Cth = reinterpret_cast<MmaT *>(smem + L.cth), *Ctl = reinterpret_cast<MmaT *>(smem + L.ctl);
-  MmaT *Dh = reinterpret_cast<MmaT *>(smem + L.dh), *Dl = reinterpret_cast<MmaT *>(smem + L.dl);
   MmaT *Dth = reinterpret_cast<MmaT *>(smem + L.dth), *Dtl = reinterpret_cast<MmaT *>(smem + L.dtl);
   float4 *red = reinterpret_cast<float4 *>(smem + L.red);
-  const int64_t I = (int64_t)i1 * i2, slabs = (I + TC_QC - 1) / TC_QC;
+  // K stored as the rows side takes it (RowsBwdPrec's data split; bf16: the hi plane alone).
+  using KP = Prec<RowsBwdPrec<T>::data_lo, false>;
+  const int64_t I = (int64_t)i1 * i2, slabs = (I + TC_QC - 1) / TC_QC, plane = slabs * O * TC_QC;
   const int64_t p0 = (int64_t)blockIdx.x * pr, blocks = gridDim.x;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int i1p = L.i1p, i2p = L.i2p, lz = L.lz;
@@ -244,57 +246,63 @@ kron_cols_bwd_kernel(Opnd h, float *__restrict__ z, const T *__restrict__ fc, co
 
   zero_smem(smem, L.bytes);  // K padding and rows past O
   __syncthreads();
-  // H's rows, once for every rank: H[p][c][d] = H[p, c*i2 + d].
+  // H's rows, once for every rank: H[pl][c][d] = H[p, c*i2 + d] for the block's Z rows p0 + pl.
   for (int64_t x = threadIdx.x; x < (int64_t)pr * I; x += TC_THREADS) {
-    const int64_t pl = x / I, q = x % I, p = p0 + pl;
-    if (p < O) store_data<P>(Hh, Hl, pl * ps + (q / i2) * lz + q % i2, opnd_ld<T>(h, p * I + q));
+    const int64_t pl = x / I, q = x % I, zrow = p0 + pl;
+    if (zrow < O)
+      store_data<P>(Hh, Hl, pl * ps + (q / i2) * lz + q % i2, opnd_ld<T>(h, z_row_to_p<ZSplit>(zrow, o1, O) * I + q));
   }
 
   for (int64_t rl = 0; rl < nr; ++rl) {
     const int64_t r = r0 + rl;
     __syncthreads();  // the previous rank's readers are done
-    load_factor<P>(Ch, Cl, fc + (r * nexp + expert) * i1 * i1, i1, L.lc);
     load_factor_t<P>(Cth, Ctl, fc + (r * nexp + expert) * i1 * i1, i1, L.lc);
-    load_factor<P>(Dh, Dl, fd + (r * nexp + expert) * i2 * i2, i2, L.ld);
     load_factor_t<P>(Dth, Dtl, fd + (r * nexp + expert) * i2 * i2, i2, L.ld);
-    float *zr = z + rl * slabs * O * TC_QC;
+    MmaT *zr = z + rl * ZMem<ZSplit>::planes * plane;
     float *out = part + (rl * blocks + blockIdx.x) * ((int64_t)i1 * i1 + (int64_t)i2 * i2);
-    load_z_rows<P>(Ph, Pl, lz, ps, zr, p0, pr, O, i1, i2);
-    __syncthreads();
-
-    // YD[p][c'][d] = sum_d' P[p][c'][d'] D[d][d'], as the forward's mode d.
-    cols_fwd_mode_d<P, true>(Ph, Pl, lz, ps, mtp, Dh, Dl, L.ld, Yh, Yl, lz, mt16, i2p);
-    __syncthreads();
-    // dC[c][c'] += sum_{p,d} H[p][c][d] YD[p][c'][d]  (M = c, N = c', K = (p, d)).
-    cols_bwd_contract<P, false, false>(Hh, Hl, Yh, Yl, lz, ps, pr, i1p, i1p, i2p, red, out, i1, i1);
-    __syncthreads();
-
-    // YC[p][c][d'] = sum_c' C[c][c'] P[p][c'][d']  (M = c, N = d', K = c').
-    cols_factor_by_rows<P>(Ch, Cl, L.lc, Ph, Pl, lz, ps, pr, i1p, i2p, [&](int p, int mt, int nt, const float c[4]) {
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh)
-        store_data2<P>(Yh, Yl, p * ps + (int64_t)(mt * 16 + g + 8 * hh) * lz + nt * 8 + 2 * t, c[2 * hh], c[2 * hh + 1]);
-    });
-    __syncthreads();
-    // dD[d][d'] += sum_{p,c} H[p][c][d] YC[p][c][d']  (M = d, N = d', K = (p, c)).
-    cols_bwd_contract<P, true, true>(Hh, Hl, Yh, Yl, lz, ps, pr, i2p, i2p, i1p, red, out + (int64_t)i1 * i1, i2, i2);
+    load_z_rows<P, ZSplit>(Ph, Pl, lz, ps, zr, p0, pr, O, i1, i2);
     __syncthreads();
 
     // T1[p][c][d'] = sum_d H[p][c][d] D[d][d'] (the factor operand is D^T as stored).
-    cols_fwd_mode_d<P, true>(Hh, Hl, lz, ps, mtp, Dth, Dtl, L.ld, Yh, Yl, lz, mt16, i2p);
+    cols_fwd_mode_d<P, true>(Hh, Hl, lz, ps, mtp, Dth, Dtl, L.ld, Yh, Yl, lz, ps, mt16, i2p);
     __syncthreads();
-    // K[p][c'][d'] = sum_c C[c][c'] T1[p][c][d']  (M = c', N = d', K = c; A = C^T as stored), over P.
+    // dC[c][c'] += sum_{p,d'} T1[p][c][d'] P[p][c'][d']  (M = c, N = c', K = (p, d')).
+    cols_bwd_contract<P, false, false>(Yh, Yl, Ph, Pl, lz, ps, pr, i1p, i1p, i2p, red, out, i1, i1);
+    // K[p][c'][d'] = sum_c C[c][c'] T1[p][c][d']  (M = c', N = d', K = c; A = C^T as stored), over
+    // P's planes at the same Z rows (the block's own), rounded as the rows side would round it. T1
+    // goes in split as it is (hi and lo): with T1's hi alone, K's extra rounding took the rows side's
+    // worst bf16 gradient (a 1 x 1 factor's dA, one cancelling sum) from 0.59 to 0.99 of its bound.
     cols_factor_by_rows<P>(Cth, Ctl, L.lc, Yh, Yl, lz, ps, pr, i1p, i2p, [&](int pl, int mt, int nt, const float c[4]) {
-      const int64_t p = p0 + pl;
-      if (p >= O) return;
+      const int64_t zrow = p0 + pl;
+      if (zrow >= O) return;
 #pragma unroll
-      for (int v = 0; v < 4; ++v) {
-        const int cc = mt * 16 + g + 8 * (v >> 1), d = nt * 8 + 2 * t + (v & 1);
+      for (int hh = 0; hh < 2; ++hh) {
+        const int cc = mt * 16 + g + 8 * hh, d = nt * 8 + 2 * t;
         if (cc >= i1 || d >= i2) continue;
-        const int64_t q = (int64_t)cc * i2 + d;
-        zr[((q / TC_QC) * O + p) * TC_QC + q % TC_QC] = c[v];
+        const int64_t q = (int64_t)cc * i2 + d, at = ((q / TC_QC) * O + zrow) * TC_QC + q % TC_QC;
+        if (i2 % 2 == 0) {  // d + 1 < i2, and q is even: the pair lies in one slab, 4-byte aligned
+          store_data2<KP>(zr + at, zr + plane + at, 0, c[2 * hh], c[2 * hh + 1]);
+          continue;
+        }
+        store_data<KP>(zr, zr + plane, at, c[2 * hh]);
+        if (d + 1 < i2) {
+          const int64_t at1 = (((q + 1) / TC_QC) * O + zrow) * TC_QC + (q + 1) % TC_QC;
+          store_data<KP>(zr, zr + plane, at1, c[2 * hh + 1]);
+        }
       }
     });
+    __syncthreads();  // every warp is done with T1 (and dC's reduction with `red`)
+
+    // T2[p][c'][d] = sum_c C[c][c'] H[p][c][d]  (M = c', N = d, K = c; A = C^T as stored).
+    cols_factor_by_rows<P>(Cth, Ctl, L.lc, Hh, Hl, lz, ps, pr, i1p, i2p, [&](int pl, int mt, int nt, const float c[4]) {
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh)
+        store_data2<P>(Yh, Yl, pl * ps + (int64_t)(mt * 16 + g + 8 * hh) * lz + nt * 8 + 2 * t, c[2 * hh],
+                       c[2 * hh + 1]);
+    });
+    __syncthreads();
+    // dD[d][d'] += sum_{p,c'} T2[p][c'][d] P[p][c'][d']  (M = d, N = d', K = (p, c')).
+    cols_bwd_contract<P, true, true>(Yh, Yl, Ph, Pl, lz, ps, pr, i2p, i2p, i1p, red, out + (int64_t)i1 * i1, i2, i2);
   }
 }
 
@@ -514,14 +522,14 @@ __device__ __forceinline__ void rows_bwd_da(const MmaT *vh, const MmaT *vl, cons
 
 // One block per SM at the shapes that matter (at T5-base `wi`, bf16: 128 KiB with tau resident,
 // 225 KiB with dtau too, on sm_90).
-// grid (slabs); each block runs ranks r0..r0+nr of its slab in order. z: the round's K_r (slab
-// layout); gt: f32 [O][I], dtau, to which this slab's L_r^T K_r is added rank by rank (written by
+// grid (slabs); each block runs ranks r0..r0+nr of its slab in order. z: the round's K_r (ZSplit
+// planes; the lo plane read only with data lo halves, f16's); gt: f32 [O][I], dtau, to which this slab's L_r^T K_r is added rank by rank (written by
 // the first rank when r0 == 0): a fixed order, so the bits do not depend on the schedule.
 // part: f32 [nr][slabs][o1*o1 + o2*o2], this slab's dA and dB contributions. fin (dtau resident,
 // last round only): the expert's gradient goes to fin instead of gt.
 template <typename T>
 __global__ void __launch_bounds__(TC_THREADS, 1)
-kron_rows_bwd_kernel(const T *__restrict__ w, const T *__restrict__ e, const float *__restrict__ z,
+kron_rows_bwd_kernel(const T *__restrict__ w, const T *__restrict__ e, const MmaT *__restrict__ z,
                      const T *__restrict__ fa, const T *__restrict__ fb, float *__restrict__ part,
                      float *__restrict__ gt, int o1, int o2, int64_t I, int64_t nexp, int64_t expert, int64_t r0,
                      int64_t nr, int mode, ExpertFinish<T> fin) {
@@ -535,7 +543,7 @@ kron_rows_bwd_kernel(const T *__restrict__ w, const T *__restrict__ e, const flo
   MmaT *Th = reinterpret_cast<MmaT *>(smem + L.th), *Tl = reinterpret_cast<MmaT *>(smem + L.tl);
   MmaT *Ath = reinterpret_cast<MmaT *>(smem + L.ath), *Atl = reinterpret_cast<MmaT *>(smem + L.atl);
   MmaT *Bth = reinterpret_cast<MmaT *>(smem + L.bth), *Btl = reinterpret_cast<MmaT *>(smem + L.btl);
-  const int64_t O = (int64_t)o1 * o2, slabs = (I + TC_QC - 1) / TC_QC;
+  const int64_t O = (int64_t)o1 * o2, slabs = (I + TC_QC - 1) / TC_QC, plane = slabs * O * TC_QC;
   const int64_t slab = blockIdx.x, q0 = slab * TC_QC;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int ly = L.ly, kta = L.o1p / 16, chunks = L.o1p / TC_WR;
@@ -566,17 +574,20 @@ kron_rows_bwd_kernel(const T *__restrict__ w, const T *__restrict__ e, const flo
   }
   for (int64_t rl = 0; rl < nr; ++rl) {
     const int64_t r = r0 + rl;
-    const float *zs = z + (rl * slabs + slab) * O * TC_QC;  // zs[p * 8 + j]: this slab of K_r
+    // zs[zrow * 8 + j]: this slab of K_r's hi plane, rows in ZSplit's order (z_row_to_p).
+    const MmaT *zs = z + (rl * ZMem<ZSplit>::planes * slabs + slab) * O * TC_QC;
     float *out = part + (rl * slabs + slab) * ((int64_t)o1 * o1 + (int64_t)o2 * o2);
     __syncthreads();  // the previous rank is done with shared memory
     load_factor_t<P>(Ath, Atl, fa + (r * nexp + expert) * o1 * o1, o1, L.la);
     load_factor_t<P>(Bth, Btl, fb + (r * nexp + expert) * o2 * o2, o2, L.lb);
-    // K's slab: K[a][b * 8 + j] = zs[(a * o2 + b) * 8 + j], a row-run copy.
-    for (int64_t p = threadIdx.x; p < O; p += TC_THREADS) {
-      const float4 *src = reinterpret_cast<const float4 *>(zs + p * TC_QC);
-      const float4 v0 = src[0], v1 = src[1];
-      const float v[TC_QC] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
-      store_data8<P>(Kh, Kl, (p / o2) * ly + (p % o2) * TC_QC, v);
+    // K's slab: K[a][b * 8 + j] = zs[(b * o1 + a) * 8 + j], one 16-byte copy per plane. Consecutive
+    // lanes take consecutive Z rows (whole sectors), rows a whose ly (an odd number of 16-byte
+    // units) puts a phase's eight stores in eight bank groups.
+    for (int64_t zrow = threadIdx.x; zrow < O; zrow += TC_THREADS) {
+      const int64_t at = (zrow % o1) * ly + (zrow / o1) * TC_QC;
+      *reinterpret_cast<uint4 *>(Kh + at) = *reinterpret_cast<const uint4 *>(zs + zrow * TC_QC);
+      if constexpr (P::data_lo)
+        *reinterpret_cast<uint4 *>(Kl + at) = *reinterpret_cast<const uint4 *>(zs + plane + zrow * TC_QC);
     }
 
     // dB, chunk by chunk of W = A^T K (rows c * 16.., one m tile), accumulated in registers.
@@ -738,6 +749,7 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
   const T *w = reinterpret_cast<const T *>(tau.p), *e = reinterpret_cast<const T *>(tau.base);
   const T *fa = reinterpret_cast<const T *>(f.a), *fb = reinterpret_cast<const T *>(f.b);
   const T *fc = reinterpret_cast<const T *>(f.c), *fd = reinterpret_cast<const T *>(f.d);
+  MmaT *zs = reinterpret_cast<MmaT *>(z);  // ZSplit: 4 bytes per value, as kron_tc_z_bytes sizes f32
   const int64_t chunk = kron_tc_rank_chunk(d4, f.r);
   const int64_t sab = (int64_t)o1 * o1 + (int64_t)o2 * o2, scd = (int64_t)i1 * i1 + (int64_t)i2 * i2;
   // Every rank's partials, [r][slabs][sab] then [r][cblocks][scd]: reduced once after the rounds.
@@ -745,16 +757,16 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
   for (int64_t r0 = 0; r0 < f.r; r0 += chunk) {
     const int64_t nr = f.r - r0 < chunk ? f.r - r0 : chunk;
 
-    CAMEX_LAUNCH_SMEM(kron_rows_split_kernel<T>, (unsigned)slabs, TC_THREADS, rl.bytes, s)(w, e, fa, fb, z, o1, o2, I, f.n,
-                                                                                         expert, r0, nr, resident);
+    CAMEX_LAUNCH_SMEM(kron_rows_split_kernel<T>, (unsigned)slabs, TC_THREADS, rl.bytes, s)(w, e, fa, fb, zs, o1, o2, I,
+                                                                                         f.n, expert, r0, nr, resident);
     CAMEX_CHECK_LAUNCH();
     CAMEX_LAUNCH_SMEM(kron_cols_bwd_kernel<T>, (unsigned)cblocks, TC_THREADS, cl.bytes, s)(
-        h, z, fc, fd, pcd + r0 * cblocks * scd, i1, i2, pr, O, r0, nr, f.n, expert);
+        h, zs, fc, fd, pcd + r0 * cblocks * scd, o1, i1, i2, pr, O, r0, nr, f.n, expert);
     CAMEX_CHECK_LAUNCH();
     // With dtau resident the last round finishes the expert (gt is then not written).
     const bool last = r0 + nr == f.r && (bmode & TC_DTAU_RESIDENT) && fin.grad_e;
     CAMEX_LAUNCH_SMEM(kron_rows_bwd_kernel<T>, (unsigned)slabs, TC_THREADS, bl.bytes, s)(
-        w, e, z, fa, fb, pab + r0 * slabs * sab, gt, o1, o2, I, f.n, expert, r0, nr, bmode,
+        w, e, zs, fa, fb, pab + r0 * slabs * sab, gt, o1, o2, I, f.n, expert, r0, nr, bmode,
         last ? fin : ExpertFinish<T>{});
     if (last) *finished = true;
     CAMEX_CHECK_LAUNCH();

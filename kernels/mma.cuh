@@ -73,7 +73,8 @@ __device__ __forceinline__ void frag_b(uint32_t b[2], const T *s, int ld, int n0
 // emulation (tests/gpu.rs emu): the forward and the backward's rows side (P = L tau, dA, dB, dtau)
 // stay within bound 2 at about the official code's error (T5 `wi` curvature 3.8e-3 against E_off
 // 3.8e-3; worst ratio to the bound over the bf16 tests 0.68, ca_merge grad_factor_c [1, 2, 1, 1]:
-// 6.8e-3 against tol 1e-2). With the columns side (dC, dD: H contracted with P x4 D, P x3 C) also
+// 6.8e-3 against tol 1e-2). With the columns side (dC, dD: H contracted with P x4 D, P x3 C; since
+// regrouped as P with H x4 D^T, H x3 C^T) also
 // single-pass, grad_factor_c for a 1 x 1 factor C ([R, N, 1, 1]: each entry one cancelling sum
 // over the expert's O x I products) failed both bounds: rel_err 1.7e-2 > tol 1e-2 and > 2 E_off =
 // 1.4e-2 (official bf16 einsums 6.9e-3; emu_ca_merge_half_matches_cpu at [N, O, I] = [2, 7, 13]).
