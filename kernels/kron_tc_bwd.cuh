@@ -56,13 +56,21 @@ __device__ __forceinline__ void frag_b_kmajor(uint32_t b[2], const MmaT *s, int 
   ldmatrix_x2<true>(b, s + (int64_t)(k0 + (lane & 15)) * ld + n0);  // lanes 0..15: rows k0..k0+15
 }
 
-// Copies a k x k factor transposed (dst[j'][j] = f[j][j']) into zero-padded shared matrices.
+// Copies a k x k factor transposed (dst[j'][j] = f[j][j']) into zero-padded shared matrices
+// (ld = tc_ld: ld / 2 words is 4 mod 8). Each warp-wide store covers 8 rows j' x 4 columns j: the
+// rows fall in eight distinct groups of banks (4 (2m + 1) j' mod 32), the columns in one word pair
+// each, so one wavefront; 32 consecutive j' of one j, as a plain loop would store, took four.
 template <typename P, typename T>
 __device__ __forceinline__ void load_factor_t(MmaT *hi, MmaT *lo, const T *f, int k, int ld) {
-  for (int x = threadIdx.x; x < k * k; x += TC_THREADS) {
-    const int64_t at = (x % k) * ld + x / k;
-    if constexpr (P::factor_lo) split_store(hi, lo, at, to_f32(f[x]));
-    else hi[at] = from_f32<MmaT>(to_f32(f[x]));
+  const int tr = (k + 7) / 8, tiles = tr * ((k + 3) / 4);  // 8 x 4 tiles (j', j)
+  for (int x = threadIdx.x; x < tiles * 32; x += TC_THREADS) {
+    const int tile = x >> 5, l = x & 31;
+    const int jp = (tile % tr) * 8 + (l & 7), j = (tile / tr) * 4 + (l >> 3);
+    if (jp >= k || j >= k) continue;
+    const int64_t at = (int64_t)jp * ld + j;
+    const float v = to_f32(f[j * k + jp]);
+    if constexpr (P::factor_lo) split_store(hi, lo, at, v);
+    else hi[at] = from_f32<MmaT>(v);
   }
 }
 
@@ -442,7 +450,8 @@ __device__ __forceinline__ void slab_mode_b_inplace(const MmaT *fh, const MmaT *
 }
 
 // dB's units per warp: (m tile of b, pair of n tiles of b') units, unit u taken by warp u % TC_WARPS;
-// at most (64 / 16)^2 = 16 units, two per warp.
+// at most (64 / 16)^2 = 16 units, two per warp. Where a warp's two units share their pair of n
+// tiles (o2p / 16 divides TC_WARPS: o2p 16, 32, 64), they share its tau fragments too.
 constexpr int TC_DB_UNITS = 2;
 
 // dB += W_chunk tau_chunk over one chunk of TC_WR rows a' (M = b, N = b', K = (a', j): k step s is
@@ -454,22 +463,25 @@ __device__ __forceinline__ void rows_bwd_db(float acc[TC_DB_UNITS][8], const Mma
   const int i = lane >> 3, r = lane & 7;
   const int npb = o2p / 16, units = (o2p / 16) * npb;
 #pragma unroll
-  for (int uu = 0; uu < TC_DB_UNITS; ++uu) {
-    const int u = warp + uu * TC_WARPS;
-    if (u >= units) continue;
-    const int mt = u / npb, np = u % npb;
+  for (int s = 0; s < TC_WR / 2; ++s) {
+    uint32_t bh[4], bl[4];
+    int loaded = -1;  // the pair of n tiles whose tau fragments bh, bl hold
 #pragma unroll
-    for (int s = 0; s < TC_WR / 2; ++s) {
+    for (int uu = 0; uu < TC_DB_UNITS; ++uu) {
+      const int u = warp + uu * TC_WARPS;
+      if (u >= units) continue;
+      const int mt = u / npb, np = u % npb;
       // A: matrix i = (k half i / 2: row a' = 2s + i / 2, m half i % 2); B: matrix i = (n tile i / 2,
       // k half i % 2), so that d[0..1] and d[2..3] are the two n tiles' fragments.
       const int64_t ao = (int64_t)(2 * s + (i >> 1)) * ly + (mt * 16 + r + 8 * (i & 1)) * TC_QC;
-      const int64_t bo = (int64_t)(2 * s + (i & 1)) * ly + (np * 16 + 8 * (i >> 1) + r) * TC_QC;
-      uint32_t ah[4], al[4], bh[4], bl[4];
+      uint32_t ah[4], al[4];
       ldmatrix_x4<false>(ah, wh + ao);
-      ldmatrix_x4<false>(bh, th + bo);
-      if constexpr (P::data_lo) {
-        ldmatrix_x4<false>(al, wl + ao);
-        ldmatrix_x4<false>(bl, tl + bo);
+      if constexpr (P::data_lo) ldmatrix_x4<false>(al, wl + ao);
+      if (np != loaded) {
+        const int64_t bo = (int64_t)(2 * s + (i & 1)) * ly + (np * 16 + 8 * (i >> 1) + r) * TC_QC;
+        ldmatrix_x4<false>(bh, th + bo);
+        if constexpr (P::data_lo) ldmatrix_x4<false>(bl, tl + bo);
+        loaded = np;
       }
       mma_data<P>(acc[uu], ah, al, bh, bl);
       mma_data<P>(acc[uu] + 4, ah, al, bh + 2, bl + 2);
