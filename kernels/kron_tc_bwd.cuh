@@ -28,6 +28,8 @@
 //      instead of dtau: finish_expert_kernel's work, ExpertFinish);
 //   4. after the rounds, one fixed-order reduction of every rank's partials into the factor
 //      gradients (one launch per expert). No atomics: the same inputs give the same bits.
+// Step 1 of every round but the first runs in step 3's launch of the round before
+// (kron_rows_bwd_split_kernel: both are per slab, and each block touches only its slab of Z).
 // Every product goes through the tensor cores as in kron_tc.cuh, under a precision policy per
 // kernel (ColsBwdPrec, RowsBwdPrec below; Prec in mma.cuh): bf16 is single-pass except on the
 // columns side (dC, dD), which splits data into bf16 hi + lo; f16 splits data and factors;
@@ -535,17 +537,17 @@ __device__ __forceinline__ void rows_bwd_da(const MmaT *vh, const MmaT *vl, cons
 // One block per SM at the shapes that matter (at T5-base `wi`, bf16: 128 KiB with tau resident,
 // 225 KiB with dtau too, on sm_90).
 // grid (slabs); each block runs ranks r0..r0+nr of its slab in order. z: the round's K_r (ZSplit
-// planes; the lo plane read only with data lo halves, f16's); gt: f32 [O][I], dtau, to which this slab's L_r^T K_r is added rank by rank (written by
-// the first rank when r0 == 0): a fixed order, so the bits do not depend on the schedule.
-// part: f32 [nr][slabs][o1*o1 + o2*o2], this slab's dA and dB contributions. fin (dtau resident,
-// last round only): the expert's gradient goes to fin instead of gt.
+// planes; the lo plane read only with data lo halves, f16's); gt: f32 [O][I], dtau, to which this
+// slab's L_r^T K_r is added rank by rank (written by the first rank when r0 == 0): a fixed order, so
+// the bits do not depend on the schedule. part: f32 [nr][slabs][o1*o1 + o2*o2], this slab's dA and
+// dB contributions. fin (dtau resident, last round only): the expert's gradient goes to fin
+// instead of gt.
+#define CAMEX_ROWS_BWD_PARAMS(ZQ)                                                                               \
+  const T *__restrict__ w, const T *__restrict__ e, ZQ MmaT *__restrict__ z, const T *__restrict__ fa,         \
+      const T *__restrict__ fb, float *__restrict__ part, float *__restrict__ gt, int o1, int o2, int64_t I,   \
+      int64_t nexp, int64_t expert, int64_t r0, int64_t nr, int mode
 template <typename T>
-__global__ void __launch_bounds__(TC_THREADS, 1)
-kron_rows_bwd_kernel(const T *__restrict__ w, const T *__restrict__ e, const MmaT *__restrict__ z,
-                     const T *__restrict__ fa, const T *__restrict__ fb, float *__restrict__ part,
-                     float *__restrict__ gt, int o1, int o2, int64_t I, int64_t nexp, int64_t expert, int64_t r0,
-                     int64_t nr, int mode, ExpertFinish<T> fin) {
-  CAMEX_DYNAMIC_SMEM(smem);
+__device__ __forceinline__ void rows_bwd_body(char *smem, CAMEX_ROWS_BWD_PARAMS(const), ExpertFinish<T> fin) {
   using P = RowsBwdPrec<T>;
   const RowsBwdLayout L = rows_bwd_layout(o1, o2, P::split(), mode);
   const bool resident = mode & TC_TAU_RESIDENT, dacc = mode & TC_DTAU_RESIDENT;
@@ -689,6 +691,27 @@ kron_rows_bwd_kernel(const T *__restrict__ w, const T *__restrict__ e, const Mma
   }
 }
 
+template <typename T>
+__global__ void __launch_bounds__(TC_THREADS, 1) kron_rows_bwd_kernel(CAMEX_ROWS_BWD_PARAMS(const), ExpertFinish<T> fin) {
+  CAMEX_DYNAMIC_SMEM(smem);
+  rows_bwd_body<T>(smem, w, e, z, fa, fb, part, gt, o1, o2, I, nexp, expert, r0, nr, mode, fin);
+}
+
+// A round's rows-side backward (ranks r0..r0+nr, never the expert's last round), then the next
+// round's stage 1 (ranks rn0..rn0+nrn, kron_rows_split_kernel's work, `resident` its layout) in the
+// same launch: each block reads K only from its own slab of z and stage 1 writes P only to it, so
+// P of the next round can go over K of this one without a grid-wide barrier. One launch fewer per
+// round. Shared memory: the larger of the two layouts, each zeroed by its own body.
+template <typename T>
+__global__ void __launch_bounds__(TC_THREADS, 1)
+    kron_rows_bwd_split_kernel(CAMEX_ROWS_BWD_PARAMS(), int64_t rn0, int64_t nrn, int resident) {
+  CAMEX_DYNAMIC_SMEM(smem);
+  rows_bwd_body<T>(smem, w, e, z, fa, fb, part, gt, o1, o2, I, nexp, expert, r0, nr, mode, ExpertFinish<T>{});
+  __syncthreads();  // every thread is done with the rows-side layout (and this slab of K)
+  kron_rows_body<T, RowsSplitPrec<T>, ZSplit>(smem, w, e, fa, fb, z, o1, o2, I, nexp, expert, rn0, nrn, resident);
+}
+#undef CAMEX_ROWS_BWD_PARAMS
+
 // ---- host side ----
 
 // Factor gradients of ranks r0..r0+nr: grad_f[(r*n + e)][...] = sum over blocks of part, blocks in
@@ -757,6 +780,7 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
   cudaError_t err = CAMEX_SET_MAX_SMEM(kron_rows_split_kernel<T>, lim);
   if (err == cudaSuccess) err = CAMEX_SET_MAX_SMEM(kron_cols_bwd_kernel<T>, lim);
   if (err == cudaSuccess) err = CAMEX_SET_MAX_SMEM(kron_rows_bwd_kernel<T>, lim);
+  if (err == cudaSuccess) err = CAMEX_SET_MAX_SMEM(kron_rows_bwd_split_kernel<T>, lim);
   if (err != cudaSuccess) return (int)err;
   const T *w = reinterpret_cast<const T *>(tau.p), *e = reinterpret_cast<const T *>(tau.base);
   const T *fa = reinterpret_cast<const T *>(f.a), *fb = reinterpret_cast<const T *>(f.b);
@@ -766,17 +790,29 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
   const int64_t sab = (int64_t)o1 * o1 + (int64_t)o2 * o2, scd = (int64_t)i1 * i1 + (int64_t)i2 * i2;
   // Every rank's partials, [r][slabs][sab] then [r][cblocks][scd]: reduced once after the rounds.
   float *pab = part, *pcd = part + f.r * slabs * sab;
+  // Stage 1 of each later round runs in the previous round's rows-side launch
+  // (kron_rows_bwd_split_kernel): three launches for the first round, two for each later one.
+  const int64_t fused_bytes = bl.bytes > rl.bytes ? bl.bytes : rl.bytes;
   for (int64_t r0 = 0; r0 < f.r; r0 += chunk) {
     const int64_t nr = f.r - r0 < chunk ? f.r - r0 : chunk;
+    const int64_t rn0 = r0 + nr, nrn = f.r - rn0 < chunk ? f.r - rn0 : chunk;  // the next round
 
-    CAMEX_LAUNCH_SMEM(kron_rows_split_kernel<T>, (unsigned)slabs, TC_THREADS, rl.bytes, s)(w, e, fa, fb, zs, o1, o2, I,
-                                                                                         f.n, expert, r0, nr, resident);
-    CAMEX_CHECK_LAUNCH();
+    if (r0 == 0) {
+      CAMEX_LAUNCH_SMEM(kron_rows_split_kernel<T>, (unsigned)slabs, TC_THREADS, rl.bytes, s)(
+          w, e, fa, fb, zs, o1, o2, I, f.n, expert, r0, nr, resident);
+      CAMEX_CHECK_LAUNCH();
+    }
     CAMEX_LAUNCH_SMEM(kron_cols_bwd_kernel<T>, (unsigned)cblocks, TC_THREADS, cl.bytes, s)(
         h, zs, fc, fd, pcd + r0 * cblocks * scd, o1, i1, i2, pr, O, r0, nr, f.n, expert);
     CAMEX_CHECK_LAUNCH();
-    // With dtau resident the last round finishes the expert (gt is then not written).
-    const bool last = r0 + nr == f.r && (bmode & TC_DTAU_RESIDENT) && fin.grad_e;
+    if (nrn > 0) {
+      CAMEX_LAUNCH_SMEM(kron_rows_bwd_split_kernel<T>, (unsigned)slabs, TC_THREADS, fused_bytes, s)(
+          w, e, zs, fa, fb, pab + r0 * slabs * sab, gt, o1, o2, I, f.n, expert, r0, nr, bmode, rn0, nrn, resident);
+      CAMEX_CHECK_LAUNCH();
+      continue;
+    }
+    // The expert's last round; with dtau resident it finishes the expert (gt is then not written).
+    const bool last = (bmode & TC_DTAU_RESIDENT) && fin.grad_e;
     CAMEX_LAUNCH_SMEM(kron_rows_bwd_kernel<T>, (unsigned)slabs, TC_THREADS, bl.bytes, s)(
         w, e, zs, fa, fb, pab + r0 * slabs * sab, gt, o1, o2, I, f.n, expert, r0, nr, bmode,
         last ? fin : ExpertFinish<T>{});
