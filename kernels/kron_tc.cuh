@@ -329,14 +329,43 @@ __host__ __device__ inline bool rows_resident(int o1, int o2, TcSplit sp, int64_
   return rows_layout(o1, o2, sp, true).bytes <= lim;
 }
 
+// The backward's tau = W - E as the expert's first stage-1 launch leaves it for the later kernels
+// (kron_backward_tc): its hi and lo halves under the kernels' data split (hi = bf16(v), and lo =
+// bf16(v - hi) where P has data lo halves; the bits store_data makes of v), [hi, lo][slab][O][8],
+// rows p = (a, b) in order. A later kernel then reads one 16-byte run per row and plane instead of
+// half a sector of each of W and E. `in`: read tau from the planes; `out`: write them; neither:
+// W and E alone (the forward, and shapes whose planes do not fit the scratch).
+struct TauPlanes {
+  const MmaT *in;
+  MmaT *out;
+  int64_t O;
+};
+
 // tau = W - E of rows (a0..a0+ac, all b) and columns q0..q0+7 into shared X[al][j][b] (row
-// stride lx; exact in f32, then a data operand under P, store_data); vec: 16-byte loads.
+// stride lx; exact in f32, then a data operand under P, store_data); vec: 16-byte loads. With
+// tp.in, from the planes instead (the same bits); with tp.out, also into them.
 template <typename P, typename T>
 __device__ __forceinline__ void load_tau_chunk(MmaT *Xh, MmaT *Xl, int lx, const T *__restrict__ w,
                                                const T *__restrict__ e, int a0, int ac, int o2, int64_t I,
-                                               int64_t q0, bool vec) {
+                                               int64_t q0, bool vec, TauPlanes tp) {
   const int64_t rows = (int64_t)ac * o2, pbase = (int64_t)a0 * o2;
-  if (vec) {
+  const int64_t plane = (I + TC_QC - 1) / TC_QC * tp.O * TC_QC, at0 = q0 * tp.O;  // at0: this slab's row 0
+  if (tp.in) {
+    for (int64_t x = threadIdx.x; x < rows; x += TC_THREADS) {
+      const int64_t p = pbase + x, al = x / o2, b = x % o2;
+      const uint4 hv = *reinterpret_cast<const uint4 *>(tp.in + at0 + p * TC_QC);
+      uint4 lv = make_uint4(0, 0, 0, 0);
+      if constexpr (P::data_lo) lv = *reinterpret_cast<const uint4 *>(tp.in + plane + at0 + p * TC_QC);
+      MmaT ht[TC_QC], lt[TC_QC];
+      memcpy(ht, &hv, 16);
+      memcpy(lt, &lv, 16);
+#pragma unroll
+      for (int j = 0; j < TC_QC; ++j) {
+        Xh[(al * TC_QC + j) * lx + b] = ht[j];
+        if constexpr (P::data_lo) Xl[(al * TC_QC + j) * lx + b] = lt[j];
+      }
+    }
+  } else if (vec) {
     for (int64_t x = threadIdx.x; x < rows; x += TC_THREADS) {
       const int64_t p = pbase + x;
       const uint4 wv = *reinterpret_cast<const uint4 *>(w + p * I + q0);
@@ -345,8 +374,13 @@ __device__ __forceinline__ void load_tau_chunk(MmaT *Xh, MmaT *Xl, int lx, const
       memcpy(wt, &wv, 16);
       memcpy(et, &ev, 16);
       const int64_t al = x / o2, b = x % o2;
+      float v[TC_QC];
 #pragma unroll
-      for (int j = 0; j < TC_QC; ++j) store_data<P>(Xh, Xl, (al * TC_QC + j) * lx + b, to_f32(wt[j]) - to_f32(et[j]));
+      for (int j = 0; j < TC_QC; ++j) {
+        v[j] = to_f32(wt[j]) - to_f32(et[j]);
+        store_data<P>(Xh, Xl, (al * TC_QC + j) * lx + b, v[j]);
+      }
+      if (tp.out) store_data8<P>(tp.out, tp.out + plane, at0 + p * TC_QC, v);
     }
   } else {
     for (int64_t x = threadIdx.x; x < rows * TC_QC; x += TC_THREADS) {
@@ -354,6 +388,7 @@ __device__ __forceinline__ void load_tau_chunk(MmaT *Xh, MmaT *Xl, int lx, const
       const int64_t al = pl / o2, b = pl % o2;
       const float v = q < I ? to_f32(w[p * I + q]) - to_f32(e[p * I + q]) : 0.f;
       store_data<P>(Xh, Xl, (al * TC_QC + j) * lx + b, v);
+      if (tp.out) store_data<P>(tp.out, tp.out + plane, at0 + p * TC_QC + j, v);
     }
   }
 }
@@ -370,11 +405,12 @@ template <typename T> using RowsSplitPrec = FwdPrec<T>;
 // f32 Z: FwdZ) and kron_rows_split_kernel (the backward's P = L tau, ZSplit planes) below.
 // grid (slabs = ceil(I / 8)); each block runs ranks r0..r0+nr of its slab, tau resident in X across
 // them where `resident` (rows_layout). z: [nr][slabs][O][8] = ((A_r (x) B_r) tau)[p, slab*8 + j].
+// tp: tau from the backward's planes, or into them (the first rank's load; TauPlanes).
 template <typename T, typename P, typename Z>
 __device__ __forceinline__ void kron_rows_body(char *smem, const T *__restrict__ w, const T *__restrict__ e,
                                                const T *__restrict__ fa, const T *__restrict__ fb,
                                                ZPtr<Z> __restrict__ z, int o1, int o2, int64_t I, int64_t nexp,
-                                               int64_t expert, int64_t r0, int64_t nr, int resident) {
+                                               int64_t expert, int64_t r0, int64_t nr, int resident, TauPlanes tp) {
   const RowsLayout L = rows_layout(o1, o2, P::split(), resident != 0);
   MmaT *Xh = reinterpret_cast<MmaT *>(smem + L.xh), *Xl = reinterpret_cast<MmaT *>(smem + L.xl);
   MmaT *Yh = reinterpret_cast<MmaT *>(smem + L.yh), *Yl = reinterpret_cast<MmaT *>(smem + L.yl);
@@ -395,7 +431,7 @@ __device__ __forceinline__ void kron_rows_body(char *smem, const T *__restrict__
       const int ac = o1 - a0 < L.xa ? o1 - a0 : L.xa;
       if (!resident || rl == 0) {  // resident: one chunk (xa = o1), loaded for the first rank only
         __syncthreads();             // the previous chunk's mode b is done with X
-        load_tau_chunk<P>(Xh, Xl, L.lx, w, e, a0, ac, o2, I, q0, vec);
+        load_tau_chunk<P>(Xh, Xl, L.lx, w, e, a0, ac, o2, I, q0, vec, rl == 0 ? tp : TauPlanes{tp.in, nullptr, tp.O});
       }
       __syncthreads();  // X and the factors are visible
       // Mode b, per row run a: Y[a][b * 8 + q] = sum_b' B[b][b'] X[a][q][b'].
@@ -414,8 +450,8 @@ __device__ __forceinline__ void kron_rows_body(char *smem, const T *__restrict__
 #define CAMEX_KRON_ROWS_PARAMS(ZT)                                                                         \
   const T *__restrict__ w, const T *__restrict__ e, const T *__restrict__ fa, const T *__restrict__ fb,   \
       ZPtr<ZT> __restrict__ z, int o1, int o2, int64_t I, int64_t nexp, int64_t expert, int64_t r0, int64_t nr, \
-      int resident
-#define CAMEX_KRON_ROWS_ARGS w, e, fa, fb, z, o1, o2, I, nexp, expert, r0, nr, resident
+      int resident, TauPlanes tp
+#define CAMEX_KRON_ROWS_ARGS w, e, fa, fb, z, o1, o2, I, nexp, expert, r0, nr, resident, tp
 // Launch bounds: with factor lo halves (f16) two blocks per SM (at most 128 registers; with the
 // default, ptxas 13.0 capped that instance at 64 registers and spilled mode a's factor fragments, hi
 // and lo); without them (bf16) one, for mode b's 64 registers of factor fragments (at 128 they
@@ -791,7 +827,7 @@ inline int kron_forward_tc(cudaStream_t s, float *u, const T *w, const T *e, con
     const int64_t nr = f.r - r0 < chunk ? f.r - r0 : chunk;
     CAMEX_LAUNCH_SMEM(kron_rows_kernel<T>, (unsigned)((I + TC_QC - 1) / TC_QC), TC_THREADS, rl.bytes, s)(
         w, e, reinterpret_cast<const T *>(f.a), reinterpret_cast<const T *>(f.b), zt, o1, o2, I, f.n, expert, r0, nr,
-        resident);
+        resident, TauPlanes{});
     CAMEX_CHECK_LAUNCH();
     const unsigned g2 = (unsigned)((O + cl.pr - 1) / cl.pr);
     CAMEX_LAUNCH_SMEM(kron_cols_kernel<T>, g2, TC_THREADS, cl.bytes, s)(

@@ -381,14 +381,22 @@ __host__ __device__ inline int rows_bwd_mode(int o1, int o2, TcSplit sp, int64_t
 }
 
 // tau = W - E of rows a0..a0+rows (all b) and columns q0..q0+7 into X[a - a0][b * 8 + j] (row stride
-// ly), zero for rows past o1 and columns past I; vec: 16-byte loads.
+// ly), zero for rows past o1 and columns past I; vec: 16-byte loads. With tp.in, from the planes
+// (TauPlanes: the same bits, one 16-byte copy per row and plane).
 template <typename P, typename T>
 __device__ __forceinline__ void load_tau_rows(MmaT *xh, MmaT *xl, int ly, const T *__restrict__ w,
                                               const T *__restrict__ e, int a0, int rows, int o1, int o2, int64_t I,
-                                              int64_t q0, bool vec) {
+                                              int64_t q0, bool vec, TauPlanes tp) {
+  const int64_t plane = (I + TC_QC - 1) / TC_QC * tp.O * TC_QC, at0 = q0 * tp.O;
   for (int64_t x = threadIdx.x; x < (int64_t)rows * o2; x += TC_THREADS) {
     const int al = (int)(x / o2), b = (int)(x % o2), a = a0 + al;
     const int64_t p = (int64_t)a * o2 + b;
+    if (tp.in && a < o1) {
+      const int64_t at = (int64_t)al * ly + b * TC_QC, from = at0 + p * TC_QC;
+      *reinterpret_cast<uint4 *>(xh + at) = *reinterpret_cast<const uint4 *>(tp.in + from);
+      if constexpr (P::data_lo) *reinterpret_cast<uint4 *>(xl + at) = *reinterpret_cast<const uint4 *>(tp.in + plane + from);
+      continue;
+    }
     float v[TC_QC];
     if (a >= o1) {
 #pragma unroll
@@ -547,7 +555,8 @@ __device__ __forceinline__ void rows_bwd_da(const MmaT *vh, const MmaT *vl, cons
       const T *__restrict__ fb, float *__restrict__ part, float *__restrict__ gt, int o1, int o2, int64_t I,   \
       int64_t nexp, int64_t expert, int64_t r0, int64_t nr, int mode
 template <typename T>
-__device__ __forceinline__ void rows_bwd_body(char *smem, CAMEX_ROWS_BWD_PARAMS(const), ExpertFinish<T> fin) {
+__device__ __forceinline__ void rows_bwd_body(char *smem, CAMEX_ROWS_BWD_PARAMS(const), TauPlanes tp,
+                                              ExpertFinish<T> fin) {
   using P = RowsBwdPrec<T>;
   const RowsBwdLayout L = rows_bwd_layout(o1, o2, P::split(), mode);
   const bool resident = mode & TC_TAU_RESIDENT, dacc = mode & TC_DTAU_RESIDENT;
@@ -571,7 +580,7 @@ __device__ __forceinline__ void rows_bwd_body(char *smem, CAMEX_ROWS_BWD_PARAMS(
       th = Th + (int64_t)c * TC_WR * ly;
       tl = Tl + (int64_t)c * TC_WR * ly;
     } else {
-      load_tau_rows<P>(Th, Tl, ly, w, e, c * TC_WR, TC_WR, o1, o2, I, q0, vec);
+      load_tau_rows<P>(Th, Tl, ly, w, e, c * TC_WR, TC_WR, o1, o2, I, q0, vec, tp);
       th = Th;
       tl = Tl;
     }
@@ -579,7 +588,7 @@ __device__ __forceinline__ void rows_bwd_body(char *smem, CAMEX_ROWS_BWD_PARAMS(
 
   zero_smem(smem, L.bytes);  // every operand's padding stays zero, and dtau starts at zero
   __syncthreads();
-  if (resident) load_tau_rows<P>(Th, Tl, ly, w, e, 0, o1, o1, o2, I, q0, vec);
+  if (resident) load_tau_rows<P>(Th, Tl, ly, w, e, 0, o1, o1, o2, I, q0, vec, tp);
   if (dacc && r0 > 0) {  // the earlier rounds' dtau, to add this round's ranks to in order
     for (int64_t x = threadIdx.x; x < O * TC_QC; x += TC_THREADS) {
       const int64_t p = x / TC_QC, j = x % TC_QC;
@@ -692,9 +701,10 @@ __device__ __forceinline__ void rows_bwd_body(char *smem, CAMEX_ROWS_BWD_PARAMS(
 }
 
 template <typename T>
-__global__ void __launch_bounds__(TC_THREADS, 1) kron_rows_bwd_kernel(CAMEX_ROWS_BWD_PARAMS(const), ExpertFinish<T> fin) {
+__global__ void __launch_bounds__(TC_THREADS, 1)
+    kron_rows_bwd_kernel(CAMEX_ROWS_BWD_PARAMS(const), TauPlanes tp, ExpertFinish<T> fin) {
   CAMEX_DYNAMIC_SMEM(smem);
-  rows_bwd_body<T>(smem, w, e, z, fa, fb, part, gt, o1, o2, I, nexp, expert, r0, nr, mode, fin);
+  rows_bwd_body<T>(smem, w, e, z, fa, fb, part, gt, o1, o2, I, nexp, expert, r0, nr, mode, tp, fin);
 }
 
 // A round's rows-side backward (ranks r0..r0+nr, never the expert's last round), then the next
@@ -704,11 +714,12 @@ __global__ void __launch_bounds__(TC_THREADS, 1) kron_rows_bwd_kernel(CAMEX_ROWS
 // round. Shared memory: the larger of the two layouts, each zeroed by its own body.
 template <typename T>
 __global__ void __launch_bounds__(TC_THREADS, 1)
-    kron_rows_bwd_split_kernel(CAMEX_ROWS_BWD_PARAMS(), int64_t rn0, int64_t nrn, int resident) {
+    kron_rows_bwd_split_kernel(CAMEX_ROWS_BWD_PARAMS(), TauPlanes tp, int64_t rn0, int64_t nrn, int resident) {
   CAMEX_DYNAMIC_SMEM(smem);
-  rows_bwd_body<T>(smem, w, e, z, fa, fb, part, gt, o1, o2, I, nexp, expert, r0, nr, mode, ExpertFinish<T>{});
+  rows_bwd_body<T>(smem, w, e, z, fa, fb, part, gt, o1, o2, I, nexp, expert, r0, nr, mode, tp, ExpertFinish<T>{});
   __syncthreads();  // every thread is done with the rows-side layout (and this slab of K)
-  kron_rows_body<T, RowsSplitPrec<T>, ZSplit>(smem, w, e, fa, fb, z, o1, o2, I, nexp, expert, rn0, nrn, resident);
+  kron_rows_body<T, RowsSplitPrec<T>, ZSplit>(smem, w, e, fa, fb, z, o1, o2, I, nexp, expert, rn0, nrn, resident,
+                                              TauPlanes{tp.in, nullptr, tp.O});
 }
 #undef CAMEX_ROWS_BWD_PARAMS
 
@@ -762,11 +773,13 @@ inline int64_t kron_tc_bwd_partial_floats(const D4 &d4, int64_t r, TcSplit sp) {
 
 // The reverse of expert `expert`: gt (f32 [O*I], overwritten) = dL/dtau, and the factor gradients
 // of every rank for this expert. h: dL/dU (f32 or storage T); tau: W - E; z: kron_tc_z_bytes;
-// part: kron_tc_bwd_partial_floats; lim: tc_smem_limit(), checked by kron_tc_bwd_fits.
+// part: kron_tc_bwd_partial_floats; lim: tc_smem_limit(), checked by kron_tc_bwd_fits. taus
+// (taus_bytes; may be null): scratch for tau's planes (TauPlanes), which the first stage-1 launch
+// writes and the later launches read, where they fit.
 template <typename T>
 inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const KronFactors &f, int64_t expert,
                             const D4 &d4, T *ga, T *gb, T *gc, T *gd, float *z, float *part, int64_t lim,
-                            ExpertFinish<T> fin, bool *finished) {
+                            ExpertFinish<T> fin, bool *finished, void *taus, int64_t taus_bytes) {
   const int o1 = (int)d4.d[0], o2 = (int)d4.d[1], i1 = (int)d4.d[2], i2 = (int)d4.d[3];
   const int64_t O = (int64_t)o1 * o2, I = (int64_t)i1 * i2, slabs = (I + TC_QC - 1) / TC_QC;
   constexpr TcSplit sp = PrecOf<T>::split();  // the partials' sizing (kron_tc_bwd_partial_floats)
@@ -786,6 +799,11 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
   const T *fa = reinterpret_cast<const T *>(f.a), *fb = reinterpret_cast<const T *>(f.b);
   const T *fc = reinterpret_cast<const T *>(f.c), *fd = reinterpret_cast<const T *>(f.d);
   MmaT *zs = reinterpret_cast<MmaT *>(z);  // ZSplit: 4 bytes per value, as kron_tc_z_bytes sizes f32
+  // tau's planes: hi, and lo where the row kernels split data (both take FwdPrec's split).
+  static_assert(RowsSplitPrec<T>::data_lo == RowsBwdPrec<T>::data_lo, "one set of tau planes for both");
+  const int64_t tau_bytes = (RowsBwdPrec<T>::data_lo ? 2 : 1) * slabs * O * TC_QC * 2;
+  MmaT *tp = taus && tau_bytes <= taus_bytes ? reinterpret_cast<MmaT *>(taus) : nullptr;
+  const TauPlanes tp_out = {nullptr, tp, O}, tp_in = {tp, nullptr, O};
   const int64_t chunk = kron_tc_rank_chunk(d4, f.r);
   const int64_t sab = (int64_t)o1 * o1 + (int64_t)o2 * o2, scd = (int64_t)i1 * i1 + (int64_t)i2 * i2;
   // Every rank's partials, [r][slabs][sab] then [r][cblocks][scd]: reduced once after the rounds.
@@ -799,7 +817,7 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
 
     if (r0 == 0) {
       CAMEX_LAUNCH_SMEM(kron_rows_split_kernel<T>, (unsigned)slabs, TC_THREADS, rl.bytes, s)(
-          w, e, fa, fb, zs, o1, o2, I, f.n, expert, r0, nr, resident);
+          w, e, fa, fb, zs, o1, o2, I, f.n, expert, r0, nr, resident, tp_out);
       CAMEX_CHECK_LAUNCH();
     }
     CAMEX_LAUNCH_SMEM(kron_cols_bwd_kernel<T>, (unsigned)cblocks, TC_THREADS, cl.bytes, s)(
@@ -807,14 +825,15 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
     CAMEX_CHECK_LAUNCH();
     if (nrn > 0) {
       CAMEX_LAUNCH_SMEM(kron_rows_bwd_split_kernel<T>, (unsigned)slabs, TC_THREADS, fused_bytes, s)(
-          w, e, zs, fa, fb, pab + r0 * slabs * sab, gt, o1, o2, I, f.n, expert, r0, nr, bmode, rn0, nrn, resident);
+          w, e, zs, fa, fb, pab + r0 * slabs * sab, gt, o1, o2, I, f.n, expert, r0, nr, bmode, tp_in, rn0, nrn,
+          resident);
       CAMEX_CHECK_LAUNCH();
       continue;
     }
     // The expert's last round; with dtau resident it finishes the expert (gt is then not written).
     const bool last = (bmode & TC_DTAU_RESIDENT) && fin.grad_e;
     CAMEX_LAUNCH_SMEM(kron_rows_bwd_kernel<T>, (unsigned)slabs, TC_THREADS, bl.bytes, s)(
-        w, e, zs, fa, fb, pab + r0 * slabs * sab, gt, o1, o2, I, f.n, expert, r0, nr, bmode,
+        w, e, zs, fa, fb, pab + r0 * slabs * sab, gt, o1, o2, I, f.n, expert, r0, nr, bmode, tp_in,
         last ? fin : ExpertFinish<T>{});
     if (last) *finished = true;
     CAMEX_CHECK_LAUNCH();
@@ -826,7 +845,8 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
 }
 
 // The reverse chain of one expert on whichever path takes it (see kron_backward in kron.cuh for
-// the arguments). t1 must hold kron_scratch_floats(.., 1) and partial kron_bwd_partial_floats.
+// the arguments). t1 must hold kron_scratch_floats(.., 1), w oi floats (the tensor-core path keeps
+// tau's planes there) and partial kron_bwd_partial_floats.
 // Then the expert's gradient goes to `fin` (elementwise.cuh): from the tensor-core path's last
 // kernel where it can (one pass fewer over dtau, one launch fewer), else by finish_expert_kernel.
 template <typename T>
@@ -839,7 +859,8 @@ inline int kron_backward_any(cudaStream_t s, float *gt, Opnd h, Opnd tau, const 
     if (camex_tensor_cores() && kron_tc_dims_ok(d4)) {
       const int64_t lim = tc_smem_limit();
       if (kron_tc_bwd_fits<T>(d4, lim))
-        rc = kron_backward_tc<T>(s, gt, h, tau, f, e, d4, ga, gb, gc, gd, t1, partial, lim, fin, &finished);
+        rc = kron_backward_tc<T>(s, gt, h, tau, f, e, d4, ga, gb, gc, gd, t1, partial, lim, fin, &finished, w,
+                                 oi * (int64_t)sizeof(float));
     }
   }
   if (rc < 0) rc = kron_backward<T>(s, gt, h, tau, f, e, d4, ga, gb, gc, gd, t1, kk, w, partial);
