@@ -220,10 +220,15 @@ PY
     --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct \
     --print-summary per-kernel "$BINDIR/camex" run ca_merge --inputs "$D/in.safetensors" --outputs "$D/out.safetensors" --device cuda \
     --mask ties_sign --dare expert:0.1:5 >>"$KLOG" 2>&1 || echo "ncu: rc=$?" >>"$KLOG"
-  # The same for the backward (the fused tensor-core reverse of kernels/kron_tc_bwd.cuh).
+  # The same for the backward (the fused tensor-core reverse of kernels/kron_tc_bwd.cuh), with the
+  # same metrics: the model counts each launch's distinct sectors as DRAM traffic, which credits the
+  # fused rows-side launch (kron_rows_bwd_split_kernel) with the tau and Z sectors both its halves
+  # touch (BENCHMARKS.md "eighth round"); DRAM bytes per kernel show how much of that is real.
   if [ "$(left)" -gt 60 ]; then
     echo "== ca_merge_backward" >>"$KLOG"
-    CAMEX_TENSOR_CORES=1 within 100 "$NCU" --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
+    CAMEX_TENSOR_CORES=1 within 100 "$NCU" --clock-control none --cache-control none \
+      --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct \
+      --print-summary per-kernel \
       "$BINDIR/camex" run ca_merge_backward --inputs "$D/bwd.safetensors" --outputs "$D/grads.safetensors" --device cuda \
       --mask ties_sign --dare expert:0.1:5 >>"$KLOG" 2>&1 || echo "ncu backward: rc=$?" >>"$KLOG"
   fi
@@ -260,9 +265,9 @@ grep -E "panicked|rc=" "$BLOG" | head -5
 echo "== PyTorch peer"
 grep -E '^(op=|machine)' "$PLOG" | sed 's/ device=cuda//'
 grep -E "Error|rc=" "$PLOG" | tail -3
-echo "== kernels of one CA-merge forward, T5-base bf16: time, DRAM bytes, L2 hit rate (ncu per-kernel; full: $KLOG)"
-grep -E "\)x\(|gpu__time_duration|dram__bytes|lts__t_sector_hit" "$KLOG" | sed 's/^ *//; s/<[^>]*>//g; s/(const [^)]*)//' |
-  cut -c1-120 | head -60
+echo "== kernels of one CA-merge forward, then its backward, T5-base bf16: time, DRAM bytes, L2 hit rate (ncu per-kernel; full: $KLOG)"
+grep -E "^== ca_merge_backward|\)x\(|gpu__time_duration|dram__bytes|lts__t_sector_hit" "$KLOG" |
+  sed 's/^ *//; s/<[^>]*>//g; s/(const [^)]*)//' | cut -c1-120 | head -120
 grep -E "ncu: rc|==ERROR==" "$KLOG" | head -3
 echo "== elapsed $(($(date +%s) - START)) s"
 if [ "$status" -ne 0 ]; then echo "gpu-check: FAILED" >&2; else echo "gpu-check: all GPU tests passed"; fi
