@@ -229,7 +229,7 @@ __device__ __forceinline__ void cols_factor_by_rows(const MmaT *fh, const MmaT *
 // zr / o1): z_row_to_p). z: the round's P_r (ZSplit planes, ranks r0..r0+nr), overwritten with K_r
 // as the rows side reads it (its hi plane alone without the rows side's data lo halves: bf16);
 // part: f32 [nr][blocks][i1*i1 + i2*i2], this block's dC and dD contributions per rank.
-// One block per SM at the shapes that matter (146 KiB of shared memory at T5-base `wi`, bf16), so
+// One block per SM at the shapes that matter (142 KiB of shared memory at T5-base `wi`, bf16), so
 // the launch bounds ask for one: the warps keep factor and data fragments in registers.
 template <typename T>
 __global__ void __launch_bounds__(TC_THREADS, 1)
