@@ -180,6 +180,13 @@ __device__ __forceinline__ void slab_fwd_mode_b(const MmaT *fh, const MmaT *fl, 
   }
 }
 
+// The slab layout [slab][O][8] (Z, and tau's planes): the element of column q in row zrow, and the
+// elements of one such array (I rounded up to whole slabs).
+__host__ __device__ inline int64_t slab_at(int64_t q, int64_t zrow, int64_t O) {
+  return ((q / TC_QC) * O + zrow) * TC_QC + q % TC_QC;
+}
+__host__ __device__ inline int64_t slab_plane(int64_t I, int64_t O) { return (I + TC_QC - 1) / TC_QC * O * TC_QC; }
+
 // The backward's Z (P = L tau, then K written over it): each value v as two bf16 planes, hi =
 // bf16(v) and lo = bf16(v - hi), the split store_data makes of an f32 value, so the columns side
 // loads the bits it would have split from f32 Z; per rank [hi, lo][slab][O][8]. The same 4 bytes per
@@ -349,7 +356,7 @@ __device__ __forceinline__ void load_tau_chunk(MmaT *Xh, MmaT *Xl, int lx, const
                                                const T *__restrict__ e, int a0, int ac, int o2, int64_t I,
                                                int64_t q0, bool vec, TauPlanes tp) {
   const int64_t rows = (int64_t)ac * o2, pbase = (int64_t)a0 * o2;
-  const int64_t plane = (I + TC_QC - 1) / TC_QC * tp.O * TC_QC, at0 = q0 * tp.O;  // at0: this slab's row 0
+  const int64_t plane = slab_plane(I, tp.O), at0 = slab_at(q0, 0, tp.O);  // at0: this slab's row 0
   if (tp.in) {
     for (int64_t x = threadIdx.x; x < rows; x += TC_THREADS) {
       const int64_t p = pbase + x, al = x / o2, b = x % o2;
@@ -416,7 +423,7 @@ __device__ __forceinline__ void kron_rows_body(char *smem, const T *__restrict__
   MmaT *Yh = reinterpret_cast<MmaT *>(smem + L.yh), *Yl = reinterpret_cast<MmaT *>(smem + L.yl);
   MmaT *Ah = reinterpret_cast<MmaT *>(smem + L.ah), *Al = reinterpret_cast<MmaT *>(smem + L.al);
   MmaT *Bh = reinterpret_cast<MmaT *>(smem + L.bh), *Bl = reinterpret_cast<MmaT *>(smem + L.bl);
-  const int64_t O = (int64_t)o1 * o2, slabs = (I + TC_QC - 1) / TC_QC;
+  const int64_t O = (int64_t)o1 * o2;
   const int64_t slab = blockIdx.x;
   const int64_t q0 = slab * TC_QC;
   const bool vec = I % TC_QC == 0 && ((reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(e)) & 15) == 0;
@@ -439,8 +446,8 @@ __device__ __forceinline__ void kron_rows_body(char *smem, const T *__restrict__
     }
     __syncthreads();
     // Mode a: Z[a][(b, q)] = sum_a' A[a][a'] Y[a'][b * 8 + q], slab-contiguous.
-    const int64_t plane = slabs * O * TC_QC;
-    ZPtr<Z> out = z + (rl * ZMem<Z>::planes * slabs + slab) * O * TC_QC;
+    const int64_t plane = slab_plane(I, O);
+    ZPtr<Z> out = z + rl * ZMem<Z>::planes * plane + slab_at(q0, 0, O);
     const int kt = L.o1p / 16, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
     slab_fwd_mode_a<P>(Ah, Al, L.la, Yh, Yl, L.ly,
         [&](int mt, int b, const float c[4]) { store_z_tile<Z>(out, plane, c, mt, b, o1, o2, g, t); }, 0, kt, kt, o2);
@@ -488,12 +495,12 @@ __device__ __forceinline__ void load_z_rows(MmaT *xh, MmaT *xl, int lx, int64_t 
     // take consecutive rows p of one slab, so that a warp reads whole 32-byte sectors
     // ([slab][O][8]), and ps (an odd number of 16-byte units past a multiple of 128 bytes:
     // cols_layout, cols_bwd_layout) puts their eight 16-byte stores of a phase in eight bank groups.
-    const int64_t plane = slabs * O * TC_QC;
+    const int64_t plane = slab_plane(I, O);
     if (i2 % TC_QC == 0) {
       for (int64_t x = threadIdx.x; x < (int64_t)pr * slabs; x += TC_THREADS) {
         const int64_t sl = x / pr, pl = x % pr, p = p0 + pl, q = sl * TC_QC;
         if (p >= O) continue;
-        const int64_t at = pl * ps + (q / i2) * lx + q % i2, from = (sl * O + p) * TC_QC;
+        const int64_t at = pl * ps + (q / i2) * lx + q % i2, from = slab_at(q, p, O);
         *reinterpret_cast<uint4 *>(xh + at) = *reinterpret_cast<const uint4 *>(zr + from);
         if constexpr (split && P::data_lo)
           *reinterpret_cast<uint4 *>(xl + at) = *reinterpret_cast<const uint4 *>(zr + plane + from);
@@ -504,7 +511,7 @@ __device__ __forceinline__ void load_z_rows(MmaT *xh, MmaT *xl, int lx, int64_t 
       for (int64_t x = threadIdx.x; x < (int64_t)pr * I; x += TC_THREADS) {
         const int64_t pl = x / I, q = x % I, p = p0 + pl;
         if (p >= O) continue;
-        const int64_t at = pl * ps + (q / i2) * lx + q % i2, from = ((q / TC_QC) * O + p) * TC_QC + q % TC_QC;
+        const int64_t at = pl * ps + (q / i2) * lx + q % i2, from = slab_at(q, p, O);
         xh[at] = zr[from];
         if constexpr (P::data_lo) xl[at] = zr[plane + from];
       }
@@ -787,7 +794,7 @@ inline int64_t tc_z_budget() { return 24ll << 20; }
 // esize: bytes per element of Z (4, or 2 for the forward's bf16 Z: FwdZ).
 inline int64_t kron_tc_rank_chunk(const D4 &d4, int64_t r, int64_t esize = 4) {
   const int64_t o = d4.d[0] * d4.d[1], i = d4.d[2] * d4.d[3];
-  const int64_t per_rank = ((i + TC_QC - 1) / TC_QC) * o * TC_QC * esize;
+  const int64_t per_rank = slab_plane(i, o) * esize;
   int64_t c = tc_z_budget() / per_rank;
   if (c < 1) c = 1;
   if (c > r) c = r;
@@ -799,8 +806,8 @@ inline int64_t kron_tc_rank_chunk(const D4 &d4, int64_t r, int64_t esize = 4) {
 // element size needs more (the workspace is sized before the path and dtype's Z are known).
 inline int64_t kron_tc_z_bytes(const D4 &d4, int64_t r) {
   const int64_t o = d4.d[0] * d4.d[1], i = d4.d[2] * d4.d[3];
-  const int64_t b4 = kron_tc_rank_chunk(d4, r, 4) * ((i + TC_QC - 1) / TC_QC) * o * TC_QC * 4;
-  const int64_t b2 = kron_tc_rank_chunk(d4, r, 2) * ((i + TC_QC - 1) / TC_QC) * o * TC_QC * 2;
+  const int64_t b4 = kron_tc_rank_chunk(d4, r, 4) * slab_plane(i, o) * 4;
+  const int64_t b2 = kron_tc_rank_chunk(d4, r, 2) * slab_plane(i, o) * 2;
   return b4 > b2 ? b4 : b2;
 }
 

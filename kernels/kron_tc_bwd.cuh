@@ -247,7 +247,7 @@ kron_cols_bwd_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc, con
   float4 *red = reinterpret_cast<float4 *>(smem + L.red);
   // K stored as the rows side takes it (RowsBwdPrec's data split; bf16: the hi plane alone).
   using KP = Prec<RowsBwdPrec<T>::data_lo, false>;
-  const int64_t I = (int64_t)i1 * i2, slabs = (I + TC_QC - 1) / TC_QC, plane = slabs * O * TC_QC;
+  const int64_t I = (int64_t)i1 * i2, plane = slab_plane(I, O);
   const int64_t p0 = (int64_t)blockIdx.x * pr, blocks = gridDim.x;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int i1p = L.i1p, i2p = L.i2p, lz = L.lz;
@@ -289,15 +289,14 @@ kron_cols_bwd_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc, con
       for (int hh = 0; hh < 2; ++hh) {
         const int cc = mt * 16 + g + 8 * hh, d = nt * 8 + 2 * t;
         if (cc >= i1 || d >= i2) continue;
-        const int64_t q = (int64_t)cc * i2 + d, at = ((q / TC_QC) * O + zrow) * TC_QC + q % TC_QC;
+        const int64_t q = (int64_t)cc * i2 + d, at = slab_at(q, zrow, O);
         if (i2 % 2 == 0) {  // d + 1 < i2, and q is even: the pair lies in one slab, 4-byte aligned
           store_data2<KP>(zr + at, zr + plane + at, 0, c[2 * hh], c[2 * hh + 1]);
           continue;
         }
         store_data<KP>(zr, zr + plane, at, c[2 * hh]);
         if (d + 1 < i2) {
-          const int64_t at1 = (((q + 1) / TC_QC) * O + zrow) * TC_QC + (q + 1) % TC_QC;
-          store_data<KP>(zr, zr + plane, at1, c[2 * hh + 1]);
+          store_data<KP>(zr, zr + plane, slab_at(q + 1, zrow, O), c[2 * hh + 1]);
         }
       }
     });
@@ -387,7 +386,7 @@ template <typename P, typename T>
 __device__ __forceinline__ void load_tau_rows(MmaT *xh, MmaT *xl, int ly, const T *__restrict__ w,
                                               const T *__restrict__ e, int a0, int rows, int o1, int o2, int64_t I,
                                               int64_t q0, bool vec, TauPlanes tp) {
-  const int64_t plane = (I + TC_QC - 1) / TC_QC * tp.O * TC_QC, at0 = q0 * tp.O;
+  const int64_t plane = slab_plane(I, tp.O), at0 = slab_at(q0, 0, tp.O);
   for (int64_t x = threadIdx.x; x < (int64_t)rows * o2; x += TC_THREADS) {
     const int al = (int)(x / o2), b = (int)(x % o2), a = a0 + al;
     const int64_t p = (int64_t)a * o2 + b;
@@ -566,7 +565,7 @@ __device__ __forceinline__ void rows_bwd_body(char *smem, CAMEX_ROWS_BWD_PARAMS(
   MmaT *Th = reinterpret_cast<MmaT *>(smem + L.th), *Tl = reinterpret_cast<MmaT *>(smem + L.tl);
   MmaT *Ath = reinterpret_cast<MmaT *>(smem + L.ath), *Atl = reinterpret_cast<MmaT *>(smem + L.atl);
   MmaT *Bth = reinterpret_cast<MmaT *>(smem + L.bth), *Btl = reinterpret_cast<MmaT *>(smem + L.btl);
-  const int64_t O = (int64_t)o1 * o2, slabs = (I + TC_QC - 1) / TC_QC, plane = slabs * O * TC_QC;
+  const int64_t O = (int64_t)o1 * o2, slabs = (I + TC_QC - 1) / TC_QC, plane = slab_plane(I, O);
   const int64_t slab = blockIdx.x, q0 = slab * TC_QC;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int ly = L.ly, kta = L.o1p / 16, chunks = L.o1p / TC_WR;
@@ -598,7 +597,7 @@ __device__ __forceinline__ void rows_bwd_body(char *smem, CAMEX_ROWS_BWD_PARAMS(
   for (int64_t rl = 0; rl < nr; ++rl) {
     const int64_t r = r0 + rl;
     // zs[zrow * 8 + j]: this slab of K_r's hi plane, rows in ZSplit's order (z_row_to_p).
-    const MmaT *zs = z + (rl * ZMem<ZSplit>::planes * slabs + slab) * O * TC_QC;
+    const MmaT *zs = z + rl * ZMem<ZSplit>::planes * plane + slab_at(q0, 0, O);
     float *out = part + (rl * slabs + slab) * ((int64_t)o1 * o1 + (int64_t)o2 * o2);
     __syncthreads();  // the previous rank is done with shared memory
     load_factor_t<P>(Ath, Atl, fa + (r * nexp + expert) * o1 * o1, o1, L.la);
@@ -801,7 +800,7 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
   MmaT *zs = reinterpret_cast<MmaT *>(z);  // ZSplit: 4 bytes per value, as kron_tc_z_bytes sizes f32
   // tau's planes: hi, and lo where the row kernels split data (both take FwdPrec's split).
   static_assert(RowsSplitPrec<T>::data_lo == RowsBwdPrec<T>::data_lo, "one set of tau planes for both");
-  const int64_t tau_bytes = (RowsBwdPrec<T>::data_lo ? 2 : 1) * slabs * O * TC_QC * 2;
+  const int64_t tau_bytes = (RowsBwdPrec<T>::data_lo ? 2 : 1) * slab_plane(I, O) * 2;
   MmaT *tp = taus && tau_bytes <= taus_bytes ? reinterpret_cast<MmaT *>(taus) : nullptr;
   const TauPlanes tp_out = {nullptr, tp, O}, tp_in = {tp, nullptr, O};
   const int64_t chunk = kron_tc_rank_chunk(d4, f.r);
