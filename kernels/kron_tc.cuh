@@ -407,9 +407,13 @@ template <typename T> using FwdZ = typename std::conditional<FwdPrec<T>::data_lo
 // The backward's stage 1 (P = L tau, which feeds dC and dD): single-pass bf16 as the forward's
 // (FwdPrec); mma.cuh has the measurements.
 template <typename T> using RowsSplitPrec = FwdPrec<T>;
+// The backward's Z: ZSplit's two planes where the columns side reads P with lo halves (f16), else
+// one bf16 plane (bf16: P single-pass, K hi alone), 2 bytes per value, so a round holds twice the
+// ranks (kron_tc_rank_chunk).
+template <typename T> using BwdZ = typename std::conditional<FwdPrec<T>::data_lo, ZSplit, MmaT>::type;
 
 // The body of stage 1 under precision policy P: kron_rows_kernel (the forward's, FwdPrec, bf16 or
-// f32 Z: FwdZ) and kron_rows_split_kernel (the backward's P = L tau, ZSplit planes) below.
+// f32 Z: FwdZ) and kron_rows_split_kernel (the backward's P = L tau, BwdZ) below.
 // grid (slabs = ceil(I / 8)); each block runs ranks r0..r0+nr of its slab, tau resident in X across
 // them where `resident` (rows_layout). z: [nr][slabs][O][8] = ((A_r (x) B_r) tau)[p, slab*8 + j].
 // tp: tau from the backward's planes, or into them (the first rank's load; TauPlanes).
@@ -473,9 +477,9 @@ __global__ void __launch_bounds__(TC_THREADS, tc_rows_min_blocks<FwdPrec<T>>())
 }
 template <typename T>
 __global__ void __launch_bounds__(TC_THREADS, tc_rows_min_blocks<RowsSplitPrec<T>>())
-    kron_rows_split_kernel(CAMEX_KRON_ROWS_PARAMS(ZSplit)) {
+    kron_rows_split_kernel(CAMEX_KRON_ROWS_PARAMS(BwdZ<T>)) {
   CAMEX_DYNAMIC_SMEM(smem);
-  kron_rows_body<T, RowsSplitPrec<T>, ZSplit>(smem, CAMEX_KRON_ROWS_ARGS);
+  kron_rows_body<T, RowsSplitPrec<T>, BwdZ<T>>(smem, CAMEX_KRON_ROWS_ARGS);
 }
 #undef CAMEX_KRON_ROWS_PARAMS
 #undef CAMEX_KRON_ROWS_ARGS
@@ -779,8 +783,8 @@ inline bool kron_tc_fits(const D4 &d4, TcSplit sp, int64_t lim) {
 }
 
 // Ranks per stage-1/stage-2 round: as many as keep Z within tc_z_budget() bytes, so that it stays in
-// L2 between the two stages (at T5-base `wi`: 2 ranks, 19 MB, of 4-byte Z, f32 or the backward's
-// ZSplit; 5 ranks, 24 MB, of the forward's bf16 Z; the H200's L2 is 50 MB).
+// L2 between the two stages (at T5-base `wi`: 2 ranks, 19 MB, of 4-byte Z, f32 or f16's ZSplit; 5
+// ranks, 24 MB, of 2-byte Z, the forward's or the backward's for bf16; the H200's L2 is 50 MB).
 #ifdef CAMEX_TC_Z_BUDGET  // tests: small budgets exercise the accumulation across rounds
 inline int64_t tc_z_budget() { return CAMEX_TC_Z_BUDGET; }
 #elif defined(CAMEX_EMU)

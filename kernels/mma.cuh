@@ -78,7 +78,10 @@ __device__ __forceinline__ void frag_b(uint32_t b[2], const T *s, int ld, int n0
 // single-pass, grad_factor_c for a 1 x 1 factor C ([R, N, 1, 1]: each entry one cancelling sum
 // over the expert's O x I products) failed both bounds: rel_err 1.7e-2 > tol 1e-2 and > 2 E_off =
 // 1.4e-2 (official bf16 einsums 6.9e-3; emu_ca_merge_half_matches_cpu at [N, O, I] = [2, 7, 13]).
-// So the columns side keeps the data split (ColsBwdPrec).
+// Split by operand (kron_tc_bwd.cuh): P single-pass and H, T1, T2 split took that case to 1.2e-2
+// (H single too: 1.0e-2), both over tol; every other bf16 factor gradient stayed at most 0.53 of its
+// bound. So the columns side splits H and its intermediates, reads P single-pass, and a 1 x 1
+// columns factor (that one cancelling sum) takes the scalar backward (kron_tc_bwd_fits).
 // f16 storage: data and factors both split, three mma per product (hi hi + hi lo + lo hi): the
 // cheapest form the bf16 mma allows within bound 2. f16 keeps 11 significant bits, so the official
 // f16 reference rounds at 2^-12 and its E_off is ~8x bf16's, while one bf16 rounding is 2^-9. In the
@@ -107,10 +110,6 @@ template <typename T> using PrecOf = Prec<tc_split<T>().data_lo, tc_split<T>().f
 // f16 keeps both splits (above: one bf16 rounding is 4x f16's and breaks bound 2).
 template <typename T>
 using FwdPrec = Prec<tc_split<T>().data_lo && !std::is_same<T, __nv_bfloat16>::value, tc_split<T>().factor_lo>;
-// The same for a runtime dtype code (workspace sizing).
-__host__ __device__ inline TcSplit tc_split_of(int dtype) {
-  return dtype == CAMEX_BF16 ? tc_split<__nv_bfloat16>() : tc_split<__half>();
-}
 
 // Splits v into hi = T(v) and lo = T(v - hi) (T = MmaT, bf16): hi + lo carries ~16 significant
 // bits with f32's range (no overflow past 65504 or subnormal lo halves, as f16 halves would have;
@@ -161,15 +160,14 @@ template <typename P> __device__ __forceinline__ void store_data8(MmaT *hi, MmaT
   if constexpr (P::data_lo) *reinterpret_cast<uint4 *>(lo + k) = make_uint4(l[0], l[1], l[2], l[3]);
 }
 
-// c += A B for two data operands: Ah Bh, plus Ah Bl + Al Bh when data has lo halves (never lo lo).
-template <typename P>
+// c += A B for two data operands: Ah Bh, plus Ah Bl where B has lo halves (policy PB) and Al Bh
+// where A has (PA); never lo lo.
+template <typename PA, typename PB = PA>
 __device__ __forceinline__ void mma_data(float c[4], const uint32_t ah[4], const uint32_t al[4], const uint32_t bh[2],
                                          const uint32_t bl[2]) {
   mma_bf16(c, ah, bh);
-  if constexpr (P::data_lo) {
-    mma_bf16(c, ah, bl);
-    mma_bf16(c, al, bh);
-  }
+  if constexpr (PB::data_lo) mma_bf16(c, ah, bl);
+  if constexpr (PA::data_lo) mma_bf16(c, al, bh);
 }
 
 }  // namespace camex
