@@ -560,7 +560,7 @@ __device__ __forceinline__ void load_z_rows(MmaT *xh, MmaT *xl, int lx, int64_t 
 // 32-bit pairs. X's rows are at p ps + c' lx (mtp m tiles per p). Each warp keeps an m tile's data
 // fragments across the n tiles where Keep (by default without data lo halves: with them, kept, they
 // spill on sm_80 at two blocks per SM; the backward, at one, keeps them).
-template <typename P, bool Keep = !P::data_lo>
+template <typename P, bool Keep = !P::data_lo, typename PS = P>  // PS: Y's split
 __device__ __forceinline__ void cols_fwd_mode_d(const MmaT *xh, const MmaT *xl, int lx, int64_t ps, int mtp,
                                                 const MmaT *fh, const MmaT *fl, int lf, MmaT *yh, MmaT *yl, int ly,
                                                 int64_t yps, int mt16, int i2p) {
@@ -600,7 +600,7 @@ __device__ __forceinline__ void cols_fwd_mode_d(const MmaT *xh, const MmaT *xl, 
         }
 #pragma unroll
       for (int h = 0; h < 2; ++h)
-        store_data2<P>(yh, yl, y0 + (int64_t)(g + 8 * h) * ly + nt * 8 + 2 * t, c[2 * h], c[2 * h + 1]);
+        store_data2<PS>(yh, yl, y0 + (int64_t)(g + 8 * h) * ly + nt * 8 + 2 * t, c[2 * h], c[2 * h + 1]);
     }
   }
 }

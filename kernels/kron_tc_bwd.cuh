@@ -42,13 +42,14 @@
 namespace camex {
 
 // The backward's precision policies (mma.cuh, Prec), per kernel. bf16 is single-pass like the
-// forward (FwdPrec) for tau, P (ColsBwdPrec: the columns side reads Z's hi plane alone) and K. The
-// columns side keeps the lo halves of H and of its own f32 intermediates T1 = H x4 D^T and
-// T2 = H x3 C^T (ColsBwdHPrec): dC and dD contract T with P in two mma (T hi P + T lo P), and
-// K = T1 x3 C^T takes T1 whole; mma.cuh has the measurements. f16 splits everything (PrecOf).
+// forward (FwdPrec) for every operand read from storage or from Z: tau, H, P (ColsBwdPrec: the
+// columns side reads one bf16 plane of Z) and K. The columns side keeps the lo halves of its own f32
+// intermediates T1 = H x4 D^T and T2 = H x3 C^T (ColsBwdYPrec): dC and dD contract them with P in
+// two mma (T hi P + T lo P), and K = T1 x3 C^T takes T1 whole; mma.cuh has the measurements. f16
+// splits everything (PrecOf).
 template <typename T> using RowsBwdPrec = FwdPrec<T>;
 template <typename T> using ColsBwdPrec = FwdPrec<T>;
-template <typename T> using ColsBwdHPrec = Prec<true, PrecOf<T>::factor_lo>;
+template <typename T> using ColsBwdYPrec = Prec<true, PrecOf<T>::factor_lo>;
 static_assert(std::is_same<BwdZ<__nv_bfloat16>, MmaT>::value && std::is_same<BwdZ<__half>, ZSplit>::value &&
                   !ColsBwdPrec<__nv_bfloat16>::data_lo && ColsBwdPrec<__half>::data_lo,
               "Z's lo plane (BwdZ) exactly where the columns side reads P's lo halves");
@@ -97,8 +98,8 @@ struct ColsBwdLayout {
   int64_t ps, hh, hl, ph, pl, yh, yl, cth, ctl, dth, dtl, red, bytes;
 };
 
-// pr: rows per block; sp: P's split (ColsBwdPrec). Shared matrices: H, P and Y (the intermediates
-// T1, T2) [pr][i1p][lz], H and Y with lo halves; C^T
+// pr: rows per block; sp: the split of H and P (ColsBwdPrec). Shared matrices: H, P and Y (the
+// intermediates T1, T2; always with lo halves) [pr][i1p][lz]; C^T
 // [i1p][lc]; D^T [i2p][ld]; the f32 accumulators of dC's and dD's warps (cols_bwd_contract),
 // [warps][n tiles][32 lanes][4].
 __host__ __device__ inline ColsBwdLayout cols_bwd_layout(int i1, int i2, int pr, TcSplit sp) {
@@ -118,11 +119,11 @@ __host__ __device__ inline ColsBwdLayout cols_bwd_layout(int i1, int i2, int pr,
   const bool dlo = sp.data_lo, flo = sp.factor_lo;
   l.hh = 0;
   l.hl = l.hh + xb;
-  l.ph = l.hl + xb;  // H, T1 and T2 always keep their lo halves (ColsBwdHPrec)
+  l.ph = l.hl + (dlo ? xb : 0);
   l.pl = l.ph + xb;
   l.yh = l.pl + (dlo ? xb : 0);
   l.yl = l.yh + xb;
-  l.cth = l.yl + xb;
+  l.cth = l.yl + xb;  // T1 and T2 always keep their lo halves (ColsBwdYPrec)
   l.ctl = l.cth + cb;
   l.dth = l.ctl + (flo ? cb : 0);
   l.dtl = l.dth + db;
@@ -240,7 +241,7 @@ __device__ __forceinline__ void cols_factor_by_rows(const MmaT *fh, const MmaT *
 // z_row_to_p). z: the round's P_r (BwdZ, ranks r0..r0+nr), overwritten with K_r as the rows side
 // reads it (one plane without the rows side's data lo halves: bf16);
 // part: f32 [nr][blocks][i1*i1 + i2*i2], this block's dC and dD contributions per rank.
-// One block per SM at the shapes that matter (122 KiB of shared memory at T5-base `wi`, bf16), so
+// One block per SM at the shapes that matter (102 KiB of shared memory at T5-base `wi`, bf16), so
 // the launch bounds ask for one: the warps keep factor and data fragments in registers.
 template <typename T>
 __global__ void __launch_bounds__(TC_THREADS, 1)
@@ -248,8 +249,8 @@ kron_cols_bwd_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc, con
                      float *__restrict__ part, int o1, int i1, int i2, int pr, int64_t O, int64_t r0, int64_t nr,
                      int64_t nexp, int64_t expert) {
   CAMEX_DYNAMIC_SMEM(smem);
-  using P = ColsBwdPrec<T>;    // P
-  using PY = ColsBwdHPrec<T>;  // H, T1 and T2
+  using P = ColsBwdPrec<T>;    // H and P
+  using PY = ColsBwdYPrec<T>;  // T1 and T2
   const ColsBwdLayout L = cols_bwd_layout(i1, i2, pr, P::split());
   MmaT *Hh = reinterpret_cast<MmaT *>(smem + L.hh), *Hl = reinterpret_cast<MmaT *>(smem + L.hl);
   MmaT *Ph = reinterpret_cast<MmaT *>(smem + L.ph), *Pl = reinterpret_cast<MmaT *>(smem + L.pl);
@@ -272,7 +273,7 @@ kron_cols_bwd_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc, con
   for (int64_t x = threadIdx.x; x < (int64_t)pr * I; x += TC_THREADS) {
     const int64_t pl = x / I, q = x % I, zrow = p0 + pl;
     if (zrow < O)
-      store_data<PY>(Hh, Hl, pl * ps + (q / i2) * lz + q % i2, opnd_ld<T>(h, z_row_to_p<BwdZ<T>>(zrow, o1, O) * I + q));
+      store_data<P>(Hh, Hl, pl * ps + (q / i2) * lz + q % i2, opnd_ld<T>(h, z_row_to_p<BwdZ<T>>(zrow, o1, O) * I + q));
   }
 
   for (int64_t rl = 0; rl < nr; ++rl) {
@@ -286,7 +287,7 @@ kron_cols_bwd_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc, con
     __syncthreads();
 
     // T1[p][c][d'] = sum_d H[p][c][d] D[d][d'] (the factor operand is D^T as stored).
-    cols_fwd_mode_d<PY, true>(Hh, Hl, lz, ps, mtp, Dth, Dtl, L.ld, Yh, Yl, lz, ps, mt16, i2p);
+    cols_fwd_mode_d<P, true, PY>(Hh, Hl, lz, ps, mtp, Dth, Dtl, L.ld, Yh, Yl, lz, ps, mt16, i2p);
     __syncthreads();
     // dC[c][c'] += sum_{p,d'} T1[p][c][d'] P[p][c'][d']  (M = c, N = c', K = (p, d')).
     cols_bwd_contract<PY, P, false, false>(Yh, Yl, Ph, Pl, lz, ps, pr, i1p, i1p, i2p, red, out, i1, i1);
@@ -315,7 +316,7 @@ kron_cols_bwd_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc, con
     __syncthreads();  // every warp is done with T1 (and dC's reduction with `red`)
 
     // T2[p][c'][d] = sum_c C[c][c'] H[p][c][d]  (M = c', N = d, K = c; A = C^T as stored).
-    cols_factor_by_rows<PY>(Cth, Ctl, L.lc, Hh, Hl, lz, ps, pr, i1p, i2p, [&](int pl, int mt, int nt, const float c[4]) {
+    cols_factor_by_rows<P>(Cth, Ctl, L.lc, Hh, Hl, lz, ps, pr, i1p, i2p, [&](int pl, int mt, int nt, const float c[4]) {
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh)
         store_data2<PY>(Yh, Yl, pl * ps + (int64_t)(mt * 16 + g + 8 * hh) * lz + nt * 8 + 2 * t, c[2 * hh],
@@ -763,13 +764,13 @@ __global__ void kron_bwd_reduce_kernel(const float *pab, const float *pcd, T *ga
 
 // Shared memory of the three stages (rows forward, columns backward, rows backward), each under
 // its own precision policy, in their smallest layouts.
-// A 1 x 1 columns factor makes its gradient one cancelling sum per rank and expert, which bound 1
-// judges over that single entry; with P single-pass (bf16) the emulation's worst such case (ca_merge,
-// `[1, 2, 1, 1]`) reached 1.2e-2 > tol 1e-2 (the official einsums: 6.9e-3; P split: 6.8e-3). Such
-// shapes (a prime I) take the scalar chain's f32 backward.
+// A 1 x 1 factor makes its gradient one cancelling sum per rank and expert, which bound 1 judges
+// over that single entry; with H and P single-pass (bf16) the emulation's worst such case (ca_merge,
+// grad_factor_c `[1, 2, 1, 1]`) reached 1.0e-2 > tol 1e-2 (the official einsums: 6.9e-3; H and P
+// split: 6.8e-3). Such shapes (a prime O or I) take the scalar chain's f32 backward.
 template <typename T> inline bool kron_tc_bwd_fits(const D4 &d4, int64_t lim) {
   const int o1 = (int)d4.d[0], o2 = (int)d4.d[1], i1 = (int)d4.d[2], i2 = (int)d4.d[3];
-  if (!ColsBwdPrec<T>::data_lo && (i1 == 1 || i2 == 1)) return false;
+  if (!ColsBwdPrec<T>::data_lo && (o1 == 1 || o2 == 1 || i1 == 1 || i2 == 1)) return false;
   const int pr = cols_bwd_rows(i1, i2, ColsBwdPrec<T>::split());
   return rows_layout(o1, o2, RowsSplitPrec<T>::split(), false).bytes <= lim &&
          cols_bwd_layout(i1, i2, pr, ColsBwdPrec<T>::split()).bytes <= lim &&

@@ -78,10 +78,11 @@ __device__ __forceinline__ void frag_b(uint32_t b[2], const T *s, int ld, int n0
 // single-pass, grad_factor_c for a 1 x 1 factor C ([R, N, 1, 1]: each entry one cancelling sum
 // over the expert's O x I products) failed both bounds: rel_err 1.7e-2 > tol 1e-2 and > 2 E_off =
 // 1.4e-2 (official bf16 einsums 6.9e-3; emu_ca_merge_half_matches_cpu at [N, O, I] = [2, 7, 13]).
-// Split by operand (kron_tc_bwd.cuh): P single-pass and H, T1, T2 split took that case to 1.2e-2
-// (H single too: 1.0e-2), both over tol; every other bf16 factor gradient stayed at most 0.53 of its
-// bound. So the columns side splits H and its intermediates, reads P single-pass, and a 1 x 1
-// columns factor (that one cancelling sum) takes the scalar backward (kron_tc_bwd_fits).
+// Split by operand (kron_tc_bwd.cuh): H and P single-pass with the f32 intermediates T1, T2 split
+// took that case to 1.0e-2 (P single and H split: 1.2e-2), over tol; every other bf16 factor
+// gradient stayed at most 0.53 of its bound. So the columns side reads H and P single-pass and
+// splits its intermediates, and a 1 x 1 factor (that one cancelling sum) takes the scalar backward
+// (kron_tc_bwd_fits).
 // f16 storage: data and factors both split, three mma per product (hi hi + hi lo + lo hi): the
 // cheapest form the bf16 mma allows within bound 2. f16 keeps 11 significant bits, so the official
 // f16 reference rounds at 2^-12 and its E_off is ~8x bf16's, while one bf16 rounding is 2^-9. In the
