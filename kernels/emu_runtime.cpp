@@ -39,6 +39,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include <dlfcn.h>
+
 #include <cuda_runtime.h>
 
 #include "camex.h"
@@ -254,6 +256,37 @@ inline void record(uintptr_t pc, const volatile void *p, size_t size, bool write
   }
 }
 
+// Per-instruction profile (CAMEX_EMU_PROFILE=FILE; scripts/emu-profile.sh): the weighted shared
+// wavefronts and mma of every instruction address, written at exit as "offset wavefronts mma"
+// lines, offsets within the instruction's module, for addr2line to name the source lines.
+struct Prof {
+  uint64_t wf = 0, mma = 0;
+};
+struct Profile {
+  const char *path = std::getenv("CAMEX_EMU_PROFILE");
+  std::mutex m;
+  std::unordered_map<uintptr_t, Prof> at;
+  void add(uintptr_t pc, uint64_t wf, uint64_t mma) {
+    std::lock_guard<std::mutex> g(m);
+    Prof &p = at[pc];
+    p.wf += wf;
+    p.mma += mma;
+  }
+  ~Profile() {
+    if (!path || at.empty()) return;
+    FILE *f = std::fopen(path, "w");
+    if (!f) return;
+    for (const auto &[pc, p] : at) {
+      Dl_info info;
+      const uintptr_t base = dladdr(reinterpret_cast<void *>(pc), &info) ? (uintptr_t)info.dli_fbase : 0;
+      std::fprintf(f, "%s 0x%lx %llu %llu\n", base ? info.dli_fname : "?", (unsigned long)(pc - base - 1),
+                   (unsigned long long)p.wf, (unsigned long long)p.mma);
+    }
+    std::fclose(f);
+  }
+};
+Profile g_profile;
+
 // Grid dimensions of more blocks than this are sampled (camex_emu_sample_above).
 int64_t g_sample_above = 8;
 
@@ -308,11 +341,13 @@ uint64_t wavefronts(const Lane *lanes, unsigned n) {
 }
 
 // Adds one warp-wide access (its lanes) of weight w to the launch's record.
-void count_access(LaunchRec &rec, uint8_t space, const Lane *lanes, unsigned n, uint64_t w) {
+void count_access(LaunchRec &rec, uintptr_t pc, uint8_t space, const Lane *lanes, unsigned n, uint64_t w) {
   if (space == SP_SHARED) {
     uint64_t bytes = 0;
     for (unsigned k = 0; k < n; ++k) bytes += lanes[k].size;
-    rec.wavefronts += w * wavefronts(lanes, n);
+    const uint64_t wf = w * wavefronts(lanes, n);
+    rec.wavefronts += wf;
+    if (g_profile.path) g_profile.add(pc, wf, 0);
     rec.smem_bytes += w * bytes;
     return;
   }
@@ -375,7 +410,7 @@ void count_block(std::vector<std::unique_ptr<Worker>> &workers, unsigned nt, uin
             const Access &a = (*log[l])[pos[l] + k];
             buf[l] = Lane{l, a.addr, a.size};
           }
-          count_access(rec, (*log[0])[pos[0] + k].space, buf, nl, w);
+          count_access(rec, (*log[0])[pos[0] + k].pc, (*log[0])[pos[0] + k].space, buf, nl, w);
         }
       } else {
         all.clear();
@@ -403,7 +438,7 @@ void count_block(std::vector<std::unique_ptr<Worker>> &workers, unsigned nt, uin
             if (n < 32) buf[n++] = Lane{all[j].lane, all[j].addr, all[j].size};
             ++j;
           }
-          count_access(rec, all[k].space, buf, n, w);
+          count_access(rec, all[k].pc, all[k].space, buf, n, w);
           k = j;
         }
       }
@@ -456,7 +491,10 @@ void mma_bf16(float c[4], const uint32_t a[4], const uint32_t b[2]) {
   Warp &w = *wk->warp;
   const unsigned lane = wk->lane;
   ++wk->epoch;
-  if (wk->count && lane == 0) g_cur->mma += 2ull * 16 * 8 * 16 * wk->weight;
+  if (wk->count && lane == 0) {
+    g_cur->mma += 2ull * 16 * 8 * 16 * wk->weight;
+    if (g_profile.path) g_profile.add((uintptr_t)__builtin_return_address(0), 0, wk->weight);
+  }
   for (int i = 0; i < 4; ++i) {
     w.a[lane][i] = a[i];
     w.c[lane][i] = c[i];
