@@ -557,43 +557,57 @@ __device__ __forceinline__ void load_z_rows(MmaT *xh, MmaT *xl, int lx, int64_t 
 
 // The forward's mode d on rows (p, c') of X, mt16 m tiles of 16 (M = (p, c'), N = d, K = d'):
 // Y[(p, c')][d] = sum_d' X[(p, c')][d'] F[d][d'], Y's rows (p, c') at p yps + c' ly, written as
-// 32-bit pairs. X's rows are at p ps + c' lx (mtp m tiles per p). Each warp keeps an m tile's data
-// fragments across the n tiles where Keep (by default without data lo halves: with them, kept, they
-// spill on sm_80 at two blocks per SM; the backward, at one, keeps them).
-template <typename P, bool Keep = !P::data_lo, typename PS = P>  // PS: Y's split
+// 32-bit pairs (split as PS says). X's rows are at p ps + c' lx (mtp m tiles per p). Each warp keeps
+// an m tile's data fragments across the n tiles where Keep (by default without data lo halves: with
+// them, kept, they spill on sm_80 at two blocks per SM; the backward, at one, keeps them), and with
+// KeepF (no factor lo halves) all of F's fragments across its m tiles (at most 64 registers: the
+// backward's one block per SM has them; the forward's 128-register cap has not).
+template <typename P, bool Keep = !P::data_lo, typename PS = P, bool KeepF = false>
 __device__ __forceinline__ void cols_fwd_mode_d(const MmaT *xh, const MmaT *xl, int lx, int64_t ps, int mtp,
                                                 const MmaT *fh, const MmaT *fl, int lf, MmaT *yh, MmaT *yl, int ly,
                                                 int64_t yps, int mt16, int i2p) {
+  static_assert(!KeepF || !P::factor_lo, "factor lo halves are read per use");
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int kt = i2p / 16;
+  const int kt = i2p / 16, ntn = i2p / 8;
   constexpr bool keep = Keep;
+  constexpr int KS = TC_KMAX / 16, NS = KeepF ? TC_KMAX / 8 : 1;
+  uint32_t fk[KeepF ? KS : 1][NS][2];
+  if constexpr (KeepF) {
+#pragma unroll
+    for (int k = 0; k < KS; ++k)
+#pragma unroll
+      for (int nt = 0; nt < NS; ++nt)
+        if (k < kt && nt < ntn) frag_b(fk[k][nt], fh, lf, nt * 8, k * 16, lane);
+  }
   for (int mt = warp; mt < mt16; mt += TC_WARPS) {
     const int64_t x0 = (mt / mtp) * ps + (int64_t)(mt % mtp) * 16 * lx;  // the m tile's first row
     const int64_t y0 = (mt / mtp) * yps + (int64_t)(mt % mtp) * 16 * ly;
-    uint32_t ah[keep ? TC_KMAX / 16 : 1][4], al[keep && P::data_lo ? TC_KMAX / 16 : 1][4];
+    uint32_t ah[keep ? KS : 1][4], al[keep && P::data_lo ? KS : 1][4];
     if constexpr (keep) {
 #pragma unroll
-      for (int k = 0; k < TC_KMAX / 16; ++k)
+      for (int k = 0; k < KS; ++k)
         if (k < kt) {
           frag_a(ah[k], xh + x0, lx, 0, k * 16, lane);
           if constexpr (P::data_lo) frag_a(al[k], xl + x0, lx, 0, k * 16, lane);
         }
     }
-    for (int nt = 0; nt < i2p / 8; ++nt) {
+    // One n tile; fb(k) gives F's fragment of k step k.
+    auto tile = [&](int nt, auto fb) {
       float c[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-      for (int k = 0; k < TC_KMAX / 16; ++k)
+      for (int k = 0; k < KS; ++k)
         if (k < kt) {
-          uint32_t *a = ah[keep ? k : 0], *alo = al[keep && P::data_lo ? k : 0];
+          uint32_t *a = ah[keep ? k : 0];
+          [[maybe_unused]] uint32_t *alo = al[keep && P::data_lo ? k : 0];
           if constexpr (!keep) {
             frag_a(a, xh + x0, lx, 0, k * 16, lane);
             if constexpr (P::data_lo) frag_a(alo, xl + x0, lx, 0, k * 16, lane);
           }
-          uint32_t bh[2], bl[2];
-          frag_b(bh, fh, lf, nt * 8, k * 16, lane);
+          const uint32_t *bh = fb(k);
           mma_bf16(c, a, bh);
           if constexpr (P::data_lo) mma_bf16(c, alo, bh);
           if constexpr (P::factor_lo) {
+            uint32_t bl[2];
             frag_b(bl, fl, lf, nt * 8, k * 16, lane);
             mma_bf16(c, a, bl);
           }
@@ -601,6 +615,19 @@ __device__ __forceinline__ void cols_fwd_mode_d(const MmaT *xh, const MmaT *xl, 
 #pragma unroll
       for (int h = 0; h < 2; ++h)
         store_data2<PS>(yh, yl, y0 + (int64_t)(g + 8 * h) * ly + nt * 8 + 2 * t, c[2 * h], c[2 * h + 1]);
+    };
+    if constexpr (KeepF) {
+#pragma unroll
+      for (int nt = 0; nt < NS; ++nt)
+        if (nt < ntn) tile(nt, [&](int k) -> const uint32_t * { return fk[k][nt]; });
+    } else {
+      for (int nt = 0; nt < ntn; ++nt) {
+        uint32_t bh[2];
+        tile(nt, [&](int k) -> const uint32_t * {
+          frag_b(bh, fh, lf, nt * 8, k * 16, lane);
+          return bh;
+        });
+      }
     }
   }
 }

@@ -95,13 +95,18 @@ __device__ __forceinline__ void load_factor_t(MmaT *hi, MmaT *lo, const T *f, in
 
 struct ColsBwdLayout {
   int i1p, i2p, lz, lc, ld, pr;
-  int64_t ps, hh, hl, ph, pl, yh, yl, cth, ctl, dth, dtl, red, bytes;
+  int64_t ps, hh, hl, ph, pl, yh, yl, y2h, y2l, cth, ctl, dth, dtl, red, bytes;
 };
 
-// pr: rows per block; sp: the split of H and P (ColsBwdPrec). Shared matrices: H, P and Y (the
-// intermediates T1, T2; always with lo halves) [pr][i1p][lz]; C^T
-// [i1p][lc]; D^T [i2p][ld]; the f32 accumulators of dC's and dD's warps (cols_bwd_contract),
+// pr: rows per block; sp: the split of H and P (ColsBwdPrec). Shared matrices: H, P, Y (T1) and Y2
+// (T2), the intermediates always with lo halves, [pr][i1p][lz]; C^T
+// [i1p][lc]; D^T [i2p][ld]; the f32 accumulators of dC's and dD's warps (cols_bwd_contract_mma),
 // [warps][n tiles][32 lanes][4].
+// float4 of `red` per warp: its accumulators of the widest contraction, ntmax n tiles of 32 lanes.
+__host__ __device__ inline int cols_bwd_red_stride(const ColsBwdLayout &l) {
+  return (l.i1p > l.i2p ? l.i1p : l.i2p) / 8 * 32;
+}
+
 __host__ __device__ inline ColsBwdLayout cols_bwd_layout(int i1, int i2, int pr, TcSplit sp) {
   ColsBwdLayout l;
   l.pr = pr;
@@ -123,13 +128,14 @@ __host__ __device__ inline ColsBwdLayout cols_bwd_layout(int i1, int i2, int pr,
   l.pl = l.ph + xb;
   l.yh = l.pl + (dlo ? xb : 0);
   l.yl = l.yh + xb;
-  l.cth = l.yl + xb;  // T1 and T2 always keep their lo halves (ColsBwdYPrec)
+  l.y2h = l.yl + xb;  // T1 and T2 always keep their lo halves (ColsBwdYPrec)
+  l.y2l = l.y2h + xb;
+  l.cth = l.y2l + xb;
   l.ctl = l.cth + cb;
   l.dth = l.ctl + (flo ? cb : 0);
   l.dtl = l.dth + db;
   l.red = l.dtl + (flo ? db : 0);
-  const int ntmax = (l.i1p > l.i2p ? l.i1p : l.i2p) / 8;
-  l.bytes = l.red + (int64_t)TC_WARPS * ntmax * 32 * 4 * 4;
+  l.bytes = l.red + (int64_t)TC_WARPS * cols_bwd_red_stride(l) * 16;
   return l;
 }
 
@@ -142,67 +148,73 @@ __host__ __device__ inline int cols_bwd_rows(int i1, int i2, TcSplit sp) {
 }
 
 // out[m][n] (row stride nv; m < mv, n < nv) = sum_p sum_k A_p[m][k] B_p[k][n] over the block's pr
-// rows p (operands at p * ps): a data-by-data contraction (mp x np, k padded to kp). A_p is H[p] as
-// stored (AK false: A[m][k] = H[m][k]) or transposed (AK: A[m][k] = H[k][m]); B_p is an
-// intermediate as [n][k] (BK false) or [k][n] (BK). Each warp takes one m tile and every n tile
-// (its A fragment read once per k step) over a group of rows p; the groups' accumulators meet in
-// `red` (as each lane holds them, 16-byte stores free of bank conflicts) and are summed in group
-// order (a fixed order: the same bits every run) into out, in global memory.
+// rows p (operands at p * ps): a data-by-data contraction (mp x np, k padded to kp) by the nw warps
+// w0..w0+nw-1, in two calls with a __syncthreads between them (the caller's, so that the two
+// contractions of a rank run side by side on the two halves of the block). A_p is an intermediate
+// as stored (AK false: A[m][k] = X[m][k]) or transposed (AK: A[m][k] = X[k][m]); B_p is P as [n][k]
+// (BK false) or [k][n] (BK). cols_bwd_contract_mma: each warp takes one m tile and every n tile
+// (its A fragment read once per k step) over a group of rows p, and leaves its accumulators in
+// `red` (as each lane holds them, 16-byte stores free of bank conflicts; rs float4 per warp);
+// cols_bwd_contract_sum: the groups' accumulators summed in group order (a fixed order: the same bits
+// every run) into out, in global memory.
 template <typename PA, typename PB, bool AK, bool BK>
-__device__ __forceinline__ void cols_bwd_contract(const MmaT *ah_, const MmaT *al_, const MmaT *bh_, const MmaT *bl_,
-                                                  int lz, int64_t ps, int pr, int mp, int np, int kp, float4 *red,
-                                                  float *out, int mv, int nv) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int mtn = mp / 16, ntn = np / 8, groups = TC_WARPS / mtn;
-  const int mt = warp % mtn, pg = warp / mtn;
-  const bool active = pg < groups;
+__device__ __forceinline__ void cols_bwd_contract_mma(const MmaT *ah_, const MmaT *al_, const MmaT *bh_,
+                                                      const MmaT *bl_, int lz, int64_t ps, int pr, int mp, int np,
+                                                      int kp, int w0, int nw, float4 *red, int rs) {
+  const int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) - w0;
+  const int mtn = mp / 16, ntn = np / 8, groups = nw / mtn;
+  const int mt = w % mtn, pg = w / mtn;
+  if (w < 0 || w >= nw || pg >= groups) return;
   float c[TC_KMAX / 8][4] = {};
-  if (active) {
-    for (int p = pg; p < pr; p += groups) {
-      const int64_t off = p * ps;
-      for (int k0 = 0; k0 < kp; k0 += 16) {
-        uint32_t ah[4], al[4];
-        if constexpr (AK) frag_a_kmajor(ah, ah_ + off, lz, mt * 16, k0, lane);
-        else frag_a(ah, ah_ + off, lz, mt * 16, k0, lane);
-        if constexpr (PA::data_lo) {
-          if constexpr (AK) frag_a_kmajor(al, al_ + off, lz, mt * 16, k0, lane);
-          else frag_a(al, al_ + off, lz, mt * 16, k0, lane);
-        }
+  for (int p = pg; p < pr; p += groups) {
+    const int64_t off = p * ps;
+    for (int k0 = 0; k0 < kp; k0 += 16) {
+      uint32_t ah[4], al[4];
+      if constexpr (AK) frag_a_kmajor(ah, ah_ + off, lz, mt * 16, k0, lane);
+      else frag_a(ah, ah_ + off, lz, mt * 16, k0, lane);
+      if constexpr (PA::data_lo) {
+        if constexpr (AK) frag_a_kmajor(al, al_ + off, lz, mt * 16, k0, lane);
+        else frag_a(al, al_ + off, lz, mt * 16, k0, lane);
+      }
 #pragma unroll
-        for (int nt = 0; nt < TC_KMAX / 8; ++nt)
-          if (nt < ntn) {
-            uint32_t bh[2], bl[2];
-            if constexpr (BK) frag_b_kmajor(bh, bh_ + off, lz, nt * 8, k0, lane);
-            else frag_b(bh, bh_ + off, lz, nt * 8, k0, lane);
-            if constexpr (PB::data_lo) {
-              if constexpr (BK) frag_b_kmajor(bl, bl_ + off, lz, nt * 8, k0, lane);
-              else frag_b(bl, bl_ + off, lz, nt * 8, k0, lane);
-            }
-            mma_data<PA, PB>(c[nt], ah, al, bh, bl);
+      for (int nt = 0; nt < TC_KMAX / 8; ++nt)
+        if (nt < ntn) {
+          uint32_t bh[2], bl[2];
+          if constexpr (BK) frag_b_kmajor(bh, bh_ + off, lz, nt * 8, k0, lane);
+          else frag_b(bh, bh_ + off, lz, nt * 8, k0, lane);
+          if constexpr (PB::data_lo) {
+            if constexpr (BK) frag_b_kmajor(bl, bl_ + off, lz, nt * 8, k0, lane);
+            else frag_b(bl, bl_ + off, lz, nt * 8, k0, lane);
           }
+          mma_data<PA, PB>(c[nt], ah, al, bh, bl);
+        }
+    }
+  }
+#pragma unroll
+  for (int nt = 0; nt < TC_KMAX / 8; ++nt)
+    if (nt < ntn) red[(w0 + w) * rs + nt * 32 + lane] = make_float4(c[nt][0], c[nt][1], c[nt][2], c[nt][3]);
+}
+
+__device__ __forceinline__ void cols_bwd_contract_sum(int mp, int np, int w0, int nw, const float4 *red, int rs,
+                                                      float *out, int mv, int nv) {
+  const int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) - w0, g = lane >> 2, t = lane & 3;
+  const int mtn = mp / 16, ntn = np / 8, groups = nw / mtn;
+  if (w < 0 || w >= mtn) return;  // group 0's warps, one per m tile
+  const int mt = w;
+#pragma unroll
+  for (int nt = 0; nt < TC_KMAX / 8; ++nt)
+    if (nt < ntn) {
+      float sum[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int sg = 0; sg < groups; ++sg) {
+        const float4 v = red[(w0 + sg * mtn + mt) * rs + nt * 32 + lane];
+        sum[0] += v.x, sum[1] += v.y, sum[2] += v.z, sum[3] += v.w;
+      }
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        const int m = mt * 16 + g + 8 * (v >> 1), n = nt * 8 + 2 * t + (v & 1);
+        if (m < mv && n < nv) out[m * nv + n] = sum[v];
       }
     }
-#pragma unroll
-    for (int nt = 0; nt < TC_KMAX / 8; ++nt)
-      if (nt < ntn) red[(warp * ntn + nt) * 32 + lane] = make_float4(c[nt][0], c[nt][1], c[nt][2], c[nt][3]);
-  }
-  __syncthreads();
-  if (active && pg == 0) {
-#pragma unroll
-    for (int nt = 0; nt < TC_KMAX / 8; ++nt)
-      if (nt < ntn) {
-        float sum[4] = {0.f, 0.f, 0.f, 0.f};
-        for (int s = 0; s < groups; ++s) {
-          const float4 v = red[((s * mtn + mt) * ntn + nt) * 32 + lane];
-          sum[0] += v.x, sum[1] += v.y, sum[2] += v.z, sum[3] += v.w;
-        }
-#pragma unroll
-        for (int v = 0; v < 4; ++v) {
-          const int m = mt * 16 + g + 8 * (v >> 1), n = nt * 8 + 2 * t + (v & 1);
-          if (m < mv && n < nv) out[m * nv + n] = sum[v];
-        }
-      }
-  }
 }
 
 // A factor times each row's matrix: st(p, mt, nt, c) gets the m16n8 tile (mt, nt) of F X_p
@@ -255,6 +267,7 @@ kron_cols_bwd_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc, con
   MmaT *Hh = reinterpret_cast<MmaT *>(smem + L.hh), *Hl = reinterpret_cast<MmaT *>(smem + L.hl);
   MmaT *Ph = reinterpret_cast<MmaT *>(smem + L.ph), *Pl = reinterpret_cast<MmaT *>(smem + L.pl);
   MmaT *Yh = reinterpret_cast<MmaT *>(smem + L.yh), *Yl = reinterpret_cast<MmaT *>(smem + L.yl);
+  MmaT *Y2h = reinterpret_cast<MmaT *>(smem + L.y2h), *Y2l = reinterpret_cast<MmaT *>(smem + L.y2l);
   MmaT *Cth = reinterpret_cast<MmaT *>(smem + L.cth), *Ctl = reinterpret_cast<MmaT *>(smem + L.ctl);
   MmaT *Dth = reinterpret_cast<MmaT *>(smem + L.dth), *Dtl = reinterpret_cast<MmaT *>(smem + L.dtl);
   float4 *red = reinterpret_cast<float4 *>(smem + L.red);
@@ -287,10 +300,25 @@ kron_cols_bwd_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc, con
     __syncthreads();
 
     // T1[p][c][d'] = sum_d H[p][c][d] D[d][d'] (the factor operand is D^T as stored).
-    cols_fwd_mode_d<P, true, PY>(Hh, Hl, lz, ps, mtp, Dth, Dtl, L.ld, Yh, Yl, lz, ps, mt16, i2p);
+    cols_fwd_mode_d<P, true, PY, !P::factor_lo>(Hh, Hl, lz, ps, mtp, Dth, Dtl, L.ld, Yh, Yl, lz, ps, mt16, i2p);
+    // T2[p][c'][d] = sum_c C[c][c'] H[p][c][d]  (M = c', N = d, K = c; A = C^T as stored).
+    cols_factor_by_rows<P>(Cth, Ctl, L.lc, Hh, Hl, lz, ps, pr, i1p, i2p, [&](int pl, int mt, int nt, const float c[4]) {
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh)
+        store_data2<PY>(Y2h, Y2l, pl * ps + (int64_t)(mt * 16 + g + 8 * hh) * lz + nt * 8 + 2 * t, c[2 * hh],
+                        c[2 * hh + 1]);
+    });
     __syncthreads();
-    // dC[c][c'] += sum_{p,d'} T1[p][c][d'] P[p][c'][d']  (M = c, N = c', K = (p, d')).
-    cols_bwd_contract<PY, P, false, false>(Yh, Yl, Ph, Pl, lz, ps, pr, i1p, i1p, i2p, red, out, i1, i1);
+    // The two contractions side by side, each on half of the warps (one exchange through `red`
+    // between half as many groups as one contraction on every warp would have):
+    // dC[c][c'] += sum_{p,d'} T1[p][c][d'] P[p][c'][d']  (M = c, N = c', K = (p, d')), and
+    // dD[d][d'] += sum_{p,c'} T2[p][c'][d] P[p][c'][d']  (M = d, N = d', K = (p, c')).
+    constexpr int half = TC_WARPS / 2;
+    const int rs = cols_bwd_red_stride(L);
+    if (threadIdx.x / 32 < half)
+      cols_bwd_contract_mma<PY, P, false, false>(Yh, Yl, Ph, Pl, lz, ps, pr, i1p, i1p, i2p, 0, half, red, rs);
+    else
+      cols_bwd_contract_mma<PY, P, true, true>(Y2h, Y2l, Ph, Pl, lz, ps, pr, i2p, i2p, i1p, half, half, red, rs);
     // K[p][c'][d'] = sum_c C[c][c'] T1[p][c][d']  (M = c', N = d', K = c; A = C^T as stored), over
     // P's planes at the same Z rows (the block's own), rounded as the rows side would round it. T1
     // goes in split as it is (hi and lo): with T1's hi alone, K's extra rounding took the rows side's
@@ -313,18 +341,9 @@ kron_cols_bwd_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc, con
         }
       }
     });
-    __syncthreads();  // every warp is done with T1 (and dC's reduction with `red`)
-
-    // T2[p][c'][d] = sum_c C[c][c'] H[p][c][d]  (M = c', N = d, K = c; A = C^T as stored).
-    cols_factor_by_rows<P>(Cth, Ctl, L.lc, Hh, Hl, lz, ps, pr, i1p, i2p, [&](int pl, int mt, int nt, const float c[4]) {
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh)
-        store_data2<PY>(Yh, Yl, pl * ps + (int64_t)(mt * 16 + g + 8 * hh) * lz + nt * 8 + 2 * t, c[2 * hh],
-                       c[2 * hh + 1]);
-    });
-    __syncthreads();
-    // dD[d][d'] += sum_{p,c'} T2[p][c'][d] P[p][c'][d']  (M = d, N = d', K = (p, c')).
-    cols_bwd_contract<PY, P, true, true>(Yh, Yl, Ph, Pl, lz, ps, pr, i2p, i2p, i1p, red, out + (int64_t)i1 * i1, i2, i2);
+    __syncthreads();  // every warp's accumulators are in `red`
+    cols_bwd_contract_sum(i1p, i1p, 0, half, red, rs, out, i1, i1);
+    cols_bwd_contract_sum(i2p, i2p, half, half, red, rs, out + (int64_t)i1 * i1, i2, i2);
   }
 }
 
