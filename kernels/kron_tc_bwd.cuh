@@ -253,7 +253,7 @@ __device__ __forceinline__ void cols_factor_by_rows(const MmaT *fh, const MmaT *
 // z_row_to_p). z: the round's P_r (BwdZ, ranks r0..r0+nr), overwritten with K_r as the rows side
 // reads it (one plane without the rows side's data lo halves: bf16);
 // part: f32 [nr][blocks][i1*i1 + i2*i2], this block's dC and dD contributions per rank.
-// One block per SM at the shapes that matter (102 KiB of shared memory at T5-base `wi`, bf16), so
+// One block per SM at the shapes that matter (142 KiB of shared memory at T5-base `wi`, bf16), so
 // the launch bounds ask for one: the warps keep factor and data fragments in registers.
 template <typename T>
 __global__ void __launch_bounds__(TC_THREADS, 1)
@@ -280,7 +280,10 @@ kron_cols_bwd_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc, con
   const int64_t ps = L.ps;
   const int mt16 = pr * i1p / 16, mtp = i1p / 16;
 
-  zero_smem(smem, L.bytes);  // K padding and rows past O
+  // The padding the products read: H's and P's (columns d past i2, rows c past i1, rows past O)
+  // and the factors'. T1, T2 and `red` are written whole before each read.
+  zero_smem(smem + L.hh, L.yh - L.hh);
+  zero_smem(smem + L.cth, L.red - L.cth);
   __syncthreads();
   // H's rows, once for every rank: H[pl][c][d] = H[p, c*i2 + d] for the block's Z rows p0 + pl.
   for (int64_t x = threadIdx.x; x < (int64_t)pr * I; x += TC_THREADS) {
