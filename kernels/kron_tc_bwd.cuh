@@ -69,6 +69,18 @@ __device__ __forceinline__ void frag_b_kmajor(uint32_t b[2], const MmaT *s, int 
   ldmatrix_x2<true>(b, s + (int64_t)(k0 + (lane & 15)) * ld + n0);  // lanes 0..15: rows k0..k0+15
 }
 
+// The fragment from a row-major (KMajor false: frag_a, frag_b) or k-major (true) shared array.
+template <bool KMajor>
+__device__ __forceinline__ void frag_a_as(uint32_t a[4], const MmaT *s, int ld, int m0, int k0, int lane) {
+  if constexpr (KMajor) frag_a_kmajor(a, s, ld, m0, k0, lane);
+  else frag_a(a, s, ld, m0, k0, lane);
+}
+template <bool KMajor>
+__device__ __forceinline__ void frag_b_as(uint32_t b[2], const MmaT *s, int ld, int n0, int k0, int lane) {
+  if constexpr (KMajor) frag_b_kmajor(b, s, ld, n0, k0, lane);
+  else frag_b(b, s, ld, n0, k0, lane);
+}
+
 // Copies a k x k factor transposed (dst[j'][j] = f[j][j']) into zero-padded shared matrices
 // (ld = tc_ld: ld / 2 words is 4 mod 8). Each warp-wide store covers 8 rows j' x 4 columns j: the
 // rows fall in eight distinct groups of banks (4 (2m + 1) j' mod 32), the columns in one word pair
@@ -170,22 +182,14 @@ __device__ __forceinline__ void cols_bwd_contract_mma(const MmaT *ah_, const Mma
     const int64_t off = p * ps;
     for (int k0 = 0; k0 < kp; k0 += 16) {
       uint32_t ah[4], al[4];
-      if constexpr (AK) frag_a_kmajor(ah, ah_ + off, lz, mt * 16, k0, lane);
-      else frag_a(ah, ah_ + off, lz, mt * 16, k0, lane);
-      if constexpr (PA::data_lo) {
-        if constexpr (AK) frag_a_kmajor(al, al_ + off, lz, mt * 16, k0, lane);
-        else frag_a(al, al_ + off, lz, mt * 16, k0, lane);
-      }
+      frag_a_as<AK>(ah, ah_ + off, lz, mt * 16, k0, lane);
+      if constexpr (PA::data_lo) frag_a_as<AK>(al, al_ + off, lz, mt * 16, k0, lane);
 #pragma unroll
       for (int nt = 0; nt < TC_KMAX / 8; ++nt)
         if (nt < ntn) {
           uint32_t bh[2], bl[2];
-          if constexpr (BK) frag_b_kmajor(bh, bh_ + off, lz, nt * 8, k0, lane);
-          else frag_b(bh, bh_ + off, lz, nt * 8, k0, lane);
-          if constexpr (PB::data_lo) {
-            if constexpr (BK) frag_b_kmajor(bl, bl_ + off, lz, nt * 8, k0, lane);
-            else frag_b(bl, bl_ + off, lz, nt * 8, k0, lane);
-          }
+          frag_b_as<BK>(bh, bh_ + off, lz, nt * 8, k0, lane);
+          if constexpr (PB::data_lo) frag_b_as<BK>(bl, bl_ + off, lz, nt * 8, k0, lane);
           mma_data<PA, PB>(c[nt], ah, al, bh, bl);
         }
     }
