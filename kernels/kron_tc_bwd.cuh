@@ -110,15 +110,15 @@ struct ColsBwdLayout {
   int64_t ps, hh, hl, ph, pl, yh, yl, y2h, y2l, cth, ctl, dth, dtl, red, bytes;
 };
 
-// pr: rows per block; sp: the split of H and P (ColsBwdPrec). Shared matrices: H, P, Y (T1) and Y2
-// (T2), the intermediates always with lo halves, [pr][i1p][lz]; C^T
-// [i1p][lc]; D^T [i2p][ld]; the f32 accumulators of dC's and dD's warps (cols_bwd_contract_mma),
-// [warps][n tiles][32 lanes][4].
 // float4 of `red` per warp: its accumulators of the widest contraction, ntmax n tiles of 32 lanes.
 __host__ __device__ inline int cols_bwd_red_stride(const ColsBwdLayout &l) {
   return (l.i1p > l.i2p ? l.i1p : l.i2p) / 8 * 32;
 }
 
+// pr: rows per block; sp: the split of H and P (ColsBwdPrec). Shared matrices: H, P, Y (T1) and Y2
+// (T2), the intermediates always with lo halves, [pr][i1p][lz]; C^T
+// [i1p][lc]; D^T [i2p][ld]; the f32 accumulators of dC's and dD's warps (cols_bwd_contract_mma),
+// [warps][n tiles][32 lanes][4].
 __host__ __device__ inline ColsBwdLayout cols_bwd_layout(int i1, int i2, int pr, TcSplit sp) {
   ColsBwdLayout l;
   l.pr = pr;

@@ -11,8 +11,9 @@
 # A line is the first frame of the inlined chain outside the fragment, mma and load/store helpers
 # (mma.cuh, ldst.cuh, common.cuh, and frag_* wherever defined), with the helper it went through. A
 # function the host compiler did not inline (a lambda, rows_bwd_body) shows under its own name
-# instead of its kernel's: a --kernel filter on the kernel's name leaves it out. --again re-reads the last run's
-# profile (target-prof/profile.txt) with another --kernel or --top, without running anything.
+# instead of its kernel's: a --kernel filter on the kernel's name leaves it out. --again re-reads
+# the last run's profile (target-prof/profile.txt) with another --kernel or --top, without running
+# anything.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
