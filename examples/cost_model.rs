@@ -538,7 +538,11 @@ fn take_launches(ptxas: &[(String, Resources)], dt: Dt) -> Vec<Launch> {
                 .take_while(|&&c| c != 0)
                 .map(|&c| c as u8)
                 .collect();
-            let kernel = String::from_utf8_lossy(&bytes).into_owned();
+            // A template with several arguments is launched as `(name<T, A, B>)` (a macro argument).
+            let kernel = String::from_utf8_lossy(&bytes)
+                .trim_start_matches('(')
+                .trim_end_matches(')')
+                .to_owned();
             let res = resources(ptxas, &kernel, dt);
             Launch { kernel, rec, res }
         })

@@ -21,7 +21,8 @@
 //      8-column slab looping over the round's ranks;
 //   2. kron_cols_bwd_kernel, one block per run of Z rows, looping over the round's ranks: H's rows
 //      stay in shared memory; P's rows in, dC and dD partials out, and K's rows written over P's,
-//      rounded as the rows side reads them (bf16: one plane; f16: hi and lo);
+//      rounded as the rows side reads them (bf16: one plane; f16: hi and lo); for bf16 with factors
+//      of at most 32, kron_cols_bwd_reg_kernel, which keeps its intermediates in registers;
 //   3. kron_rows_bwd_kernel, one block per 8-column slab looping over the round's ranks: K's slab
 //      and tau in, dA and dB partials out, and L^T K added to dtau's slab, rank by rank (with dtau
 //      resident, the last round writes the expert's gradient and the base gradient's running sum
@@ -31,9 +32,9 @@
 // Step 1 of every round but the first runs in step 3's launch of the round before
 // (kron_rows_bwd_split_kernel: both are per slab, and each block touches only its slab of Z).
 // Every product goes through the tensor cores as in kron_tc.cuh, under a precision policy per
-// kernel (ColsBwdPrec, RowsBwdPrec below; Prec in mma.cuh): bf16 is single-pass except on the
-// columns side (dC, dD), which splits data into bf16 hi + lo; f16 splits data and factors;
-// data-by-data contractions with split data take three mma (hi hi, hi lo, lo hi). f32 accumulation
+// kernel (ColsBwdPrec, RowsBwdPrec below; Prec in mma.cuh): bf16 is single-pass throughout; f16
+// splits data and factors; data-by-data contractions with split data take three mma (hi hi, hi lo,
+// lo hi). f32 accumulation
 // throughout.
 #pragma once
 #include "elementwise.cuh"
@@ -42,14 +43,12 @@
 namespace camex {
 
 // The backward's precision policies (mma.cuh, Prec), per kernel. bf16 is single-pass like the
-// forward (FwdPrec) for every operand read from storage or from Z: tau, H, P (ColsBwdPrec: the
-// columns side reads one bf16 plane of Z) and K. The columns side keeps the lo halves of its own f32
-// intermediates T1 = H x4 D^T and T2 = H x3 C^T (ColsBwdYPrec): dC and dD contract them with P in
-// two mma (T hi P + T lo P), and K = T1 x3 C^T takes T1 whole; mma.cuh has the measurements. f16
-// splits everything (PrecOf).
+// forward (FwdPrec) for every operand: tau, H, P (ColsBwdPrec: the columns side reads one bf16
+// plane of Z), K, and the columns side's own f32 intermediates T1 = H x4 D^T and T2 = H x3 C^T,
+// rounded once to bf16 where dC, dD and K take them; mma.cuh has the measurements. f16 splits
+// everything (PrecOf).
 template <typename T> using RowsBwdPrec = FwdPrec<T>;
 template <typename T> using ColsBwdPrec = FwdPrec<T>;
-template <typename T> using ColsBwdYPrec = Prec<true, PrecOf<T>::factor_lo>;
 static_assert(std::is_same<BwdZ<__nv_bfloat16>, MmaT>::value && std::is_same<BwdZ<__half>, ZSplit>::value &&
                   !ColsBwdPrec<__nv_bfloat16>::data_lo && ColsBwdPrec<__half>::data_lo,
               "Z's lo plane (BwdZ) exactly where the columns side reads P's lo halves");
@@ -115,8 +114,8 @@ __host__ __device__ inline int cols_bwd_red_stride(const ColsBwdLayout &l) {
   return (l.i1p > l.i2p ? l.i1p : l.i2p) / 8 * 32;
 }
 
-// pr: rows per block; sp: the split of H and P (ColsBwdPrec). Shared matrices: H, P, Y (T1) and Y2
-// (T2), the intermediates always with lo halves, [pr][i1p][lz]; C^T
+// pr: rows per block; sp: the split of H, P, T1 and T2 (ColsBwdPrec). Shared matrices: H, P, Y (T1)
+// and Y2 (T2), [pr][i1p][lz]; C^T
 // [i1p][lc]; D^T [i2p][ld]; the f32 accumulators of dC's and dD's warps (cols_bwd_contract_mma),
 // [warps][n tiles][32 lanes][4].
 __host__ __device__ inline ColsBwdLayout cols_bwd_layout(int i1, int i2, int pr, TcSplit sp) {
@@ -140,9 +139,9 @@ __host__ __device__ inline ColsBwdLayout cols_bwd_layout(int i1, int i2, int pr,
   l.pl = l.ph + xb;
   l.yh = l.pl + (dlo ? xb : 0);
   l.yl = l.yh + xb;
-  l.y2h = l.yl + xb;  // T1 and T2 always keep their lo halves (ColsBwdYPrec)
+  l.y2h = l.yl + (dlo ? xb : 0);
   l.y2l = l.y2h + xb;
-  l.cth = l.y2l + xb;
+  l.cth = l.y2l + (dlo ? xb : 0);
   l.ctl = l.cth + cb;
   l.dth = l.ctl + (flo ? cb : 0);
   l.dtl = l.dth + db;
@@ -265,8 +264,7 @@ kron_cols_bwd_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc, con
                      float *__restrict__ part, int o1, int i1, int i2, int pr, int64_t O, int64_t r0, int64_t nr,
                      int64_t nexp, int64_t expert) {
   CAMEX_DYNAMIC_SMEM(smem);
-  using P = ColsBwdPrec<T>;    // H and P
-  using PY = ColsBwdYPrec<T>;  // T1 and T2
+  using P = ColsBwdPrec<T>;  // H, P, T1 and T2
   const ColsBwdLayout L = cols_bwd_layout(i1, i2, pr, P::split());
   MmaT *Hh = reinterpret_cast<MmaT *>(smem + L.hh), *Hl = reinterpret_cast<MmaT *>(smem + L.hl);
   MmaT *Ph = reinterpret_cast<MmaT *>(smem + L.ph), *Pl = reinterpret_cast<MmaT *>(smem + L.pl);
@@ -307,12 +305,12 @@ kron_cols_bwd_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc, con
     __syncthreads();
 
     // T1[p][c][d'] = sum_d H[p][c][d] D[d][d'] (the factor operand is D^T as stored).
-    cols_fwd_mode_d<P, true, PY, !P::factor_lo>(Hh, Hl, lz, ps, mtp, Dth, Dtl, L.ld, Yh, Yl, lz, ps, mt16, i2p);
+    cols_fwd_mode_d<P, true, P, !P::factor_lo>(Hh, Hl, lz, ps, mtp, Dth, Dtl, L.ld, Yh, Yl, lz, ps, mt16, i2p);
     // T2[p][c'][d] = sum_c C[c][c'] H[p][c][d]  (M = c', N = d, K = c; A = C^T as stored).
     cols_factor_by_rows<P>(Cth, Ctl, L.lc, Hh, Hl, lz, ps, pr, i1p, i2p, [&](int pl, int mt, int nt, const float c[4]) {
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh)
-        store_data2<PY>(Y2h, Y2l, pl * ps + (int64_t)(mt * 16 + g + 8 * hh) * lz + nt * 8 + 2 * t, c[2 * hh],
+        store_data2<P>(Y2h, Y2l, pl * ps + (int64_t)(mt * 16 + g + 8 * hh) * lz + nt * 8 + 2 * t, c[2 * hh],
                         c[2 * hh + 1]);
     });
     __syncthreads();
@@ -323,14 +321,12 @@ kron_cols_bwd_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc, con
     constexpr int half = TC_WARPS / 2;
     const int rs = cols_bwd_red_stride(L);
     if (threadIdx.x / 32 < half)
-      cols_bwd_contract_mma<PY, P, false, false>(Yh, Yl, Ph, Pl, lz, ps, pr, i1p, i1p, i2p, 0, half, red, rs);
+      cols_bwd_contract_mma<P, P, false, false>(Yh, Yl, Ph, Pl, lz, ps, pr, i1p, i1p, i2p, 0, half, red, rs);
     else
-      cols_bwd_contract_mma<PY, P, true, true>(Y2h, Y2l, Ph, Pl, lz, ps, pr, i2p, i2p, i1p, half, half, red, rs);
+      cols_bwd_contract_mma<P, P, true, true>(Y2h, Y2l, Ph, Pl, lz, ps, pr, i2p, i2p, i1p, half, half, red, rs);
     // K[p][c'][d'] = sum_c C[c][c'] T1[p][c][d']  (M = c', N = d', K = c; A = C^T as stored), over
-    // P's planes at the same Z rows (the block's own), rounded as the rows side would round it. T1
-    // goes in split as it is (hi and lo): with T1's hi alone, K's extra rounding took the rows side's
-    // worst bf16 gradient (a 1 x 1 factor's dA, one cancelling sum) from 0.59 to 0.99 of its bound.
-    cols_factor_by_rows<PY>(Cth, Ctl, L.lc, Yh, Yl, lz, ps, pr, i1p, i2p, [&](int pl, int mt, int nt, const float c[4]) {
+    // P's planes at the same Z rows (the block's own), rounded as the rows side would round it.
+    cols_factor_by_rows<P>(Cth, Ctl, L.lc, Yh, Yl, lz, ps, pr, i1p, i2p, [&](int pl, int mt, int nt, const float c[4]) {
       const int64_t zrow = p0 + pl;
       if (zrow >= O) return;
 #pragma unroll
@@ -351,6 +347,290 @@ kron_cols_bwd_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc, con
     __syncthreads();  // every warp's accumulators are in `red`
     cols_bwd_contract_sum(i1p, i1p, 0, half, red, rs, out, i1, i1);
     cols_bwd_contract_sum(i2p, i2p, half, half, red, rs, out + (int64_t)i1 * i1, i2, i2);
+  }
+}
+
+// ---- columns side with its intermediates in registers (bf16, i1 and i2 at most 32) ----
+// Where the columns side is single-pass throughout (bf16: ColsBwdPrec without lo halves) and both
+// factors are at most 32, a warp keeps one row's intermediates in registers and hands them straight
+// back to the tensor cores (frag_a_of_acc, frag_b_of_a), so nothing but H, P and the factors goes
+// through shared memory. T1 is contracted over both of its indices (over d' in dC, over c in K),
+// and an accumulator is an operand only along its columns, so the warp makes it twice, as T1 and
+// as T1^T: 16 mma more per row than one T1, instead of a store and two reads of it in shared
+// memory. Per rank and row p (M, N, K of each product):
+//   T1   = H D      T1[c][d']   = sum_d H[c][d] D[d][d']       (c, d', d)  -> dC += T1 P^T   (c, c', d')
+//   T1^T = D^T H^T  T1^T[d'][c] = sum_d D[d][d'] H[c][d]       (d', c, d)  -> K = C^T T1     (c', d', c)
+//   T2^T = H^T C    T2^T[d][c'] = sum_c H[c][d] C[c][c']       (d, c', c)  -> dD += T2^T P   (d, d', c')
+// Warps take whole rows (pr / 8 each, pr = cols_bwd_reg_rows); dC and dD stay in registers across
+// the warp's rows, and the warps' partials are summed in warp order at the end of each rank. K goes
+// out through shared memory, in whole sectors of Z.
+
+struct ColsBwdRegLayout {
+  int lz, lc, ld, pr;
+  int64_t ps, hh, ph, ct, dt, red, bytes;
+};
+
+// H and P [pr][i1p][lz] (p stride ps, as cols_bwd_layout's), C^T [i1p][lc] and D^T [i2p][ld]
+// (zero-padded), and the warps' partials of one of dC and dD at a time, [warps][tiles][32 lanes]
+// float4.
+__host__ __device__ inline ColsBwdRegLayout cols_bwd_reg_layout(int i1p, int i2p, int pr) {
+  ColsBwdRegLayout l;
+  l.pr = pr;
+  l.lz = tc_ld(i2p);
+  l.lc = tc_ld(i1p);
+  l.ld = tc_ld(i2p);
+  l.ps = (int64_t)i1p * l.lz + 8;
+  const int64_t xb = (int64_t)pr * l.ps * 2;
+  const int tc = (i1p / 16) * (i1p / 8), td = (i2p / 16) * (i2p / 8);
+  l.hh = 0;
+  l.ph = xb;
+  l.ct = 2 * xb;
+  l.dt = l.ct + (int64_t)i1p * l.lc * 2;
+  l.red = (l.dt + (int64_t)i2p * l.ld * 2 + 15) / 16 * 16;
+  l.bytes = l.red + (int64_t)TC_WARPS * (tc > td ? tc : td) * 32 * 16;
+  return l;
+}
+
+// Whether storage T's columns side takes the register kernel at factors i1 x i2.
+template <typename T> __host__ __device__ inline bool cols_bwd_reg_ok(int i1, int i2) {
+  return !ColsBwdPrec<T>::data_lo && !ColsBwdPrec<T>::factor_lo && tc_pad(i1) <= 32 && tc_pad(i2) <= 32;
+}
+
+// Rows per block of the register kernel: 24, 16 or 8 (three, two or one per warp), the most that
+// fit `lim` and still give about a wave of blocks on an H200 (132 SMs), since a block per row run
+// amortises the warps' exchange of partials over more rows; never fewer blocks than the old kernel's
+// cols_bwd_rows (<= 8 rows) sized the partials for.
+__host__ __device__ inline int cols_bwd_reg_rows(int64_t O, int i1, int i2, int64_t lim) {
+#ifdef CAMEX_EMU
+  // The emulation's small test shapes: 8, 16 or 24 rows by O, so that the tests run all three (and
+  // blocks that end past O); while its cost counters run, the GPU's choice.
+  if (!::emu::counting()) {
+    const int pr = 8 * (1 + (int)(O % 3));
+    return cols_bwd_reg_layout(tc_pad(i1), tc_pad(i2), pr).bytes <= lim ? pr : 8;
+  }
+#endif
+  for (int pr = 24; pr > 8; pr -= 8)
+    if ((O + pr - 1) / pr >= 120 && cols_bwd_reg_layout(tc_pad(i1), tc_pad(i2), pr).bytes <= lim) return pr;
+  return 8;
+}
+
+// The warps' m16n8 accumulators of one contraction (M x N tiles per warp) summed in warp order into
+// out[m * nv + n] (m < mv, n < nv), through `red`; pairs (n, n + 1) as one 8-byte store where they
+// are aligned, so that each row's run fills whole sectors.
+template <int M, int N>
+__device__ __forceinline__ void cols_bwd_reg_sum(const float (&acc)[M][N][4], float4 *red, float *out, int mv, int nv) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  constexpr int tiles = M * N;
+  __syncthreads();  // the previous readers of red are done
+#pragma unroll
+  for (int mt = 0; mt < M; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < N; ++nt)
+      red[(warp * tiles + mt * N + nt) * 32 + lane] = make_float4(acc[mt][nt][0], acc[mt][nt][1], acc[mt][nt][2], acc[mt][nt][3]);
+  __syncthreads();
+  const bool pairs = nv % 2 == 0 && (reinterpret_cast<uintptr_t>(out) & 7) == 0;
+  for (int x = threadIdx.x; x < tiles * 32; x += TC_THREADS) {
+    const int tile = x >> 5, l = x & 31, g = l >> 2, t = l & 3, mt = tile / N, nt = tile % N;
+    float s[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int w = 0; w < TC_WARPS; ++w) {
+      const float4 v = red[(w * tiles + tile) * 32 + l];
+      s[0] += v.x, s[1] += v.y, s[2] += v.z, s[3] += v.w;
+    }
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int m = mt * 16 + g + 8 * hh, n = nt * 8 + 2 * t;
+      if (m >= mv || n >= nv) continue;
+      if (pairs) {  // n + 1 < nv: nv and n are even
+        *reinterpret_cast<float2 *>(out + m * nv + n) = make_float2(s[2 * hh], s[2 * hh + 1]);
+        continue;
+      }
+      out[m * nv + n] = s[2 * hh];
+      if (n + 1 < nv) out[m * nv + n + 1] = s[2 * hh + 1];
+    }
+  }
+}
+
+// As kron_cols_bwd_kernel (same arguments, grid (ceil(O / pr)), pr = cols_bwd_reg_rows), for
+// i1p = I1P and i2p = I2P. Per rank, two passes over the warp's rows, so that only one of dC's and
+// dD's accumulators is live at a time: T2^T and dD; then T1, dC, T1^T and K, K going over the row's
+// P in shared memory (the warp's own row, read by then) and from there out to Z in whole sectors.
+template <typename T, int I1P, int I2P>
+__global__ void __launch_bounds__(TC_THREADS, 1)
+kron_cols_bwd_reg_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc, const T *__restrict__ fd,
+                         float *__restrict__ part, int o1, int i1, int i2, int pr, int64_t O, int64_t r0, int64_t nr,
+                         int64_t nexp, int64_t expert) {
+  CAMEX_DYNAMIC_SMEM(smem);
+  using P = ColsBwdPrec<T>;
+  using KP = Prec<RowsBwdPrec<T>::data_lo, false>;  // K as the rows side takes it
+  static_assert(!P::data_lo && !P::factor_lo && !KP::data_lo, "single-pass operands and exact factors only");
+  constexpr int MC = I1P / 16, NC = I1P / 8, MD = I2P / 16, ND = I2P / 8;  // k steps: MC over c, MD over d
+  const ColsBwdRegLayout L = cols_bwd_reg_layout(I1P, I2P, pr);
+  MmaT *Hs = reinterpret_cast<MmaT *>(smem + L.hh), *Ps = reinterpret_cast<MmaT *>(smem + L.ph);
+  MmaT *Ct = reinterpret_cast<MmaT *>(smem + L.ct), *Dt = reinterpret_cast<MmaT *>(smem + L.dt);
+  float4 *red = reinterpret_cast<float4 *>(smem + L.red);
+  const int64_t I = (int64_t)i1 * i2, plane = slab_plane(I, O), slabs = (I + TC_QC - 1) / TC_QC;
+  const int64_t p0 = (int64_t)blockIdx.x * pr, blocks = gridDim.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int lz = L.lz;
+  const int64_t ps = L.ps;
+
+  zero_smem(smem, L.red);  // the padding of H, P and the factors (red is written whole before reads)
+  __syncthreads();
+  for (int64_t x = threadIdx.x; x < (int64_t)pr * I; x += TC_THREADS) {
+    const int64_t pl = x / I, q = x % I, zrow = p0 + pl;
+    if (zrow < O)
+      store_data<P>(Hs, nullptr, pl * ps + (q / i2) * lz + q % i2, opnd_ld<T>(h, z_row_to_p<BwdZ<T>>(zrow, o1, O) * I + q));
+  }
+
+  for (int64_t rl = 0; rl < nr; ++rl) {
+    const int64_t r = r0 + rl;
+    __syncthreads();  // the previous rank's readers of P (K by then) and the factors are done
+    load_factor_t<P>(Ct, nullptr, fc + (r * nexp + expert) * i1 * i1, i1, L.lc);
+    load_factor_t<P>(Dt, nullptr, fd + (r * nexp + expert) * i2 * i2, i2, L.ld);
+    MmaT *zr = z + rl * ZMem<BwdZ<T>>::planes * plane;
+    float *out = part + (rl * blocks + blockIdx.x) * ((int64_t)i1 * i1 + (int64_t)i2 * i2);
+    load_z_rows<P, BwdZ<T>>(Ps, nullptr, lz, ps, zr, p0, pr, O, i1, i2);
+    __syncthreads();
+    // The factors' A fragments, for the whole rank: C^T (M = c', K = c) and D^T (M = d', K = d);
+    // their halves are the B fragments of C (K = c, N = c') and D (K = d, N = d').
+    uint32_t ca[MC][MC][4], da[MD][MD][4];
+#pragma unroll
+    for (int mt = 0; mt < MC; ++mt)
+#pragma unroll
+      for (int ks = 0; ks < MC; ++ks) frag_a(ca[mt][ks], Ct, L.lc, mt * 16, ks * 16, lane);
+#pragma unroll
+    for (int mt = 0; mt < MD; ++mt)
+#pragma unroll
+      for (int ks = 0; ks < MD; ++ks) frag_a(da[mt][ks], Dt, L.ld, mt * 16, ks * 16, lane);
+
+    float dd[MD][ND][4] = {};
+    for (int pl = warp; pl < pr && p0 + pl < O; pl += TC_WARPS) {
+      const MmaT *hp = Hs + pl * ps, *pp = Ps + pl * ps;
+      // T2^T = H^T C (H^T through ldmatrix.trans), then dD[d][d'] += sum_c' T2^T[d][c'] P[c'][d']
+      // (P's B fragment through ldmatrix.trans: k = c' is its row index).
+      uint32_t hta[MD][MC][4];
+#pragma unroll
+      for (int mt = 0; mt < MD; ++mt)
+#pragma unroll
+        for (int ks = 0; ks < MC; ++ks) frag_a_kmajor(hta[mt][ks], hp, lz, mt * 16, ks * 16, lane);
+      float t2[MD][NC][4] = {};
+#pragma unroll
+      for (int mt = 0; mt < MD; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NC; ++nt)
+#pragma unroll
+          for (int ks = 0; ks < MC; ++ks) {
+            uint32_t b[2];
+            frag_b_of_a(b, ca[nt / 2][ks], nt & 1);
+            mma_bf16(t2[mt][nt], hta[mt][ks], b);
+          }
+      uint32_t va[MD][MC][4], unused[4];
+#pragma unroll
+      for (int mt = 0; mt < MD; ++mt)
+#pragma unroll
+        for (int ks = 0; ks < MC; ++ks) frag_a_of_acc<P>(va[mt][ks], unused, t2[mt][2 * ks], t2[mt][2 * ks + 1]);
+#pragma unroll
+      for (int nt = 0; nt < ND; ++nt)
+#pragma unroll
+        for (int ks = 0; ks < MC; ++ks) {
+          uint32_t b[2];
+          frag_b_kmajor(b, pp, lz, nt * 8, ks * 16, lane);
+#pragma unroll
+          for (int mt = 0; mt < MD; ++mt) mma_bf16(dd[mt][nt], va[mt][ks], b);
+        }
+    }
+    cols_bwd_reg_sum<MD, ND>(dd, red, out + (int64_t)i1 * i1, i2, i2);
+
+    float dc[MC][NC][4] = {};
+    for (int pl = warp; pl < pr && p0 + pl < O; pl += TC_WARPS) {
+      const MmaT *hp = Hs + pl * ps;
+      MmaT *pp = Ps + pl * ps;
+      uint32_t ha[MC][MD][4];  // H's A fragments (M = c, K = d); halves: H^T's B (K = d, N = c)
+#pragma unroll
+      for (int mt = 0; mt < MC; ++mt)
+#pragma unroll
+        for (int ks = 0; ks < MD; ++ks) frag_a(ha[mt][ks], hp, lz, mt * 16, ks * 16, lane);
+      {  // T1 = H D, then dC[c][c'] += sum_d' T1[c][d'] P[c'][d'] (P's B fragment: k = d' contiguous)
+        float t1[MC][ND][4] = {};
+#pragma unroll
+        for (int mt = 0; mt < MC; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < ND; ++nt)
+#pragma unroll
+            for (int ks = 0; ks < MD; ++ks) {
+              uint32_t b[2];
+              frag_b_of_a(b, da[nt / 2][ks], nt & 1);
+              mma_bf16(t1[mt][nt], ha[mt][ks], b);
+            }
+        uint32_t ta[MC][MD][4], unused[4];
+#pragma unroll
+        for (int mt = 0; mt < MC; ++mt)
+#pragma unroll
+          for (int ks = 0; ks < MD; ++ks) frag_a_of_acc<P>(ta[mt][ks], unused, t1[mt][2 * ks], t1[mt][2 * ks + 1]);
+#pragma unroll
+        for (int nt = 0; nt < NC; ++nt)
+#pragma unroll
+          for (int ks = 0; ks < MD; ++ks) {
+            uint32_t b[2];
+            frag_b(b, pp, lz, nt * 8, ks * 16, lane);
+#pragma unroll
+            for (int mt = 0; mt < MC; ++mt) mma_bf16(dc[mt][nt], ta[mt][ks], b);
+          }
+      }
+      // T1^T = D^T H^T, then K[c'][d'] = sum_c C[c][c'] T1[c][d'] (T1's B fragment: T1^T's A halves),
+      // over the row's P (every lane has read it: __syncwarp), rounded as the rows side reads K.
+      float tt[MD][NC][4] = {};
+#pragma unroll
+      for (int mt = 0; mt < MD; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NC; ++nt)
+#pragma unroll
+          for (int ks = 0; ks < MD; ++ks) {
+            uint32_t b[2];
+            frag_b_of_a(b, ha[nt / 2][ks], nt & 1);
+            mma_bf16(tt[mt][nt], da[mt][ks], b);
+          }
+      uint32_t ua[MD][MC][4], unused[4];
+#pragma unroll
+      for (int mt = 0; mt < MD; ++mt)
+#pragma unroll
+        for (int ks = 0; ks < MC; ++ks) frag_a_of_acc<P>(ua[mt][ks], unused, tt[mt][2 * ks], tt[mt][2 * ks + 1]);
+      __syncwarp();
+#pragma unroll
+      for (int mt = 0; mt < MC; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < ND; ++nt) {
+          float k[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+          for (int ks = 0; ks < MC; ++ks) {
+            uint32_t b[2];
+            frag_b_of_a(b, ua[nt / 2][ks], nt & 1);
+            mma_bf16(k, ca[mt][ks], b);
+          }
+          // K is exactly 0 at c' >= i1 and d' >= i2 (zero rows of C^T and D^T), so the padding that
+          // the next rank's P relies on stays zero.
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh)
+            store_data2<KP>(pp, nullptr, (mt * 16 + g + 8 * hh) * lz + nt * 8 + 2 * t, k[2 * hh], k[2 * hh + 1]);
+        }
+    }
+    cols_bwd_reg_sum<MC, NC>(dc, red, out, i1, i1);  // its barriers also order K's stores before the copy
+
+    // K's rows out to Z, as load_z_rows read P's: one 16-byte run of a slab per row where i2 % 8 == 0,
+    // consecutive lanes taking consecutive rows (whole sectors).
+    if (i2 % TC_QC == 0) {
+      for (int64_t x = threadIdx.x; x < (int64_t)pr * slabs; x += TC_THREADS) {
+        const int64_t sl = x / pr, pl = x % pr, zrow = p0 + pl, q = sl * TC_QC;
+        if (zrow < O)
+          *reinterpret_cast<uint4 *>(zr + slab_at(q, zrow, O)) =
+              *reinterpret_cast<const uint4 *>(Ps + pl * ps + (q / i2) * lz + q % i2);
+      }
+    } else {
+      for (int64_t x = threadIdx.x; x < (int64_t)pr * I; x += TC_THREADS) {
+        const int64_t pl = x / I, q = x % I, zrow = p0 + pl;
+        if (zrow < O) zr[slab_at(q, zrow, O)] = Ps[pl * ps + (q / i2) * lz + q % i2];
+      }
+    }
   }
 }
 
@@ -814,6 +1094,41 @@ inline int64_t kron_tc_bwd_partial_floats(const D4 &d4, int64_t r, int dtype) {
   return r * (slabs * (o1 * o1 + o2 * o2) + cblocks * (i1 * i1 + i2 * i2)) + 64;
 }
 
+// The columns-side launch's arguments (kron_cols_bwd_kernel's, kron_cols_bwd_reg_kernel's).
+template <typename T> struct ColsBwdArgs {
+  Opnd h;
+  MmaT *z;
+  const T *fc, *fd;
+  float *part;
+  int o1, i1, i2, pr;
+  int64_t O, r0, nr, nexp, expert;
+};
+
+// The register kernel's instance for i1 x i2 (cols_bwd_reg_ok): with `a`, launched on `grid`
+// blocks of `bytes`; without, its opt-in to `lim` bytes of shared memory set. One statement per
+// instance, so that each launch names its kernel (the emulation's counters go by the name).
+template <typename T>
+inline cudaError_t cols_bwd_reg_launch(cudaStream_t s, int i1, int i2, unsigned grid, int64_t bytes, int64_t lim,
+                                       const ColsBwdArgs<T> *a) {
+  if constexpr (ColsBwdPrec<T>::data_lo || ColsBwdPrec<T>::factor_lo) {
+    return cudaErrorInvalidValue;  // cols_bwd_reg_ok is false for such T
+  } else {
+#define CAMEX_COLS_BWD_REG(C, D)                                                                            \
+  if (tc_pad(i1) == C && tc_pad(i2) == D) {                                                                 \
+    if (!a) return CAMEX_SET_MAX_SMEM((kron_cols_bwd_reg_kernel<T, C, D>), lim);                            \
+    CAMEX_LAUNCH_SMEM((kron_cols_bwd_reg_kernel<T, C, D>), grid, TC_THREADS, bytes, s)(                     \
+        a->h, a->z, a->fc, a->fd, a->part, a->o1, a->i1, a->i2, a->pr, a->O, a->r0, a->nr, a->nexp, a->expert); \
+    return cudaGetLastError();                                                                              \
+  }
+    CAMEX_COLS_BWD_REG(16, 16)
+    CAMEX_COLS_BWD_REG(16, 32)
+    CAMEX_COLS_BWD_REG(32, 16)
+    CAMEX_COLS_BWD_REG(32, 32)
+#undef CAMEX_COLS_BWD_REG
+    return cudaErrorInvalidValue;
+  }
+}
+
 // The reverse of expert `expert`: gt (f32 [O*I], overwritten) = dL/dtau, and the factor gradients
 // of every rank for this expert. h: dL/dU (f32 or storage T); tau: W - E; z: kron_tc_z_bytes;
 // part: kron_tc_bwd_partial_floats; lim: tc_smem_limit(), checked by kron_tc_bwd_fits. taus
@@ -827,13 +1142,19 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
   const int64_t O = (int64_t)o1 * o2, I = (int64_t)i1 * i2, slabs = (I + TC_QC - 1) / TC_QC;
   const int resident = rows_resident(o1, o2, RowsSplitPrec<T>::split(), lim) ? 1 : 0;
   const RowsLayout rl = rows_layout(o1, o2, RowsSplitPrec<T>::split(), resident != 0);
-  const int pr = cols_bwd_rows(i1, i2, ColsBwdPrec<T>::split());  // as kron_tc_bwd_partial_floats sizes it
-  const ColsBwdLayout cl = cols_bwd_layout(i1, i2, pr, ColsBwdPrec<T>::split());
+  // The columns side: the register kernel where it takes the shape, else kron_cols_bwd_kernel at
+  // cols_bwd_rows' rows, for which kron_tc_bwd_partial_floats sized the partials (the register
+  // kernel's rows are at least as many: as many blocks or fewer).
+  const bool creg = cols_bwd_reg_ok<T>(i1, i2);
+  const int pr = creg ? cols_bwd_reg_rows(O, i1, i2, lim) : cols_bwd_rows(i1, i2, ColsBwdPrec<T>::split());
+  const int64_t cbytes = creg ? cols_bwd_reg_layout(tc_pad(i1), tc_pad(i2), pr).bytes
+                              : cols_bwd_layout(i1, i2, pr, ColsBwdPrec<T>::split()).bytes;
   const int bmode = rows_bwd_mode(o1, o2, RowsBwdPrec<T>::split(), lim);
   const RowsBwdLayout bl = rows_bwd_layout(o1, o2, RowsBwdPrec<T>::split(), bmode);
   const int64_t cblocks = (O + pr - 1) / pr;
   cudaError_t err = CAMEX_SET_MAX_SMEM(kron_rows_split_kernel<T>, lim);
-  if (err == cudaSuccess) err = CAMEX_SET_MAX_SMEM(kron_cols_bwd_kernel<T>, lim);
+  if (err == cudaSuccess) err = creg ? cols_bwd_reg_launch<T>(s, i1, i2, 0, 0, lim, nullptr)
+                                    : CAMEX_SET_MAX_SMEM(kron_cols_bwd_kernel<T>, lim);
   if (err == cudaSuccess) err = CAMEX_SET_MAX_SMEM(kron_rows_bwd_kernel<T>, lim);
   if (err == cudaSuccess) err = CAMEX_SET_MAX_SMEM(kron_rows_bwd_split_kernel<T>, lim);
   if (err != cudaSuccess) return (int)err;
@@ -862,9 +1183,15 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
           w, e, fa, fb, zs, o1, o2, I, f.n, expert, r0, nr, resident, tp_out);
       CAMEX_CHECK_LAUNCH();
     }
-    CAMEX_LAUNCH_SMEM(kron_cols_bwd_kernel<T>, (unsigned)cblocks, TC_THREADS, cl.bytes, s)(
-        h, zs, fc, fd, pcd + r0 * cblocks * scd, o1, i1, i2, pr, O, r0, nr, f.n, expert);
-    CAMEX_CHECK_LAUNCH();
+    const ColsBwdArgs<T> ca = {h, zs, fc, fd, pcd + r0 * cblocks * scd, o1, i1, i2, pr, O, r0, nr, f.n, expert};
+    if (creg) {
+      err = cols_bwd_reg_launch<T>(s, i1, i2, (unsigned)cblocks, cbytes, 0, &ca);
+      if (err != cudaSuccess) return (int)err;
+    } else {
+      CAMEX_LAUNCH_SMEM(kron_cols_bwd_kernel<T>, (unsigned)cblocks, TC_THREADS, cbytes, s)(
+          ca.h, ca.z, ca.fc, ca.fd, ca.part, o1, i1, i2, pr, O, r0, nr, f.n, expert);
+      CAMEX_CHECK_LAUNCH();
+    }
     if (nrn > 0) {
       CAMEX_LAUNCH_SMEM(kron_rows_bwd_split_kernel<T>, (unsigned)slabs, TC_THREADS, fused_bytes, s)(
           w, e, zs, fa, fb, pab + r0 * slabs * sab, gt, o1, o2, I, f.n, expert, r0, nr, bmode, tp_in, rn0, nrn,

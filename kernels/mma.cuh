@@ -80,9 +80,11 @@ __device__ __forceinline__ void frag_b(uint32_t b[2], const T *s, int ld, int n0
 // 1.4e-2 (official bf16 einsums 6.9e-3; emu_ca_merge_half_matches_cpu at [N, O, I] = [2, 7, 13]).
 // Split by operand (kron_tc_bwd.cuh): H and P single-pass with the f32 intermediates T1, T2 split
 // took that case to 1.0e-2 (P single and H split: 1.2e-2), over tol; every other bf16 factor
-// gradient stayed at most 0.53 of its bound. So the columns side reads H and P single-pass and
-// splits its intermediates, and a 1 x 1 factor (that one cancelling sum) takes the scalar backward
-// (kron_tc_bwd_fits).
+// gradient stayed at most 0.53 of its bound. So a 1 x 1 factor (that one cancelling sum) takes the
+// scalar backward (kron_tc_bwd_fits), and with it excluded the columns side is single-pass
+// throughout, T1 and T2 too: over the 278 f16/bf16 comparisons of tests/emu.rs the worst ratio to
+// the bound went from 0.56 to 0.57 (curvature grad_factor_c [2, 3, 2, 2]); the T5-base-sized cases
+// from 0.43-0.48 to 0.49-0.51, i.e. the official bf16 einsums' own error.
 // f16 storage: data and factors both split, three mma per product (hi hi + hi lo + lo hi): the
 // cheapest form the bf16 mma allows within bound 2. f16 keeps 11 significant bits, so the official
 // f16 reference rounds at 2^-12 and its E_off is ~8x bf16's, while one bf16 rounding is 2^-9. In the
@@ -135,14 +137,39 @@ __device__ __forceinline__ uint32_t mma_bits(MmaT v) {
   return u;
 }
 
+// Two data elements as the 32-bit pairs of a fragment (v0 in the low 16 bits): hi, and lo where P
+// splits data (lo is not touched otherwise).
+template <typename P> __device__ __forceinline__ void pack_data2(uint32_t &hi, uint32_t &lo, float v0, float v1) {
+  const MmaT h0 = from_f32<MmaT>(v0), h1 = from_f32<MmaT>(v1);
+  hi = mma_bits(h0) | (mma_bits(h1) << 16);
+  if constexpr (P::data_lo)
+    lo = mma_bits(from_f32<MmaT>(v0 - to_f32(h0))) | (mma_bits(from_f32<MmaT>(v1 - to_f32(h1))) << 16);
+}
+
 // Two consecutive data elements (k even) as one 32-bit store per half: v0 in the low 16 bits.
 template <typename P> __device__ __forceinline__ void store_data2(MmaT *hi, MmaT *lo, int64_t k, float v0, float v1) {
-  const MmaT h0 = from_f32<MmaT>(v0), h1 = from_f32<MmaT>(v1);
-  *reinterpret_cast<uint32_t *>(hi + k) = mma_bits(h0) | (mma_bits(h1) << 16);
-  if constexpr (P::data_lo) {
-    const MmaT l0 = from_f32<MmaT>(v0 - to_f32(h0)), l1 = from_f32<MmaT>(v1 - to_f32(h1));
-    *reinterpret_cast<uint32_t *>(lo + k) = mma_bits(l0) | (mma_bits(l1) << 16);
-  }
+  uint32_t h, l = 0;
+  pack_data2<P>(h, l, v0, v1);
+  *reinterpret_cast<uint32_t *>(hi + k) = h;
+  if constexpr (P::data_lo) *reinterpret_cast<uint32_t *>(lo + k) = l;
+}
+
+// Register fragments without shared memory (flash-attention's reuse of an accumulator as the next
+// mma's operand). Two m16n8 f32 accumulator tiles, n tiles 2k and 2k + 1 of one m tile, are the A
+// fragment of k step k (M = their rows, K = their columns): the accumulator's pairs (row g or
+// g + 8, columns 2t and 2t + 1) are the A fragment's, split as P splits data.
+template <typename P>
+__device__ __forceinline__ void frag_a_of_acc(uint32_t ah[4], uint32_t al[4], const float c0[4], const float c1[4]) {
+  pack_data2<P>(ah[0], al[0], c0[0], c0[1]);
+  pack_data2<P>(ah[1], al[1], c0[2], c0[3]);
+  pack_data2<P>(ah[2], al[2], c1[0], c1[1]);
+  pack_data2<P>(ah[3], al[3], c1[2], c1[3]);
+}
+// The A fragment of a matrix X (rows m0.., k k0..) holds the B fragments of k step k0 for n tiles
+// m0 (half 0) and m0 + 8 (half 1) of B[k][n] = X[n][k]: frag_b and frag_a read the same pairs.
+__device__ __forceinline__ void frag_b_of_a(uint32_t b[2], const uint32_t a[4], int half) {
+  b[0] = a[half];
+  b[1] = a[half + 2];
 }
 
 // Eight consecutive data elements (k a multiple of 8) as one 16-byte store per half.
