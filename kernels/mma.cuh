@@ -67,8 +67,9 @@ __device__ __forceinline__ void frag_b(uint32_t b[2], const T *s, int ld, int n0
 //   data:   tau = W - E, the f32 intermediates and upstream gradients (rounded once more each);
 //   factor: the Kronecker factors (exact in hi for bf16 storage; f16 needs hi + lo to be exact).
 // bf16 storage: factors exact in hi (no factor lo). PrecOf<bf16> splits data (two mma per
-// factor-by-data product, three per data-by-data contraction); the Kronecker kernels take it only
-// where single-pass bf16 failed (FwdPrec below and the per-kernel policies in kron_tc_bwd.cuh).
+// factor-by-data product, three per data-by-data contraction); gemm.cuh takes it for f32 and tau
+// operands, the Kronecker kernels no longer for bf16 (FwdPrec below and the per-kernel policies in
+// kron_tc_bwd.cuh, all single-pass for bf16).
 // Single-pass bf16 (one mma per product, no lo arrays in shared memory), measured in the CPU
 // emulation (tests/gpu.rs emu): the forward and the backward's rows side (P = L tau, dA, dB, dtau)
 // stay within bound 2 at about the official code's error (T5 `wi` curvature 3.8e-3 against E_off
@@ -109,7 +110,8 @@ template <bool DataLo, bool FactorLo> struct Prec {
 template <typename T> using PrecOf = Prec<tc_split<T>().data_lo, tc_split<T>().factor_lo>;
 // The forward drops bf16's data split: single-pass bf16 (tau and the f32 intermediate Z rounded
 // once to bf16, one mma per product) met both bounds on every curvature and ca_merge forward test
-// in the emulation (measurements above); only the backward's degenerate factor gradients need it.
+// in the emulation (measurements above); only the backward's degenerate 1 x 1 factor gradients
+// needed it, and they take the scalar backward.
 // f16 keeps both splits (above: one bf16 rounding is 4x f16's and breaks bound 2).
 template <typename T>
 using FwdPrec = Prec<tc_split<T>().data_lo && !std::is_same<T, __nv_bfloat16>::value, tc_split<T>().factor_lo>;
