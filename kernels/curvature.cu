@@ -250,8 +250,16 @@ template <typename T> int ca_merge_backward_t(const camex_ca_merge_params &p, cu
   // H's launch (the first, without curvature) also sums Gbar over the groups (sumg, + gnb), which
   // the last expert's finish turns into the base gradient.
   const GroupSum<T> sumg = {ws.sumg, nullptr};
+  // H in storage T where every expert's reverse is the tensor-core path's single-pass one (bf16),
+  // which rounds H to bf16 as it loads it anyway: the same bits in half the bytes, written once and
+  // read once per round of ranks. Otherwise f32 (the scalar chain, and f16's split of H).
+  T *ht = nullptr;
+  if constexpr (std::is_same<T, __nv_bfloat16>::value)
+    if (p.r > 0 && camex_tensor_cores() && kron_tc_dims_ok(d4) && kron_tc_bwd_fits<T>(d4, tc_smem_limit()))
+      ht = reinterpret_cast<T *>(ws.h);
+  static_assert(!ColsBwdPrec<__nv_bfloat16>::data_lo, "bf16's columns side reads H single-pass");
   if (p.r > 0) {  // after merge_reverse_scalars, the last reader of U (ws.h may be its buffer)
-    CAMEX_LAUNCH(h_kernel<T>, grid_for(oi, 256), 256, s)(a, gbar, gnb, beta_n, 0, p.n, ws.h, nullptr, sumg);
+    CAMEX_LAUNCH(h_kernel<T>, grid_for(oi, 256), 256, s)(a, gbar, gnb, beta_n, 0, p.n, ht ? nullptr : ws.h, ht, sumg);
     CAMEX_CHECK_LAUNCH();
   }
   for (int64_t e = 0; e < p.n; ++e) {
@@ -263,7 +271,8 @@ template <typename T> int ca_merge_backward_t(const camex_ca_merge_params &p, cu
       CAMEX_LAUNCH(finish_expert_kernel<T>, grid_for(oi, 256), 256, s)(ws.h, fin, oi);
       CAMEX_CHECK_LAUNCH();
     } else {
-      CAMEX_TRY(kron_backward_any<T>(s, ws.gt, f32_opnd(ws.h + e * oi), tau_opnd<T>(experts + e * oi, base), f, e, d4,
+      const Opnd he = ht ? store_opnd<T>(ht + e * oi) : f32_opnd(ws.h + e * oi);
+      CAMEX_TRY(kron_backward_any<T>(s, ws.gt, he, tau_opnd<T>(experts + e * oi, base), f, e, d4,
                                  ptr<T>(p.grad_factor_a), ptr<T>(p.grad_factor_b), ptr<T>(p.grad_factor_c),
                                  ptr<T>(p.grad_factor_d), ws.t1, ws.kk, ws.w, ws.partial, fin, oi));
     }
