@@ -252,6 +252,34 @@ __device__ __forceinline__ void cols_factor_by_rows(const MmaT *fh, const MmaT *
   }
 }
 
+// H's rows for a columns-side block, once for every rank: H[pl][c][d] = H[p, c*i2 + d] for the
+// block's Z rows p0 + pl (output row p = z_row_to_p), a data operand under P (row stride lz, p
+// stride ps).
+template <typename T, typename P>
+__device__ __forceinline__ void load_h_rows(MmaT *hh, MmaT *hl, int lz, int64_t ps, Opnd h, int64_t p0, int pr,
+                                            int64_t O, int o1, int i1, int i2) {
+  const int64_t I = (int64_t)i1 * i2;
+  for (int64_t x = threadIdx.x; x < (int64_t)pr * I; x += TC_THREADS) {
+    const int64_t pl = x / I, q = x % I, zrow = p0 + pl;
+    if (zrow < O)
+      store_data<P>(hh, hl, pl * ps + (q / i2) * lz + q % i2, opnd_ld<T>(h, z_row_to_p<BwdZ<T>>(zrow, o1, O) * I + q));
+  }
+}
+
+// One rank's inputs of a columns-side block: C_r^T and D_r^T into (ct, dt), the block's rows of
+// P_r into (ph, pl); returns the rank's Z, which K then goes over.
+template <typename T, typename P>
+__device__ __forceinline__ MmaT *cols_bwd_load_rank(MmaT *cth, MmaT *ctl, int lc, MmaT *dth, MmaT *dtl, int ld, MmaT *ph,
+                                                    MmaT *pl, int lz, int64_t ps, MmaT *z, const T *fc, const T *fd,
+                                                    int64_t r, int64_t rl, int64_t nexp, int64_t expert, int64_t p0,
+                                                    int pr, int64_t O, int i1, int i2) {
+  load_factor_t<P>(cth, ctl, fc + (r * nexp + expert) * i1 * i1, i1, lc);
+  load_factor_t<P>(dth, dtl, fd + (r * nexp + expert) * i2 * i2, i2, ld);
+  MmaT *zr = z + rl * ZMem<BwdZ<T>>::planes * slab_plane((int64_t)i1 * i2, O);
+  load_z_rows<P, BwdZ<T>>(ph, pl, lz, ps, zr, p0, pr, O, i1, i2);
+  return zr;
+}
+
 // grid (ceil(O / pr)): each block a run of pr Z rows (row zr is output row (zr % o1, zr / o1):
 // z_row_to_p). z: the round's P_r (BwdZ, ranks r0..r0+nr), overwritten with K_r as the rows side
 // reads it (one plane without the rows side's data lo halves: bf16);
@@ -287,12 +315,7 @@ kron_cols_bwd_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc, con
   zero_smem(smem + L.hh, L.yh - L.hh);
   zero_smem(smem + L.cth, L.red - L.cth);
   __syncthreads();
-  // H's rows, once for every rank: H[pl][c][d] = H[p, c*i2 + d] for the block's Z rows p0 + pl.
-  for (int64_t x = threadIdx.x; x < (int64_t)pr * I; x += TC_THREADS) {
-    const int64_t pl = x / I, q = x % I, zrow = p0 + pl;
-    if (zrow < O)
-      store_data<P>(Hh, Hl, pl * ps + (q / i2) * lz + q % i2, opnd_ld<T>(h, z_row_to_p<BwdZ<T>>(zrow, o1, O) * I + q));
-  }
+  load_h_rows<T, P>(Hh, Hl, lz, ps, h, p0, pr, O, o1, i1, i2);
 
   for (int64_t rl = 0; rl < nr; ++rl) {
     const int64_t r = r0 + rl;
@@ -450,6 +473,47 @@ __device__ __forceinline__ void cols_bwd_reg_sum(const float (&acc)[M][N][4], fl
   }
 }
 
+// c = A B^T over registers (M x N m16n8 tiles, K k steps): a holds A's fragments, bt the A fragments
+// of B (rows n, columns k), whose halves are B^T's B fragments (frag_b_of_a); then c's A fragments
+// over its columns (n tile pairs), split as P says (bf16: hi alone).
+template <typename P, int M, int N, int K>
+__device__ __forceinline__ void reg_product(uint32_t (&out)[M][N / 2][4], const uint32_t (&a)[M][K][4],
+                                            const uint32_t (&bt)[N / 2][K][4]) {
+  float c[M][N][4] = {};
+#pragma unroll
+  for (int mt = 0; mt < M; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < N; ++nt)
+#pragma unroll
+      for (int ks = 0; ks < K; ++ks) {
+        uint32_t b[2];
+        frag_b_of_a(b, bt[nt / 2][ks], nt & 1);
+        mma_bf16(c[mt][nt], a[mt][ks], b);
+      }
+  uint32_t unused[4];
+#pragma unroll
+  for (int mt = 0; mt < M; ++mt)
+#pragma unroll
+    for (int ks = 0; ks < N / 2; ++ks) frag_a_of_acc<P>(out[mt][ks], unused, c[mt][2 * ks], c[mt][2 * ks + 1]);
+}
+
+// acc += A X over registers and a row's P in shared memory (row stride lz): X = P^T (KMajor false:
+// X[k][n] = P[n][k]) or P (true: X[k][n] = P[k][n], through ldmatrix.trans). Each B fragment is read
+// once for all M m tiles.
+template <int M, int N, int K, bool KMajor>
+__device__ __forceinline__ void reg_contract_p(float (&acc)[M][N][4], const uint32_t (&a)[M][K][4], const MmaT *pp,
+                                               int lz, int lane) {
+#pragma unroll
+  for (int nt = 0; nt < N; ++nt)
+#pragma unroll
+    for (int ks = 0; ks < K; ++ks) {
+      uint32_t b[2];
+      frag_b_as<KMajor>(b, pp, lz, nt * 8, ks * 16, lane);
+#pragma unroll
+      for (int mt = 0; mt < M; ++mt) mma_bf16(acc[mt][nt], a[mt][ks], b);
+    }
+}
+
 // As kron_cols_bwd_kernel (same arguments, grid (ceil(O / pr)), pr = cols_bwd_reg_rows), for
 // i1p = I1P and i2p = I2P. Per rank, two passes over the warp's rows, so that only one of dC's and
 // dD's accumulators is live at a time: T2^T and dD; then T1, dC, T1^T and K, K going over the row's
@@ -468,7 +532,7 @@ kron_cols_bwd_reg_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc,
   MmaT *Hs = reinterpret_cast<MmaT *>(smem + L.hh), *Ps = reinterpret_cast<MmaT *>(smem + L.ph);
   MmaT *Ct = reinterpret_cast<MmaT *>(smem + L.ct), *Dt = reinterpret_cast<MmaT *>(smem + L.dt);
   float4 *red = reinterpret_cast<float4 *>(smem + L.red);
-  const int64_t I = (int64_t)i1 * i2, plane = slab_plane(I, O), slabs = (I + TC_QC - 1) / TC_QC;
+  const int64_t I = (int64_t)i1 * i2, slabs = (I + TC_QC - 1) / TC_QC;
   const int64_t p0 = (int64_t)blockIdx.x * pr, blocks = gridDim.x;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int lz = L.lz;
@@ -476,20 +540,14 @@ kron_cols_bwd_reg_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc,
 
   zero_smem(smem, L.red);  // the padding of H, P and the factors (red is written whole before reads)
   __syncthreads();
-  for (int64_t x = threadIdx.x; x < (int64_t)pr * I; x += TC_THREADS) {
-    const int64_t pl = x / I, q = x % I, zrow = p0 + pl;
-    if (zrow < O)
-      store_data<P>(Hs, nullptr, pl * ps + (q / i2) * lz + q % i2, opnd_ld<T>(h, z_row_to_p<BwdZ<T>>(zrow, o1, O) * I + q));
-  }
+  load_h_rows<T, P>(Hs, nullptr, lz, ps, h, p0, pr, O, o1, i1, i2);
 
   for (int64_t rl = 0; rl < nr; ++rl) {
     const int64_t r = r0 + rl;
     __syncthreads();  // the previous rank's readers of P (K by then) and the factors are done
-    load_factor_t<P>(Ct, nullptr, fc + (r * nexp + expert) * i1 * i1, i1, L.lc);
-    load_factor_t<P>(Dt, nullptr, fd + (r * nexp + expert) * i2 * i2, i2, L.ld);
-    MmaT *zr = z + rl * ZMem<BwdZ<T>>::planes * plane;
+    MmaT *zr = cols_bwd_load_rank<T, P>(Ct, nullptr, L.lc, Dt, nullptr, L.ld, Ps, nullptr, lz, ps, z, fc, fd, r, rl, nexp,
+                                        expert, p0, pr, O, i1, i2);
     float *out = part + (rl * blocks + blockIdx.x) * ((int64_t)i1 * i1 + (int64_t)i2 * i2);
-    load_z_rows<P, BwdZ<T>>(Ps, nullptr, lz, ps, zr, p0, pr, O, i1, i2);
     __syncthreads();
     // The factors' A fragments, for the whole rank: C^T (M = c', K = c) and D^T (M = d', K = d);
     // their halves are the B fragments of C (K = c, N = c') and D (K = d, N = d').
@@ -513,31 +571,9 @@ kron_cols_bwd_reg_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc,
       for (int mt = 0; mt < MD; ++mt)
 #pragma unroll
         for (int ks = 0; ks < MC; ++ks) frag_a_kmajor(hta[mt][ks], hp, lz, mt * 16, ks * 16, lane);
-      float t2[MD][NC][4] = {};
-#pragma unroll
-      for (int mt = 0; mt < MD; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < NC; ++nt)
-#pragma unroll
-          for (int ks = 0; ks < MC; ++ks) {
-            uint32_t b[2];
-            frag_b_of_a(b, ca[nt / 2][ks], nt & 1);
-            mma_bf16(t2[mt][nt], hta[mt][ks], b);
-          }
-      uint32_t va[MD][MC][4], unused[4];
-#pragma unroll
-      for (int mt = 0; mt < MD; ++mt)
-#pragma unroll
-        for (int ks = 0; ks < MC; ++ks) frag_a_of_acc<P>(va[mt][ks], unused, t2[mt][2 * ks], t2[mt][2 * ks + 1]);
-#pragma unroll
-      for (int nt = 0; nt < ND; ++nt)
-#pragma unroll
-        for (int ks = 0; ks < MC; ++ks) {
-          uint32_t b[2];
-          frag_b_kmajor(b, pp, lz, nt * 8, ks * 16, lane);
-#pragma unroll
-          for (int mt = 0; mt < MD; ++mt) mma_bf16(dd[mt][nt], va[mt][ks], b);
-        }
+      uint32_t va[MD][MC][4];  // T2^T's A fragments
+      reg_product<P, MD, NC, MC>(va, hta, ca);
+      reg_contract_p<MD, ND, MC, true>(dd, va, pp, lz, lane);
     }
     cols_bwd_reg_sum<MD, ND>(dd, red, out + (int64_t)i1 * i1, i2, i2);
 
@@ -551,50 +587,14 @@ kron_cols_bwd_reg_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc,
 #pragma unroll
         for (int ks = 0; ks < MD; ++ks) frag_a(ha[mt][ks], hp, lz, mt * 16, ks * 16, lane);
       {  // T1 = H D, then dC[c][c'] += sum_d' T1[c][d'] P[c'][d'] (P's B fragment: k = d' contiguous)
-        float t1[MC][ND][4] = {};
-#pragma unroll
-        for (int mt = 0; mt < MC; ++mt)
-#pragma unroll
-          for (int nt = 0; nt < ND; ++nt)
-#pragma unroll
-            for (int ks = 0; ks < MD; ++ks) {
-              uint32_t b[2];
-              frag_b_of_a(b, da[nt / 2][ks], nt & 1);
-              mma_bf16(t1[mt][nt], ha[mt][ks], b);
-            }
-        uint32_t ta[MC][MD][4], unused[4];
-#pragma unroll
-        for (int mt = 0; mt < MC; ++mt)
-#pragma unroll
-          for (int ks = 0; ks < MD; ++ks) frag_a_of_acc<P>(ta[mt][ks], unused, t1[mt][2 * ks], t1[mt][2 * ks + 1]);
-#pragma unroll
-        for (int nt = 0; nt < NC; ++nt)
-#pragma unroll
-          for (int ks = 0; ks < MD; ++ks) {
-            uint32_t b[2];
-            frag_b(b, pp, lz, nt * 8, ks * 16, lane);
-#pragma unroll
-            for (int mt = 0; mt < MC; ++mt) mma_bf16(dc[mt][nt], ta[mt][ks], b);
-          }
+        uint32_t ta[MC][MD][4];
+        reg_product<P, MC, ND, MD>(ta, ha, da);
+        reg_contract_p<MC, NC, MD, false>(dc, ta, pp, lz, lane);
       }
       // T1^T = D^T H^T, then K[c'][d'] = sum_c C[c][c'] T1[c][d'] (T1's B fragment: T1^T's A halves),
       // over the row's P (every lane has read it: __syncwarp), rounded as the rows side reads K.
-      float tt[MD][NC][4] = {};
-#pragma unroll
-      for (int mt = 0; mt < MD; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < NC; ++nt)
-#pragma unroll
-          for (int ks = 0; ks < MD; ++ks) {
-            uint32_t b[2];
-            frag_b_of_a(b, ha[nt / 2][ks], nt & 1);
-            mma_bf16(tt[mt][nt], da[mt][ks], b);
-          }
-      uint32_t ua[MD][MC][4], unused[4];
-#pragma unroll
-      for (int mt = 0; mt < MD; ++mt)
-#pragma unroll
-        for (int ks = 0; ks < MC; ++ks) frag_a_of_acc<P>(ua[mt][ks], unused, tt[mt][2 * ks], tt[mt][2 * ks + 1]);
+      uint32_t ua[MD][MC][4];  // T1^T's A fragments
+      reg_product<P, MD, NC, MD>(ua, da, ha);
       __syncwarp();
 #pragma unroll
       for (int mt = 0; mt < MC; ++mt)
