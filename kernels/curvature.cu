@@ -254,9 +254,10 @@ template <typename T> int ca_merge_backward_t(const camex_ca_merge_params &p, cu
   // which rounds H to bf16 as it loads it anyway: the same bits in half the bytes, written once and
   // read once per round of ranks. Otherwise f32 (the scalar chain, and f16's split of H).
   T *ht = nullptr;
-  if constexpr (std::is_same<T, __nv_bfloat16>::value)
-    if (p.r > 0 && camex_tensor_cores() && kron_tc_dims_ok(d4) && kron_tc_bwd_fits<T>(d4, tc_smem_limit()))
-      ht = reinterpret_cast<T *>(ws.h);
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    int64_t lim = 0;
+    if (p.r > 0 && kron_tc_bwd_taken<T>(d4, &lim)) ht = reinterpret_cast<T *>(ws.h);
+  }
   static_assert(!ColsBwdPrec<__nv_bfloat16>::data_lo, "bf16's columns side reads H single-pass");
   if (p.r > 0) {  // after merge_reverse_scalars, the last reader of U (ws.h may be its buffer)
     CAMEX_LAUNCH(h_kernel<T>, grid_for(oi, 256), 256, s)(a, gbar, gnb, beta_n, 0, p.n, ht ? nullptr : ws.h, ht, sumg);

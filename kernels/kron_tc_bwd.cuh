@@ -266,20 +266,6 @@ __device__ __forceinline__ void load_h_rows(MmaT *hh, MmaT *hl, int lz, int64_t 
   }
 }
 
-// One rank's inputs of a columns-side block: C_r^T and D_r^T into (ct, dt), the block's rows of
-// P_r into (ph, pl); returns the rank's Z, which K then goes over.
-template <typename T, typename P>
-__device__ __forceinline__ MmaT *cols_bwd_load_rank(MmaT *cth, MmaT *ctl, int lc, MmaT *dth, MmaT *dtl, int ld, MmaT *ph,
-                                                    MmaT *pl, int lz, int64_t ps, MmaT *z, const T *fc, const T *fd,
-                                                    int64_t r, int64_t rl, int64_t nexp, int64_t expert, int64_t p0,
-                                                    int pr, int64_t O, int i1, int i2) {
-  load_factor_t<P>(cth, ctl, fc + (r * nexp + expert) * i1 * i1, i1, lc);
-  load_factor_t<P>(dth, dtl, fd + (r * nexp + expert) * i2 * i2, i2, ld);
-  MmaT *zr = z + rl * ZMem<BwdZ<T>>::planes * slab_plane((int64_t)i1 * i2, O);
-  load_z_rows<P, BwdZ<T>>(ph, pl, lz, ps, zr, p0, pr, O, i1, i2);
-  return zr;
-}
-
 // grid (ceil(O / pr)): each block a run of pr Z rows (row zr is output row (zr % o1, zr / o1):
 // z_row_to_p). z: the round's P_r (BwdZ, ranks r0..r0+nr), overwritten with K_r as the rows side
 // reads it (one plane without the rows side's data lo halves: bf16);
@@ -532,7 +518,7 @@ kron_cols_bwd_reg_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc,
   MmaT *Hs = reinterpret_cast<MmaT *>(smem + L.hh), *Ps = reinterpret_cast<MmaT *>(smem + L.ph);
   MmaT *Ct = reinterpret_cast<MmaT *>(smem + L.ct), *Dt = reinterpret_cast<MmaT *>(smem + L.dt);
   float4 *red = reinterpret_cast<float4 *>(smem + L.red);
-  const int64_t I = (int64_t)i1 * i2, slabs = (I + TC_QC - 1) / TC_QC;
+  const int64_t I = (int64_t)i1 * i2, plane = slab_plane(I, O), slabs = (I + TC_QC - 1) / TC_QC;
   const int64_t p0 = (int64_t)blockIdx.x * pr, blocks = gridDim.x;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int lz = L.lz;
@@ -545,9 +531,11 @@ kron_cols_bwd_reg_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc,
   for (int64_t rl = 0; rl < nr; ++rl) {
     const int64_t r = r0 + rl;
     __syncthreads();  // the previous rank's readers of P (K by then) and the factors are done
-    MmaT *zr = cols_bwd_load_rank<T, P>(Ct, nullptr, L.lc, Dt, nullptr, L.ld, Ps, nullptr, lz, ps, z, fc, fd, r, rl, nexp,
-                                        expert, p0, pr, O, i1, i2);
+    load_factor_t<P>(Ct, nullptr, fc + (r * nexp + expert) * i1 * i1, i1, L.lc);
+    load_factor_t<P>(Dt, nullptr, fd + (r * nexp + expert) * i2 * i2, i2, L.ld);
+    MmaT *zr = z + rl * ZMem<BwdZ<T>>::planes * plane;
     float *out = part + (rl * blocks + blockIdx.x) * ((int64_t)i1 * i1 + (int64_t)i2 * i2);
+    load_z_rows<P, BwdZ<T>>(Ps, nullptr, lz, ps, zr, p0, pr, O, i1, i2);
     __syncthreads();
     // The factors' A fragments, for the whole rank: C^T (M = c', K = c) and D^T (M = d', K = d);
     // their halves are the B fragments of C (K = c, N = c') and D (K = d, N = d').
@@ -1215,6 +1203,15 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
   return 0;
 }
 
+// Whether kron_backward_any takes the tensor-core reverse for f16/bf16 storage T at d4: switched on
+// for this thread, factors it takes, and shared memory within the device's limit (*lim, set when
+// the first two hold).
+template <typename T> inline bool kron_tc_bwd_taken(const D4 &d4, int64_t *lim) {
+  if (!camex_tensor_cores() || !kron_tc_dims_ok(d4)) return false;
+  *lim = tc_smem_limit();
+  return kron_tc_bwd_fits<T>(d4, *lim);
+}
+
 // The reverse chain of one expert on whichever path takes it (see kron_backward in kron.cuh for
 // the arguments). t1 must hold kron_scratch_floats(.., 1), w oi floats (the tensor-core path keeps
 // tau's planes there) and partial kron_bwd_partial_floats.
@@ -1227,12 +1224,10 @@ inline int kron_backward_any(cudaStream_t s, float *gt, Opnd h, Opnd tau, const 
   bool finished = false;
   int rc = -1;
   if constexpr (is_half_type<T>::value) {
-    if (camex_tensor_cores() && kron_tc_dims_ok(d4)) {
-      const int64_t lim = tc_smem_limit();
-      if (kron_tc_bwd_fits<T>(d4, lim))
-        rc = kron_backward_tc<T>(s, gt, h, tau, f, e, d4, ga, gb, gc, gd, t1, partial, lim, fin, &finished, w,
-                                 oi * (int64_t)sizeof(float));
-    }
+    int64_t lim = 0;
+    if (kron_tc_bwd_taken<T>(d4, &lim))
+      rc = kron_backward_tc<T>(s, gt, h, tau, f, e, d4, ga, gb, gc, gd, t1, partial, lim, fin, &finished, w,
+                               oi * (int64_t)sizeof(float));
   }
   if (rc < 0) rc = kron_backward<T>(s, gt, h, tau, f, e, d4, ga, gb, gc, gd, t1, kk, w, partial);
   if (rc != 0 || finished) return rc;
