@@ -8,8 +8,8 @@
 //! [o2, I] of the 4-D view, so they run slab by slab on cache-resident buffers. Experts and ranks run in order, blocks and slabs in parallel with fixed partitions, so
 //! the result is the same for any thread count.
 
-use super::gemm::{gemm, gemm_raw, left_small, xyt, View};
-use super::SyncPtr;
+use super::gemm::{gemm_small, gemm_small_raw, left_small, xyt, View};
+use super::{Scratch, SyncPtr, SCRATCH_ALIGN_PAD};
 use crate::error::Result;
 use crate::shape::{expect_nonempty, expect_rank, expect_shape, Split};
 use crate::tensor::{Float, HostTensor};
@@ -114,7 +114,7 @@ pub(crate) fn curved_workspace<F>(
             "workspace (curvature)",
             vec![
                 2 + 2 * super::threads(),
-                dims.oi() + dims.split.o1 * SLAB_PAD,
+                dims.oi() + dims.split.o1 * SLAB_PAD + SCRATCH_ALIGN_PAD,
             ],
         )),
     }
@@ -140,7 +140,10 @@ pub(crate) fn fused_backward_workspace<F>(
         v.push(("grad_factor_d", vec![dims.r, n, i2, i2]));
         v.push((
             "workspace (curvature backward)",
-            vec![3 + 3 * super::threads(), dims.oi() + o1 * SLAB_PAD],
+            vec![
+                3 + 3 * super::threads(),
+                dims.oi() + o1 * SLAB_PAD + SCRATCH_ALIGN_PAD,
+            ],
         ));
         v.push((
             "workspace (factor partials)",
@@ -176,8 +179,8 @@ pub(crate) fn curved_unchecked<F: Float>(
         Curvature::Kronecker(f) => {
             let slab = oi / dims.split.o1;
             let padded = dims.split.o1 * (slab + SLAB_PAD);
-            let mut tau = vec![F::ZERO; padded];
-            let mut t1 = vec![F::ZERO; padded];
+            let mut tau = Scratch::zeros(padded);
+            let mut t1 = Scratch::zeros(padded);
             for (e, ue) in u.data_mut().chunks_mut(oi).enumerate() {
                 let expert = &experts.data()[e * oi..(e + 1) * oi];
                 domain_vector_padded(base.data(), expert, &mut tau, slab);
@@ -251,20 +254,7 @@ fn mode1_blocks<F: Float>(
             };
             // SAFETY: y is an exclusive borrow of ylen elements; block b alone touches its
             // columns c0..c0+w (blocks are disjoint), and x and m are other buffers.
-            unsafe {
-                gemm_raw(
-                    yp.get(),
-                    ylen,
-                    view(ys),
-                    accumulate,
-                    m,
-                    mv,
-                    x,
-                    view(xs),
-                    F::ONE,
-                    false,
-                )
-            };
+            unsafe { gemm_small_raw(yp.get(), ylen, view(ys), accumulate, m, mv, x, view(xs)) };
             match z {
                 Some((z, zs)) => {
                     let mut part = vec![F::ZERO; o1 * o1];
@@ -339,11 +329,11 @@ fn kron_rank_forward<F: Float>(
     );
     let t1: &[F] = t1;
     u.par_chunks_mut(slab).enumerate().for_each_init(
-        || (vec![F::ZERO; slab], vec![F::ZERO; slab]),
+        || (Scratch::zeros(slab), Scratch::zeros(slab)),
         |(t2, t3), (a, ua)| {
             let xs = &t1[a * ps..a * ps + slab];
             let v = View::rm(0, o2, ii);
-            gemm(
+            gemm_small(
                 t2,
                 v,
                 false,
@@ -351,12 +341,10 @@ fn kron_rank_forward<F: Float>(
                 View::rm(foff(r, e, n, o2), o2, o2),
                 xs,
                 v,
-                F::ONE,
-                false,
             );
             mode3_rows(t3, t2, o2, i1, i2, f.c.data(), foff(r, e, n, i1), false);
             let v = View::rm(0, o2 * i1, i2);
-            gemm(
+            gemm_small(
                 ua,
                 v,
                 accumulate,
@@ -364,8 +352,6 @@ fn kron_rank_forward<F: Float>(
                 v,
                 f.d.data(),
                 View::rm(foff(r, e, n, i2), i2, i2).t(),
-                F::ONE,
-                false,
             );
         },
     );
@@ -455,9 +441,9 @@ pub(crate) fn fused_backward<F: Float>(
     let mut gd = HostTensor::zeros(&[rk, n, i2, i2]);
     let slab = oi / o1;
     let ps = slab + SLAB_PAD;
-    let mut tau = vec![F::ZERO; o1 * ps];
-    let mut t1 = vec![F::ZERO; o1 * ps];
-    let mut dt1 = vec![F::ZERO; o1 * ps];
+    let mut tau = Scratch::zeros(o1 * ps);
+    let mut t1 = Scratch::zeros(o1 * ps);
+    let mut dt1 = Scratch::zeros(o1 * ps);
     for e in 0..n {
         domain_vector_padded(
             base.data(),
@@ -533,9 +519,9 @@ fn kron_rank_backward<F: Float>(
         .map_init(
             || {
                 (
-                    vec![F::ZERO; slab],
-                    vec![F::ZERO; slab],
-                    vec![F::ZERO; slab],
+                    Scratch::zeros(slab),
+                    Scratch::zeros(slab),
+                    Scratch::zeros(slab),
                 )
             },
             |(t2, t3, w), (a, dt1a)| {
@@ -544,58 +530,18 @@ fn kron_rank_backward<F: Float>(
                 let ha = &h[a * slab..(a + 1) * slab];
                 let vs = View::rm(0, o2, ii);
                 let vd = View::rm(0, o2 * i1, i2);
-                gemm(
-                    t2,
-                    vs,
-                    false,
-                    f.b.data(),
-                    View::rm(ob, o2, o2),
-                    t1a,
-                    vs,
-                    F::ONE,
-                    false,
-                );
+                gemm_small(t2, vs, false, f.b.data(), View::rm(ob, o2, o2), t1a, vs);
                 mode3_rows(t3, t2, o2, i1, i2, f.c.data(), oc, false);
                 if let Some((p, len)) = up {
                     assert!((a + 1) * slab <= len);
                     // SAFETY: slab a of U is written by this task alone, and is inside U.
                     let ua = unsafe { std::slice::from_raw_parts_mut(p.get().add(a * slab), slab) };
-                    gemm(
-                        ua,
-                        vd,
-                        r > 0,
-                        t3,
-                        vd,
-                        f.d.data(),
-                        View::rm(od, i2, i2).t(),
-                        F::ONE,
-                        false,
-                    );
+                    gemm_small(ua, vd, r > 0, t3, vd, f.d.data(), View::rm(od, i2, i2).t());
                 }
                 let mut dd = vec![F::ZERO; i2 * i2];
-                gemm(
-                    &mut dd,
-                    View::rm(0, i2, i2),
-                    false,
-                    ha,
-                    vd.t(),
-                    t3,
-                    vd,
-                    F::ONE,
-                    false,
-                );
+                gemm_small(&mut dd, View::rm(0, i2, i2), false, ha, vd.t(), t3, vd);
                 // dt3 = H D (into w)
-                gemm(
-                    w,
-                    vd,
-                    false,
-                    ha,
-                    vd,
-                    f.d.data(),
-                    View::rm(od, i2, i2),
-                    F::ONE,
-                    false,
-                );
+                gemm_small(w, vd, false, ha, vd, f.d.data(), View::rm(od, i2, i2));
                 // dC = sum_b dt3_b t2_b^T: the o2 rows b are the summed segments.
                 let mut dc = vec![F::ZERO; i1 * i1];
                 xyt(
@@ -613,7 +559,7 @@ fn kron_rank_backward<F: Float>(
                 mode3_rows(t3, w, o2, i1, i2, f.c.data(), oc, true);
                 let mut db = vec![F::ZERO; o2 * o2];
                 xyt(&mut db, o2, false, t3, ii, t1a, ii, (o2, o2, ii), (1, 0));
-                gemm(
+                gemm_small(
                     dt1a,
                     vs,
                     false,
@@ -621,8 +567,6 @@ fn kron_rank_backward<F: Float>(
                     View::rm(ob, o2, o2).t(),
                     t3,
                     vs,
-                    F::ONE,
-                    false,
                 );
                 [db, dc, dd]
             },

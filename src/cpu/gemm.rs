@@ -1,8 +1,9 @@
-//! A bounds-checked wrapper over the `gemm` crate's strided micro-kernel (candle's CPU GEMM).
+//! The CPU path's matrix products: a bounds-checked wrapper over the `gemm` crate's strided
+//! micro-kernel (candle's CPU GEMM), and, for f32 on x86, the crate's own kernels for the small
+//! products of the Kronecker path ([`gemm_small`], [`xyt`]).
 //!
-//! All mode products and contractions of the CPU path go through [`gemm`], so no hot loop is a
-//! naive triple loop. Strides are in elements and may be any positive value, which turns
-//! transposes and mode-k views into stride choices instead of copies.
+//! No hot loop is a naive triple loop. Strides are in elements and may be any positive value, which
+//! turns transposes and mode-k views into stride choices instead of copies.
 
 use crate::tensor::Float;
 
@@ -260,8 +261,8 @@ pub(crate) fn xyt<F: Float>(
 }
 
 /// The vector instruction set of this module's f32 kernels on this machine.
-#[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 enum Isa {
     Avx512,
     Avx2,
@@ -443,15 +444,129 @@ mod xyt_x86 {
     }
 }
 
+/// dst (+)= lhs @ rhs for the small products of the Kronecker path (k, or m and n, at most a few
+/// dozen): the x1, x2, x4 mode products, the x3 rows ([`left_small`]) and dD.
+///
+/// The `gemm` crate packs both operands and sets up per call; at these shapes that ran the mode
+/// products at about half its large-GEMM rate (perf of a T5-small forward+backward on Zen 4: its
+/// micro-kernels and packing 57 % of the time for 71 % of the FLOPs, while the crate's own
+/// broadcast kernel ran the x3 rows at 1.7 times that rate per FLOP). So f32 on x86 takes a
+/// broadcast kernel: an MR x NV-vector block of dst in accumulators, and per step q of the sum
+/// one vector load of rhs's row q per column vector and one broadcast of lhs (r, q) per row.
+/// rhs's and dst's rows must be contiguous; a small rhs that is not (D^T in the x4 product) is
+/// packed first. Every output sums q in order from zero with fused multiply-adds, then adds dst
+/// when `accumulate`, in the vector blocks and the scalar edge alike: the bits depend on the
+/// shapes only. Other types, layouts and machines use [`gemm`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_small<F: Float>(
+    dst: &mut [F],
+    d: View,
+    accumulate: bool,
+    lhs: &[F],
+    l: View,
+    rhs: &[F],
+    r: View,
+) {
+    // SAFETY: dst is an exclusive borrow of dst.len() elements.
+    unsafe { gemm_small_raw(dst.as_mut_ptr(), dst.len(), d, accumulate, lhs, l, rhs, r) }
+}
+
+/// Elements of the stack buffer that a strided rhs is packed into (16 KiB in f32).
+const PACK: usize = 4096;
+
+/// [`gemm_small`] into a destination given as a pointer and a length, as [`gemm_raw`].
+///
+/// # Safety
+/// As [`gemm_raw`]: `dst` valid for `dst_len` elements, the view `d` exclusively ours for the call,
+/// lhs and rhs not aliasing it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_small_raw<F: Float>(
+    dst: *mut F,
+    dst_len: usize,
+    d: View,
+    accumulate: bool,
+    lhs: &[F],
+    l: View,
+    rhs: &[F],
+    r: View,
+) {
+    #[cfg(target_arch = "x86_64")]
+    let isa = isa();
+    #[cfg(not(target_arch = "x86_64"))]
+    let isa = None;
+    gemm_small_isa(isa, dst, dst_len, d, accumulate, lhs, l, rhs, r)
+}
+
+/// [`gemm_small_raw`] on the given instruction set (none: the `gemm` crate), so that tests reach
+/// the AVX2 kernel on AVX-512 machines.
+///
+/// # Safety
+/// As [`gemm_small_raw`], and `isa` must be present on this machine.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_small_isa<F: Float>(
+    isa: Option<Isa>,
+    dst: *mut F,
+    dst_len: usize,
+    d: View,
+    accumulate: bool,
+    lhs: &[F],
+    l: View,
+    rhs: &[F],
+    r: View,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(isa), true) = (isa, d.cs == 1 && (r.cs == 1 || r.rows * r.cols <= PACK)) {
+        if let (Some(lf), Some(rf)) = (as_f32(lhs), as_f32(rhs)) {
+            assert!(
+                d.rows == l.rows && d.cols == r.cols && l.cols == r.rows,
+                "camex internal: gemm_small shapes"
+            );
+            assert!(d.end() <= dst_len && l.end() <= lhs.len() && r.end() <= rhs.len());
+            if d.rows == 0 || d.cols == 0 {
+                return;
+            }
+            let args = |rs| bcast_x86::Args {
+                m: d.rows,
+                n: d.cols,
+                k: l.cols,
+                lrs: l.rs,
+                lcs: l.cs,
+                rs,
+                ds: d.rs,
+                accumulate,
+            };
+            // F is f32 (as_f32 matched), so dst is an f32 pointer.
+            let dp = dst.cast::<f32>().add(d.off);
+            let lp = lf.as_ptr().add(l.off);
+            let run = |rp: *const f32, a: &bcast_x86::Args| match isa {
+                // SAFETY: the instruction set is present (`isa` detected it); every element the
+                // views touch is inside its buffer (asserted above; a packed rhs is r.rows x
+                // r.cols <= PACK), and the caller guarantees dst's view is ours and unaliased.
+                Isa::Avx512 => unsafe { bcast_x86::avx512::run(dp, lp, rp, a) },
+                Isa::Avx2 => unsafe { bcast_x86::avx2::run(dp, lp, rp, a) },
+            };
+            if r.cs == 1 {
+                run(rf.as_ptr().add(r.off), &args(r.rs));
+            } else {
+                let mut packed = [0f32; PACK];
+                for q in 0..r.rows {
+                    for c in 0..r.cols {
+                        packed[q * r.cols + c] = rf[r.off + q * r.rs + c * r.cs];
+                    }
+                }
+                run(packed.as_ptr(), &args(r.cols));
+            }
+            return;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = isa;
+    gemm_raw(dst, dst_len, d, accumulate, lhs, l, rhs, r, F::ONE, false)
+}
+
 /// y_b = M x_b for every b < `rows`, with x_b, y_b the contiguous [k, w] matrices at b*k*w and M
 /// the k x k matrix at `m[m_off..]` (M^T when `transpose`): the mode-3 product of a slab, o2
-/// products of 16 x 16 @ 16 x 32 each at T5-small.
-///
-/// The `gemm` crate's set-up per call costs about as much as such a product (57 GFLOP/s against
-/// its peak of 106 on Zen 4), so f32 on x86 takes a broadcast kernel instead: 4 output rows by two
-/// vectors of columns in accumulators, one broadcast element of M and one row of x_b per step of
-/// the sum. Columns past the last full vector take a scalar loop with the same order of fused
-/// multiply-adds, so every element has the same bits as the vector ones would.
+/// products of 16 x 16 @ 16 x 32 each at T5-small, each a [`gemm_small`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn left_small<F: Float>(
     y: &mut [F],
@@ -462,140 +577,148 @@ pub(crate) fn left_small<F: Float>(
     m_off: usize,
     transpose: bool,
 ) {
-    let len = rows * k * w;
-    assert!(
-        y.len() >= len && x.len() >= len && (k == 0 || m_off + k * k <= m.len()),
-        "camex internal: left_small views out of bounds"
-    );
-    let (rs, cs) = if transpose { (1, k) } else { (k, 1) };
-    #[cfg(target_arch = "x86_64")]
-    if let (Some(isa), Some(yf), Some(xf), Some(mf)) = (isa(), as_f32_mut(y), as_f32(x), as_f32(m))
-    {
-        let args = left_x86::Args { rows, k, w, rs, cs };
-        let mf = &mf[m_off..];
-        // SAFETY: the instruction set is present (`isa` detected it); every index is inside its
-        // slice (asserted above), and y does not alias x or m (distinct borrows).
-        unsafe {
-            match isa {
-                Isa::Avx512 => left_x86::avx512::run(yf, xf, mf, &args),
-                Isa::Avx2 => left_x86::avx2::run(yf, xf, mf, &args),
-            }
-        }
-        return;
-    }
-    let mv = View {
-        off: m_off,
-        rows: k,
-        cols: k,
-        rs,
-        cs,
-    };
+    let mv = View::rm(m_off, k, k);
+    let mv = if transpose { mv.t() } else { mv };
     for b in 0..rows {
         let v = View::rm(b * k * w, k, w);
-        gemm(y, v, false, m, mv, x, v, F::ONE, false);
+        gemm_small(y, v, false, m, mv, x, v);
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-mod left_x86 {
-    /// The shape of one [`super::left_small`] call; M's element (r, c) is at r*rs + c*cs.
+mod bcast_x86 {
+    /// The shape of one [`super::gemm_small`] call: lhs (r, q) at r*lrs + q*lcs, rhs row q at
+    /// q*rs, dst row r at r*ds, both rows contiguous.
     pub(super) struct Args {
-        pub rows: usize,
+        pub m: usize,
+        pub n: usize,
         pub k: usize,
-        pub w: usize,
+        pub lrs: usize,
+        pub lcs: usize,
         pub rs: usize,
-        pub cs: usize,
+        pub ds: usize,
+        pub accumulate: bool,
     }
 
-    /// One kernel per instruction set: 4-row blocks (then single rows) by two-vector, one-vector
-    /// and scalar column tiles.
-    macro_rules! left_kernel {
-        ($name:ident, $feature:literal, $vec:ty, $lanes:literal, $zero:path, $load:path,
-         $store:path, $set1:path, $fma:path) => {
+    /// One kernel per instruction set. Blocks of MR rows by NV vectors (24 accumulators on
+    /// AVX-512, 12 on AVX2's 16 registers): a wide block where dst has the columns, a tall one
+    /// where it has two vectors or fewer (the x4 product's i2 = 32). Column panels outermost, so
+    /// rhs's panel stays in L1 over the row blocks; then one-vector panels, then scalar columns.
+    macro_rules! bcast_kernel {
+        ($name:ident, $feature:literal, $vec:ty, $lanes:literal, ($mr:literal, $nv:literal),
+         ($mr_tall:literal, $nv_tall:literal), $zero:path, $load:path, $store:path, $set1:path,
+         $fma:path, $add:path) => {
             pub(super) mod $name {
                 use super::Args;
                 #[allow(unused_imports)]
                 use std::arch::x86_64::*;
 
-                /// Callers check the instruction set and that every view is inside its slice.
+                /// Callers check the instruction set and that every view is inside its buffer.
                 #[target_feature(enable = $feature)]
-                pub(in super::super) unsafe fn run(y: &mut [f32], x: &[f32], m: &[f32], a: &Args) {
-                    let (yp, xp, mp) = (y.as_mut_ptr(), x.as_ptr(), m.as_ptr());
-                    for b in 0..a.rows {
-                        let (yb, xb) = (yp.add(b * a.k * a.w), xp.add(b * a.k * a.w));
-                        let mut c = 0;
-                        while c + 4 <= a.k {
-                            rows::<4>(yb, xb, mp, c, a);
-                            c += 4;
-                        }
-                        while c < a.k {
-                            rows::<1>(yb, xb, mp, c, a);
-                            c += 1;
-                        }
+                pub(in super::super) unsafe fn run(
+                    d: *mut f32,
+                    l: *const f32,
+                    r: *const f32,
+                    a: &Args,
+                ) {
+                    if a.n < $nv * $lanes {
+                        panels::<$mr_tall, $nv_tall>(d, l, r, a)
+                    } else {
+                        panels::<$mr, $nv>(d, l, r, a)
                     }
                 }
 
-                /// Output rows c..c+MR of one product, all columns.
                 #[inline]
                 #[target_feature(enable = $feature)]
-                unsafe fn rows<const MR: usize>(
-                    yb: *mut f32,
-                    xb: *const f32,
-                    mp: *const f32,
-                    c: usize,
+                unsafe fn panels<const MR: usize, const NV: usize>(
+                    d: *mut f32,
+                    l: *const f32,
+                    r: *const f32,
                     a: &Args,
                 ) {
                     let mut j = 0;
-                    while j + 2 * $lanes <= a.w {
-                        tile::<MR, 2>(yb, xb, mp, c, j, a);
-                        j += 2 * $lanes;
+                    while j + NV * $lanes <= a.n {
+                        rows::<MR, NV>(d, l, r, j, a);
+                        j += NV * $lanes;
                     }
-                    while j + $lanes <= a.w {
-                        tile::<MR, 1>(yb, xb, mp, c, j, a);
+                    while j + $lanes <= a.n {
+                        rows::<MR, 1>(d, l, r, j, a);
                         j += $lanes;
                     }
-                    for r in c..c + MR {
-                        for jj in j..a.w {
+                    for i in 0..a.m {
+                        for c in j..a.n {
                             let mut s = 0f32;
                             for q in 0..a.k {
-                                s = (*mp.add(r * a.rs + q * a.cs))
-                                    .mul_add(*xb.add(q * a.w + jj), s);
+                                s = (*l.add(i * a.lrs + q * a.lcs))
+                                    .mul_add(*r.add(q * a.rs + c), s);
                             }
-                            *yb.add(r * a.w + jj) = s;
+                            let o = d.add(i * a.ds + c);
+                            *o = if a.accumulate { *o + s } else { s };
                         }
                     }
                 }
 
-                /// Rows c..c+MR, columns j..j+NV*lanes.
+                /// Columns j..j + NV * lanes of every row: MR-row blocks, then 4, then 1.
                 #[inline]
                 #[target_feature(enable = $feature)]
-                unsafe fn tile<const MR: usize, const NV: usize>(
-                    yb: *mut f32,
-                    xb: *const f32,
-                    mp: *const f32,
-                    c: usize,
+                unsafe fn rows<const MR: usize, const NV: usize>(
+                    d: *mut f32,
+                    l: *const f32,
+                    r: *const f32,
+                    j: usize,
+                    a: &Args,
+                ) {
+                    let mut i = 0;
+                    while i + MR <= a.m {
+                        block::<MR, NV>(d, l, r, i, j, a);
+                        i += MR;
+                    }
+                    while i + 4 <= a.m {
+                        block::<4, NV>(d, l, r, i, j, a);
+                        i += 4;
+                    }
+                    while i < a.m {
+                        block::<1, NV>(d, l, r, i, j, a);
+                        i += 1;
+                    }
+                }
+
+                /// dst rows i..i + MR, columns j..j + NV * lanes.
+                #[inline]
+                #[target_feature(enable = $feature)]
+                unsafe fn block<const MR: usize, const NV: usize>(
+                    d: *mut f32,
+                    l: *const f32,
+                    r: *const f32,
+                    i: usize,
                     j: usize,
                     a: &Args,
                 ) {
                     let mut acc: [[$vec; NV]; MR] = [[$zero(); NV]; MR];
                     for q in 0..a.k {
-                        let mut xv: [$vec; NV] = [$zero(); NV];
+                        let mut rv: [$vec; NV] = [$zero(); NV];
                         #[allow(clippy::needless_range_loop)]
                         for v in 0..NV {
-                            xv[v] = $load(xb.add(q * a.w + j + v * $lanes));
+                            rv[v] = $load(r.add(q * a.rs + j + v * $lanes));
                         }
                         #[allow(clippy::needless_range_loop)]
-                        for r in 0..MR {
-                            let bc = $set1(*mp.add((c + r) * a.rs + q * a.cs));
+                        for ii in 0..MR {
+                            let b = $set1(*l.add((i + ii) * a.lrs + q * a.lcs));
                             for v in 0..NV {
-                                acc[r][v] = $fma(bc, xv[v], acc[r][v]);
+                                acc[ii][v] = $fma(b, rv[v], acc[ii][v]);
                             }
                         }
                     }
                     #[allow(clippy::needless_range_loop)]
-                    for r in 0..MR {
+                    for ii in 0..MR {
                         for v in 0..NV {
-                            $store(yb.add((c + r) * a.w + j + v * $lanes), acc[r][v]);
+                            let o = d.add((i + ii) * a.ds + j + v * $lanes);
+                            let s = if a.accumulate {
+                                $add($load(o), acc[ii][v])
+                            } else {
+                                acc[ii][v]
+                            };
+                            $store(o, s);
                         }
                     }
                 }
@@ -603,27 +726,33 @@ mod left_x86 {
         };
     }
 
-    left_kernel!(
+    bcast_kernel!(
         avx512,
         "avx512f",
         __m512,
         16,
+        (8, 3),
+        (12, 2),
         _mm512_setzero_ps,
         _mm512_loadu_ps,
         _mm512_storeu_ps,
         _mm512_set1_ps,
-        _mm512_fmadd_ps
+        _mm512_fmadd_ps,
+        _mm512_add_ps
     );
-    left_kernel!(
+    bcast_kernel!(
         avx2,
         "avx2,fma",
         __m256,
         8,
+        (6, 2),
+        (6, 2),
         _mm256_setzero_ps,
         _mm256_loadu_ps,
         _mm256_storeu_ps,
         _mm256_set1_ps,
-        _mm256_fmadd_ps
+        _mm256_fmadd_ps,
+        _mm256_add_ps
     );
 }
 
@@ -669,7 +798,7 @@ pub(crate) fn copy_streaming<F: Float>(dst: &mut [F], src: &[F]) {
 
 #[cfg(test)]
 mod tests {
-    use super::xyt;
+    use super::{xyt, View};
     use crate::tensor::{DType, Float};
 
     type Call<F> =
@@ -802,11 +931,11 @@ mod tests {
         );
     }
 
-    type LeftCall = fn(&mut [f32], &[f32], usize, (usize, usize), &[f32], usize, bool);
-
-    /// left_small against plain f64 loops: row counts that fill the 4-row blocks and that do not,
-    /// widths with two-vector, one-vector and scalar column tiles, M and M^T, output poisoned.
-    fn check_left(call: LeftCall) {
+    /// gemm_small against plain f64 loops: row counts that fill the MR-row blocks and that leave
+    /// 4-row and single rows, widths with wide, one-vector and scalar column panels, lhs plain
+    /// and transposed, rhs contiguous and packed (transposed), strided rows, with and without
+    /// accumulation, output poisoned first; on the given instruction set.
+    fn check_small(isa: Option<super::Isa>) {
         let mut seed = 0x2545_f491_4f6c_dd1du64;
         let mut next = move || {
             seed ^= seed << 13;
@@ -814,69 +943,161 @@ mod tests {
             seed ^= seed << 17;
             (seed >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
         };
-        for &(rows, k, w) in &[
+        for &(m, n, k) in &[
             (1, 1, 1),
-            (3, 16, 32),
-            (2, 5, 7),
-            (2, 9, 20),
-            (1, 6, 33),
-            (2, 4, 64),
-            (1, 3, 17),
+            (16, 32, 16),
+            (5, 7, 2),
+            (13, 20, 9),
+            (29, 33, 6),
+            (8, 64, 4),
+            (64, 112, 64),
+            (32, 32, 70),
+            (3, 17, 0),
         ] {
-            let m_off = 3;
-            let m: Vec<f32> = (0..m_off + k * k).map(|_| next() as f32).collect();
-            let x: Vec<f32> = (0..rows * k * w).map(|_| next() as f32).collect();
-            for transpose in [false, true] {
-                let mut y = vec![f32::NAN; rows * k * w];
-                call(&mut y, &x, rows, (k, w), &m, m_off, transpose);
-                for b in 0..rows {
-                    for r in 0..k {
-                        for j in 0..w {
-                            let (mut want, mut mag) = (0.0, 0.0);
-                            for q in 0..k {
-                                let mv = if transpose {
-                                    m[m_off + q * k + r]
-                                } else {
-                                    m[m_off + r * k + q]
-                                } as f64;
-                                let t = mv * x[b * k * w + q * w + j] as f64;
-                                want += t;
-                                mag += t.abs();
-                            }
-                            let got = y[b * k * w + r * w + j] as f64;
-                            assert!(
-                                (got - want).abs() <= 2.4e-7 * (k + 1) as f64 * mag.max(1e-30),
-                                "left_small {rows}x{k}x{w} t={transpose} at ({b},{r},{j}): {got} vs {want}"
-                            );
-                        }
+            let (lo, ro, dpad) = (3, 5, 2);
+            let lhs: Vec<f32> = (0..lo + m * k + m + k).map(|_| next() as f32).collect();
+            let rhs: Vec<f32> = (0..ro + k * (n + 3) + n * (k + 1))
+                .map(|_| next() as f32)
+                .collect();
+            let ds = n + dpad;
+            for (lt, rt, accumulate) in [
+                (false, false, false),
+                (true, false, true),
+                (false, true, true),
+                (true, true, false),
+            ] {
+                let l = if lt {
+                    View::rm(lo, k, m).t()
+                } else {
+                    View::rm(lo, m, k)
+                };
+                let r = if rt {
+                    View {
+                        off: ro,
+                        rows: k,
+                        cols: n,
+                        rs: 1,
+                        cs: k + 1,
+                    }
+                } else {
+                    View {
+                        off: ro,
+                        rows: k,
+                        cols: n,
+                        rs: n + 3,
+                        cs: 1,
+                    }
+                };
+                let d = View {
+                    off: 1,
+                    rows: m,
+                    cols: n,
+                    rs: ds,
+                    cs: 1,
+                };
+                let init: Vec<f32> = (0..1 + m * ds).map(|_| next() as f32).collect();
+                let mut dst = init.clone();
+                if !accumulate {
+                    for i in 0..m {
+                        dst[1 + i * ds..1 + i * ds + n].fill(f32::NAN);
                     }
                 }
+                // SAFETY: the views are inside the test's buffers, and isa is present (callers).
+                unsafe {
+                    super::gemm_small_isa(
+                        isa,
+                        dst.as_mut_ptr(),
+                        dst.len(),
+                        d,
+                        accumulate,
+                        &lhs,
+                        l,
+                        &rhs,
+                        r,
+                    )
+                };
+                for i in 0..m {
+                    for j in 0..n {
+                        let (mut want, mut mag) = (0.0, 0.0);
+                        for q in 0..k {
+                            let a = lhs[l.off + i * l.rs + q * l.cs] as f64;
+                            let b = rhs[r.off + q * r.rs + j * r.cs] as f64;
+                            want += a * b;
+                            mag += (a * b).abs();
+                        }
+                        if accumulate {
+                            want += init[1 + i * ds + j] as f64;
+                            mag += (init[1 + i * ds + j] as f64).abs();
+                        }
+                        let got = dst[1 + i * ds + j] as f64;
+                        assert!(
+                            (got - want).abs() <= 2.4e-7 * (k + 2) as f64 * mag.max(1e-30),
+                            "gemm_small {m}x{n}x{k} lt={lt} rt={rt} acc={accumulate} at ({i},{j}): {got} vs {want}"
+                        );
+                    }
+                    // Padding between dst's rows and the element before it are left alone.
+                    assert!(dst[1 + i * ds + n..1 + (i + 1) * ds]
+                        .iter()
+                        .zip(&init[1 + i * ds + n..])
+                        .all(|(a, b)| a.to_bits() == b.to_bits()));
+                }
+                assert_eq!(dst[0].to_bits(), init[0].to_bits());
             }
         }
     }
 
     #[test]
-    fn left_small_matches_f64_loops() {
-        check_left(super::left_small::<f32>);
+    fn gemm_small_matches_f64_loops() {
+        #[cfg(target_arch = "x86_64")]
+        check_small(super::isa());
+        check_small(None);
     }
 
     /// The AVX2 kernel on its own: AVX-512 machines dispatch past it.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn left_small_avx2_matches_f64_loops() {
+    fn gemm_small_avx2_matches_f64_loops() {
         if !(std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma"))
         {
             eprintln!("skipped: no AVX2+FMA here");
             return;
         }
-        check_left(|y, x, rows, (k, w), m, m_off, transpose| {
-            let (rs, cs) = if transpose { (1, k) } else { (k, 1) };
-            let args = super::left_x86::Args { rows, k, w, rs, cs };
-            // SAFETY: AVX2 and FMA are present (checked above); the views are inside the test's
-            // slices (sized rows * k * w, and M's k * k after m_off).
-            unsafe { super::left_x86::avx2::run(y, x, &m[m_off..], &args) }
-        });
+        check_small(Some(super::Isa::Avx2));
+    }
+
+    /// left_small (the x3 rows) is gemm_small per row: M and M^T against plain f64 loops.
+    #[test]
+    fn left_small_matches_f64_loops() {
+        let (rows, k, w, m_off) = (3, 16, 33, 3);
+        let m: Vec<f32> = (0..m_off + k * k).map(|i| (i % 7) as f32 - 3.0).collect();
+        let x: Vec<f32> = (0..rows * k * w).map(|i| (i % 11) as f32 * 0.25).collect();
+        for transpose in [false, true] {
+            let mut y = vec![f32::NAN; rows * k * w];
+            super::left_small(&mut y, &x, rows, (k, w), &m, m_off, transpose);
+            for b in 0..rows {
+                for r in 0..k {
+                    for j in 0..w {
+                        let want: f64 = (0..k)
+                            .map(|q| {
+                                let mv = if transpose {
+                                    m[m_off + q * k + r]
+                                } else {
+                                    m[m_off + r * k + q]
+                                };
+                                mv as f64 * x[b * k * w + q * w + j] as f64
+                            })
+                            .sum();
+                        // Small integers and quarters: every partial sum is exact in f32.
+                        assert_eq!(
+                            y[b * k * w + r * w + j] as f64,
+                            want,
+                            "left_small ({b},{r},{j}) t={transpose}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// copy_streaming copies every element exactly, at every alignment and length (head, 4-lane

@@ -65,6 +65,42 @@ pub(crate) fn sum_stack<F: Float>(data: &[F], len: usize) -> Vec<F> {
     out
 }
 
+/// Elements of padding [`Scratch`] allocates for its alignment (64 bytes of f32).
+pub(crate) const SCRATCH_ALIGN_PAD: usize = 16;
+
+/// A zeroed scratch buffer whose first element is 64-byte aligned: one cache line and one AVX-512
+/// vector, so the f32 kernels' vector loads of rows a multiple of 16 elements apart never straddle
+/// two cache lines. Allocations above malloc's mmap threshold start 16 bytes into a page, and the
+/// contraction kernel then ran 9 % slower (measured at dB's shape on Zen 4).
+pub(crate) struct Scratch<F> {
+    buf: Vec<F>,
+    off: usize,
+    len: usize,
+}
+
+impl<F: Float> Scratch<F> {
+    pub fn zeros(len: usize) -> Self {
+        let pad = 64 / std::mem::size_of::<F>().max(1);
+        let buf = vec![F::ZERO; len + pad];
+        // align_offset may decline (usize::MAX); the buffer is then merely unaligned.
+        let off = buf.as_ptr().align_offset(64).min(pad);
+        Scratch { buf, off, len }
+    }
+}
+
+impl<F> std::ops::Deref for Scratch<F> {
+    type Target = [F];
+    fn deref(&self) -> &[F] {
+        &self.buf[self.off..self.off + self.len]
+    }
+}
+
+impl<F> std::ops::DerefMut for Scratch<F> {
+    fn deref_mut(&mut self) -> &mut [F] {
+        &mut self.buf[self.off..self.off + self.len]
+    }
+}
+
 /// A raw pointer that may cross threads: parallel tasks that each own disjoint, strided ranges of
 /// one buffer (column blocks of a row-major matrix) write through it, one row segment at a time.
 #[derive(Clone, Copy)]
