@@ -317,7 +317,7 @@ mod xyt_x86 {
     /// first, then every output of the m % MR rows and n % NR columns as a 1 x 1 block.
     macro_rules! xyt_kernel {
         ($name:ident, $feature:literal, $vec:ty, $lanes:literal, $mr:literal, $nr:literal,
-         $zero:path, $load:path, $fma:path, $hsum:path) => {
+         $zero:path, $load:path, $tail:path, $fma:path, $hsum:path) => {
             pub(super) mod $name {
                 use super::Args;
                 #[allow(unused_imports)]
@@ -352,7 +352,7 @@ mod xyt_x86 {
                 }
 
                 /// dst[MR, NR] (+)= sum_s x_s[MR, k] y_s[NR, k]^T. The k % lanes tail of every
-                /// segment goes into a scalar sum per output, added after the vector sum.
+                /// segment is one more vector step on zero-filled (masked) loads.
                 #[inline]
                 #[target_feature(enable = $feature)]
                 unsafe fn block<const MR: usize, const NR: usize>(
@@ -362,39 +362,47 @@ mod xyt_x86 {
                     a: &Args,
                 ) {
                     let mut acc: [[$vec; NR]; MR] = [[$zero(); NR]; MR];
-                    let mut tail = [[0f32; NR]; MR];
                     let kv = a.k / $lanes * $lanes;
                     for s in 0..a.segs {
                         let (x, y) = (x.add(s * a.seg_stride), y.add(s * a.seg_stride));
                         let mut p = 0;
                         while p < kv {
-                            let mut yv: [$vec; NR] = [$zero(); NR];
-                            #[allow(clippy::needless_range_loop)]
-                            for b in 0..NR {
-                                yv[b] = $load(y.add(b * a.ys + p));
-                            }
-                            #[allow(clippy::needless_range_loop)]
-                            for r in 0..MR {
-                                let xv = $load(x.add(r * a.xs + p));
-                                for b in 0..NR {
-                                    acc[r][b] = $fma(xv, yv[b], acc[r][b]);
-                                }
-                            }
+                            step::<MR, NR>(&mut acc, x, y, p, a, |q| $load(q));
                             p += $lanes;
                         }
-                        for (r, row) in tail.iter_mut().enumerate() {
-                            for (b, t) in row.iter_mut().enumerate() {
-                                for q in kv..a.k {
-                                    *t = (*x.add(r * a.xs + q)).mul_add(*y.add(b * a.ys + q), *t);
-                                }
-                            }
+                        if kv < a.k {
+                            step::<MR, NR>(&mut acc, x, y, kv, a, |q| $tail(q, a.k - kv));
                         }
                     }
                     for (r, row) in acc.iter().enumerate() {
                         for (b, c) in row.iter().enumerate() {
-                            let v = $hsum(*c) + tail[r][b];
+                            let v = $hsum(*c);
                             let o = d.add(r * a.dld + b);
                             *o = if a.accumulate { *o + v } else { v };
+                        }
+                    }
+                }
+
+                /// One vector step of the sum at element p, loading through `load`.
+                #[inline(always)]
+                unsafe fn step<const MR: usize, const NR: usize>(
+                    acc: &mut [[$vec; NR]; MR],
+                    x: *const f32,
+                    y: *const f32,
+                    p: usize,
+                    a: &Args,
+                    load: impl Fn(*const f32) -> $vec,
+                ) {
+                    let mut yv: [$vec; NR] = [$zero(); NR];
+                    #[allow(clippy::needless_range_loop)]
+                    for b in 0..NR {
+                        yv[b] = load(y.add(b * a.ys + p));
+                    }
+                    #[allow(clippy::needless_range_loop)]
+                    for r in 0..MR {
+                        let xv = load(x.add(r * a.xs + p));
+                        for b in 0..NR {
+                            acc[r][b] = $fma(xv, yv[b], acc[r][b]);
                         }
                     }
                 }
@@ -411,6 +419,7 @@ mod xyt_x86 {
         2,
         _mm512_setzero_ps,
         _mm512_loadu_ps,
+        super::tail512,
         _mm512_fmadd_ps,
         super::hsum512
     );
@@ -423,9 +432,27 @@ mod xyt_x86 {
         2,
         _mm256_setzero_ps,
         _mm256_loadu_ps,
+        super::tail256,
         _mm256_fmadd_ps,
         super::hsum256
     );
+
+    /// The first `count` (< 16) f32 at p, zeros after (masked: nothing past them is read).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tail512(p: *const f32, count: usize) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_maskz_loadu_ps(((1u32 << count) - 1) as u16, p)
+    }
+
+    /// The first `count` (< 8) f32 at p, zeros after (masked: nothing past them is read).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn tail256(p: *const f32, count: usize) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(count as i32), lane);
+        _mm256_maskload_ps(p, mask)
+    }
 
     /// The sum of the 16 lanes.
     #[target_feature(enable = "avx512f")]
@@ -453,8 +480,11 @@ mod xyt_x86 {
 /// broadcast kernel ran the x3 rows at 1.7 times that rate per FLOP). So f32 on x86 takes a
 /// broadcast kernel: an MR x NV-vector block of dst in accumulators, and per step q of the sum
 /// one vector load of rhs's row q per column vector and one broadcast of lhs (r, q) per row.
-/// rhs's and dst's rows must be contiguous; a small rhs that is not (D^T in the x4 product) is
-/// packed first. Every output sums q in order from zero with fused multiply-adds, then adds dst
+/// dst's rows must be contiguous, and rhs's too unless it is small: a small rhs that is strided
+/// or not 64-byte aligned (D^T and D in the x4 products, from the caller's factors) is packed
+/// into an aligned buffer first, as unaligned vector loads straddle two cache lines (the
+/// contraction kernel ran 97 GFLOP/s on aligned rows and 75 on the same rows 16 bytes off, one
+/// Zen 4 thread). Every output sums q in order from zero with fused multiply-adds, then adds dst
 /// when `accumulate`, in the vector blocks and the scalar edge alike: the bits depend on the
 /// shapes only. Other types, layouts and machines use [`gemm`].
 #[allow(clippy::too_many_arguments)]
@@ -471,8 +501,12 @@ pub(crate) fn gemm_small<F: Float>(
     unsafe { gemm_small_raw(dst.as_mut_ptr(), dst.len(), d, accumulate, lhs, l, rhs, r) }
 }
 
-/// Elements of the stack buffer that a strided rhs is packed into (16 KiB in f32).
+/// Elements of the stack buffer that a small rhs is packed into (16 KiB in f32).
 const PACK: usize = 4096;
+
+/// That buffer, 64-byte aligned: a vector load from a row never straddles two cache lines.
+#[repr(C, align(64))]
+struct Packed([f32; PACK]);
 
 /// [`gemm_small`] into a destination given as a pointer and a length, as [`gemm_raw`].
 ///
@@ -515,7 +549,10 @@ unsafe fn gemm_small_isa<F: Float>(
     r: View,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if let (Some(isa), true) = (isa, d.cs == 1 && (r.cs == 1 || r.rows * r.cols <= PACK)) {
+    // A packed rhs keeps its rows 64-byte aligned (row stride a multiple of 16 elements).
+    let packed_len = r.rows * r.cols.next_multiple_of(16);
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(isa), true) = (isa, d.cs == 1 && (r.cs == 1 || packed_len <= PACK)) {
         if let (Some(lf), Some(rf)) = (as_f32(lhs), as_f32(rhs)) {
             assert!(
                 d.rows == l.rows && d.cols == r.cols && l.cols == r.rows,
@@ -545,16 +582,19 @@ unsafe fn gemm_small_isa<F: Float>(
                 Isa::Avx512 => unsafe { bcast_x86::avx512::run(dp, lp, rp, a) },
                 Isa::Avx2 => unsafe { bcast_x86::avx2::run(dp, lp, rp, a) },
             };
-            if r.cs == 1 {
-                run(rf.as_ptr().add(r.off), &args(r.rs));
+            let rp = rf.as_ptr().add(r.off);
+            let aligned = rp.align_offset(64) == 0 && r.rs.is_multiple_of(16);
+            if r.cs == 1 && (aligned || packed_len > PACK) {
+                run(rp, &args(r.rs));
             } else {
-                let mut packed = [0f32; PACK];
+                let mut packed = Packed([0f32; PACK]);
+                let ps = r.cols.next_multiple_of(16);
                 for q in 0..r.rows {
                     for c in 0..r.cols {
-                        packed[q * r.cols + c] = rf[r.off + q * r.rs + c * r.cs];
+                        packed.0[q * ps + c] = rf[r.off + q * r.rs + c * r.cs];
                     }
                 }
-                run(packed.as_ptr(), &args(r.cols));
+                run(packed.0.as_ptr(), &args(ps));
             }
             return;
         }
