@@ -583,18 +583,22 @@ unsafe fn gemm_small_isa<F: Float>(
                 Isa::Avx2 => unsafe { bcast_x86::avx2::run(dp, lp, rp, a) },
             };
             let rp = rf.as_ptr().add(r.off);
+            // Packing an unaligned rhs pays where its rows are read many times (x4: 1024 rows of
+            // dst), not in the x3 rows (16).
             let aligned = rp.align_offset(64) == 0 && r.rs.is_multiple_of(16);
-            if r.cs == 1 && (aligned || packed_len > PACK) {
+            if r.cs == 1 && (aligned || d.rows < 64 || packed_len > PACK) {
                 run(rp, &args(r.rs));
             } else {
-                let mut packed = Packed([0f32; PACK]);
+                // Uninitialised: the kernel reads only the r.cols elements of each row written here.
+                let mut packed = std::mem::MaybeUninit::<Packed>::uninit();
+                let pp = packed.as_mut_ptr().cast::<f32>();
                 let ps = r.cols.next_multiple_of(16);
                 for q in 0..r.rows {
                     for c in 0..r.cols {
-                        packed.0[q * ps + c] = rf[r.off + q * r.rs + c * r.cs];
+                        pp.add(q * ps + c).write(rf[r.off + q * r.rs + c * r.cs]);
                     }
                 }
-                run(packed.0.as_ptr(), &args(ps));
+                run(pp, &args(ps));
             }
             return;
         }
@@ -708,17 +712,24 @@ mod bcast_x86 {
                     j: usize,
                     a: &Args,
                 ) {
+                    // The first block also prefetches the next panel's rows of rhs: at x1's
+                    // shape they come from L3 (a row stride of 128 KiB).
+                    let next = j + 2 * NV * $lanes <= a.n;
                     let mut i = 0;
+                    if next && MR <= a.m {
+                        block::<MR, NV, true>(d, l, r, i, j, a);
+                        i += MR;
+                    }
                     while i + MR <= a.m {
-                        block::<MR, NV>(d, l, r, i, j, a);
+                        block::<MR, NV, false>(d, l, r, i, j, a);
                         i += MR;
                     }
                     while i + 4 <= a.m {
-                        block::<4, NV>(d, l, r, i, j, a);
+                        block::<4, NV, false>(d, l, r, i, j, a);
                         i += 4;
                     }
                     while i < a.m {
-                        block::<1, NV>(d, l, r, i, j, a);
+                        block::<1, NV, false>(d, l, r, i, j, a);
                         i += 1;
                     }
                 }
@@ -726,7 +737,7 @@ mod bcast_x86 {
                 /// dst rows i..i + MR, columns j..j + NV * lanes.
                 #[inline]
                 #[target_feature(enable = $feature)]
-                unsafe fn block<const MR: usize, const NV: usize>(
+                unsafe fn block<const MR: usize, const NV: usize, const PREFETCH: bool>(
                     d: *mut f32,
                     l: *const f32,
                     r: *const f32,
@@ -736,6 +747,12 @@ mod bcast_x86 {
                 ) {
                     let mut acc: [[$vec; NV]; MR] = [[$zero(); NV]; MR];
                     for q in 0..a.k {
+                        if PREFETCH {
+                            for v in 0..NV {
+                                let p = r.add(q * a.rs + j + (NV + v) * $lanes);
+                                _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>());
+                            }
+                        }
                         let mut rv: [$vec; NV] = [$zero(); NV];
                         #[allow(clippy::needless_range_loop)]
                         for v in 0..NV {
@@ -992,6 +1009,8 @@ mod tests {
             (8, 64, 4),
             (64, 112, 64),
             (32, 32, 70),
+            (70, 20, 9),
+            (100, 32, 32),
             (3, 17, 0),
         ] {
             let (lo, ro, dpad) = (3, 5, 2);
