@@ -574,7 +574,8 @@ unsafe fn gemm_small_isa<F: Float>(
             };
             // F is f32 (as_f32 matched), so dst is an f32 pointer.
             let dp = dst.cast::<f32>().add(d.off);
-            let lp = lf.as_ptr().add(l.off);
+            // Wrapping: with k = 0 the views of lhs and rhs are empty and never read.
+            let lp = lf.as_ptr().wrapping_add(l.off);
             let run = |rp: *const f32, a: &bcast_x86::Args| match isa {
                 // SAFETY: the instruction set is present (`isa` detected it); every element the
                 // views touch is inside its buffer (asserted above; a packed rhs is r.rows x
@@ -582,7 +583,7 @@ unsafe fn gemm_small_isa<F: Float>(
                 Isa::Avx512 => unsafe { bcast_x86::avx512::run(dp, lp, rp, a) },
                 Isa::Avx2 => unsafe { bcast_x86::avx2::run(dp, lp, rp, a) },
             };
-            let rp = rf.as_ptr().add(r.off);
+            let rp = rf.as_ptr().wrapping_add(r.off);
             // Packing an unaligned rhs pays where its rows are read many times (x4: 1024 rows of
             // dst), not in the x3 rows (16).
             let aligned = rp.align_offset(64) == 0 && r.rs.is_multiple_of(16);
@@ -733,7 +734,9 @@ mod bcast_x86 {
                     // The first block also prefetches the next panel's rows of rhs: at x1's
                     // shape they come from L3 (a row stride of 128 KiB).
                     let next = j + 2 * NV * $lanes <= a.n;
-                    let pf = r.add(j + NV * $lanes);
+                    // Only read (prefetched) when `next`; wrapping: past the last panel it may
+                    // point outside rhs.
+                    let pf = r.wrapping_add(j + NV * $lanes);
                     let d = d.add(j);
                     let mut i = 0;
                     if next && MR <= a.m {
@@ -772,7 +775,7 @@ mod bcast_x86 {
                     for q in 0..a.k {
                         if PREFETCH {
                             for v in 0..NV {
-                                let p = pf.add(q * a.rs + v * $lanes);
+                                let p = pf.wrapping_add(q * a.rs + v * $lanes);
                                 _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>());
                             }
                         }
