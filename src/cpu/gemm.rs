@@ -480,9 +480,10 @@ mod xyt_x86 {
 /// broadcast kernel ran the x3 rows at 1.7 times that rate per FLOP). So f32 on x86 takes a
 /// broadcast kernel: an MR x NV-vector block of dst in accumulators, and per step q of the sum
 /// one vector load of rhs's row q per column vector and one broadcast of lhs (r, q) per row.
-/// dst's rows must be contiguous, and rhs's too unless it is small: a small rhs that is strided
-/// or not 64-byte aligned (D^T and D in the x4 products, from the caller's factors) is packed
-/// into an aligned buffer first, as unaligned vector loads straddle two cache lines (the
+/// dst's rows must be contiguous, and rhs's too unless it is small: a small rhs that is strided,
+/// or not 64-byte aligned where dst has 64 rows or more (D^T and D in the x4 products, from the
+/// caller's factors), is packed into an aligned buffer first, as unaligned vector loads straddle
+/// two cache lines (the
 /// contraction kernel ran 97 GFLOP/s on aligned rows and 75 on the same rows 16 bytes off, one
 /// Zen 4 thread). Every output sums q in order from zero with fused multiply-adds, then adds dst
 /// when `accumulate`, in the vector blocks and the scalar edge alike: the bits depend on the
@@ -502,9 +503,11 @@ pub(crate) fn gemm_small<F: Float>(
 }
 
 /// Elements of the stack buffer that a small rhs is packed into (16 KiB in f32).
+#[cfg(target_arch = "x86_64")]
 const PACK: usize = 4096;
 
 /// That buffer, 64-byte aligned: a vector load from a row never straddles two cache lines.
+#[cfg(target_arch = "x86_64")]
 #[repr(C, align(64))]
 struct Packed([f32; PACK]);
 
