@@ -9,7 +9,7 @@
 //! the result is the same for any thread count.
 
 use super::gemm::{gemm_small, gemm_small_raw, left_small, xyt, View};
-use super::{Scratch, SyncPtr, SCRATCH_ALIGN_PAD};
+use super::{Scratch, SyncPtr};
 use crate::error::Result;
 use crate::shape::{expect_nonempty, expect_rank, expect_shape, Split};
 use crate::tensor::{Float, HostTensor};
@@ -114,7 +114,7 @@ pub(crate) fn curved_workspace<F>(
             "workspace (curvature)",
             vec![
                 2 + 2 * super::threads(),
-                dims.oi() + dims.split.o1 * SLAB_PAD + SCRATCH_ALIGN_PAD,
+                dims.oi() + dims.split.o1 * SLAB_PAD + Scratch::<F>::PAD,
             ],
         )),
     }
@@ -142,7 +142,7 @@ pub(crate) fn fused_backward_workspace<F>(
             "workspace (curvature backward)",
             vec![
                 3 + 3 * super::threads(),
-                dims.oi() + o1 * SLAB_PAD + SCRATCH_ALIGN_PAD,
+                dims.oi() + o1 * SLAB_PAD + Scratch::<F>::PAD,
             ],
         ));
         v.push((

@@ -483,11 +483,9 @@ mod xyt_x86 {
 /// dst's rows must be contiguous, and rhs's too unless it is small: a small rhs that is strided,
 /// or not 64-byte aligned where dst has 64 rows or more (D^T and D in the x4 products, from the
 /// caller's factors), is packed into an aligned buffer first, as unaligned vector loads straddle
-/// two cache lines (the
-/// contraction kernel ran 97 GFLOP/s on aligned rows and 75 on the same rows 16 bytes off, one
-/// Zen 4 thread). Every output sums q in order from zero with fused multiply-adds, then adds dst
-/// when `accumulate`, in the vector blocks and the scalar edge alike: the bits depend on the
-/// shapes only. Other types, layouts and machines use [`gemm`].
+/// two cache lines (see [`super::Scratch`]). Every output sums q in order from zero with fused
+/// multiply-adds, then adds dst when `accumulate`, in the vector blocks and the scalar edge alike:
+/// the bits depend on the shapes only. Other types, layouts and machines use [`gemm`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_small<F: Float>(
     dst: &mut [F],
