@@ -133,7 +133,10 @@ CaWs ca_ws(const camex_ca_merge_params &p, bool backward, Arena &ar) {
   ws.thr = ar.take<uint32_t>(p.n);
   if (p.mask_kind == CAMEX_MASK_TIES_TRIM) ar.used += trim_arena_bytes(p.n);
   if (p.r > 0) {
+    // U, or (U given) the backward's H in U's place: right before s1, so that where H takes half of
+    // it (bf16) the rest and s1 are one free stretch (ca_bwd_lent).
     if (!ca_u_given(p, backward)) ws.u_all = ar.take<float>(p.n * oi);
+    else ws.h = ar.take<float>(p.n * oi);
     ws.s1 = ar.take<float>(kron_scratch_floats(p.dtype, dims4(p.o1, p.o2, p.i1, p.i2), p.r));
     ws.s2 = ws.s1 + oi;
   }
@@ -143,7 +146,8 @@ CaWs ca_ws(const camex_ca_merge_params &p, bool backward, Arena &ar) {
     ws.sumg = ar.take<float>(oi);
     // With the curvature, H of every expert in one pass over grad_merged ([N, O*I]): in U's place
     // once the scalars have read U, else (U given) its own; without it, one expert's at a time.
-    ws.h = p.r == 0 ? ar.take<float>(oi) : ws.u_all ? ws.u_all : ar.take<float>(p.n * oi);
+    if (p.r == 0) ws.h = ar.take<float>(oi);
+    else if (ws.u_all) ws.h = ws.u_all;
     ws.acc = ar.take<float>(oi);
     if (p.r > 0) {
       ws.gt = ar.take<float>(oi);
@@ -180,7 +184,11 @@ template <typename T> MergeArgs<T> ca_args(const camex_ca_merge_params &p, const
 }
 
 // Steps 1 and 2: thresholds and U (shared by forward and backward). `ar` continues after ca_ws.
-template <typename T> int ca_prepare(const camex_ca_merge_params &p, const CaWs &ws, Arena &trim_ar, cudaStream_t s) {
+// lent (lent_bytes): an output the forward's epilogue writes afterwards, free until then, where
+// the tensor-core chain may keep its Z (kron_forward_any); null in the backward.
+template <typename T>
+int ca_prepare(const camex_ca_merge_params &p, const CaWs &ws, Arena &trim_ar, cudaStream_t s, void *lent = nullptr,
+               int64_t lent_bytes = 0) {
   const int64_t oi = p.o * p.i;
   const T *base = ptr<const T>(p.base), *experts = ptr<const T>(p.experts);
   if (p.mask_kind == CAMEX_MASK_TIES_TRIM) {
@@ -192,7 +200,8 @@ template <typename T> int ca_prepare(const camex_ca_merge_params &p, const CaWs 
     KronFactors f = {ptr<const void>(p.factor_a), ptr<const void>(p.factor_b), ptr<const void>(p.factor_c),
                      ptr<const void>(p.factor_d), p.r, p.n};
     for (int64_t e = 0; e < p.n; ++e)
-      CAMEX_TRY(kron_forward_any<T>(s, ws.u_all + e * oi, base, experts + e * oi, f, e, d4, ws.s1, ws.s2));
+      CAMEX_TRY(kron_forward_any<T>(s, ws.u_all + e * oi, base, experts + e * oi, f, e, d4, ws.s1, ws.s2, lent,
+                                    lent_bytes));
   }
   return 0;
 }
@@ -210,7 +219,15 @@ template <typename T> int ca_merge_forward_t(const camex_ca_merge_params &p, cud
   CaWs ws = ca_ws(p, false, ar);
   if (ar.used > p.workspace_bytes) return CAMEX_ERR_WORKSPACE;
   Arena tar = trim_arena(p);
-  CAMEX_TRY(ca_prepare<T>(p, ws, tar, s));
+  // merged ([G, O, I]; at T5-base in bf16 75 MB) or curved ([N, O, I], where wanted), whichever is
+  // larger, lends the tensor-core chain room for Z: the epilogue below writes both whole.
+  void *lent = ptr<void>(p.merged);
+  int64_t lent_bytes = p.g * p.o * p.i * (int64_t)sizeof(T);
+  if (p.curved && p.n > p.g) {
+    lent = ptr<void>(p.curved);
+    lent_bytes = p.n * p.o * p.i * (int64_t)sizeof(T);
+  }
+  CAMEX_TRY(ca_prepare<T>(p, ws, tar, s, lent, lent_bytes));
   MergeArgs<T> a = ca_args<T>(p, ws);
   const float beta_n = p.has_beta ? (float)(p.beta / (double)p.n) : 0.f;
   CAMEX_LAUNCH(merge_epilogue_kernel<T>, grid_for(a.oi, 256), 256, s)(a, ptr<T>(p.merged), ptr<T>(p.curved),
@@ -259,6 +276,20 @@ template <typename T> int ca_merge_backward_t(const camex_ca_merge_params &p, cu
     if (p.r > 0 && kron_tc_bwd_taken<T>(d4, &lim)) ht = reinterpret_cast<T *>(ws.h);
   }
   static_assert(!ColsBwdPrec<__nv_bfloat16>::data_lo, "bf16's columns side reads H single-pass");
+  // With H in storage T, the rest of H's f32 buffer and the scratch s1 right after it (ca_ws) are
+  // free while the experts' reverses run (the tensor-core path uses neither t1 nor kk, s1's two
+  // halves, when it takes the lent room): room for Z with larger rounds of ranks.
+  char *lent = nullptr;
+  int64_t lent_bytes = 0;
+  if (ht) {
+    const int64_t h_used = (p.n * oi * (int64_t)sizeof(T) + 255) / 256 * 256;
+    const int64_t h_all = (p.n * oi * 4 + 255) / 256 * 256;
+    char *h0 = reinterpret_cast<char *>(ws.h);
+    lent = h0 + h_used;
+    lent_bytes = h_all - h_used;
+    if (reinterpret_cast<char *>(ws.s1) == h0 + h_all)
+      lent_bytes += kron_scratch_floats(p.dtype, d4, p.r) * 4;
+  }
   if (p.r > 0) {  // after merge_reverse_scalars, the last reader of U (ws.h may be its buffer)
     CAMEX_LAUNCH(h_kernel<T>, grid_for(oi, 256), 256, s)(a, gbar, gnb, beta_n, 0, p.n, ht ? nullptr : ws.h, ht, sumg);
     CAMEX_CHECK_LAUNCH();
@@ -275,7 +306,7 @@ template <typename T> int ca_merge_backward_t(const camex_ca_merge_params &p, cu
       const Opnd he = ht ? store_opnd<T>(ht + e * oi) : f32_opnd(ws.h + e * oi);
       CAMEX_TRY(kron_backward_any<T>(s, ws.gt, he, tau_opnd<T>(experts + e * oi, base), f, e, d4,
                                  ptr<T>(p.grad_factor_a), ptr<T>(p.grad_factor_b), ptr<T>(p.grad_factor_c),
-                                 ptr<T>(p.grad_factor_d), ws.t1, ws.kk, ws.w, ws.partial, fin, oi));
+                                 ptr<T>(p.grad_factor_d), ws.t1, ws.kk, ws.w, ws.partial, fin, oi, lent, lent_bytes));
     }
   }
   return 0;

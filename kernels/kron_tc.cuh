@@ -822,11 +822,24 @@ inline int64_t tc_z_budget() { return ::emu::counting() ? 24ll << 20 : 3000; }
 #else
 inline int64_t tc_z_budget() { return 24ll << 20; }
 #endif
-// esize: bytes per element of Z (4, or 2 for the forward's bf16 Z: FwdZ).
-inline int64_t kron_tc_rank_chunk(const D4 &d4, int64_t r, int64_t esize = 4) {
+// The larger round a caller may ask for where it lends Z a buffer of its own (kron_forward_any's
+// `lent`): 40 MB, 80 % of the H200's 50 MB L2, which holds all 8 ranks of T5-base's bf16 Z
+// (37.7 MB) in one round: one stage-1 and one stage-2 launch per expert, tau read once and U
+// written once instead of read back and added to. The workspace stays sized by tc_z_budget().
+#ifdef CAMEX_TC_Z_BUDGET
+inline int64_t tc_z_lent_budget() { return 2 * CAMEX_TC_Z_BUDGET; }
+#elif defined(CAMEX_EMU)
+// Tests: twice the scratch's budget, so that a lent buffer changes the rounds there too.
+inline int64_t tc_z_lent_budget() { return ::emu::counting() ? 40ll << 20 : 6000; }
+#else
+inline int64_t tc_z_lent_budget() { return 40ll << 20; }
+#endif
+// esize: bytes per element of Z (4, or 2 for the forward's bf16 Z: FwdZ); budget: Z's bytes per
+// round (tc_z_budget(), the scratch's, unless a caller lends more).
+inline int64_t kron_tc_rank_chunk(const D4 &d4, int64_t r, int64_t esize = 4, int64_t budget = -1) {
   const int64_t o = d4.d[0] * d4.d[1], i = d4.d[2] * d4.d[3];
   const int64_t per_rank = slab_plane(i, o) * esize;
-  int64_t c = tc_z_budget() / per_rank;
+  int64_t c = (budget < 0 ? tc_z_budget() : budget) / per_rank;
   if (c < 1) c = 1;
   if (c > r) c = r;
   if (c > 65535) c = 65535;  // grid.y of the stage-1 launch
@@ -842,11 +855,12 @@ inline int64_t kron_tc_z_bytes(const D4 &d4, int64_t r) {
   return b4 > b2 ? b4 : b2;
 }
 
-// u (f32 [O*I], overwritten) = the curvature of expert `expert` (tau = w - e); z: kron_tc_z_bytes;
-// lim: tc_smem_limit(), which kron_tc_fits checked the layouts against.
+// u (f32 [O*I], overwritten) = the curvature of expert `expert` (tau = w - e); z: room for Z, zbytes
+// of it (kron_tc_z_bytes where -1: the scratch, rounds of tc_z_budget()); lim: tc_smem_limit(),
+// which kron_tc_fits checked the layouts against.
 template <typename T>
 inline int kron_forward_tc(cudaStream_t s, float *u, const T *w, const T *e, const KronFactors &f, int64_t expert,
-                           const D4 &d4, float *z, int64_t lim) {
+                           const D4 &d4, void *z, int64_t zbytes, int64_t lim) {
   const int o1 = (int)d4.d[0], o2 = (int)d4.d[1], i1 = (int)d4.d[2], i2 = (int)d4.d[3];
   const int64_t O = (int64_t)o1 * o2, I = (int64_t)i1 * i2;
   using P = FwdPrec<T>;
@@ -859,8 +873,8 @@ inline int kron_forward_tc(cudaStream_t s, float *u, const T *w, const T *e, con
   if (err != cudaSuccess) return (int)err;
   err = CAMEX_SET_MAX_SMEM(kron_cols_kernel<T>, lim);
   if (err != cudaSuccess) return (int)err;
-  FwdZ<T> *zt = reinterpret_cast<FwdZ<T> *>(z);
-  const int64_t chunk = kron_tc_rank_chunk(d4, f.r, sizeof(FwdZ<T>));
+  FwdZ<T> *zt = static_cast<FwdZ<T> *>(z);
+  const int64_t chunk = kron_tc_rank_chunk(d4, f.r, sizeof(FwdZ<T>), zbytes);
   for (int64_t r0 = 0; r0 < f.r; r0 += chunk) {
     const int64_t nr = f.r - r0 < chunk ? f.r - r0 : chunk;
     CAMEX_LAUNCH_SMEM(kron_rows_kernel<T>, (unsigned)((I + TC_QC - 1) / TC_QC), TC_THREADS, rl.bytes, s)(
@@ -877,16 +891,25 @@ inline int kron_forward_tc(cudaStream_t s, float *u, const T *w, const T *e, con
 }
 
 // The forward chain of one expert on whichever path takes it: u (f32, overwritten) = M_e(w - base).
-// s1, s2: the scratch of kron_scratch_floats (the tensor-core path keeps Z there).
+// s1, s2: the scratch of kron_scratch_floats (the tensor-core path keeps Z there). lent (lent_bytes;
+// may be null): a buffer the caller overwrites later anyway (the CA-merge forward's merged output,
+// free until its epilogue), where the tensor-core path keeps Z instead when that makes its rounds
+// of ranks larger (up to tc_z_lent_budget()), at no cost in memory.
 template <typename T>
 inline int kron_forward_any(cudaStream_t s, float *u, const T *base, const T *w, const KronFactors &f, int64_t expert,
-                            const D4 &d4, float *s1, float *s2) {
+                            const D4 &d4, float *s1, float *s2, void *lent = nullptr, int64_t lent_bytes = 0) {
   if constexpr (is_half_type<T>::value) {
     // Switched on for this thread (camex_set_tensor_cores / CAMEX_TENSOR_CORES=1, camex.h), factors
     // small enough, and the blocks' shared memory within what this device allows.
     if (camex_tensor_cores() && kron_tc_dims_ok(d4)) {
       const int64_t lim = tc_smem_limit();
-      if (kron_tc_fits(d4, FwdPrec<T>::split(), lim)) return kron_forward_tc<T>(s, u, w, base, f, expert, d4, s1, lim);
+      if (kron_tc_fits(d4, FwdPrec<T>::split(), lim)) {
+        const int64_t es = sizeof(FwdZ<T>);
+        const int64_t lent_cap = lent_bytes < tc_z_lent_budget() ? lent_bytes : tc_z_lent_budget();
+        if (lent && kron_tc_rank_chunk(d4, f.r, es, lent_cap) > kron_tc_rank_chunk(d4, f.r, es))
+          return kron_forward_tc<T>(s, u, w, base, f, expert, d4, lent, lent_cap, lim);
+        return kron_forward_tc<T>(s, u, w, base, f, expert, d4, s1, -1, lim);
+      }
     }
   }
   return kron_forward<T>(s, u, tau_opnd<T>(w, base), f, expert, d4, s1, s2);

@@ -1120,14 +1120,16 @@ inline cudaError_t cols_bwd_reg_launch(cudaStream_t s, int i1, int i2, unsigned 
 }
 
 // The reverse of expert `expert`: gt (f32 [O*I], overwritten) = dL/dtau, and the factor gradients
-// of every rank for this expert. h: dL/dU (f32 or storage T); tau: W - E; z: kron_tc_z_bytes;
+// of every rank for this expert. h: dL/dU (f32 or storage T); tau: W - E; z: kron_tc_z_bytes, or
+// zbytes of it where zbytes >= 0 (a lent buffer: rounds of up to zbytes);
 // part: kron_tc_bwd_partial_floats; lim: tc_smem_limit(), checked by kron_tc_bwd_fits. taus
 // (taus_bytes; may be null): scratch for tau's planes (TauPlanes), which the first stage-1 launch
 // writes and the later launches read, where they fit.
 template <typename T>
 inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const KronFactors &f, int64_t expert,
                             const D4 &d4, T *ga, T *gb, T *gc, T *gd, float *z, float *part, int64_t lim,
-                            ExpertFinish<T> fin, bool *finished, void *taus, int64_t taus_bytes) {
+                            ExpertFinish<T> fin, bool *finished, void *taus, int64_t taus_bytes,
+                            int64_t zbytes = -1) {
   const int o1 = (int)d4.d[0], o2 = (int)d4.d[1], i1 = (int)d4.d[2], i2 = (int)d4.d[3];
   const int64_t O = (int64_t)o1 * o2, I = (int64_t)i1 * i2, slabs = (I + TC_QC - 1) / TC_QC;
   const int resident = rows_resident(o1, o2, RowsSplitPrec<T>::split(), lim) ? 1 : 0;
@@ -1157,7 +1159,7 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
   const int64_t tau_bytes = (RowsBwdPrec<T>::data_lo ? 2 : 1) * slab_plane(I, O) * 2;
   MmaT *tp = taus && tau_bytes <= taus_bytes ? reinterpret_cast<MmaT *>(taus) : nullptr;
   const TauPlanes tp_out = {nullptr, tp, O}, tp_in = {tp, nullptr, O};
-  const int64_t chunk = kron_tc_rank_chunk(d4, f.r, ZMem<BwdZ<T>>::planes * (int64_t)sizeof(MmaT));
+  const int64_t chunk = kron_tc_rank_chunk(d4, f.r, ZMem<BwdZ<T>>::planes * (int64_t)sizeof(MmaT), zbytes);
   const int64_t sab = (int64_t)o1 * o1 + (int64_t)o2 * o2, scd = (int64_t)i1 * i1 + (int64_t)i2 * i2;
   // Every rank's partials, [r][slabs][sab] then [r][cblocks][scd]: reduced once after the rounds.
   float *pab = part, *pcd = part + f.r * slabs * sab;
@@ -1214,20 +1216,26 @@ template <typename T> inline bool kron_tc_bwd_taken(const D4 &d4, int64_t *lim) 
 
 // The reverse chain of one expert on whichever path takes it (see kron_backward in kron.cuh for
 // the arguments). t1 must hold kron_scratch_floats(.., 1), w oi floats (the tensor-core path keeps
-// tau's planes there) and partial kron_bwd_partial_floats.
+// tau's planes there) and partial kron_bwd_partial_floats. lent (lent_bytes; may be null): room the
+// caller does not use during the call (it may cover t1 and kk), where the tensor-core path keeps
+// Z instead when that makes its rounds of ranks larger (up to tc_z_lent_budget()).
 // Then the expert's gradient goes to `fin` (elementwise.cuh): from the tensor-core path's last
 // kernel where it can (one pass fewer over dtau, one launch fewer), else by finish_expert_kernel.
 template <typename T>
 inline int kron_backward_any(cudaStream_t s, float *gt, Opnd h, Opnd tau, const KronFactors &f, int64_t e, const D4 &d4,
                              T *ga, T *gb, T *gc, T *gd, float *t1, float *kk, float *w, float *partial,
-                             ExpertFinish<T> fin, int64_t oi) {
+                             ExpertFinish<T> fin, int64_t oi, void *lent = nullptr, int64_t lent_bytes = 0) {
   bool finished = false;
   int rc = -1;
   if constexpr (is_half_type<T>::value) {
     int64_t lim = 0;
-    if (kron_tc_bwd_taken<T>(d4, &lim))
-      rc = kron_backward_tc<T>(s, gt, h, tau, f, e, d4, ga, gb, gc, gd, t1, partial, lim, fin, &finished, w,
-                               oi * (int64_t)sizeof(float));
+    if (kron_tc_bwd_taken<T>(d4, &lim)) {
+      const int64_t es = ZMem<BwdZ<T>>::planes * (int64_t)sizeof(MmaT);
+      const int64_t lent_cap = lent_bytes < tc_z_lent_budget() ? lent_bytes : tc_z_lent_budget();
+      const bool use_lent = lent && kron_tc_rank_chunk(d4, f.r, es, lent_cap) > kron_tc_rank_chunk(d4, f.r, es);
+      rc = kron_backward_tc<T>(s, gt, h, tau, f, e, d4, ga, gb, gc, gd, use_lent ? static_cast<float *>(lent) : t1, partial, lim, fin,
+                               &finished, w, oi * (int64_t)sizeof(float), use_lent ? lent_cap : -1);
+    }
   }
   if (rc < 0) rc = kron_backward<T>(s, gt, h, tau, f, e, d4, ga, gb, gc, gd, t1, kk, w, partial);
   if (rc != 0 || finished) return rc;
