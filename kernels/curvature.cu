@@ -80,7 +80,11 @@ template <typename T> int curvature_forward_t(const camex_curvature_params &p, c
   KronFactors f = {ptr<const void>(p.factor_a), ptr<const void>(p.factor_b), ptr<const void>(p.factor_c),
                    ptr<const void>(p.factor_d), p.r, p.n};
   for (int64_t e = 0; e < p.n; ++e) {
-    CAMEX_TRY(kron_forward_any<T>(s, ws.u, base, experts + e * oi, f, e, d4, ws.s1, ws.s2));
+    // The tensor-core path writes U in storage T itself; the scalar chain's f32 U is converted.
+    bool stored = false;
+    CAMEX_TRY(kron_forward_any<T>(s, ws.u, base, experts + e * oi, f, e, d4, ws.s1, ws.s2, nullptr, 0,
+                                  curved + e * oi, &stored));
+    if (stored) continue;
     CAMEX_LAUNCH(f32_to_store_kernel<T>, grid_for(oi, 256), 256, s)(ws.u, curved + e * oi, oi);
     CAMEX_CHECK_LAUNCH();
   }
@@ -184,11 +188,16 @@ template <typename T> MergeArgs<T> ca_args(const camex_ca_merge_params &p, const
 }
 
 // Steps 1 and 2: thresholds and U (shared by forward and backward). `ar` continues after ca_ws.
-// lent (lent_bytes): an output the forward's epilogue writes afterwards, free until then, where
-// the tensor-core chain may keep its Z (kron_forward_any); null in the backward.
+// The forward's FwdU (null in the backward): an output its epilogue writes afterwards, free until
+// then, where the tensor-core chain may keep its Z, and where that chain writes U in storage T.
+template <typename T> struct FwdU {
+  void *lent;
+  int64_t lent_bytes;
+  T *ut;  // [N, O*I] in storage T, or null: U in f32 (u_all)
+};
 template <typename T>
-int ca_prepare(const camex_ca_merge_params &p, const CaWs &ws, Arena &trim_ar, cudaStream_t s, void *lent = nullptr,
-               int64_t lent_bytes = 0) {
+int ca_prepare(const camex_ca_merge_params &p, const CaWs &ws, Arena &trim_ar, cudaStream_t s,
+               const FwdU<T> *fu = nullptr) {
   const int64_t oi = p.o * p.i;
   const T *base = ptr<const T>(p.base), *experts = ptr<const T>(p.experts);
   if (p.mask_kind == CAMEX_MASK_TIES_TRIM) {
@@ -200,8 +209,9 @@ int ca_prepare(const camex_ca_merge_params &p, const CaWs &ws, Arena &trim_ar, c
     KronFactors f = {ptr<const void>(p.factor_a), ptr<const void>(p.factor_b), ptr<const void>(p.factor_c),
                      ptr<const void>(p.factor_d), p.r, p.n};
     for (int64_t e = 0; e < p.n; ++e)
-      CAMEX_TRY(kron_forward_any<T>(s, ws.u_all + e * oi, base, experts + e * oi, f, e, d4, ws.s1, ws.s2, lent,
-                                    lent_bytes));
+      CAMEX_TRY(kron_forward_any<T>(s, ws.u_all + e * oi, base, experts + e * oi, f, e, d4, ws.s1, ws.s2,
+                                    fu ? fu->lent : nullptr, fu ? fu->lent_bytes : 0,
+                                    fu && fu->ut ? fu->ut + e * oi : nullptr));
   }
   return 0;
 }
@@ -219,18 +229,29 @@ template <typename T> int ca_merge_forward_t(const camex_ca_merge_params &p, cud
   CaWs ws = ca_ws(p, false, ar);
   if (ar.used > p.workspace_bytes) return CAMEX_ERR_WORKSPACE;
   Arena tar = trim_arena(p);
-  // merged ([G, O, I]; at T5-base in bf16 75 MB) or curved ([N, O, I], where wanted), whichever is
-  // larger, lends the tensor-core chain room for Z: the epilogue below writes both whole.
-  void *lent = ptr<void>(p.merged);
-  int64_t lent_bytes = p.g * p.o * p.i * (int64_t)sizeof(T);
-  if (p.curved && p.n > p.g) {
-    lent = ptr<void>(p.curved);
-    lent_bytes = p.n * p.o * p.i * (int64_t)sizeof(T);
+  // Where the tensor-core chain takes the experts (the same path for each): merged ([G, O, I]; at
+  // T5-base in bf16 75 MB), which the epilogue below writes whole, lends it room for Z; and U goes
+  // out in storage T, the precision the epilogue rounds it to for `curved`: into curved where it is
+  // wanted (the epilogue reads it there instead of writing it), else into the first half of U's f32
+  // buffer where one round takes every rank (no f32 sum of earlier rounds to keep beside it).
+  // Otherwise curved, if wanted and larger, lends the room, and U stays f32.
+  const int64_t oi = p.o * p.i;
+  FwdU<T> fu = {ptr<void>(p.merged), p.g * oi * (int64_t)sizeof(T), nullptr};
+  const D4 d4 = dims4(p.o1, p.o2, p.i1, p.i2);
+  if (p.r > 0 && kron_tc_fwd_taken<T>(d4)) {
+    if (p.curved) fu.ut = ptr<T>(p.curved);
+    else if (tc_z_place<T>(d4, p.r, fu.lent, fu.lent_bytes).chunk >= p.r) fu.ut = reinterpret_cast<T *>(ws.u_all);
   }
-  CAMEX_TRY(ca_prepare<T>(p, ws, tar, s, lent, lent_bytes));
+  if (!fu.ut && p.curved && p.n > p.g) fu = {ptr<void>(p.curved), p.n * oi * (int64_t)sizeof(T), nullptr};
+  CAMEX_TRY(ca_prepare<T>(p, ws, tar, s, &fu));
   MergeArgs<T> a = ca_args<T>(p, ws);
+  if (fu.ut) {
+    a.u.kind = U_STORE;
+    a.u.t = fu.ut;
+  }
+  T *curved_out = fu.ut && fu.ut == ptr<T>(p.curved) ? nullptr : ptr<T>(p.curved);
   const float beta_n = p.has_beta ? (float)(p.beta / (double)p.n) : 0.f;
-  CAMEX_LAUNCH(merge_epilogue_kernel<T>, grid_for(a.oi, 256), 256, s)(a, ptr<T>(p.merged), ptr<T>(p.curved),
+  CAMEX_LAUNCH(merge_epilogue_kernel<T>, grid_for(a.oi, 256), 256, s)(a, ptr<T>(p.merged), curved_out,
                                                                 p.has_beta ? ptr<T>(p.next_base) : nullptr, beta_n);
   CAMEX_CHECK_LAUNCH();
   if (p.base_bias && p.expert_bias && p.merged_bias) {

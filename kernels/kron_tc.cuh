@@ -670,14 +670,28 @@ __host__ __device__ inline ColsLayout cols_layout(int i1, int i2, TcSplit sp) {
   return l;
 }
 
+// Two consecutive elements of 16-bit storage T (4-byte aligned) as one 32-bit store, v0 in the low
+// half.
+template <typename T> __device__ __forceinline__ void store_pair(T *p, float v0, float v1) {
+  static_assert(sizeof(T) == 2, "16-bit storage");
+  const T h0 = from_f32<T>(v0), h1 = from_f32<T>(v1);
+  uint16_t b0, b1;
+  memcpy(&b0, &h0, 2);
+  memcpy(&b1, &h1, 2);
+  *reinterpret_cast<uint32_t *>(p) = (uint32_t)b0 | ((uint32_t)b1 << 16);
+}
+
 // grid (ceil(O / pr)): each block a run of pr Z rows (store_z_tile's order; for bf16 Z, row zr is
 // output row (zr % o1, zr / o1)). u: f32 [O][I] of this expert; ranks r0..r0+nr of z; accumulate:
-// u += the sum. Two blocks per SM (at most 128 registers): the default let the f16 instance take 174.
+// the sum is added to u's. ut (the expert's last round, or null): U goes out rounded to storage T
+// there instead of to u, in half the bytes where bf16/f16 U is what the caller keeps (the CA-merge
+// forward's epilogue and `curved`). Two blocks per SM (at most 128 registers): the default let the
+// f16 instance take 174.
 template <typename T>
 __global__ void __launch_bounds__(TC_THREADS, 2)
 kron_cols_kernel(const FwdZ<T> *__restrict__ z, const T *__restrict__ fc, const T *__restrict__ fd, float *__restrict__ u,
-                 int o1, int i1, int i2, int64_t O, int64_t r0, int64_t nr, int64_t nexp, int64_t expert,
-                 int accumulate) {
+                 T *__restrict__ ut, int o1, int i1, int i2, int64_t O, int64_t r0, int64_t nr, int64_t nexp,
+                 int64_t expert, int accumulate) {
   CAMEX_DYNAMIC_SMEM(smem);
   using P = FwdPrec<T>;  // only the forward runs stage 2
   const ColsLayout L = cols_layout(i1, i2, P::split());
@@ -690,8 +704,10 @@ kron_cols_kernel(const FwdZ<T> *__restrict__ z, const T *__restrict__ fc, const 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int ntc = L.i2p / 8;  // n tiles per row
-  // U's pairs (d, d + 1) as one 8-byte access: a warp's 32 lanes then cover 8 whole sectors.
-  const bool pairs = i2 % 2 == 0 && (reinterpret_cast<uintptr_t>(u) & 7) == 0;
+  // U's pairs (d, d + 1) as one 8-byte access (4-byte in T): a warp's 32 lanes then cover whole
+  // sectors.
+  const bool pairs = i2 % 2 == 0 && (reinterpret_cast<uintptr_t>(u) & 7) == 0 &&
+                     (reinterpret_cast<uintptr_t>(ut) & 3) == 0;
 
   float acc[TC_ACC][4];
 #pragma unroll
@@ -761,19 +777,31 @@ kron_cols_kernel(const FwdZ<T> *__restrict__ z, const T *__restrict__ fc, const 
     for (int h = 0; h < 2; ++h) {
       const int cc = mt * 16 + g + 8 * h, d = nt * 8 + 2 * t;
       if (cc >= i1 || d >= i2) continue;
-      float *dst = u + p * I + (int64_t)cc * i2 + d;
-      const float v0 = acc[j][2 * h], v1 = acc[j][2 * h + 1];
+      const int64_t at = p * I + (int64_t)cc * i2 + d;
+      float *dst = u + at;
+      float v0 = acc[j][2 * h], v1 = acc[j][2 * h + 1];
       if (pairs) {  // d + 1 < i2 too (i2 even); 8-byte aligned (u is, and I and i2 are even)
         float2 *d2 = reinterpret_cast<float2 *>(dst);
         if (accumulate) {
           const float2 o = *d2;
-          *d2 = make_float2(o.x + v0, o.y + v1);
-        } else {
-          *d2 = make_float2(v0, v1);
+          v0 += o.x;
+          v1 += o.y;
         }
+        if (ut) store_pair(ut + at, v0, v1);
+        else *d2 = make_float2(v0, v1);
       } else {
-        dst[0] = accumulate ? dst[0] + v0 : v0;
-        if (d + 1 < i2) dst[1] = accumulate ? dst[1] + v1 : v1;
+        const bool two = d + 1 < i2;
+        if (accumulate) {
+          v0 += dst[0];
+          if (two) v1 += dst[1];
+        }
+        if (ut) {
+          ut[at] = from_f32<T>(v0);
+          if (two) ut[at + 1] = from_f32<T>(v1);
+        } else {
+          dst[0] = v0;
+          if (two) dst[1] = v1;
+        }
       }
     }
   }
@@ -857,10 +885,11 @@ inline int64_t kron_tc_z_bytes(const D4 &d4, int64_t r) {
 
 // u (f32 [O*I], overwritten) = the curvature of expert `expert` (tau = w - e); z: room for Z, zbytes
 // of it (kron_tc_z_bytes where -1: the scratch, rounds of tc_z_budget()); lim: tc_smem_limit(),
-// which kron_tc_fits checked the layouts against.
+// which kron_tc_fits checked the layouts against. ut (may be null): the last round writes U to ut
+// in storage T instead of to u (which then holds only the earlier rounds' sum, if any).
 template <typename T>
 inline int kron_forward_tc(cudaStream_t s, float *u, const T *w, const T *e, const KronFactors &f, int64_t expert,
-                           const D4 &d4, void *z, int64_t zbytes, int64_t lim) {
+                           const D4 &d4, void *z, int64_t zbytes, int64_t lim, T *ut = nullptr) {
   const int o1 = (int)d4.d[0], o2 = (int)d4.d[1], i1 = (int)d4.d[2], i2 = (int)d4.d[3];
   const int64_t O = (int64_t)o1 * o2, I = (int64_t)i1 * i2;
   using P = FwdPrec<T>;
@@ -883,33 +912,53 @@ inline int kron_forward_tc(cudaStream_t s, float *u, const T *w, const T *e, con
     CAMEX_CHECK_LAUNCH();
     const unsigned g2 = (unsigned)((O + cl.pr - 1) / cl.pr);
     CAMEX_LAUNCH_SMEM(kron_cols_kernel<T>, g2, TC_THREADS, cl.bytes, s)(
-        zt, reinterpret_cast<const T *>(f.c), reinterpret_cast<const T *>(f.d), u, o1, i1, i2, O, r0, nr, f.n,
-        expert, r0 > 0 ? 1 : 0);
+        zt, reinterpret_cast<const T *>(f.c), reinterpret_cast<const T *>(f.d), u, r0 + nr < f.r ? nullptr : ut, o1, i1,
+        i2, O, r0, nr, f.n, expert, r0 > 0 ? 1 : 0);
     CAMEX_CHECK_LAUNCH();
   }
   return 0;
 }
 
+// Where the tensor-core forward keeps Z and how many ranks go in one round: `lent` (lent_bytes; may
+// be null), a buffer the caller overwrites later anyway (the CA-merge forward's merged output, free
+// until its epilogue), where that makes the rounds larger (up to tc_z_lent_budget()), at no cost in
+// memory; else the scratch (zbytes -1: rounds of tc_z_budget()).
+struct TcZPlace {
+  void *lent;
+  int64_t zbytes, chunk;
+};
+template <typename T> inline TcZPlace tc_z_place(const D4 &d4, int64_t r, void *lent, int64_t lent_bytes) {
+  const int64_t es = sizeof(FwdZ<T>);
+  const int64_t cap = lent_bytes < tc_z_lent_budget() ? lent_bytes : tc_z_lent_budget();
+  const int64_t own = kron_tc_rank_chunk(d4, r, es), more = lent ? kron_tc_rank_chunk(d4, r, es, cap) : 0;
+  return more > own ? TcZPlace{lent, cap, more} : TcZPlace{nullptr, -1, own};
+}
+
+// Whether kron_forward_any takes the tensor-core forward for storage T at d4 (switched on for this
+// thread, factors small enough, and the blocks' shared memory within what this device allows).
+template <typename T> inline bool kron_tc_fwd_taken(const D4 &d4) {
+  if constexpr (is_half_type<T>::value) {
+    return camex_tensor_cores() && kron_tc_dims_ok(d4) && kron_tc_fits(d4, FwdPrec<T>::split(), tc_smem_limit());
+  } else {
+    return false;
+  }
+}
+
 // The forward chain of one expert on whichever path takes it: u (f32, overwritten) = M_e(w - base).
-// s1, s2: the scratch of kron_scratch_floats (the tensor-core path keeps Z there). lent (lent_bytes;
-// may be null): a buffer the caller overwrites later anyway (the CA-merge forward's merged output,
-// free until its epilogue), where the tensor-core path keeps Z instead when that makes its rounds
-// of ranks larger (up to tc_z_lent_budget()), at no cost in memory.
+// s1, s2: the scratch of kron_scratch_floats (the tensor-core path keeps Z there, or in `lent`:
+// tc_z_place). ut (may be null): where the tensor-core path takes it, U goes to ut in storage T
+// instead (its last round's output; u holds the earlier rounds' f32 sum), and *stored says so.
 template <typename T>
 inline int kron_forward_any(cudaStream_t s, float *u, const T *base, const T *w, const KronFactors &f, int64_t expert,
-                            const D4 &d4, float *s1, float *s2, void *lent = nullptr, int64_t lent_bytes = 0) {
+                            const D4 &d4, float *s1, float *s2, void *lent = nullptr, int64_t lent_bytes = 0,
+                            T *ut = nullptr, bool *stored = nullptr) {
+  if (stored) *stored = false;
   if constexpr (is_half_type<T>::value) {
-    // Switched on for this thread (camex_set_tensor_cores / CAMEX_TENSOR_CORES=1, camex.h), factors
-    // small enough, and the blocks' shared memory within what this device allows.
-    if (camex_tensor_cores() && kron_tc_dims_ok(d4)) {
-      const int64_t lim = tc_smem_limit();
-      if (kron_tc_fits(d4, FwdPrec<T>::split(), lim)) {
-        const int64_t es = sizeof(FwdZ<T>);
-        const int64_t lent_cap = lent_bytes < tc_z_lent_budget() ? lent_bytes : tc_z_lent_budget();
-        if (lent && kron_tc_rank_chunk(d4, f.r, es, lent_cap) > kron_tc_rank_chunk(d4, f.r, es))
-          return kron_forward_tc<T>(s, u, w, base, f, expert, d4, lent, lent_cap, lim);
-        return kron_forward_tc<T>(s, u, w, base, f, expert, d4, s1, -1, lim);
-      }
+    if (kron_tc_fwd_taken<T>(d4)) {
+      const TcZPlace zp = tc_z_place<T>(d4, f.r, lent, lent_bytes);
+      if (stored) *stored = ut != nullptr;
+      return kron_forward_tc<T>(s, u, w, base, f, expert, d4, zp.lent ? zp.lent : s1, zp.zbytes, tc_smem_limit(),
+                                ut);
     }
   }
   return kron_forward<T>(s, u, tau_opnd<T>(w, base), f, expert, d4, s1, s2);
