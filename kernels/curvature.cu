@@ -109,11 +109,15 @@ template <typename T> int curvature_backward_t(const camex_curvature_params &p, 
   const D4 d4 = dims4(p.o1, p.o2, p.i1, p.i2);
   KronFactors f = {ptr<const void>(p.factor_a), ptr<const void>(p.factor_b), ptr<const void>(p.factor_c),
                    ptr<const void>(p.factor_d), p.r, p.n};
+  bool ready = false;  // this expert's first stage 1 ran in the previous expert's last launch
   for (int64_t e = 0; e < p.n; ++e) {
     const ExpertFinish<T> fin = expert_finish(grad_experts, ws.acc, e, p.n, oi, grad_base, (const float *)nullptr);
+    bool next_ready = false;
+    const NextExpert<T> nx = {e + 1 < p.n ? experts + (e + 1) * oi : nullptr, e + 1, ready, &next_ready};
     CAMEX_TRY(kron_backward_any<T>(s, ws.gt, store_opnd<T>(gc + e * oi), tau_opnd<T>(experts + e * oi, base), f, e, d4,
                                ptr<T>(p.grad_factor_a), ptr<T>(p.grad_factor_b), ptr<T>(p.grad_factor_c),
-                               ptr<T>(p.grad_factor_d), ws.t1, ws.kk, ws.w, ws.partial, fin, oi));
+                               ptr<T>(p.grad_factor_d), ws.t1, ws.kk, ws.w, ws.partial, fin, oi, nullptr, 0, nx));
+    ready = next_ready;
   }
   return 0;
 }
@@ -315,6 +319,7 @@ template <typename T> int ca_merge_backward_t(const camex_ca_merge_params &p, cu
     CAMEX_LAUNCH(h_kernel<T>, grid_for(oi, 256), 256, s)(a, gbar, gnb, beta_n, 0, p.n, ht ? nullptr : ws.h, ht, sumg);
     CAMEX_CHECK_LAUNCH();
   }
+  bool ready = false;  // this expert's first stage 1 ran in the previous expert's last launch
   for (int64_t e = 0; e < p.n; ++e) {
     const ExpertFinish<T> fin = expert_finish(grad_experts, ws.acc, e, p.n, oi, ptr<T>(p.grad_base), ws.sumg);
     if (p.r == 0) {  // dL/dtau_e = H_e
@@ -325,9 +330,13 @@ template <typename T> int ca_merge_backward_t(const camex_ca_merge_params &p, cu
       CAMEX_CHECK_LAUNCH();
     } else {
       const Opnd he = ht ? store_opnd<T>(ht + e * oi) : f32_opnd(ws.h + e * oi);
+      bool next_ready = false;
+      const NextExpert<T> nx = {e + 1 < p.n ? experts + (e + 1) * oi : nullptr, e + 1, ready, &next_ready};
       CAMEX_TRY(kron_backward_any<T>(s, ws.gt, he, tau_opnd<T>(experts + e * oi, base), f, e, d4,
                                  ptr<T>(p.grad_factor_a), ptr<T>(p.grad_factor_b), ptr<T>(p.grad_factor_c),
-                                 ptr<T>(p.grad_factor_d), ws.t1, ws.kk, ws.w, ws.partial, fin, oi, lent, lent_bytes));
+                                 ptr<T>(p.grad_factor_d), ws.t1, ws.kk, ws.w, ws.partial, fin, oi, lent, lent_bytes,
+                                 nx));
+      ready = next_ready;
     }
   }
   return 0;

@@ -29,8 +29,10 @@
 //      instead of dtau: finish_expert_kernel's work, ExpertFinish);
 //   4. after the rounds, one fixed-order reduction of every rank's partials into the factor
 //      gradients (one launch per expert). No atomics: the same inputs give the same bits.
-// Step 1 of every round but the first runs in step 3's launch of the round before
-// (kron_rows_bwd_split_kernel: both are per slab, and each block touches only its slab of Z).
+// Step 1 of every round but the first runs in step 3's launch of the round before, and that of
+// the next expert's first round in this expert's last step 3 where the caller names the next
+// expert (NextExpert): kron_rows_bwd_split_kernel; both are per slab, and each block touches only
+// its slab of Z.
 // Every product goes through the tensor cores as in kron_tc.cuh, under a precision policy per
 // kernel (ColsBwdPrec, RowsBwdPrec below; Prec in mma.cuh): bf16 is single-pass throughout; f16
 // splits data and factors; data-by-data contractions with split data take three mma (hi hi, hi lo,
@@ -1015,19 +1017,22 @@ __global__ void __launch_bounds__(TC_THREADS, 1)
   rows_bwd_body<T>(smem, w, e, z, fa, fb, part, gt, o1, o2, I, nexp, expert, r0, nr, mode, tp, fin);
 }
 
-// A round's rows-side backward (ranks r0..r0+nr, never the expert's last round), then the next
-// round's stage 1 (ranks rn0..rn0+nrn, kron_rows_split_kernel's work, `resident` its layout) in the
-// same launch: each block reads K only from its own slab of z and stage 1 writes P only to it, so
-// P of the next round can go over K of this one without a grid-wide barrier. One launch fewer per
-// round. Shared memory: the larger of the two layouts, each zeroed by its own body.
+// A round's rows-side backward (ranks r0..r0+nr; fin as kron_rows_bwd_kernel's where it is the
+// expert's last round), then the next round's stage 1 (ranks rn0..rn0+nrn of expert expert1, whose
+// weights are w1, kron_rows_split_kernel's work, `resident` its layout, tp1 its tau planes) in the
+// same launch: the next round of the same expert, or the first round of the next expert. Each
+// block reads K only from its own slab of z and stage 1 writes P only to it, so P of the next round
+// can go over K of this one without a grid-wide barrier. One launch fewer per round and per expert
+// after the first. Shared memory: the larger of the two layouts, each zeroed by its own body.
 template <typename T>
 __global__ void __launch_bounds__(TC_THREADS, 1)
-    kron_rows_bwd_split_kernel(CAMEX_ROWS_BWD_PARAMS(), TauPlanes tp, int64_t rn0, int64_t nrn, int resident) {
+    kron_rows_bwd_split_kernel(CAMEX_ROWS_BWD_PARAMS(), TauPlanes tp, ExpertFinish<T> fin, const T *__restrict__ w1,
+                               int64_t expert1, TauPlanes tp1, int64_t rn0, int64_t nrn, int resident) {
   CAMEX_DYNAMIC_SMEM(smem);
-  rows_bwd_body<T>(smem, w, e, z, fa, fb, part, gt, o1, o2, I, nexp, expert, r0, nr, mode, tp, ExpertFinish<T>{});
+  rows_bwd_body<T>(smem, w, e, z, fa, fb, part, gt, o1, o2, I, nexp, expert, r0, nr, mode, tp, fin);
   __syncthreads();  // every thread is done with the rows-side layout (and this slab of K)
-  kron_rows_body<T, RowsSplitPrec<T>, BwdZ<T>>(smem, w, e, fa, fb, z, o1, o2, I, nexp, expert, rn0, nrn, resident,
-                                              TauPlanes{tp.in, nullptr, tp.O});
+  kron_rows_body<T, RowsSplitPrec<T>, BwdZ<T>>(smem, w1, e, fa, fb, z, o1, o2, I, nexp, expert1, rn0, nrn, resident,
+                                              tp1);
 }
 #undef CAMEX_ROWS_BWD_PARAMS
 
@@ -1124,12 +1129,20 @@ inline cudaError_t cols_bwd_reg_launch(cudaStream_t s, int i1, int i2, unsigned 
 // zbytes of it where zbytes >= 0 (a lent buffer: rounds of up to zbytes);
 // part: kron_tc_bwd_partial_floats; lim: tc_smem_limit(), checked by kron_tc_bwd_fits. taus
 // (taus_bytes; may be null): scratch for tau's planes (TauPlanes), which the first stage-1 launch
-// writes and the later launches read, where they fit.
+// writes and the later launches read, where they fit. nx: the next expert's stage 1, which this
+// call's last rows-side launch runs too where nx.w is set (nx.next_ready then says so), and whether
+// this expert's first stage 1 already ran in the previous expert's call (nx.ready).
+template <typename T> struct NextExpert {
+  const T *w = nullptr;  // the next expert's weights (its tau is w - e), or null
+  int64_t expert = -1;
+  bool ready = false;  // this expert's first round of P is already in z
+  bool *next_ready = nullptr;
+};
 template <typename T>
 inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const KronFactors &f, int64_t expert,
                             const D4 &d4, T *ga, T *gb, T *gc, T *gd, float *z, float *part, int64_t lim,
                             ExpertFinish<T> fin, bool *finished, void *taus, int64_t taus_bytes,
-                            int64_t zbytes = -1) {
+                            int64_t zbytes = -1, NextExpert<T> nx = {}) {
   const int o1 = (int)d4.d[0], o2 = (int)d4.d[1], i1 = (int)d4.d[2], i2 = (int)d4.d[3];
   const int64_t O = (int64_t)o1 * o2, I = (int64_t)i1 * i2, slabs = (I + TC_QC - 1) / TC_QC;
   const int resident = rows_resident(o1, o2, RowsSplitPrec<T>::split(), lim) ? 1 : 0;
@@ -1170,7 +1183,7 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
     const int64_t nr = f.r - r0 < chunk ? f.r - r0 : chunk;
     const int64_t rn0 = r0 + nr, nrn = f.r - rn0 < chunk ? f.r - rn0 : chunk;  // the next round
 
-    if (r0 == 0) {
+    if (r0 == 0 && !nx.ready) {
       CAMEX_LAUNCH_SMEM(kron_rows_split_kernel<T>, (unsigned)slabs, TC_THREADS, rl.bytes, s)(
           w, e, fa, fb, zs, o1, o2, I, f.n, expert, r0, nr, resident, tp_out);
       CAMEX_CHECK_LAUNCH();
@@ -1184,15 +1197,21 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
           ca.h, ca.z, ca.fc, ca.fd, ca.part, o1, i1, i2, pr, O, r0, nr, f.n, expert);
       CAMEX_CHECK_LAUNCH();
     }
-    if (nrn > 0) {
+    // The expert's last round; with dtau resident it finishes the expert (gt is then not written).
+    const bool last = nrn == 0 && (bmode & TC_DTAU_RESIDENT) && fin.grad_e;
+    if (nrn > 0 || nx.w) {
+      // Stage 1 of this expert's next round, or of the next expert's first round (the same chunk:
+      // the same dimensions; its tau planes written as kron_rows_split_kernel's first launch does).
+      const bool cross = nrn == 0;
       CAMEX_LAUNCH_SMEM(kron_rows_bwd_split_kernel<T>, (unsigned)slabs, TC_THREADS, fused_bytes, s)(
-          w, e, zs, fa, fb, pab + r0 * slabs * sab, gt, o1, o2, I, f.n, expert, r0, nr, bmode, tp_in, rn0, nrn,
-          resident);
+          w, e, zs, fa, fb, pab + r0 * slabs * sab, gt, o1, o2, I, f.n, expert, r0, nr, bmode, tp_in,
+          last ? fin : ExpertFinish<T>{}, cross ? nx.w : w, cross ? nx.expert : expert, cross ? tp_out : tp_in,
+          cross ? 0 : rn0, cross ? chunk : nrn, resident);
       CAMEX_CHECK_LAUNCH();
+      if (last) *finished = true;
+      if (cross && nx.next_ready) *nx.next_ready = true;
       continue;
     }
-    // The expert's last round; with dtau resident it finishes the expert (gt is then not written).
-    const bool last = (bmode & TC_DTAU_RESIDENT) && fin.grad_e;
     CAMEX_LAUNCH_SMEM(kron_rows_bwd_kernel<T>, (unsigned)slabs, TC_THREADS, bl.bytes, s)(
         w, e, zs, fa, fb, pab + r0 * slabs * sab, gt, o1, o2, I, f.n, expert, r0, nr, bmode, tp_in,
         last ? fin : ExpertFinish<T>{});
@@ -1218,15 +1237,20 @@ template <typename T> inline bool kron_tc_bwd_taken(const D4 &d4, int64_t *lim) 
 // the arguments). t1 must hold kron_scratch_floats(.., 1), w oi floats (the tensor-core path keeps
 // tau's planes there) and partial kron_bwd_partial_floats. lent (lent_bytes; may be null): room the
 // caller does not use during the call (it may cover t1 and kk), where the tensor-core path keeps
-// Z instead when that makes its rounds of ranks larger (up to tc_z_lent_budget()).
+// Z instead when that makes its rounds of ranks larger (up to tc_z_lent_budget()). nx
+// (kron_backward_tc): the next expert, whose first stage 1 this call runs where the tensor-core
+// path takes it; the caller passes nx.ready = what the previous call's nx.next_ready said, with
+// the same z (t1, lent) and taus (w) throughout.
 // Then the expert's gradient goes to `fin` (elementwise.cuh): from the tensor-core path's last
 // kernel where it can (one pass fewer over dtau, one launch fewer), else by finish_expert_kernel.
 template <typename T>
 inline int kron_backward_any(cudaStream_t s, float *gt, Opnd h, Opnd tau, const KronFactors &f, int64_t e, const D4 &d4,
                              T *ga, T *gb, T *gc, T *gd, float *t1, float *kk, float *w, float *partial,
-                             ExpertFinish<T> fin, int64_t oi, void *lent = nullptr, int64_t lent_bytes = 0) {
+                             ExpertFinish<T> fin, int64_t oi, void *lent = nullptr, int64_t lent_bytes = 0,
+                             NextExpert<T> nx = {}) {
   bool finished = false;
   int rc = -1;
+  if (nx.next_ready) *nx.next_ready = false;
   if constexpr (is_half_type<T>::value) {
     int64_t lim = 0;
     if (kron_tc_bwd_taken<T>(d4, &lim)) {
@@ -1234,7 +1258,7 @@ inline int kron_backward_any(cudaStream_t s, float *gt, Opnd h, Opnd tau, const 
       const int64_t lent_cap = lent_bytes < tc_z_lent_budget() ? lent_bytes : tc_z_lent_budget();
       const bool use_lent = lent && kron_tc_rank_chunk(d4, f.r, es, lent_cap) > kron_tc_rank_chunk(d4, f.r, es);
       rc = kron_backward_tc<T>(s, gt, h, tau, f, e, d4, ga, gb, gc, gd, use_lent ? static_cast<float *>(lent) : t1, partial, lim, fin,
-                               &finished, w, oi * (int64_t)sizeof(float), use_lent ? lent_cap : -1);
+                               &finished, w, oi * (int64_t)sizeof(float), use_lent ? lent_cap : -1, nx);
     }
   }
   if (rc < 0) rc = kron_backward<T>(s, gt, h, tau, f, e, d4, ga, gb, gc, gd, t1, kk, w, partial);
