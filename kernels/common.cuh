@@ -12,6 +12,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "camex.h"
 
@@ -33,6 +34,34 @@ template <typename T> __device__ __forceinline__ float ld(const T *p, int64_t k)
 template <typename T> __device__ __forceinline__ void st(T *p, int64_t k, float v) { p[k] = from_f32<T>(v); }
 
 template <typename T> __host__ __device__ inline T *ptr(uint64_t p) { return reinterpret_cast<T *>(p); }
+
+// Two consecutive elements (the first at an even index of a row that starts aligned) as one access.
+template <typename T> __device__ __forceinline__ bool aligned_pair(const T *p) {
+  return (reinterpret_cast<uintptr_t>(p) & (2 * sizeof(T) - 1)) == 0;
+}
+__device__ __forceinline__ void load_pair(const float *p, float v[2]) {
+  const float2 x = *reinterpret_cast<const float2 *>(p);
+  v[0] = x.x;
+  v[1] = x.y;
+}
+template <typename T> __device__ __forceinline__ void load_pair(const T *p, float v[2]) {
+  static_assert(sizeof(T) == 2, "16-bit storage");
+  const uint32_t x = *reinterpret_cast<const uint32_t *>(p);
+  T h[2];
+  memcpy(h, &x, 4);
+  v[0] = to_f32(h[0]);
+  v[1] = to_f32(h[1]);
+}
+__device__ __forceinline__ void store_pair(float *p, const float v[2]) {
+  *reinterpret_cast<float2 *>(p) = make_float2(v[0], v[1]);
+}
+template <typename T> __device__ __forceinline__ void store_pair(T *p, const float v[2]) {
+  static_assert(sizeof(T) == 2, "16-bit storage");
+  const T h[2] = {from_f32<T>(v[0]), from_f32<T>(v[1])};
+  uint32_t x;
+  memcpy(&x, h, 4);
+  *reinterpret_cast<uint32_t *>(p) = x;
+}
 
 // sgn with sgn(0) = 0 and sgn(NaN) = NaN (SPEC section 3), as Float::sgn on the CPU.
 __device__ __forceinline__ float sgnf(float v) {

@@ -316,14 +316,14 @@ template <typename T> int ca_merge_backward_t(const camex_ca_merge_params &p, cu
       lent_bytes += kron_scratch_floats(p.dtype, d4, p.r) * 4;
   }
   if (p.r > 0) {  // after merge_reverse_scalars, the last reader of U (ws.h may be its buffer)
-    CAMEX_LAUNCH(h_kernel<T>, grid_for(oi, 256), 256, s)(a, gbar, gnb, beta_n, 0, p.n, ht ? nullptr : ws.h, ht, sumg);
+    CAMEX_LAUNCH(h_kernel<T>, h_grid(oi), 256, s)(a, gbar, gnb, beta_n, 0, p.n, ht ? nullptr : ws.h, ht, sumg);
     CAMEX_CHECK_LAUNCH();
   }
   bool ready = false;  // this expert's first stage 1 ran in the previous expert's last launch
   for (int64_t e = 0; e < p.n; ++e) {
     const ExpertFinish<T> fin = expert_finish(grad_experts, ws.acc, e, p.n, oi, ptr<T>(p.grad_base), ws.sumg);
     if (p.r == 0) {  // dL/dtau_e = H_e
-      CAMEX_LAUNCH(h_kernel<T>, grid_for(oi, 256), 256, s)(a, gbar, gnb, beta_n, e, e + 1, ws.h, nullptr,
+      CAMEX_LAUNCH(h_kernel<T>, h_grid(oi), 256, s)(a, gbar, gnb, beta_n, e, e + 1, ws.h, nullptr,
                                                            e == 0 ? sumg : GroupSum<T>{});
       CAMEX_CHECK_LAUNCH();
       CAMEX_LAUNCH(finish_expert_kernel<T>, grid_for(oi, 256), 256, s)(ws.h, fin, oi);

@@ -670,17 +670,6 @@ __host__ __device__ inline ColsLayout cols_layout(int i1, int i2, TcSplit sp) {
   return l;
 }
 
-// Two consecutive elements of 16-bit storage T (4-byte aligned) as one 32-bit store, v0 in the low
-// half.
-template <typename T> __device__ __forceinline__ void store_pair(T *p, float v0, float v1) {
-  static_assert(sizeof(T) == 2, "16-bit storage");
-  const T h0 = from_f32<T>(v0), h1 = from_f32<T>(v1);
-  uint16_t b0, b1;
-  memcpy(&b0, &h0, 2);
-  memcpy(&b1, &h1, 2);
-  *reinterpret_cast<uint32_t *>(p) = (uint32_t)b0 | ((uint32_t)b1 << 16);
-}
-
 // grid (ceil(O / pr)): each block a run of pr Z rows (store_z_tile's order; for bf16 Z, row zr is
 // output row (zr % o1, zr / o1)). u: f32 [O][I] of this expert; ranks r0..r0+nr of z; accumulate:
 // the sum is added to u's. ut (the expert's last round, or null): U goes out rounded to storage T
@@ -787,7 +776,10 @@ kron_cols_kernel(const FwdZ<T> *__restrict__ z, const T *__restrict__ fc, const 
           v0 += o.x;
           v1 += o.y;
         }
-        if (ut) store_pair(ut + at, v0, v1);
+        if (ut) {
+          const float v[2] = {v0, v1};
+          store_pair(ut + at, v);
+        }
         else *d2 = make_float2(v0, v1);
       } else {
         const bool two = d + 1 < i2;

@@ -56,7 +56,7 @@ template <typename T> int merge_backward_t(const camex_merge_params &p, cudaStre
                                      ptr<const T>(p.grad_merged_bias), ptr<T>(p.grad_scores), ptr<T>(p.grad_alpha),
                                      nullptr, ptr<T>(p.grad_base_bias), ptr<T>(p.grad_expert_bias), p.o, ar));
   // grad_curved_i = H_i, and grad_base = sum_g Gbar_g from the same reads of Gbar.
-  CAMEX_LAUNCH(h_kernel<T>, grid_for(a.oi, 256), 256, s)(a, gbar, nullptr, 0.f, 0, p.n, nullptr, ptr<T>(p.grad_curved),
+  CAMEX_LAUNCH(h_kernel<T>, h_grid(a.oi), 256, s)(a, gbar, nullptr, 0.f, 0, p.n, nullptr, ptr<T>(p.grad_curved),
                                                          GroupSum<T>{nullptr, ptr<T>(p.grad_base)});
   CAMEX_CHECK_LAUNCH();
   return 0;

@@ -256,15 +256,21 @@ __global__ void finalize_kernel(const float *dots, int64_t chunks, const float *
 // for experts [i_begin, i_end); written to f32 `hf` [.., O*I] (offset by i - i_begin) or to T `ht`.
 // With `sum` set, also sum_g Gbar_g[q] (+ gnb[q]) in group order, from the same reads of Gbar (the
 // base gradient's term: no pass of its own over the upstream gradient).
-// Groups outer, H_EXPERTS experts' sums in registers: Gbar is read once per H_EXPERTS experts, each
-// sum still in group order (8 spilled on sm_80 under ptxas 13.0). The scores go through shared
-// memory where they fit (every thread reads all of them).
-constexpr int H_EXPERTS = 4, H_SCORES = 1024;
+// Groups outer, H_EXPERTS experts' sums in registers: Gbar is read once per H_EXPERTS experts (once
+// for every SPEC section 8 shape, N = 7), each sum still in group order (8: 70 registers on sm_80
+// and sm_90, no spills, under ptxas 13.0; 4 had read Gbar twice at N = 7). The scores go through
+// shared memory where they fit (every thread reads all of them).
+constexpr int H_EXPERTS = 8, H_SCORES = 1024;
 // Where h_kernel writes sum_g Gbar_g (+ gnb): f32 `f` or storage `t`; neither when both are null.
 template <typename T> struct GroupSum {
   float *f = nullptr;
   T *t = nullptr;
 };
+// Elements per thread: each score a thread reads from shared memory serves H_Q of them (the reads
+// are broadcasts, one wavefront per warp and score, which bounded the kernel at one element).
+constexpr int H_Q = 2;
+// h_kernel's grid for oi elements.
+inline unsigned h_grid(int64_t oi) { return grid_for((oi + H_Q - 1) / H_Q, 256); }
 template <typename T>
 __global__ void __launch_bounds__(256, 1)
 h_kernel(MergeArgs<T> a, const T *gbar, const T *gnb, float beta_n, int64_t i_begin, int64_t i_end, float *hf, T *ht,
@@ -274,36 +280,93 @@ h_kernel(MergeArgs<T> a, const T *gbar, const T *gnb, float beta_n, int64_t i_be
   if (staged)
     for (int64_t k = threadIdx.x; k < a.g * a.n; k += blockDim.x) sc[k] = to_f32(a.scores[k]);
   __syncthreads();
-  for (int64_t q = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; q < a.oi; q += (int64_t)gridDim.x * blockDim.x) {
-    const float el = a.mask.elect(q);
-    const bool summing = sum.f || sum.t;
-    for (int64_t i0 = i_begin; i0 < i_end; i0 += H_EXPERTS) {
-      float s[H_EXPERTS];
+  const bool summing = sum.f || sum.t;
+  // Pairs of elements as one access (whole sectors per warp) where every row starts aligned.
+  static_assert(H_Q == 2, "pair accesses");
+  const bool pairs = a.oi % 2 == 0 && aligned_pair(gbar) && aligned_pair(gnb) && aligned_pair(hf) &&
+                     aligned_pair(ht) && aligned_pair(sum.f) && aligned_pair(sum.t);
+  for (int64_t qb = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) * H_Q; qb < a.oi;
+       qb += (int64_t)gridDim.x * blockDim.x * H_Q) {
+    bool in[H_Q];
+    float el[H_Q];
 #pragma unroll
-      for (int j = 0; j < H_EXPERTS; ++j) s[j] = 0.f;
-      float sg = 0.f;  // the group sum (kept from the first pass over the groups only)
+    for (int k = 0; k < H_Q; ++k) {
+      in[k] = qb + k < a.oi;
+      el[k] = in[k] ? a.mask.elect(qb + k) : 0.f;
+    }
+    for (int64_t i0 = i_begin; i0 < i_end; i0 += H_EXPERTS) {
+      float s[H_EXPERTS][H_Q];
+#pragma unroll
+      for (int j = 0; j < H_EXPERTS; ++j)
+#pragma unroll
+        for (int k = 0; k < H_Q; ++k) s[j][k] = 0.f;
+      float sg[H_Q];  // the group sums (kept from the first pass over the groups only)
+#pragma unroll
+      for (int k = 0; k < H_Q; ++k) sg[k] = 0.f;
       for (int64_t g = 0; g < a.g; ++g) {
-        const float gb = to_f32(gbar[g * a.oi + q]);
-        sg += gb;
+        float gb[H_Q];
+        if (pairs) {
+          load_pair(gbar + g * a.oi + qb, gb);
+        } else {
+#pragma unroll
+          for (int k = 0; k < H_Q; ++k) gb[k] = in[k] ? to_f32(gbar[g * a.oi + qb + k]) : 0.f;
+        }
+#pragma unroll
+        for (int k = 0; k < H_Q; ++k) sg[k] += gb[k];
 #pragma unroll
         for (int j = 0; j < H_EXPERTS; ++j)
-          if (i0 + j < i_end)
-            s[j] += (staged ? sc[g * a.n + i0 + j] : to_f32(a.scores[g * a.n + i0 + j])) *
-                    dare_zeta(a.dare, g, i0 + j, a.n, a.oi, q) * gb;
+          if (i0 + j < i_end) {
+            const float sv = staged ? sc[g * a.n + i0 + j] : to_f32(a.scores[g * a.n + i0 + j]);
+#pragma unroll
+            for (int k = 0; k < H_Q; ++k)
+              if (in[k]) s[j][k] += sv * dare_zeta(a.dare, g, i0 + j, a.n, a.oi, qb + k) * gb[k];
+          }
+      }
+      float nb[H_Q] = {};  // gnb
+      if (gnb && pairs) {
+        load_pair(gnb + qb, nb);
+      } else if (gnb) {
+#pragma unroll
+        for (int k = 0; k < H_Q; ++k) nb[k] = in[k] ? to_f32(gnb[qb + k]) : 0.f;
       }
       if (summing && i0 == i_begin) {
-        if (gnb) sg += to_f32(gnb[q]);
-        if (sum.f) sum.f[q] = sg;
-        else sum.t[q] = from_f32<T>(sg);
+#pragma unroll
+        for (int k = 0; k < H_Q; ++k)
+          if (gnb) sg[k] += nb[k];
+        if (pairs) {
+          if (sum.f) store_pair(sum.f + qb, sg);
+          else store_pair(sum.t + qb, sg);
+        } else {
+#pragma unroll
+          for (int k = 0; k < H_Q; ++k) {
+            if (!in[k]) continue;
+            if (sum.f) sum.f[qb + k] = sg[k];
+            else sum.t[qb + k] = from_f32<T>(sg[k]);
+          }
+        }
       }
 #pragma unroll
       for (int j = 0; j < H_EXPERTS; ++j) {
         const int64_t i = i0 + j;
         if (i >= i_end) continue;
-        float h = a.mask.kind == CAMEX_MASK_NONE ? a.alpha * s[j] : a.alpha * a.mask.m(i, q, el) * s[j];
-        if (gnb) h += beta_n * to_f32(gnb[q]);
-        if (hf) hf[(i - i_begin) * a.oi + q] = h;
-        else ht[i * a.oi + q] = from_f32<T>(h);
+        float h[H_Q];
+#pragma unroll
+        for (int k = 0; k < H_Q; ++k) {
+          h[k] = a.mask.kind == CAMEX_MASK_NONE || !in[k] ? a.alpha * s[j][k]
+                                                          : a.alpha * a.mask.m(i, qb + k, el[k]) * s[j][k];
+          if (gnb) h[k] += beta_n * nb[k];
+        }
+        if (pairs) {
+          if (hf) store_pair(hf + (i - i_begin) * a.oi + qb, h);
+          else store_pair(ht + i * a.oi + qb, h);
+        } else {
+#pragma unroll
+          for (int k = 0; k < H_Q; ++k) {
+            if (!in[k]) continue;
+            if (hf) hf[(i - i_begin) * a.oi + qb + k] = h[k];
+            else ht[i * a.oi + qb + k] = from_f32<T>(h[k]);
+          }
+        }
       }
     }
   }
