@@ -95,12 +95,14 @@ template <int BLOCK> __device__ __forceinline__ float block_sum(float v, float *
 struct Arena {
   char *base;
   int64_t used;
+  // Bytes a piece of `bytes` takes (its start to the next piece's).
+  static int64_t piece(int64_t bytes) { return (bytes + 255) / 256 * 256; }
   // Every piece starts 256-byte aligned, also after raw byte counts added to `used` (the
   // kernels' vector accesses and whole 32-byte sectors depend on it).
   template <typename U> U *take(int64_t count) {
-    used = (used + 255) / 256 * 256;
+    used = piece(used);
     U *p = reinterpret_cast<U *>(base ? base + used : nullptr);
-    used += (count * (int64_t)sizeof(U) + 255) / 256 * 256;
+    used += piece(count * (int64_t)sizeof(U));
     return p;
   }
 };

@@ -244,7 +244,8 @@ template <typename T> int ca_merge_forward_t(const camex_ca_merge_params &p, cud
   const D4 d4 = dims4(p.o1, p.o2, p.i1, p.i2);
   if (p.r > 0 && kron_tc_fwd_taken<T>(d4)) {
     if (p.curved) fu.ut = ptr<T>(p.curved);
-    else if (tc_z_place<T>(d4, p.r, fu.lent, fu.lent_bytes).chunk >= p.r) fu.ut = reinterpret_cast<T *>(ws.u_all);
+    else if (tc_z_place(d4, p.r, sizeof(FwdZ<T>), fu.lent, fu.lent_bytes).chunk >= p.r)
+      fu.ut = reinterpret_cast<T *>(ws.u_all);
   }
   if (!fu.ut && p.curved && p.n > p.g) fu = {ptr<void>(p.curved), p.n * oi * (int64_t)sizeof(T), nullptr};
   CAMEX_TRY(ca_prepare<T>(p, ws, tar, s, &fu));
@@ -307,8 +308,8 @@ template <typename T> int ca_merge_backward_t(const camex_ca_merge_params &p, cu
   char *lent = nullptr;
   int64_t lent_bytes = 0;
   if (ht) {
-    const int64_t h_used = (p.n * oi * (int64_t)sizeof(T) + 255) / 256 * 256;
-    const int64_t h_all = (p.n * oi * 4 + 255) / 256 * 256;
+    const int64_t h_used = Arena::piece(p.n * oi * (int64_t)sizeof(T));
+    const int64_t h_all = Arena::piece(p.n * oi * 4);
     char *h0 = reinterpret_cast<char *>(ws.h);
     lent = h0 + h_used;
     lent_bytes = h_all - h_used;

@@ -911,26 +911,30 @@ inline int kron_forward_tc(cudaStream_t s, float *u, const T *w, const T *e, con
   return 0;
 }
 
-// Where the tensor-core forward keeps Z and how many ranks go in one round: `lent` (lent_bytes; may
-// be null), a buffer the caller overwrites later anyway (the CA-merge forward's merged output, free
-// until its epilogue), where that makes the rounds larger (up to tc_z_lent_budget()), at no cost in
-// memory; else the scratch (zbytes -1: rounds of tc_z_budget()).
+// Where the tensor-core chain (forward and backward) keeps Z and how many ranks go in one round:
+// `lent` (lent_bytes; may be null), room the caller does not use meanwhile (the CA-merge forward's
+// merged output, free until its epilogue; half of the backward's H buffer), where that makes the
+// rounds larger (up to tc_z_lent_budget()), at no cost in memory; else the scratch (zbytes -1:
+// rounds of tc_z_budget()). esize: bytes per element of Z (FwdZ, or BwdZ's planes).
 struct TcZPlace {
   void *lent;
   int64_t zbytes, chunk;
 };
-template <typename T> inline TcZPlace tc_z_place(const D4 &d4, int64_t r, void *lent, int64_t lent_bytes) {
-  const int64_t es = sizeof(FwdZ<T>);
+inline TcZPlace tc_z_place(const D4 &d4, int64_t r, int64_t esize, void *lent, int64_t lent_bytes) {
   const int64_t cap = lent_bytes < tc_z_lent_budget() ? lent_bytes : tc_z_lent_budget();
-  const int64_t own = kron_tc_rank_chunk(d4, r, es), more = lent ? kron_tc_rank_chunk(d4, r, es, cap) : 0;
+  const int64_t own = kron_tc_rank_chunk(d4, r, esize), more = lent ? kron_tc_rank_chunk(d4, r, esize, cap) : 0;
   return more > own ? TcZPlace{lent, cap, more} : TcZPlace{nullptr, -1, own};
 }
 
-// Whether kron_forward_any takes the tensor-core forward for storage T at d4 (switched on for this
-// thread, factors small enough, and the blocks' shared memory within what this device allows).
-template <typename T> inline bool kron_tc_fwd_taken(const D4 &d4) {
+// Whether kron_forward_any takes the tensor-core forward for storage T at d4: switched on for this
+// thread, factors small enough, and the blocks' shared memory within the device's limit (*lim,
+// where given, set when the first two hold), as kron_tc_bwd_taken for the backward.
+template <typename T> inline bool kron_tc_fwd_taken(const D4 &d4, int64_t *lim = nullptr) {
   if constexpr (is_half_type<T>::value) {
-    return camex_tensor_cores() && kron_tc_dims_ok(d4) && kron_tc_fits(d4, FwdPrec<T>::split(), tc_smem_limit());
+    if (!camex_tensor_cores() || !kron_tc_dims_ok(d4)) return false;
+    const int64_t l = tc_smem_limit();
+    if (lim) *lim = l;
+    return kron_tc_fits(d4, FwdPrec<T>::split(), l);
   } else {
     return false;
   }
@@ -946,11 +950,11 @@ inline int kron_forward_any(cudaStream_t s, float *u, const T *base, const T *w,
                             T *ut = nullptr, bool *stored = nullptr) {
   if (stored) *stored = false;
   if constexpr (is_half_type<T>::value) {
-    if (kron_tc_fwd_taken<T>(d4)) {
-      const TcZPlace zp = tc_z_place<T>(d4, f.r, lent, lent_bytes);
+    int64_t lim = 0;
+    if (kron_tc_fwd_taken<T>(d4, &lim)) {
+      const TcZPlace zp = tc_z_place(d4, f.r, sizeof(FwdZ<T>), lent, lent_bytes);
       if (stored) *stored = ut != nullptr;
-      return kron_forward_tc<T>(s, u, w, base, f, expert, d4, zp.lent ? zp.lent : s1, zp.zbytes, tc_smem_limit(),
-                                ut);
+      return kron_forward_tc<T>(s, u, w, base, f, expert, d4, zp.lent ? zp.lent : s1, zp.zbytes, lim, ut);
     }
   }
   return kron_forward<T>(s, u, tau_opnd<T>(w, base), f, expert, d4, s1, s2);

@@ -1254,11 +1254,9 @@ inline int kron_backward_any(cudaStream_t s, float *gt, Opnd h, Opnd tau, const 
   if constexpr (is_half_type<T>::value) {
     int64_t lim = 0;
     if (kron_tc_bwd_taken<T>(d4, &lim)) {
-      const int64_t es = ZMem<BwdZ<T>>::planes * (int64_t)sizeof(MmaT);
-      const int64_t lent_cap = lent_bytes < tc_z_lent_budget() ? lent_bytes : tc_z_lent_budget();
-      const bool use_lent = lent && kron_tc_rank_chunk(d4, f.r, es, lent_cap) > kron_tc_rank_chunk(d4, f.r, es);
-      rc = kron_backward_tc<T>(s, gt, h, tau, f, e, d4, ga, gb, gc, gd, use_lent ? static_cast<float *>(lent) : t1, partial, lim, fin,
-                               &finished, w, oi * (int64_t)sizeof(float), use_lent ? lent_cap : -1, nx);
+      const TcZPlace zp = tc_z_place(d4, f.r, ZMem<BwdZ<T>>::planes * (int64_t)sizeof(MmaT), lent, lent_bytes);
+      rc = kron_backward_tc<T>(s, gt, h, tau, f, e, d4, ga, gb, gc, gd, zp.lent ? static_cast<float *>(zp.lent) : t1,
+                               partial, lim, fin, &finished, w, oi * (int64_t)sizeof(float), zp.zbytes, nx);
     }
   }
   if (rc < 0) rc = kron_backward<T>(s, gt, h, tau, f, e, d4, ga, gb, gc, gd, t1, kk, w, partial);
