@@ -225,6 +225,10 @@ void camex_emu_reset(void);
  * or a smaller value that makes the launchers take their smaller layouts. A launch over it fails,
  * as on the GPU. Returns the previous limit; 0 in a GPU build (the device's own applies). */
 int64_t camex_emu_smem_limit(int64_t bytes);
+/* reversed = 1: the calling thread's launches run their blocks in reverse order (the last block
+ * first), so that a test can check that results do not depend on the blocks' order; 0 restores
+ * the default. Returns the previous setting; 0 in a GPU build. */
+int32_t camex_emu_reverse_blocks(int32_t reversed);
 /* add = 1: registers [ptr, ptr + bytes) as one allocation (a launch's distinct bytes within it are
  * then at most its size: sampling may over-estimate shared tiles); add = 0: forgets the one at ptr. */
 void camex_emu_register(uint64_t ptr, int64_t bytes, int32_t add);

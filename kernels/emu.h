@@ -119,6 +119,8 @@ inline const char *error_string(cudaError_t e) {
 
 inline void __syncthreads() { ::emu::syncthreads(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { ::emu::syncwarp(); }
+// Blocks run one at a time, each to its end: every write of an earlier block is seen.
+inline void __threadfence() {}
 inline unsigned atomicAdd(unsigned *p, unsigned v) { return ::emu::atomic_add(p, v); }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }

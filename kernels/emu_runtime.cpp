@@ -587,6 +587,7 @@ void cp_async_wait(int n) {
 constexpr int64_t SM90_SMEM_OPTIN = 227 * 1024;
 thread_local int64_t t_smem_limit = 0;
 thread_local cudaError_t t_launch_error = cudaSuccess;
+thread_local bool t_reverse_blocks = false;  // camex_emu_reverse_blocks
 int64_t smem_limit() { return t_smem_limit > 0 ? t_smem_limit : SM90_SMEM_OPTIN; }
 cudaError_t take_launch_error() {
   const cudaError_t e = t_launch_error;
@@ -622,6 +623,7 @@ void run(dim3 g, dim3 b, const char *kernel, int64_t smem, void (*body)(void *),
     for (auto [y, wy] : samples(g.y, sample))
       for (auto [x, wx] : samples(g.x, sample)) blocks.push_back(Blk{make_uint3(x, y, z), wx * wy * wz});
   rec.sampled = blocks.size();
+  if (t_reverse_blocks) std::reverse(blocks.begin(), blocks.end());
 
   FBar bar;
   bar.expected = nt;
@@ -726,6 +728,12 @@ extern "C" int32_t camex_emu_counting(int32_t mode) {
 extern "C" int64_t camex_emu_smem_limit(int64_t bytes) {
   const int64_t prev = emu::smem_limit();
   emu::t_smem_limit = bytes > 0 ? bytes : 0;
+  return prev;
+}
+
+extern "C" int32_t camex_emu_reverse_blocks(int32_t reversed) {
+  const int32_t prev = emu::t_reverse_blocks ? 1 : 0;
+  emu::t_reverse_blocks = reversed != 0;
   return prev;
 }
 

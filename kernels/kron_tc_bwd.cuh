@@ -852,19 +852,35 @@ __device__ __forceinline__ void rows_bwd_da(const MmaT *vh, const MmaT *vl, cons
 
 // One block per SM at the shapes that matter (at T5-base `wi`, bf16: 128 KiB with tau resident,
 // 225 KiB with dtau too, on sm_90).
-// grid (slabs); each block runs ranks r0..r0+nr of its slab in order. z: the round's K_r (BwdZ; a
-// lo plane only with data lo halves, f16's); gt: f32 [O][I], dtau, to which this
-// slab's L_r^T K_r is added rank by rank (written by the first rank when r0 == 0): a fixed order, so
-// the bits do not depend on the schedule. part: f32 [nr][slabs][o1*o1 + o2*o2], this slab's dA and
-// dB contributions. fin (dtau resident, last round only): the expert's gradient goes to fin
-// instead of gt.
-#define CAMEX_ROWS_BWD_PARAMS(ZQ)                                                                               \
-  const T *__restrict__ w, const T *__restrict__ e, ZQ MmaT *__restrict__ z, const T *__restrict__ fa,         \
+// grid (slabs, groups); block (slab, g) runs ranks r0 + g nr / groups.. of the round (nr / groups
+// of them) of its slab in order. z: the round's K_r (BwdZ; a lo plane only with data lo halves,
+// f16's); gt: f32 [O][I], dtau, to which this slab's L_r^T K_r is added rank by rank (written by
+// the first rank when r0 == 0): a fixed order, so the bits do not depend on the schedule. part:
+// f32 [nr][slabs][o1*o1 + o2*o2], this slab's dA and dB contributions. fin (dtau resident, last
+// round only): the expert's gradient goes to fin instead of gt.
+// groups > 1 (dtau resident, one round: rows_bwd_groups): the slab's dtau is summed over the
+// groups in group order by the last of them to arrive (sem: one counter per slab, zero before the
+// launch and again after it), from the others' partial sums, which each group leaves in f32 where
+// its own K planes were (rows_bwd_partial_at: two 2-byte planes of the slab hold the 4-byte
+// partial). Returns whether this block finished the slab (dtau stored): the only one, or the last.
+#define CAMEX_ROWS_BWD_PARAMS                                                                                  \
+  const T *__restrict__ w, const T *__restrict__ e, MmaT *__restrict__ z, const T *__restrict__ fa,            \
       const T *__restrict__ fb, float *__restrict__ part, float *__restrict__ gt, int o1, int o2, int64_t I,   \
-      int64_t nexp, int64_t expert, int64_t r0, int64_t nr, int mode
+      int64_t nexp, int64_t expert, int64_t r0, int64_t nr, int mode, int groups, unsigned *sem
+#define CAMEX_ROWS_BWD_ARGS w, e, z, fa, fb, part, gt, o1, o2, I, nexp, expert, r0, nr, mode, groups, sem
+
+// Element x of group g's partial dtau ([O][8] f32 of slab q0 / 8, flat), in the first two 2-byte
+// planes of the group's ranks (gs ranks from round rank g gs, `planes` planes each) at that slab:
+// each plane's slab holds O * 8 two-byte values, so O * 4 floats.
+__device__ __forceinline__ float *rows_bwd_partial_at(MmaT *z, int64_t plane, int planes, int64_t g, int64_t gs,
+                                                      int64_t q0, int64_t O, int64_t x) {
+  const int64_t h = x / (O * 4), rank = g * gs + h / planes;
+  MmaT *base = z + (rank * planes + h % planes) * plane + slab_at(q0, 0, O);
+  return reinterpret_cast<float *>(base) + x % (O * 4);
+}
+
 template <typename T>
-__device__ __forceinline__ void rows_bwd_body(char *smem, CAMEX_ROWS_BWD_PARAMS(const), TauPlanes tp,
-                                              ExpertFinish<T> fin) {
+__device__ __forceinline__ bool rows_bwd_body(char *smem, CAMEX_ROWS_BWD_PARAMS, TauPlanes tp, ExpertFinish<T> fin) {
   using P = RowsBwdPrec<T>;
   const RowsBwdLayout L = rows_bwd_layout(o1, o2, P::split(), mode);
   const bool resident = mode & TC_TAU_RESIDENT, dacc = mode & TC_DTAU_RESIDENT;
@@ -876,6 +892,7 @@ __device__ __forceinline__ void rows_bwd_body(char *smem, CAMEX_ROWS_BWD_PARAMS(
   MmaT *Bth = reinterpret_cast<MmaT *>(smem + L.bth), *Btl = reinterpret_cast<MmaT *>(smem + L.btl);
   const int64_t O = (int64_t)o1 * o2, slabs = (I + TC_QC - 1) / TC_QC, plane = slab_plane(I, O);
   const int64_t slab = blockIdx.x, q0 = slab * TC_QC;
+  const int64_t grp = blockIdx.y, gs = nr / groups, rb = grp * gs;  // this block's ranks rb..rb+gs
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int ly = L.ly, kta = L.o1p / 16, chunks = L.o1p / TC_WR;
   const int ks = (o2 * TC_QC + 15) / 16;  // dA's k steps: columns past o2 * 8 are zero
@@ -905,7 +922,7 @@ __device__ __forceinline__ void rows_bwd_body(char *smem, CAMEX_ROWS_BWD_PARAMS(
       if (q0 + j < I) Gs[(p / o2) * L.lg + (p % o2) * TC_QC + j] = gt[p * I + q0 + j];
     }
   }
-  for (int64_t rl = 0; rl < nr; ++rl) {
+  for (int64_t rl = rb; rl < rb + gs; ++rl) {
     const int64_t r = r0 + rl;
     // zs[zrow * 8 + j]: this slab of K_r's hi plane, rows in BwdZ's order (z_row_to_p).
     const MmaT *zs = z + rl * ZMem<BwdZ<T>>::planes * plane + slab_at(q0, 0, O);
@@ -958,7 +975,7 @@ __device__ __forceinline__ void rows_bwd_body(char *smem, CAMEX_ROWS_BWD_PARAMS(
 
     // dtau_r = A^T V: dtau[(a', b'), q0 + j] (+)= sum_a A[a][a'] V[a][b' * 8 + j], in shared memory
     // or in gt.
-    const bool acc = r0 > 0 || rl > 0;
+    const bool acc = r0 > 0 || rl > rb;
     slab_fwd_mode_a<P>(Ath, Atl, L.la, Kh, Kl, ly, [&](int mt, int b, const float v[4]) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -998,23 +1015,46 @@ __device__ __forceinline__ void rows_bwd_body(char *smem, CAMEX_ROWS_BWD_PARAMS(
       }
     }
   }
-  if (dacc) {  // the round's dtau, once; after the last round, as finish_expert_kernel would
+  if (!dacc) return true;
+  __syncthreads();
+  const int planes = ZMem<BwdZ<T>>::planes;
+  auto gs_at = [&](int64_t x) { return Gs[(x / TC_QC / o2) * L.lg + (x / TC_QC % o2) * TC_QC + x % TC_QC]; };
+  if (groups > 1) {
+    // This group's partial over its own K planes (read for the last time above), then arrival.
+    for (int64_t x = threadIdx.x; x < O * TC_QC; x += TC_THREADS)
+      *rows_bwd_partial_at(z, plane, planes, grp, gs, q0, O, x) = gs_at(x);
+    __threadfence();  // the partial is visible before the count that says it is there
     __syncthreads();
-    for (int64_t x = threadIdx.x; x < O * TC_QC; x += TC_THREADS) {
-      const int64_t p = x / TC_QC, j = x % TC_QC, at = p * I + q0 + j;
-      if (q0 + j >= I) continue;
-      const float v = Gs[(p / o2) * L.lg + (p % o2) * TC_QC + j];
-      if (fin.grad_e) fin.store(at, v);
-      else gt[at] = v;
-    }
+    __shared__ unsigned rows_bwd_arrived;
+    if (threadIdx.x == 0) rows_bwd_arrived = atomicAdd(sem + slab, 1u);
+    __syncthreads();
+    if (rows_bwd_arrived != (unsigned)groups - 1) return false;
+    if (threadIdx.x == 0) sem[slab] = 0;  // every group has arrived: ready for the next launch
+    __threadfence();
   }
+  // The round's dtau, once, summed over the groups in group order (own partial from shared
+  // memory, the others' through L2); after the last round, as finish_expert_kernel would.
+  for (int64_t x = threadIdx.x; x < O * TC_QC; x += TC_THREADS) {
+    const int64_t p = x / TC_QC, j = x % TC_QC, at = p * I + q0 + j;
+    if (q0 + j >= I) continue;
+    float v = 0.f;
+    for (int64_t k = 0; k < groups; ++k) {
+      const float pk = k == grp ? gs_at(x)
+                                : *reinterpret_cast<const volatile float *>(
+                                      rows_bwd_partial_at(z, plane, planes, k, gs, q0, O, x));
+      v = k == 0 ? pk : v + pk;
+    }
+    if (fin.grad_e) fin.store(at, v);
+    else gt[at] = v;
+  }
+  return true;
 }
 
 template <typename T>
 __global__ void __launch_bounds__(TC_THREADS, 1)
-    kron_rows_bwd_kernel(CAMEX_ROWS_BWD_PARAMS(const), TauPlanes tp, ExpertFinish<T> fin) {
+    kron_rows_bwd_kernel(CAMEX_ROWS_BWD_PARAMS, TauPlanes tp, ExpertFinish<T> fin) {
   CAMEX_DYNAMIC_SMEM(smem);
-  rows_bwd_body<T>(smem, w, e, z, fa, fb, part, gt, o1, o2, I, nexp, expert, r0, nr, mode, tp, fin);
+  rows_bwd_body<T>(smem, CAMEX_ROWS_BWD_ARGS, tp, fin);
 }
 
 // A round's rows-side backward (ranks r0..r0+nr; fin as kron_rows_bwd_kernel's where it is the
@@ -1026,15 +1066,18 @@ __global__ void __launch_bounds__(TC_THREADS, 1)
 // after the first. Shared memory: the larger of the two layouts, each zeroed by its own body.
 template <typename T>
 __global__ void __launch_bounds__(TC_THREADS, 1)
-    kron_rows_bwd_split_kernel(CAMEX_ROWS_BWD_PARAMS(), TauPlanes tp, ExpertFinish<T> fin, const T *__restrict__ w1,
+    kron_rows_bwd_split_kernel(CAMEX_ROWS_BWD_PARAMS, TauPlanes tp, ExpertFinish<T> fin, const T *__restrict__ w1,
                                int64_t expert1, TauPlanes tp1, int64_t rn0, int64_t nrn, int resident) {
   CAMEX_DYNAMIC_SMEM(smem);
-  rows_bwd_body<T>(smem, w, e, z, fa, fb, part, gt, o1, o2, I, nexp, expert, r0, nr, mode, tp, fin);
+  // With groups, the slab's last group runs the next stage 1, for every rank: P then goes over the
+  // others' K and partials only after it has read them.
+  if (!rows_bwd_body<T>(smem, CAMEX_ROWS_BWD_ARGS, tp, fin)) return;
   __syncthreads();  // every thread is done with the rows-side layout (and this slab of K)
   kron_rows_body<T, RowsSplitPrec<T>, BwdZ<T>>(smem, w1, e, fa, fb, z, o1, o2, I, nexp, expert1, rn0, nrn, resident,
                                               tp1);
 }
 #undef CAMEX_ROWS_BWD_PARAMS
+#undef CAMEX_ROWS_BWD_ARGS
 
 // ---- host side ----
 
@@ -1086,7 +1129,39 @@ inline int64_t kron_tc_bwd_partial_floats(const D4 &d4, int64_t r, int dtype) {
   const int64_t O = o1 * o2, I = i1 * i2;
   const int64_t slabs = (I + TC_QC - 1) / TC_QC, pr = cols_bwd_rows((int)i1, (int)i2, cols_bwd_split_of(dtype));
   const int64_t cblocks = (O + pr - 1) / pr;
-  return r * (slabs * (o1 * o1 + o2 * o2) + cblocks * (i1 * i1 + i2 * i2)) + 64;
+  // then the rows side's arrival counters (rows_bwd_groups), one 4-byte word per slab
+  return r * (slabs * (o1 * o1 + o2 * o2) + cblocks * (i1 * i1 + i2 * i2)) + slabs + 64;
+}
+
+// The streaming multiprocessors of the launch's device (the emulation's: the H200's 132).
+inline int64_t tc_sm_count() {
+#ifdef CAMEX_EMU
+  return 132;
+#else
+  int dev = 0, v = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+      v <= 0)
+    return 132;
+  return v;
+#endif
+}
+
+// Rank groups of the rows-side backward for a round of nr ranks over `slabs` slab blocks (one block
+// per SM): at T5-base `wi` the 96 slabs leave 36 of the H200's 132 SMs idle, and 4 groups of 2
+// ranks (384 blocks, 2.9 waves) keep 97 % of them busy. Only with dtau resident in one round of
+// every rank (its partials then go over the consumed K, which needs two 2-byte planes per group:
+// `planes` per rank), for a divisor of nr; the fewest groups that reach the best utilisation.
+inline int rows_bwd_groups(int64_t slabs, int64_t nr, int planes, bool one_round, int mode, int64_t sms) {
+  if (!one_round || !(mode & TC_DTAU_RESIDENT)) return 1;
+  int best = 1;
+  double best_u = 0.0;
+  for (int g = 1; g <= 8; g *= 2) {
+    if (nr % g != 0 || (g > 1 && (nr / g) * planes < 2)) continue;
+    const int64_t blocks = slabs * g, waves = (blocks + sms - 1) / sms;
+    const double u = (double)blocks / (double)(waves * sms);
+    if (u > best_u + 1e-9) best = g, best_u = u;
+  }
+  return best;
 }
 
 // The columns-side launch's arguments (kron_cols_bwd_kernel's, kron_cols_bwd_reg_kernel's).
@@ -1176,6 +1251,14 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
   const int64_t sab = (int64_t)o1 * o1 + (int64_t)o2 * o2, scd = (int64_t)i1 * i1 + (int64_t)i2 * i2;
   // Every rank's partials, [r][slabs][sab] then [r][cblocks][scd]: reduced once after the rounds.
   float *pab = part, *pcd = part + f.r * slabs * sab;
+  unsigned *sem = reinterpret_cast<unsigned *>(pcd + f.r * cblocks * scd);
+  const int groups = rows_bwd_groups(slabs, chunk, ZMem<BwdZ<T>>::planes, chunk >= f.r, bmode, tc_sm_count());
+  // The counters start at zero; the last group of each slab sets its counter back to zero.
+  if (groups > 1 && expert == 0) {
+    err = cudaMemsetAsync(sem, 0, (size_t)slabs * sizeof(unsigned), s);
+    if (err != cudaSuccess) return (int)err;
+  }
+  const dim3 bgrid((unsigned)slabs, (unsigned)groups);
   // Stage 1 of each later round runs in the previous round's rows-side launch
   // (kron_rows_bwd_split_kernel): three launches for the first round, two for each later one.
   const int64_t fused_bytes = bl.bytes > rl.bytes ? bl.bytes : rl.bytes;
@@ -1203,8 +1286,8 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
       // Stage 1 of this expert's next round, or of the next expert's first round (the same chunk:
       // the same dimensions; its tau planes written as kron_rows_split_kernel's first launch does).
       const bool cross = nrn == 0;
-      CAMEX_LAUNCH_SMEM(kron_rows_bwd_split_kernel<T>, (unsigned)slabs, TC_THREADS, fused_bytes, s)(
-          w, e, zs, fa, fb, pab + r0 * slabs * sab, gt, o1, o2, I, f.n, expert, r0, nr, bmode, tp_in,
+      CAMEX_LAUNCH_SMEM(kron_rows_bwd_split_kernel<T>, bgrid, TC_THREADS, fused_bytes, s)(
+          w, e, zs, fa, fb, pab + r0 * slabs * sab, gt, o1, o2, I, f.n, expert, r0, nr, bmode, groups, sem, tp_in,
           last ? fin : ExpertFinish<T>{}, cross ? nx.w : w, cross ? nx.expert : expert, cross ? tp_out : tp_in,
           cross ? 0 : rn0, cross ? chunk : nrn, resident);
       CAMEX_CHECK_LAUNCH();
@@ -1212,8 +1295,8 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
       if (cross && nx.next_ready) *nx.next_ready = true;
       continue;
     }
-    CAMEX_LAUNCH_SMEM(kron_rows_bwd_kernel<T>, (unsigned)slabs, TC_THREADS, bl.bytes, s)(
-        w, e, zs, fa, fb, pab + r0 * slabs * sab, gt, o1, o2, I, f.n, expert, r0, nr, bmode, tp_in,
+    CAMEX_LAUNCH_SMEM(kron_rows_bwd_kernel<T>, bgrid, TC_THREADS, bl.bytes, s)(
+        w, e, zs, fa, fb, pab + r0 * slabs * sab, gt, o1, o2, I, f.n, expert, r0, nr, bmode, groups, sem, tp_in,
         last ? fin : ExpertFinish<T>{});
     if (last) *finished = true;
     CAMEX_CHECK_LAUNCH();

@@ -134,7 +134,13 @@ impl<T> HostW<T> {
     }
 }
 
-fn ca_case<T: Dt>(sh: Sh, kron: bool, opts: MergeOptions, bias: bool) {
+/// The backward's gradients as bits: those that do not read U, then those that do (its first pass,
+/// U recomputed).
+type GradBits = (Vec<Vec<u32>>, Vec<Vec<u32>>);
+/// One CA-merge case, forward and backward, at a shape.
+type Case = fn(Sh) -> GradBits;
+
+fn ca_case<T: Dt>(sh: Sh, kron: bool, opts: MergeOptions, bias: bool) -> GradBits {
     let w = host_weights::<T>(sh, 4);
     let (n, o, i, g) = (sh.n, sh.o, sh.i, sh.g);
     let s = w.split;
@@ -393,6 +399,7 @@ fn ca_case<T: Dt>(sh: Sh, kron: bool, opts: MergeOptions, bias: bool) {
             None => first = Some((u_free, u_read)),
         }
     }
+    first.expect("the backward ran")
 }
 
 fn small_shapes() -> Vec<Sh> {
@@ -457,6 +464,54 @@ fn emu_ca_merge_half_matches_cpu() {
         // workspace where one round takes every rank, and the backward recomputes U.
         ca_case::<bf16>(sh, true, ca_options()[5].0, false);
         ca_case::<f16>(sh, true, ca_options()[1].0, false);
+    }
+}
+
+/// The rows-side backward in rank groups (`rows_bwd_groups`: one round of every rank, 2 to 4
+/// groups per slab here), whose last group to arrive sums the slab's dtau over the groups in group
+/// order: the gradients match the CPU within the bounds, and are the same bits when the blocks run
+/// in reverse order (another group then arrives last).
+#[test]
+fn emu_rank_groups_sum_in_a_fixed_order() {
+    if !on("emu_rank_groups_sum_in_a_fixed_order") {
+        return;
+    }
+    let shapes = [
+        Sh {
+            n: 3,
+            o: 6,
+            i: 10,
+            r: 8,
+            g: 2,
+        },
+        Sh {
+            n: 2,
+            o: 12,
+            i: 20,
+            r: 4,
+            g: 3,
+        },
+    ];
+    for sh in shapes {
+        let cases: [(&str, Case); 2] = [
+            ("bf16", |sh| {
+                ca_case::<bf16>(sh, true, ca_options()[10].0, false)
+            }),
+            ("f16", |sh| {
+                ca_case::<f16>(sh, true, ca_options()[1].0, false)
+            }),
+        ];
+        for (name, case) in cases {
+            let ahead = case(sh);
+            // SAFETY: a setting of this thread's emulated launches.
+            let prev = unsafe { ffi::camex_emu_reverse_blocks(1) };
+            let reversed = case(sh);
+            unsafe { ffi::camex_emu_reverse_blocks(prev) };
+            assert_eq!(
+                ahead, reversed,
+                "emu {name} {sh:?}: the gradients depend on the blocks' order"
+            );
+        }
     }
 }
 
