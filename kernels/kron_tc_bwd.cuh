@@ -807,13 +807,25 @@ __device__ __forceinline__ void rows_bwd_db(float acc[TC_DB_UNITS][8], const Mma
   }
 }
 
+// Two neighbouring f32 partials (columns n, n + 1 of one row) as one 8-byte store where `pairs`
+// (even row lengths from an 8-byte aligned base: the accumulator's lane pairs then fill whole
+// sectors), else one by one, the second only where `two`.
+__device__ __forceinline__ void store_partial_pair(float *d, float v0, float v1, bool pairs, bool two) {
+  if (pairs) {
+    *reinterpret_cast<float2 *>(d) = make_float2(v0, v1);
+    return;
+  }
+  d[0] = v0;
+  if (two) d[1] = v1;
+}
+
 // dA[a][a0 + n] = sum_k V[a][k] tau_view[n][k] for the view's ntiles n tiles (rows a0.. of tau;
 // M = a, N = a', K = (b, j) over ks k steps), written to out[a * o1 + a'] (a, a' < o1). Warps
 // sharing an m tile split the n tiles, and each takes up to four at once so that its A fragment
 // is read once per k step for all of them.
 template <typename P>
 __device__ __forceinline__ void rows_bwd_da(const MmaT *vh, const MmaT *vl, const MmaT *th, const MmaT *tl, int ly,
-                                            int a0, int ntiles, int ks, int o1, int o1p, float *out) {
+                                            int a0, int ntiles, int ks, int o1, int o1p, float *out, bool pairs) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int i = lane >> 3, r = lane & 7;
   const int mta = o1p / 16, wpm = TC_WARPS / mta;  // warps per m tile (mta <= 4: at least two)
@@ -842,9 +854,10 @@ __device__ __forceinline__ void rows_bwd_da(const MmaT *vh, const MmaT *vl, cons
       const int nt = nb + h * wpm;
       if (nt >= ntiles) continue;
 #pragma unroll
-      for (int v = 0; v < 4; ++v) {
-        const int a = mt * 16 + g + 8 * (v >> 1), ap = a0 + nt * 8 + 2 * t + (v & 1);
-        if (a < o1 && ap < o1) out[a * o1 + ap] = c[h][v];
+      for (int v = 0; v < 4; v += 2) {
+        const int a = mt * 16 + g + 8 * (v >> 1), ap = a0 + nt * 8 + 2 * t;
+        if (a >= o1 || ap >= o1) continue;
+        store_partial_pair(out + a * o1 + ap, c[h][v], c[h][v + 1], pairs, ap + 1 < o1);
       }
     }
   }
@@ -899,6 +912,9 @@ __device__ __forceinline__ bool rows_bwd_body(char *smem, CAMEX_ROWS_BWD_PARAMS,
   const bool vec = I % TC_QC == 0 && ((reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(e)) & 15) == 0;
   // dtau's pairs (q, q + 1) as one 8-byte access (q0 and j even): whole sectors per row.
   const bool pairs = I % 2 == 0 && (reinterpret_cast<uintptr_t>(gt) & 7) == 0;
+  // The dA and dB partials' pairs likewise: rows of even length o1, o2 (then every slab's and
+  // rank's partials start 8 bytes apart too).
+  const bool part_pairs = o1 % 2 == 0 && o2 % 2 == 0 && (reinterpret_cast<uintptr_t>(part) & 7) == 0;
   // tau's rows of chunk c: resident, a view of the whole slab; else loaded into the chunk buffer.
   auto tau_chunk = [&](int c, const MmaT *&th, const MmaT *&tl) {
     if (resident) {
@@ -961,9 +977,9 @@ __device__ __forceinline__ bool rows_bwd_body(char *smem, CAMEX_ROWS_BWD_PARAMS,
         const int u = warp + uu * TC_WARPS;
         if (u >= units) continue;
 #pragma unroll
-        for (int v = 0; v < 8; ++v) {
-          const int b = (u / npb) * 16 + g + 8 * ((v & 3) >> 1), bp = (u % npb) * 16 + 8 * (v >> 2) + 2 * t + (v & 1);
-          if (b < o2 && bp < o2) dbo[b * o2 + bp] = db[uu][v];
+        for (int v = 0; v < 8; v += 2) {
+          const int b = (u / npb) * 16 + g + 8 * ((v & 3) >> 1), bp = (u % npb) * 16 + 8 * (v >> 2) + 2 * t;
+          if (b < o2 && bp < o2) store_partial_pair(dbo + b * o2 + bp, db[uu][v], db[uu][v + 1], part_pairs, bp + 1 < o2);
         }
       }
     }
@@ -1004,14 +1020,14 @@ __device__ __forceinline__ bool rows_bwd_body(char *smem, CAMEX_ROWS_BWD_PARAMS,
     // dA[a][a'] = sum_{(b, j)} V[a][b * 8 + j] tau[a'][b * 8 + j]: all of tau at once where it is
     // resident, else chunk by chunk.
     if (resident) {
-      rows_bwd_da<P>(Kh, Kl, Th, Tl, ly, 0, L.o1p / 8, ks, o1, L.o1p, out);
+      rows_bwd_da<P>(Kh, Kl, Th, Tl, ly, 0, L.o1p / 8, ks, o1, L.o1p, out, part_pairs);
     } else {
       for (int c = 0; c < chunks; ++c) {
         __syncthreads();  // the previous chunk's readers are done with tau
         const MmaT *th, *tl;
         tau_chunk(c, th, tl);
         __syncthreads();
-        rows_bwd_da<P>(Kh, Kl, th, tl, ly, c * TC_WR, TC_WR / 8, ks, o1, L.o1p, out);
+        rows_bwd_da<P>(Kh, Kl, th, tl, ly, c * TC_WR, TC_WR / 8, ks, o1, L.o1p, out, part_pairs);
       }
     }
   }
