@@ -26,7 +26,9 @@
 //   3. kron_rows_bwd_kernel, one block per 8-column slab looping over the round's ranks: K's slab
 //      and tau in, dA and dB partials out, and L^T K added to dtau's slab, rank by rank (with dtau
 //      resident, the last round writes the expert's gradient and the base gradient's running sum
-//      instead of dtau: finish_expert_kernel's work, ExpertFinish);
+//      instead of dtau: finish_expert_kernel's work, ExpertFinish); where one round takes every
+//      rank, a slab's ranks split over rows_bwd_groups blocks, the last of which to arrive sums
+//      dtau over them in group order;
 //   4. after the rounds, one fixed-order reduction of every rank's partials into the factor
 //      gradients (one launch per expert). No atomics: the same inputs give the same bits.
 // Step 1 of every round but the first runs in step 3's launch of the round before, and that of
