@@ -571,6 +571,47 @@ __device__ __forceinline__ void cols_fwd_mode_d(const MmaT *xh, const MmaT *xl, 
   const int kt = i2p / 16, ntn = i2p / 8;
   constexpr bool keep = Keep;
   constexpr int KS = TC_KMAX / 16, NS = KeepF ? TC_KMAX / 8 : 1;
+  // Single-pass operands with F read per use (the forward's bf16) and at most two k steps (i2p <=
+  // 32, every SPEC shape): a warp takes its m tiles two at a time (mt, mt + TC_WARPS), so that each
+  // F fragment it reads serves both, in the registers one m tile's four k steps would take.
+  if constexpr (keep && !KeepF && !P::data_lo && !P::factor_lo) {
+    if (kt <= 2) {
+      for (int m0 = warp; m0 < mt16; m0 += 2 * TC_WARPS) {
+        int64_t y0[2];
+        uint32_t ah[2][2][4];
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const int mt = m0 + u * TC_WARPS;
+          y0[u] = (mt / mtp) * yps + (int64_t)(mt % mtp) * 16 * ly;
+          if (mt >= mt16) continue;
+          const int64_t x0 = (mt / mtp) * ps + (int64_t)(mt % mtp) * 16 * lx;
+#pragma unroll
+          for (int k = 0; k < 2; ++k)
+            if (k < kt) frag_a(ah[u][k], xh + x0, lx, 0, k * 16, lane);
+        }
+        const bool two = m0 + TC_WARPS < mt16;
+        for (int nt = 0; nt < ntn; ++nt) {
+          float c[2][4] = {};
+#pragma unroll
+          for (int k = 0; k < 2; ++k)
+            if (k < kt) {
+              uint32_t bh[2];
+              frag_b(bh, fh, lf, nt * 8, k * 16, lane);
+              mma_bf16(c[0], ah[0][k], bh);
+              if (two) mma_bf16(c[1], ah[1][k], bh);
+            }
+#pragma unroll
+          for (int u = 0; u < 2; ++u)
+            if (u == 0 || two)
+#pragma unroll
+              for (int h = 0; h < 2; ++h)
+                store_data2<PS>(yh, yl, y0[u] + (int64_t)(g + 8 * h) * ly + nt * 8 + 2 * t, c[u][2 * h],
+                                c[u][2 * h + 1]);
+        }
+      }
+      return;
+    }
+  }
   uint32_t fk[KeepF ? KS : 1][NS][2];
   if constexpr (KeepF) {
 #pragma unroll
