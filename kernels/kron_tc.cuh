@@ -571,6 +571,12 @@ __device__ __forceinline__ void cols_fwd_mode_d(const MmaT *xh, const MmaT *xl, 
   const int kt = i2p / 16, ntn = i2p / 8;
   constexpr bool keep = Keep;
   constexpr int KS = TC_KMAX / 16, NS = KeepF ? TC_KMAX / 8 : 1;
+  // One m16n8 tile c of Y (the m tile's first row at y0, n tile nt), as 32-bit pairs.
+  auto store_tile = [&](int64_t y0, int nt, const float c[4]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      store_data2<PS>(yh, yl, y0 + (int64_t)(g + 8 * h) * ly + nt * 8 + 2 * t, c[2 * h], c[2 * h + 1]);
+  };
   // Single-pass operands with F read per use (the forward's bf16) and at most two k steps (i2p <=
   // 32, every SPEC shape): a warp takes its m tiles two at a time (mt, mt + TC_WARPS), so that each
   // F fragment it reads serves both, in the registers one m tile's four k steps would take.
@@ -600,13 +606,8 @@ __device__ __forceinline__ void cols_fwd_mode_d(const MmaT *xh, const MmaT *xl, 
               mma_bf16(c[0], ah[0][k], bh);
               if (two) mma_bf16(c[1], ah[1][k], bh);
             }
-#pragma unroll
-          for (int u = 0; u < 2; ++u)
-            if (u == 0 || two)
-#pragma unroll
-              for (int h = 0; h < 2; ++h)
-                store_data2<PS>(yh, yl, y0[u] + (int64_t)(g + 8 * h) * ly + nt * 8 + 2 * t, c[u][2 * h],
-                                c[u][2 * h + 1]);
+          store_tile(y0[0], nt, c[0]);
+          if (two) store_tile(y0[1], nt, c[1]);
         }
       }
       return;
@@ -653,9 +654,7 @@ __device__ __forceinline__ void cols_fwd_mode_d(const MmaT *xh, const MmaT *xl, 
             mma_bf16(c, a, bl);
           }
         }
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-        store_data2<PS>(yh, yl, y0 + (int64_t)(g + 8 * h) * ly + nt * 8 + 2 * t, c[2 * h], c[2 * h + 1]);
+      store_tile(y0, nt, c);
     };
     if constexpr (KeepF) {
 #pragma unroll

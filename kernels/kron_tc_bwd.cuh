@@ -427,6 +427,19 @@ __host__ __device__ inline int cols_bwd_reg_rows(int64_t O, int i1, int i2, int6
   return 8;
 }
 
+// Two neighbouring f32 partials (columns n, n + 1 of one row) as one 8-byte store where `pairs`
+// (even row lengths from an 8-byte aligned base: the accumulator's lane pairs then fill whole
+// sectors), else one by one, the second only where `two`.
+__device__ __forceinline__ void store_partial_pair(float *d, float v0, float v1, bool pairs, bool two) {
+  const float v[2] = {v0, v1};
+  if (pairs) {
+    store_pair(d, v);
+    return;
+  }
+  d[0] = v0;
+  if (two) d[1] = v1;
+}
+
 // The warps' m16n8 accumulators of one contraction (M x N tiles per warp) summed in warp order into
 // out[m * nv + n] (m < mv, n < nv), through `red`; pairs (n, n + 1) as one 8-byte store where they
 // are aligned, so that each row's run fills whole sectors.
@@ -452,13 +465,7 @@ __device__ __forceinline__ void cols_bwd_reg_sum(const float (&acc)[M][N][4], fl
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       const int m = mt * 16 + g + 8 * hh, n = nt * 8 + 2 * t;
-      if (m >= mv || n >= nv) continue;
-      if (pairs) {  // n + 1 < nv: nv and n are even
-        *reinterpret_cast<float2 *>(out + m * nv + n) = make_float2(s[2 * hh], s[2 * hh + 1]);
-        continue;
-      }
-      out[m * nv + n] = s[2 * hh];
-      if (n + 1 < nv) out[m * nv + n + 1] = s[2 * hh + 1];
+      if (m < mv && n < nv) store_partial_pair(out + m * nv + n, s[2 * hh], s[2 * hh + 1], pairs, n + 1 < nv);
     }
   }
 }
@@ -809,18 +816,6 @@ __device__ __forceinline__ void rows_bwd_db(float acc[TC_DB_UNITS][8], const Mma
   }
 }
 
-// Two neighbouring f32 partials (columns n, n + 1 of one row) as one 8-byte store where `pairs`
-// (even row lengths from an 8-byte aligned base: the accumulator's lane pairs then fill whole
-// sectors), else one by one, the second only where `two`.
-__device__ __forceinline__ void store_partial_pair(float *d, float v0, float v1, bool pairs, bool two) {
-  if (pairs) {
-    *reinterpret_cast<float2 *>(d) = make_float2(v0, v1);
-    return;
-  }
-  d[0] = v0;
-  if (two) d[1] = v1;
-}
-
 // dA[a][a0 + n] = sum_k V[a][k] tau_view[n][k] for the view's ntiles n tiles (rows a0.. of tau;
 // M = a, N = a', K = (b, j) over ks k steps), written to out[a * o1 + a'] (a, a' < o1). Warps
 // sharing an m tile split the n tiles, and each takes up to four at once so that its A fragment
@@ -917,6 +912,10 @@ __device__ __forceinline__ bool rows_bwd_body(char *smem, CAMEX_ROWS_BWD_PARAMS,
   // The dA and dB partials' pairs likewise: rows of even length o1, o2 (then every slab's and
   // rank's partials start 8 bytes apart too).
   const bool part_pairs = o1 % 2 == 0 && o2 % 2 == 0 && (reinterpret_cast<uintptr_t>(part) & 7) == 0;
+  // dtau's slab in shared memory (with TC_DTAU_RESIDENT) at flat index x = p * 8 + j.
+  auto gs_at = [&](int64_t x) -> float & {
+    return Gs[(x / TC_QC / o2) * L.lg + (x / TC_QC % o2) * TC_QC + x % TC_QC];
+  };
   // tau's rows of chunk c: resident, a view of the whole slab; else loaded into the chunk buffer.
   auto tau_chunk = [&](int c, const MmaT *&th, const MmaT *&tl) {
     if (resident) {
@@ -937,7 +936,7 @@ __device__ __forceinline__ bool rows_bwd_body(char *smem, CAMEX_ROWS_BWD_PARAMS,
   if (dacc && r0 > 0) {  // the earlier rounds' dtau, to add this round's ranks to in order
     for (int64_t x = threadIdx.x; x < O * TC_QC; x += TC_THREADS) {
       const int64_t p = x / TC_QC, j = x % TC_QC;
-      if (q0 + j < I) Gs[(p / o2) * L.lg + (p % o2) * TC_QC + j] = gt[p * I + q0 + j];
+      if (q0 + j < I) gs_at(x) = gt[p * I + q0 + j];
     }
   }
   for (int64_t rl = rb; rl < rb + gs; ++rl) {
@@ -1036,7 +1035,6 @@ __device__ __forceinline__ bool rows_bwd_body(char *smem, CAMEX_ROWS_BWD_PARAMS,
   if (!dacc) return true;
   __syncthreads();
   const int planes = ZMem<BwdZ<T>>::planes;
-  auto gs_at = [&](int64_t x) { return Gs[(x / TC_QC / o2) * L.lg + (x / TC_QC % o2) * TC_QC + x % TC_QC]; };
   if (groups > 1) {
     // This group's partial over its own K planes (read for the last time above), then arrival.
     for (int64_t x = threadIdx.x; x < O * TC_QC; x += TC_THREADS)
@@ -1271,7 +1269,8 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
   float *pab = part, *pcd = part + f.r * slabs * sab;
   unsigned *sem = reinterpret_cast<unsigned *>(pcd + f.r * cblocks * scd);
   const int groups = rows_bwd_groups(slabs, chunk, ZMem<BwdZ<T>>::planes, chunk >= f.r, bmode, tc_sm_count());
-  // The counters start at zero; the last group of each slab sets its counter back to zero.
+  // The counters start at zero; the last group of each slab sets its counter back to zero. Zeroed
+  // on expert 0, the first call of an op on its (fresh) workspace: both callers go in expert order.
   if (groups > 1 && expert == 0) {
     err = cudaMemsetAsync(sem, 0, (size_t)slabs * sizeof(unsigned), s);
     if (err != cudaSuccess) return (int)err;
