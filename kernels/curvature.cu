@@ -280,12 +280,6 @@ template <typename T> int ca_merge_backward_t(const camex_ca_merge_params &p, cu
   const T *gbar = ptr<const T>(p.grad_merged);
   const T *gnb = p.has_beta ? ptr<const T>(p.grad_next_base) : nullptr;
   const float beta_n = p.has_beta ? (float)(p.beta / (double)p.n) : 0.f;
-  // Scalars and biases, in the arena ca_ws set aside for them (disjoint from the other buffers).
-  Arena sar = {ptr<char>(p.workspace), ws.scalars_at};
-  CAMEX_TRY(merge_reverse_scalars<T>(s, a, gbar, p.has_beta != 0, gnb, ptr<const T>(p.base_bias),
-                                     ptr<const T>(p.expert_bias), ptr<const T>(p.grad_merged_bias),
-                                     ptr<T>(p.grad_scores), ptr<T>(p.grad_alpha), ptr<T>(p.grad_beta),
-                                     ptr<T>(p.grad_base_bias), ptr<T>(p.grad_expert_bias), p.o, sar));
   const D4 d4 = dims4(p.o1, p.o2, p.i1, p.i2);
   KronFactors f = {ptr<const void>(p.factor_a), ptr<const void>(p.factor_b), ptr<const void>(p.factor_c),
                    ptr<const void>(p.factor_d), p.r, p.n};
@@ -316,8 +310,19 @@ template <typename T> int ca_merge_backward_t(const camex_ca_merge_params &p, cu
     if (reinterpret_cast<char *>(ws.s1) == h0 + h_all)
       lent_bytes += kron_scratch_floats(p.dtype, d4, p.r) * 4;
   }
-  if (p.r > 0) {  // after merge_reverse_scalars, the last reader of U (ws.h may be its buffer)
-    CAMEX_LAUNCH(h_kernel<T>, h_grid(oi), 256, s)(a, gbar, gnb, beta_n, 0, p.n, ht ? nullptr : ws.h, ht, sumg);
+  // Scalars and biases, in the arena ca_ws set aside for them (disjoint from the other buffers).
+  // With the curvature, H of every expert in the same pass over Gbar where h_dots_kernel takes it;
+  // else after the scalars, the last readers of U (ws.h may be its buffer).
+  Arena sar = {ptr<char>(p.workspace), ws.scalars_at};
+  const HPass<T> hp = {beta_n, ht ? nullptr : ws.h, ht, sumg};
+  bool h_done = false;
+  CAMEX_TRY(merge_reverse_scalars<T>(s, a, gbar, p.has_beta != 0, gnb, ptr<const T>(p.base_bias),
+                                     ptr<const T>(p.expert_bias), ptr<const T>(p.grad_merged_bias),
+                                     ptr<T>(p.grad_scores), ptr<T>(p.grad_alpha), ptr<T>(p.grad_beta),
+                                     ptr<T>(p.grad_base_bias), ptr<T>(p.grad_expert_bias), p.o, sar,
+                                     p.r > 0 ? &hp : nullptr, &h_done));
+  if (p.r > 0 && !h_done) {
+    CAMEX_LAUNCH(h_kernel<T>, h_grid(oi), 256, s)(a, gbar, gnb, beta_n, 0, p.n, hp.hf, hp.ht, sumg);
     CAMEX_CHECK_LAUNCH();
   }
   bool ready = false;  // this expert's first stage 1 ran in the previous expert's last launch

@@ -52,13 +52,18 @@ template <typename T> int merge_backward_t(const camex_merge_params &p, cudaStre
   MergeArgs<T> a = merge_args<T>(p);
   const T *gbar = ptr<const T>(p.grad_merged);
   Arena ar = {ptr<char>(p.workspace), 0};
+  // grad_curved_i = H_i, and grad_base = sum_g Gbar_g from the same reads of Gbar (with the dots,
+  // where h_dots_kernel takes them).
+  const HPass<T> hp = {0.f, nullptr, ptr<T>(p.grad_curved), GroupSum<T>{nullptr, ptr<T>(p.grad_base)}};
+  bool h_done = false;
   CAMEX_TRY(merge_reverse_scalars<T>(s, a, gbar, false, nullptr, ptr<const T>(p.base_bias), ptr<const T>(p.expert_bias),
                                      ptr<const T>(p.grad_merged_bias), ptr<T>(p.grad_scores), ptr<T>(p.grad_alpha),
-                                     nullptr, ptr<T>(p.grad_base_bias), ptr<T>(p.grad_expert_bias), p.o, ar));
-  // grad_curved_i = H_i, and grad_base = sum_g Gbar_g from the same reads of Gbar.
-  CAMEX_LAUNCH(h_kernel<T>, h_grid(a.oi), 256, s)(a, gbar, nullptr, 0.f, 0, p.n, nullptr, ptr<T>(p.grad_curved),
-                                                         GroupSum<T>{nullptr, ptr<T>(p.grad_base)});
-  CAMEX_CHECK_LAUNCH();
+                                     nullptr, ptr<T>(p.grad_base_bias), ptr<T>(p.grad_expert_bias), p.o, ar, &hp,
+                                     &h_done));
+  if (!h_done) {
+    CAMEX_LAUNCH(h_kernel<T>, h_grid(a.oi), 256, s)(a, gbar, nullptr, hp.beta_n, 0, p.n, hp.hf, hp.ht, hp.sum);
+    CAMEX_CHECK_LAUNCH();
+  }
   return 0;
 }
 

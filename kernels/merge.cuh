@@ -4,6 +4,7 @@
 // grad_alpha and grad_beta.
 #pragma once
 #include "mask.cuh"
+#include "mma.cuh"
 #include "philox.cuh"
 
 namespace camex {
@@ -21,6 +22,14 @@ template <typename T> struct USrc {
       case U_F32: return f[i * tau.oi + q];
       case U_STORE: return to_f32(t[i * tau.oi + q]);
       default: return tau.tau(i, q);
+    }
+  }
+  // U_i at q and q + 1 as one access (q even, O*I even, the buffer's start aligned: aligned_pair).
+  __device__ __forceinline__ void u2(int64_t i, int64_t q, float v[2]) const {
+    switch (kind) {
+      case U_F32: load_pair(f + i * tau.oi + q, v); return;
+      case U_STORE: load_pair(t + i * tau.oi + q, v); return;
+      default: v[0] = tau.tau(i, q), v[1] = tau.tau(i, q + 1);
     }
   }
 };
@@ -272,10 +281,32 @@ template <typename T> struct GroupSum {
 constexpr int H_Q = 2;
 // h_kernel's grid for oi elements.
 inline unsigned h_grid(int64_t oi) { return grid_for((oi + H_Q - 1) / H_Q, 256); }
-template <typename T>
-__global__ void __launch_bounds__(256, 1)
-h_kernel(MergeArgs<T> a, const T *gbar, const T *gnb, float beta_n, int64_t i_begin, int64_t i_end, float *hf, T *ht,
-         GroupSum<T> sum) {
+
+// h_dots_kernel: H as h_kernel, and from the same reads of Gbar and U the dots of dots_kernel
+// (<Gbar_g, m_i U_i> for every group g and expert i, and the beta row <gnb, U_i>), so that the
+// backward passes over the upstream gradient once. The group-by-expert products are a GEMM with
+// k = O*I: each warp stages its 64 elements of Gbar (16 groups at a time) and of m_i U_i in shared
+// memory and runs them through the tensor cores (m = groups, n = experts, k = elements), in bf16
+// operands that are exact here: Gbar is bf16 storage, m_i is 0 or 1, and U is bf16 storage or an
+// f32 value split into hi + lo (two mma). f32 accumulation, like dots_kernel's FMAs; only the
+// order of the sum differs (fixed by the shape). Per block one chunk of DOT_CHUNK elements and one
+// partial per dot, summed over the warps in warp order, in dots_kernel's layout for finalize_kernel.
+constexpr int HD_MT = 2;                    // m tiles of 16 groups: G <= 32 (every SPEC section 8 shape)
+constexpr int HD_LD = 64 + 8;               // row stride of the staged matrices: conflict-free fragments
+constexpr int HD_WARP = (16 + 2 * 8) * HD_LD;  // MmaT per warp: Gbar's 16 rows, U's hi and lo planes
+constexpr int HD_SMEM = 8 * HD_WARP * 2;       // bytes, 8 warps (the reduction reuses them)
+static_assert(DOT_CHUNK % (256 * H_Q) == 0, "a block's chunk is whole iterations");
+static_assert(8 * HD_MT * 16 * 8 * 4 + 256 * 4 <= HD_SMEM, "the reduction fits the staging");
+
+// The dots' outputs where h_dots_kernel computes them (dots_kernel's layout).
+struct HDots {
+  float *out;
+  int64_t chunks, rows;
+};
+
+template <typename T, bool Dots>
+__device__ __forceinline__ void h_body(char *hd, const MergeArgs<T> &a, const T *gbar, const T *gnb, float beta_n,
+                                       int64_t i_begin, int64_t i_end, float *hf, T *ht, GroupSum<T> sum, HDots dd) {
   __shared__ float sc[H_SCORES];
   const bool staged = a.g * a.n <= H_SCORES;
   if (staged)
@@ -285,15 +316,47 @@ h_kernel(MergeArgs<T> a, const T *gbar, const T *gnb, float beta_n, int64_t i_be
   // Pairs of elements as one access (whole sectors per warp) where every row starts aligned.
   static_assert(H_Q == 2, "pair accesses");
   const bool pairs = a.oi % 2 == 0 && aligned_pair(gbar) && aligned_pair(gnb) && aligned_pair(hf) &&
-                     aligned_pair(ht) && aligned_pair(sum.f) && aligned_pair(sum.t);
-  for (int64_t qb = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) * H_Q; qb < a.oi;
-       qb += (int64_t)gridDim.x * blockDim.x * H_Q) {
+                     aligned_pair(ht) && aligned_pair(sum.f) && aligned_pair(sum.t) &&
+                     (!Dots || (aligned_pair(a.u.f) && aligned_pair(a.u.t)));
+  // Dots: this warp's staging (Gbar rows gs, U's planes uh and ul) and accumulators.
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  MmaT *gs = reinterpret_cast<MmaT *>(hd) + warp * HD_WARP, *uh = gs + 16 * HD_LD, *ul = uh + 8 * HD_LD;
+  // hi + lo where m_i U_i is not bf16 already: U in f32, or a mask tensor's values times U.
+  const bool ulo = a.u.kind == U_F32 || a.mask.kind == CAMEX_MASK_TENSOR;
+  const bool masked = a.mask.kind != CAMEX_MASK_NONE;
+  float c[HD_MT][4] = {}, nbacc[H_EXPERTS] = {};
+  // Block-uniform steps (the warps' mma need all lanes): a chunk per block with the dots, else a
+  // grid-stride loop.
+  const int64_t q_begin = Dots ? (int64_t)blockIdx.x * DOT_CHUNK : (int64_t)blockIdx.x * blockDim.x * H_Q;
+  const int64_t q_end = Dots ? min(a.oi, q_begin + DOT_CHUNK) : a.oi;
+  const int64_t q_step = Dots ? (int64_t)blockDim.x * H_Q : (int64_t)gridDim.x * blockDim.x * H_Q;
+  for (int64_t q0 = q_begin; q0 < q_end; q0 += q_step) {
+    const int64_t qb = q0 + threadIdx.x * H_Q;
+    const bool live = qb < a.oi;
+    if (!Dots && !live) break;
     bool in[H_Q];
     float el[H_Q];
 #pragma unroll
     for (int k = 0; k < H_Q; ++k) {
       in[k] = qb + k < a.oi;
       el[k] = in[k] ? a.mask.elect(qb + k) : 0.f;
+    }
+    float u[H_EXPERTS][H_Q];  // U_i (unmasked), for the beta row
+    if constexpr (Dots) {
+#pragma unroll
+      for (int j = 0; j < H_EXPERTS; ++j) {
+        float pm[H_Q], hv[H_Q], lv[H_Q];
+        if (pairs && live && j < a.n) a.u.u2(j, qb, u[j]);
+#pragma unroll
+        for (int k = 0; k < H_Q; ++k) {
+          if (!(pairs && live && j < a.n)) u[j][k] = in[k] && j < a.n ? a.u.u(j, qb + k) : 0.f;
+          pm[k] = masked && in[k] && j < a.n ? u[j][k] * a.mask.m(j, qb + k, el[k]) : u[j][k];
+          hv[k] = to_f32(from_f32<MmaT>(pm[k]));
+          lv[k] = pm[k] - hv[k];
+        }
+        store_pair(uh + j * HD_LD + 2 * lane, hv);
+        if (ulo) store_pair(ul + j * HD_LD + 2 * lane, lv);
+      }
     }
     for (int64_t i0 = i_begin; i0 < i_end; i0 += H_EXPERTS) {
       float s[H_EXPERTS][H_Q];
@@ -306,7 +369,7 @@ h_kernel(MergeArgs<T> a, const T *gbar, const T *gnb, float beta_n, int64_t i_be
       for (int k = 0; k < H_Q; ++k) sg[k] = 0.f;
       for (int64_t g = 0; g < a.g; ++g) {
         float gb[H_Q];
-        if (pairs) {
+        if (pairs && live) {
           load_pair(gbar + g * a.oi + qb, gb);
         } else {
 #pragma unroll
@@ -322,15 +385,49 @@ h_kernel(MergeArgs<T> a, const T *gbar, const T *gnb, float beta_n, int64_t i_be
             for (int k = 0; k < H_Q; ++k)
               if (in[k]) s[j][k] += sv * dare_zeta(a.dare, g, i0 + j, a.n, a.oi, qb + k) * gb[k];
           }
+        if constexpr (Dots) {
+          // Row g % 16 of the m tile; at its last row, the tile's four k steps (rows past G hold
+          // whatever they held: each row of C depends on its own row of A alone, and those of
+          // groups past G are not written out).
+          store_pair(gs + (g & 15) * HD_LD + 2 * lane, gb);
+          if ((g & 15) == 15 || g == a.g - 1) {
+            __syncwarp();
+            const auto tile = [&](float cm[4]) {
+#pragma unroll
+              for (int ks = 0; ks < 64; ks += 16) {
+                uint32_t fa[4], fb[2];
+                frag_a(fa, gs, HD_LD, 0, ks, lane);
+                frag_b(fb, uh, HD_LD, 0, ks, lane);
+                mma_bf16(cm, fa, fb);
+                if (ulo) {
+                  frag_b(fb, ul, HD_LD, 0, ks, lane);
+                  mma_bf16(cm, fa, fb);
+                }
+              }
+            };
+            static_assert(HD_MT == 2, "two m tiles, named");
+            if (g < 16) tile(c[0]);
+            else tile(c[1]);
+            __syncwarp();
+          }
+        }
       }
       float nb[H_Q] = {};  // gnb
-      if (gnb && pairs) {
+      if (gnb && pairs && live) {
         load_pair(gnb + qb, nb);
       } else if (gnb) {
 #pragma unroll
         for (int k = 0; k < H_Q; ++k) nb[k] = in[k] ? to_f32(gnb[qb + k]) : 0.f;
       }
-      if (summing && i0 == i_begin) {
+      if constexpr (Dots) {
+        if (dd.rows > a.g) {
+#pragma unroll
+          for (int j = 0; j < H_EXPERTS; ++j)
+#pragma unroll
+            for (int k = 0; k < H_Q; ++k) nbacc[j] += nb[k] * u[j][k];
+        }
+      }
+      if (summing && i0 == i_begin && live) {
 #pragma unroll
         for (int k = 0; k < H_Q; ++k)
           if (gnb) sg[k] += nb[k];
@@ -349,7 +446,7 @@ h_kernel(MergeArgs<T> a, const T *gbar, const T *gnb, float beta_n, int64_t i_be
 #pragma unroll
       for (int j = 0; j < H_EXPERTS; ++j) {
         const int64_t i = i0 + j;
-        if (i >= i_end) continue;
+        if (i >= i_end || !live) continue;
         float h[H_Q];
 #pragma unroll
         for (int k = 0; k < H_Q; ++k) {
@@ -371,6 +468,69 @@ h_kernel(MergeArgs<T> a, const T *gbar, const T *gnb, float beta_n, int64_t i_be
       }
     }
   }
+  if constexpr (Dots) {
+    // The warps' accumulators (C[g][i] at rows gid, gid + 8, columns 2t, 2t + 1) summed in warp
+    // order; the beta row by block_sum. The staging is free once every warp is past its loop.
+    __syncthreads();
+    float *red = reinterpret_cast<float *>(hd), *tree = red + 8 * HD_MT * 16 * 8;
+    const int gid = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int mt = 0; mt < HD_MT; ++mt) {
+      float *r = red + (warp * HD_MT + mt) * 16 * 8;
+      store_pair(r + gid * 8 + 2 * t, c[mt]);
+      store_pair(r + (gid + 8) * 8 + 2 * t, c[mt] + 2);
+    }
+    __syncthreads();
+    for (int64_t x = threadIdx.x; x < a.g * 8; x += blockDim.x) {
+      const int64_t row = x / 8, i = x % 8;
+      if (i >= a.n) continue;
+      float v = 0.f;
+      for (int w = 0; w < 8; ++w) v += red[((w * HD_MT + row / 16) * 16 + row % 16) * 8 + i];
+      dd.out[(row * a.n + i) * dd.chunks + blockIdx.x] = v;
+    }
+    if (dd.rows > a.g) {
+#pragma unroll
+      for (int j = 0; j < H_EXPERTS; ++j) {
+        const float v = block_sum<256>(nbacc[j], tree);
+        if (threadIdx.x == 0 && j < a.n) dd.out[(a.g * a.n + j) * dd.chunks + blockIdx.x] = v;
+      }
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(256, 1)
+h_kernel(MergeArgs<T> a, const T *gbar, const T *gnb, float beta_n, int64_t i_begin, int64_t i_end, float *hf, T *ht,
+         GroupSum<T> sum) {
+  h_body<T, false>(nullptr, a, gbar, gnb, beta_n, i_begin, i_end, hf, ht, sum, HDots{});
+}
+template <typename T>
+__global__ void __launch_bounds__(256, 1)
+h_dots_kernel(MergeArgs<T> a, const T *gbar, const T *gnb, float beta_n, float *hf, T *ht, GroupSum<T> sum, HDots dd) {
+  __shared__ __align__(16) char hd[HD_SMEM];
+  h_body<T, true>(hd, a, gbar, gnb, beta_n, 0, a.n, hf, ht, sum, dd);
+}
+
+// The H launch that follows the scalars (h_kernel over every expert), which merge_reverse_scalars
+// runs in the dots' place where h_dots_kernel takes it (h_dots_taken).
+template <typename T> struct HPass {
+  float beta_n;
+  float *hf;
+  T *ht;
+  GroupSum<T> sum;
+};
+
+// Whether h_dots_kernel computes the dots with H: bf16 storage (Gbar exact in the mma's bf16), no
+// DARE (whose zeta differs per group, expert and element), at most H_EXPERTS experts and 16 HD_MT
+// groups, and U either bf16 storage or f32 that H does not overwrite with values of another size
+// (the f32 H over f32 U is element by element, each read by its thread before it writes).
+template <typename T> inline bool h_dots_taken(const MergeArgs<T> &a, const HPass<T> &h) {
+  if constexpr (!std::is_same<T, __nv_bfloat16>::value) {
+    return false;
+  } else {
+    const bool u_ok = a.u.kind == U_STORE || (a.u.kind == U_F32 && !h.ht);
+    return a.dare.kind == CAMEX_DARE_NONE && a.n <= H_EXPERTS && a.g <= 16 * HD_MT && a.g * a.n <= H_SCORES && u_ok;
+  }
 }
 
 // Workspace floats of merge_reverse_scalars: dots + bias dots + ip scratch.
@@ -379,11 +539,14 @@ inline int64_t scalars_floats(int64_t g, int64_t n, int64_t oi) {
 }
 
 // grad_scores, grad_alpha, (grad_beta), and the bias gradients: everything that reduces over
-// the whole weight. gnb_row: include the <gnb, U_i> row (grad_beta requested).
+// the whole weight. gnb_row: include the <gnb, U_i> row (grad_beta requested). hp (may be null):
+// the caller's H launch to come, run here in the dots' place (h_dots_kernel) where h_dots_taken,
+// which *h_done then says.
 template <typename T>
 inline int merge_reverse_scalars(cudaStream_t s, const MergeArgs<T> &a, const T *gbar, bool beta_row, const T *gnb,
                                  const T *eb, const T *b, const T *dbb, T *grad_scores, T *grad_alpha, T *grad_beta,
-                                 T *grad_eb, T *grad_b, int64_t o, Arena &ar) {
+                                 T *grad_eb, T *grad_b, int64_t o, Arena &ar, const HPass<T> *hp = nullptr,
+                                 bool *h_done = nullptr) {
   const int64_t chunks = dot_chunks(a.oi);
   float *dots = ar.take<float>((a.g + 1) * a.n * chunks);
   float *bip = ar.take<float>(a.g * a.n);
@@ -393,10 +556,19 @@ inline int merge_reverse_scalars(cudaStream_t s, const MergeArgs<T> &a, const T 
   const auto grid = [&](int rb) {
     return dim3((unsigned)chunks, (unsigned)((rows + rb - 1) / rb), (unsigned)((a.n + NREG - 1) / NREG));
   };
-  if (a.dare.kind == CAMEX_DARE_NONE)
+  bool fused = false;
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {  // (the kernel is built for bf16 alone)
+    fused = hp && h_done && gbar && h_dots_taken(a, *hp);
+    if (fused)
+      CAMEX_LAUNCH(h_dots_kernel<T>, (unsigned)chunks, 256, s)(a, gbar, gnb, hp->beta_n, hp->hf, hp->ht, hp->sum,
+                                                               HDots{dots, chunks, rows});
+  }
+  if (h_done) *h_done = fused;
+  if (!fused && a.dare.kind == CAMEX_DARE_NONE) {
     CAMEX_LAUNCH(dots_kernel<T>, grid(dot_rows<false>()), DOT_THREADS, s)(a, gbar, gnb, dots, chunks, rows);
-  else
+  } else if (!fused) {
     CAMEX_LAUNCH(dots_dare_kernel<T>, grid(dot_rows<true>()), DOT_THREADS, s)(a, gbar, gnb, dots, chunks, rows);
+  }
   CAMEX_CHECK_LAUNCH();
   const bool bias = eb && b;
   if (bias) {

@@ -467,6 +467,49 @@ fn emu_ca_merge_half_matches_cpu() {
     }
 }
 
+/// The backward's dots (grad_scores, grad_alpha, grad_beta) from H's one pass over the upstream
+/// gradient (`h_dots_kernel`: bf16, no DARE, N <= 8, G <= 32; `emu_counters` checks which kernels
+/// run): groups filling part of one m tile of 16, one, one and part of the second, and two; several
+/// chunks of 4096 elements, with an odd element count (single loads); masks, the beta row, U given
+/// and recomputed (`ca_case` runs both). N = 9 and DARE take `dots_kernel` beside it. Then the merge
+/// op's backward, with and without a mask tensor (m_i U_i split into hi + lo).
+#[test]
+fn emu_dots_in_the_h_pass() {
+    if !on("emu_dots_in_the_h_pass") {
+        return;
+    }
+    let sh = |n, o, i, r, g| Sh { n, o, i, r, g };
+    let shapes = [
+        sh(3, 6, 10, 2, 2),
+        sh(8, 12, 20, 2, 16),
+        sh(4, 64, 130, 2, 17),
+        sh(7, 65, 131, 1, 32),
+        sh(9, 6, 10, 1, 3),
+    ];
+    let plain = MergeOptions {
+        alpha: 0.9,
+        mask: Mask::None,
+        dare: Dare::None,
+        beta: None,
+        want_curved: false,
+    };
+    let ties = MergeOptions {
+        alpha: -0.5,
+        mask: Mask::TiesTrim(0.4),
+        beta: Some(0.5),
+        want_curved: true,
+        ..plain
+    };
+    for s in shapes {
+        ca_case::<bf16>(s, true, plain, false);
+        ca_case::<bf16>(s, true, ties, true);
+        for (with_mask, bias) in [(false, false), (true, true)] {
+            merge_case::<bf16>(s, Dare::None, with_mask, bias);
+        }
+    }
+    merge_case::<bf16>(shapes[0], Dare::Element { p: 0.25, seed: 5 }, true, false);
+}
+
 /// The rows-side backward in rank groups (`rows_bwd_groups`: one round of every rank, 2 to 4
 /// groups per slab here), whose last group to arrive sums the slab's dtau over the groups in group
 /// order: the gradients match the CPU within the bounds, and are the same bits when the blocks run
@@ -718,122 +761,126 @@ fn emu_merge_matches_cpu() {
     for sh in small_shapes() {
         for dare in dares() {
             for (with_mask, bias) in [(false, false), (true, true)] {
-                let w = host_weights::<f32>(sh, 3);
-                let (n, o, i, g) = (sh.n, sh.o, sh.i, sh.g);
-                let mut rng = Rng(99);
-                let curved = host::<f32>(&rng.tensor(&[n, o, i], 2.0));
-                let mask = host::<f32>(&HostTensor::from_fn(&[n, o, i], |_| {
-                    (rng.next() % 2) as f64
-                }));
-                let alpha = 0.75;
-                let ci = cpu::MergeInputs {
-                    base: &w.base.0,
-                    curved: &curved.0,
-                    scores: &w.scores.0,
-                    mask: with_mask.then_some(&mask.0),
-                    base_bias: bias.then_some(&w.base_bias.0),
-                    expert_bias: bias.then_some(&w.expert_bias.0),
-                };
-                let mut prm = ffi::camex_merge_params {
-                    dtype: f32::CODE,
-                    g: g as i64,
-                    n: n as i64,
-                    o: o as i64,
-                    i: i as i64,
-                    base: p(&w.base.1),
-                    curved: p(&curved.1),
-                    scores: p(&w.scores.1),
-                    mask: if with_mask { p(&mask.1) } else { 0 },
-                    alpha,
-                    dare: dare_code(&dare),
-                    ..Default::default()
-                };
-                if bias {
-                    prm.base_bias = p(&w.base_bias.1);
-                    prm.expert_bias = p(&w.expert_bias.1);
-                }
-                let merged = nan::<f32>(g * o * i);
-                let mb = nan::<f32>(g * o);
-                let mut f = prm;
-                f.merged = p(&merged);
-                f.merged_bias = if bias { p(&mb) } else { 0 };
-                // SAFETY: host buffers of the implied sizes (emulation).
-                ok(unsafe { ffi::camex_merge_forward(&f, stream()) }, "merge");
-                let want = cpu::merge(&ci, alpha, &dare).unwrap();
-                cmp("merge merged", &merged, &want.merged, None);
-                if let Some(wb) = &want.merged_bias {
-                    cmp("merge merged_bias", &mb, wb, None);
-                }
-                let gm = host::<f32>(&rng.tensor(&[g, o, i], 1.0));
-                let gmb = host::<f32>(&rng.tensor(&[g, o], 1.0));
-                let ws = vec![0u8; unsafe { ffi::camex_merge_workspace(&prm, 1) } as usize + 1];
-                let (gb, gc, gs, ga) = (
-                    nan::<f32>(o * i),
-                    nan::<f32>(n * o * i),
-                    nan::<f32>(g * n),
-                    nan::<f32>(1),
-                );
-                let (gbb, geb) = (nan::<f32>(o), nan::<f32>(n * o));
-                let mut b = prm;
-                b.grad_merged = p(&gm.1);
-                b.grad_merged_bias = if bias { p(&gmb.1) } else { 0 };
-                b.grad_base = p(&gb);
-                b.grad_curved = p(&gc);
-                b.grad_scores = p(&gs);
-                b.grad_alpha = p(&ga);
-                if bias {
-                    b.grad_base_bias = p(&gbb);
-                    b.grad_expert_bias = p(&geb);
-                }
-                b.workspace = p(&ws);
-                b.workspace_bytes = ws.len() as i64;
-                ok(
-                    unsafe { ffi::camex_merge_backward(&b, stream()) },
-                    "merge_backward",
-                );
-                let want =
-                    cpu::merge_backward(&ci, alpha, &dare, &gm.0, bias.then_some(&gmb.0)).unwrap();
-                let (s_alpha, s_scores) = oracle::merge_backward_scales(
-                    dims(sh),
-                    curved.0.data(),
-                    w.scores.0.data(),
-                    with_mask.then_some(mask.0.data()),
-                    bias.then_some((w.base_bias.0.data(), w.expert_bias.0.data())),
-                    alpha,
-                    dare_ref(&dare),
-                    gm.0.data(),
-                    bias.then_some(gmb.0.data()),
-                );
-                cmp("merge_backward grad_base", &gb, &want.grad_base, None);
-                cmp("merge_backward grad_curved", &gc, &want.grad_curved, None);
-                cmp_sums(
-                    "merge_backward grad_scores",
-                    &gs,
-                    want.grad_scores.data(),
-                    &s_scores,
-                );
-                cmp_sums(
-                    "merge_backward grad_alpha",
-                    &ga,
-                    &[want.grad_alpha],
-                    &[s_alpha],
-                );
-                if bias {
-                    cmp(
-                        "merge_backward grad_base_bias",
-                        &gbb,
-                        want.grad_base_bias.as_ref().unwrap(),
-                        None,
-                    );
-                    cmp(
-                        "merge_backward grad_expert_bias",
-                        &geb,
-                        want.grad_expert_bias.as_ref().unwrap(),
-                        None,
-                    );
-                }
+                merge_case::<f32>(sh, dare, with_mask, bias);
             }
         }
+    }
+}
+
+/// The merge op forward and backward in T against the CPU (mask tensor and biases optional).
+fn merge_case<T: Dt>(sh: Sh, dare: Dare, with_mask: bool, bias: bool) {
+    let w = host_weights::<T>(sh, 3);
+    let (n, o, i, g) = (sh.n, sh.o, sh.i, sh.g);
+    let mut rng = Rng(99);
+    let curved = host::<T>(&rng.tensor(&[n, o, i], 2.0));
+    let mask = host::<T>(&HostTensor::from_fn(&[n, o, i], |_| {
+        (rng.next() % 2) as f64
+    }));
+    let alpha = 0.75;
+    let ci = cpu::MergeInputs {
+        base: &w.base.0,
+        curved: &curved.0,
+        scores: &w.scores.0,
+        mask: with_mask.then_some(&mask.0),
+        base_bias: bias.then_some(&w.base_bias.0),
+        expert_bias: bias.then_some(&w.expert_bias.0),
+    };
+    let mut prm = ffi::camex_merge_params {
+        dtype: T::CODE,
+        g: g as i64,
+        n: n as i64,
+        o: o as i64,
+        i: i as i64,
+        base: p(&w.base.1),
+        curved: p(&curved.1),
+        scores: p(&w.scores.1),
+        mask: if with_mask { p(&mask.1) } else { 0 },
+        alpha,
+        dare: dare_code(&dare),
+        ..Default::default()
+    };
+    if bias {
+        prm.base_bias = p(&w.base_bias.1);
+        prm.expert_bias = p(&w.expert_bias.1);
+    }
+    let merged = nan::<T>(g * o * i);
+    let mb = nan::<T>(g * o);
+    let mut f = prm;
+    f.merged = p(&merged);
+    f.merged_bias = if bias { p(&mb) } else { 0 };
+    // SAFETY: host buffers of the implied sizes (emulation).
+    ok(unsafe { ffi::camex_merge_forward(&f, stream()) }, "merge");
+    let want = cpu::merge(&ci, alpha, &dare).unwrap();
+    cmp("merge merged", &merged, &want.merged, None);
+    if let Some(wb) = &want.merged_bias {
+        cmp("merge merged_bias", &mb, wb, None);
+    }
+    let gm = host::<T>(&rng.tensor(&[g, o, i], 1.0));
+    let gmb = host::<T>(&rng.tensor(&[g, o], 1.0));
+    let ws = vec![0u8; unsafe { ffi::camex_merge_workspace(&prm, 1) } as usize + 1];
+    let (gb, gc, gs, ga) = (
+        nan::<T>(o * i),
+        nan::<T>(n * o * i),
+        nan::<T>(g * n),
+        nan::<T>(1),
+    );
+    let (gbb, geb) = (nan::<T>(o), nan::<T>(n * o));
+    let mut b = prm;
+    b.grad_merged = p(&gm.1);
+    b.grad_merged_bias = if bias { p(&gmb.1) } else { 0 };
+    b.grad_base = p(&gb);
+    b.grad_curved = p(&gc);
+    b.grad_scores = p(&gs);
+    b.grad_alpha = p(&ga);
+    if bias {
+        b.grad_base_bias = p(&gbb);
+        b.grad_expert_bias = p(&geb);
+    }
+    b.workspace = p(&ws);
+    b.workspace_bytes = ws.len() as i64;
+    ok(
+        unsafe { ffi::camex_merge_backward(&b, stream()) },
+        "merge_backward",
+    );
+    let want = cpu::merge_backward(&ci, alpha, &dare, &gm.0, bias.then_some(&gmb.0)).unwrap();
+    let (s_alpha, s_scores) = oracle::merge_backward_scales(
+        dims(sh),
+        curved.0.data(),
+        w.scores.0.data(),
+        with_mask.then_some(mask.0.data()),
+        bias.then_some((w.base_bias.0.data(), w.expert_bias.0.data())),
+        alpha,
+        dare_ref(&dare),
+        gm.0.data(),
+        bias.then_some(gmb.0.data()),
+    );
+    cmp("merge_backward grad_base", &gb, &want.grad_base, None);
+    cmp("merge_backward grad_curved", &gc, &want.grad_curved, None);
+    cmp_sums(
+        "merge_backward grad_scores",
+        &gs,
+        want.grad_scores.data(),
+        &s_scores,
+    );
+    cmp_sums(
+        "merge_backward grad_alpha",
+        &ga,
+        &[want.grad_alpha],
+        &[s_alpha],
+    );
+    if bias {
+        cmp(
+            "merge_backward grad_base_bias",
+            &gbb,
+            want.grad_base_bias.as_ref().unwrap(),
+            None,
+        );
+        cmp(
+            "merge_backward grad_expert_bias",
+            &geb,
+            want.grad_expert_bias.as_ref().unwrap(),
+            None,
+        );
     }
 }
 

@@ -511,3 +511,110 @@ fn smem_limit_steers_the_tensor_core_path() {
         }
     }
 }
+
+/// The merge op's backward reads the upstream gradient once where `h_dots_kernel` takes it (bf16,
+/// no DARE: the dots of grad_scores and grad_alpha in H's pass, with or without a mask tensor),
+/// and twice otherwise: `dots_kernel` (or `dots_dare_kernel`) and then `h_kernel` (f16, or DARE
+/// per element). `emu.rs` checks the values.
+#[test]
+fn the_dots_ride_on_the_h_pass_where_they_can() {
+    let _g = COUNTING.lock().unwrap_or_else(|e| e.into_inner());
+    if !emulated("the_dots_ride_on_the_h_pass_where_they_can") {
+        return;
+    }
+    let (g, n, o, i) = (3usize, 4usize, 8usize, 24usize);
+    let element = ffi::camex_dare {
+        kind: ffi::camex_dare_kind_CAMEX_DARE_ELEMENT as i32,
+        threshold: 1 << 30,
+        seed: 7,
+        scale: 4.0 / 3.0,
+    };
+    let cases = [
+        (
+            false,
+            false,
+            ffi::camex_dare::default(),
+            "h_dots_kernel<T>",
+            "dots_kernel<T>",
+        ),
+        (
+            false,
+            true,
+            ffi::camex_dare::default(),
+            "h_dots_kernel<T>",
+            "dots_kernel<T>",
+        ),
+        (
+            true,
+            false,
+            ffi::camex_dare::default(),
+            "dots_kernel<T>",
+            "h_kernel<T>",
+        ),
+        (false, false, element, "dots_dare_kernel<T>", "h_kernel<T>"),
+    ];
+    for (f16, with_mask, dare, first, second) in cases {
+        let v = |k: usize, seed: u64| varied(k, seed, f16);
+        let (base, curved, scores, mask) =
+            (v(o * i, 1), v(n * o * i, 2), v(g * n, 3), v(n * o * i, 4));
+        let gm = v(g * o * i, 5);
+        let (gb, gc, gs, ga) = (v(o * i, 0), v(n * o * i, 0), v(g * n, 0), v(1, 0));
+        let dtype = if f16 {
+            ffi::camex_dtype_CAMEX_F16
+        } else {
+            ffi::camex_dtype_CAMEX_BF16
+        };
+        let pt = |c: &Vec<Chunk>| c.as_ptr() as u64;
+        let mut p = ffi::camex_merge_params {
+            dtype: dtype as i32,
+            g: g as i64,
+            n: n as i64,
+            o: o as i64,
+            i: i as i64,
+            base: pt(&base),
+            curved: pt(&curved),
+            scores: pt(&scores),
+            mask: if with_mask { pt(&mask) } else { 0 },
+            alpha: 0.75,
+            dare,
+            grad_merged: pt(&gm),
+            grad_base: pt(&gb),
+            grad_curved: pt(&gc),
+            grad_scores: pt(&gs),
+            grad_alpha: pt(&ga),
+            ..Default::default()
+        };
+        // SAFETY: a size query, then 256-byte aligned host buffers of the implied sizes.
+        let ws = aligned(
+            (unsafe { ffi::camex_merge_workspace(&p, 1) } as usize).div_ceil(4),
+            0.0,
+        );
+        p.workspace = pt(&ws);
+        p.workspace_bytes = (ws.len() * 256) as i64;
+        let recs = counted(1, || {
+            // SAFETY: as above (emulation: host pointers).
+            assert_eq!(
+                unsafe { ffi::camex_merge_backward(&p, std::ptr::null_mut()) },
+                0
+            );
+        });
+        let names: Vec<String> = recs.iter().map(kernel_name).collect();
+        let what = format!("f16 {f16}, mask {with_mask}, dare {}: {names:?}", dare.kind);
+        let at = |k: &str| names.iter().position(|x| x == k);
+        assert_eq!(
+            names.iter().filter(|x| x.as_str() == first).count(),
+            1,
+            "{what}"
+        );
+        if first == "h_dots_kernel<T>" {
+            assert!(
+                at(second).is_none() && at("h_kernel<T>").is_none(),
+                "{what}"
+            );
+        } else {
+            assert!(at(first) < at(second), "{what}");
+        }
+        // finalize_kernel sums the dots after whichever kernel wrote them.
+        assert!(at(first) < at("finalize_kernel<T>"), "{what}");
+    }
+}
