@@ -256,7 +256,7 @@ template <typename T> int ca_merge_forward_t(const camex_ca_merge_params &p, cud
   }
   T *curved_out = fu.ut && fu.ut == ptr<T>(p.curved) ? nullptr : ptr<T>(p.curved);
   const float beta_n = p.has_beta ? (float)(p.beta / (double)p.n) : 0.f;
-  CAMEX_LAUNCH(merge_epilogue_kernel<T>, grid_for(a.oi, 256), 256, s)(a, ptr<T>(p.merged), curved_out,
+  CAMEX_LAUNCH(merge_epilogue_kernel<T>, epilogue_grid(a.oi), 256, s)(a, ptr<T>(p.merged), curved_out,
                                                                 p.has_beta ? ptr<T>(p.next_base) : nullptr, beta_n);
   CAMEX_CHECK_LAUNCH();
   if (p.base_bias && p.expert_bias && p.merged_bias) {

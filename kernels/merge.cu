@@ -37,7 +37,7 @@ int64_t merge_ws(const camex_merge_params &p, bool backward) {
 
 template <typename T> int merge_forward_t(const camex_merge_params &p, cudaStream_t s) {
   MergeArgs<T> a = merge_args<T>(p);
-  CAMEX_LAUNCH(merge_epilogue_kernel<T>, grid_for(a.oi, 256), 256, s)(a, ptr<T>(p.merged), nullptr, nullptr, 0.f);
+  CAMEX_LAUNCH(merge_epilogue_kernel<T>, epilogue_grid(a.oi), 256, s)(a, ptr<T>(p.merged), nullptr, nullptr, 0.f);
   CAMEX_CHECK_LAUNCH();
   if (p.base_bias && p.expert_bias && p.merged_bias) {
     CAMEX_LAUNCH(bias_forward_kernel<T>, grid_for(p.g * p.o, 256), 256, s)(ptr<const T>(p.base_bias), ptr<const T>(p.expert_bias),

@@ -47,6 +47,10 @@ template <typename T> struct MergeArgs {
 constexpr int NREG = 8;  // experts whose P_i stay in registers; more are re-read (correct, slower)
 constexpr int EPI_TABLE = 1024;  // G*N merge weights staged per block by merge_epilogue_kernel
 
+// merge_epilogue_kernel's grid: a thread per pair of elements (one per element where pairs do not
+// apply, through the grid-stride loop).
+inline unsigned epilogue_grid(int64_t oi) { return grid_for((oi + 1) / 2, 256); }
+
 // merged[g][q] = E[q] + alpha * sum_i (s[g,i] * zeta[g,i,q]) * (m_i[q] * U_i[q]);
 // optionally curved[i][q] = U_i[q] and next_base[q] = E[q] + beta_n * sum_i U_i[q] (unmasked U).
 template <typename T>
@@ -62,6 +66,51 @@ merge_epilogue_kernel(MergeArgs<T> a, T *merged, T *curved, T *next_base, float 
     for (int64_t x = threadIdx.x; x < a.g * a.n; x += blockDim.x)
       wt[x] = a.alpha * (to_f32(a.scores[x]) * dare_zeta(a.dare, x / a.n, x % a.n, a.n, a.oi, 0));
     __syncthreads();
+  }
+  // Two elements per thread where every row starts aligned: each weight read from shared memory
+  // (a broadcast, one wavefront per warp) serves both, and every access moves a pair (the same
+  // arithmetic per element as the loop below, so the same bits).
+  const bool pairs = a.oi % 2 == 0 && aligned_pair(a.base) && aligned_pair(a.u.f) && aligned_pair(a.u.t) &&
+                     aligned_pair(merged) && aligned_pair(curved) && aligned_pair(next_base);
+  if (table && a.n <= NREG && pairs && a.u.kind != U_TAU) {
+    for (int64_t qb = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) * 2; qb < a.oi;
+         qb += (int64_t)gridDim.x * blockDim.x * 2) {
+      float e[2], el[2], p[NREG][2], usum[2] = {0.f, 0.f};
+      load_pair(a.base + qb, e);
+#pragma unroll
+      for (int k = 0; k < 2; ++k) el[k] = a.mask.elect(qb + k);
+#pragma unroll
+      for (int i = 0; i < NREG; ++i) {
+        p[i][0] = p[i][1] = 0.f;
+        if (i < a.n) {
+          float u[2];
+          a.u.u2(i, qb, u);
+          if (curved) store_pair(curved + i * a.oi + qb, u);
+#pragma unroll
+          for (int k = 0; k < 2; ++k) {
+            usum[k] += u[k];
+            p[i][k] = a.mask.kind == CAMEX_MASK_NONE ? u[k] : u[k] * a.mask.m(i, qb + k, el[k]);
+          }
+        }
+      }
+      if (next_base) {
+        const float nb[2] = {e[0] + beta_n * usum[0], e[1] + beta_n * usum[1]};
+        store_pair(next_base + qb, nb);
+      }
+      for (int64_t g = 0; g < a.g; ++g) {
+        float acc[2] = {0.f, 0.f};
+#pragma unroll
+        for (int i = 0; i < NREG; ++i)
+          if (i < a.n) {
+            const float w = wt[g * a.n + i];
+            acc[0] += w * p[i][0];
+            acc[1] += w * p[i][1];
+          }
+        const float m2[2] = {e[0] + acc[0], e[1] + acc[1]};
+        store_pair(merged + g * a.oi + qb, m2);
+      }
+    }
+    return;
   }
   for (int64_t q = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; q < a.oi; q += (int64_t)gridDim.x * blockDim.x) {
     const float e = to_f32(a.base[q]);
