@@ -332,14 +332,15 @@ constexpr int H_Q = 2;
 inline unsigned h_grid(int64_t oi) { return grid_for((oi + H_Q - 1) / H_Q, 256); }
 
 // h_dots_kernel: H as h_kernel, and from the same reads of Gbar and U the dots of dots_kernel
-// (<Gbar_g, m_i U_i> for every group g and expert i, and the beta row <gnb, U_i>), so that the
-// backward passes over the upstream gradient once. The group-by-expert products are a GEMM with
-// k = O*I: each warp stages its 64 elements of Gbar (16 groups at a time) and of m_i U_i in shared
-// memory and runs them through the tensor cores (m = groups, n = experts, k = elements), in bf16
-// operands that are exact here: Gbar is bf16 storage, m_i is 0 or 1, and U is bf16 storage or an
-// f32 value split into hi + lo (two mma). f32 accumulation, like dots_kernel's FMAs; only the
+// (<Gbar_g, zeta_gi m_i U_i> for every group g and expert i, and the beta row <gnb, U_i>), so that
+// the backward passes over the upstream gradient once. The group-by-expert products are a GEMM
+// with k = O*I: each warp stages its 64 elements of Gbar (16 groups at a time) and of m_i U_i in
+// shared memory and runs them through the tensor cores (m = groups, n = experts, k = elements), in
+// bf16 operands that are exact here: Gbar is bf16 storage, m_i is 0 or 1, and U is bf16 storage or
+// an f32 value split into hi + lo (two mma). f32 accumulation, like dots_kernel's FMAs; only the
 // order of the sum differs (fixed by the shape). Per block one chunk of DOT_CHUNK elements and one
-// partial per dot, summed over the warps in warp order, in dots_kernel's layout for finalize_kernel.
+// partial per dot, summed over the warps in warp order and scaled by DARE's per-expert zeta_gi, in
+// dots_kernel's layout for finalize_kernel.
 constexpr int HD_MT = 2;                    // m tiles of 16 groups: G <= 32 (every SPEC section 8 shape)
 constexpr int HD_LD = 64 + 8;               // row stride of the staged matrices: conflict-free fragments
 constexpr int HD_WARP = (16 + 2 * 8) * HD_LD;  // MmaT per warp: Gbar's 16 rows, U's hi and lo planes
@@ -535,7 +536,8 @@ __device__ __forceinline__ void h_body(char *hd, const MergeArgs<T> &a, const T 
       if (i >= a.n) continue;
       float v = 0.f;
       for (int w = 0; w < 8; ++w) v += red[((w * HD_MT + row / 16) * 16 + row % 16) * 8 + i];
-      dd.out[(row * a.n + i) * dd.chunks + blockIdx.x] = v;
+      // DARE per expert: zeta[g, i] is one factor of the whole sum (1 without DARE).
+      dd.out[(row * a.n + i) * dd.chunks + blockIdx.x] = v * dare_zeta(a.dare, row, i, a.n, a.oi, 0);
     }
     if (dd.rows > a.g) {
 #pragma unroll
@@ -570,7 +572,8 @@ template <typename T> struct HPass {
 };
 
 // Whether h_dots_kernel computes the dots with H: bf16 storage (Gbar exact in the mma's bf16), no
-// DARE (whose zeta differs per group, expert and element), at most H_EXPERTS experts and 16 HD_MT
+// DARE per element (whose zeta differs per group, expert and element; per expert it is one factor
+// of each dot), at most H_EXPERTS experts and 16 HD_MT
 // groups, and U either bf16 storage or f32 that H does not overwrite with values of another size
 // (the f32 H over f32 U is element by element, each read by its thread before it writes).
 template <typename T> inline bool h_dots_taken(const MergeArgs<T> &a, const HPass<T> &h) {
@@ -578,7 +581,7 @@ template <typename T> inline bool h_dots_taken(const MergeArgs<T> &a, const HPas
     return false;
   } else {
     const bool u_ok = a.u.kind == U_STORE || (a.u.kind == U_F32 && !h.ht);
-    return a.dare.kind == CAMEX_DARE_NONE && a.n <= H_EXPERTS && a.g <= 16 * HD_MT && a.g * a.n <= H_SCORES && u_ok;
+    return a.dare.kind != CAMEX_DARE_ELEMENT && a.n <= H_EXPERTS && a.g <= 16 * HD_MT && a.g * a.n <= H_SCORES && u_ok;
   }
 }
 

@@ -468,11 +468,12 @@ fn emu_ca_merge_half_matches_cpu() {
 }
 
 /// The backward's dots (grad_scores, grad_alpha, grad_beta) from H's one pass over the upstream
-/// gradient (`h_dots_kernel`: bf16, no DARE, N <= 8, G <= 32; `emu_counters` checks which kernels
-/// run): groups filling part of one m tile of 16, one, one and part of the second, and two; several
-/// chunks of 4096 elements, with an odd element count (single loads); masks, the beta row, U given
-/// and recomputed (`ca_case` runs both). N = 9 and DARE take `dots_kernel` beside it. Then the merge
-/// op's backward, with and without a mask tensor (m_i U_i split into hi + lo).
+/// gradient (`h_dots_kernel`: bf16, no DARE or DARE per expert, N <= 8, G <= 32; `emu_counters`
+/// checks which kernels run): groups filling part of one m tile of 16, one, one and part of the
+/// second, and two; several chunks of 4096 elements, with an odd element count (single loads);
+/// masks, the beta row, U given and recomputed (`ca_case` runs both). N = 9 and DARE per element
+/// take `dots_kernel` beside it. Then the merge op's backward, with and without a mask tensor
+/// (m_i U_i split into hi + lo).
 #[test]
 fn emu_dots_in_the_h_pass() {
     if !on("emu_dots_in_the_h_pass") {
@@ -500,12 +501,21 @@ fn emu_dots_in_the_h_pass() {
         want_curved: true,
         ..plain
     };
-    for s in shapes {
+    let expert = MergeOptions {
+        dare: Dare::Expert { p: 0.3, seed: 9 },
+        ..ties
+    };
+    for (k, s) in shapes.into_iter().enumerate() {
         ca_case::<bf16>(s, true, plain, false);
         ca_case::<bf16>(s, true, ties, true);
+        if k % 2 == 0 {
+            // (time: the emulation's slowest cases are the larger shapes)
+            ca_case::<bf16>(s, true, expert, false);
+        }
         for (with_mask, bias) in [(false, false), (true, true)] {
             merge_case::<bf16>(s, Dare::None, with_mask, bias);
         }
+        merge_case::<bf16>(s, Dare::Expert { p: 0.3, seed: 9 }, true, false);
     }
     merge_case::<bf16>(shapes[0], Dare::Element { p: 0.25, seed: 5 }, true, false);
 }

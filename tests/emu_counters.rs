@@ -513,9 +513,9 @@ fn smem_limit_steers_the_tensor_core_path() {
 }
 
 /// The merge op's backward reads the upstream gradient once where `h_dots_kernel` takes it (bf16,
-/// no DARE: the dots of grad_scores and grad_alpha in H's pass, with or without a mask tensor),
-/// and twice otherwise: `dots_kernel` (or `dots_dare_kernel`) and then `h_kernel` (f16, or DARE
-/// per element). `emu.rs` checks the values.
+/// no DARE or DARE per expert: the dots of grad_scores and grad_alpha in H's pass, with or without
+/// a mask tensor), and twice otherwise: `dots_kernel` (or `dots_dare_kernel`) and then `h_kernel`
+/// (f16, or DARE per element). `emu.rs` checks the values.
 #[test]
 fn the_dots_ride_on_the_h_pass_where_they_can() {
     let _g = COUNTING.lock().unwrap_or_else(|e| e.into_inner());
@@ -528,6 +528,10 @@ fn the_dots_ride_on_the_h_pass_where_they_can() {
         threshold: 1 << 30,
         seed: 7,
         scale: 4.0 / 3.0,
+    };
+    let expert = ffi::camex_dare {
+        kind: ffi::camex_dare_kind_CAMEX_DARE_EXPERT as i32,
+        ..element
     };
     let cases = [
         (
@@ -552,6 +556,13 @@ fn the_dots_ride_on_the_h_pass_where_they_can() {
             "h_kernel<T>",
         ),
         (false, false, element, "dots_dare_kernel<T>", "h_kernel<T>"),
+        (
+            false,
+            true,
+            expert,
+            "h_dots_kernel<T>",
+            "dots_dare_kernel<T>",
+        ),
     ];
     for (f16, with_mask, dare, first, second) in cases {
         let v = |k: usize, seed: u64| varied(k, seed, f16);
@@ -609,6 +620,10 @@ fn the_dots_ride_on_the_h_pass_where_they_can() {
         if first == "h_dots_kernel<T>" {
             assert!(
                 at(second).is_none() && at("h_kernel<T>").is_none(),
+                "{what}"
+            );
+            assert!(
+                at("dots_kernel<T>").is_none() && at("dots_dare_kernel<T>").is_none(),
                 "{what}"
             );
         } else {
