@@ -310,21 +310,16 @@ template <typename T> int ca_merge_backward_t(const camex_ca_merge_params &p, cu
     if (reinterpret_cast<char *>(ws.s1) == h0 + h_all)
       lent_bytes += kron_scratch_floats(p.dtype, d4, p.r) * 4;
   }
-  // Scalars and biases, in the arena ca_ws set aside for them (disjoint from the other buffers).
-  // With the curvature, H of every expert in the same pass over Gbar where h_dots_kernel takes it;
-  // else after the scalars, the last readers of U (ws.h may be its buffer).
+  // Scalars and biases, in the arena ca_ws set aside for them (disjoint from the other buffers);
+  // with the curvature, also H of every expert (after the scalars' last reads of U, whose buffer
+  // ws.h may be, or in the same pass over Gbar where h_dots_kernel takes it).
   Arena sar = {ptr<char>(p.workspace), ws.scalars_at};
   const HPass<T> hp = {beta_n, ht ? nullptr : ws.h, ht, sumg};
-  bool h_done = false;
   CAMEX_TRY(merge_reverse_scalars<T>(s, a, gbar, p.has_beta != 0, gnb, ptr<const T>(p.base_bias),
                                      ptr<const T>(p.expert_bias), ptr<const T>(p.grad_merged_bias),
                                      ptr<T>(p.grad_scores), ptr<T>(p.grad_alpha), ptr<T>(p.grad_beta),
                                      ptr<T>(p.grad_base_bias), ptr<T>(p.grad_expert_bias), p.o, sar,
-                                     p.r > 0 ? &hp : nullptr, &h_done));
-  if (p.r > 0 && !h_done) {
-    CAMEX_LAUNCH(h_kernel<T>, h_grid(oi), 256, s)(a, gbar, gnb, beta_n, 0, p.n, hp.hf, hp.ht, sumg);
-    CAMEX_CHECK_LAUNCH();
-  }
+                                     p.r > 0 ? &hp : nullptr));
   bool ready = false;  // this expert's first stage 1 ran in the previous expert's last launch
   for (int64_t e = 0; e < p.n; ++e) {
     const ExpertFinish<T> fin = expert_finish(grad_experts, ws.acc, e, p.n, oi, ptr<T>(p.grad_base), ws.sumg);

@@ -55,16 +55,9 @@ template <typename T> int merge_backward_t(const camex_merge_params &p, cudaStre
   // grad_curved_i = H_i, and grad_base = sum_g Gbar_g from the same reads of Gbar (with the dots,
   // where h_dots_kernel takes them).
   const HPass<T> hp = {0.f, nullptr, ptr<T>(p.grad_curved), GroupSum<T>{nullptr, ptr<T>(p.grad_base)}};
-  bool h_done = false;
-  CAMEX_TRY(merge_reverse_scalars<T>(s, a, gbar, false, nullptr, ptr<const T>(p.base_bias), ptr<const T>(p.expert_bias),
-                                     ptr<const T>(p.grad_merged_bias), ptr<T>(p.grad_scores), ptr<T>(p.grad_alpha),
-                                     nullptr, ptr<T>(p.grad_base_bias), ptr<T>(p.grad_expert_bias), p.o, ar, &hp,
-                                     &h_done));
-  if (!h_done) {
-    CAMEX_LAUNCH(h_kernel<T>, h_grid(a.oi), 256, s)(a, gbar, nullptr, hp.beta_n, 0, p.n, hp.hf, hp.ht, hp.sum);
-    CAMEX_CHECK_LAUNCH();
-  }
-  return 0;
+  return merge_reverse_scalars<T>(s, a, gbar, false, nullptr, ptr<const T>(p.base_bias), ptr<const T>(p.expert_bias),
+                                  ptr<const T>(p.grad_merged_bias), ptr<T>(p.grad_scores), ptr<T>(p.grad_alpha), nullptr,
+                                  ptr<T>(p.grad_base_bias), ptr<T>(p.grad_expert_bias), p.o, ar, &hp);
 }
 
 __global__ void philox_test_kernel(const uint32_t *ctr, const uint32_t *key, uint32_t *out, int64_t count) {

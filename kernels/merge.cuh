@@ -562,8 +562,9 @@ h_dots_kernel(MergeArgs<T> a, const T *gbar, const T *gnb, float beta_n, float *
   h_body<T, true>(hd, a, gbar, gnb, beta_n, 0, a.n, hf, ht, sum, dd);
 }
 
-// The H launch that follows the scalars (h_kernel over every expert), which merge_reverse_scalars
-// runs in the dots' place where h_dots_kernel takes it (h_dots_taken).
+// The caller's H (h_kernel over every expert), which merge_reverse_scalars launches: in the dots'
+// place where h_dots_kernel takes it (h_dots_taken), else after the scalars, whose dots read U
+// before H may overwrite it.
 template <typename T> struct HPass {
   float beta_n;
   float *hf;
@@ -571,18 +572,15 @@ template <typename T> struct HPass {
   GroupSum<T> sum;
 };
 
-// Whether h_dots_kernel computes the dots with H: bf16 storage (Gbar exact in the mma's bf16), no
-// DARE per element (whose zeta differs per group, expert and element; per expert it is one factor
-// of each dot), at most H_EXPERTS experts and 16 HD_MT
-// groups, and U either bf16 storage or f32 that H does not overwrite with values of another size
-// (the f32 H over f32 U is element by element, each read by its thread before it writes).
+// Whether h_dots_kernel computes the dots with H, for bf16 storage (Gbar exact in the mma's bf16;
+// merge_reverse_scalars asks for bf16 alone): no DARE per element (whose zeta differs per group,
+// expert and element; per expert it is one factor of each dot), at most H_EXPERTS experts and
+// 16 HD_MT groups, and U either bf16 storage or f32 that H does not overwrite with values of
+// another size (the f32 H over f32 U is element by element, each read by its thread before it
+// writes).
 template <typename T> inline bool h_dots_taken(const MergeArgs<T> &a, const HPass<T> &h) {
-  if constexpr (!std::is_same<T, __nv_bfloat16>::value) {
-    return false;
-  } else {
-    const bool u_ok = a.u.kind == U_STORE || (a.u.kind == U_F32 && !h.ht);
-    return a.dare.kind != CAMEX_DARE_ELEMENT && a.n <= H_EXPERTS && a.g <= 16 * HD_MT && a.g * a.n <= H_SCORES && u_ok;
-  }
+  const bool u_ok = a.u.kind == U_STORE || (a.u.kind == U_F32 && !h.ht);
+  return a.dare.kind != CAMEX_DARE_ELEMENT && a.n <= H_EXPERTS && a.g <= 16 * HD_MT && a.g * a.n <= H_SCORES && u_ok;
 }
 
 // Workspace floats of merge_reverse_scalars: dots + bias dots + ip scratch.
@@ -592,13 +590,11 @@ inline int64_t scalars_floats(int64_t g, int64_t n, int64_t oi) {
 
 // grad_scores, grad_alpha, (grad_beta), and the bias gradients: everything that reduces over
 // the whole weight. gnb_row: include the <gnb, U_i> row (grad_beta requested). hp (may be null):
-// the caller's H launch to come, run here in the dots' place (h_dots_kernel) where h_dots_taken,
-// which *h_done then says.
+// the caller's H over every expert (HPass), launched here.
 template <typename T>
 inline int merge_reverse_scalars(cudaStream_t s, const MergeArgs<T> &a, const T *gbar, bool beta_row, const T *gnb,
                                  const T *eb, const T *b, const T *dbb, T *grad_scores, T *grad_alpha, T *grad_beta,
-                                 T *grad_eb, T *grad_b, int64_t o, Arena &ar, const HPass<T> *hp = nullptr,
-                                 bool *h_done = nullptr) {
+                                 T *grad_eb, T *grad_b, int64_t o, Arena &ar, const HPass<T> *hp = nullptr) {
   const int64_t chunks = dot_chunks(a.oi);
   float *dots = ar.take<float>((a.g + 1) * a.n * chunks);
   float *bip = ar.take<float>(a.g * a.n);
@@ -610,12 +606,11 @@ inline int merge_reverse_scalars(cudaStream_t s, const MergeArgs<T> &a, const T 
   };
   bool fused = false;
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {  // (the kernel is built for bf16 alone)
-    fused = hp && h_done && gbar && h_dots_taken(a, *hp);
+    fused = hp && gbar && h_dots_taken(a, *hp);
     if (fused)
       CAMEX_LAUNCH(h_dots_kernel<T>, (unsigned)chunks, 256, s)(a, gbar, gnb, hp->beta_n, hp->hf, hp->ht, hp->sum,
                                                                HDots{dots, chunks, rows});
   }
-  if (h_done) *h_done = fused;
   if (!fused && a.dare.kind == CAMEX_DARE_NONE) {
     CAMEX_LAUNCH(dots_kernel<T>, grid(dot_rows<false>()), DOT_THREADS, s)(a, gbar, gnb, dots, chunks, rows);
   } else if (!fused) {
@@ -633,6 +628,10 @@ inline int merge_reverse_scalars(cudaStream_t s, const MergeArgs<T> &a, const T 
   CAMEX_LAUNCH(finalize_kernel<T>, 1, 256, s)(dots, chunks, bias ? bip : nullptr, a.scores, a.alpha, a.g, a.n, grad_scores,
                                        grad_alpha, beta_row ? grad_beta : nullptr, ip);
   CAMEX_CHECK_LAUNCH();
+  if (hp && !fused) {
+    CAMEX_LAUNCH(h_kernel<T>, h_grid(a.oi), 256, s)(a, gbar, gnb, hp->beta_n, 0, a.n, hp->hf, hp->ht, hp->sum);
+    CAMEX_CHECK_LAUNCH();
+  }
   return 0;
 }
 
