@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Builds the GPU binaries here, where there is nvcc but maybe no GPU, into ./gpu-bin/, to be carried
 # to a GPU machine that has a driver but no Rust, where scripts/gpu-check.sh runs them:
-#   gpu-tests (tests/gpu.rs, feature `cuda`) and camex (the CLI): the CUDA runtime is linked
+#   gpu-tests.xz (tests/gpu.rs, feature `cuda`) and camex.xz (the CLI): the CUDA runtime is linked
 #     statically, they need only libcuda (the driver) there;
 #   bench-cuda.xz, candle-cuda-tests.xz (tests/candle_cuda.rs) and train.xz (the training example):
 #     built with candle's CUDA backend (`candle,cuda,peer`), linked here against the stand-ins of
 #     scripts/cuda-link-stubs.sh, they load the real CUDA 13 libraries (driver, cuBLAS, cuRAND,
 #     NVRTC) there; xz-compressed (~55 MB each unpacked). CAMEX_GPU_BINS_CANDLE=0 builds bench-cuda
-#     with `cuda` only and leaves the other two out.
+#     with `cuda` only and leaves the other two out;
+#   burn-cuda-tests.xz (tests/burn_cuda.rs): burn's CubeCL CUDA backend, linked here against the
+#     LLVM stand-in of scripts/llvm-standin.sh (CubeCL's LLVM bundle cannot be downloaded here) and
+#     built with `cubecl-nvrtc`, so CubeCL compiles its own kernels with NVRTC 13 there.
+#     CAMEX_GPU_BINS_BURN=0 leaves it out.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -66,13 +70,16 @@ if [ "$CANDLE" = 1 ]; then
   cargo build --release --features "$FEATURES" --example train
   cp "$CARGO_TARGET_DIR/release/examples/train" "$OUT/train"
 fi
+if [ "${CAMEX_GPU_BINS_BURN:-1}" = 1 ]; then
+  XDG_DATA_HOME="$(bash "$ROOT/scripts/llvm-standin.sh")" build burn-cuda-tests test burn_cuda \
+    --release --features burn,cubecl-nvrtc,cuda,cli
+fi
 # Debug info is not needed there and halves what travels.
 command -v strip >/dev/null && strip "$OUT"/*
-if [ "$CANDLE" = 1 ]; then
-  # ~55 MB each unpacked (candle's kernels); ~8 MB with xz, so all of gpu-bin/ fits one carry (64 MiB).
-  for f in candle-cuda-tests train bench-cuda; do
-    xz -T0 -6 -f "$OUT/$f"
-  done
-fi
+# Every binary xz-compressed (candle's ~55 MB each unpacked, burn's ~60 MB; ~8-9 MB each with xz), so
+# all of gpu-bin/ fits one carry (64 MiB); scripts/gpu-check.sh unpacks them there.
+for f in "$OUT"/*; do
+  xz -T0 -6 -f "$f"
+done
 ls -l "$OUT"
 echo "build-gpu-bins: carry gpu-bin/ and run scripts/gpu-check.sh on the GPU machine"

@@ -2,7 +2,8 @@
 # The one prepared check for a GPU machine with a driver and no Rust. It runs what
 # scripts/build-gpu-bins.sh built here into ./gpu-bin/:
 #   1. gpu-bin/gpu-tests (tests/gpu.rs) with CAMEX_REQUIRE_GPU=1, one test at a time; then
-#      gpu-bin/candle-cuda-tests (tests/candle_cuda.rs) and a short `train --device cuda`;
+#      gpu-bin/candle-cuda-tests (tests/candle_cuda.rs) and a short `train --device cuda`; then
+#      gpu-bin/burn-cuda-tests (tests/burn_cuda.rs);
 #   2. a CLI round trip: gpu-bin/camex run ca_merge on the CPU and on CUDA over one random input
 #      file (made with python3 + numpy + safetensors when those are there), compared element-wise;
 #   3. gpu-bin/bench-cuda (benches/cuda.rs: criterion with CUDA events, one roofline line per case;
@@ -28,6 +29,20 @@ LOGS="${OUT:-$ROOT/gpu-check-logs}"
 mkdir -p "$LOGS"
 BIN="${1:-$ROOT/gpu-bin/gpu-tests}"
 BINDIR="$(dirname "$BIN")"
+# Every binary may travel xz-compressed (all of gpu-bin/ must fit one 64 MiB carry): unpacked here
+# into CBIN. Those with candle's CUDA backend (~55 MB each unpacked) and burn's load the CUDA 13
+# libraries (cuBLAS, cuRAND, NVRTC) from the toolkit or the pip wheels next to PyTorch.
+CBIN="$(mktemp -d)"
+for f in "$BINDIR"/*.xz; do
+  [ -f "$f" ] || continue
+  u="$CBIN/$(basename "$f" .xz)"
+  xz -dc "$f" >"$u" 2>/dev/null ||
+    python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$f" "$u"
+  chmod +x "$u"
+done
+[ ! -x "$BIN" ] && [ -x "$CBIN/$(basename "$BIN")" ] && BIN="$CBIN/$(basename "$BIN")"
+CAMEX="$BINDIR/camex"
+[ ! -x "$CAMEX" ] && CAMEX="$CBIN/camex"
 if [ ! -x "$BIN" ]; then
   echo "gpu-check: no test binary at $BIN (build it with scripts/build-gpu-bins.sh and carry gpu-bin/)" >&2
   exit 2
@@ -50,16 +65,6 @@ echo "gpu: $SMI"
 export CAMEX_REQUIRE_GPU=1
 status=0
 
-# The binaries with candle's CUDA backend travel xz-compressed (~55 MB each unpacked); they load the
-# CUDA 13 libraries (cuBLAS, cuRAND, NVRTC) from the toolkit or the pip wheels next to PyTorch.
-CBIN="$(mktemp -d)"
-for f in "$BINDIR"/*.xz; do
-  [ -f "$f" ] || continue
-  u="$CBIN/$(basename "$f" .xz)"
-  xz -dc "$f" >"$u" 2>/dev/null ||
-    python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$f" "$u"
-  chmod +x "$u"
-done
 LIBS="$(python3 - 2>/dev/null <<'EOF'
 import glob, os
 dirs = []
@@ -120,9 +125,23 @@ if [ -x "$CBIN/candle-cuda-tests" ]; then
   fi
 fi
 
+# 1c. burn's CUDA backend (tests/burn_cuda.rs), when built: CubeCL compiles its kernels with NVRTC 13
+#     (the binary links an LLVM stand-in, scripts/llvm-standin.sh, that aborts if anything calls it).
+BULOG="$LOGS/burn-cuda.log"
+: >"$BULOG"
+BURN="burn on CUDA: not built (gpu-bin/burn-cuda-tests.xz missing)"
+if [ -x "$CBIN/burn-cuda-tests" ]; then
+  if within 150 "$CBIN/burn-cuda-tests" --nocapture --test-threads=1 >>"$BULOG" 2>&1; then
+    BURN="burn on CUDA: tests passed"
+  else
+    BURN="burn on CUDA: tests FAILED (rc=$?; see $BULOG)"
+    status=1
+  fi
+fi
+
 # 2. CLI round trip: same file, CPU and CUDA, compared here.
 CLOG="$LOGS/cli.log"
-if [ -x "$BINDIR/camex" ] && python3 -c "import numpy, safetensors" 2>/dev/null; then
+if [ -x "$CAMEX" ] && python3 -c "import numpy, safetensors" 2>/dev/null; then
   D="$(mktemp -d)"
   python3 - "$D" >"$CLOG" 2>&1 <<'EOF'
 import sys, numpy as np
@@ -142,7 +161,7 @@ save_file({"base": base, "experts": (base + 0.1 * rng.standard_normal((n, o, i))
 EOF
   ok=1
   for dev in cpu cuda; do
-    within 60 "$BINDIR/camex" run ca_merge --inputs "$D/in.safetensors" --outputs "$D/$dev.safetensors" \
+    within 60 "$CAMEX" run ca_merge --inputs "$D/in.safetensors" --outputs "$D/$dev.safetensors" \
       --device $dev --mask ties_trim:0.3 --dare element:0.2:99 --beta 0.5 >>"$CLOG" 2>&1 || ok=0
   done
   if [ $ok = 1 ]; then
@@ -195,7 +214,7 @@ fi
 KLOG="$LOGS/kernels.log"
 : >"$KLOG"
 NCU="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)"
-if [ "${CAMEX_CHECK_PROFILE:-1}" = 1 ] && [ -n "$NCU" ] && [ -x "$BINDIR/camex" ] && [ "$(left)" -gt 60 ] &&
+if [ "${CAMEX_CHECK_PROFILE:-1}" = 1 ] && [ -n "$NCU" ] && [ -x "$CAMEX" ] && [ "$(left)" -gt 60 ] &&
   python3 -c "import torch, safetensors" 2>/dev/null; then
   D="$(mktemp -d)"
   python3 - "$D" >>"$KLOG" 2>&1 <<'PY'
@@ -218,7 +237,7 @@ PY
   # between kernels (--cache-control none), as a real run sees them.
   CAMEX_TENSOR_CORES=1 within 120 "$NCU" --clock-control none --cache-control none \
     --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct \
-    --print-summary per-kernel "$BINDIR/camex" run ca_merge --inputs "$D/in.safetensors" --outputs "$D/out.safetensors" --device cuda \
+    --print-summary per-kernel "$CAMEX" run ca_merge --inputs "$D/in.safetensors" --outputs "$D/out.safetensors" --device cuda \
     --mask ties_sign --dare expert:0.1:5 >>"$KLOG" 2>&1 || echo "ncu: rc=$?" >>"$KLOG"
   # The same for the backward (the fused tensor-core reverse of kernels/kron_tc_bwd.cuh), with the
   # same metrics: the model counts each launch's distinct sectors as DRAM traffic, which credits the
@@ -229,7 +248,7 @@ PY
     CAMEX_TENSOR_CORES=1 within 100 "$NCU" --clock-control none --cache-control none \
       --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct \
       --print-summary per-kernel \
-      "$BINDIR/camex" run ca_merge_backward --inputs "$D/bwd.safetensors" --outputs "$D/grads.safetensors" --device cuda \
+      "$CAMEX" run ca_merge_backward --inputs "$D/bwd.safetensors" --outputs "$D/grads.safetensors" --device cuda \
       --mask ties_sign --dare expert:0.1:5 >>"$KLOG" 2>&1 || echo "ncu backward: rc=$?" >>"$KLOG"
   fi
   rm -rf "$D"
@@ -254,6 +273,8 @@ grep '^RESULT ' "$TLOG" | awk '
   }
   END { for (k in m) { split(k, p, "|"); printf "%-44s %-5s %-18s %.2e\n", substr(p[1], 1, 44), p[2], p[3], m[k] } }' | sort | head -60
 echo "== $CANDLE"
+echo "== $BURN"
+grep -E "^burn_cuda|skipped|panicked" "$BULOG" | head -12
 grep -E "^RESULT op=candle:" "$CCLOG" | awk '{ k = $0; sub(/ rel_err=.*/, "", k); e = $NF; sub(/rel_err=/, "", e);
   if (!(k in m) || e + 0 > m[k] + 0) m[k] = e } END { for (k in m) print substr(k, 8), m[k] }' | sort | head -40
 grep -E "panicked|FAIL" "$CCLOG" | head -10

@@ -32,9 +32,11 @@
 //! Storage dtypes f32, f16 and bf16 go to the kernels as they are; f64 is not a CUDA dtype of
 //! burn's CubeCL backend.
 //!
-//! **Status:** type-checked and linted (clippy) only, under `DOCS_RS=1`: burn's `cuda` feature
-//! needs `cubecl-llvm`, whose build downloads an LLVM bundle, and the machine it was written on has
-//! no network (README, "burn on CUDA"). Nothing of it has run on a GPU yet. `tests/burn_cuda.rs`
+//! **Status:** built, linked and its test run (skipping without a GPU) in CI, against an LLVM
+//! stand-in: burn's `cuda` feature needs `cubecl-llvm`, whose build downloads an LLVM bundle from
+//! GitHub, which the machine it was written on cannot reach; `scripts/llvm-standin.sh` stands in
+//! for it, with the `cubecl-nvrtc` feature so that CubeCL never calls LLVM (README, "burn on
+//! CUDA"). Nothing of it has run on a GPU yet. `tests/burn_cuda.rs`
 //! compares it with the Flex path and skips where there is no CUDA driver or device.
 
 use super::{expect_ok, CaMergeSpec, CamexBackend};
