@@ -21,7 +21,10 @@ if [ ! -s "$PTXAS_LOG" ] || [ -n "$(find kernels -newer "$PTXAS_LOG" -print -qui
   bash scripts/check-ptxas.sh sm_90 >/dev/null
 fi
 # The emulation build's own target dir (a real CUDA build and an emulated one rebuild each other's
-# crate); CI points it at the real build's, whose release dependencies it then reuses.
+# crate); CI points it at the real build's, whose release dependencies it then reuses, and sets
+# CAMEX_EMU_FEATURES to that build's features (a different set would rebuild the dependencies whose
+# features Cargo unifies differently).
 EMU_TARGET="${CAMEX_EMU_TARGET_DIR:-$ROOT/target-emu}"
-CARGO_TARGET_DIR="$EMU_TARGET" CAMEX_KERNEL_EMU=1 cargo build --quiet --release --features cuda --example cost_model
+CARGO_TARGET_DIR="$EMU_TARGET" CAMEX_KERNEL_EMU=1 cargo build --quiet --release \
+  --features "${CAMEX_EMU_FEATURES:-cuda}" --example cost_model
 CAMEX_KERNEL_EMU=1 "$EMU_TARGET/release/examples/cost_model" --ptxas "$PTXAS_LOG" "$@"
