@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared check for a GPU machine with a driver and no Rust. It runs what
 # scripts/build-gpu-bins.sh built here into ./gpu-bin/:
-#   1. gpu-bin/gpu-tests (tests/gpu.rs) with CAMEX_REQUIRE_GPU=1, one test at a time; then
+#   1. gpu-bin/gpu-tests (tests/gpu.rs) with CAMEX_REQUIRE_GPU=1, one test at a time; then its
+#      tensor-core test under compute-sanitizer (memcheck, racecheck, synccheck; small shapes); then
 #      gpu-bin/candle-cuda-tests (tests/candle_cuda.rs) and a short `train --device cuda`; then
 #      gpu-bin/burn-cuda-tests (tests/burn_cuda.rs);
 #   2. a CLI round trip: gpu-bin/camex run ca_merge on the CPU and on CUDA over one random input
@@ -20,7 +21,8 @@
 # logs go to $OUT (the device tool's return folder) when it is set, else to ./gpu-check-logs/.
 # Usage: scripts/gpu-check.sh [TEST_BINARY]. Env: CAMEX_SKIP_T5=1 skips the T5-base test shapes;
 # CAMEX_CHECK_TORCH=0 skips the PyTorch peer (CAMEX_CHECK_TORCH_COMPILE=0: eager only);
-# CAMEX_CHECK_BENCH=0 skips the crate's benchmarks; CAMEX_CHECK_PROFILE=0 skips the ncu kernel times.
+# CAMEX_CHECK_BENCH=0 skips the crate's benchmarks; CAMEX_CHECK_PROFILE=0 skips the ncu kernel times;
+# CAMEX_CHECK_SANITIZER=0 skips compute-sanitizer.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 START=$(date +%s)
@@ -103,6 +105,36 @@ for t in $tests; do
 done
 echo "== test failures (first lines; full log: $TLOG)"
 grep -E "panicked|FAILED|error|mismatch" "$TLOG" | head -30
+
+# 1a. compute-sanitizer's memcheck, racecheck and synccheck on the tensor-core test at small shapes
+#     (CAMEX_SKIP_T5=1; every kernel it launches is checked, the scalar ones it compares with too).
+#     Some runtimes refuse the tool (the device tool's KINDS.md: "Device not supported" on gVisor):
+#     the stage says so, and the check goes on. CAMEX_CHECK_SANITIZER=0 skips it.
+SLOG="$LOGS/sanitizer.log"
+: >"$SLOG"
+SAN="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null | head -1 || true)"
+SANITIZER="sanitizer: not run (no compute-sanitizer here)"
+if [ "${CAMEX_CHECK_SANITIZER:-1}" != 1 ]; then
+  SANITIZER="sanitizer: skipped (CAMEX_CHECK_SANITIZER=0)"
+elif [ -n "$SAN" ]; then
+  SANITIZER="sanitizer (tensor_core_path_matches_cpu, small shapes):"
+  for tool in memcheck racecheck synccheck; do
+    echo "=== $tool" >>"$SLOG"
+    CAMEX_SKIP_T5=1 within 60 "$SAN" --tool "$tool" --error-exitcode 86 --print-limit 20 \
+      "$BIN" --exact tensor_core_path_matches_cpu --nocapture --test-threads=1 >>"$SLOG" 2>&1
+    rc=$?
+    case $rc in
+      0) r="clean" ;;
+      86) r="ERRORS"; status=1 ;;
+      124 | 137) r="timed out (no error reported before)" ;;
+      125) r="not run (no time left)" ;;
+      *) if grep -q "Device not supported" "$SLOG"; then r="refused by this runtime (Device not supported)"
+         else r="test failed under it (rc=$rc)"; status=1; fi ;;
+    esac
+    echo "=== $tool: $r" >>"$SLOG"
+    SANITIZER+=" $tool $r;"
+  done
+fi
 
 # 1b. The candle ops on CUDA (tests/candle_cuda.rs) and a short GPU training run, when built. They
 #     link candle's CUDA backend, so they need cuBLAS, cuRAND and NVRTC 13: from the CUDA toolkit
@@ -272,6 +304,8 @@ grep '^RESULT ' "$TLOG" | awk '
     if (!(k in m) || e > m[k]) m[k] = e
   }
   END { for (k in m) { split(k, p, "|"); printf "%-44s %-5s %-18s %.2e\n", substr(p[1], 1, 44), p[2], p[3], m[k] } }' | sort | head -60
+echo "== $SANITIZER"
+grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$SLOG" | head -6
 echo "== $CANDLE"
 echo "== $BURN"
 grep -E "^burn_cuda|skipped|panicked" "$BULOG" | head -12
