@@ -15,10 +15,11 @@
 # anything reaches LLVM. With network access, build without it: the real bundle is downloaded.
 #
 # Usage: bash scripts/llvm-standin.sh  -> prints the directory to export as XDG_DATA_HOME for the
-# cargo build (the bundler looks for $XDG_DATA_HOME/tracel/tracel-llvm-<version>). Idempotent.
+# cargo build (the bundler looks for $XDG_DATA_HOME/tracel/tracel-llvm-<version>): target/llvm-standin,
+# or $CAMEX_LLVM_STANDIN_DIR. Idempotent; it checks itself (a call must abort, naming the function).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-DATA="$ROOT/target/llvm-standin"
+DATA="${CAMEX_LLVM_STANDIN_DIR:-$ROOT/target/llvm-standin}"
 # The bundler's version (tracel-llvm-bundler 23.1.0-4, pinned by Cargo.lock).
 PREFIX="$DATA/tracel/tracel-llvm-23.1.0-4"
 [ -f "$PREFIX/.tracel-llvm-installed" ] && { echo "$DATA"; exit 0; }
@@ -158,5 +159,16 @@ os.remove(c)
 os.remove(obj)
 print(f"llvm-standin: {len(names)} LLVM C API functions", file=sys.stderr)
 PY
+# Self-test: a call into the stand-in must abort and name the function, never return.
+PROBE="$(mktemp -d)"
+printf 'void LLVMContextCreate(void);\nint main(void) { LLVMContextCreate(); return 0; }\n' > "$PROBE/p.c"
+gcc -o "$PROBE/p" "$PROBE/p.c" -L"$PREFIX/lib" -lcamex_llvm_standin
+# (Through sh, whose "Aborted" report goes to /dev/null with its stderr.)
+if sh -c '"$1" 2>"$2"' _ "$PROBE/p" "$PROBE/err" 2>/dev/null ||
+  ! grep -q "LLVMContextCreate called" "$PROBE/err"; then
+  echo "llvm-standin: the stand-in's LLVMContextCreate did not abort with its name" >&2
+  exit 1
+fi
+rm -rf "$PROBE"
 touch "$PREFIX/.tracel-llvm-installed"
 echo "$DATA"
