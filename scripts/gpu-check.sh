@@ -42,9 +42,10 @@ for f in "$BINDIR"/*.xz; do
     python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$f" "$u"
   chmod +x "$u"
 done
-[ ! -x "$BIN" ] && [ -x "$CBIN/$(basename "$BIN")" ] && BIN="$CBIN/$(basename "$BIN")"
-CAMEX="$BINDIR/camex"
-[ ! -x "$CAMEX" ] && CAMEX="$CBIN/camex"
+# unpacked PATH: PATH where it is an executable, else its unpacked copy in CBIN.
+unpacked() { if [ -x "$1" ]; then echo "$1"; else echo "$CBIN/$(basename "$1")"; fi; }
+BIN="$(unpacked "$BIN")"
+CAMEX="$(unpacked "$BINDIR/camex")"
 if [ ! -x "$BIN" ]; then
   echo "gpu-check: no test binary at $BIN (build it with scripts/build-gpu-bins.sh and carry gpu-bin/)" >&2
   exit 2

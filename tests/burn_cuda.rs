@@ -2,8 +2,7 @@
 //! forward and its autodiff gradients, at two small shapes (one with odd sizes). Skips, and
 //! passes, where there is no CUDA driver or device (checked with the crate's own check before
 //! burn's CUDA device is touched: cubecl would panic there); `CAMEX_REQUIRE_GPU=1` makes that a
-//! failure. f32, SPEC section 5's bound (1e-5
-//! relative), with the kernels' outputs NaN-poisoned.
+//! failure. f32, SPEC section 5's bound (1e-5 relative), with the kernels' outputs NaN-poisoned.
 #![cfg(all(feature = "burn", feature = "cuda"))]
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
