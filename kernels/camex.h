@@ -213,7 +213,8 @@ typedef struct camex_emu_launch {
 } camex_emu_launch;
 
 /* mode 0: off; 1: count every block; 2: count sampled blocks (in each grid dimension of more blocks
- * than camex_emu_sample_above's, 8 by default: the first, the middle and the last, weighted;
+ * than camex_emu_sample_above's, 8 by default: the first, a middle pair of neighbours and the last,
+ * weighted;
  * exact where blocks differ only at the grid's edges, and the kernels' outputs are then
  * incomplete). Returns the previous mode. */
 int32_t camex_emu_counting(int32_t mode);

@@ -114,6 +114,9 @@ struct Arena {
 #ifndef CAMEX_EMU
 #define CAMEX_LAUNCH(kernel, grid, block, stream) kernel<<<(grid), (block), 0, (stream)>>>
 #define CAMEX_LAUNCH_SMEM(kernel, grid, block, smem, stream) kernel<<<(grid), (block), (smem), (stream)>>>
+// A launch whose blocks do unequal work over a flat index space (the reductions of per-block
+// partials): the same launch; the emulation's cost counters run every block of it, not a sample.
+#define CAMEX_LAUNCH_WHOLE(kernel, grid, block, stream) kernel<<<(grid), (block), 0, (stream)>>>
 // The block's dynamic shared memory, as `char *name` (16-byte aligned).
 #define CAMEX_DYNAMIC_SMEM(name) extern __shared__ __align__(16) char name[]
 // Opt-in above 48 KB of dynamic shared memory (sm_80: up to 163 KB, sm_90: 227 KB).

@@ -54,8 +54,8 @@ char *dyn_smem();
 unsigned atomic_add(unsigned *p, unsigned v);
 // Runs `body(ctx)` for the blocks of grid g (all of them, or the sampled ones while counting with
 // sampling), each as b real threads. `kernel`: the launch's kernel expression (counter records);
-// `smem`: its dynamic shared memory in bytes.
-void run(dim3 g, dim3 b, const char *kernel, int64_t smem, void (*body)(void *), void *ctx);
+// `smem`: its dynamic shared memory in bytes; `whole`: never sampled (CAMEX_LAUNCH_WHOLE).
+void run(dim3 g, dim3 b, const char *kernel, int64_t smem, void (*body)(void *), void *ctx, bool whole = false);
 // Whether the cost counters are on (camex_emu_counting): launchers then size their work as the GPU
 // build does, where the tests' sizes differ (kron_tc.cuh's Z budget).
 bool counting();
@@ -71,16 +71,17 @@ template <class... P> struct Launcher {
   dim3 g, b;
   const char *name;
   int64_t smem;
+  bool whole;
   template <class... A> void operator()(A &&...args) const {
     auto k = kernel;
     auto call = [&] { k(args...); };
-    run(g, b, name, smem, [](void *c) { (*static_cast<decltype(call) *>(c))(); }, &call);
+    run(g, b, name, smem, [](void *c) { (*static_cast<decltype(call) *>(c))(); }, &call, whole);
   }
 };
 
 template <class... P>
-Launcher<P...> launcher(void (*k)(P...), dim3 g, dim3 b, const char *name, int64_t smem) {
-  return Launcher<P...>{k, g, b, name, smem};
+Launcher<P...> launcher(void (*k)(P...), dim3 g, dim3 b, const char *name, int64_t smem, bool whole = false) {
+  return Launcher<P...>{k, g, b, name, smem, whole};
 }
 
 inline cudaError_t get_last_error() { return take_launch_error(); }
@@ -109,6 +110,8 @@ inline const char *error_string(cudaError_t e) {
 #define CAMEX_LAUNCH(kernel, grid, block, stream) ::emu::launcher(kernel, dim3(grid), dim3(block), #kernel, 0)
 #define CAMEX_LAUNCH_SMEM(kernel, grid, block, smem, stream) \
   ::emu::launcher(kernel, dim3(grid), dim3(block), #kernel, (int64_t)(smem))
+#define CAMEX_LAUNCH_WHOLE(kernel, grid, block, stream) \
+  ::emu::launcher(kernel, dim3(grid), dim3(block), #kernel, 0, true)
 #define CAMEX_DYNAMIC_SMEM(name) char *name = ::emu::dyn_smem()
 #define CAMEX_SET_MAX_SMEM(kernel, bytes) cudaSuccess
 #define cudaGetLastError() ::emu::get_last_error()

@@ -257,20 +257,22 @@ inline void record(uintptr_t pc, const volatile void *p, size_t size, bool write
 }
 
 // Per-instruction profile (CAMEX_EMU_PROFILE=FILE; scripts/emu-profile.sh): the weighted shared
-// wavefronts and mma of every instruction address, written at exit as "offset wavefronts mma"
-// lines, offsets within the instruction's module, for addr2line to name the source lines.
+// wavefronts, mma and global (L2 <-> SM) sector bytes of every instruction address, written at exit
+// as "module offset wavefronts mma global_bytes" lines, offsets within the instruction's module,
+// for addr2line to name the source lines.
 struct Prof {
-  uint64_t wf = 0, mma = 0;
+  uint64_t wf = 0, mma = 0, gmem = 0;
 };
 struct Profile {
   const char *path = std::getenv("CAMEX_EMU_PROFILE");
   std::mutex m;
   std::unordered_map<uintptr_t, Prof> at;
-  void add(uintptr_t pc, uint64_t wf, uint64_t mma) {
+  void add(uintptr_t pc, uint64_t wf, uint64_t mma, uint64_t gmem = 0) {
     std::lock_guard<std::mutex> g(m);
     Prof &p = at[pc];
     p.wf += wf;
     p.mma += mma;
+    p.gmem += gmem;
   }
   ~Profile() {
     if (!path || at.empty()) return;
@@ -279,8 +281,8 @@ struct Profile {
     for (const auto &[pc, p] : at) {
       Dl_info info;
       const uintptr_t base = dladdr(reinterpret_cast<void *>(pc), &info) ? (uintptr_t)info.dli_fbase : 0;
-      std::fprintf(f, "%s 0x%lx %llu %llu\n", base ? info.dli_fname : "?", (unsigned long)(pc - base - 1),
-                   (unsigned long long)p.wf, (unsigned long long)p.mma);
+      std::fprintf(f, "%s 0x%lx %llu %llu %llu\n", base ? info.dli_fname : "?", (unsigned long)(pc - base - 1),
+                   (unsigned long long)p.wf, (unsigned long long)p.mma, (unsigned long long)p.gmem);
     }
     std::fclose(f);
   }
@@ -291,19 +293,23 @@ Profile g_profile;
 int64_t g_sample_above = 8;
 
 // Samples of one grid dimension of n blocks and the blocks each stands for: all of them when
-// n <= g_sample_above, else the first, the middle one (for the n - 2 interior ones) and the last.
-// Small grids run whole, so that kernels whose blocks do unequal work over a flat index space (the
-// reductions of per-block partials) are counted exactly. The middle block is no sampled block's
-// neighbour, so a sector it shares with its own neighbours (tiles narrower than 32 bytes) is not
-// mistaken for data every block reads: distinct bytes then err high (at most by the number of
-// blocks sharing such a sector), never low.
+// n <= g_sample_above, else the first, an even-numbered middle block m and its neighbour m + 1
+// (together standing for the n - 2 interior ones, half each) and the last. Small grids run whole,
+// so that kernels whose blocks do unequal work over a flat index space (the reductions of
+// per-block partials) are counted exactly. The middle pair lets a sector that two neighbouring
+// blocks share (tiles of 16 bytes, such as a slab of eight bf16 columns per row) count once per
+// pair, as on the GPU, where a lone middle block would count it once per block; sectors the pair
+// shares with its unsampled outer neighbours (wider sharing) still count with its weight, so
+// distinct bytes err high (at most by the number of blocks sharing such a sector), never low.
 std::vector<std::pair<unsigned, uint64_t>> samples(unsigned n, bool sample) {
   std::vector<std::pair<unsigned, uint64_t>> s;
-  if (!sample || (int64_t)n <= g_sample_above || n < 3) {
+  if (!sample || (int64_t)n <= g_sample_above || n < 4) {
     for (unsigned k = 0; k < n; ++k) s.push_back({k, 1});
   } else {
+    const unsigned m = (n / 2) & ~1u;  // even, and m + 1 < n - 1 since n > 3
     s.push_back({0, 1});
-    s.push_back({n / 2, n - 2});
+    s.push_back({m, (n - 2) / 2});
+    s.push_back({m + 1, n - 2 - (n - 2) / 2});
     s.push_back({n - 1, 1});
   }
   return s;
@@ -358,6 +364,7 @@ void count_access(LaunchRec &rec, uintptr_t pc, uint8_t space, const Lane *lanes
   std::sort(secs, secs + m);
   m = (unsigned)(std::unique(secs, secs + m) - secs);
   rec.gmem += w * 32 * m;
+  if (g_profile.path) g_profile.add(pc, 0, 0, w * 32 * m);
   for (unsigned k = 0; k < m; ++k) {
     auto [it, fresh] = rec.sectors.try_emplace(secs[k], w);
     if (!fresh && w < it->second) it->second = w;
@@ -595,14 +602,14 @@ cudaError_t take_launch_error() {
   return e;
 }
 
-void run(dim3 g, dim3 b, const char *kernel, int64_t smem, void (*body)(void *), void *ctx) {
+void run(dim3 g, dim3 b, const char *kernel, int64_t smem, void (*body)(void *), void *ctx, bool whole) {
   if (smem > smem_limit()) {  // the GPU refuses the launch; nothing runs, nothing is counted
     t_launch_error = cudaErrorInvalidValue;
     return;
   }
   std::lock_guard<std::mutex> lock(launch_mutex);
   const unsigned nt = b.x * b.y * b.z;
-  const bool count = g_mode != 0, sample = g_mode == 2;
+  const bool count = g_mode != 0, sample = g_mode == 2 && !whole;
   LaunchRec rec;
   if (count) {
     rec.kernel = kernel;

@@ -310,7 +310,7 @@ inline int gemm_sum(cudaStream_t s, const Opnd &a, const Opnd &b, const OutView 
   if (pl.z > 65535) return CAMEX_ERR_DIMS;
   dim3 grid((unsigned)((N + GEMM_BN - 1) / GEMM_BN), (unsigned)((M + GEMM_BM - 1) / GEMM_BM), (unsigned)pl.z);
   CAMEX_TRY(gemm_launch<T>(s, grid, a, b, out, partial, M, N, K, (int)pl.splits, pl.k_per_split, 1, 1.f));
-  CAMEX_LAUNCH(reduce_partials_kernel<T>, grid_for(M * N, 256), 256, s)(partial, pl.z, M, N, out, alpha);
+  CAMEX_LAUNCH_WHOLE(reduce_partials_kernel<T>, grid_for(M * N, 256), 256, s)(partial, pl.z, M, N, out, alpha);
   CAMEX_CHECK_LAUNCH();
   return 0;
 }

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Where the kernels' shared-memory wavefronts and mma come from, per source line: runs the cost
+# Where the kernels' shared-memory wavefronts, mma and global (L2) bytes come from, per source line: runs the cost
 # model's emulation (examples/cost_model.rs, with scripts/cost-model.sh's arguments) with
 # CAMEX_EMU_PROFILE set and the kernels built with debug info, then names each instruction's line
-# with addr2line and prints the lines with the most wavefronts, each with its kernel (the outermost
-# function of the inlined chain). The counts are those of every launch the arguments run, weighted
+# with addr2line and prints the lines with the most wavefronts (--by gmem: the most global bytes,
+# the sectors between L2 and the SMs), each with its kernel (the outermost function of the inlined
+# chain). The counts are those of every launch the arguments run, weighted
 # as the cost model weighs sampled blocks. No GPU needed.
 #
-#   scripts/emu-profile.sh [--top N] [--kernel SUBSTRING] [--again] -- [cost-model arguments]
+#   scripts/emu-profile.sh [--top N] [--kernel SUBSTRING] [--by wf|gmem] [--again] -- [cost-model arguments]
 #   scripts/emu-profile.sh --top 30 --kernel kron_cols_bwd -- --shape t5-base --dtype bf16 --ops ca_merge --no-recompute
 # A line is the first frame of the inlined chain outside the fragment, mma and load/store helpers
 # (mma.cuh, ldst.cuh, common.cuh, and frag_* wherever defined), with the helper it went through. A
@@ -20,10 +21,12 @@ cd "$ROOT"
 TOP=25
 KERNEL=""
 AGAIN=0
+BY=wf
 while [ $# -gt 0 ]; do
   case "$1" in
     --top) TOP="$2"; shift 2 ;;
     --kernel) KERNEL="$2"; shift 2 ;;
+    --by) BY="$2"; shift 2 ;;
     --again) AGAIN=1; shift ;;
     --) shift; break ;;
     *) echo "emu-profile: unknown argument $1 (cost-model arguments go after --)" >&2; exit 2 ;;
@@ -40,14 +43,18 @@ export CUDA_HOME
 CARGO_PROFILE_RELEASE_STRIP=none CXXFLAGS="-g" CARGO_TARGET_DIR="$TARGET" CAMEX_KERNEL_EMU=1 cargo build --quiet --release --features cuda --example cost_model
 CAMEX_EMU_PROFILE="$PROF" CAMEX_KERNEL_EMU=1 "$TARGET/release/examples/cost_model" "$@" >/dev/null
 fi
-python3 - "$PROF" "$TOP" "$KERNEL" <<'PY'
+case "$BY" in wf|gmem) ;; *) echo "emu-profile: --by takes wf or gmem, got $BY" >&2; exit 2 ;; esac
+python3 - "$PROF" "$TOP" "$KERNEL" "$BY" <<'PY'
 import collections, subprocess, sys
-prof, top, kernel = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+prof, top, kernel, by = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 by_mod = collections.defaultdict(list)
 for line in open(prof):
-    mod, off, wf, mma = line.split()
-    by_mod[mod].append((off, int(wf), int(mma)))
-rows = collections.defaultdict(lambda: [0, 0])
+    f = line.split()
+    if len(f) != 5:
+        sys.exit(f"emu-profile: {prof} is from an older build (no global bytes); run without --again")
+    mod, off, wf, mma, gmem = f
+    by_mod[mod].append((off, int(wf), int(mma), int(gmem)))
+rows = collections.defaultdict(lambda: [0, 0, 0])
 HELPERS = {"mma.cuh", "ldst.cuh", "common.cuh"}
 HELPER_FUNCS = ("frag_", "ld_pair", "ldmatrix", "store_data", "split_store", "mma_")
 for mod, entries in by_mod.items():
@@ -60,7 +67,7 @@ for mod, entries in by_mod.items():
             chain.append((out[i], out[i + 1]))
             i += 2
         frames[int(addr, 16)] = chain
-    for off, wf, mma in entries:
+    for off, wf, mma, gmem in entries:
         chain = frames.get(int(off, 16)) or [("?", "?")]
         func = chain[-1][0].split("(")[0]
         files = [c[1].rsplit("/", 1)[-1].split(" ")[0] for c in chain]
@@ -73,10 +80,12 @@ for mod, entries in by_mod.items():
         r = rows[(func, where)]
         r[0] += wf
         r[1] += mma
-total_wf = sum(r[0] for r in rows.values()) or 1
-total_mma = sum(r[1] for r in rows.values())
-print(f"{'wavefronts':>14} {'share':>6} {'mma':>12}  line  (kernel)")
-for (func, where), (wf, mma) in sorted(rows.items(), key=lambda kv: -kv[1][0])[:top]:
-    print(f"{wf:>14} {100 * wf / total_wf:>5.1f}% {mma:>12}  {where}  ({func})")
-print(f"{total_wf:>14} 100.0% {total_mma:>12}  total{' of ' + kernel if kernel else ''}")
+        r[2] += gmem
+key = 2 if by == "gmem" else 0
+total = [sum(r[j] for r in rows.values()) for j in range(3)]
+print(f"{'wavefronts':>14} {'mma':>12} {'global MB':>10} {'share':>6}  line  (kernel)")
+for (func, where), r in sorted(rows.items(), key=lambda kv: -kv[1][key])[:top]:
+    share = 100 * r[key] / (total[key] or 1)
+    print(f"{r[0]:>14} {r[1]:>12} {r[2] / 1e6:>10.2f} {share:>5.1f}%  {where}  ({func})")
+print(f"{total[0]:>14} {total[1]:>12} {total[2] / 1e6:>10.2f} 100.0%  total{' of ' + kernel if kernel else ''}")
 PY

@@ -202,9 +202,10 @@ fn global_sectors_and_distinct_bytes() {
     }
 }
 
-/// Sampling (first, middle, last block per grid axis, weighted) gives the counts of running every
-/// block, on the tensor-core curvature forward and backward at padded factor sizes; distinct bytes
-/// may err high (never low) where neighbouring blocks share a sector.
+/// Sampling (first, a middle pair of neighbours, last block per grid axis, weighted) gives the
+/// counts of running every block, on the tensor-core curvature forward and backward at padded
+/// factor sizes; distinct bytes may err high (never low) where neighbouring blocks share a sector,
+/// by at most 5 % at these grids of 10 slabs.
 #[test]
 fn sampled_blocks_count_like_every_block() {
     let _g = COUNTING.lock().unwrap_or_else(|e| e.into_inner());
@@ -249,9 +250,10 @@ fn sampled_blocks_count_like_every_block() {
         unsafe { ffi::camex_emu_register(addr(b), (b.len() * 256) as i64, 1) };
     }
     let exact = run(1);
-    // SAFETY: a setting of the counters: sample grid dimensions of more than 8 blocks (as by
-    // default), so that this small shape's grids are sampled; the 7-block partial reductions are not.
-    let prev = unsafe { ffi::camex_emu_sample_above(8) };
+    // SAFETY: a setting of the counters: sample grid dimensions of more than 4 blocks (8 by
+    // default), so that this small shape's grids are sampled, the 7-block partial reduction's too
+    // unless its launch runs whole (CAMEX_LAUNCH_WHOLE), as it must.
+    let prev = unsafe { ffi::camex_emu_sample_above(4) };
     let sampled = run(2);
     // SAFETY: as above.
     unsafe { ffi::camex_emu_sample_above(prev) };
@@ -268,12 +270,17 @@ fn sampled_blocks_count_like_every_block() {
     for (e, s) in exact.iter().zip(&sampled) {
         let name = kernel_name(e);
         assert_eq!(e.blocks, s.blocks, "{name}: grid");
+        if name.contains("reduce") {
+            assert_eq!(s.sampled_blocks, s.blocks, "{name}: run whole");
+        }
         assert_eq!(e.mma_flop, s.mma_flop, "{name}: mma");
         assert_eq!(e.smem_wavefronts, s.smem_wavefronts, "{name}: wavefronts");
         assert_eq!(e.smem_bytes, s.smem_bytes, "{name}: shared bytes");
         assert_eq!(e.gmem_bytes, s.gmem_bytes, "{name}: global bytes");
+        // Within 5 %: the middle pair counts the 16-byte slab rows that neighbours share once per
+        // pair (a lone middle block counted them once per block: 1.10-1.20 here).
         assert!(
-            s.dram_bytes >= e.dram_bytes && s.dram_bytes <= 2 * e.dram_bytes,
+            s.dram_bytes >= e.dram_bytes && s.dram_bytes * 100 <= e.dram_bytes * 105,
             "{name}: distinct bytes {} sampled, {} exact",
             s.dram_bytes,
             e.dram_bytes
