@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # The one prepared check for a GPU machine with a driver and no Rust. It runs what
-# scripts/build-gpu-bins.sh built here into ./gpu-bin/:
+# scripts/build-gpu-bins.sh built here into ./gpu-bin/, in the order of what the GPU-session issue
+# needs most (a step that would start past the deadline is skipped):
 #   1. gpu-bin/gpu-tests (tests/gpu.rs) with CAMEX_REQUIRE_GPU=1, one test at a time; then its
-#      tensor-core test under compute-sanitizer (memcheck, racecheck, synccheck; small shapes); then
-#      gpu-bin/candle-cuda-tests (tests/candle_cuda.rs) and a short `train --device cuda`; then
-#      gpu-bin/burn-cuda-tests (tests/burn_cuda.rs);
+#      tensor-core test under compute-sanitizer (memcheck, racecheck, synccheck; small shapes);
 #   2. a CLI round trip: gpu-bin/camex run ca_merge on the CPU and on CUDA over one random input
 #      file (made with python3 + numpy + safetensors when those are there), compared element-wise;
-#   3. gpu-bin/bench-cuda (benches/cuda.rs: criterion with CUDA events, one roofline line per case;
+#   3. Nsight Compute's per-kernel times, DRAM bytes and L2 hit rates of one CA-merge forward and
+#      backward at T5-base in bf16 on the tensor cores, when ncu is there (the cost model's
+#      calibration, and whether Z's round trips stay in L2);
+#   4. gpu-bin/bench-cuda (benches/cuda.rs: criterion with CUDA events, one roofline line per case;
 #      the bf16 Kronecker cases on the scalar default and on the opt-in tensor cores, impl=camex-tc;
 #      with the candle peer on the GPU next to each, impl=candle-unfused, when built with `peer`);
-#   4. scripts/torch_baseline.py, the PyTorch peer (eager and torch.compile), when torch is there;
-#   5. Nsight Compute's per-kernel times (the forward's with DRAM bytes and L2 hit rates) of one
-#      CA-merge forward and backward at T5-base in bf16, when ncu is there;
+#   5. scripts/torch_baseline.py, the PyTorch peer (eager and torch.compile), when torch is there;
+#   6. gpu-bin/candle-cuda-tests (tests/candle_cuda.rs) and a short `train --device cuda`;
+#   7. gpu-bin/burn-cuda-tests (tests/burn_cuda.rs);
 # and prints a short table last: per-test time, op/dtype/shape/max relative error, the roofline
 # lines of the crate and of the peer.
 #
@@ -137,41 +139,6 @@ elif [ -n "$SAN" ]; then
   done
 fi
 
-# 1b. The candle ops on CUDA (tests/candle_cuda.rs) and a short GPU training run, when built. They
-#     link candle's CUDA backend, so they need cuBLAS, cuRAND and NVRTC 13: from the CUDA toolkit
-#     or, failing that, from the pip wheels next to PyTorch.
-CCLOG="$LOGS/candle-cuda.log"
-: >"$CCLOG"
-CANDLE="candle on CUDA: not built (gpu-bin/candle-cuda-tests.xz missing)"
-if [ -x "$CBIN/candle-cuda-tests" ]; then
-  echo "library path: $LIBS" >>"$CCLOG"
-  if within 150 "$CBIN/candle-cuda-tests" --nocapture --test-threads=1 >>"$CCLOG" 2>&1; then
-    CANDLE="candle on CUDA: tests passed"
-  else
-    CANDLE="candle on CUDA: tests FAILED (rc=$?; see $CCLOG)"
-    status=1
-  fi
-  if [ -x "$CBIN/train" ]; then
-    echo "=== train (GPU, short)" >>"$CCLOG"
-    within 120 "$CBIN/train" --device cuda --steps 150 --eval-every 50 --plot "$LOGS/train-loss.png" \
-      --data "$ROOT/data/kjv-genesis-ruth.txt.gz" >>"$CCLOG" 2>&1 || { echo "train: rc=$?" >>"$CCLOG"; status=1; }
-  fi
-fi
-
-# 1c. burn's CUDA backend (tests/burn_cuda.rs), when built: CubeCL compiles its kernels with NVRTC 13
-#     (the binary links an LLVM stand-in, scripts/llvm-standin.sh, that aborts if anything calls it).
-BULOG="$LOGS/burn-cuda.log"
-: >"$BULOG"
-BURN="burn on CUDA: not built (gpu-bin/burn-cuda-tests.xz missing)"
-if [ -x "$CBIN/burn-cuda-tests" ]; then
-  if within 150 "$CBIN/burn-cuda-tests" --nocapture --test-threads=1 >>"$BULOG" 2>&1; then
-    BURN="burn on CUDA: tests passed"
-  else
-    BURN="burn on CUDA: tests FAILED (rc=$?; see $BULOG)"
-    status=1
-  fi
-fi
-
 # 2. CLI round trip: same file, CPU and CUDA, compared here.
 CLOG="$LOGS/cli.log"
 if [ -x "$CAMEX" ] && python3 -c "import numpy, safetensors" 2>/dev/null; then
@@ -220,28 +187,7 @@ else
   CLI="cli: skipped (no gpu-bin/camex, or python3 lacks numpy/safetensors)"
 fi
 
-# 3. The crate's GPU benchmarks.
-BLOG="$LOGS/bench.log"
-: >"$BLOG"
-if [ "${CAMEX_CHECK_BENCH:-1}" = 1 ]; then
-  for b in "$BINDIR"/bench-* "$CBIN"/bench-*; do
-    case "$b" in *.xz) continue ;; esac
-    [ -x "$b" ] && [ -f "$b" ] || continue
-    within 200 "$b" --bench >>"$BLOG" 2>&1 || { echo "bench $(basename "$b"): rc=$?" >>"$BLOG"; status=1; }
-  done
-fi
-
-# 4. The PyTorch peer at the same shape.
-PLOG="$LOGS/torch.log"
-: >"$PLOG"
-if [ "${CAMEX_CHECK_TORCH:-1}" = 1 ] && python3 -c "import torch" 2>/dev/null; then
-  compile_flag=""
-  [ "${CAMEX_CHECK_TORCH_COMPILE:-1}" = 1 ] || compile_flag="--no-compile"
-  PYTHONUNBUFFERED=1 within 240 python3 "$ROOT/scripts/torch_baseline.py" --shape t5-base --dtype bf16 \
-    --op ca_merge $compile_flag >>"$PLOG" 2>&1 || echo "torch_baseline: rc=$?" >>"$PLOG"
-fi
-
-# 5. Per-kernel times of one CA-merge forward, then one backward, at T5-base `wi` in bf16 on the
+# 3. Per-kernel times of one CA-merge forward, then one backward, at T5-base `wi` in bf16 on the
 #    tensor-core path
 #    (Nsight Compute, clocks as found).
 KLOG="$LOGS/kernels.log"
@@ -287,6 +233,62 @@ PY
       --mask ties_sign --dare expert:0.1:5 >>"$KLOG" 2>&1 || echo "ncu backward: rc=$?" >>"$KLOG"
   fi
   rm -rf "$D"
+fi
+
+# 4. The crate's GPU benchmarks.
+BLOG="$LOGS/bench.log"
+: >"$BLOG"
+if [ "${CAMEX_CHECK_BENCH:-1}" = 1 ]; then
+  for b in "$BINDIR"/bench-* "$CBIN"/bench-*; do
+    case "$b" in *.xz) continue ;; esac
+    [ -x "$b" ] && [ -f "$b" ] || continue
+    within 200 "$b" --bench >>"$BLOG" 2>&1 || { echo "bench $(basename "$b"): rc=$?" >>"$BLOG"; status=1; }
+  done
+fi
+
+# 5. The PyTorch peer at the same shape.
+PLOG="$LOGS/torch.log"
+: >"$PLOG"
+if [ "${CAMEX_CHECK_TORCH:-1}" = 1 ] && python3 -c "import torch" 2>/dev/null; then
+  compile_flag=""
+  [ "${CAMEX_CHECK_TORCH_COMPILE:-1}" = 1 ] || compile_flag="--no-compile"
+  PYTHONUNBUFFERED=1 within 240 python3 "$ROOT/scripts/torch_baseline.py" --shape t5-base --dtype bf16 \
+    --op ca_merge $compile_flag >>"$PLOG" 2>&1 || echo "torch_baseline: rc=$?" >>"$PLOG"
+fi
+
+# 6. The candle ops on CUDA (tests/candle_cuda.rs) and a short GPU training run, when built. They
+#    link candle's CUDA backend, so they need cuBLAS, cuRAND and NVRTC 13: from the CUDA toolkit
+#    or, failing that, from the pip wheels next to PyTorch.
+CCLOG="$LOGS/candle-cuda.log"
+: >"$CCLOG"
+CANDLE="candle on CUDA: not built (gpu-bin/candle-cuda-tests.xz missing)"
+if [ -x "$CBIN/candle-cuda-tests" ]; then
+  echo "library path: $LIBS" >>"$CCLOG"
+  if within 150 "$CBIN/candle-cuda-tests" --nocapture --test-threads=1 >>"$CCLOG" 2>&1; then
+    CANDLE="candle on CUDA: tests passed"
+  else
+    CANDLE="candle on CUDA: tests FAILED (rc=$?; see $CCLOG)"
+    status=1
+  fi
+  if [ -x "$CBIN/train" ]; then
+    echo "=== train (GPU, short)" >>"$CCLOG"
+    within 120 "$CBIN/train" --device cuda --steps 150 --eval-every 50 --plot "$LOGS/train-loss.png" \
+      --data "$ROOT/data/kjv-genesis-ruth.txt.gz" >>"$CCLOG" 2>&1 || { echo "train: rc=$?" >>"$CCLOG"; status=1; }
+  fi
+fi
+
+# 7. burn's CUDA backend (tests/burn_cuda.rs), when built: CubeCL compiles its kernels with NVRTC 13
+#    (the binary links an LLVM stand-in, scripts/llvm-standin.sh, that aborts if anything calls it).
+BULOG="$LOGS/burn-cuda.log"
+: >"$BULOG"
+BURN="burn on CUDA: not built (gpu-bin/burn-cuda-tests.xz missing)"
+if [ -x "$CBIN/burn-cuda-tests" ]; then
+  if within 150 "$CBIN/burn-cuda-tests" --nocapture --test-threads=1 >>"$BULOG" 2>&1; then
+    BURN="burn on CUDA: tests passed"
+  else
+    BURN="burn on CUDA: tests FAILED (rc=$?; see $BULOG)"
+    status=1
+  fi
 fi
 
 echo
