@@ -1318,8 +1318,8 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
     if (last) *finished = true;
     CAMEX_CHECK_LAUNCH();
   }
-  CAMEX_LAUNCH_WHOLE(kron_bwd_reduce_kernel<T>, grid_for(f.r * (sab + scd), 256), 256, s)(pab, pcd, ga, gb, gc, gd, slabs, cblocks,
-                                                                                 o1, o2, i1, i2, 0, f.r, f.n, expert);
+  CAMEX_LAUNCH_WHOLE(kron_bwd_reduce_kernel<T>, grid_for(f.r * (sab + scd), 256), 256, s)(
+      pab, pcd, ga, gb, gc, gd, slabs, cblocks, o1, o2, i1, i2, 0, f.r, f.n, expert);
   CAMEX_CHECK_LAUNCH();
   return 0;
 }

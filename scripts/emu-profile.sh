@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Where the kernels' shared-memory wavefronts, mma and global (L2) bytes come from, per source line: runs the cost
-# model's emulation (examples/cost_model.rs, with scripts/cost-model.sh's arguments) with
-# CAMEX_EMU_PROFILE set and the kernels built with debug info, then names each instruction's line
-# with addr2line and prints the lines with the most wavefronts (--by gmem: the most global bytes,
-# the sectors between L2 and the SMs), each with its kernel (the outermost function of the inlined
-# chain). The counts are those of every launch the arguments run, weighted
+# Where the kernels' shared-memory wavefronts, mma and global (L2) bytes come from, per source
+# line: runs the cost model's emulation (examples/cost_model.rs, with scripts/cost-model.sh's
+# arguments) with CAMEX_EMU_PROFILE set and the kernels built with debug info, then names each
+# instruction's line with addr2line and prints the lines with the most wavefronts (--by gmem: the
+# most global bytes, the sectors between L2 and the SMs), each with its kernel (the outermost
+# function of the inlined chain). The counts are those of every launch the arguments run, weighted
 # as the cost model weighs sampled blocks. No GPU needed.
 #
 #   scripts/emu-profile.sh [--top N] [--kernel SUBSTRING] [--by wf|gmem] [--again] -- [cost-model arguments]
