@@ -8,7 +8,8 @@
 #      file (made with python3 + numpy + safetensors when those are there), compared element-wise;
 #   3. Nsight Compute's per-kernel times, DRAM bytes and L2 hit rates of one CA-merge forward and
 #      backward at T5-base in bf16 on the tensor cores, when ncu is there (the cost model's
-#      calibration, and whether Z's round trips stay in L2);
+#      calibration, and whether Z's round trips stay in L2); then scripts/l2_reuse.py, how much of
+#      a buffer one launch writes the next reads from L2, by size, when torch is there;
 #   4. gpu-bin/bench-cuda (benches/cuda.rs: criterion with CUDA events, one roofline line per case;
 #      the bf16 Kronecker cases on the scalar default and on the opt-in tensor cores, impl=camex-tc;
 #      with the candle peer on the GPU next to each, impl=candle-unfused, when built with `peer`);
@@ -235,6 +236,14 @@ PY
   rm -rf "$D"
 fi
 
+# 3b. Whether the next launch finds in L2 what the last one wrote, by size (scripts/l2_reuse.py,
+#     PyTorch kernels, a few seconds): the rule the cost model lacks for Z's round trips.
+LLOG="$LOGS/l2-reuse.log"
+: >"$LLOG"
+if [ "${CAMEX_CHECK_TORCH:-1}" = 1 ] && python3 -c "import torch" 2>/dev/null; then
+  PYTHONUNBUFFERED=1 within 60 python3 "$ROOT/scripts/l2_reuse.py" >>"$LLOG" 2>&1 || echo "l2_reuse: rc=$?" >>"$LLOG"
+fi
+
 # 4. The crate's GPU benchmarks.
 BLOG="$LOGS/bench.log"
 : >"$BLOG"
@@ -325,6 +334,8 @@ grep -E "panicked|rc=" "$BLOG" | head -5
 echo "== PyTorch peer"
 grep -E '^(op=|machine)' "$PLOG" | sed 's/ device=cuda//'
 grep -E "Error|rc=" "$PLOG" | tail -3
+echo "== L2 reuse between launches (write, then read in the next kernel; cold: evicted first)"
+grep -E '^(l2_reuse|machine)|rc=|Error' "$LLOG" | head -12
 echo "== kernels of one CA-merge forward, then its backward, T5-base bf16: time, DRAM bytes, L2 hit rate (ncu per-kernel; full: $KLOG)"
 grep -E "^== ca_merge_backward|\)x\(|gpu__time_duration|dram__bytes|lts__t_sector_hit" "$KLOG" |
   sed 's/^ *//; s/<[^>]*>//g; s/(const [^)]*)//' | cut -c1-120 | head -120
