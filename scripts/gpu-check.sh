@@ -23,7 +23,8 @@
 # fits one call of a lent machine; a step that would start past it is skipped and says so. Full
 # logs go to $OUT (the device tool's return folder) when it is set, else to ./gpu-check-logs/.
 # Usage: scripts/gpu-check.sh [TEST_BINARY]. Env: CAMEX_SKIP_T5=1 skips the T5-base test shapes;
-# CAMEX_CHECK_TORCH=0 skips the PyTorch peer (CAMEX_CHECK_TORCH_COMPILE=0: eager only);
+# CAMEX_CHECK_TORCH=0 skips the PyTorch peer and the L2 probe (CAMEX_CHECK_TORCH_COMPILE=0: eager
+# only);
 # CAMEX_CHECK_BENCH=0 skips the crate's benchmarks; CAMEX_CHECK_PROFILE=0 skips the ncu kernel times;
 # CAMEX_CHECK_SANITIZER=0 skips compute-sanitizer.
 set -uo pipefail
@@ -236,11 +237,15 @@ PY
   rm -rf "$D"
 fi
 
+# Steps 3b and 5 run PyTorch: whether they may, decided once (importing torch takes seconds).
+USE_TORCH=0
+[ "${CAMEX_CHECK_TORCH:-1}" = 1 ] && python3 -c "import torch" 2>/dev/null && USE_TORCH=1
+
 # 3b. Whether the next launch finds in L2 what the last one wrote, by size (scripts/l2_reuse.py,
 #     PyTorch kernels, a few seconds): the rule the cost model lacks for Z's round trips.
 LLOG="$LOGS/l2-reuse.log"
 : >"$LLOG"
-if [ "${CAMEX_CHECK_TORCH:-1}" = 1 ] && python3 -c "import torch" 2>/dev/null; then
+if [ "$USE_TORCH" = 1 ]; then
   PYTHONUNBUFFERED=1 within 60 python3 "$ROOT/scripts/l2_reuse.py" >>"$LLOG" 2>&1 || echo "l2_reuse: rc=$?" >>"$LLOG"
 fi
 
@@ -258,7 +263,7 @@ fi
 # 5. The PyTorch peer at the same shape.
 PLOG="$LOGS/torch.log"
 : >"$PLOG"
-if [ "${CAMEX_CHECK_TORCH:-1}" = 1 ] && python3 -c "import torch" 2>/dev/null; then
+if [ "$USE_TORCH" = 1 ]; then
   compile_flag=""
   [ "${CAMEX_CHECK_TORCH_COMPILE:-1}" = 1 ] || compile_flag="--no-compile"
   PYTHONUNBUFFERED=1 within 240 python3 "$ROOT/scripts/torch_baseline.py" --shape t5-base --dtype bf16 \
