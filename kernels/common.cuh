@@ -119,9 +119,19 @@ struct Arena {
 #define CAMEX_LAUNCH_WHOLE(kernel, grid, block, stream) kernel<<<(grid), (block), 0, (stream)>>>
 // The block's dynamic shared memory, as `char *name` (16-byte aligned).
 #define CAMEX_DYNAMIC_SMEM(name) extern __shared__ __align__(16) char name[]
-// Opt-in above 48 KB of dynamic shared memory (sm_80: up to 163 KB, sm_90: 227 KB).
-#define CAMEX_SET_MAX_SMEM(kernel, bytes) \
-  cudaFuncSetAttribute((const void *)(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize, (int)(bytes))
+// Opt-in above 48 KB of dynamic shared memory (sm_80: up to 163 KB, sm_90: 227 KB), `bytes` being
+// the device's whole opt-in limit or less. The runtime refuses an opt-in whose sum with the kernel's
+// static __shared__ bytes exceeds the limit, so a kernel with any (scripts/check-ptxas.sh fails on
+// them: the layouts count the dynamic buffer alone) gets the rest rather than an error.
+namespace camex {
+inline cudaError_t set_max_dynamic_smem(const void *kernel, int64_t bytes) {
+  cudaFuncAttributes a;
+  const cudaError_t e = cudaFuncGetAttributes(&a, kernel);
+  if (e != cudaSuccess) return e;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)(bytes - (int64_t)a.sharedSizeBytes));
+}
+}  // namespace camex
+#define CAMEX_SET_MAX_SMEM(kernel, bytes) ::camex::set_max_dynamic_smem((const void *)(kernel), (int64_t)(bytes))
 #endif
 
 // Returns from the launcher on the first failed launch (error code of cudaGetLastError).

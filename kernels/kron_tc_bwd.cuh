@@ -653,7 +653,7 @@ constexpr int TC_TAU_RESIDENT = 1, TC_DTAU_RESIDENT = 2;
 
 struct RowsBwdLayout {
   int o1p, o2p, ly, la, lb, ta, lg;
-  int64_t kh, kl, wh, wl, th, tl, ath, atl, bth, btl, gs, bytes;
+  int64_t kh, kl, wh, wl, th, tl, ath, atl, bth, btl, gs, flag, bytes;
 };
 
 // K (then V) [o1p][ly]; W [TC_WR][ly]; tau [ta][ly], all o1p rows with TC_TAU_RESIDENT else TC_WR
@@ -684,7 +684,10 @@ __host__ __device__ inline RowsBwdLayout rows_bwd_layout(int o1, int o2, TcSplit
   l.bth = l.atl + (flo ? ab : 0);
   l.btl = l.bth + bb;
   l.gs = (l.btl + (flo ? bb : 0) + 15) / 16 * 16;
-  l.bytes = l.gs + (mode & TC_DTAU_RESIDENT ? (int64_t)o1 * l.lg * 4 : 0);
+  // The rank groups' arrival word (rows_bwd_body): in the dynamic buffer, as no static __shared__
+  // may be: the launchers opt in to the device's whole limit for the dynamic buffer alone.
+  l.flag = (l.gs + (mode & TC_DTAU_RESIDENT ? (int64_t)o1 * l.lg * 4 : 0) + 15) / 16 * 16;
+  l.bytes = l.flag + 16;
   return l;
 }
 
@@ -1041,7 +1044,7 @@ __device__ __forceinline__ bool rows_bwd_body(char *smem, CAMEX_ROWS_BWD_PARAMS,
       *rows_bwd_partial_at(z, plane, planes, grp, gs, q0, O, x) = gs_at(x);
     __threadfence();  // the partial is visible before the count that says it is there
     __syncthreads();
-    __shared__ unsigned rows_bwd_arrived;
+    unsigned &rows_bwd_arrived = *reinterpret_cast<unsigned *>(smem + L.flag);
     if (threadIdx.x == 0) rows_bwd_arrived = atomicAdd(sem + slab, 1u);
     __syncthreads();
     if (rows_bwd_arrived != (unsigned)groups - 1) return false;
