@@ -230,6 +230,12 @@ int64_t camex_emu_smem_limit(int64_t bytes);
  * first), so that a test can check that results do not depend on the blocks' order; 0 restores
  * the default. Returns the previous setting; 0 in a GPU build. */
 int32_t camex_emu_reverse_blocks(int32_t reversed);
+/* The order in which the threads of a block take their turns between barriers in the calling
+ * thread's launches: 0 thread 0 first, 1 the last thread first, 2 (the default, or as the
+ * environment's CAMEX_EMU_THREAD_ORDER=forward|reverse|alternate says) the two alternately, launch
+ * by launch, so that a race a fixed order hides shows as results that differ. Returns the previous
+ * setting; 0 in a GPU build. */
+int32_t camex_emu_thread_order(int32_t order);
 /* add = 1: registers [ptr, ptr + bytes) as one allocation (a launch's distinct bytes within it are
  * then at most its size: sampling may over-estimate shared tiles); add = 0: forgets the one at ptr. */
 void camex_emu_register(uint64_t ptr, int64_t bytes, int32_t add);
@@ -244,6 +250,15 @@ int camex_counter_probe(int32_t width, int32_t stride, uint64_t src, uint64_t ds
  * quarters (matrix m: rows 8 (m % 2).., columns 8 (m / 2)..); lane l's four words go to
  * dst[4 l .. 4 l + 3] (kernels/probe.cu). */
 int camex_ldst_probe(int32_t trans, int32_t wait, uint64_t src, uint64_t dst, camex_stream_t stream);
+/* One block of 64 threads that does what a GPU faults on (kernels/probe.cu): kind 0 a 4-byte load
+ * of `src` at byte offset `offset`, kind 1 an ldmatrix.x4 whose rows are `offset` bytes past
+ * 16-byte boundaries of shared memory, kind 2 a 16-byte cp.async to shared memory at byte offset
+ * `offset`; or, kind 3, a race between thread 63's store to a shared word and thread 0's load
+ * (dst[0] = what thread 0 read: 0 or 1); kind 4 a launch with 64 KiB of dynamic shared memory and no
+ * opt-in (cudaFuncSetAttribute), which the GPU refuses, kind 5 the same after its opt-in. The
+ * emulation fails a launch with a misaligned access as a GPU does (cudaErrorMisalignedAddress);
+ * never run kinds 0-2 with a bad offset on a GPU. */
+int camex_fault_probe(int32_t kind, int32_t offset, uint64_t src, uint64_t dst, camex_stream_t stream);
 
 /* Philox4x32-10 first word, for the known-answer test of kernels/philox.cuh from Rust:
  * writes philox(ctr, key)[0..4] for `count` counters (ctr[4*k..4*k+4], key[2*k..2*k+2]). */

@@ -6,7 +6,13 @@
 // block a fiber that runs until it waits at __syncthreads() or the warp's mma.sync
 // (kernels/emu_runtime.cpp); __shared__ variables become statics (one block at a time), and
 // "device" pointers are host pointers. It checks indexing, tiling, reductions, selection and every launcher's
-// orchestration; it cannot show GPU-only problems (memory model, occupancy, real cudart).
+// orchestration, and fails a launch where the GPU would: a kernel thread's access off its natural
+// alignment, an ldmatrix row or cp.async off 16 bytes or outside shared memory
+// (cudaErrorMisalignedAddress), more dynamic shared memory than the device allows or than the
+// kernel's opt-in covers (cudaErrorInvalidValue). A block's threads take their turns between
+// barriers in either order (camex_emu_thread_order), so a missing __syncthreads or __syncwarp shows
+// as results that differ. It cannot show the memory model across blocks, occupancy or the real
+// cudart (static __shared__ bytes against the opt-in: scripts/check-ptxas.sh checks those).
 //
 // Cost counters (camex_emu_counting, camex.h): the kernel sources are compiled with GCC's
 // ThreadSanitizer instrumentation (-fsanitize=thread), which calls __tsan_readN/__tsan_writeN
@@ -55,7 +61,13 @@ unsigned atomic_add(unsigned *p, unsigned v);
 // Runs `body(ctx)` for the blocks of grid g (all of them, or the sampled ones while counting with
 // sampling), each as b real threads. `kernel`: the launch's kernel expression (counter records);
 // `smem`: its dynamic shared memory in bytes; `whole`: never sampled (CAMEX_LAUNCH_WHOLE).
-void run(dim3 g, dim3 b, const char *kernel, int64_t smem, void (*body)(void *), void *ctx, bool whole = false);
+// fn: the kernel function, whose opt-in (set_max_smem) a launch of more than 48 KiB of dynamic
+// shared memory needs, as on the GPU.
+void run(dim3 g, dim3 b, const char *kernel, const void *fn, int64_t smem, void (*body)(void *), void *ctx,
+         bool whole = false);
+// cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes): refused above
+// smem_limit(); else recorded for fn's launches.
+cudaError_t set_max_smem(const void *fn, int64_t bytes);
 // Whether the cost counters are on (camex_emu_counting): launchers then size their work as the GPU
 // build does, where the tests' sizes differ (kron_tc.cuh's Z budget).
 bool counting();
@@ -75,7 +87,8 @@ template <class... P> struct Launcher {
   template <class... A> void operator()(A &&...args) const {
     auto k = kernel;
     auto call = [&] { k(args...); };
-    run(g, b, name, smem, [](void *c) { (*static_cast<decltype(call) *>(c))(); }, &call, whole);
+    run(g, b, name, reinterpret_cast<const void *>(kernel), smem,
+        [](void *c) { (*static_cast<decltype(call) *>(c))(); }, &call, whole);
   }
 };
 
@@ -113,7 +126,7 @@ inline const char *error_string(cudaError_t e) {
 #define CAMEX_LAUNCH_WHOLE(kernel, grid, block, stream) \
   ::emu::launcher(kernel, dim3(grid), dim3(block), #kernel, 0, true)
 #define CAMEX_DYNAMIC_SMEM(name) char *name = ::emu::dyn_smem()
-#define CAMEX_SET_MAX_SMEM(kernel, bytes) cudaSuccess
+#define CAMEX_SET_MAX_SMEM(kernel, bytes) ::emu::set_max_smem(reinterpret_cast<const void *>(kernel), (int64_t)(bytes))
 #define cudaGetLastError() ::emu::get_last_error()
 #define cudaGetErrorName(e) ::emu::error_name(e)
 #define cudaGetErrorString(e) ::emu::error_string(e)

@@ -230,6 +230,38 @@ inline bool is_shared(uintptr_t a) {
   return a >= (uintptr_t)&etext && a < (uintptr_t)&end;
 }
 
+// The launch's first access that a GPU would fault on (guarded by launch_mutex; a launch's fibers
+// run on its thread): a vector or scalar access of n bytes whose address is not a multiple of n
+// (the host's loads do not care; the SM raises cudaErrorMisalignedAddress), an ldmatrix row that is
+// not 16-byte aligned shared memory, a cp.async of another size or alignment or between the wrong
+// spaces. run() fails the launch with it.
+struct Fault {
+  const char *what = nullptr;
+  uintptr_t addr = 0, pc = 0;
+  size_t size = 0;
+};
+Fault g_fault;
+const char *g_kernel = "";  // the running launch's kernel
+// Said at once (the host may itself fault on the access next: an aligned SSE load), and failed at
+// the launch's end.
+inline void fault(uintptr_t pc, const volatile void *p, size_t size, const char *what) {
+  if (g_fault.what) return;
+  g_fault = Fault{what, (uintptr_t)p, pc, size};
+  std::fprintf(stderr,
+               "camex emulation: %s in %s: %zu bytes at %#lx (instruction %#lx); on a GPU the launch fails "
+               "(cudaErrorMisalignedAddress)\n",
+               what, g_kernel, size, (unsigned long)g_fault.addr, (unsigned long)pc);
+}
+// A kernel thread's naturally aligned access (the host compiler's __tsan_readN/__tsan_writeN: the
+// type promises n-byte alignment, as nvcc's vector loads and stores require it); a thread's locals
+// (its fiber stack) are registers or local memory on the GPU and are not checked.
+inline void check_aligned(uintptr_t pc, const volatile void *p, size_t n) {
+  const Worker *w = t_worker;
+  const uintptr_t a = (uintptr_t)p;
+  if (!w || a % n == 0 || (a >= w->stack_lo && a < w->stack_hi)) return;
+  fault(pc, p, n, "misaligned access");
+}
+
 inline void record(uintptr_t pc, const volatile void *p, size_t size, bool write) {
   Worker *w = t_worker;
   if (!w || !w->count) return;
@@ -254,6 +286,12 @@ inline void record(uintptr_t pc, const volatile void *p, size_t size, bool write
     const size_t s = size - off < 16 ? size - off : 16;
     w->log.push_back(Access{pc, a + off, w->epoch, (uint16_t)s, sp, (uint8_t)write});
   }
+}
+
+// The naturally aligned hooks: checked for alignment, then logged.
+inline void checked(uintptr_t pc, const volatile void *p, size_t n, bool write) {
+  check_aligned(pc, p, n);
+  record(pc, p, n, write);
 }
 
 // Per-instruction profile (CAMEX_EMU_PROFILE=FILE; scripts/emu-profile.sh): the weighted shared
@@ -544,8 +582,13 @@ void ldmatrix(uint32_t *d, int num, bool trans, const void *row) {
   Worker *wk = t_worker;
   Warp &w = *wk->warp;
   const unsigned lane = wk->lane;
-  // Lanes 8i..8i+7 address matrix i's rows: one 16-byte access each, served 8 lanes a phase.
-  if (lane < 8u * num) record((uintptr_t)__builtin_return_address(0), row, 16, false);
+  // Lanes 8i..8i+7 address matrix i's rows: one 16-byte access each, served 8 lanes a phase; each
+  // row 16-byte aligned shared memory, as the PTX ISA requires.
+  if (lane < 8u * num) {
+    const uintptr_t pc = (uintptr_t)__builtin_return_address(0);
+    if ((uintptr_t)row % 16 != 0 || !is_shared((uintptr_t)row)) fault(pc, row, 16, "ldmatrix row not 16-byte aligned shared memory");
+    record(pc, row, 16, false);
+  }
   ++wk->epoch;
   w.rows[lane] = static_cast<const char *>(row);
   fbar_wait(w.bar, [&w, num, trans] {
@@ -566,6 +609,10 @@ void ldmatrix(uint32_t *d, int num, bool trans, const void *row) {
 void cp_async(void *dst, const void *src, int bytes, int src_bytes) {
   Worker *wk = t_worker;
   const uintptr_t pc = (uintptr_t)__builtin_return_address(0);
+  // cp.async.ca/.cg: 4, 8 or 16 bytes from global to shared memory, both addresses aligned to it.
+  if ((bytes != 4 && bytes != 8 && bytes != 16) || (uintptr_t)dst % (unsigned)bytes != 0 ||
+      (uintptr_t)src % (unsigned)bytes != 0 || !is_shared((uintptr_t)dst) || is_shared((uintptr_t)src))
+    fault(pc, dst, (size_t)bytes, "cp.async of another size, alignment or direction than global to shared");
   src_bytes = src_bytes < 0 ? 0 : (src_bytes > bytes ? bytes : src_bytes);
   if (src_bytes > 0) record(pc, src, (size_t)src_bytes, false);
   record(pc, dst, (size_t)bytes, true);
@@ -595,6 +642,18 @@ constexpr int64_t SM90_SMEM_OPTIN = 227 * 1024;
 thread_local int64_t t_smem_limit = 0;
 thread_local cudaError_t t_launch_error = cudaSuccess;
 thread_local bool t_reverse_blocks = false;  // camex_emu_reverse_blocks
+// The order in which a block's threads take their turns between barriers (camex_emu_thread_order):
+// 0 thread 0 first, 1 the last thread first, 2 (the default) the two alternately, launch by launch.
+// A GPU runs the warps of a block in any order, so a kernel whose result depends on it has a race
+// (a missing __syncthreads or __syncwarp) that one fixed order could hide. The cost counters always
+// use order 0 (the counts do not depend on it; the baselines stay comparable).
+int thread_order_from_env() {
+  const char *v = std::getenv("CAMEX_EMU_THREAD_ORDER");
+  if (!v) return 2;
+  return std::strcmp(v, "forward") == 0 ? 0 : std::strcmp(v, "reverse") == 0 ? 1 : 2;
+}
+thread_local int t_thread_order = thread_order_from_env();
+thread_local uint64_t t_launch_no = 0;
 int64_t smem_limit() { return t_smem_limit > 0 ? t_smem_limit : SM90_SMEM_OPTIN; }
 cudaError_t take_launch_error() {
   const cudaError_t e = t_launch_error;
@@ -602,14 +661,40 @@ cudaError_t take_launch_error() {
   return e;
 }
 
-void run(dim3 g, dim3 b, const char *kernel, int64_t smem, void (*body)(void *), void *ctx, bool whole) {
+// Each kernel's opt-in to dynamic shared memory above 48 KiB (cudaFuncSetAttribute's
+// MaxDynamicSharedMemorySize). Per calling thread, as the emulated device is (smem_limit): a
+// process-wide one, as the GPU's, would let a test emulating sm_80 lower it under another's launch.
+thread_local std::unordered_map<const void *, int64_t> t_optin;
+constexpr int64_t SMEM_DEFAULT = 48 * 1024;
+cudaError_t set_max_smem(const void *fn, int64_t bytes) {
+  if (bytes < 0 || bytes > smem_limit()) return cudaErrorInvalidValue;
+  t_optin[fn] = bytes;
+  return cudaSuccess;
+}
+
+void run(dim3 g, dim3 b, const char *kernel, const void *fn, int64_t smem, void (*body)(void *), void *ctx,
+         bool whole) {
   if (smem > smem_limit()) {  // the GPU refuses the launch; nothing runs, nothing is counted
     t_launch_error = cudaErrorInvalidValue;
     return;
   }
+  if (smem > SMEM_DEFAULT) {  // above 48 KiB only after the kernel's opt-in covers it
+    const auto it = t_optin.find(fn);
+    const int64_t optin = it == t_optin.end() ? 0 : it->second;
+    if (smem > optin) {
+      std::fprintf(stderr,
+                   "camex emulation: %s launched with %lld bytes of dynamic shared memory, over its opt-in "
+                   "(%lld; cudaFuncSetAttribute): the GPU refuses the launch\n",
+                   kernel, (long long)smem, (long long)optin);
+      t_launch_error = cudaErrorInvalidValue;
+      return;
+    }
+  }
   std::lock_guard<std::mutex> lock(launch_mutex);
   const unsigned nt = b.x * b.y * b.z;
   const bool count = g_mode != 0, sample = g_mode == 2 && !whole;
+  g_kernel = kernel;
+  const bool rev_threads = !count && (t_thread_order == 1 || (t_thread_order == 2 && (t_launch_no++ & 1)));
   LaunchRec rec;
   if (count) {
     rec.kernel = kernel;
@@ -676,8 +761,8 @@ void run(dim3 g, dim3 b, const char *kernel, int64_t smem, void (*body)(void *),
     unsigned live = nt;
     while (live > 0) {
       const uint64_t before = g_progress;
-      for (unsigned t = 0; t < nt; ++t) {
-        Worker &w = *workers[t];
+      for (unsigned k = 0; k < nt; ++k) {
+        Worker &w = *workers[rev_threads ? nt - 1 - k : k];
         if (w.done) continue;
         t_worker = &w;
         camex_emu_switch(&t_sched_sp, w.sp);
@@ -693,6 +778,10 @@ void run(dim3 g, dim3 b, const char *kernel, int64_t smem, void (*body)(void *),
     }
     t_worker = outer;
     if (count) count_block(workers, nt, blk.weight);
+  }
+  if (g_fault.what) {  // the GPU would have stopped the kernel there and failed the launch
+    t_launch_error = cudaErrorMisalignedAddress;
+    g_fault = Fault{};
   }
   if (count) {
     // Distinct sectors, each with its weight; within a registered allocation at most its sectors.
@@ -744,6 +833,12 @@ extern "C" int32_t camex_emu_reverse_blocks(int32_t reversed) {
   return prev;
 }
 
+extern "C" int32_t camex_emu_thread_order(int32_t order) {
+  const int32_t prev = emu::t_thread_order;
+  emu::t_thread_order = order == 0 || order == 1 ? order : 2;
+  return prev;
+}
+
 extern "C" int64_t camex_emu_sample_above(int64_t blocks) {
   std::lock_guard<std::mutex> lock(emu::launch_mutex);
   const int64_t prev = emu::g_sample_above;
@@ -792,12 +887,12 @@ extern "C" int64_t camex_emu_launches(camex_emu_launch *out, int64_t cap) {
 // No sanitizer runtime is linked: these are the only definitions.
 #define CAMEX_PC ((uintptr_t)__builtin_return_address(0))
 #define CAMEX_RW(N)                                                                               \
-  extern "C" void __tsan_read##N(void *p) { emu::record(CAMEX_PC, p, N, false); }                 \
-  extern "C" void __tsan_write##N(void *p) { emu::record(CAMEX_PC, p, N, true); }                 \
+  extern "C" void __tsan_read##N(void *p) { emu::checked(CAMEX_PC, p, N, false); }                \
+  extern "C" void __tsan_write##N(void *p) { emu::checked(CAMEX_PC, p, N, true); }                \
   extern "C" void __tsan_unaligned_read##N(void *p) { emu::record(CAMEX_PC, p, N, false); }       \
   extern "C" void __tsan_unaligned_write##N(void *p) { emu::record(CAMEX_PC, p, N, true); }       \
-  extern "C" void __tsan_volatile_read##N(void *p) { emu::record(CAMEX_PC, p, N, false); }        \
-  extern "C" void __tsan_volatile_write##N(void *p) { emu::record(CAMEX_PC, p, N, true); }
+  extern "C" void __tsan_volatile_read##N(void *p) { emu::checked(CAMEX_PC, p, N, false); }       \
+  extern "C" void __tsan_volatile_write##N(void *p) { emu::checked(CAMEX_PC, p, N, true); }
 CAMEX_RW(1)
 CAMEX_RW(2)
 CAMEX_RW(4)

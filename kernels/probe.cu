@@ -76,3 +76,61 @@ extern "C" int camex_ldst_probe(int32_t trans, int32_t wait, uint64_t src, uint6
   CAMEX_CHECK_LAUNCH();
   return 0;
 }
+
+// ---- what the GPU faults on, and races ----
+// One block of 64 threads. kind 0: lane 0 loads the float of `src` at byte offset `offset` (a
+// misaligned load where offset % 4 != 0; the host's own 16-byte vector loads would fault on the CPU
+// first); kind 1: warp 0's ldmatrix.x4 with its rows
+// `offset` bytes past 16-byte boundaries of a shared tile; kind 2: lane 0's 16-byte cp.async into
+// a shared tile at byte offset `offset`; kind 3 (a race, on purpose): thread 63 stores 1 to a shared
+// word that thread 0 reads with no barrier between them, and dst[0] gets what thread 0 read (the
+// word starts at 0, so 0 or 1 by who ran first). Only the emulation runs kinds 0-2 with a bad offset:
+// on a GPU they fail the launch and spoil the context.
+namespace {
+// Instance K of one kernel: 1 is launched without an opt-in, 2 with one (an opt-in is per kernel).
+template <int K> __global__ void fault_probe_kernel(int kind, int offset, const char *src, float *dst) {
+  __shared__ __align__(16) uint16_t tile[32 * 24];
+  __shared__ int word;
+  const int t = threadIdx.x, lane = t & 31;
+  if (t == 0) word = 0;
+  for (int k = t; k < 32 * 24; k += blockDim.x) tile[k] = 0;
+  __syncthreads();
+  if (kind == 0 && t == 0) {
+    dst[0] = *reinterpret_cast<const float *>(src + offset);
+  } else if (kind == 1 && t < 32) {
+    uint32_t d[4];
+    ldmatrix_x4<false>(d, reinterpret_cast<const char *>(&tile[lane * 24]) + offset);
+    dst[lane] = __uint_as_float(d[0]);
+  } else if (kind == 2 && t == 0) {
+    cp_async_16(reinterpret_cast<char *>(tile) + offset, src);
+    cp_async_commit();
+    cp_async_wait<0>();
+    dst[0] = (float)tile[0];
+  } else if (kind == 3) {
+    if (t == 63) *reinterpret_cast<volatile int *>(&word) = 1;
+    if (t == 0) dst[0] = (float)*reinterpret_cast<volatile int *>(&word);
+  }
+}
+}  // namespace
+
+// kind and offset: as fault_probe_kernel says (kinds 0-3), or kind 4: a launch with 64 KiB of
+// dynamic shared memory and no opt-in (refused), kind 5: the same after the opt-in (runs kind 3's
+// code); src: at least offset + 16 bytes, dst 32 floats.
+extern "C" int camex_fault_probe(int32_t kind, int32_t offset, uint64_t src, uint64_t dst, camex_stream_t stream) {
+  if (kind < 0 || kind > 5 || offset < 0 || offset > 64) return CAMEX_ERR_DIMS;
+  cudaStream_t st = (cudaStream_t)stream;
+  const char *s = ptr<const char>(src);
+  float *d = ptr<float>(dst);
+  constexpr int64_t big = 64 * 1024;
+  if (kind == 4) {
+    CAMEX_LAUNCH_SMEM(fault_probe_kernel<1>, 1, 64, big, st)(3, offset, s, d);
+  } else if (kind == 5) {
+    const cudaError_t e = CAMEX_SET_MAX_SMEM(fault_probe_kernel<2>, big);
+    if (e != cudaSuccess) return (int)e;
+    CAMEX_LAUNCH_SMEM(fault_probe_kernel<2>, 1, 64, big, st)(3, offset, s, d);
+  } else {
+    CAMEX_LAUNCH(fault_probe_kernel<0>, 1, 64, st)(kind, offset, s, d);
+  }
+  CAMEX_CHECK_LAUNCH();
+  return 0;
+}

@@ -640,3 +640,68 @@ fn the_dots_ride_on_the_h_pass_where_they_can() {
         assert!(at(first) < at("finalize_kernel<T>"), "{what}");
     }
 }
+
+/// What a GPU faults on fails the emulated launch as it would there (cudaErrorMisalignedAddress):
+/// a load off its alignment, an ldmatrix row or a cp.async off 16 bytes, more than 48 KiB of
+/// dynamic shared memory without the kernel's opt-in. And a block's
+/// threads take their turns in either order (the default alternates launch by launch), so that a
+/// kernel with a race (a missing barrier) gives different results in the tests.
+#[test]
+fn gpu_faults_fail_the_launch_and_races_show() {
+    if !emulated("gpu_faults_fail_the_launch_and_races_show") {
+        return;
+    }
+    const MISALIGNED: i32 = 716; // cudaErrorMisalignedAddress
+    let src = aligned(64, 1.0);
+    let probe = |kind: i32, offset: i32| -> (i32, f32) {
+        let dst = aligned(32, f32::NAN);
+        // SAFETY: src holds 256 bytes (offset + 16 at most 80), dst 32 floats (emulation: host memory).
+        let rc = unsafe {
+            ffi::camex_fault_probe(
+                kind,
+                offset,
+                src.as_ptr() as u64,
+                dst.as_ptr() as u64,
+                std::ptr::null_mut(),
+            )
+        };
+        (rc, dst[0].0[0])
+    };
+    // A float load at offsets 0, 4 (aligned) and 2; ldmatrix rows and a 16-byte cp.async at
+    // offset 0 (aligned) and 2, 4, 8.
+    let cases: [(i32, &[i32], &[i32]); 3] = [
+        (0, &[0, 4], &[2]),
+        (1, &[0], &[2, 4, 8]),
+        (2, &[0], &[2, 4, 8]),
+    ];
+    for (kind, fine, bad) in cases {
+        for &off in fine {
+            let (rc, v) = probe(kind, off);
+            assert_eq!(rc, 0, "kind {kind}, offset {off}");
+            assert!(kind != 0 || v == 1.0, "the float at offset {off}: {v}");
+        }
+        for &off in bad {
+            assert_eq!(probe(kind, off).0, MISALIGNED, "kind {kind}, offset {off}");
+        }
+    }
+    // More than 48 KiB of dynamic shared memory: refused (cudaErrorInvalidValue) without the
+    // kernel's opt-in, run with it.
+    assert_eq!(probe(4, 0).0, 1, "64 KiB without an opt-in");
+    assert_eq!(probe(5, 0).0, 0, "64 KiB after the opt-in");
+    // The race: thread 0 reads a word thread 63 stores, with no barrier between them.
+    // SAFETY: settings of this thread's emulated launches, restored after.
+    let prev = unsafe { ffi::camex_emu_thread_order(0) };
+    let forward = probe(3, 0);
+    unsafe { ffi::camex_emu_thread_order(1) };
+    let reverse = probe(3, 0);
+    unsafe { ffi::camex_emu_thread_order(2) };
+    let mut alternate = [probe(3, 0).1, probe(3, 0).1];
+    unsafe { ffi::camex_emu_thread_order(prev) };
+    assert_eq!((forward, reverse), ((0, 0.0), (0, 1.0)));
+    alternate.sort_by(f32::total_cmp);
+    assert_eq!(
+        alternate,
+        [0.0, 1.0],
+        "two launches in turn, one in each order"
+    );
+}
