@@ -187,7 +187,8 @@ const char *camex_error_name(int code);
 const char *camex_error_string(int code);
 
 /* Tensor-core paths for f16/bf16 storage, per calling thread: the two-stage Kronecker curvature
- * forward (kernels/kron_tc.cuh), its fused backward (kernels/kron_tc_bwd.cuh), and the strided GEMM
+ * forward (kernels/kron_tc.cuh), its fused backward (kernels/kron_tc_bwd.cuh), the bf16 merge
+ * backward's dots in H's pass (h_dots_kernel, kernels/merge.cuh), and the strided GEMM
  * behind the merged linear layer and the reverse chain of shapes the fused kernels do not take
  * (factors over 64, or shared memory over the device's limit) (gemm_tc_kernel, kernels/gemm.cuh). mode: 1 on, 0 off,
  * -1 the process default (environment CAMEX_TENSOR_CORES=1 turns it on; off otherwise, the README's

@@ -572,7 +572,8 @@ template <typename T> struct HPass {
   GroupSum<T> sum;
 };
 
-// Whether h_dots_kernel computes the dots with H, for bf16 storage (Gbar exact in the mma's bf16;
+// Whether h_dots_kernel computes the dots with H: on the tensor cores, so only where they are
+// switched on (camex_tensor_cores(): opt-in until a GPU has run them), for bf16 storage (Gbar exact in the mma's bf16;
 // merge_reverse_scalars asks for bf16 alone): no DARE per element (whose zeta differs per group,
 // expert and element; per expert it is one factor of each dot), at most H_EXPERTS experts and
 // 16 HD_MT groups, and U either bf16 storage or f32 that H does not overwrite with values of
@@ -580,7 +581,7 @@ template <typename T> struct HPass {
 // writes).
 template <typename T> inline bool h_dots_taken(const MergeArgs<T> &a, const HPass<T> &h) {
   const bool u_ok = a.u.kind == U_STORE || (a.u.kind == U_F32 && !h.ht);
-  return a.dare.kind != CAMEX_DARE_ELEMENT && a.n <= H_EXPERTS && a.g <= 16 * HD_MT && a.g * a.n <= H_SCORES && u_ok;
+  return camex_tensor_cores() && a.dare.kind != CAMEX_DARE_ELEMENT && a.n <= H_EXPERTS && a.g <= 16 * HD_MT && a.g * a.n <= H_SCORES && u_ok;
 }
 
 // Workspace floats of merge_reverse_scalars: dots + bias dots + ip scratch.

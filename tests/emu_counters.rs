@@ -521,8 +521,8 @@ fn smem_limit_steers_the_tensor_core_path() {
 
 /// The merge op's backward reads the upstream gradient once where `h_dots_kernel` takes it (bf16,
 /// no DARE or DARE per expert: the dots of grad_scores and grad_alpha in H's pass, with or without
-/// a mask tensor), and twice otherwise: `dots_kernel` (or `dots_dare_kernel`) and then `h_kernel`
-/// (f16, or DARE per element). `emu.rs` checks the values.
+/// a mask tensor, tensor cores on), and twice otherwise: `dots_kernel` (or `dots_dare_kernel`) and
+/// then `h_kernel` (f16, DARE per element, or the tensor cores off). `emu.rs` checks the values.
 #[test]
 fn the_dots_ride_on_the_h_pass_where_they_can() {
     let _g = COUNTING.lock().unwrap_or_else(|e| e.into_inner());
@@ -540,38 +540,46 @@ fn the_dots_ride_on_the_h_pass_where_they_can() {
         kind: ffi::camex_dare_kind_CAMEX_DARE_EXPERT as i32,
         ..element
     };
+    // (f16, mask, DARE, tensor cores on, the kernel that computes the dots, the one after it)
+    let none = ffi::camex_dare::default();
     let cases = [
         (
             false,
             false,
-            ffi::camex_dare::default(),
+            none,
+            true,
             "h_dots_kernel<T>",
             "dots_kernel<T>",
         ),
         (
             false,
             true,
-            ffi::camex_dare::default(),
+            none,
+            true,
             "h_dots_kernel<T>",
             "dots_kernel<T>",
         ),
+        (true, false, none, true, "dots_kernel<T>", "h_kernel<T>"),
         (
-            true,
             false,
-            ffi::camex_dare::default(),
-            "dots_kernel<T>",
+            false,
+            element,
+            true,
+            "dots_dare_kernel<T>",
             "h_kernel<T>",
         ),
-        (false, false, element, "dots_dare_kernel<T>", "h_kernel<T>"),
         (
             false,
             true,
             expert,
+            true,
             "h_dots_kernel<T>",
             "dots_dare_kernel<T>",
         ),
+        // h_dots_kernel is a tensor-core kernel: opt-in like the others until a GPU has run it.
+        (false, false, none, false, "dots_kernel<T>", "h_kernel<T>"),
     ];
-    for (f16, with_mask, dare, first, second) in cases {
+    for (f16, with_mask, dare, tc, first, second) in cases {
         let v = |k: usize, seed: u64| varied(k, seed, f16);
         let (base, curved, scores, mask) =
             (v(o * i, 1), v(n * o * i, 2), v(g * n, 3), v(n * o * i, 4));
@@ -610,14 +618,18 @@ fn the_dots_ride_on_the_h_pass_where_they_can() {
         p.workspace = pt(&ws);
         p.workspace_bytes = (ws.len() * 256) as i64;
         let recs = counted(1, || {
-            // SAFETY: as above (emulation: host pointers).
-            assert_eq!(
-                unsafe { ffi::camex_merge_backward(&p, std::ptr::null_mut()) },
-                0
-            );
+            // SAFETY: this thread's tensor-core mode, restored after; then as above (emulation:
+            // host pointers).
+            unsafe { ffi::camex_set_tensor_cores(tc as i32) };
+            let rc = unsafe { ffi::camex_merge_backward(&p, std::ptr::null_mut()) };
+            unsafe { ffi::camex_set_tensor_cores(-1) };
+            assert_eq!(rc, 0);
         });
         let names: Vec<String> = recs.iter().map(kernel_name).collect();
-        let what = format!("f16 {f16}, mask {with_mask}, dare {}: {names:?}", dare.kind);
+        let what = format!(
+            "f16 {f16}, mask {with_mask}, dare {}, tensor cores {tc}: {names:?}",
+            dare.kind
+        );
         let at = |k: &str| names.iter().position(|x| x == k);
         assert_eq!(
             names.iter().filter(|x| x.as_str() == first).count(),
@@ -648,6 +660,8 @@ fn the_dots_ride_on_the_h_pass_where_they_can() {
 /// kernel with a race (a missing barrier) gives different results in the tests.
 #[test]
 fn gpu_faults_fail_the_launch_and_races_show() {
+    // Counting (another test's, process-wide) would count these launches and run threads in order.
+    let _g = COUNTING.lock().unwrap_or_else(|e| e.into_inner());
     if !emulated("gpu_faults_fail_the_launch_and_races_show") {
         return;
     }
