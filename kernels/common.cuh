@@ -119,16 +119,24 @@ struct Arena {
 #define CAMEX_LAUNCH_WHOLE(kernel, grid, block, stream) kernel<<<(grid), (block), 0, (stream)>>>
 // The block's dynamic shared memory, as `char *name` (16-byte aligned).
 #define CAMEX_DYNAMIC_SMEM(name) extern __shared__ __align__(16) char name[]
-// Opt-in above 48 KB of dynamic shared memory (sm_80: up to 163 KB, sm_90: 227 KB), `bytes` being
-// the device's whole opt-in limit or less. The runtime refuses an opt-in whose sum with the kernel's
-// static __shared__ bytes exceeds the limit, so a kernel with any (scripts/check-ptxas.sh fails on
-// them: the layouts count the dynamic buffer alone) gets the rest rather than an error.
+// Opt-in above 48 KB of dynamic shared memory (sm_80: up to 163 KB, sm_90: 227 KB): `bytes`, or
+// what the device's opt-in limit leaves beside the kernel's static __shared__ bytes if that is less
+// (the runtime refuses an opt-in whose sum with them exceeds the limit; scripts/check-ptxas.sh
+// keeps static shared memory out of the kernels that opt in to the whole limit, whose layouts count
+// the dynamic buffer alone).
 namespace camex {
 inline cudaError_t set_max_dynamic_smem(const void *kernel, int64_t bytes) {
   cudaFuncAttributes a;
-  const cudaError_t e = cudaFuncGetAttributes(&a, kernel);
-  if (e != cudaSuccess) return e;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)(bytes - (int64_t)a.sharedSizeBytes));
+  int dev = 0, optin = 0;
+  cudaError_t e = cudaFuncGetAttributes(&a, kernel);
+  if (e == cudaSuccess) e = cudaGetDevice(&dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (e == cudaSuccess) {
+    const int64_t room = (int64_t)optin - (int64_t)a.sharedSizeBytes;
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)(bytes < room ? bytes : room));
+  }
+  if (e != cudaSuccess) (void)cudaGetLastError();  // returned here, not left for the next check
+  return e;
 }
 }  // namespace camex
 #define CAMEX_SET_MAX_SMEM(kernel, bytes) ::camex::set_max_dynamic_smem((const void *)(kernel), (int64_t)(bytes))
@@ -139,6 +147,17 @@ inline cudaError_t set_max_dynamic_smem(const void *kernel, int64_t bytes) {
   do {                                                \
     cudaError_t camex_e_ = cudaGetLastError();        \
     if (camex_e_ != cudaSuccess) return (int)camex_e_; \
+  } while (0)
+
+// A CUDA runtime call whose error the launcher returns: cleared from the runtime's last-error slot
+// too (a failing call also sets it), so that the next op's CAMEX_CHECK_LAUNCH does not report it.
+#define CAMEX_TRY_RT(expr)                      \
+  do {                                          \
+    cudaError_t camex_e_ = (expr);              \
+    if (camex_e_ != cudaSuccess) {              \
+      (void)cudaGetLastError();                 \
+      return (int)camex_e_;                     \
+    }                                           \
   } while (0)
 
 #define CAMEX_TRY(expr)        \

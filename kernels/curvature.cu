@@ -97,8 +97,7 @@ template <typename T> int curvature_backward_t(const camex_curvature_params &p, 
   const T *gc = ptr<const T>(p.grad_curved);
   T *grad_base = ptr<T>(p.grad_base), *grad_experts = ptr<T>(p.grad_experts);
   if (p.r == 0) {
-    cudaError_t e = cudaMemcpyAsync(grad_experts, gc, sizeof(T) * p.n * oi, cudaMemcpyDeviceToDevice, s);
-    if (e != cudaSuccess) return (int)e;
+    CAMEX_TRY_RT(cudaMemcpyAsync(grad_experts, gc, sizeof(T) * p.n * oi, cudaMemcpyDeviceToDevice, s));
     CAMEX_LAUNCH(sum_experts_kernel<T>, grid_for(oi, 256), 256, s)(gc, grad_base, p.n, oi, -1.f);
     CAMEX_CHECK_LAUNCH();
     return 0;

@@ -743,6 +743,10 @@ void run(dim3 g, dim3 b, const char *kernel, const void *fn, int64_t smem, void 
   }
   Worker *const outer = t_worker;  // null: launches do not nest
   for (const Blk &blk : blocks) {
+    // A block's dynamic shared memory starts as whatever the SM held (often the previous block's
+    // data), never zeroed: all-ones bytes here, NaN in f32, f16 and bf16, so that a kernel reading
+    // shared memory it never wrote gets NaN in its results instead of a lucky zero.
+    if (smem > 0) std::memset(dyn_buf, 0xff, (size_t)smem);
     for (unsigned t = 0; t < nt; ++t) {
       Worker &w = *workers[t];
       w.bid = blk.idx;

@@ -857,8 +857,10 @@ inline int64_t tc_smem_limit() {
 #else
   int dev = 0, v = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+      cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+    (void)cudaGetLastError();  // the fallback stands; no later check should report it
     return 48 * 1024;
+  }
   return v < TC_SMEM_MAX ? v : TC_SMEM_MAX;
 #endif
 }

@@ -1159,8 +1159,10 @@ inline int64_t tc_sm_count() {
 #else
   int dev = 0, v = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-      v <= 0)
+      v <= 0) {
+    (void)cudaGetLastError();  // the fallback stands; no later check should report it
     return 132;
+  }
   return v;
 #endif
 }
@@ -1275,8 +1277,7 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
   // The counters start at zero; the last group of each slab sets its counter back to zero. Zeroed
   // on expert 0, the first call of an op on its (fresh) workspace: both callers go in expert order.
   if (groups > 1 && expert == 0) {
-    err = cudaMemsetAsync(sem, 0, (size_t)slabs * sizeof(unsigned), s);
-    if (err != cudaSuccess) return (int)err;
+    CAMEX_TRY_RT(cudaMemsetAsync(sem, 0, (size_t)slabs * sizeof(unsigned), s));
   }
   const dim3 bgrid((unsigned)slabs, (unsigned)groups);
   // Stage 1 of each later round runs in the previous round's rows-side launch

@@ -299,18 +299,7 @@ pub trait Backend<E> {
         shapes: &[Vec<usize>],
         f: impl FnOnce(&CaMergeInputs<Self::Tensor>) -> Result<R>,
     ) -> Result<R> {
-        // SAFETY: the pieces are read only by `f`, and dropped at the end of this call, before
-        // `packed` (which the caller still borrows).
-        let mut pieces = unsafe { self.unpack(packed, shapes) }?;
-        let factors = pieces.split_off(1);
-        f(&CaMergeInputs {
-            base,
-            experts,
-            scores: &pieces[0],
-            curvature: Curvature::from_slice(&factors)?,
-            base_bias: None,
-            expert_bias: None,
-        })
+        packed_ca_inputs(self, base, experts, packed, shapes, f)
     }
 
     fn curvature(
@@ -534,4 +523,27 @@ pub(crate) fn check_packed(len: usize, shapes: &[Vec<usize>]) -> Result<()> {
         return Err(Error::shape("packed", format!("[{total}]"), &[len]));
     }
     Ok(())
+}
+
+/// [`Backend::with_packed_ca_inputs`]'s work, which a backend's own version may wrap.
+pub(crate) fn packed_ca_inputs<T, B: Backend<T> + ?Sized, R>(
+    b: &B,
+    base: &B::Tensor,
+    experts: &B::Tensor,
+    packed: &B::Tensor,
+    shapes: &[Vec<usize>],
+    f: impl FnOnce(&CaMergeInputs<B::Tensor>) -> Result<R>,
+) -> Result<R> {
+    // SAFETY: the pieces are read only by `f`, and dropped at the end of this call, before
+    // `packed` (which the caller still borrows).
+    let mut pieces = unsafe { b.unpack(packed, shapes) }?;
+    let factors = pieces.split_off(1);
+    f(&CaMergeInputs {
+        base,
+        experts,
+        scores: &pieces[0],
+        curvature: Curvature::from_slice(&factors)?,
+        base_bias: None,
+        expert_bias: None,
+    })
 }

@@ -34,6 +34,13 @@ fn opt<T>(v: &Option<Vec<T>>) -> u64 {
     v.as_ref().map_or(0, |v| p(v))
 }
 
+/// A workspace of `bytes` (one more, for the launchers' alignment), every byte 0xFF (NaN in every
+/// dtype): on a GPU a workspace is uninitialised (often recycled) memory, so a kernel reading scratch
+/// it did not write gets NaN here instead of a lucky zero.
+fn scratch(bytes: i64) -> Vec<u8> {
+    vec![0xFF; bytes as usize + 1]
+}
+
 fn nan<T: Dt>(n: usize) -> Vec<T> {
     vec![T::from_f32(f32::NAN); n.max(1)]
 }
@@ -209,7 +216,7 @@ fn ca_case<T: Dt>(sh: Sh, kron: bool, opts: MergeOptions, bias: bool) -> GradBit
     let fo = co.low.then(|| off::ca_merge(&T::q, &x, &co.mask));
     // forward
     // SAFETY: host-side size computation.
-    let ws = vec![0u8; unsafe { ffi::camex_ca_merge_workspace(&prm, 0) } as usize + 1];
+    let ws = scratch(unsafe { ffi::camex_ca_merge_workspace(&prm, 0) });
     let merged = nan::<T>(g * o * i);
     let merged_bias = bias.then(|| nan::<T>(g * o));
     let next_base = opts.beta.map(|_| nan::<T>(o * i));
@@ -304,7 +311,7 @@ fn ca_case<T: Dt>(sh: Sh, kron: bool, opts: MergeOptions, bias: bool) -> GradBit
         b.grad_base_bias = opt(&gbb);
         b.grad_expert_bias = opt(&geb);
         // SAFETY: host-side size computation.
-        let ws = vec![0u8; unsafe { ffi::camex_ca_merge_workspace(&b, 1) } as usize + 1];
+        let ws = scratch(unsafe { ffi::camex_ca_merge_workspace(&b, 1) });
         b.workspace = p(&ws);
         b.workspace_bytes = ws.len() as i64;
         // SAFETY: as above.
@@ -575,7 +582,7 @@ fn curvature_case<T: Dt>(sh: Sh, kron: bool) {
     let factors = kron.then(|| [fv[0], fv[1], fv[2], fv[3]]);
     let prm = curvature_params(sh, w.split, &w.base.1, &w.experts.1, factors);
     // SAFETY: host-side size computation, then host buffers of the implied sizes (emulation).
-    let ws = vec![0u8; unsafe { ffi::camex_curvature_workspace(&prm, 0) } as usize + 1];
+    let ws = scratch(unsafe { ffi::camex_curvature_workspace(&prm, 0) });
     let curved = nan::<T>(n * o * i);
     let mut f = prm;
     f.curved = p(&curved);
@@ -600,7 +607,7 @@ fn curvature_case<T: Dt>(sh: Sh, kron: bool) {
 
     let mut rng = Rng(77);
     let gc = host::<T>(&rng.tensor(&[n, o, i], 1.0));
-    let ws = vec![0u8; unsafe { ffi::camex_curvature_workspace(&prm, 1) } as usize + 1];
+    let ws = scratch(unsafe { ffi::camex_curvature_workspace(&prm, 1) });
     let gb = nan::<T>(o * i);
     let ge = nan::<T>(n * o * i);
     let gfs: Vec<Vec<T>> = w.factors.iter().map(|f| nan::<T>(f.0.len())).collect();
@@ -750,7 +757,7 @@ fn emu_ties_mask_matches_cpu() {
                 ..Default::default()
             };
             // SAFETY: size query, then host buffers of the implied sizes (emulation).
-            let ws = vec![0u8; unsafe { ffi::camex_mask_workspace(&prm) } as usize + 1];
+            let ws = scratch(unsafe { ffi::camex_mask_workspace(&prm) });
             let out = nan::<f32>(sh.n * sh.o * sh.i);
             prm.mask = p(&out);
             prm.workspace = p(&ws);
@@ -827,7 +834,7 @@ fn merge_case<T: Dt>(sh: Sh, dare: Dare, with_mask: bool, bias: bool) {
     }
     let gm = host::<T>(&rng.tensor(&[g, o, i], 1.0));
     let gmb = host::<T>(&rng.tensor(&[g, o], 1.0));
-    let ws = vec![0u8; unsafe { ffi::camex_merge_workspace(&prm, 1) } as usize + 1];
+    let ws = scratch(unsafe { ffi::camex_merge_workspace(&prm, 1) });
     let (gb, gc, gs, ga) = (
         nan::<T>(o * i),
         nan::<T>(n * o * i),
@@ -982,7 +989,7 @@ fn emu_linear_dynamic_segment_match_cpu() {
             ..Default::default()
         };
         // SAFETY: size query, then host buffers of the implied sizes (emulation).
-        let ws = vec![0u8; unsafe { ffi::camex_dynamic_workspace(&prm) } as usize + 1];
+        let ws = scratch(unsafe { ffi::camex_dynamic_workspace(&prm) });
         prm.workspace = p(&ws);
         prm.workspace_bytes = ws.len() as i64;
         ok(

@@ -200,7 +200,7 @@ proptest! {
             beta, next_base: out.as_mut_ptr() as u64, ..Default::default()
         };
         let ws_bytes = unsafe { ffi::camex_dynamic_workspace(&p) };
-        let mut ws = vec![0u8; ws_bytes.max(1) as usize];
+        let mut ws = vec![0xFFu8; ws_bytes.max(1) as usize]; // uninitialised on a GPU
         p.workspace = ws.as_mut_ptr() as u64;
         p.workspace_bytes = ws_bytes;
         prop_assert_eq!(unsafe { ffi::camex_dynamic_forward(&p, null()) }, 0);

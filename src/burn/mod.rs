@@ -188,9 +188,15 @@ fn flex_backward<F: Float + Element>(
 }
 
 fn expect_ok<T>(r: crate::Result<T>) -> T {
-    // [`ca_merge`] validated every shape and option before the op was recorded, so an error here
-    // is a bug in this adapter; burn's backend ops have no error channel.
-    r.unwrap_or_else(|e| panic!("camex burn ca_merge: {e} (inputs were validated; please report)"))
+    // burn's backend ops have no error channel. [`ca_merge`] validated every shape and option
+    // before the op was recorded, so any other error than the device's (out of memory, a CUDA
+    // failure) is a bug in this adapter.
+    r.unwrap_or_else(|e| match e {
+        crate::Error::Memory { .. } | crate::Error::Cuda { .. } => {
+            panic!("camex burn ca_merge: {e}")
+        }
+        e => panic!("camex burn ca_merge: {e} (inputs were validated; please report)"),
+    })
 }
 
 impl CamexBackend for Flex {

@@ -59,6 +59,21 @@ impl<T: Element> Backend<T> for Cuda {
         }
         Ok(out)
     }
+    /// As the default, holding `packed`'s read guard until `f` returns: its views carry none
+    /// (`CudaTensor::sub_view`), so the guard, dropped after `f` enqueued their reads, records
+    /// `packed`'s read event after them, and cudarc orders a free or write of `packed` on another
+    /// stream after those reads (not only after the views were made).
+    fn with_packed_ca_inputs<R>(
+        &self,
+        base: &D<T>,
+        experts: &D<T>,
+        packed: &D<T>,
+        shapes: &[Vec<usize>],
+        f: impl FnOnce(&CaMergeInputs<D<T>>) -> Result<R>,
+    ) -> Result<R> {
+        let (_ptr, _read) = packed.device_ptr(&self.stream);
+        crate::backend::packed_ca_inputs(self, base, experts, packed, shapes, f)
+    }
     /// No copy where the pieces are the parts of one op's packed output, in order (the backward
     /// ops' gradients of `scores` and the factors, written into one buffer) or a single piece;
     /// otherwise one device copy per piece, each counted ([`super::device_copies`]).

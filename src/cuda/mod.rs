@@ -166,8 +166,9 @@ pub fn new_stream(ordinal: usize) -> Result<Arc<CudaStream>> {
 
 static POISON: AtomicBool = AtomicBool::new(false);
 
-/// Debug aid (used by tests/gpu.rs): when on, every output buffer is filled with NaN bit patterns
-/// (all bytes 0xFF) before the kernels run, so an element a kernel forgets to write shows up.
+/// Debug aid (used by tests/gpu.rs): when on, every output buffer and workspace is filled with NaN
+/// bit patterns (all bytes 0xFF) before the kernels run, so an element a kernel forgets to write,
+/// or scratch it reads before writing, shows up.
 pub fn set_poison_outputs(on: bool) {
     POISON.store(on, Ordering::SeqCst);
 }
@@ -176,7 +177,8 @@ pub fn set_poison_outputs(on: bool) {
 /// Kronecker curvature forward of `kernels/kron_tc.cuh` (standalone `curvature`, the fused CA-merge,
 /// and the recompute inside their backward), the fused Kronecker backward of
 /// `kernels/kron_tc_bwd.cuh` (three kernels per round of ranks for dL/dtau and the four factor
-/// gradients), and the tensor-core strided GEMM behind the merged linear layer and the reverse chain
+/// gradients), the bf16 merge backward's dots in H's pass (`h_dots_kernel`, `kernels/merge.cuh`),
+/// and the tensor-core strided GEMM behind the merged linear layer and the reverse chain
 /// of shapes the fused kernels do not take (`kernels/gemm.cuh`). All accumulate in f32; which
 /// operands go through as bf16 hi + lo halves rather than once depends on the storage type and the
 /// kernel (`TcSplit` and `Prec` in `kernels/mma.cuh` say why). `Some(true)` on, `Some(false)`
@@ -656,6 +658,10 @@ pub(crate) fn device_check<T>(stream: &Arc<CudaStream>, name: &str, shape: &[usi
     require_driver()?;
     let ctx = stream.context();
     let (free, _total) = ctx.mem_get_info().map_err(cuda_err)?;
+    // Memory the stream-ordered pool keeps but no allocation uses (freed with cuMemFreeAsync, by
+    // this crate or candle, and not yet released at a synchronisation) serves the next allocation,
+    // though cuMemGetInfo counts it as used.
+    let free = free.saturating_add(pool_idle_bytes(ctx.cu_device()));
     let ordinal = ctx.ordinal();
     crate::memory::check_against(
         &[crate::memory::need(name, shape, std::mem::size_of::<T>())],
@@ -670,13 +676,48 @@ pub(crate) fn device_check<T>(stream: &Arc<CudaStream>, name: &str, shape: &[usi
     )
 }
 
+/// Bytes the device's default memory pool (the one `cuMemAllocAsync` draws from) holds unused; 0
+/// where the driver does not say.
+fn pool_idle_bytes(dev: cudarc::driver::sys::CUdevice) -> usize {
+    use cudarc::driver::{result, sys::CUmemPool_attribute as A};
+    let (mut reserved, mut used) = (0u64, 0u64);
+    // SAFETY: `dev` is the context's device; both attributes are cuuint64_t, written into u64s.
+    let got = unsafe {
+        result::device::get_default_mem_pool(dev).and_then(|pool| {
+            result::mem_pool::get_attribute(
+                pool,
+                A::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
+                (&raw mut reserved).cast(),
+            )?;
+            result::mem_pool::get_attribute(
+                pool,
+                A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
+                (&raw mut used).cast(),
+            )
+        })
+    };
+    match got {
+        Ok(()) => usize::try_from(reserved.saturating_sub(used)).unwrap_or(usize::MAX),
+        Err(_) => 0,
+    }
+}
+
 /// A workspace of `bytes` (at least 1) on the stream.
 pub(crate) fn workspace(stream: &Arc<CudaStream>, bytes: i64) -> Result<CudaSlice<u8>> {
     let len =
         usize::try_from(bytes.max(1)).map_err(|_| Error::option("workspace", "negative size"))?;
     device_check::<u8>(stream, "workspace", &[len])?;
     // SAFETY: scratch memory; the kernels initialise every byte they read.
-    unsafe { stream.alloc::<u8>(len) }.map_err(cuda_err)
+    let mut ws = unsafe { stream.alloc::<u8>(len) }.map_err(cuda_err)?;
+    if POISON.load(Ordering::SeqCst) {
+        // Under set_poison_outputs scratch starts as NaN too, so that a kernel reading scratch it
+        // never wrote fails the tests instead of finding the zeros of fresh pool pages.
+        let (p, _g) = ws.device_ptr_mut(stream);
+        // SAFETY: p is a live allocation of len bytes on this stream.
+        unsafe { cudarc::driver::result::memset_d8_async(p, 0xFF, len, stream.cu_stream()) }
+            .map_err(cuda_err)?;
+    }
+    Ok(ws)
 }
 
 /// DARE options resolved exactly like the CPU path (src/philox.rs).
