@@ -87,13 +87,17 @@ __device__ __forceinline__ void frag_b_as(uint32_t b[2], const MmaT *s, int ld, 
 // Copies a k x k factor transposed (dst[j'][j] = f[j][j']) into zero-padded shared matrices
 // (ld = tc_ld: ld / 2 words is 4 mod 8). Each warp-wide store covers 8 rows j' x 4 columns j: the
 // rows fall in eight distinct groups of banks (4 (2m + 1) j' mod 32), the columns in one word pair
-// each, so one wavefront; 32 consecutive j' of one j, as a plain loop would store, took four.
-template <typename P, typename T>
+// each, so one wavefront; 32 consecutive j' of one j, as a plain loop would store, took four. Its
+// loads, though, read 16 bytes of each of four rows of f: half of each 32-byte sector. Sectors
+// (for the kernels bound by L2 traffic, not shared memory): 16 rows j' x 2 columns j, whole
+// sectors of two rows of f, for two wavefronts per store (rows j' and j' + 8 share banks).
+template <typename P, bool Sectors = false, typename T>
 __device__ __forceinline__ void load_factor_t(MmaT *hi, MmaT *lo, const T *f, int k, int ld) {
-  const int tr = (k + 7) / 8, tiles = tr * ((k + 3) / 4);  // 8 x 4 tiles (j', j)
+  constexpr int TR = Sectors ? 16 : 8, TC = 32 / TR;  // TR x TC tiles (j', j)
+  const int tr = (k + TR - 1) / TR, tiles = tr * ((k + TC - 1) / TC);
   for (int x = threadIdx.x; x < tiles * 32; x += TC_THREADS) {
     const int tile = x >> 5, l = x & 31;
-    const int jp = (tile % tr) * 8 + (l & 7), j = (tile / tr) * 4 + (l >> 3);
+    const int jp = (tile % tr) * TR + l % TR, j = (tile / tr) * TC + l / TR;
     if (jp >= k || j >= k) continue;
     const int64_t at = (int64_t)jp * ld + j;
     const float v = to_f32(f[j * k + jp]);
@@ -948,8 +952,8 @@ __device__ __forceinline__ bool rows_bwd_body(char *smem, CAMEX_ROWS_BWD_PARAMS,
     const MmaT *zs = z + rl * ZMem<BwdZ<T>>::planes * plane + slab_at(q0, 0, O);
     float *out = part + (rl * slabs + slab) * ((int64_t)o1 * o1 + (int64_t)o2 * o2);
     __syncthreads();  // the previous rank is done with shared memory
-    load_factor_t<P>(Ath, Atl, fa + (r * nexp + expert) * o1 * o1, o1, L.la);
-    load_factor_t<P>(Bth, Btl, fb + (r * nexp + expert) * o2 * o2, o2, L.lb);
+    load_factor_t<P, true>(Ath, Atl, fa + (r * nexp + expert) * o1 * o1, o1, L.la);
+    load_factor_t<P, true>(Bth, Btl, fb + (r * nexp + expert) * o2 * o2, o2, L.lb);
     // K's slab: K[a][b * 8 + j] = zs[(b * o1 + a) * 8 + j], one 16-byte copy per plane. Consecutive
     // lanes take consecutive Z rows (whole sectors), rows a whose ly (an odd number of 16-byte
     // units) puts a phase's eight stores in eight bank groups.
