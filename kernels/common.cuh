@@ -119,24 +119,26 @@ struct Arena {
 #define CAMEX_LAUNCH_WHOLE(kernel, grid, block, stream) kernel<<<(grid), (block), 0, (stream)>>>
 // The block's dynamic shared memory, as `char *name` (16-byte aligned).
 #define CAMEX_DYNAMIC_SMEM(name) extern __shared__ __align__(16) char name[]
-// Opt-in above 48 KB of dynamic shared memory (sm_80: up to 163 KB, sm_90: 227 KB): `bytes`, or
-// what the device's opt-in limit leaves beside the kernel's static __shared__ bytes if that is less
-// (the runtime refuses an opt-in whose sum with them exceeds the limit; scripts/check-ptxas.sh
-// keeps static shared memory out of the kernels that opt in to the whole limit, whose layouts count
-// the dynamic buffer alone).
+// Opt-in above 48 KB of dynamic shared memory (sm_80: up to 163 KB, sm_90: 227 KB). The runtime
+// refuses an opt-in whose sum with the kernel's static __shared__ bytes exceeds the device's limit,
+// and the launchers opt in to the whole limit: scripts/check-ptxas.sh keeps static shared memory
+// out of every kernel named here. A refusal is returned, and cleared from the runtime's last-error
+// slot so that the next op's CAMEX_CHECK_LAUNCH does not report it again.
 namespace camex {
 inline cudaError_t set_max_dynamic_smem(const void *kernel, int64_t bytes) {
-  cudaFuncAttributes a;
-  int dev = 0, optin = 0;
-  cudaError_t e = cudaFuncGetAttributes(&a, kernel);
-  if (e == cudaSuccess) e = cudaGetDevice(&dev);
-  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  if (e == cudaSuccess) {
-    const int64_t room = (int64_t)optin - (int64_t)a.sharedSizeBytes;
-    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)(bytes < room ? bytes : room));
-  }
-  if (e != cudaSuccess) (void)cudaGetLastError();  // returned here, not left for the next check
+  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+  if (e != cudaSuccess) (void)cudaGetLastError();
   return e;
+}
+// An attribute of the current device, or `fallback` where the runtime does not say (its error
+// cleared: the fallback stands, and no later check should report it).
+inline int device_attribute(cudaDeviceAttr attr, int fallback) {
+  int dev = 0, v = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&v, attr, dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return fallback;
+  }
+  return v;
 }
 }  // namespace camex
 #define CAMEX_SET_MAX_SMEM(kernel, bytes) ::camex::set_max_dynamic_smem((const void *)(kernel), (int64_t)(bytes))

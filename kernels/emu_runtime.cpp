@@ -235,22 +235,17 @@ inline bool is_shared(uintptr_t a) {
 // (the host's loads do not care; the SM raises cudaErrorMisalignedAddress), an ldmatrix row that is
 // not 16-byte aligned shared memory, a cp.async of another size or alignment or between the wrong
 // spaces. run() fails the launch with it.
-struct Fault {
-  const char *what = nullptr;
-  uintptr_t addr = 0, pc = 0;
-  size_t size = 0;
-};
-Fault g_fault;
+bool g_faulted = false;
 const char *g_kernel = "";  // the running launch's kernel
-// Said at once (the host may itself fault on the access next: an aligned SSE load), and failed at
-// the launch's end.
+// Said at once (the host may itself fault on the access next: an aligned SSE load), the first of a
+// launch only, and failed at the launch's end.
 inline void fault(uintptr_t pc, const volatile void *p, size_t size, const char *what) {
-  if (g_fault.what) return;
-  g_fault = Fault{what, (uintptr_t)p, pc, size};
+  if (g_faulted) return;
+  g_faulted = true;
   std::fprintf(stderr,
                "camex emulation: %s in %s: %zu bytes at %#lx (instruction %#lx); on a GPU the launch fails "
                "(cudaErrorMisalignedAddress)\n",
-               what, g_kernel, size, (unsigned long)g_fault.addr, (unsigned long)pc);
+               what, g_kernel, size, (unsigned long)(uintptr_t)p, (unsigned long)pc);
 }
 // A kernel thread's naturally aligned access (the host compiler's __tsan_readN/__tsan_writeN: the
 // type promises n-byte alignment, as nvcc's vector loads and stores require it); a thread's locals
@@ -783,9 +778,9 @@ void run(dim3 g, dim3 b, const char *kernel, const void *fn, int64_t smem, void 
     t_worker = outer;
     if (count) count_block(workers, nt, blk.weight);
   }
-  if (g_fault.what) {  // the GPU would have stopped the kernel there and failed the launch
+  if (g_faulted) {  // the GPU would have stopped the kernel there and failed the launch
     t_launch_error = cudaErrorMisalignedAddress;
-    g_fault = Fault{};
+    g_faulted = false;
   }
   if (count) {
     // Distinct sectors, each with its weight; within a registered allocation at most its sectors.

@@ -855,12 +855,7 @@ inline int64_t tc_smem_limit() {
   const int64_t v = ::emu::smem_limit();  // the emulated device's (camex_emu_smem_limit)
   return v < TC_SMEM_MAX ? v : TC_SMEM_MAX;
 #else
-  int dev = 0, v = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
-    (void)cudaGetLastError();  // the fallback stands; no later check should report it
-    return 48 * 1024;
-  }
+  const int64_t v = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, 48 * 1024);
   return v < TC_SMEM_MAX ? v : TC_SMEM_MAX;
 #endif
 }

@@ -1161,13 +1161,8 @@ inline int64_t tc_sm_count() {
 #ifdef CAMEX_EMU
   return 132;
 #else
-  int dev = 0, v = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-      v <= 0) {
-    (void)cudaGetLastError();  // the fallback stands; no later check should report it
-    return 132;
-  }
-  return v;
+  const int v = device_attribute(cudaDevAttrMultiProcessorCount, 132);
+  return v > 0 ? v : 132;
 #endif
 }
 

@@ -379,22 +379,8 @@ impl<T: Element> CudaTensor<T> {
     pub(crate) fn output(stream: &Arc<CudaStream>, name: &str, shape: &[usize]) -> Result<Self> {
         device_check::<T>(stream, name, shape)?;
         let n: usize = shape.iter().product::<usize>().max(1);
-        // SAFETY: device memory of a plain-old-data type; every op writes all of it before it is
-        // read (or poisons it first).
-        let mut data = unsafe { stream.alloc::<T>(n) }.map_err(cuda_err)?;
-        if POISON.load(Ordering::SeqCst) {
-            let (p, _g) = data.device_ptr_mut(stream);
-            // SAFETY: p is a live allocation of n elements on this stream; 0xFF.. is a NaN in every dtype.
-            unsafe {
-                cudarc::driver::result::memset_d8_async(
-                    p,
-                    0xFF,
-                    n * std::mem::size_of::<T>(),
-                    stream.cu_stream(),
-                )
-            }
-            .map_err(cuda_err)?;
-        }
+        // Every op writes all of it before it is read.
+        let data = alloc_unwritten::<T>(stream, n)?;
         Ok(CudaTensor {
             shape: shape.to_vec(),
             data: Data::Owned(data),
@@ -707,17 +693,34 @@ pub(crate) fn workspace(stream: &Arc<CudaStream>, bytes: i64) -> Result<CudaSlic
     let len =
         usize::try_from(bytes.max(1)).map_err(|_| Error::option("workspace", "negative size"))?;
     device_check::<u8>(stream, "workspace", &[len])?;
-    // SAFETY: scratch memory; the kernels initialise every byte they read.
-    let mut ws = unsafe { stream.alloc::<u8>(len) }.map_err(cuda_err)?;
+    // The kernels initialise every byte they read.
+    alloc_unwritten::<u8>(stream, len)
+}
+
+/// `n` elements of device memory that the caller writes before anything reads them: left
+/// uninitialised, or all bytes 0xFF (NaN in every dtype) under [`set_poison_outputs`], so that a
+/// kernel reading what it never wrote fails the tests instead of finding the zeros of fresh pool
+/// pages.
+fn alloc_unwritten<T: cudarc::driver::DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    n: usize,
+) -> Result<CudaSlice<T>> {
+    // SAFETY: plain-old-data device memory, written (or poisoned below) before it is read.
+    let mut data = unsafe { stream.alloc::<T>(n) }.map_err(cuda_err)?;
     if POISON.load(Ordering::SeqCst) {
-        // Under set_poison_outputs scratch starts as NaN too, so that a kernel reading scratch it
-        // never wrote fails the tests instead of finding the zeros of fresh pool pages.
-        let (p, _g) = ws.device_ptr_mut(stream);
-        // SAFETY: p is a live allocation of len bytes on this stream.
-        unsafe { cudarc::driver::result::memset_d8_async(p, 0xFF, len, stream.cu_stream()) }
-            .map_err(cuda_err)?;
+        let (p, _g) = data.device_ptr_mut(stream);
+        // SAFETY: p is a live allocation of n elements on this stream.
+        unsafe {
+            cudarc::driver::result::memset_d8_async(
+                p,
+                0xFF,
+                n * std::mem::size_of::<T>(),
+                stream.cu_stream(),
+            )
+        }
+        .map_err(cuda_err)?;
     }
-    Ok(ws)
+    Ok(data)
 }
 
 /// DARE options resolved exactly like the CPU path (src/philox.rs).
