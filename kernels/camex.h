@@ -240,6 +240,11 @@ int32_t camex_emu_thread_order(int32_t order);
 /* add = 1: registers [ptr, ptr + bytes) as one allocation (a launch's distinct bytes within it are
  * then at most its size: sampling may over-estimate shared tiles); add = 0: forgets the one at ptr. */
 void camex_emu_register(uint64_t ptr, int64_t bytes, int32_t add);
+/* live = 1: [ptr, ptr + bytes) is a live allocation; live = 0: the one at ptr is gone. While any is
+ * live, a kernel thread's access to global memory outside all of them fails its launch
+ * (cudaErrorIllegalAddress), as memcheck would flag it on a GPU: the emulation tests' allocator
+ * reports every allocation (tests/emu_alloc). A no-op in a GPU build. */
+void camex_emu_track(uint64_t ptr, int64_t bytes, int32_t live);
 /* Copies up to `cap` records (oldest first) into `out`; returns how many there are. */
 int64_t camex_emu_launches(camex_emu_launch *out, int64_t cap);
 /* A one-warp probe whose counts are known in closed form (tests/emu_counters.rs): each lane copies
@@ -252,13 +257,15 @@ int camex_counter_probe(int32_t width, int32_t stride, uint64_t src, uint64_t ds
  * dst[4 l .. 4 l + 3] (kernels/probe.cu). */
 int camex_ldst_probe(int32_t trans, int32_t wait, uint64_t src, uint64_t dst, camex_stream_t stream);
 /* One block of 64 threads that does what a GPU faults on (kernels/probe.cu): kind 0 a 4-byte load
- * of `src` at byte offset `offset`, kind 1 an ldmatrix.x4 whose rows are `offset` bytes past
+ * of `src` at byte offset `offset` (up to 4096: past src's end on purpose), kind 1 an ldmatrix.x4 whose rows are `offset` bytes past
  * 16-byte boundaries of shared memory, kind 2 a 16-byte cp.async to shared memory at byte offset
  * `offset`; or, kind 3, a race between thread 63's store to a shared word and thread 0's load
  * (dst[0] = what thread 0 read: 0 or 1); kind 4 a launch with 64 KiB of dynamic shared memory and no
- * opt-in (cudaFuncSetAttribute), which the GPU refuses, kind 5 the same after its opt-in. The
- * emulation fails a launch with a misaligned access as a GPU does (cudaErrorMisalignedAddress);
- * never run kinds 0-2 with a bad offset on a GPU. */
+ * opt-in (cudaFuncSetAttribute), which the GPU refuses, kind 5 the same after its opt-in; kind 6
+ * one warp's lanes at two different warp collectives (__syncwarp and ldmatrix). The emulation fails
+ * a launch with a misaligned access as a GPU does (cudaErrorMisalignedAddress), and one with
+ * diverged collectives (cudaErrorLaunchFailure; undefined on a GPU); never run kinds 0-2 with a bad
+ * offset, or kind 6, on a GPU. */
 int camex_fault_probe(int32_t kind, int32_t offset, uint64_t src, uint64_t dst, camex_stream_t stream);
 
 /* Philox4x32-10 first word, for the known-answer test of kernels/philox.cuh from Rust:

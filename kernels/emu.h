@@ -9,7 +9,8 @@
 // orchestration, and fails a launch where the GPU would: a kernel thread's access off its natural
 // alignment, an ldmatrix row or cp.async off 16 bytes or outside shared memory
 // (cudaErrorMisalignedAddress), more dynamic shared memory than the device allows or than the
-// kernel's opt-in covers (cudaErrorInvalidValue). A block's threads take their turns between
+// kernel's opt-in covers (cudaErrorInvalidValue), one warp's lanes waiting at different warp
+// collectives (mma, ldmatrix, __syncwarp: cudaErrorLaunchFailure). A block's threads take their turns between
 // barriers in either order (camex_emu_thread_order), so a missing __syncthreads or __syncwarp shows
 // as results that differ. It cannot show the memory model across blocks, occupancy or the real
 // cudart (static __shared__ bytes against the opt-in: scripts/check-ptxas.sh checks those).

@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <pthread.h>
@@ -75,6 +76,8 @@ struct Warp {
   float c[32][4];
   const char *rows[32];  // ldmatrix row addresses
   uint32_t d[32][4];     // ldmatrix results
+  uint32_t coll[32];     // the warp collective each lane waits at (converged())
+  uintptr_t pc[32];      // and its instruction, for the report
 };
 
 // A cp.async not yet executed: it lands at the wait that covers its group.
@@ -235,18 +238,86 @@ inline bool is_shared(uintptr_t a) {
 // (the host's loads do not care; the SM raises cudaErrorMisalignedAddress), an ldmatrix row that is
 // not 16-byte aligned shared memory, a cp.async of another size or alignment or between the wrong
 // spaces. run() fails the launch with it.
-bool g_faulted = false;
-const char *g_kernel = "";  // the running launch's kernel
+cudaError_t g_fault = cudaSuccess;  // the launch's first fault, cudaSuccess if none
+const char *g_kernel = "";          // the running launch's kernel
 // Said at once (the host may itself fault on the access next: an aligned SSE load), the first of a
 // launch only, and failed at the launch's end.
-inline void fault(uintptr_t pc, const volatile void *p, size_t size, const char *what) {
-  if (g_faulted) return;
-  g_faulted = true;
+inline void fault(uintptr_t pc, const volatile void *p, size_t size, const char *what,
+                  cudaError_t err = cudaErrorMisalignedAddress) {
+  if (g_fault != cudaSuccess) return;
+  g_fault = err;
   std::fprintf(stderr,
                "camex emulation: %s in %s: %zu bytes at %#lx (instruction %#lx); on a GPU the launch fails "
-               "(cudaErrorMisalignedAddress)\n",
-               what, g_kernel, size, (unsigned long)(uintptr_t)p, (unsigned long)pc);
+               "(%s)\n",
+               what, g_kernel, size, (unsigned long)(uintptr_t)p, (unsigned long)pc,
+               err == cudaErrorMisalignedAddress ? "cudaErrorMisalignedAddress" : "cudaErrorIllegalAddress");
 }
+
+// Global memory's bounds (camex_emu_track): the emulation tests' allocator reports every allocation
+// and free, and while any is live a kernel thread's access to memory that is neither its own stack,
+// the launching thread's (the kernel's arguments), shared memory nor inside one live allocation
+// fails the launch (cudaErrorIllegalAddress). On a GPU a small overrun mostly reads or writes a
+// neighbouring buffer silently (compute-sanitizer's memcheck reports it); here the host's heap
+// would. g_tracked: lo -> hi, guarded by track_mutex; g_bounds: its sorted copy for the running
+// launch (under launch_mutex), refreshed at a launch's start when an allocation came or went.
+std::mutex track_mutex;
+std::map<uintptr_t, uintptr_t> &tracked() {
+  static auto *m = new std::map<uintptr_t, uintptr_t>;  // never destroyed: frees may come at exit
+  return *m;
+}
+uint64_t g_track_gen = 0;
+bool g_bounds_on = false;
+std::vector<std::pair<uintptr_t, uintptr_t>> g_bounds;
+uint64_t g_bounds_gen = ~0ull;
+uintptr_t g_hit_lo = 0, g_hit_hi = 0;  // the allocation the last check found
+
+void refresh_bounds() {
+  std::lock_guard<std::mutex> lock(track_mutex);
+  g_bounds_on = !tracked().empty();
+  if (g_bounds_gen != g_track_gen) {
+    g_bounds.assign(tracked().begin(), tracked().end());
+    g_bounds_gen = g_track_gen;
+  }
+  g_hit_lo = g_hit_hi = 0;
+}
+
+// Warp collectives (.sync.aligned: mma, ldmatrix, and __syncwarp with the full mask) must be reached
+// by all 32 lanes at the same instruction. The lanes share one barrier here, so lanes at different
+// collectives would pair up and exchange garbage; on a GPU that is undefined behaviour (a hang, or
+// wrong results). Each lane names the collective it waits at (kind: the instruction and variant)
+// and its address, and the last to arrive checks them; a mismatch fails the launch. The addresses
+// are the host compiler's: it could in principle duplicate one collective of the source into two
+// branches (jump threading) and so split convergent lanes, but every emulation test runs without
+// such a split (GCC 12, -O2), and two branches that each hold a collective are a kernel bug.
+enum : uint32_t { COLL_SYNCWARP = 1, COLL_MMA = 2, COLL_LDMATRIX = 16 /* + 2 num + trans */ };
+inline const char *coll_name(uint32_t k) {
+  static const char *const ld[] = {"ldmatrix.x1", "ldmatrix.x1.trans", "ldmatrix.x2", "ldmatrix.x2.trans",
+                                   "ldmatrix.x3", "ldmatrix.x3.trans", "ldmatrix.x4", "ldmatrix.x4.trans"};
+  if (k == COLL_SYNCWARP) return "__syncwarp";
+  if (k == COLL_MMA) return "mma.sync";
+  return k >= COLL_LDMATRIX + 2 && k < COLL_LDMATRIX + 10 ? ld[k - COLL_LDMATRIX - 2] : "?";
+}
+inline void arrive(Warp &w, unsigned lane, uint32_t kind, uintptr_t pc) {
+  w.coll[lane] = kind;
+  w.pc[lane] = pc;
+}
+inline bool converged(const Warp &w) {
+  for (unsigned l = 1; l < 32; ++l) {
+    if (w.coll[l] == w.coll[0] && w.pc[l] == w.pc[0]) continue;
+    if (g_fault == cudaSuccess) {
+      g_fault = cudaErrorLaunchFailure;
+      std::fprintf(stderr,
+                   "camex emulation: one warp's lanes at different warp collectives in %s: lane 0 at %s "
+                   "(instruction %#lx), lane %u at %s (instruction %#lx); on a GPU that is undefined "
+                   "(a hang or wrong results), here the launch fails (cudaErrorLaunchFailure)\n",
+                   g_kernel, coll_name(w.coll[0]), (unsigned long)w.pc[0], l, coll_name(w.coll[l]),
+                   (unsigned long)w.pc[l]);
+    }
+    return false;
+  }
+  return true;
+}
+
 // A kernel thread's naturally aligned access (the host compiler's __tsan_readN/__tsan_writeN: the
 // type promises n-byte alignment, as nvcc's vector loads and stores require it); a thread's locals
 // (its fiber stack) are registers or local memory on the GPU and are not checked.
@@ -284,8 +355,28 @@ inline void record(uintptr_t pc, const volatile void *p, size_t size, bool write
 }
 
 // The naturally aligned hooks: checked for alignment, then logged.
+inline void check_bounds(uintptr_t pc, const volatile void *p, size_t n) {
+  const Worker *w = t_worker;
+  const uintptr_t a = (uintptr_t)p;
+  if (!g_bounds_on || !w || (a >= g_hit_lo && a + n <= g_hit_hi)) return;
+  if ((a >= w->stack_lo && a < w->stack_hi) || (a >= g_host_lo && a < g_host_hi) || is_shared(a)) return;
+  auto it = std::upper_bound(g_bounds.begin(), g_bounds.end(), std::make_pair(a, UINTPTR_MAX));
+  if (it != g_bounds.begin() && a + n <= std::prev(it)->second) {
+    g_hit_lo = std::prev(it)->first;
+    g_hit_hi = std::prev(it)->second;
+    return;
+  }
+  fault(pc, p, n, "access outside every live allocation", cudaErrorIllegalAddress);
+}
+
 inline void checked(uintptr_t pc, const volatile void *p, size_t n, bool write) {
   check_aligned(pc, p, n);
+  check_bounds(pc, p, n);
+  record(pc, p, n, write);
+}
+// Accesses that promise no alignment (the host compiler's unaligned and range hooks).
+inline void bounded(uintptr_t pc, const volatile void *p, size_t n, bool write) {
+  check_bounds(pc, p, n);
   record(pc, p, n, write);
 }
 
@@ -504,7 +595,9 @@ void syncthreads() {
 void syncwarp() {
   Worker *w = t_worker;
   ++w->epoch;
-  fbar_wait(w->warp->bar, [] {});
+  Warp &wp = *w->warp;
+  arrive(wp, w->lane, COLL_SYNCWARP, (uintptr_t)__builtin_return_address(0));
+  fbar_wait(wp.bar, [&wp] { converged(wp); });
 }
 
 char *dyn_smem() { return dyn_buf; }
@@ -512,7 +605,7 @@ char *dyn_smem() { return dyn_buf; }
 bool counting() { return g_mode != 0; }
 
 unsigned atomic_add(unsigned *p, unsigned v) {
-  record((uintptr_t)__builtin_return_address(0), p, 4, true);
+  checked((uintptr_t)__builtin_return_address(0), p, 4, true);
   return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
 }
 
@@ -541,9 +634,11 @@ void mma_bf16(float c[4], const uint32_t a[4], const uint32_t b[2]) {
   }
   w.b[lane][0] = b[0];
   w.b[lane][1] = b[1];
+  arrive(w, lane, COLL_MMA, (uintptr_t)__builtin_return_address(0));
   // The last lane to arrive multiplies for the whole warp; each lane then takes its accumulators
   // (no lane deposits the next mma's fragments before every lane has arrived at it).
   fbar_wait(w.bar, [&w] {
+    converged(w);
     float A[16][16], B[16][8];
     for (unsigned l = 0; l < 32; ++l) {
       const unsigned g = l >> 2, t = l & 3;
@@ -586,7 +681,9 @@ void ldmatrix(uint32_t *d, int num, bool trans, const void *row) {
   }
   ++wk->epoch;
   w.rows[lane] = static_cast<const char *>(row);
+  arrive(w, lane, COLL_LDMATRIX + 2 * (uint32_t)num + (trans ? 1 : 0), (uintptr_t)__builtin_return_address(0));
   fbar_wait(w.bar, [&w, num, trans] {
+    if (!converged(w)) return;  // some lanes' row addresses were never given
     auto elem = [&w](int m, int r, int c) {
       uint16_t v;
       std::memcpy(&v, w.rows[8 * m + r] + 2 * c, 2);
@@ -609,7 +706,7 @@ void cp_async(void *dst, const void *src, int bytes, int src_bytes) {
       (uintptr_t)src % (unsigned)bytes != 0 || !is_shared((uintptr_t)dst) || is_shared((uintptr_t)src))
     fault(pc, dst, (size_t)bytes, "cp.async of another size, alignment or direction than global to shared");
   src_bytes = src_bytes < 0 ? 0 : (src_bytes > bytes ? bytes : src_bytes);
-  if (src_bytes > 0) record(pc, src, (size_t)src_bytes, false);
+  if (src_bytes > 0) bounded(pc, src, (size_t)src_bytes, false);
   record(pc, dst, (size_t)bytes, true);
   wk->pending.push_back(Pending{dst, src, bytes, src_bytes, wk->group});
 }
@@ -698,8 +795,14 @@ void run(dim3 g, dim3 b, const char *kernel, const void *fn, int64_t smem, void 
     rec.smem = smem;
     rec.blocks = (uint64_t)g.x * g.y * g.z;
     g_cur = &rec;
-    stack_of_self(g_host_lo, g_host_hi);
   }
+  // The launching thread's stack holds the kernel's arguments (Launcher's closure); found once per
+  // thread (for the main thread glibc reads /proc/self/maps).
+  thread_local uintptr_t host_lo = 0, host_hi = 0;
+  if (host_hi == 0) stack_of_self(host_lo, host_hi);
+  g_host_lo = host_lo;
+  g_host_hi = host_hi;
+  refresh_bounds();
   // The blocks to run and the weight of each (1 each without sampling).
   struct Blk {
     uint3 idx;
@@ -778,9 +881,9 @@ void run(dim3 g, dim3 b, const char *kernel, const void *fn, int64_t smem, void 
     t_worker = outer;
     if (count) count_block(workers, nt, blk.weight);
   }
-  if (g_faulted) {  // the GPU would have stopped the kernel there and failed the launch
-    t_launch_error = cudaErrorMisalignedAddress;
-    g_faulted = false;
+  if (g_fault != cudaSuccess) {  // the GPU would have stopped the kernel there and failed the launch
+    t_launch_error = g_fault;
+    g_fault = cudaSuccess;
   }
   if (count) {
     // Distinct sectors, each with its weight; within a registered allocation at most its sectors.
@@ -853,6 +956,14 @@ extern "C" void camex_emu_register(uint64_t ptr, int64_t bytes, int32_t add) {
   if (add && bytes > 0) v.insert(std::upper_bound(v.begin(), v.end(), r), r);
 }
 
+extern "C" void camex_emu_track(uint64_t ptr, int64_t bytes, int32_t live) {
+  std::lock_guard<std::mutex> lock(emu::track_mutex);
+  auto &m = emu::tracked();
+  if (live && bytes > 0) m[(uintptr_t)ptr] = (uintptr_t)ptr + (uintptr_t)bytes;
+  else m.erase((uintptr_t)ptr);
+  ++emu::g_track_gen;
+}
+
 extern "C" void camex_emu_reset(void) {
   std::lock_guard<std::mutex> r(emu::rec_mutex);
   emu::g_records.clear();
@@ -888,8 +999,8 @@ extern "C" int64_t camex_emu_launches(camex_emu_launch *out, int64_t cap) {
 #define CAMEX_RW(N)                                                                               \
   extern "C" void __tsan_read##N(void *p) { emu::checked(CAMEX_PC, p, N, false); }                \
   extern "C" void __tsan_write##N(void *p) { emu::checked(CAMEX_PC, p, N, true); }                \
-  extern "C" void __tsan_unaligned_read##N(void *p) { emu::record(CAMEX_PC, p, N, false); }       \
-  extern "C" void __tsan_unaligned_write##N(void *p) { emu::record(CAMEX_PC, p, N, true); }       \
+  extern "C" void __tsan_unaligned_read##N(void *p) { emu::bounded(CAMEX_PC, p, N, false); }      \
+  extern "C" void __tsan_unaligned_write##N(void *p) { emu::bounded(CAMEX_PC, p, N, true); }      \
   extern "C" void __tsan_volatile_read##N(void *p) { emu::checked(CAMEX_PC, p, N, false); }       \
   extern "C" void __tsan_volatile_write##N(void *p) { emu::checked(CAMEX_PC, p, N, true); }
 CAMEX_RW(1)
@@ -898,8 +1009,8 @@ CAMEX_RW(4)
 CAMEX_RW(8)
 CAMEX_RW(16)
 #undef CAMEX_RW
-extern "C" void __tsan_read_range(void *p, unsigned long n) { emu::record(CAMEX_PC, p, n, false); }
-extern "C" void __tsan_write_range(void *p, unsigned long n) { emu::record(CAMEX_PC, p, n, true); }
+extern "C" void __tsan_read_range(void *p, unsigned long n) { emu::bounded(CAMEX_PC, p, n, false); }
+extern "C" void __tsan_write_range(void *p, unsigned long n) { emu::bounded(CAMEX_PC, p, n, true); }
 extern "C" void __tsan_init(void) {}
 extern "C" void __tsan_func_entry(void *) {}
 extern "C" void __tsan_func_exit(void) {}

@@ -79,13 +79,15 @@ extern "C" int camex_ldst_probe(int32_t trans, int32_t wait, uint64_t src, uint6
 
 // ---- what the GPU faults on, and races ----
 // One block of 64 threads. kind 0: lane 0 loads the float of `src` at byte offset `offset` (a
-// misaligned load where offset % 4 != 0; the host's own 16-byte vector loads would fault on the CPU
-// first); kind 1: warp 0's ldmatrix.x4 with its rows
+// misaligned load where offset % 4 != 0, one past the end of src's allocation where it is that
+// long; the host's own 16-byte vector loads would fault on the CPU first); kind 1: warp 0's ldmatrix.x4 with its rows
 // `offset` bytes past 16-byte boundaries of a shared tile; kind 2: lane 0's 16-byte cp.async into
 // a shared tile at byte offset `offset`; kind 3 (a race, on purpose): thread 63 stores 1 to a shared
 // word that thread 0 reads with no barrier between them, and dst[0] gets what thread 0 read (the
-// word starts at 0, so 0 or 1 by who ran first). Only the emulation runs kinds 0-2 with a bad offset:
-// on a GPU they fail the launch and spoil the context.
+// word starts at 0, so 0 or 1 by who ran first); kind 6: warp 0's lanes diverge at two different
+// warp collectives, lanes 0-15 at __syncwarp and 16-31 at an ldmatrix.x4 (undefined on a GPU).
+// Only the emulation runs kinds 0-2 with a bad offset, and kind 6: on a GPU they fail the launch and
+// spoil the context (or hang).
 namespace {
 // Instance K of one kernel: 1 is launched without an opt-in, 2 with one (an opt-in is per kernel).
 template <int K> __global__ void fault_probe_kernel(int kind, int offset, const char *src, float *dst) {
@@ -109,15 +111,23 @@ template <int K> __global__ void fault_probe_kernel(int kind, int offset, const 
   } else if (kind == 3) {
     if (t == 63) *reinterpret_cast<volatile int *>(&word) = 1;
     if (t == 0) dst[0] = (float)*reinterpret_cast<volatile int *>(&word);
+  } else if (kind == 6 && t < 32) {
+    if (lane < 16) {
+      __syncwarp();
+    } else {
+      uint32_t d[4];
+      ldmatrix_x4<false>(d, &tile[lane * 24]);
+      dst[lane] = __uint_as_float(d[0]);
+    }
   }
 }
 }  // namespace
 
-// kind and offset: as fault_probe_kernel says (kinds 0-3), or kind 4: a launch with 64 KiB of
+// kind and offset: as fault_probe_kernel says (kinds 0-3 and 6), or kind 4: a launch with 64 KiB of
 // dynamic shared memory and no opt-in (refused), kind 5: the same after the opt-in (runs kind 3's
-// code); src: at least offset + 16 bytes, dst 32 floats.
+// code); src: at least offset + 16 bytes (kind 0: offset + 4, or fewer on purpose), dst 32 floats.
 extern "C" int camex_fault_probe(int32_t kind, int32_t offset, uint64_t src, uint64_t dst, camex_stream_t stream) {
-  if (kind < 0 || kind > 5 || offset < 0 || offset > 64) return CAMEX_ERR_DIMS;
+  if (kind < 0 || kind > 6 || offset < 0 || offset > (kind == 0 ? 4096 : 64)) return CAMEX_ERR_DIMS;
   cudaStream_t st = (cudaStream_t)stream;
   const char *s = ptr<const char>(src);
   float *d = ptr<float>(dst);

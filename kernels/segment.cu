@@ -70,5 +70,6 @@ extern "C" int32_t camex_emu_reverse_blocks(int32_t) { return 0; }
 extern "C" int32_t camex_emu_thread_order(int32_t) { return 0; }
 extern "C" void camex_emu_reset(void) {}
 extern "C" void camex_emu_register(uint64_t, int64_t, int32_t) {}
+extern "C" void camex_emu_track(uint64_t, int64_t, int32_t) {}
 extern "C" int64_t camex_emu_launches(camex_emu_launch *, int64_t) { return 0; }
 #endif

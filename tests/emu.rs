@@ -6,6 +6,7 @@
 //! `CAMEX_KERNEL_EMU=1 cargo test --release --features cuda --test emu` (a few minutes).
 #![cfg(feature = "cuda")]
 
+mod emu_alloc;
 mod gpu_common;
 
 use camex::ffi;

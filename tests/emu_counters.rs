@@ -5,6 +5,8 @@
 //! --features cuda --test emu_counters`); otherwise each test says why it skips.
 #![cfg(feature = "cuda")]
 
+mod emu_alloc;
+
 use camex::ffi;
 use std::sync::Mutex;
 
@@ -655,7 +657,9 @@ fn the_dots_ride_on_the_h_pass_where_they_can() {
 
 /// What a GPU faults on fails the emulated launch as it would there (cudaErrorMisalignedAddress):
 /// a load off its alignment, an ldmatrix row or a cp.async off 16 bytes, more than 48 KiB of
-/// dynamic shared memory without the kernel's opt-in. And a block's
+/// dynamic shared memory without the kernel's opt-in, one warp's lanes at two different warp
+/// collectives (cudaErrorLaunchFailure; undefined on a GPU), a load past the end of its
+/// allocation (cudaErrorIllegalAddress). And a block's
 /// threads take their turns in either order (the default alternates launch by launch), so that a
 /// kernel with a race (a missing barrier) gives different results in the tests.
 #[test]
@@ -702,6 +706,18 @@ fn gpu_faults_fail_the_launch_and_races_show() {
     // kernel's opt-in, run with it.
     assert_eq!(probe(4, 0).0, 1, "64 KiB without an opt-in");
     assert_eq!(probe(5, 0).0, 0, "64 KiB after the opt-in");
+    // Half a warp at __syncwarp, half at an ldmatrix: the shared warp barrier would pair them up.
+    const LAUNCH_FAILURE: i32 = 719; // cudaErrorLaunchFailure
+    assert_eq!(
+        probe(6, 0).0,
+        LAUNCH_FAILURE,
+        "lanes at different warp collectives"
+    );
+    // src is one allocation of 256 bytes (tests/emu_alloc reports it): its last float is read, the
+    // word past its end fails the launch as memcheck would flag it on a GPU.
+    const ILLEGAL_ADDRESS: i32 = 700; // cudaErrorIllegalAddress
+    assert_eq!(probe(0, 252), (0, 1.0), "src's last float");
+    assert_eq!(probe(0, 256).0, ILLEGAL_ADDRESS, "the float past src's end");
     // The race: thread 0 reads a word thread 63 stores, with no barrier between them.
     // SAFETY: settings of this thread's emulated launches, restored after.
     let prev = unsafe { ffi::camex_emu_thread_order(0) };

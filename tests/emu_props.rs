@@ -7,6 +7,8 @@
 //!   launched: all pointers are null, so a launch would fault.
 //! - Valid random shapes run (return 0) and agree with the CPU path.
 
+mod emu_alloc;
+
 use camex::{cpu, ffi, HostTensor};
 use proptest::prelude::*;
 use proptest::test_runner::Config;
