@@ -43,80 +43,53 @@ fn main() {
             return;
         }
     };
-    let mut lines = Vec::new();
+    // Every case, then two passes over them: the scalar default (with the peer next to each), then
+    // the opt-in tensor cores (not yet run on a GPU) where they serve. A fault there can spoil the
+    // context for everything after it, so nothing of the first pass waits behind the second; a
+    // case that fails is reported and the rest go on.
+    let mut cases = Vec::new();
     for shape in shapes {
         for dtype in [DType::BF16, DType::F32] {
             if !pick("CAMEX_BENCH_DTYPES", dtype.name()) {
                 continue;
             }
-            let machine = gpu::h200_datasheet(dtype);
             for op in [Op::CaMerge, Op::Curvature, Op::Merge, Op::MergedLinear] {
                 if !pick("CAMEX_BENCH_OPS", op.name()) {
                     continue;
                 }
                 for pass in [Pass::Fwd, Pass::FwdBwd] {
-                    let case = Case {
+                    cases.push(Case {
                         op,
                         shape,
                         imp: Impl::Camex,
                         device: Device::Cuda,
                         dtype,
                         pass,
-                    };
-                    // The peer (the official unfused formulation from candle ops, on candle's CUDA
-                    // backend; feature `peer`), once per case: CAMEX_BENCH_PEER=0 skips it.
-                    let peer = if std::env::var("CAMEX_BENCH_PEER").is_ok_and(|v| v == "0") {
-                        None
-                    } else {
-                        let (pm, pl) = gpu::peer_on_gpu(&case, &machine, 2, 5);
-                        println!("{pl}");
-                        lines.push(pl);
-                        pm
-                    };
-                    // Both paths side by side where both exist: the scalar default and the
-                    // opt-in tensor cores (not yet run on a GPU).
-                    let tc_modes: &[bool] = if gpu::tensor_cores_serve(op, dtype) {
-                        &[false, true]
-                    } else {
-                        &[false]
-                    };
-                    for &tc in tc_modes {
-                        camex::cuda::set_tensor_cores(Some(tc));
-                        let id = if tc {
-                            format!("{}/tensor-cores", case.id())
-                        } else {
-                            case.id()
-                        };
-                        let mut run = gpu::prepare(&case, &stream).expect("prepare GPU case");
-                        // Warm-up: module loading, memory-pool growth.
-                        for _ in 0..3 {
-                            run(&stream).expect("GPU case failed");
-                        }
-                        let mut g = c.benchmark_group(format!("cuda/{}", op.name()));
-                        g.sampling_mode(SamplingMode::Flat)
-                            .sample_size(10)
-                            .warm_up_time(Duration::from_millis(200))
-                            .measurement_time(Duration::from_secs(2));
-                        g.bench_function(id, |b| {
-                            b.iter_custom(|iters| {
-                                let t = gpu::event_times(&mut run, &stream, iters as usize)
-                                    .expect("GPU case failed");
-                                Duration::from_secs_f64(t.iter().sum())
-                            })
-                        });
-                        g.finish();
-                        drop(run);
-                        let m = gpu::measure_case(&case, 0, 3, 10).expect("GPU case failed");
-                        let mut l = line(&case, &m, &machine, peer.as_ref());
-                        if tc {
-                            l = gpu::tensor_core_line(&l);
-                        }
-                        println!("{l}");
-                        lines.push(l);
-                    }
-                    camex::cuda::set_tensor_cores(None);
+                    });
                 }
             }
+        }
+    }
+    let mut lines = Vec::new();
+    let mut peers = Vec::with_capacity(cases.len());
+    for case in &cases {
+        let machine = gpu::h200_datasheet(case.dtype);
+        // The peer (the official unfused formulation from candle ops, on candle's CUDA backend;
+        // feature `peer`), once per case: CAMEX_BENCH_PEER=0 skips it.
+        let peer = if std::env::var("CAMEX_BENCH_PEER").is_ok_and(|v| v == "0") {
+            None
+        } else {
+            let (pm, pl) = gpu::peer_on_gpu(case, &machine, 2, 5);
+            println!("{pl}");
+            lines.push(pl);
+            pm
+        };
+        lines.push(bench_case(&mut c, case, false, &stream, peer.as_ref()));
+        peers.push(peer);
+    }
+    for (case, peer) in cases.iter().zip(&peers) {
+        if gpu::tensor_cores_serve(case.op, case.dtype) {
+            lines.push(bench_case(&mut c, case, true, &stream, peer.as_ref()));
         }
     }
     println!("\n# roofline summary (floor: H200 datasheet)");
@@ -124,4 +97,57 @@ fn main() {
         println!("{l}");
     }
     c.final_summary();
+}
+
+/// One case on the scalar path or the tensor cores (`tc`): criterion's samples, then its roofline
+/// line (printed, and returned for the summary), or a `#` line saying why it failed.
+fn bench_case(
+    c: &mut Criterion,
+    case: &Case,
+    tc: bool,
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    peer: Option<&bench::Measured>,
+) -> String {
+    let id = if tc {
+        format!("{}/tensor-cores", case.id())
+    } else {
+        case.id()
+    };
+    camex::cuda::set_tensor_cores(Some(tc));
+    let result = (|| -> camex::Result<String> {
+        let mut run = gpu::prepare(case, stream)?;
+        // Warm-up: module loading, memory-pool growth.
+        for _ in 0..3 {
+            run(stream)?;
+        }
+        let mut failed = None;
+        let mut g = c.benchmark_group(format!("cuda/{}", case.op.name()));
+        g.sampling_mode(SamplingMode::Flat)
+            .sample_size(10)
+            .warm_up_time(Duration::from_millis(200))
+            .measurement_time(Duration::from_secs(2));
+        g.bench_function(&id, |b| {
+            b.iter_custom(
+                |iters| match gpu::event_times(&mut run, stream, iters as usize) {
+                    Ok(t) => Duration::from_secs_f64(t.iter().sum()),
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                        Duration::ZERO
+                    }
+                },
+            )
+        });
+        g.finish();
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        drop(run);
+        let m = gpu::measure_case(case, 0, 3, 10)?;
+        let l = line(case, &m, &gpu::h200_datasheet(case.dtype), peer);
+        Ok(if tc { gpu::tensor_core_line(&l) } else { l })
+    })();
+    camex::cuda::set_tensor_cores(None);
+    let l = result.unwrap_or_else(|e| format!("# {}/{}: failed: {e}", case.op.name(), id));
+    println!("{l}");
+    l
 }

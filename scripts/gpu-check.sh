@@ -278,10 +278,23 @@ CCLOG="$LOGS/candle-cuda.log"
 CANDLE="candle on CUDA: not built (gpu-bin/candle-cuda-tests.xz missing)"
 if [ -x "$CBIN/candle-cuda-tests" ]; then
   echo "library path: $LIBS" >>"$CCLOG"
-  if within 150 "$CBIN/candle-cuda-tests" --nocapture --test-threads=1 >>"$CCLOG" 2>&1; then
-    CANDLE="candle on CUDA: tests passed"
+  # One process per test, as in step 1: a fault spoils its process's context, and with it every
+  # test after it in the same process, which would hide which ops work.
+  cfail=""
+  cn=0
+  for t in $("$CBIN/candle-cuda-tests" --list 2>/dev/null | sed -n 's/: test$//p'); do
+    cn=$((cn + 1))
+    echo "=== $t" >>"$CCLOG"
+    within 90 "$CBIN/candle-cuda-tests" --exact "$t" --nocapture --test-threads=1 >>"$CCLOG" 2>&1 ||
+      cfail+=" $t(rc=$?)"
+  done
+  if [ "$cn" = 0 ]; then
+    CANDLE="candle on CUDA: no tests listed (see $CCLOG)"
+    status=1
+  elif [ -z "$cfail" ]; then
+    CANDLE="candle on CUDA: $cn tests passed"
   else
-    CANDLE="candle on CUDA: tests FAILED (rc=$?; see $CCLOG)"
+    CANDLE="candle on CUDA: FAILED:$cfail (of $cn; see $CCLOG)"
     status=1
   fi
   if [ -x "$CBIN/train" ]; then

@@ -175,7 +175,7 @@ fn prepare_t<T: Element>(case: &Case, s: &Arc<CudaStream>) -> Result<GpuRun> {
 }
 
 /// Times `case` on GPU `ordinal`: `warmup` untimed iterations (module loading, pool growth),
-/// then `iters` iterations each between two CUDA events; peak = the default pool's
+/// then `iters` iterations back to back between CUDA events; peak = the default pool's
 /// USED_MEM_HIGH above what was in use before (None where the pool query fails).
 pub fn measure_case(case: &Case, ordinal: usize, warmup: usize, iters: usize) -> Result<Measured> {
     if case.imp != Impl::Camex {
@@ -281,21 +281,27 @@ pub fn event_times(run: &mut GpuRun, s: &Arc<CudaStream>, iters: usize) -> Resul
     event_times_of(&mut || run(s), s, iters)
 }
 
+/// The iterations run back to back, each between the event before it and the one after (one
+/// chain, one synchronisation at the end), so that an iteration's host work (output allocation,
+/// the memory check, the launches) overlaps the GPU's work on the one before, as a caller's loop
+/// would. Timing each iteration from an idle stream instead counted that host work as GPU time.
 fn event_times_of(
     run: &mut dyn FnMut() -> Result<()>,
     s: &Arc<CudaStream>,
     iters: usize,
 ) -> Result<Vec<f64>> {
-    let mut times = Vec::with_capacity(iters.max(1));
     let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let mut events = Vec::with_capacity(iters.max(1) + 1);
+    events.push(s.record_event(timing).map_err(err)?);
     for _ in 0..iters.max(1) {
-        let e0 = s.record_event(timing).map_err(err)?;
         run()?;
-        let e1 = s.record_event(timing).map_err(err)?;
-        times.push(e0.elapsed_ms(&e1).map_err(err)? as f64 / 1e3);
+        events.push(s.record_event(timing).map_err(err)?);
     }
     s.synchronize().map_err(err)?;
-    Ok(times)
+    events
+        .windows(2)
+        .map(|w| Ok(w[0].elapsed_ms(&w[1]).map_err(err)? as f64 / 1e3))
+        .collect()
 }
 
 /// Uploads the inputs of `case` (a `camex` case on CUDA) and returns its iteration.
