@@ -899,7 +899,7 @@ inline int64_t kron_tc_rank_chunk(const D4 &d4, int64_t r, int64_t esize = 4, in
   int64_t c = (budget < 0 ? tc_z_budget() : budget) / per_rank;
   if (c < 1) c = 1;
   if (c > r) c = r;
-  if (c > 65535) c = 65535;  // grid.y of the stage-1 launch
+  if (c > 65535) c = 65535;  // a plain bound: ranks index no grid dimension (stage 1: a block per slab)
   return c;
 }
 

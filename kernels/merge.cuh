@@ -584,6 +584,13 @@ template <typename T> inline bool h_dots_taken(const MergeArgs<T> &a, const HPas
   return camex_tensor_cores() && a.dare.kind != CAMEX_DARE_ELEMENT && a.n <= H_EXPERTS && a.g <= 16 * HD_MT && a.g * a.n <= H_SCORES && u_ok;
 }
 
+// Whether merge_reverse_scalars' grids fit the hardware's limits (y and z at most 65535, x at most
+// 2^31 - 1), so that the entry points can refuse a backward before they enqueue anything.
+inline bool scalars_grid_fits(int64_t g, int64_t n, int64_t oi, bool beta_row, bool bias) {
+  return dot_chunks(oi) <= 0x7FFFFFFF && g + (beta_row ? 1 : 0) <= 65535 && (n + NREG - 1) / NREG <= 65535 &&
+         (!bias || g * n <= 0x7FFFFFFF);
+}
+
 // Workspace floats of merge_reverse_scalars: dots + bias dots + ip scratch.
 inline int64_t scalars_floats(int64_t g, int64_t n, int64_t oi) {
   return (g + 1) * n * dot_chunks(oi) + g * n + (g + 1) * n + 192;
@@ -601,7 +608,7 @@ inline int merge_reverse_scalars(cudaStream_t s, const MergeArgs<T> &a, const T 
   float *bip = ar.take<float>(a.g * a.n);
   float *ip = ar.take<float>((a.g + 1) * a.n);
   const int64_t rows = a.g + (beta_row ? 1 : 0);
-  if (chunks > 0x7FFFFFFF || rows > 65535 || (a.n + NREG - 1) / NREG > 65535) return CAMEX_ERR_DIMS;
+  if (!scalars_grid_fits(a.g, a.n, a.oi, beta_row, eb && b)) return CAMEX_ERR_DIMS;
   const auto grid = [&](int rb) {
     return dim3((unsigned)chunks, (unsigned)((rows + rb - 1) / rb), (unsigned)((a.n + NREG - 1) / NREG));
   };

@@ -232,3 +232,68 @@ proptest! {
         drop(ws);
     }
 }
+
+/// A backward whose reduction grids would cross the hardware's limits (grid y and z at most 65535,
+/// x below 2^31) is refused at its entry point, before anything is enqueued (all pointers null: a
+/// launch would fault), not after the launches before the reduction.
+#[test]
+fn backward_refuses_grids_over_the_limits() {
+    if !on("backward_refuses_grids_over_the_limits") {
+        return;
+    }
+    let dims = ffi::CAMEX_ERR_DIMS as i32;
+    // SAFETY: each launcher is expected to refuse before it touches a pointer.
+    unsafe {
+        // 65536 groups: one grid row per group.
+        let p = ffi::camex_merge_params {
+            dtype: F32,
+            g: 65536,
+            n: 1,
+            o: 1,
+            i: 1,
+            alpha: 1.0,
+            ..Default::default()
+        };
+        assert_eq!(
+            ffi::camex_merge_backward(&p, null()),
+            dims,
+            "merge backward, G = 65536"
+        );
+        // 65535 groups and the beta row.
+        let p = ffi::camex_ca_merge_params {
+            dtype: F32,
+            g: 65535,
+            n: 1,
+            o: 1,
+            i: 1,
+            r: 1,
+            o1: 1,
+            o2: 1,
+            i1: 1,
+            i2: 1,
+            alpha: 1.0,
+            has_beta: 1,
+            beta: 1.0,
+            ..Default::default()
+        };
+        assert_eq!(
+            ffi::camex_ca_merge_backward(&p, null()),
+            dims,
+            "CA-merge backward, G = 65535 + beta"
+        );
+        // Experts over 8 * 65535 (eight per grid slice).
+        let p = ffi::camex_dynamic_params {
+            dtype: F32,
+            n: 8 * 65535 + 1,
+            o: 1,
+            i: 1,
+            beta: 1.0,
+            ..Default::default()
+        };
+        assert_eq!(
+            ffi::camex_dynamic_backward(&p, null()),
+            dims,
+            "dynamic backward, N = 524281"
+        );
+    }
+}
