@@ -293,10 +293,14 @@ fn part_err(what: &str) -> Error {
 }
 
 impl<T: Element> CudaTensor<T> {
-    /// Copies a host tensor to the device (asynchronously on `stream`).
+    /// Copies a host tensor to the device (asynchronously on `stream`). Errors with
+    /// [`Error::Memory`] when it does not fit in the device's free memory (or the
+    /// [`crate::memory`] limit); an empty tensor holds one element, like every output.
     pub fn upload(stream: &Arc<CudaStream>, t: &HostTensor<T>) -> Result<Self> {
-        require_driver()?;
-        let data = stream.clone_htod(t.data()).map_err(cuda_err)?;
+        device_check::<T>(stream, "upload", t.shape())?;
+        // SAFETY: plain-old-data device memory; the copy below writes the tensor's elements.
+        let mut data = unsafe { stream.alloc::<T>(t.data().len().max(1)) }.map_err(cuda_err)?;
+        stream.memcpy_htod(t.data(), &mut data).map_err(cuda_err)?;
         Ok(CudaTensor {
             shape: t.shape().to_vec(),
             data: Data::Owned(data),
