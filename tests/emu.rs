@@ -459,6 +459,192 @@ fn emu_ca_merge_matches_cpu() {
     ca_case::<f32>(sh, true, ca_options()[9].0, true);
 }
 
+/// NaN and Inf inputs (a NaN in the base, in an expert or in a score; +Inf and -Inf in two experts)
+/// give non-finite outputs exactly where the CPU path's are, forward and backward, in every dtype
+/// (f16 and bf16 on the tensor cores), every mask, with and without curvature: SPEC section 5, a NaN
+/// or Inf propagates to the outputs it touches and never hides. NaN and Inf are not told apart
+/// (Inf - Inf is NaN on either side, in whatever order its terms are summed).
+#[test]
+fn emu_non_finite_inputs_propagate_like_the_cpu_path() {
+    if !on("emu_non_finite_inputs_propagate_like_the_cpu_path") {
+        return;
+    }
+    let sh = Sh {
+        n: 3,
+        o: 12,
+        i: 20,
+        r: 2,
+        g: 3,
+    };
+    for kron in [false, true] {
+        for mask in [Mask::None, Mask::TiesSign, Mask::TiesTrim(0.5)] {
+            for which in 0..4 {
+                non_finite_case::<f32>(sh, kron, mask, which);
+                non_finite_case::<f16>(sh, kron, mask, which);
+                non_finite_case::<bf16>(sh, kron, mask, which);
+            }
+        }
+    }
+}
+
+/// Whether `got` (the kernels') and `want` (the CPU path's) are non-finite at the same elements.
+fn same_non_finite<T: Dt>(what: &str, got: &[T], want: &[f64]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let bad: Vec<usize> = (0..got.len())
+        .filter(|&k| got[k].to_f32().is_finite() != want[k].is_finite())
+        .collect();
+    let nf = want.iter().filter(|x| !x.is_finite()).count();
+    assert!(
+        bad.is_empty(),
+        "emu {what}: finite on one side only at {} of {} elements (first {:?}; the CPU path has {nf} non-finite)",
+        bad.len(),
+        got.len(),
+        &bad[..bad.len().min(8)]
+    );
+}
+
+fn non_finite_case<T: Dt>(sh: Sh, kron: bool, mask: Mask, which: usize) {
+    let mut w = host_weights::<T>(sh, 11);
+    let (n, o, i, g) = (sh.n, sh.o, sh.i, sh.g);
+    let at = 2 * i + 3; // element (2, 3) of a weight
+    let poke = |t: &HostTensor<f64>, ks: &[(usize, f64)]| {
+        host::<T>(&HostTensor::from_fn(t.shape(), |k| {
+            ks.iter().find(|x| x.0 == k).map_or(t.data()[k], |x| x.1)
+        }))
+    };
+    let what = match which {
+        0 => {
+            w.base = poke(&w.base.0, &[(at, f64::NAN)]);
+            "NaN in base"
+        }
+        1 => {
+            w.experts = poke(&w.experts.0, &[(o * i + at, f64::NAN)]);
+            "NaN in expert 1"
+        }
+        2 => {
+            w.scores = poke(&w.scores.0, &[(n + 1, f64::NAN)]);
+            "NaN in scores[1, 1]"
+        }
+        _ => {
+            let ks = [(at, f64::INFINITY), (2 * o * i + at, f64::NEG_INFINITY)];
+            w.experts = poke(&w.experts.0, &ks);
+            "+Inf and -Inf in experts 0 and 2"
+        }
+    };
+    let tag = format!("{} {what}, kron={kron} mask={mask:?}", T::NAME);
+    let opts = MergeOptions {
+        mask,
+        ..MergeOptions::default()
+    };
+    let s = w.split;
+    let (mask_kind, trim_k) = mask_code(mask);
+    let mut prm = ffi::camex_ca_merge_params {
+        dtype: T::CODE,
+        g: g as i64,
+        n: n as i64,
+        o: o as i64,
+        i: i as i64,
+        r: if kron { sh.r as i64 } else { 0 },
+        o1: s.o1 as i64,
+        o2: s.o2 as i64,
+        i1: s.i1 as i64,
+        i2: s.i2 as i64,
+        base: p(&w.base.1),
+        experts: p(&w.experts.1),
+        scores: p(&w.scores.1),
+        alpha: opts.alpha,
+        mask_kind,
+        trim_k,
+        dare: dare_code(&opts.dare),
+        ..Default::default()
+    };
+    if kron {
+        prm.factor_a = p(&w.factors[0].1);
+        prm.factor_b = p(&w.factors[1].1);
+        prm.factor_c = p(&w.factors[2].1);
+        prm.factor_d = p(&w.factors[3].1);
+    }
+    let ci = cpu::CaMergeInputs {
+        base: &w.base.0,
+        experts: &w.experts.0,
+        scores: &w.scores.0,
+        curvature: w.curv(kron),
+        base_bias: None,
+        expert_bias: None,
+    };
+    // SAFETY: host-side size computation.
+    let ws = scratch(unsafe { ffi::camex_ca_merge_workspace(&prm, 0) });
+    let merged = nan::<T>(g * o * i);
+    let mut f = prm;
+    f.merged = p(&merged);
+    f.workspace = p(&ws);
+    f.workspace_bytes = ws.len() as i64;
+    // SAFETY: emulation build: every pointer is a live host buffer of the size the shapes imply.
+    ok(unsafe { ffi::camex_ca_merge_forward(&f, stream()) }, &tag);
+    let want = cpu::ca_merge(&ci, &opts).unwrap();
+    same_non_finite(&format!("{tag} merged"), &merged, want.merged.data());
+    assert!(
+        want.merged.data().iter().any(|x| !x.is_finite()),
+        "{tag}: the CPU path hides it"
+    );
+    let gm = host::<T>(&Rng(77).tensor(&[g, o, i], 1.0));
+    let want = cpu::ca_merge_backward(&ci, &opts, &gm.0, None, None).unwrap();
+    let grad_base = nan::<T>(o * i);
+    let grad_experts = nan::<T>(n * o * i);
+    let grad_scores = nan::<T>(g * n);
+    let grad_alpha = nan::<T>(1);
+    let gfs: Vec<Vec<T>> = w.factors.iter().map(|f| nan::<T>(f.0.len())).collect();
+    let mut b = prm;
+    b.grad_merged = p(&gm.1);
+    b.grad_base = p(&grad_base);
+    b.grad_experts = p(&grad_experts);
+    b.grad_scores = p(&grad_scores);
+    b.grad_alpha = p(&grad_alpha);
+    if kron {
+        b.grad_factor_a = p(&gfs[0]);
+        b.grad_factor_b = p(&gfs[1]);
+        b.grad_factor_c = p(&gfs[2]);
+        b.grad_factor_d = p(&gfs[3]);
+    }
+    // SAFETY: host-side size computation.
+    let ws = scratch(unsafe { ffi::camex_ca_merge_workspace(&b, 1) });
+    b.workspace = p(&ws);
+    b.workspace_bytes = ws.len() as i64;
+    // SAFETY: as above.
+    ok(unsafe { ffi::camex_ca_merge_backward(&b, stream()) }, &tag);
+    same_non_finite(
+        &format!("{tag} grad_base"),
+        &grad_base,
+        want.grad_base.data(),
+    );
+    same_non_finite(
+        &format!("{tag} grad_experts"),
+        &grad_experts,
+        want.grad_experts.data(),
+    );
+    same_non_finite(
+        &format!("{tag} grad_scores"),
+        &grad_scores,
+        want.grad_scores.data(),
+    );
+    same_non_finite(
+        &format!("{tag} grad_alpha"),
+        &grad_alpha,
+        &[want.grad_alpha],
+    );
+    if let Some(wf) = &want.factors {
+        let wants = [
+            &wf.grad_factor_a,
+            &wf.grad_factor_b,
+            &wf.grad_factor_c,
+            &wf.grad_factor_d,
+        ];
+        for (k, (got, want)) in gfs.iter().zip(wants).enumerate() {
+            same_non_finite(&format!("{tag} grad_factor {k}"), got, want.data());
+        }
+    }
+}
+
 /// The CA-merge in f16 and bf16 (the tensor-core paths), forward and backward, at the small shapes.
 #[test]
 fn emu_ca_merge_half_matches_cpu() {
