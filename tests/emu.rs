@@ -142,23 +142,22 @@ impl<T> HostW<T> {
     }
 }
 
-/// The backward's gradients as bits: those that do not read U, then those that do (its first pass,
-/// U recomputed).
-type GradBits = (Vec<Vec<u32>>, Vec<Vec<u32>>);
-/// One CA-merge case, forward and backward, at a shape.
-type Case = fn(Sh) -> GradBits;
-
-fn ca_case<T: Dt>(sh: Sh, kron: bool, opts: MergeOptions, bias: bool) -> GradBits {
-    let w = host_weights::<T>(sh, 4);
-    let (n, o, i, g) = (sh.n, sh.o, sh.i, sh.g);
+/// A CA-merge call's parameters for the weights `w` at shape `sh` (the factors where `kron`; no
+/// biases, outputs or workspace yet).
+fn ca_params<T: Dt>(
+    sh: Sh,
+    w: &HostW<T>,
+    kron: bool,
+    opts: &MergeOptions,
+) -> ffi::camex_ca_merge_params {
     let s = w.split;
     let (mask_kind, trim_k) = mask_code(opts.mask);
     let mut prm = ffi::camex_ca_merge_params {
         dtype: T::CODE,
-        g: g as i64,
-        n: n as i64,
-        o: o as i64,
-        i: i as i64,
+        g: sh.g as i64,
+        n: sh.n as i64,
+        o: sh.o as i64,
+        i: sh.i as i64,
         r: if kron { sh.r as i64 } else { 0 },
         o1: s.o1 as i64,
         o2: s.o2 as i64,
@@ -181,6 +180,19 @@ fn ca_case<T: Dt>(sh: Sh, kron: bool, opts: MergeOptions, bias: bool) -> GradBit
         prm.factor_c = p(&w.factors[2].1);
         prm.factor_d = p(&w.factors[3].1);
     }
+    prm
+}
+
+/// The backward's gradients as bits: those that do not read U, then those that do (its first pass,
+/// U recomputed).
+type GradBits = (Vec<Vec<u32>>, Vec<Vec<u32>>);
+/// One CA-merge case, forward and backward, at a shape.
+type Case = fn(Sh) -> GradBits;
+
+fn ca_case<T: Dt>(sh: Sh, kron: bool, opts: MergeOptions, bias: bool) -> GradBits {
+    let w = host_weights::<T>(sh, 4);
+    let (n, o, i, g) = (sh.n, sh.o, sh.i, sh.g);
+    let mut prm = ca_params(sh, &w, kron, &opts);
     if bias {
         prm.base_bias = p(&w.base_bias.1);
         prm.expert_bias = p(&w.expert_bias.1);
@@ -536,34 +548,7 @@ fn non_finite_case<T: Dt>(sh: Sh, kron: bool, mask: Mask, which: usize) {
         mask,
         ..MergeOptions::default()
     };
-    let s = w.split;
-    let (mask_kind, trim_k) = mask_code(mask);
-    let mut prm = ffi::camex_ca_merge_params {
-        dtype: T::CODE,
-        g: g as i64,
-        n: n as i64,
-        o: o as i64,
-        i: i as i64,
-        r: if kron { sh.r as i64 } else { 0 },
-        o1: s.o1 as i64,
-        o2: s.o2 as i64,
-        i1: s.i1 as i64,
-        i2: s.i2 as i64,
-        base: p(&w.base.1),
-        experts: p(&w.experts.1),
-        scores: p(&w.scores.1),
-        alpha: opts.alpha,
-        mask_kind,
-        trim_k,
-        dare: dare_code(&opts.dare),
-        ..Default::default()
-    };
-    if kron {
-        prm.factor_a = p(&w.factors[0].1);
-        prm.factor_b = p(&w.factors[1].1);
-        prm.factor_c = p(&w.factors[2].1);
-        prm.factor_d = p(&w.factors[3].1);
-    }
+    let prm = ca_params(sh, &w, kron, &opts);
     let ci = cpu::CaMergeInputs {
         base: &w.base.0,
         experts: &w.experts.0,
