@@ -262,10 +262,11 @@ int camex_ldst_probe(int32_t trans, int32_t wait, uint64_t src, uint64_t dst, ca
  * `offset`; or, kind 3, a race between thread 63's store to a shared word and thread 0's load
  * (dst[0] = what thread 0 read: 0 or 1); kind 4 a launch with 64 KiB of dynamic shared memory and no
  * opt-in (cudaFuncSetAttribute), which the GPU refuses, kind 5 the same after its opt-in; kind 6
- * one warp's lanes at two different warp collectives (__syncwarp and ldmatrix). The emulation fails
+ * one warp's lanes at two different warp collectives (__syncwarp and ldmatrix); kind 7 a 4-byte
+ * store and load at byte offset `offset` (up to 4096) of 1 KiB of dynamic shared memory. The emulation fails
  * a launch with a misaligned access as a GPU does (cudaErrorMisalignedAddress), and one with
- * diverged collectives (cudaErrorLaunchFailure; undefined on a GPU); never run kinds 0-2 with a bad
- * offset, or kind 6, on a GPU. */
+ * diverged collectives (cudaErrorLaunchFailure; undefined on a GPU), and one past its dynamic shared
+ * memory (cudaErrorIllegalAddress); never run kinds 0-2 or 7 with a bad offset, or kind 6, on a GPU. */
 int camex_fault_probe(int32_t kind, int32_t offset, uint64_t src, uint64_t dst, camex_stream_t stream);
 
 /* Philox4x32-10 first word, for the known-answer test of kernels/philox.cuh from Rust:

@@ -355,10 +355,19 @@ inline void record(uintptr_t pc, const volatile void *p, size_t size, bool write
 }
 
 // The naturally aligned hooks: checked for alignment, then logged.
+// Dynamic shared memory past what the launch asked for fails it too (on a GPU: past the block's
+// allocation, an illegal address), in every build and mode.
+int64_t g_dyn_bytes = 0;
 inline void check_bounds(uintptr_t pc, const volatile void *p, size_t n) {
   const Worker *w = t_worker;
-  const uintptr_t a = (uintptr_t)p;
-  if (!g_bounds_on || !w || (a >= g_hit_lo && a + n <= g_hit_hi)) return;
+  const uintptr_t a = (uintptr_t)p, d = (uintptr_t)dyn_buf;
+  if (!w) return;
+  if (a >= d && a < d + sizeof(dyn_buf)) {
+    if (a + n > d + (uintptr_t)g_dyn_bytes)
+      fault(pc, p, n, "access past the launch's dynamic shared memory", cudaErrorIllegalAddress);
+    return;
+  }
+  if (!g_bounds_on || (a >= g_hit_lo && a + n <= g_hit_hi)) return;
   if ((a >= w->stack_lo && a < w->stack_hi) || (a >= g_host_lo && a < g_host_hi) || is_shared(a)) return;
   auto it = std::upper_bound(g_bounds.begin(), g_bounds.end(), std::make_pair(a, UINTPTR_MAX));
   if (it != g_bounds.begin() && a + n <= std::prev(it)->second) {
@@ -677,6 +686,7 @@ void ldmatrix(uint32_t *d, int num, bool trans, const void *row) {
   if (lane < 8u * num) {
     const uintptr_t pc = (uintptr_t)__builtin_return_address(0);
     if ((uintptr_t)row % 16 != 0 || !is_shared((uintptr_t)row)) fault(pc, row, 16, "ldmatrix row not 16-byte aligned shared memory");
+    check_bounds(pc, row, 16);
     record(pc, row, 16, false);
   }
   ++wk->epoch;
@@ -707,6 +717,7 @@ void cp_async(void *dst, const void *src, int bytes, int src_bytes) {
     fault(pc, dst, (size_t)bytes, "cp.async of another size, alignment or direction than global to shared");
   src_bytes = src_bytes < 0 ? 0 : (src_bytes > bytes ? bytes : src_bytes);
   if (src_bytes > 0) bounded(pc, src, (size_t)src_bytes, false);
+  check_bounds(pc, dst, (size_t)bytes);
   record(pc, dst, (size_t)bytes, true);
   wk->pending.push_back(Pending{dst, src, bytes, src_bytes, wk->group});
 }
@@ -803,6 +814,7 @@ void run(dim3 g, dim3 b, const char *kernel, const void *fn, int64_t smem, void 
   g_host_lo = host_lo;
   g_host_hi = host_hi;
   refresh_bounds();
+  g_dyn_bytes = smem;
   // The blocks to run and the weight of each (1 each without sampling).
   struct Blk {
     uint3 idx;

@@ -85,7 +85,9 @@ extern "C" int camex_ldst_probe(int32_t trans, int32_t wait, uint64_t src, uint6
 // a shared tile at byte offset `offset`; kind 3 (a race, on purpose): thread 63 stores 1 to a shared
 // word that thread 0 reads with no barrier between them, and dst[0] gets what thread 0 read (the
 // word starts at 0, so 0 or 1 by who ran first); kind 6: warp 0's lanes diverge at two different
-// warp collectives, lanes 0-15 at __syncwarp and 16-31 at an ldmatrix.x4 (undefined on a GPU).
+// warp collectives, lanes 0-15 at __syncwarp and 16-31 at an ldmatrix.x4 (undefined on a GPU); kind
+// 7: thread 0 stores and loads the int at byte offset `offset` of the launch's 1 KiB of dynamic
+// shared memory (past it where offset > 1020).
 // Only the emulation runs kinds 0-2 with a bad offset, and kind 6: on a GPU they fail the launch and
 // spoil the context (or hang).
 namespace {
@@ -111,6 +113,10 @@ template <int K> __global__ void fault_probe_kernel(int kind, int offset, const 
   } else if (kind == 3) {
     if (t == 63) *reinterpret_cast<volatile int *>(&word) = 1;
     if (t == 0) dst[0] = (float)*reinterpret_cast<volatile int *>(&word);
+  } else if (kind == 7 && t == 0) {
+    CAMEX_DYNAMIC_SMEM(dyn);
+    *reinterpret_cast<volatile int *>(dyn + offset) = 1;
+    dst[0] = (float)*reinterpret_cast<volatile int *>(dyn + offset);
   } else if (kind == 6 && t < 32) {
     if (lane < 16) {
       __syncwarp();
@@ -123,11 +129,11 @@ template <int K> __global__ void fault_probe_kernel(int kind, int offset, const 
 }
 }  // namespace
 
-// kind and offset: as fault_probe_kernel says (kinds 0-3 and 6), or kind 4: a launch with 64 KiB of
+// kind and offset: as fault_probe_kernel says (kinds 0-3, 6 and 7), or kind 4: a launch with 64 KiB of
 // dynamic shared memory and no opt-in (refused), kind 5: the same after the opt-in (runs kind 3's
 // code); src: at least offset + 16 bytes (kind 0: offset + 4, or fewer on purpose), dst 32 floats.
 extern "C" int camex_fault_probe(int32_t kind, int32_t offset, uint64_t src, uint64_t dst, camex_stream_t stream) {
-  if (kind < 0 || kind > 6 || offset < 0 || offset > (kind == 0 ? 4096 : 64)) return CAMEX_ERR_DIMS;
+  if (kind < 0 || kind > 7 || offset < 0 || offset > (kind == 0 || kind == 7 ? 4096 : 64)) return CAMEX_ERR_DIMS;
   cudaStream_t st = (cudaStream_t)stream;
   const char *s = ptr<const char>(src);
   float *d = ptr<float>(dst);
@@ -138,6 +144,8 @@ extern "C" int camex_fault_probe(int32_t kind, int32_t offset, uint64_t src, uin
     const cudaError_t e = CAMEX_SET_MAX_SMEM(fault_probe_kernel<2>, big);
     if (e != cudaSuccess) return (int)e;
     CAMEX_LAUNCH_SMEM(fault_probe_kernel<2>, 1, 64, big, st)(3, offset, s, d);
+  } else if (kind == 7) {
+    CAMEX_LAUNCH_SMEM(fault_probe_kernel<3>, 1, 64, 1024, st)(kind, offset, s, d);
   } else {
     CAMEX_LAUNCH(fault_probe_kernel<0>, 1, 64, st)(kind, offset, s, d);
   }

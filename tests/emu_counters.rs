@@ -659,7 +659,8 @@ fn the_dots_ride_on_the_h_pass_where_they_can() {
 /// a load off its alignment, an ldmatrix row or a cp.async off 16 bytes, more than 48 KiB of
 /// dynamic shared memory without the kernel's opt-in, one warp's lanes at two different warp
 /// collectives (cudaErrorLaunchFailure; undefined on a GPU), a load past the end of its
-/// allocation (cudaErrorIllegalAddress). And a block's
+/// allocation or a store past the launch's dynamic shared memory (cudaErrorIllegalAddress). And a
+/// block's
 /// threads take their turns in either order (the default alternates launch by launch), so that a
 /// kernel with a race (a missing barrier) gives different results in the tests.
 #[test]
@@ -718,6 +719,17 @@ fn gpu_faults_fail_the_launch_and_races_show() {
     const ILLEGAL_ADDRESS: i32 = 700; // cudaErrorIllegalAddress
     assert_eq!(probe(0, 252), (0, 1.0), "src's last float");
     assert_eq!(probe(0, 256).0, ILLEGAL_ADDRESS, "the float past src's end");
+    // 1 KiB of dynamic shared memory: its last int, then the one past it.
+    assert_eq!(
+        probe(7, 1020),
+        (0, 1.0),
+        "the last int of the dynamic shared memory"
+    );
+    assert_eq!(
+        probe(7, 1024).0,
+        ILLEGAL_ADDRESS,
+        "the int past the dynamic shared memory"
+    );
     // The race: thread 0 reads a word thread 63 stores, with no barrier between them.
     // SAFETY: settings of this thread's emulated launches, restored after.
     let prev = unsafe { ffi::camex_emu_thread_order(0) };
