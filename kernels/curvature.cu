@@ -393,6 +393,8 @@ extern "C" int camex_ca_merge_forward(const camex_ca_merge_params *p, camex_stre
 
 extern "C" int camex_ca_merge_backward(const camex_ca_merge_params *p, camex_stream_t stream) {
   if (bad_dims(p->n, p->o, p->i, p->r, p->o1, p->o2, p->i1, p->i2) || p->g <= 0) return CAMEX_ERR_DIMS;
-  if (!scalars_grid_fits(p->g, p->n, p->o * p->i, p->has_beta != 0, p->base_bias && p->expert_bias)) return CAMEX_ERR_DIMS;
+  if (!scalars_grid_fits(p->g, p->n, p->o * p->i, p->has_beta != 0, p->base_bias && p->expert_bias,
+                         p->dare.kind != CAMEX_DARE_NONE))
+    return CAMEX_ERR_DIMS;
   CAMEX_DISPATCH(p->dtype, ca_merge_backward_t, *p, (cudaStream_t)stream);
 }

@@ -83,6 +83,6 @@ extern "C" int camex_dynamic_forward(const camex_dynamic_params *p, camex_stream
 
 extern "C" int camex_dynamic_backward(const camex_dynamic_params *p, camex_stream_t stream) {
   if (p->n <= 0 || p->o <= 0 || p->i <= 0) return CAMEX_ERR_DIMS;
-  if (!scalars_grid_fits(0, p->n, p->o * p->i, true, false)) return CAMEX_ERR_DIMS;
+  if (!scalars_grid_fits(0, p->n, p->o * p->i, true, false, false)) return CAMEX_ERR_DIMS;
   CAMEX_DISPATCH(p->dtype, dynamic_backward_t, *p, (cudaStream_t)stream);
 }

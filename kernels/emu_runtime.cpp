@@ -47,6 +47,7 @@
 #include "camex.h"
 
 extern "C" char etext, end;  // the executable's static data lies between them (__shared__ statics)
+extern "C" char __ehdr_start;  // the executable's first byte (GNU ld and lld both define it)
 
 namespace emu {
 
@@ -281,14 +282,15 @@ void refresh_bounds() {
   g_hit_lo = g_hit_hi = 0;
 }
 
-// Warp collectives (.sync.aligned: mma, ldmatrix, and __syncwarp with the full mask) must be reached
-// by all 32 lanes at the same instruction. The lanes share one barrier here, so lanes at different
+// Warp collectives: mma and ldmatrix (.sync.aligned) must be reached by all 32 lanes at the same
+// instruction, __syncwarp (the full mask) by all 32 at some __syncwarp (on sm_70 and later its lanes
+// may wait at different call sites). The lanes share one barrier here, so lanes at different
 // collectives would pair up and exchange garbage; on a GPU that is undefined behaviour (a hang, or
 // wrong results). Each lane names the collective it waits at (kind: the instruction and variant)
 // and its address, and the last to arrive checks them; a mismatch fails the launch. The addresses
 // are the host compiler's: it could in principle duplicate one collective of the source into two
 // branches (jump threading) and so split convergent lanes, but every emulation test runs without
-// such a split (GCC 12, -O2), and two branches that each hold a collective are a kernel bug.
+// such a split (GCC 12, -O2), and two branches that each hold an mma or ldmatrix are a kernel bug.
 enum : uint32_t { COLL_SYNCWARP = 1, COLL_MMA = 2, COLL_LDMATRIX = 16 /* + 2 num + trans */ };
 inline const char *coll_name(uint32_t k) {
   static const char *const ld[] = {"ldmatrix.x1", "ldmatrix.x1.trans", "ldmatrix.x2", "ldmatrix.x2.trans",
@@ -303,7 +305,7 @@ inline void arrive(Warp &w, unsigned lane, uint32_t kind, uintptr_t pc) {
 }
 inline bool converged(const Warp &w) {
   for (unsigned l = 1; l < 32; ++l) {
-    if (w.coll[l] == w.coll[0] && w.pc[l] == w.pc[0]) continue;
+    if (w.coll[l] == w.coll[0] && (w.pc[l] == w.pc[0] || w.coll[0] == COLL_SYNCWARP)) continue;
     if (g_fault == cudaSuccess) {
       g_fault = cudaErrorLaunchFailure;
       std::fprintf(stderr,
@@ -369,6 +371,9 @@ inline void check_bounds(uintptr_t pc, const volatile void *p, size_t n) {
   }
   if (!g_bounds_on || (a >= g_hit_lo && a + n <= g_hit_hi)) return;
   if ((a >= w->stack_lo && a < w->stack_hi) || (a >= g_host_lo && a < g_host_hi) || is_shared(a)) return;
+  // The executable's own read-only data (a linker may put it before the text, outside is_shared's
+  // range): a table a kernel reads by pointer.
+  if (a >= (uintptr_t)&__ehdr_start && a < (uintptr_t)&end) return;
   auto it = std::upper_bound(g_bounds.begin(), g_bounds.end(), std::make_pair(a, UINTPTR_MAX));
   if (it != g_bounds.begin() && a + n <= std::prev(it)->second) {
     g_hit_lo = std::prev(it)->first;

@@ -80,7 +80,8 @@ extern "C" int camex_merge_forward(const camex_merge_params *p, camex_stream_t s
 
 extern "C" int camex_merge_backward(const camex_merge_params *p, camex_stream_t stream) {
   if (p->g <= 0 || p->n <= 0 || p->o <= 0 || p->i <= 0) return CAMEX_ERR_DIMS;
-  if (!scalars_grid_fits(p->g, p->n, p->o * p->i, false, p->base_bias && p->expert_bias)) return CAMEX_ERR_DIMS;
+  if (!scalars_grid_fits(p->g, p->n, p->o * p->i, false, p->base_bias && p->expert_bias, p->dare.kind != CAMEX_DARE_NONE))
+    return CAMEX_ERR_DIMS;
   CAMEX_DISPATCH(p->dtype, merge_backward_t, *p, (cudaStream_t)stream);
 }
 

@@ -585,9 +585,11 @@ template <typename T> inline bool h_dots_taken(const MergeArgs<T> &a, const HPas
 }
 
 // Whether merge_reverse_scalars' grids fit the hardware's limits (y and z at most 65535, x at most
-// 2^31 - 1), so that the entry points can refuse a backward before they enqueue anything.
-inline bool scalars_grid_fits(int64_t g, int64_t n, int64_t oi, bool beta_row, bool bias) {
-  return dot_chunks(oi) <= 0x7FFFFFFF && g + (beta_row ? 1 : 0) <= 65535 && (n + NREG - 1) / NREG <= 65535 &&
+// 2^31 - 1), so that the entry points can refuse a backward before they enqueue anything: the dots
+// take dot_rows rows (groups, and the beta row) per block, one with DARE.
+inline bool scalars_grid_fits(int64_t g, int64_t n, int64_t oi, bool beta_row, bool bias, bool dare) {
+  const int64_t rb = dare ? dot_rows<true>() : dot_rows<false>(), rows = g + (beta_row ? 1 : 0);
+  return dot_chunks(oi) <= 0x7FFFFFFF && (rows + rb - 1) / rb <= 65535 && (n + NREG - 1) / NREG <= 65535 &&
          (!bias || g * n <= 0x7FFFFFFF);
 }
 
@@ -608,7 +610,7 @@ inline int merge_reverse_scalars(cudaStream_t s, const MergeArgs<T> &a, const T 
   float *bip = ar.take<float>(a.g * a.n);
   float *ip = ar.take<float>((a.g + 1) * a.n);
   const int64_t rows = a.g + (beta_row ? 1 : 0);
-  if (!scalars_grid_fits(a.g, a.n, a.oi, beta_row, eb && b)) return CAMEX_ERR_DIMS;
+  if (!scalars_grid_fits(a.g, a.n, a.oi, beta_row, eb && b, a.dare.kind != CAMEX_DARE_NONE)) return CAMEX_ERR_DIMS;
   const auto grid = [&](int rb) {
     return dim3((unsigned)chunks, (unsigned)((rows + rb - 1) / rb), (unsigned)((a.n + NREG - 1) / NREG));
   };

@@ -282,11 +282,17 @@ if [ -x "$CBIN/candle-cuda-tests" ]; then
   # test after it in the same process, which would hide which ops work.
   cfail=""
   cn=0
-  for t in $("$CBIN/candle-cuda-tests" --list 2>/dev/null | sed -n 's/: test$//p'); do
+  for t in $("$CBIN/candle-cuda-tests" --list 2>>"$CCLOG" | sed -n 's/: test$//p'); do
     cn=$((cn + 1))
     echo "=== $t" >>"$CCLOG"
-    within 90 "$CBIN/candle-cuda-tests" --exact "$t" --nocapture --test-threads=1 >>"$CCLOG" 2>&1 ||
-      cfail+=" $t(rc=$?)"
+    within 90 "$CBIN/candle-cuda-tests" --exact "$t" --nocapture --test-threads=1 >>"$CCLOG" 2>&1
+    rc=$?
+    case $rc in
+      0) ;;
+      124 | 137) cfail+=" $t(TIMEOUT)" ;;
+      125) cfail+=" $t(SKIPPED-no-time)" ;;
+      *) cfail+=" $t(rc=$rc)" ;;
+    esac
   done
   if [ "$cn" = 0 ]; then
     CANDLE="candle on CUDA: no tests listed (see $CCLOG)"

@@ -235,31 +235,36 @@ proptest! {
 
 /// A backward whose reduction grids would cross the hardware's limits (grid y and z at most 65535,
 /// x below 2^31) is refused at its entry point, before anything is enqueued (all pointers null: a
-/// launch would fault), not after the launches before the reduction.
+/// launch would fault), not after the launches before the reduction; one just inside them is not
+/// refused for its grid (it fails on its missing workspace instead).
 #[test]
 fn backward_refuses_grids_over_the_limits() {
     if !on("backward_refuses_grids_over_the_limits") {
         return;
     }
     let dims = ffi::CAMEX_ERR_DIMS as i32;
+    let workspace = ffi::CAMEX_ERR_WORKSPACE as i32;
     // SAFETY: each launcher is expected to refuse before it touches a pointer.
     unsafe {
-        // 65536 groups: one grid row per group.
-        let p = ffi::camex_merge_params {
-            dtype: F32,
-            g: 65536,
-            n: 1,
-            o: 1,
-            i: 1,
-            alpha: 1.0,
-            ..Default::default()
-        };
-        assert_eq!(
-            ffi::camex_merge_backward(&p, null()),
-            dims,
-            "merge backward, G = 65536"
-        );
-        // 65535 groups and the beta row.
+        // Without DARE the dots take eight rows (groups) per block: 8 * 65535 groups fit, one more
+        // does not.
+        for (g, want) in [(8 * 65535, workspace), (8 * 65535 + 1, dims)] {
+            let p = ffi::camex_merge_params {
+                dtype: F32,
+                g,
+                n: 1,
+                o: 1,
+                i: 1,
+                alpha: 1.0,
+                ..Default::default()
+            };
+            assert_eq!(
+                ffi::camex_merge_backward(&p, null()),
+                want,
+                "merge backward, G = {g}"
+            );
+        }
+        // With DARE one row per block: 65535 groups and the beta row do not fit.
         let p = ffi::camex_ca_merge_params {
             dtype: F32,
             g: 65535,
@@ -274,12 +279,18 @@ fn backward_refuses_grids_over_the_limits() {
             alpha: 1.0,
             has_beta: 1,
             beta: 1.0,
+            dare: ffi::camex_dare {
+                kind: ffi::camex_dare_kind_CAMEX_DARE_EXPERT as i32,
+                threshold: 1 << 28,
+                seed: 1,
+                scale: 1.0 / (1.0 - 1.0 / 16.0),
+            },
             ..Default::default()
         };
         assert_eq!(
             ffi::camex_ca_merge_backward(&p, null()),
             dims,
-            "CA-merge backward, G = 65535 + beta"
+            "CA-merge backward with DARE, G = 65535 + beta"
         );
         // Experts over 8 * 65535 (eight per grid slice).
         let p = ffi::camex_dynamic_params {

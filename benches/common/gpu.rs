@@ -284,14 +284,18 @@ pub fn event_times(run: &mut GpuRun, s: &Arc<CudaStream>, iters: usize) -> Resul
 /// The iterations run back to back, each between the event before it and the one after (one
 /// chain, one synchronisation at the end), so that an iteration's host work (output allocation,
 /// the memory check, the launches) overlaps the GPU's work on the one before, as a caller's loop
-/// would. Timing each iteration from an idle stream instead counted that host work as GPU time.
+/// would; one untimed iteration goes first, so that the first timed one starts on a busy stream
+/// too. Timing each iteration from an idle stream instead counted that host work as GPU time.
+/// Where an iteration's host work takes longer than its GPU work, the GPU waits between events
+/// and the times include the difference, as the caller's loop would see it.
 fn event_times_of(
     run: &mut dyn FnMut() -> Result<()>,
     s: &Arc<CudaStream>,
     iters: usize,
 ) -> Result<Vec<f64>> {
     let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
-    let mut events = Vec::with_capacity(iters.max(1) + 1);
+    let mut events = Vec::with_capacity(iters.clamp(1, 1 << 16) + 1);
+    run()?;
     events.push(s.record_event(timing).map_err(err)?);
     for _ in 0..iters.max(1) {
         run()?;

@@ -1,7 +1,9 @@
 //! The emulation tests' allocator: the system's, reporting every allocation and free to the
 //! kernels' CPU emulation (`camex_emu_track`), so that a kernel's access to global memory outside
 //! every live allocation fails its launch (as memcheck would flag it on a GPU) instead of reading
-//! or writing the host's heap. In a GPU build the report is a no-op.
+//! or writing the host's heap. In a GPU build the report is a no-op. An allocation is its whole
+//! capacity (a `Vec` grown by `push` may hold more than its length), so an overrun into the spare
+//! capacity is not seen: the tests size their buffers exactly (`vec![x; n]`).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 
