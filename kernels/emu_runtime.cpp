@@ -135,7 +135,13 @@ std::vector<LaunchRec> g_records;
 
 // Allocations registered by the caller (camex_emu_register): a launch's distinct bytes within one
 // are at most its size, whatever the sampling estimated.
-std::vector<std::pair<uintptr_t, uintptr_t>> g_allocs;  // [lo, hi), sorted by lo
+using Ranges = std::vector<std::pair<uintptr_t, uintptr_t>>;  // [lo, hi), sorted by lo, disjoint
+Ranges g_allocs;
+// The range of v that holds all of [a, a + n), or v.end().
+inline Ranges::const_iterator range_holding(const Ranges &v, uintptr_t a, size_t n) {
+  auto it = std::upper_bound(v.begin(), v.end(), std::make_pair(a, UINTPTR_MAX));
+  return it != v.begin() && a + n <= std::prev(it)->second ? std::prev(it) : v.end();
+}
 LaunchRec *g_cur = nullptr;
 
 // ---- fibers ----
@@ -259,7 +265,7 @@ inline void fault(uintptr_t pc, const volatile void *p, size_t size, const char 
 // the launching thread's (the kernel's arguments), shared memory nor inside one live allocation
 // fails the launch (cudaErrorIllegalAddress). On a GPU a small overrun mostly reads or writes a
 // neighbouring buffer silently (compute-sanitizer's memcheck reports it); here the host's heap
-// would. g_tracked: lo -> hi, guarded by track_mutex; g_bounds: its sorted copy for the running
+// would. tracked(): lo -> hi, guarded by track_mutex; g_bounds: its sorted copy for the running
 // launch (under launch_mutex), refreshed at a launch's start when an allocation came or went.
 std::mutex track_mutex;
 std::map<uintptr_t, uintptr_t> &tracked() {
@@ -268,7 +274,7 @@ std::map<uintptr_t, uintptr_t> &tracked() {
 }
 uint64_t g_track_gen = 0;
 bool g_bounds_on = false;
-std::vector<std::pair<uintptr_t, uintptr_t>> g_bounds;
+Ranges g_bounds;
 uint64_t g_bounds_gen = ~0ull;
 uintptr_t g_hit_lo = 0, g_hit_hi = 0;  // the allocation the last check found
 
@@ -356,7 +362,6 @@ inline void record(uintptr_t pc, const volatile void *p, size_t size, bool write
   }
 }
 
-// The naturally aligned hooks: checked for alignment, then logged.
 // Dynamic shared memory past what the launch asked for fails it too (on a GPU: past the block's
 // allocation, an illegal address), in every build and mode.
 int64_t g_dyn_bytes = 0;
@@ -374,15 +379,16 @@ inline void check_bounds(uintptr_t pc, const volatile void *p, size_t n) {
   // The executable's own read-only data (a linker may put it before the text, outside is_shared's
   // range): a table a kernel reads by pointer.
   if (a >= (uintptr_t)&__ehdr_start && a < (uintptr_t)&end) return;
-  auto it = std::upper_bound(g_bounds.begin(), g_bounds.end(), std::make_pair(a, UINTPTR_MAX));
-  if (it != g_bounds.begin() && a + n <= std::prev(it)->second) {
-    g_hit_lo = std::prev(it)->first;
-    g_hit_hi = std::prev(it)->second;
+  const auto it = range_holding(g_bounds, a, n);
+  if (it != g_bounds.end()) {
+    g_hit_lo = it->first;
+    g_hit_hi = it->second;
     return;
   }
   fault(pc, p, n, "access outside every live allocation", cudaErrorIllegalAddress);
 }
 
+// The naturally aligned hooks: checked for alignment and bounds, then logged.
 inline void checked(uintptr_t pc, const volatile void *p, size_t n, bool write) {
   check_aligned(pc, p, n);
   check_bounds(pc, p, n);
@@ -691,8 +697,7 @@ void ldmatrix(uint32_t *d, int num, bool trans, const void *row) {
   if (lane < 8u * num) {
     const uintptr_t pc = (uintptr_t)__builtin_return_address(0);
     if ((uintptr_t)row % 16 != 0 || !is_shared((uintptr_t)row)) fault(pc, row, 16, "ldmatrix row not 16-byte aligned shared memory");
-    check_bounds(pc, row, 16);
-    record(pc, row, 16, false);
+    bounded(pc, row, 16, false);
   }
   ++wk->epoch;
   w.rows[lane] = static_cast<const char *>(row);
@@ -722,8 +727,7 @@ void cp_async(void *dst, const void *src, int bytes, int src_bytes) {
     fault(pc, dst, (size_t)bytes, "cp.async of another size, alignment or direction than global to shared");
   src_bytes = src_bytes < 0 ? 0 : (src_bytes > bytes ? bytes : src_bytes);
   if (src_bytes > 0) bounded(pc, src, (size_t)src_bytes, false);
-  check_bounds(pc, dst, (size_t)bytes);
-  record(pc, dst, (size_t)bytes, true);
+  bounded(pc, dst, (size_t)bytes, true);
   wk->pending.push_back(Pending{dst, src, bytes, src_bytes, wk->group});
 }
 
@@ -907,8 +911,8 @@ void run(dim3 g, dim3 b, const char *kernel, const void *fn, int64_t smem, void 
     std::vector<uint64_t> per_alloc(g_allocs.size(), 0);
     for (auto &[s, w] : rec.sectors) {
       const uintptr_t a = s * 32;
-      auto it = std::upper_bound(g_allocs.begin(), g_allocs.end(), std::make_pair(a, UINTPTR_MAX));
-      if (it != g_allocs.begin() && a < std::prev(it)->second) per_alloc[std::prev(it) - g_allocs.begin()] += w;
+      const auto it = range_holding(g_allocs, a, 1);
+      if (it != g_allocs.end()) per_alloc[it - g_allocs.begin()] += w;
       else rec.dram += 32 * w;
     }
     for (size_t k = 0; k < g_allocs.size(); ++k) {

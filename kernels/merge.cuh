@@ -585,7 +585,7 @@ template <typename T> inline bool h_dots_taken(const MergeArgs<T> &a, const HPas
 }
 
 // Whether merge_reverse_scalars' grids fit the hardware's limits (y and z at most 65535, x at most
-// 2^31 - 1), so that the entry points can refuse a backward before they enqueue anything: the dots
+// 2^31 - 1), which every backward's entry point checks before it enqueues anything: the dots
 // take dot_rows rows (groups, and the beta row) per block, one with DARE.
 inline bool scalars_grid_fits(int64_t g, int64_t n, int64_t oi, bool beta_row, bool bias, bool dare) {
   const int64_t rb = dare ? dot_rows<true>() : dot_rows<false>(), rows = g + (beta_row ? 1 : 0);
@@ -609,8 +609,7 @@ inline int merge_reverse_scalars(cudaStream_t s, const MergeArgs<T> &a, const T 
   float *dots = ar.take<float>((a.g + 1) * a.n * chunks);
   float *bip = ar.take<float>(a.g * a.n);
   float *ip = ar.take<float>((a.g + 1) * a.n);
-  const int64_t rows = a.g + (beta_row ? 1 : 0);
-  if (!scalars_grid_fits(a.g, a.n, a.oi, beta_row, eb && b, a.dare.kind != CAMEX_DARE_NONE)) return CAMEX_ERR_DIMS;
+  const int64_t rows = a.g + (beta_row ? 1 : 0);  // grids within the limits: the entry points check
   const auto grid = [&](int rb) {
     return dim3((unsigned)chunks, (unsigned)((rows + rb - 1) / rb), (unsigned)((a.n + NREG - 1) / NREG));
   };
