@@ -158,11 +158,14 @@ __host__ __device__ inline ColsBwdLayout cols_bwd_layout(int i1, int i2, int pr,
   return l;
 }
 
-// Rows per block of the columns-side kernel: the most (up to 8) whose shared memory fits
-// TC_SMEM_MAX, fixed by the dimensions alone so that the workspace does not depend on the device.
-__host__ __device__ inline int cols_bwd_rows(int i1, int i2, TcSplit sp) {
+// Rows per block of the columns-side kernel: the most (up to 8) whose shared memory fits `lim`,
+// the device's opt-in (tc_smem_limit), else 1 (which kron_tc_bwd_fits then refuses). The partials'
+// workspace is sized with the same limit (kron_tc_bwd_partial_floats): sized on sm_90's, sm_80's
+// fewer rows per block (more blocks, more partials) would not fit it, and the tensor-core backward
+// was declined there at `wo` shapes (T5-base bf16: 6 rows, 208 KiB; sm_80 takes 4, 154 KiB).
+__host__ __device__ inline int cols_bwd_rows(int i1, int i2, TcSplit sp, int64_t lim) {
   for (int pr = 8; pr > 1; --pr)
-    if (cols_bwd_layout(i1, i2, pr, sp).bytes <= TC_SMEM_MAX) return pr;
+    if (cols_bwd_layout(i1, i2, pr, sp).bytes <= lim) return pr;
   return 1;
 }
 
@@ -1138,19 +1141,25 @@ __global__ void kron_bwd_reduce_kernel(const float *pab, const float *pcd, T *ga
 template <typename T> inline bool kron_tc_bwd_fits(const D4 &d4, int64_t lim) {
   const int o1 = (int)d4.d[0], o2 = (int)d4.d[1], i1 = (int)d4.d[2], i2 = (int)d4.d[3];
   if (!ColsBwdPrec<T>::data_lo && (o1 == 1 || o2 == 1 || i1 == 1 || i2 == 1)) return false;
-  const int pr = cols_bwd_rows(i1, i2, ColsBwdPrec<T>::split());
-  return rows_layout(o1, o2, RowsSplitPrec<T>::split(), false).bytes <= lim &&
-         cols_bwd_layout(i1, i2, pr, ColsBwdPrec<T>::split()).bytes <= lim &&
+  const int pr = cols_bwd_rows(i1, i2, ColsBwdPrec<T>::split(), lim);
+  const int64_t O = (int64_t)o1 * o2;
+  const int64_t cbytes = cols_bwd_reg_ok<T>(i1, i2)
+                             ? cols_bwd_reg_layout(tc_pad(i1), tc_pad(i2), cols_bwd_reg_rows(O, i1, i2, lim)).bytes
+                             : cols_bwd_layout(i1, i2, pr, ColsBwdPrec<T>::split()).bytes;
+  return rows_layout(o1, o2, RowsSplitPrec<T>::split(), false).bytes <= lim && cbytes <= lim &&
          rows_bwd_layout(o1, o2, RowsBwdPrec<T>::split(), 0).bytes <= lim;
 }
 
-// Floats of the partials of every rank of one expert (both sides), sized on the dimensions alone:
-// the rounds write their ranks' partials side by side, and one reduction per expert sums them.
+// Floats of the partials of every rank of one expert (both sides), sized on the dimensions and the
+// current device's shared memory (the columns side's rows per block, cols_bwd_rows): the rounds
+// write their ranks' partials side by side, and one reduction per expert sums them. A workspace
+// sized on one device and used on another with less shared memory gets CAMEX_ERR_WORKSPACE.
 inline int64_t kron_tc_bwd_partial_floats(const D4 &d4, int64_t r, int dtype) {
   if (!kron_tc_dims_ok(d4)) return 0;
   const int64_t o1 = d4.d[0], o2 = d4.d[1], i1 = d4.d[2], i2 = d4.d[3];
   const int64_t O = o1 * o2, I = i1 * i2;
-  const int64_t slabs = (I + TC_QC - 1) / TC_QC, pr = cols_bwd_rows((int)i1, (int)i2, cols_bwd_split_of(dtype));
+  const int64_t slabs = (I + TC_QC - 1) / TC_QC,
+                pr = cols_bwd_rows((int)i1, (int)i2, cols_bwd_split_of(dtype), tc_smem_limit());
   const int64_t cblocks = (O + pr - 1) / pr;
   // then the rows side's arrival counters (rows_bwd_groups), one 4-byte word per slab
   return r * (slabs * (o1 * o1 + o2 * o2) + cblocks * (i1 * i1 + i2 * i2)) + slabs + 64;
@@ -1246,7 +1255,7 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
   // cols_bwd_rows' rows, for which kron_tc_bwd_partial_floats sized the partials (the register
   // kernel's rows are at least as many: as many blocks or fewer).
   const bool creg = cols_bwd_reg_ok<T>(i1, i2);
-  const int pr = creg ? cols_bwd_reg_rows(O, i1, i2, lim) : cols_bwd_rows(i1, i2, ColsBwdPrec<T>::split());
+  const int pr = creg ? cols_bwd_reg_rows(O, i1, i2, lim) : cols_bwd_rows(i1, i2, ColsBwdPrec<T>::split(), lim);
   const int64_t cbytes = creg ? cols_bwd_reg_layout(tc_pad(i1), tc_pad(i2), pr).bytes
                               : cols_bwd_layout(i1, i2, pr, ColsBwdPrec<T>::split()).bytes;
   const int bmode = rows_bwd_mode(o1, o2, RowsBwdPrec<T>::split(), lim);

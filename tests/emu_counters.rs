@@ -521,6 +521,146 @@ fn smem_limit_steers_the_tensor_core_path() {
     }
 }
 
+/// The columns-side backward sizes its rows per block on the device's shared memory, and the
+/// partials' workspace with it: at `wo`'s factor sizes (T5-base: i1 x i2 = 48 x 64) sm_90 takes 6
+/// rows a block in bf16 (208 KiB) and 3 in f16, sm_80 4 (154 KiB) and 1, where the rows were once
+/// sized on sm_90's limit alone and sm_80 declined the tensor cores. Under 99 KiB (sm_86/89) bf16
+/// still fits (1 row, 73 KiB) and f16 (114 KiB) takes the scalar chain. The gradients agree across
+/// the limits (the rows' grouping into blocks changes the f32 sums' order, so within a few ulps of
+/// the storage type; `emu.rs` checks the values against the oracle).
+#[test]
+fn the_columns_side_backward_sizes_its_rows_on_the_device() {
+    let _g = COUNTING.lock().unwrap_or_else(|e| e.into_inner());
+    if !emulated("the_columns_side_backward_sizes_its_rows_on_the_device") {
+        return;
+    }
+    const SM90: i64 = 227 * 1024;
+    const SM80: i64 = 163 * 1024;
+    const SM89: i64 = 99 * 1024;
+    let (n, o, i, r) = (2usize, 8usize, 3072usize, 2usize);
+    let (o1, o2, i1, i2) = (2usize, 4usize, 48usize, 64usize);
+    for f16 in [false, true] {
+        let dt = if f16 { "f16" } else { "bf16" };
+        let v = |k: usize, seed: u64| varied(k, seed, f16);
+        let (base, experts) = (v(o * i, 1), v(n * o * i, 2));
+        let (fa, fb) = (v(r * n * o1 * o1, 3), v(r * n * o2 * o2, 4));
+        let (fc, fd) = (v(r * n * i1 * i1, 5), v(r * n * i2 * i2, 6));
+        let gc = v(n * o * i, 7);
+        let sizes = [
+            o * i,
+            n * o * i,
+            r * n * o1 * o1,
+            r * n * o2 * o2,
+            r * n * i1 * i1,
+        ];
+        let sizes = [
+            sizes[0],
+            sizes[1],
+            sizes[2],
+            sizes[3],
+            sizes[4],
+            r * n * i2 * i2,
+        ];
+        // Under `limit`: the columns-side backward's shared memory per launch, and the gradients.
+        let run = |limit: i64| {
+            let (curved, gb, ge) = (v(n * o * i, 0), v(o * i, 0), v(n * o * i, 0));
+            let grads = [
+                v(sizes[2], 0),
+                v(sizes[3], 0),
+                v(sizes[4], 0),
+                v(sizes[5], 0),
+            ];
+            let recs = counted(1, || {
+                let dtype = if f16 {
+                    ffi::camex_dtype_CAMEX_F16
+                } else {
+                    ffi::camex_dtype_CAMEX_BF16
+                };
+                let mut p = curvature_params(
+                    dtype as i32,
+                    [n, o, i, r, o1, o2, i1, i2],
+                    [
+                        &base, &experts, &fa, &fb, &fc, &fd, &curved, &gc, &gb, &ge, &grads[0],
+                        &grads[1], &grads[2], &grads[3],
+                    ],
+                );
+                // SAFETY: a per-thread setting of the emulation (restored below).
+                let prev = unsafe { ffi::camex_emu_smem_limit(limit) };
+                run_curvature(&mut p, true);
+                // SAFETY: as above.
+                unsafe { ffi::camex_emu_smem_limit(prev) };
+            });
+            let cols: Vec<i64> = recs
+                .iter()
+                .filter(|l| kernel_name(l).starts_with("kron_cols_bwd_kernel"))
+                .map(|l| l.dyn_smem_bytes)
+                .collect();
+            assert!(
+                recs.iter().all(|l| l.dyn_smem_bytes <= limit),
+                "{dt}: every launch within {limit} bytes"
+            );
+            // Every gradient as f32 values: base, experts, then the four factors'.
+            let mut vals: Vec<Vec<f32>> =
+                vec![halves(&gb, sizes[0], f16), halves(&ge, sizes[1], f16)];
+            for (g, &k) in grads.iter().zip(&sizes[2..]) {
+                vals.push(halves(g, k, f16));
+            }
+            (cols, vals)
+        };
+        let (c90, g90) = run(SM90);
+        let (c80, g80) = run(SM80);
+        let (c89, g89) = run(SM89);
+        let kib = |c: &[i64]| c.iter().map(|b| b / 1024).collect::<Vec<_>>();
+        assert!(
+            !c90.is_empty() && !c80.is_empty(),
+            "{dt}: the columns-side backward on the tensor cores under sm_90's and sm_80's limits"
+        );
+        assert!(
+            c90.iter().all(|&b| b > SM80) && c80.iter().all(|&b| b <= SM80),
+            "{dt}: more rows a block under sm_90's limit than sm_80's fits, {:?} KiB against {:?}",
+            kib(&c90),
+            kib(&c80)
+        );
+        assert_eq!(
+            c89.is_empty(),
+            f16,
+            "{dt}: under 99 KiB bf16's one row a block fits and f16's does not, {:?} KiB",
+            kib(&c89)
+        );
+        // A few ulps of the value, or of the tensor's largest where a sum cancels.
+        let ulps = if f16 { 2f32.powi(-8) } else { 2f32.powi(-6) };
+        for (name, other) in [("sm_80", &g80), ("99 KiB", &g89)] {
+            for (t, (x, y)) in g90.iter().zip(other.iter()).enumerate() {
+                assert_eq!(x.len(), y.len());
+                let scale = x.iter().fold(0f32, |m, a| m.max(a.abs()));
+                for (k, (a, b)) in x.iter().zip(y).enumerate() {
+                    assert!(
+                        a.is_finite()
+                            && (a - b).abs() <= ulps * a.abs().max(b.abs()) + 1e-4 * scale,
+                        "{dt}: gradient {t} value {k}: {a} under sm_90's limit, {b} under {name}'s"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The first `k` 16-bit values of `v` (bf16, or f16 with `f16`) as f32.
+fn halves(v: &[Chunk], k: usize, f16: bool) -> Vec<f32> {
+    let mut bits = vec![0u16; k];
+    // SAFETY: v holds at least k 16-bit values.
+    unsafe { std::ptr::copy_nonoverlapping(v.as_ptr().cast::<u16>(), bits.as_mut_ptr(), k) };
+    bits.into_iter()
+        .map(|b| {
+            if f16 {
+                half::f16::from_bits(b).to_f32()
+            } else {
+                half::bf16::from_bits(b).to_f32()
+            }
+        })
+        .collect()
+}
+
 /// The merge op's backward reads the upstream gradient once where `h_dots_kernel` takes it (bf16,
 /// no DARE or DARE per expert: the dots of grad_scores and grad_alpha in H's pass, with or without
 /// a mask tensor, tensor cores on), and twice otherwise: `dots_kernel` (or `dots_dare_kernel`) and
