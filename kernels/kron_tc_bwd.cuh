@@ -61,6 +61,49 @@ __host__ __device__ inline TcSplit cols_bwd_split_of(int dtype) {
   return dtype == CAMEX_BF16 ? ColsBwdPrec<__nv_bfloat16>::split() : ColsBwdPrec<__half>::split();
 }
 
+// The fixed-order reduction of one expert's factor-gradient partials (ranks r0..r0+nr): grad[(r *
+// nexp + expert)][x] = the sum over blocks, in block order, of the rows side's partials
+// ([nr][slabs][o1^2 + o2^2] at pab: dA then dB) or the columns side's ([nr][cblocks][i1^2 + i2^2]
+// at pcd: dC then dD). kron_bwd_reduce_kernel runs it alone, or each columns-side block of the next
+// expert runs its share (factor_reduce_share): the same sums in the same order, the same bits.
+template <typename T> struct FactorReduce {
+  const float *pab = nullptr, *pcd = nullptr;  // null: nothing to reduce
+  T *ga = nullptr, *gb = nullptr, *gc = nullptr, *gd = nullptr;
+  int64_t slabs = 0, cblocks = 0;
+  int o1 = 0, o2 = 0, i1 = 0, i2 = 0;
+  int64_t r0 = 0, nr = 0, nexp = 0, expert = 0;
+  __host__ __device__ int64_t sab() const { return (int64_t)o1 * o1 + (int64_t)o2 * o2; }
+  __host__ __device__ int64_t scd() const { return (int64_t)i1 * i1 + (int64_t)i2 * i2; }
+};
+// Element k of one side's gradients: rank k / (n1^2 + n2^2), element x of g1 (n1 x n1) then g2, the
+// sum of `blocks` partials in block order.
+template <typename T>
+__device__ __forceinline__ void factor_reduce_one(const FactorReduce<T> &f, const float *part, int64_t blocks, int n1,
+                                                  int n2, T *g1, T *g2, int64_t k) {
+  const int64_t n11 = (int64_t)n1 * n1, sz = n11 + (int64_t)n2 * n2, rl = k / sz, x = k % sz;
+  const int64_t re = (f.r0 + rl) * f.nexp + f.expert;
+  float s = 0.f;
+  for (int64_t b = 0; b < blocks; ++b) s += part[(rl * blocks + b) * sz + x];
+  if (x < n11) g1[re * n11 + x] = from_f32<T>(s);
+  else g2[re * n2 * n2 + x - n11] = from_f32<T>(s);
+}
+// Element k < nr * sab of the rows side's (dA, dB), and k < nr * scd of the columns side's (dC, dD).
+template <typename T> __device__ __forceinline__ void factor_reduce_ab(const FactorReduce<T> &f, int64_t k) {
+  factor_reduce_one(f, f.pab, f.slabs, f.o1, f.o2, f.ga, f.gb, k);
+}
+template <typename T> __device__ __forceinline__ void factor_reduce_cd(const FactorReduce<T> &f, int64_t k) {
+  factor_reduce_one(f, f.pcd, f.cblocks, f.i1, f.i2, f.gc, f.gd, k);
+}
+// This block's share of f (none where f.pab is null): an even run of each side's elements per
+// block, so that every block reads about the same bytes (the emulation's sampled blocks stand for
+// the others) and consecutive threads read consecutive floats of each partial.
+template <typename T> __device__ __forceinline__ void factor_reduce_share(const FactorReduce<T> &f) {
+  if (!f.pab) return;
+  const int64_t b = blockIdx.x, g = gridDim.x, nab = f.nr * f.sab(), ncd = f.nr * f.scd();
+  for (int64_t k = nab * b / g + threadIdx.x; k < nab * (b + 1) / g; k += blockDim.x) factor_reduce_ab(f, k);
+  for (int64_t k = ncd * b / g + threadIdx.x; k < ncd * (b + 1) / g; k += blockDim.x) factor_reduce_cd(f, k);
+}
+
 // Fragments of a k-major plain shared array with k's row stride ld (A[m][k] = s[k * ld + m],
 // B[k][n] = s[k * ld + n]; ld * 2 bytes an odd multiple of 16, m0 and n0 multiples of 8):
 // ldmatrix.trans, one 128-byte phase per 8 x 8 matrix and free of bank conflicts.
@@ -287,7 +330,7 @@ template <typename T>
 __global__ void __launch_bounds__(TC_THREADS, 1)
 kron_cols_bwd_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc, const T *__restrict__ fd,
                      float *__restrict__ part, int o1, int i1, int i2, int pr, int64_t O, int64_t r0, int64_t nr,
-                     int64_t nexp, int64_t expert) {
+                     int64_t nexp, int64_t expert, FactorReduce<T> prev) {
   CAMEX_DYNAMIC_SMEM(smem);
   using P = ColsBwdPrec<T>;  // H, P, T1 and T2
   const ColsBwdLayout L = cols_bwd_layout(i1, i2, pr, P::split());
@@ -368,6 +411,7 @@ kron_cols_bwd_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc, con
     cols_bwd_contract_sum(i1p, i1p, 0, half, red, rs, out, i1, i1);
     cols_bwd_contract_sum(i2p, i2p, half, half, red, rs, out + (int64_t)i1 * i1, i2, i2);
   }
+  factor_reduce_share(prev);  // the previous expert's factor gradients, where it left them to this launch
 }
 
 // ---- columns side with its intermediates in registers (bf16, i1 and i2 at most 32) ----
@@ -418,8 +462,9 @@ template <typename T> __host__ __device__ inline bool cols_bwd_reg_ok(int i1, in
 
 // Rows per block of the register kernel: 24, 16 or 8 (three, two or one per warp), the most that
 // fit `lim` and still give about a wave of blocks on an H200 (132 SMs), since a block per row run
-// amortises the warps' exchange of partials over more rows; never fewer blocks than the old kernel's
-// cols_bwd_rows (<= 8 rows) sized the partials for.
+// amortises the warps' exchange of partials over more rows. The partials' workspace is sized on
+// it (cols_bwd_plan), so the workspace query and the launch must see the same emulation mode (a
+// mismatch gets CAMEX_ERR_WORKSPACE, as the launcher sizes its arena the same way).
 __host__ __device__ inline int cols_bwd_reg_rows(int64_t O, int i1, int i2, int64_t lim) {
 #ifdef CAMEX_EMU
   // The emulation's small test shapes: 8, 16 or 24 rows by O, so that the tests run all three (and
@@ -526,7 +571,7 @@ template <typename T, int I1P, int I2P>
 __global__ void __launch_bounds__(TC_THREADS, 1)
 kron_cols_bwd_reg_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc, const T *__restrict__ fd,
                          float *__restrict__ part, int o1, int i1, int i2, int pr, int64_t O, int64_t r0, int64_t nr,
-                         int64_t nexp, int64_t expert) {
+                         int64_t nexp, int64_t expert, FactorReduce<T> prev) {
   CAMEX_DYNAMIC_SMEM(smem);
   using P = ColsBwdPrec<T>;
   using KP = Prec<RowsBwdPrec<T>::data_lo, false>;  // K as the rows side takes it
@@ -638,6 +683,7 @@ kron_cols_bwd_reg_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc,
       }
     }
   }
+  factor_reduce_share(prev);  // as kron_cols_bwd_kernel
 }
 
 // ---- rows side: dA, dB and L^T K ----
@@ -1107,28 +1153,13 @@ __global__ void __launch_bounds__(TC_THREADS, 1)
 
 // ---- host side ----
 
-// Factor gradients of ranks r0..r0+nr: grad_f[(r*n + e)][...] = sum over blocks of part, blocks in
-// order.
-// parts: the rows side [nr][slabs][o1^2 + o2^2] at pab, the columns side [nr][cblocks][i1^2 + i2^2]
-// at pcd.
-template <typename T>
-__global__ void kron_bwd_reduce_kernel(const float *pab, const float *pcd, T *ga, T *gb, T *gc, T *gd, int64_t slabs,
-                                       int64_t cblocks, int o1, int o2, int i1, int i2, int64_t r0, int64_t nr,
-                                       int64_t nexp, int64_t expert) {
-  const int64_t sab = (int64_t)o1 * o1 + (int64_t)o2 * o2, scd = (int64_t)i1 * i1 + (int64_t)i2 * i2;
-  CAMEX_GRID_STRIDE(k, nr * (sab + scd)) {
-    const int64_t rl = k / (sab + scd), x = k % (sab + scd), re = (r0 + rl) * nexp + expert;
-    float s = 0.f;
-    if (x < sab) {
-      for (int64_t b = 0; b < slabs; ++b) s += pab[(rl * slabs + b) * sab + x];
-      if (x < (int64_t)o1 * o1) ga[re * o1 * o1 + x] = from_f32<T>(s);
-      else gb[re * o2 * o2 + x - (int64_t)o1 * o1] = from_f32<T>(s);
-    } else {
-      const int64_t y = x - sab;
-      for (int64_t b = 0; b < cblocks; ++b) s += pcd[(rl * cblocks + b) * scd + y];
-      if (y < (int64_t)i1 * i1) gc[re * i1 * i1 + y] = from_f32<T>(s);
-      else gd[re * i2 * i2 + y - (int64_t)i1 * i1] = from_f32<T>(s);
-    }
+// Factor gradients of ranks f.r0..f.r0+f.nr of expert f.expert (FactorReduce), on their own launch:
+// the expert's last call, with no next expert's columns side to take them.
+template <typename T> __global__ void kron_bwd_reduce_kernel(FactorReduce<T> f) {
+  const int64_t nab = f.nr * f.sab();
+  CAMEX_GRID_STRIDE(k, f.nr * (f.sab() + f.scd())) {
+    if (k < nab) factor_reduce_ab(f, k);
+    else factor_reduce_cd(f, k - nab);
   }
 }
 
@@ -1138,31 +1169,48 @@ __global__ void kron_bwd_reduce_kernel(const float *pab, const float *pcd, T *ga
 // over that single entry; with H and P single-pass (bf16) the emulation's worst such case (ca_merge,
 // grad_factor_c `[1, 2, 1, 1]`) reached 1.0e-2 > tol 1e-2 (the official einsums: 6.9e-3; H and P
 // split: 6.8e-3). Such shapes (a prime O or I) take the scalar chain's f32 backward.
+// The columns-side backward as kron_backward_tc launches it: the register kernel where it takes
+// the shape, else kron_cols_bwd_kernel; its rows per block (which also size the partials:
+// kron_tc_bwd_partial_floats) and shared memory.
+struct ColsBwdPlan {
+  bool reg;
+  int pr;
+  int64_t bytes;
+};
+template <typename T> inline ColsBwdPlan cols_bwd_plan(int64_t O, int i1, int i2, int64_t lim) {
+  if (cols_bwd_reg_ok<T>(i1, i2)) {
+    const int pr = cols_bwd_reg_rows(O, i1, i2, lim);
+    return {true, pr, cols_bwd_reg_layout(tc_pad(i1), tc_pad(i2), pr).bytes};
+  }
+  const int pr = cols_bwd_rows(i1, i2, ColsBwdPrec<T>::split(), lim);
+  return {false, pr, cols_bwd_layout(i1, i2, pr, ColsBwdPrec<T>::split()).bytes};
+}
+
 template <typename T> inline bool kron_tc_bwd_fits(const D4 &d4, int64_t lim) {
   const int o1 = (int)d4.d[0], o2 = (int)d4.d[1], i1 = (int)d4.d[2], i2 = (int)d4.d[3];
   if (!ColsBwdPrec<T>::data_lo && (o1 == 1 || o2 == 1 || i1 == 1 || i2 == 1)) return false;
-  const int pr = cols_bwd_rows(i1, i2, ColsBwdPrec<T>::split(), lim);
-  const int64_t O = (int64_t)o1 * o2;
-  const int64_t cbytes = cols_bwd_reg_ok<T>(i1, i2)
-                             ? cols_bwd_reg_layout(tc_pad(i1), tc_pad(i2), cols_bwd_reg_rows(O, i1, i2, lim)).bytes
-                             : cols_bwd_layout(i1, i2, pr, ColsBwdPrec<T>::split()).bytes;
-  return rows_layout(o1, o2, RowsSplitPrec<T>::split(), false).bytes <= lim && cbytes <= lim &&
+  const ColsBwdPlan cp = cols_bwd_plan<T>((int64_t)o1 * o2, i1, i2, lim);
+  return rows_layout(o1, o2, RowsSplitPrec<T>::split(), false).bytes <= lim && cp.bytes <= lim &&
          rows_bwd_layout(o1, o2, RowsBwdPrec<T>::split(), 0).bytes <= lim;
 }
 
 // Floats of the partials of every rank of one expert (both sides), sized on the dimensions and the
-// current device's shared memory (the columns side's rows per block, cols_bwd_rows): the rounds
-// write their ranks' partials side by side, and one reduction per expert sums them. A workspace
+// current device's shared memory (the columns side's rows per block, cols_bwd_plan): the rounds
+// write their ranks' partials side by side, and one reduction per expert sums them, in the next
+// expert's columns-side launch where there is one: so the columns side's partials alternate
+// between two buffers by expert parity (that launch writes its own while it reads the last
+// expert's; the rows side's are written only after it). A workspace
 // sized on one device and used on another with less shared memory gets CAMEX_ERR_WORKSPACE.
 inline int64_t kron_tc_bwd_partial_floats(const D4 &d4, int64_t r, int dtype) {
   if (!kron_tc_dims_ok(d4)) return 0;
   const int64_t o1 = d4.d[0], o2 = d4.d[1], i1 = d4.d[2], i2 = d4.d[3];
   const int64_t O = o1 * o2, I = i1 * i2;
-  const int64_t slabs = (I + TC_QC - 1) / TC_QC,
-                pr = cols_bwd_rows((int)i1, (int)i2, cols_bwd_split_of(dtype), tc_smem_limit());
+  const int64_t lim = tc_smem_limit(), slabs = (I + TC_QC - 1) / TC_QC;
+  const int64_t pr = dtype == CAMEX_BF16 ? cols_bwd_plan<__nv_bfloat16>(O, (int)i1, (int)i2, lim).pr
+                                         : cols_bwd_plan<__half>(O, (int)i1, (int)i2, lim).pr;
   const int64_t cblocks = (O + pr - 1) / pr;
   // then the rows side's arrival counters (rows_bwd_groups), one 4-byte word per slab
-  return r * (slabs * (o1 * o1 + o2 * o2) + cblocks * (i1 * i1 + i2 * i2)) + slabs + 64;
+  return r * (slabs * (o1 * o1 + o2 * o2) + 2 * cblocks * (i1 * i1 + i2 * i2)) + slabs + 64;
 }
 
 // The streaming multiprocessors of the launch's device (the emulation's: the H200's 132).
@@ -1201,6 +1249,7 @@ template <typename T> struct ColsBwdArgs {
   float *part;
   int o1, i1, i2, pr;
   int64_t O, r0, nr, nexp, expert;
+  FactorReduce<T> prev;  // the previous expert's factor gradients, or none
 };
 
 // The register kernel's instance for i1 x i2 (cols_bwd_reg_ok): with `a`, launched on `grid`
@@ -1216,7 +1265,8 @@ inline cudaError_t cols_bwd_reg_launch(cudaStream_t s, int i1, int i2, unsigned 
   if (tc_pad(i1) == C && tc_pad(i2) == D) {                                                                 \
     if (!a) return CAMEX_SET_MAX_SMEM((kron_cols_bwd_reg_kernel<T, C, D>), lim);                            \
     CAMEX_LAUNCH_SMEM((kron_cols_bwd_reg_kernel<T, C, D>), grid, TC_THREADS, bytes, s)(                     \
-        a->h, a->z, a->fc, a->fd, a->part, a->o1, a->i1, a->i2, a->pr, a->O, a->r0, a->nr, a->nexp, a->expert); \
+        a->h, a->z, a->fc, a->fd, a->part, a->o1, a->i1, a->i2, a->pr, a->O, a->r0, a->nr, a->nexp, a->expert,  \
+        a->prev);                                                                                           \
     return cudaGetLastError();                                                                              \
   }
     CAMEX_COLS_BWD_REG(16, 16)
@@ -1239,8 +1289,10 @@ inline cudaError_t cols_bwd_reg_launch(cudaStream_t s, int i1, int i2, unsigned 
 template <typename T> struct NextExpert {
   const T *w = nullptr;  // the next expert's weights (its tau is w - e), or null
   int64_t expert = -1;
-  bool ready = false;  // this expert's first round of P is already in z
-  bool *next_ready = nullptr;
+  // This expert's first round of P is already in z, and the previous call's expert (expert - 1:
+  // the callers go in expert order) left its factor gradients to this call's first columns side.
+  bool ready = false;
+  bool *next_ready = nullptr;  // set where this call does the same for the next expert
 };
 template <typename T>
 inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const KronFactors &f, int64_t expert,
@@ -1251,13 +1303,11 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
   const int64_t O = (int64_t)o1 * o2, I = (int64_t)i1 * i2, slabs = (I + TC_QC - 1) / TC_QC;
   const int resident = rows_resident(o1, o2, RowsSplitPrec<T>::split(), lim) ? 1 : 0;
   const RowsLayout rl = rows_layout(o1, o2, RowsSplitPrec<T>::split(), resident != 0);
-  // The columns side: the register kernel where it takes the shape, else kron_cols_bwd_kernel at
-  // cols_bwd_rows' rows, for which kron_tc_bwd_partial_floats sized the partials (the register
-  // kernel's rows are at least as many: as many blocks or fewer).
-  const bool creg = cols_bwd_reg_ok<T>(i1, i2);
-  const int pr = creg ? cols_bwd_reg_rows(O, i1, i2, lim) : cols_bwd_rows(i1, i2, ColsBwdPrec<T>::split(), lim);
-  const int64_t cbytes = creg ? cols_bwd_reg_layout(tc_pad(i1), tc_pad(i2), pr).bytes
-                              : cols_bwd_layout(i1, i2, pr, ColsBwdPrec<T>::split()).bytes;
+  // The columns side, at the rows per block kron_tc_bwd_partial_floats sized the partials for.
+  const ColsBwdPlan cp = cols_bwd_plan<T>(O, i1, i2, lim);
+  const bool creg = cp.reg;
+  const int pr = cp.pr;
+  const int64_t cbytes = cp.bytes;
   const int bmode = rows_bwd_mode(o1, o2, RowsBwdPrec<T>::split(), lim);
   const RowsBwdLayout bl = rows_bwd_layout(o1, o2, RowsBwdPrec<T>::split(), bmode);
   const int64_t cblocks = (O + pr - 1) / pr;
@@ -1278,9 +1328,20 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
   const TauPlanes tp_out = {nullptr, tp, O}, tp_in = {tp, nullptr, O};
   const int64_t chunk = kron_tc_rank_chunk(d4, f.r, ZMem<BwdZ<T>>::planes * (int64_t)sizeof(MmaT), zbytes);
   const int64_t sab = (int64_t)o1 * o1 + (int64_t)o2 * o2, scd = (int64_t)i1 * i1 + (int64_t)i2 * i2;
-  // Every rank's partials, [r][slabs][sab] then [r][cblocks][scd]: reduced once after the rounds.
-  float *pab = part, *pcd = part + f.r * slabs * sab;
-  unsigned *sem = reinterpret_cast<unsigned *>(pcd + f.r * cblocks * scd);
+  // Every rank's partials, [r][slabs][sab] then [r][cblocks][scd] in the buffer of the expert's
+  // parity (kron_tc_bwd_partial_floats): reduced once per expert, by the next expert's first
+  // columns-side launch where this call runs that expert's first stage 1 too, else on their own.
+  float *pab = part, *pcd0 = part + f.r * slabs * sab;
+  float *pcd = pcd0 + (expert & 1) * f.r * cblocks * scd;
+  unsigned *sem = reinterpret_cast<unsigned *>(pcd0 + 2 * f.r * cblocks * scd);
+  const FactorReduce<T> own = {pab, pcd, ga, gb, gc, gd, slabs, cblocks, o1, o2, i1, i2, 0, f.r, f.n, expert};
+  FactorReduce<T> prev = {};
+  if (nx.ready) {
+    if (expert < 1) return (int)cudaErrorInvalidValue;
+    prev = own;
+    prev.pcd = pcd0 + ((expert - 1) & 1) * f.r * cblocks * scd;
+    prev.expert = expert - 1;
+  }
   const int groups = rows_bwd_groups(slabs, chunk, ZMem<BwdZ<T>>::planes, chunk >= f.r, bmode, tc_sm_count());
   // The counters start at zero; the last group of each slab sets its counter back to zero. Zeroed
   // on expert 0, the first call of an op on its (fresh) workspace: both callers go in expert order.
@@ -1300,13 +1361,14 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
           w, e, fa, fb, zs, o1, o2, I, f.n, expert, r0, nr, resident, tp_out);
       CAMEX_CHECK_LAUNCH();
     }
-    const ColsBwdArgs<T> ca = {h, zs, fc, fd, pcd + r0 * cblocks * scd, o1, i1, i2, pr, O, r0, nr, f.n, expert};
+    const ColsBwdArgs<T> ca = {h, zs, fc, fd, pcd + r0 * cblocks * scd, o1, i1, i2, pr, O, r0, nr, f.n, expert,
+                               r0 == 0 ? prev : FactorReduce<T>{}};
     if (creg) {
       err = cols_bwd_reg_launch<T>(s, i1, i2, (unsigned)cblocks, cbytes, 0, &ca);
       if (err != cudaSuccess) return (int)err;
     } else {
       CAMEX_LAUNCH_SMEM(kron_cols_bwd_kernel<T>, (unsigned)cblocks, TC_THREADS, cbytes, s)(
-          ca.h, ca.z, ca.fc, ca.fd, ca.part, o1, i1, i2, pr, O, r0, nr, f.n, expert);
+          ca.h, ca.z, ca.fc, ca.fd, ca.part, o1, i1, i2, pr, O, r0, nr, f.n, expert, ca.prev);
       CAMEX_CHECK_LAUNCH();
     }
     // The expert's last round; with dtau resident it finishes the expert (gt is then not written).
@@ -1330,8 +1392,8 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
     if (last) *finished = true;
     CAMEX_CHECK_LAUNCH();
   }
-  CAMEX_LAUNCH_WHOLE(kron_bwd_reduce_kernel<T>, grid_for(f.r * (sab + scd), 256), 256, s)(
-      pab, pcd, ga, gb, gc, gd, slabs, cblocks, o1, o2, i1, i2, 0, f.r, f.n, expert);
+  if (nx.w && nx.next_ready) return 0;  // the next expert's first columns side reduces `own`
+  CAMEX_LAUNCH_WHOLE(kron_bwd_reduce_kernel<T>, grid_for(f.r * (sab + scd), 256), 256, s)(own);
   CAMEX_CHECK_LAUNCH();
   return 0;
 }
@@ -1371,6 +1433,9 @@ inline int kron_backward_any(cudaStream_t s, float *gt, Opnd h, Opnd tau, const 
                                partial, lim, fin, &finished, w, oi * (int64_t)sizeof(float), zp.zbytes, nx);
     }
   }
+  // The previous call left this one its factor gradients and this expert's first stage 1: only the
+  // tensor-core path (which it took at the same dimensions on the same device) takes them.
+  if (rc < 0 && nx.ready) return (int)cudaErrorInvalidValue;
   if (rc < 0) rc = kron_backward<T>(s, gt, h, tau, f, e, d4, ga, gb, gc, gd, t1, kk, w, partial);
   if (rc != 0 || finished) return rc;
   CAMEX_LAUNCH(finish_expert_kernel<T>, grid_for(oi, 256), 256, s)(gt, fin, oi);

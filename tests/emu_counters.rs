@@ -110,6 +110,22 @@ fn run_curvature(p: &mut ffi::camex_curvature_params, backward: bool) {
     }
 }
 
+/// run_curvature in bf16 or f16 (`f16`) at dims `d` with buffers `b` (curvature_params), under the
+/// emulated device's opt-in shared memory `limit` (restored after).
+fn run_curvature_under(f16: bool, d: [usize; 8], b: [&Vec<Chunk>; 14], limit: i64, backward: bool) {
+    let dtype = if f16 {
+        ffi::camex_dtype_CAMEX_F16
+    } else {
+        ffi::camex_dtype_CAMEX_BF16
+    };
+    let mut p = curvature_params(dtype as i32, d, b);
+    // SAFETY: a per-thread setting of the emulation, restored below.
+    let prev = unsafe { ffi::camex_emu_smem_limit(limit) };
+    run_curvature(&mut p, backward);
+    // SAFETY: as above.
+    unsafe { ffi::camex_emu_smem_limit(prev) };
+}
+
 /// One probe launch: every lane copies the `width`-byte word at element lane * stride of a shared
 /// array (filled first, 33 coalesced rounds) and of global memory to two output slots.
 fn probe(width: i32, stride: i32) -> ffi::camex_emu_launch {
@@ -426,24 +442,16 @@ fn smem_limit_steers_the_tensor_core_path() {
             let (ga, gbb) = (v(r * n * o1 * o1, 0), v(r * n * o2 * o2, 0));
             let (gcc, gd) = (v(r * n * i1 * i1, 0), v(r * n * i2 * i2, 0));
             let recs = counted(mode, || {
-                let dtype = if f16 {
-                    ffi::camex_dtype_CAMEX_F16
-                } else {
-                    ffi::camex_dtype_CAMEX_BF16
-                };
-                let mut p = curvature_params(
-                    dtype as i32,
+                run_curvature_under(
+                    f16,
                     [n, o, i, r, o1, o2, i1, i2],
                     [
                         &base, &experts, &fa, &fb, &fc, &fd, &curved, &gc, &gb, &ge, &ga, &gbb,
                         &gcc, &gd,
                     ],
-                );
-                // SAFETY: a per-thread setting of the emulation (restored below).
-                let prev = unsafe { ffi::camex_emu_smem_limit(limit) };
-                run_curvature(&mut p, backward);
-                // SAFETY: as above.
-                unsafe { ffi::camex_emu_smem_limit(prev) };
+                    limit,
+                    backward,
+                )
             });
             // The forward's output bits, then (after a backward) every gradient's.
             let mut bits: Vec<u32> = curved.iter().flat_map(|c| c.0).map(f32::to_bits).collect();
@@ -546,20 +554,14 @@ fn the_columns_side_backward_sizes_its_rows_on_the_device() {
         let (fa, fb) = (v(r * n * o1 * o1, 3), v(r * n * o2 * o2, 4));
         let (fc, fd) = (v(r * n * i1 * i1, 5), v(r * n * i2 * i2, 6));
         let gc = v(n * o * i, 7);
+        let factor = |d: usize| r * n * d * d;
         let sizes = [
             o * i,
             n * o * i,
-            r * n * o1 * o1,
-            r * n * o2 * o2,
-            r * n * i1 * i1,
-        ];
-        let sizes = [
-            sizes[0],
-            sizes[1],
-            sizes[2],
-            sizes[3],
-            sizes[4],
-            r * n * i2 * i2,
+            factor(o1),
+            factor(o2),
+            factor(i1),
+            factor(i2),
         ];
         // Under `limit`: the columns-side backward's shared memory per launch, and the gradients.
         let run = |limit: i64| {
@@ -571,24 +573,16 @@ fn the_columns_side_backward_sizes_its_rows_on_the_device() {
                 v(sizes[5], 0),
             ];
             let recs = counted(1, || {
-                let dtype = if f16 {
-                    ffi::camex_dtype_CAMEX_F16
-                } else {
-                    ffi::camex_dtype_CAMEX_BF16
-                };
-                let mut p = curvature_params(
-                    dtype as i32,
+                run_curvature_under(
+                    f16,
                     [n, o, i, r, o1, o2, i1, i2],
                     [
                         &base, &experts, &fa, &fb, &fc, &fd, &curved, &gc, &gb, &ge, &grads[0],
                         &grads[1], &grads[2], &grads[3],
                     ],
-                );
-                // SAFETY: a per-thread setting of the emulation (restored below).
-                let prev = unsafe { ffi::camex_emu_smem_limit(limit) };
-                run_curvature(&mut p, true);
-                // SAFETY: as above.
-                unsafe { ffi::camex_emu_smem_limit(prev) };
+                    limit,
+                    true,
+                )
             });
             let cols: Vec<i64> = recs
                 .iter()
