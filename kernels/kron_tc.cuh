@@ -848,16 +848,28 @@ inline bool kron_tc_dims_ok(const D4 &d4) {
   return true;
 }
 
+// CAMEX_TC_SMEM_LIMIT (bytes; read once): a lower cap on tc_smem_limit, so that a GPU check can run
+// the layouts a device with less shared memory takes (sm_80's 166912 bytes, on the H200:
+// scripts/gpu-check.sh). Unset, 0 or unparsable: TC_SMEM_MAX.
+inline int64_t tc_smem_cap() {
+  static const int64_t cap = [] {
+    const char *v = std::getenv("CAMEX_TC_SMEM_LIMIT");
+    const long long x = v ? std::atoll(v) : 0;
+    return x > 0 && x < TC_SMEM_MAX ? (int64_t)x : TC_SMEM_MAX;
+  }();
+  return cap;
+}
+
 // Shared memory one block may opt in to on the current device (sm_86/89 allow 99 KB, sm_80 163 KB,
-// sm_90 227 KB), capped at TC_SMEM_MAX.
+// sm_90 227 KB), capped at TC_SMEM_MAX and tc_smem_cap().
 inline int64_t tc_smem_limit() {
 #ifdef CAMEX_EMU
   const int64_t v = ::emu::smem_limit();  // the emulated device's (camex_emu_smem_limit)
-  return v < TC_SMEM_MAX ? v : TC_SMEM_MAX;
 #else
   const int64_t v = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, 48 * 1024);
-  return v < TC_SMEM_MAX ? v : TC_SMEM_MAX;
 #endif
+  const int64_t cap = tc_smem_cap();
+  return v < cap ? v : cap;
 }
 
 // Whether the two stages' shared memory fits `lim` (tc_smem_limit() of the launch's device).

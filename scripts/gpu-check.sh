@@ -16,6 +16,7 @@
 #   5. scripts/torch_baseline.py, the PyTorch peer (eager and torch.compile), when torch is there;
 #   6. gpu-bin/candle-cuda-tests (tests/candle_cuda.rs) and a short `train --device cuda`;
 #   7. gpu-bin/burn-cuda-tests (tests/burn_cuda.rs);
+#   8. the tensor-core test again with the shared memory capped at sm_80's (CAMEX_TC_SMEM_LIMIT);
 # and prints a short table last: per-test time, op/dtype/shape/max relative error, the roofline
 # lines of the crate and of the peer.
 #
@@ -324,6 +325,19 @@ if [ -x "$CBIN/burn-cuda-tests" ]; then
     status=1
   fi
 fi
+
+# 8. The tensor-core test again under sm_80's shared memory (CAMEX_TC_SMEM_LIMIT=166912: the layouts
+#    and rows per block an A100 takes, run on this GPU; its T5-base `wo` shapes are the ones whose
+#    columns-side backward changes), where time is left. Its RESULT lines go to its own log.
+S8LOG="$LOGS/sm80-limit.log"
+s=$(date +%s.%N)
+CAMEX_TC_SMEM_LIMIT=166912 within 150 "$BIN" --exact tensor_core_path_matches_cpu --nocapture --test-threads=1 \
+  >"$S8LOG" 2>&1
+rc=$?
+case $rc in 0) r=ok ;; 124 | 137) r=TIMEOUT; status=1 ;; 125) r=SKIPPED-no-time ;; *) r=FAILED; status=1 ;; esac
+e=$(date +%s.%N)
+TIMES+="$(printf "%-42s %8.2f %s" "tensor_core_path_matches_cpu (sm_80 limit)" "$(awk "BEGIN { print $e - $s }")" "$r")"$'\n'
+grep -E "panicked|FAILED" "$S8LOG" | head -5
 
 echo
 echo "== gpu: $SMI"
