@@ -425,8 +425,6 @@ fn smem_limit_steers_the_tensor_core_path() {
     if !emulated("smem_limit_steers_the_tensor_core_path") {
         return;
     }
-    const SM90: i64 = 227 * 1024;
-    const SM80: i64 = 163 * 1024;
     let (n, o, i, r) = (2usize, 3072usize, 8usize, 3usize);
     let (o1, o2, i1, i2) = (48usize, 64usize, 2usize, 4usize);
     for f16 in [false, true] {
@@ -542,69 +540,11 @@ fn the_columns_side_backward_sizes_its_rows_on_the_device() {
     if !emulated("the_columns_side_backward_sizes_its_rows_on_the_device") {
         return;
     }
-    const SM90: i64 = 227 * 1024;
-    const SM80: i64 = 163 * 1024;
-    const SM89: i64 = 99 * 1024;
-    let (n, o, i, r) = (2usize, 8usize, 3072usize, 2usize);
-    let (o1, o2, i1, i2) = (2usize, 4usize, 48usize, 64usize);
     for f16 in [false, true] {
         let dt = if f16 { "f16" } else { "bf16" };
-        let v = |k: usize, seed: u64| varied(k, seed, f16);
-        let (base, experts) = (v(o * i, 1), v(n * o * i, 2));
-        let (fa, fb) = (v(r * n * o1 * o1, 3), v(r * n * o2 * o2, 4));
-        let (fc, fd) = (v(r * n * i1 * i1, 5), v(r * n * i2 * i2, 6));
-        let gc = v(n * o * i, 7);
-        let factor = |d: usize| r * n * d * d;
-        let sizes = [
-            o * i,
-            n * o * i,
-            factor(o1),
-            factor(o2),
-            factor(i1),
-            factor(i2),
-        ];
-        // Under `limit`: the columns-side backward's shared memory per launch, and the gradients.
-        let run = |limit: i64| {
-            let (curved, gb, ge) = (v(n * o * i, 0), v(o * i, 0), v(n * o * i, 0));
-            let grads = [
-                v(sizes[2], 0),
-                v(sizes[3], 0),
-                v(sizes[4], 0),
-                v(sizes[5], 0),
-            ];
-            let recs = counted(1, || {
-                run_curvature_under(
-                    f16,
-                    [n, o, i, r, o1, o2, i1, i2],
-                    [
-                        &base, &experts, &fa, &fb, &fc, &fd, &curved, &gc, &gb, &ge, &grads[0],
-                        &grads[1], &grads[2], &grads[3],
-                    ],
-                    limit,
-                    true,
-                )
-            });
-            let cols: Vec<i64> = recs
-                .iter()
-                .filter(|l| kernel_name(l).starts_with("kron_cols_bwd_kernel"))
-                .map(|l| l.dyn_smem_bytes)
-                .collect();
-            assert!(
-                recs.iter().all(|l| l.dyn_smem_bytes <= limit),
-                "{dt}: every launch within {limit} bytes"
-            );
-            // Every gradient as f32 values: base, experts, then the four factors'.
-            let mut vals: Vec<Vec<f32>> =
-                vec![halves(&gb, sizes[0], f16), halves(&ge, sizes[1], f16)];
-            for (g, &k) in grads.iter().zip(&sizes[2..]) {
-                vals.push(halves(g, k, f16));
-            }
-            (cols, vals)
-        };
-        let (c90, g90) = run(SM90);
-        let (c80, g80) = run(SM80);
-        let (c89, g89) = run(SM89);
-        let kib = |c: &[i64]| c.iter().map(|b| b / 1024).collect::<Vec<_>>();
+        let (c90, g90) = wo_like_backward(f16, SM90);
+        let (c80, g80) = wo_like_backward(f16, SM80);
+        let (c89, g89) = wo_like_backward(f16, SM89);
         assert!(
             !c90.is_empty() && !c80.is_empty(),
             "{dt}: the columns-side backward on the tensor cores under sm_90's and sm_80's limits"
@@ -637,6 +577,106 @@ fn the_columns_side_backward_sizes_its_rows_on_the_device() {
             }
         }
     }
+}
+
+/// `CAMEX_TC_SMEM_LIMIT` (bytes, read once per process) caps the shared memory the tensor-core
+/// launchers plan for, below the device's: `scripts/gpu-check.sh` runs the tensor-core GPU test
+/// with sm_80's on the H200. This test runs itself again in a child process with the variable at
+/// sm_80's 163 KiB, where the `wo`-like backward's columns side, under the emulated sm_90's
+/// limit, takes sm_80's rows per block (and every launch fits 163 KiB).
+#[test]
+fn the_tensor_core_limit_follows_the_environment() {
+    const TEST: &str = "the_tensor_core_limit_follows_the_environment";
+    let _g = COUNTING.lock().unwrap_or_else(|e| e.into_inner());
+    if !emulated(TEST) {
+        return;
+    }
+    if std::env::var_os("CAMEX_TC_SMEM_LIMIT").is_none() {
+        let (c90, _) = wo_like_backward(false, SM90);
+        assert!(c90.iter().all(|&b| b > SM80), "{:?} KiB", kib(&c90));
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let out = std::process::Command::new(exe)
+            .args(["--exact", TEST, "--test-threads=1", "--nocapture"])
+            .env("CAMEX_TC_SMEM_LIMIT", SM80.to_string())
+            .output()
+            .expect("the test binary runs again");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("1 passed"),
+            "the child run: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
+    let (capped, _) = wo_like_backward(false, SM90);
+    assert!(
+        !capped.is_empty() && capped.iter().all(|&b| b <= SM80),
+        "the columns side within CAMEX_TC_SMEM_LIMIT's 163 KiB, {:?} KiB",
+        kib(&capped)
+    );
+}
+
+const SM90: i64 = 227 * 1024;
+const SM80: i64 = 163 * 1024;
+const SM89: i64 = 99 * 1024;
+
+fn kib(c: &[i64]) -> Vec<i64> {
+    c.iter().map(|b| b / 1024).collect()
+}
+
+/// A curvature forward and backward in bf16 or f16 (`f16`) at a `wo`-like shape (N = 2, O = 8 as
+/// 2 x 4, I = 3072 as 48 x 64 like T5-base `wo`, R = 2), counting every block, under the emulated
+/// device's opt-in shared memory `limit`: the columns-side backward's shared memory per launch
+/// (every launch checked within `limit`), and every gradient as f32 values (base, experts, the
+/// four factors').
+fn wo_like_backward(f16: bool, limit: i64) -> (Vec<i64>, Vec<Vec<f32>>) {
+    let (n, o, i, r) = (2usize, 8usize, 3072usize, 2usize);
+    let (o1, o2, i1, i2) = (2usize, 4usize, 48usize, 64usize);
+    let v = |k: usize, seed: u64| varied(k, seed, f16);
+    let factor = |d: usize| r * n * d * d;
+    let sizes = [o * i, n * o * i, factor(o1), factor(o2), factor(i1)];
+    let sizes = [sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], factor(i2)];
+    let (base, experts) = (v(sizes[0], 1), v(sizes[1], 2));
+    let (fa, fb, fc, fd) = (
+        v(sizes[2], 3),
+        v(sizes[3], 4),
+        v(sizes[4], 5),
+        v(sizes[5], 6),
+    );
+    let gc = v(sizes[1], 7);
+    let (curved, gb, ge) = (v(sizes[1], 0), v(sizes[0], 0), v(sizes[1], 0));
+    let grads = [
+        v(sizes[2], 0),
+        v(sizes[3], 0),
+        v(sizes[4], 0),
+        v(sizes[5], 0),
+    ];
+    let recs = counted(1, || {
+        run_curvature_under(
+            f16,
+            [n, o, i, r, o1, o2, i1, i2],
+            [
+                &base, &experts, &fa, &fb, &fc, &fd, &curved, &gc, &gb, &ge, &grads[0], &grads[1],
+                &grads[2], &grads[3],
+            ],
+            limit,
+            true,
+        )
+    });
+    assert!(
+        recs.iter().all(|l| l.dyn_smem_bytes <= limit),
+        "every launch within {limit} bytes"
+    );
+    let cols = recs
+        .iter()
+        .filter(|l| kernel_name(l).starts_with("kron_cols_bwd_kernel"))
+        .map(|l| l.dyn_smem_bytes)
+        .collect();
+    let mut vals = vec![halves(&gb, sizes[0], f16), halves(&ge, sizes[1], f16)];
+    for (g, &k) in grads.iter().zip(&sizes[2..]) {
+        vals.push(halves(g, k, f16));
+    }
+    (cols, vals)
 }
 
 /// The first `k` 16-bit values of `v` (bf16, or f16 with `f16`) as f32.
