@@ -30,7 +30,8 @@
 //      rank, a slab's ranks split over rows_bwd_groups blocks, the last of which to arrive sums
 //      dtau over them in group order;
 //   4. after the rounds, one fixed-order reduction of every rank's partials into the factor
-//      gradients (one launch per expert). No atomics: the same inputs give the same bits.
+//      gradients (FactorReduce): in the next expert's first step 2 launch where one follows, else
+//      on its own launch. No atomics: the same inputs give the same bits.
 // Step 1 of every round but the first runs in step 3's launch of the round before, and that of
 // the next expert's first round in this expert's last step 3 where the caller names the next
 // expert (NextExpert): kron_rows_bwd_split_kernel; both are per slab, and each block touches only
@@ -56,11 +57,6 @@ template <typename T> using ColsBwdPrec = FwdPrec<T>;
 static_assert(std::is_same<BwdZ<__nv_bfloat16>, MmaT>::value && std::is_same<BwdZ<__half>, ZSplit>::value &&
                   !ColsBwdPrec<__nv_bfloat16>::data_lo && ColsBwdPrec<__half>::data_lo,
               "Z's lo plane (BwdZ) exactly where the columns side reads P's lo halves");
-// The columns side's input split for a runtime dtype code (workspace sizing, as cols_bwd_rows takes it).
-__host__ __device__ inline TcSplit cols_bwd_split_of(int dtype) {
-  return dtype == CAMEX_BF16 ? ColsBwdPrec<__nv_bfloat16>::split() : ColsBwdPrec<__half>::split();
-}
-
 // The fixed-order reduction of one expert's factor-gradient partials (ranks r0..r0+nr): grad[(r *
 // nexp + expert)][x] = the sum over blocks, in block order, of the rows side's partials
 // ([nr][slabs][o1^2 + o2^2] at pab: dA then dB) or the columns side's ([nr][cblocks][i1^2 + i2^2]
@@ -1165,12 +1161,6 @@ template <typename T> __global__ void kron_bwd_reduce_kernel(FactorReduce<T> f) 
   }
 }
 
-// Shared memory of the three stages (rows forward, columns backward, rows backward), each under
-// its own precision policy, in their smallest layouts.
-// A 1 x 1 factor makes its gradient one cancelling sum per rank and expert, which bound 1 judges
-// over that single entry; with H and P single-pass (bf16) the emulation's worst such case (ca_merge,
-// grad_factor_c `[1, 2, 1, 1]`) reached 1.0e-2 > tol 1e-2 (the official einsums: 6.9e-3; H and P
-// split: 6.8e-3). Such shapes (a prime O or I) take the scalar chain's f32 backward.
 // The columns-side backward as kron_backward_tc launches it: the register kernel where it takes
 // the shape, else kron_cols_bwd_kernel; its rows per block (which also size the partials:
 // kron_tc_bwd_partial_floats) and shared memory.
@@ -1188,6 +1178,12 @@ template <typename T> inline ColsBwdPlan cols_bwd_plan(int64_t O, int i1, int i2
   return {false, pr, cols_bwd_layout(i1, i2, pr, ColsBwdPrec<T>::split()).bytes};
 }
 
+// Shared memory of the three stages (rows forward, columns backward, rows backward), each under
+// its own precision policy, in their smallest layouts.
+// A 1 x 1 factor makes its gradient one cancelling sum per rank and expert, which bound 1 judges
+// over that single entry; with H and P single-pass (bf16) the emulation's worst such case (ca_merge,
+// grad_factor_c `[1, 2, 1, 1]`) reached 1.0e-2 > tol 1e-2 (the official einsums: 6.9e-3; H and P
+// split: 6.8e-3). Such shapes (a prime O or I) take the scalar chain's f32 backward.
 template <typename T> inline bool kron_tc_bwd_fits(const D4 &d4, int64_t lim) {
   const int o1 = (int)d4.d[0], o2 = (int)d4.d[1], i1 = (int)d4.d[2], i2 = (int)d4.d[3];
   if (!ColsBwdPrec<T>::data_lo && (o1 == 1 || o2 == 1 || i1 == 1 || i2 == 1)) return false;
