@@ -18,6 +18,10 @@
 //     store_z_tile's order);
 //   stage 2 (cols_kernel): one block per run of PR rows, looping over the ranks: Z_r rows into
 //     shared memory, mode d (D_r) then mode c (C_r), accumulating sum_r in registers; U in f32.
+// For bf16 with factor sizes that are multiples of 8, each stage loads the next rank's operands by
+// cp.async into a second set of buffers while it multiplies this rank's (stage 1: A_r and B_r;
+// stage 2: Z_r's rows, C_r and D_r; rows_pipe, cols_pipe), where they fit without costing a block
+// per SM (otherwise every warp of a block waits on those loads once per rank).
 // Every matrix product is a padded (to 16) GEMM on shared-memory operands. Operands read with
 // k contiguous have a row stride of kp + 8 elements (fragment loads free of bank conflicts); the
 // intermediates between two modes (stage 1's Y, stage 2's Y) are kept as the producing mma writes
@@ -54,6 +58,17 @@ __device__ __forceinline__ void load_factor(MmaT *hi, MmaT *lo, const T *f, int 
     const int64_t at = (x / k) * ld + x % k;
     if constexpr (P::factor_lo) split_store(hi, lo, at, to_f32(f[x]));
     else hi[at] = from_f32<MmaT>(to_f32(f[x]));
+  }
+}
+
+// A k x k factor whose storage is bf16 without a lo half (load_factor's bits, as they are) into
+// [kp][ld] by 16-byte cp.async: for k % 8 == 0 and f 16-byte aligned (ld is a multiple of 8). The
+// padding is not written (the caller zeroes it once).
+__device__ __forceinline__ void load_factor_async(MmaT *hi, const MmaT *f, int k, int ld) {
+  const int runs = k / 8;  // 16-byte runs per row
+  for (int x = threadIdx.x; x < k * runs; x += TC_THREADS) {
+    const int row = x / runs, col = x % runs * 8;
+    cp_async_16(hi + (int64_t)row * ld + col, f + (int64_t)row * k + col);
   }
 }
 
@@ -299,6 +314,7 @@ __device__ __forceinline__ void slab_fwd_mode_a(const MmaT *fh, const MmaT *fl, 
 struct RowsLayout {
   int o1p, o2p, xa, lx, ly, la, lb;
   int64_t xh, xl, yh, yl, ah, al, bh, bl, bytes;  // byte offsets
+  int64_t astep, bstep;                           // elements between A's and B's two buffers (pipe), or 0
 };
 
 // sp: which operands have lo halves (the kernel's Prec); the others' lo arrays are empty.
@@ -306,7 +322,9 @@ struct RowsLayout {
 // that a block reads its slab of W and E once for all its ranks, else TC_AC at a time, read again
 // per rank. Y [o1p][ly] with Y[a'][b * 8 + q] and ly = 8 u for an odd u, so that ldmatrix's eight
 // 16-byte rows fall in eight distinct bank groups (rows past o1: mode a's K padding, zero).
-__host__ __device__ inline RowsLayout rows_layout(int o1, int o2, TcSplit sp, bool resident) {
+// pipe (exact factors only): two buffers each of A and B, so that the next rank's come in by cp.async
+// while this rank's are multiplied (kron_rows_body).
+__host__ __device__ inline RowsLayout rows_layout(int o1, int o2, TcSplit sp, bool resident, bool pipe = false) {
   RowsLayout l;
   l.o1p = tc_pad(o1);
   l.o2p = tc_pad(o2);
@@ -323,11 +341,16 @@ __host__ __device__ inline RowsLayout rows_layout(int o1, int o2, TcSplit sp, bo
   l.xl = l.xh + x;
   l.yh = l.xl + (dlo ? x : 0);
   l.yl = l.yh + y;
-  l.ah = l.yl + (dlo ? y : 0);                      // A hi, lo [o1p][la]
-  l.al = l.ah + (int64_t)l.o1p * l.la * e;
-  l.bh = l.al + (flo ? (int64_t)l.o1p * l.la * e : 0);  // B hi, lo [o2p][lb]
-  l.bl = l.bh + (int64_t)l.o2p * l.lb * e;
-  l.bytes = (l.bl + (flo ? (int64_t)l.o2p * l.lb * e : 0) + 15) / 16 * 16;
+  pipe = pipe && !flo;
+  const int64_t nb = pipe ? 2 : 1;  // buffers of A and B
+  const int64_t ab = (int64_t)l.o1p * l.la * e, bb = (int64_t)l.o2p * l.lb * e;
+  l.ah = l.yl + (dlo ? y : 0);  // A hi, lo [o1p][la] (or with pipe two hi buffers)
+  l.al = l.ah + ab;
+  l.astep = pipe ? (int64_t)l.o1p * l.la : 0;
+  l.bh = l.ah + (flo ? 2 : nb) * ab;  // B hi, lo [o2p][lb] (likewise)
+  l.bl = l.bh + bb;
+  l.bstep = pipe ? (int64_t)l.o2p * l.lb : 0;
+  l.bytes = (l.bh + (flo ? 2 : nb) * bb + 15) / 16 * 16;
   return l;
 }
 
@@ -421,8 +444,9 @@ template <typename T, typename P, typename Z>
 __device__ __forceinline__ void kron_rows_body(char *smem, const T *__restrict__ w, const T *__restrict__ e,
                                                const T *__restrict__ fa, const T *__restrict__ fb,
                                                ZPtr<Z> __restrict__ z, int o1, int o2, int64_t I, int64_t nexp,
-                                               int64_t expert, int64_t r0, int64_t nr, int resident, TauPlanes tp) {
-  const RowsLayout L = rows_layout(o1, o2, P::split(), resident != 0);
+                                               int64_t expert, int64_t r0, int64_t nr, int resident, TauPlanes tp,
+                                               int pipe) {
+  const RowsLayout L = rows_layout(o1, o2, P::split(), resident != 0, pipe != 0);
   MmaT *Xh = reinterpret_cast<MmaT *>(smem + L.xh), *Xl = reinterpret_cast<MmaT *>(smem + L.xl);
   MmaT *Yh = reinterpret_cast<MmaT *>(smem + L.yh), *Yl = reinterpret_cast<MmaT *>(smem + L.yl);
   MmaT *Ah = reinterpret_cast<MmaT *>(smem + L.ah), *Al = reinterpret_cast<MmaT *>(smem + L.al);
@@ -432,12 +456,37 @@ __device__ __forceinline__ void kron_rows_body(char *smem, const T *__restrict__
   const int64_t q0 = slab * TC_QC;
   const bool vec = I % TC_QC == 0 && ((reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(e)) & 15) == 0;
 
+  // Pipelined (rows_pipe): rank rl + 1's factors go in by cp.async, one group per rank, into the
+  // other buffers, while rank rl's are multiplied; the bits are the unpipelined path's.
+  constexpr bool can_pipe = !P::factor_lo && std::is_same<T, MmaT>::value;  // bf16 factors as they are
+  const bool piped = can_pipe && L.astep != 0;
+  [[maybe_unused]] auto prefetch = [&](int64_t rl, int buf) {
+    if constexpr (can_pipe) {
+      const int64_t r = r0 + rl;
+      load_factor_async(Ah + buf * L.astep, fa + (r * nexp + expert) * o1 * o1, o1, L.la);
+      load_factor_async(Bh + buf * L.bstep, fb + (r * nexp + expert) * o2 * o2, o2, L.lb);
+    }
+    cp_async_commit();
+  };
   zero_smem(smem, L.bytes);  // the K padding of every operand stays zero
+  if (piped) {
+    __syncthreads();  // the zeroing is done before the copies land
+    prefetch(0, 0);
+  }
   for (int64_t rl = 0; rl < nr; ++rl) {
     const int64_t r = r0 + rl;
-    __syncthreads();  // the previous rank's mode a is done with A and Y (and the zeroing is visible)
-    load_factor<P>(Ah, Al, fa + (r * nexp + expert) * o1 * o1, o1, L.la);
-    load_factor<P>(Bh, Bl, fb + (r * nexp + expert) * o2 * o2, o2, L.lb);
+    // The previous rank's mode a is done with A, B (the buffers the next copies overwrite) and Y,
+    // and the zeroing is visible.
+    __syncthreads();
+    const int buf = piped ? (int)(rl & 1) : 0;
+    if (piped) {
+      if (rl + 1 < nr) prefetch(rl + 1, buf ^ 1);
+      else cp_async_commit();  // an empty group, so that one wait serves every rank
+      cp_async_wait<1>();      // this rank's copies (all groups but the newest) have landed
+    } else {
+      load_factor<P>(Ah, Al, fa + (r * nexp + expert) * o1 * o1, o1, L.la);
+      load_factor<P>(Bh, Bl, fb + (r * nexp + expert) * o2 * o2, o2, L.lb);
+    }
     for (int a0 = 0; a0 < o1; a0 += L.xa) {
       const int ac = o1 - a0 < L.xa ? o1 - a0 : L.xa;
       if (!resident || rl == 0) {  // resident: one chunk (xa = o1), loaded for the first rank only
@@ -446,14 +495,14 @@ __device__ __forceinline__ void kron_rows_body(char *smem, const T *__restrict__
       }
       __syncthreads();  // X and the factors are visible
       // Mode b, per row run a: Y[a][b * 8 + q] = sum_b' B[b][b'] X[a][q][b'].
-      slab_fwd_mode_b<P>(Bh, Bl, L.lb, Xh, Xl, L.lx, Yh, Yl, L.ly, a0, ac, o2, L.o2p);
+      slab_fwd_mode_b<P>(Bh + buf * L.bstep, Bl, L.lb, Xh, Xl, L.lx, Yh, Yl, L.ly, a0, ac, o2, L.o2p);
     }
     __syncthreads();
     // Mode a: Z[a][(b, q)] = sum_a' A[a][a'] Y[a'][b * 8 + q], slab-contiguous.
     const int64_t plane = slab_plane(I, O);
     ZPtr<Z> out = z + rl * ZMem<Z>::planes * plane + slab_at(q0, 0, O);
     const int kt = L.o1p / 16, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    slab_fwd_mode_a<P>(Ah, Al, L.la, Yh, Yl, L.ly,
+    slab_fwd_mode_a<P>(Ah + buf * L.astep, Al, L.la, Yh, Yl, L.ly,
         [&](int mt, int b, const float c[4]) { store_z_tile<Z>(out, plane, c, mt, b, o1, o2, g, t); }, 0, kt, kt, o2);
   }
 }
@@ -461,8 +510,8 @@ __device__ __forceinline__ void kron_rows_body(char *smem, const T *__restrict__
 #define CAMEX_KRON_ROWS_PARAMS(ZT)                                                                         \
   const T *__restrict__ w, const T *__restrict__ e, const T *__restrict__ fa, const T *__restrict__ fb,   \
       ZPtr<ZT> __restrict__ z, int o1, int o2, int64_t I, int64_t nexp, int64_t expert, int64_t r0, int64_t nr, \
-      int resident, TauPlanes tp
-#define CAMEX_KRON_ROWS_ARGS w, e, fa, fb, z, o1, o2, I, nexp, expert, r0, nr, resident, tp
+      int resident, TauPlanes tp, int pipe
+#define CAMEX_KRON_ROWS_ARGS w, e, fa, fb, z, o1, o2, I, nexp, expert, r0, nr, resident, tp, pipe
 // Launch bounds: with factor lo halves (f16) two blocks per SM (at most 128 registers; with the
 // default, ptxas 13.0 capped that instance at 64 registers and spilled mode a's factor fragments, hi
 // and lo); without them (bf16) one, for mode b's 64 registers of factor fragments (at 128 they
@@ -487,8 +536,9 @@ __global__ void __launch_bounds__(TC_THREADS, tc_rows_min_blocks<RowsSplitPrec<T
 // Rows p0..p0+pr of one rank of Z (slab layout [slab][O][8], f32 or bf16: FwdZ; or ZSplit's two
 // planes) into shared X[p][c][d] (row stride lx, p stride ps), a data operand under P (store_data;
 // ZSplit's planes as they are, which are the bits store_data would have split); rows past O are
-// left as they are.
-template <typename P, typename Z>
+// left as they are. Async: the 16-byte plane copies go as cp.async (cp_async_16), which land at the
+// caller's cp_async_wait; the other paths store as they load.
+template <typename P, typename Z, bool Async = false>
 __device__ __forceinline__ void load_z_rows(MmaT *xh, MmaT *xl, int lx, int64_t ps, const typename ZMem<Z>::type *zr,
                                             int64_t p0, int pr, int64_t O, int i1, int i2) {
   const int64_t I = (int64_t)i1 * i2, slabs = (I + TC_QC - 1) / TC_QC;
@@ -505,9 +555,14 @@ __device__ __forceinline__ void load_z_rows(MmaT *xh, MmaT *xl, int lx, int64_t 
         const int64_t sl = x / pr, pl = x % pr, p = p0 + pl, q = sl * TC_QC;
         if (p >= O) continue;
         const int64_t at = pl * ps + (q / i2) * lx + q % i2, from = slab_at(q, p, O);
-        *reinterpret_cast<uint4 *>(xh + at) = *reinterpret_cast<const uint4 *>(zr + from);
-        if constexpr (split && P::data_lo)
-          *reinterpret_cast<uint4 *>(xl + at) = *reinterpret_cast<const uint4 *>(zr + plane + from);
+        if constexpr (Async) {
+          cp_async_16(xh + at, zr + from);
+          if constexpr (split && P::data_lo) cp_async_16(xl + at, zr + plane + from);
+        } else {
+          *reinterpret_cast<uint4 *>(xh + at) = *reinterpret_cast<const uint4 *>(zr + from);
+          if constexpr (split && P::data_lo)
+            *reinterpret_cast<uint4 *>(xl + at) = *reinterpret_cast<const uint4 *>(zr + plane + from);
+        }
       }
       return;
     }
@@ -674,10 +729,13 @@ __device__ __forceinline__ void cols_fwd_mode_d(const MmaT *xh, const MmaT *xl, 
 
 struct ColsLayout {
   int i1p, i2p, lz, ly, lc, ld, pr, tpr;
-  int64_t ps, zh, zl, yh, yl, ch, cl, dh, dl, bytes;
+  int64_t ps, zh, zl, zstep, yh, yl, ch, cl, cstep, dh, dl, dstep, bytes;
 };
 
-__host__ __device__ inline ColsLayout cols_layout(int i1, int i2, TcSplit sp) {
+// pipe (single-plane data and exact factors only): two buffers each of Z's rows, C and D, zstep,
+// cstep and dstep elements apart (else 0), so that the next rank's come in by cp.async while this
+// rank's are multiplied (kron_cols_kernel).
+__host__ __device__ inline ColsLayout cols_layout(int i1, int i2, TcSplit sp, bool pipe = false) {
   ColsLayout l;
   l.i1p = tc_pad(i1);
   l.i2p = tc_pad(i2);
@@ -698,15 +756,21 @@ __host__ __device__ inline ColsLayout cols_layout(int i1, int i2, TcSplit sp) {
   // ldmatrix.trans (ly = i2p + 8: an odd number of 16-byte units, eight rows in eight bank groups).
   const int64_t yb = (int64_t)l.pr * l.i1p * l.ly * e;
   const bool dlo = sp.data_lo, flo = sp.factor_lo;
+  pipe = pipe && !dlo && !flo;
+  const int64_t nb = pipe ? 2 : 1;  // buffers of Z, C and D
+  const int64_t cb = (int64_t)l.i1p * l.lc * e, db = (int64_t)l.i2p * l.ld * e;
   l.zh = 0;
-  l.zl = l.zh + zb;
-  l.yh = l.zl + (dlo ? zb : 0);
+  l.zl = l.zh + zb;  // Z lo (dlo), or with pipe Z's second buffer
+  l.zstep = pipe ? (int64_t)l.pr * l.ps : 0;
+  l.yh = l.zh + (dlo ? 2 : nb) * zb;
   l.yl = l.yh + yb;
-  l.ch = l.yl + (dlo ? yb : 0);                          // C hi, lo [i1p][lc]
-  l.cl = l.ch + (int64_t)l.i1p * l.lc * e;
-  l.dh = l.cl + (flo ? (int64_t)l.i1p * l.lc * e : 0);   // D hi, lo [i2p][ld]
-  l.dl = l.dh + (int64_t)l.i2p * l.ld * e;
-  l.bytes = (l.dl + (flo ? (int64_t)l.i2p * l.ld * e : 0) + 15) / 16 * 16;
+  l.ch = l.yl + (dlo ? yb : 0);  // C hi, lo [i1p][lc] (or with pipe two hi buffers)
+  l.cl = l.ch + cb;
+  l.cstep = pipe ? (int64_t)l.i1p * l.lc : 0;
+  l.dh = l.ch + (flo ? 2 : nb) * cb;  // D hi, lo [i2p][ld] (likewise)
+  l.dl = l.dh + db;
+  l.dstep = pipe ? (int64_t)l.i2p * l.ld : 0;
+  l.bytes = (l.dh + (flo ? 2 : nb) * db + 15) / 16 * 16;
   return l;
 }
 
@@ -720,10 +784,10 @@ template <typename T>
 __global__ void __launch_bounds__(TC_THREADS, 2)
 kron_cols_kernel(const FwdZ<T> *__restrict__ z, const T *__restrict__ fc, const T *__restrict__ fd, float *__restrict__ u,
                  T *__restrict__ ut, int o1, int i1, int i2, int64_t O, int64_t r0, int64_t nr, int64_t nexp,
-                 int64_t expert, int accumulate) {
+                 int64_t expert, int accumulate, int pipe) {
   CAMEX_DYNAMIC_SMEM(smem);
   using P = FwdPrec<T>;  // only the forward runs stage 2
-  const ColsLayout L = cols_layout(i1, i2, P::split());
+  const ColsLayout L = cols_layout(i1, i2, P::split(), pipe != 0);
   MmaT *Zh = reinterpret_cast<MmaT *>(smem + L.zh), *Zl = reinterpret_cast<MmaT *>(smem + L.zl);
   MmaT *Yh = reinterpret_cast<MmaT *>(smem + L.yh), *Yl = reinterpret_cast<MmaT *>(smem + L.yl);
   MmaT *Ch = reinterpret_cast<MmaT *>(smem + L.ch), *Cl = reinterpret_cast<MmaT *>(smem + L.cl);
@@ -742,18 +806,50 @@ kron_cols_kernel(const FwdZ<T> *__restrict__ z, const T *__restrict__ fc, const 
 #pragma unroll
   for (int j = 0; j < TC_ACC; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 
-  zero_smem(smem, L.bytes);
+  const int64_t zrank = slabs * O * TC_QC;  // Z's elements per rank
+  // Pipelined (cols_pipe): rank rl + 1's Z rows and factors go in by cp.async, one group per rank,
+  // into the other buffers, while rank rl's are multiplied; the bits are the unpipelined path's.
+  constexpr bool can_pipe = !P::data_lo && !P::factor_lo && std::is_same<T, MmaT>::value;  // bf16, as they are
+  const bool piped = can_pipe && L.zstep != 0;
+  [[maybe_unused]] auto prefetch = [&](int64_t rl, int buf) {
+    if constexpr (can_pipe) {
+      const int64_t r = r0 + rl;
+      load_z_rows<P, FwdZ<T>, true>(Zh + buf * L.zstep, nullptr, L.lz, L.ps, z + rl * zrank, p0, L.pr, O, i1, i2);
+      load_factor_async(Ch + buf * L.cstep, reinterpret_cast<const MmaT *>(fc) + (r * nexp + expert) * i1 * i1, i1,
+                        L.lc);
+      load_factor_async(Dh + buf * L.dstep, reinterpret_cast<const MmaT *>(fd) + (r * nexp + expert) * i2 * i2, i2,
+                        L.ld);
+    }
+    cp_async_commit();
+  };
+  // The K padding of Z and the factors stays zero; Y is not zeroed: mode d writes all of it (rows
+  // past O and c' past i1 included) before mode c reads it.
+  zero_smem(smem, L.yh);
+  zero_smem(smem + L.ch, L.bytes - L.ch);
+  if (piped) {
+    __syncthreads();  // the zeroing is done before the copies land
+    prefetch(0, 0);
+  }
   for (int64_t rl = 0; rl < nr; ++rl) {
     const int64_t r = r0 + rl;
-    __syncthreads();  // the previous rank's readers are done (and the zeroing is visible)
-    load_factor<P>(Ch, Cl, fc + (r * nexp + expert) * i1 * i1, i1, L.lc);
-    load_factor<P>(Dh, Dl, fd + (r * nexp + expert) * i2 * i2, i2, L.ld);
-    load_z_rows<P, FwdZ<T>>(Zh, Zl, L.lz, L.ps, z + rl * slabs * O * TC_QC, p0, L.pr, O, i1, i2);
+    // The previous rank's readers are done (of the factors, of Y and of the buffers the next copies
+    // overwrite), and the zeroing is visible.
+    __syncthreads();
+    const int buf = piped ? (int)(rl & 1) : 0;
+    if (piped) {
+      if (rl + 1 < nr) prefetch(rl + 1, buf ^ 1);
+      else cp_async_commit();  // an empty group, so that one wait serves every rank
+      cp_async_wait<1>();      // this rank's copies (all groups but the newest) have landed
+    } else {
+      load_factor<P>(Ch, Cl, fc + (r * nexp + expert) * i1 * i1, i1, L.lc);
+      load_factor<P>(Dh, Dl, fd + (r * nexp + expert) * i2 * i2, i2, L.ld);
+      load_z_rows<P, FwdZ<T>>(Zh, Zl, L.lz, L.ps, z + rl * zrank, p0, L.pr, O, i1, i2);
+    }
     __syncthreads();
 
     // Mode d: Y[p][c'][d] = sum_d' Z[p][c'][d'] D[d][d'].
-    cols_fwd_mode_d<P>(Zh, Zl, L.lz, L.ps, L.i1p / 16, Dh, Dl, L.ld, Yh, Yl, L.ly, (int64_t)L.i1p * L.ly,
-                       L.pr * L.i1p / 16, L.i2p);
+    cols_fwd_mode_d<P>(Zh + buf * L.zstep, Zl, L.lz, L.ps, L.i1p / 16, Dh + buf * L.dstep, Dl, L.ld, Yh, Yl, L.ly,
+                       (int64_t)L.i1p * L.ly, L.pr * L.i1p / 16, L.i2p);
     __syncthreads();
 
     // Mode c, accumulated over r: U[p][c][d] += sum_c' C[c][c'] Y[p][c'][d]  (M = c, N = d, K = c').
@@ -761,6 +857,7 @@ kron_cols_kernel(const FwdZ<T> *__restrict__ z, const T *__restrict__ fc, const 
     // share their m tile (with them, f16's, they would spill at two blocks per SM).
     constexpr bool keep = !P::factor_lo;
     const int kt = L.i1p / 16;
+    const MmaT *ccur = Ch + buf * L.cstep;
     const int64_t lrow = (lane & 15) * (int64_t)L.ly;  // ldmatrix.x2: lanes 0..15 give rows k0..k0+15
     uint32_t ch[keep ? TC_KMAX / 16 : 1][4], cl[4];
     int cached = -1;
@@ -773,7 +870,7 @@ kron_cols_kernel(const FwdZ<T> *__restrict__ z, const T *__restrict__ fc, const 
           if (mt != cached) {
 #pragma unroll
             for (int k = 0; k < TC_KMAX / 16; ++k)
-              if (k < kt) frag_a(ch[k], Ch, L.lc, mt * 16, k * 16, lane);
+              if (k < kt) frag_a(ch[k], ccur, L.lc, mt * 16, k * 16, lane);
             cached = mt;
           }
         }
@@ -783,7 +880,7 @@ kron_cols_kernel(const FwdZ<T> *__restrict__ z, const T *__restrict__ fc, const 
           if (k < kt) {
             uint32_t *a = ch[keep ? k : 0];
             if constexpr (!keep) {
-              frag_a(a, Ch, L.lc, mt * 16, k * 16, lane);
+              frag_a(a, ccur, L.lc, mt * 16, k * 16, lane);
               frag_a(cl, Cl, L.lc, mt * 16, k * 16, lane);
             }
             uint32_t bh[2], bl[2];
@@ -878,6 +975,23 @@ inline bool kron_tc_fits(const D4 &d4, TcSplit sp, int64_t lim) {
          cols_layout((int)d4.d[2], (int)d4.d[3], sp).bytes <= lim;
 }
 
+// Whether stage 2 takes its pipelined layout (cols_layout's pipe) under `lim`: where its Z rows and
+// factors are 16-byte copies (bf16: single-plane Z and exact factors; i1 and i2 multiples of 8:
+// load_z_rows' and load_factor_async's cp.async paths) and two blocks still fit an SM (the kernel's launch bounds allow two; per-SM shared memory is the per-block
+// limit plus 1 KB, and each block reserves 1 KB), so that no device loses a block per SM for it.
+inline bool cols_pipe(int i1, int i2, TcSplit sp, int64_t lim) {
+  return !sp.data_lo && !sp.factor_lo && i1 % 8 == 0 && i2 % TC_QC == 0 &&
+         2 * cols_layout(i1, i2, sp, true).bytes + 1024 <= lim;
+}
+
+// Whether stage 1 takes its pipelined layout (rows_layout's pipe) under `lim`, with tau resident
+// or not as rows_resident chose: where its factors are 16-byte copies (bf16, exact; o1 and o2
+// multiples of 8: load_factor_async) and the two extra buffers fit. Its launch bounds give bf16 one
+// block per SM (registers), so no block per SM is lost for them.
+inline bool rows_pipe(int o1, int o2, TcSplit sp, bool resident, int64_t lim) {
+  return !sp.factor_lo && o1 % 8 == 0 && o2 % 8 == 0 && rows_layout(o1, o2, sp, resident, true).bytes <= lim;
+}
+
 // Ranks per stage-1/stage-2 round: as many as keep Z within tc_z_budget() bytes, so that it stays in
 // L2 between the two stages (at T5-base `wi`: 2 ranks, 19 MB, of 4-byte Z, f32 or f16's ZSplit; 5
 // ranks, 24 MB, of 2-byte Z, the forward's or the backward's for bf16; the H200's L2 is 50 MB).
@@ -935,8 +1049,15 @@ inline int kron_forward_tc(cudaStream_t s, float *u, const T *w, const T *e, con
   const int64_t O = (int64_t)o1 * o2, I = (int64_t)i1 * i2;
   using P = FwdPrec<T>;
   const int resident = rows_resident(o1, o2, P::split(), lim) ? 1 : 0;
-  const RowsLayout rl = rows_layout(o1, o2, P::split(), resident != 0);
-  const ColsLayout cl = cols_layout(i1, i2, P::split());
+  // The pipelined layouts where they fit (cols_pipe, rows_pipe); cp.async also needs 16-byte
+  // aligned sources: Z's buffer and the factor tensors.
+  const bool aligned = ((reinterpret_cast<uintptr_t>(z) | reinterpret_cast<uintptr_t>(f.a) |
+                         reinterpret_cast<uintptr_t>(f.b) | reinterpret_cast<uintptr_t>(f.c) |
+                         reinterpret_cast<uintptr_t>(f.d)) & 15) == 0;
+  const int rpipe = aligned && rows_pipe(o1, o2, P::split(), resident != 0, lim) ? 1 : 0;
+  const int pipe = aligned && cols_pipe(i1, i2, P::split(), lim) ? 1 : 0;
+  const RowsLayout rl = rows_layout(o1, o2, P::split(), resident != 0, rpipe != 0);
+  const ColsLayout cl = cols_layout(i1, i2, P::split(), pipe != 0);
   // The opt-in is a process-wide attribute of each kernel: always the device's limit (>= every size
   // kron_tc_fits accepts), so concurrent calls with other shapes cannot lower it under a launch.
   cudaError_t err = CAMEX_SET_MAX_SMEM(kron_rows_kernel<T>, lim);
@@ -949,12 +1070,12 @@ inline int kron_forward_tc(cudaStream_t s, float *u, const T *w, const T *e, con
     const int64_t nr = f.r - r0 < chunk ? f.r - r0 : chunk;
     CAMEX_LAUNCH_SMEM(kron_rows_kernel<T>, (unsigned)((I + TC_QC - 1) / TC_QC), TC_THREADS, rl.bytes, s)(
         w, e, reinterpret_cast<const T *>(f.a), reinterpret_cast<const T *>(f.b), zt, o1, o2, I, f.n, expert, r0, nr,
-        resident, TauPlanes{});
+        resident, TauPlanes{}, rpipe);
     CAMEX_CHECK_LAUNCH();
     const unsigned g2 = (unsigned)((O + cl.pr - 1) / cl.pr);
     CAMEX_LAUNCH_SMEM(kron_cols_kernel<T>, g2, TC_THREADS, cl.bytes, s)(
         zt, reinterpret_cast<const T *>(f.c), reinterpret_cast<const T *>(f.d), u, r0 + nr < f.r ? nullptr : ut, o1, i1,
-        i2, O, r0, nr, f.n, expert, r0 > 0 ? 1 : 0);
+        i2, O, r0, nr, f.n, expert, r0 > 0 ? 1 : 0, pipe);
     CAMEX_CHECK_LAUNCH();
   }
   return 0;

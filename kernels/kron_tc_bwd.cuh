@@ -1143,8 +1143,9 @@ __global__ void __launch_bounds__(TC_THREADS, 1)
   // others' K and partials only after it has read them.
   if (!rows_bwd_body<T>(smem, CAMEX_ROWS_BWD_ARGS, tp, fin)) return;
   __syncthreads();  // every thread is done with the rows-side layout (and this slab of K)
+  // (Unpipelined: the layout it shares with the rows-side backward has no room for more buffers.)
   kron_rows_body<T, RowsSplitPrec<T>, BwdZ<T>>(smem, w1, e, fa, fb, z, o1, o2, I, nexp, expert1, rn0, nrn, resident,
-                                              tp1);
+                                              tp1, 0);
 }
 #undef CAMEX_ROWS_BWD_PARAMS
 #undef CAMEX_ROWS_BWD_ARGS
@@ -1356,7 +1357,7 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
 
     if (r0 == 0 && !nx.ready) {
       CAMEX_LAUNCH_SMEM(kron_rows_split_kernel<T>, (unsigned)slabs, TC_THREADS, rl.bytes, s)(
-          w, e, fa, fb, zs, o1, o2, I, f.n, expert, r0, nr, resident, tp_out);
+          w, e, fa, fb, zs, o1, o2, I, f.n, expert, r0, nr, resident, tp_out, 0);
       CAMEX_CHECK_LAUNCH();
     }
     const ColsBwdArgs<T> ca = {h, zs, fc, fd, pcd + r0 * cblocks * scd, o1, i1, i2, pr, O, r0, nr, f.n, expert,

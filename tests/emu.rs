@@ -876,6 +876,32 @@ fn emu_kron_chain_on_tensor_cores() {
     curvature_case::<f16>(sh, true);
 }
 
+/// The forward's two stages pipelined in bf16, where the next rank's operands come in by cp.async
+/// while this rank's are multiplied: stage 2 (`kron_cols_kernel` under `cols_pipe`: Z's rows and
+/// the factors C, D; i1 and i2 multiples of 8, I = 64 = 8 x 8, with a last block of rows partly past
+/// O = 20) and stage 1 (`kron_rows_body` under `rows_pipe`: A and B; O = 64 = 8 x 8). Rounds of
+/// two ranks and of one (R = 3; the CA-merge lends Z its output, the curvature op has rounds of
+/// one). The emulation executes a cp.async only at the wait that covers it, so a missing or early
+/// wait, or a buffer overwritten while it is read, changes the result.
+#[test]
+fn emu_pipelined_stages() {
+    if !on("emu_pipelined_stages") {
+        return;
+    }
+    for (o, i) in [(20, 64), (64, 16)] {
+        let sh = Sh {
+            n: 2,
+            o,
+            i,
+            r: 3,
+            g: 3,
+        };
+        ca_case::<bf16>(sh, true, ca_options()[10].0, false);
+        ca_case::<bf16>(sh, true, ca_options()[5].0, false);
+        curvature_case::<bf16>(sh, true);
+    }
+}
+
 /// T5-base `wi`'s factor sizes (48 x 64 | 24 x 32), one expert and one rank, through the
 /// tensor-core forward and the fused backward: their shared-memory layouts at the largest
 /// footprint that matters (the rows-side backward, 193 KiB in bf16 and 209 KiB in f16, of
