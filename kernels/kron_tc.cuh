@@ -977,8 +977,9 @@ inline bool kron_tc_fits(const D4 &d4, TcSplit sp, int64_t lim) {
 
 // Whether stage 2 takes its pipelined layout (cols_layout's pipe) under `lim`: where its Z rows and
 // factors are 16-byte copies (bf16: single-plane Z and exact factors; i1 and i2 multiples of 8:
-// load_z_rows' and load_factor_async's cp.async paths) and two blocks still fit an SM (the kernel's launch bounds allow two; per-SM shared memory is the per-block
-// limit plus 1 KB, and each block reserves 1 KB), so that no device loses a block per SM for it.
+// load_z_rows' and load_factor_async's cp.async paths) and two blocks still fit an SM (the kernel's
+// launch bounds allow two; per-SM shared memory is the per-block limit plus 1 KB, and each block
+// reserves 1 KB), so that no device loses a block per SM for it.
 inline bool cols_pipe(int i1, int i2, TcSplit sp, int64_t lim) {
   return !sp.data_lo && !sp.factor_lo && i1 % 8 == 0 && i2 % TC_QC == 0 &&
          2 * cols_layout(i1, i2, sp, true).bytes + 1024 <= lim;
