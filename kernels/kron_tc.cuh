@@ -72,6 +72,16 @@ __device__ __forceinline__ void load_factor_async(MmaT *hi, const MmaT *f, int k
   }
 }
 
+// One rank's step of the forward stages' two-buffer cp.async pipeline (rows_pipe, cols_pipe): rank
+// rl + 1's copies go into the other buffers (prefetch(rl + 1, buf ^ 1), which commits their group),
+// or an empty group after the last rank, so that one wait serves every rank; then rank rl's land.
+template <typename F>
+__device__ __forceinline__ void pipe_next_rank(int64_t rl, int64_t nr, int buf, F &&prefetch) {
+  if (rl + 1 < nr) prefetch(rl + 1, buf ^ 1);
+  else cp_async_commit();
+  cp_async_wait<1>();  // all groups but the newest: this rank's
+}
+
 // c += F X for a factor F (the A operand) and data X (the B operand): F_hi X_hi, plus F_hi X_lo and
 // F_lo X_hi where storage T splits data and factors (TcSplit).
 template <typename P>
@@ -480,9 +490,7 @@ __device__ __forceinline__ void kron_rows_body(char *smem, const T *__restrict__
     __syncthreads();
     const int buf = piped ? (int)(rl & 1) : 0;
     if (piped) {
-      if (rl + 1 < nr) prefetch(rl + 1, buf ^ 1);
-      else cp_async_commit();  // an empty group, so that one wait serves every rank
-      cp_async_wait<1>();      // this rank's copies (all groups but the newest) have landed
+      pipe_next_rank(rl, nr, buf, prefetch);
     } else {
       load_factor<P>(Ah, Al, fa + (r * nexp + expert) * o1 * o1, o1, L.la);
       load_factor<P>(Bh, Bl, fb + (r * nexp + expert) * o2 * o2, o2, L.lb);
@@ -815,10 +823,8 @@ kron_cols_kernel(const FwdZ<T> *__restrict__ z, const T *__restrict__ fc, const 
     if constexpr (can_pipe) {
       const int64_t r = r0 + rl;
       load_z_rows<P, FwdZ<T>, true>(Zh + buf * L.zstep, nullptr, L.lz, L.ps, z + rl * zrank, p0, L.pr, O, i1, i2);
-      load_factor_async(Ch + buf * L.cstep, reinterpret_cast<const MmaT *>(fc) + (r * nexp + expert) * i1 * i1, i1,
-                        L.lc);
-      load_factor_async(Dh + buf * L.dstep, reinterpret_cast<const MmaT *>(fd) + (r * nexp + expert) * i2 * i2, i2,
-                        L.ld);
+      load_factor_async(Ch + buf * L.cstep, fc + (r * nexp + expert) * i1 * i1, i1, L.lc);
+      load_factor_async(Dh + buf * L.dstep, fd + (r * nexp + expert) * i2 * i2, i2, L.ld);
     }
     cp_async_commit();
   };
@@ -837,9 +843,7 @@ kron_cols_kernel(const FwdZ<T> *__restrict__ z, const T *__restrict__ fc, const 
     __syncthreads();
     const int buf = piped ? (int)(rl & 1) : 0;
     if (piped) {
-      if (rl + 1 < nr) prefetch(rl + 1, buf ^ 1);
-      else cp_async_commit();  // an empty group, so that one wait serves every rank
-      cp_async_wait<1>();      // this rank's copies (all groups but the newest) have landed
+      pipe_next_rank(rl, nr, buf, prefetch);
     } else {
       load_factor<P>(Ch, Cl, fc + (r * nexp + expert) * i1 * i1, i1, L.lc);
       load_factor<P>(Dh, Dl, fd + (r * nexp + expert) * i2 * i2, i2, L.ld);
