@@ -72,7 +72,7 @@ __device__ __forceinline__ void load_factor_async(MmaT *hi, const MmaT *f, int k
   }
 }
 
-// One rank's step of the forward stages' two-buffer cp.async pipeline (rows_pipe, cols_pipe): rank
+// One rank's step of the two-buffer cp.async pipelines (rows_pipe, cols_pipe, cols_bwd_reg_pipe): rank
 // rl + 1's copies go into the other buffers (prefetch(rl + 1, buf ^ 1), which commits their group),
 // or an empty group after the last rank, so that one wait serves every rank; then rank rl's land.
 template <typename F>

@@ -429,13 +429,14 @@ kron_cols_bwd_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc, con
 
 struct ColsBwdRegLayout {
   int lz, lc, ld, pr;
-  int64_t ps, hh, ph, ct, dt, red, bytes;
+  int64_t ps, hh, ph, pstep, ct, dt, red, bytes;
 };
 
 // H and P [pr][i1p][lz] (p stride ps, as cols_bwd_layout's), C^T [i1p][lc] and D^T [i2p][ld]
 // (zero-padded), and the warps' partials of one of dC and dD at a time, [warps][tiles][32 lanes]
-// float4.
-__host__ __device__ inline ColsBwdRegLayout cols_bwd_reg_layout(int i1p, int i2p, int pr) {
+// float4. pipe: a second P buffer, pstep elements on (else pstep = 0), so that the next rank's P
+// comes in by cp.async while this rank's is multiplied.
+__host__ __device__ inline ColsBwdRegLayout cols_bwd_reg_layout(int i1p, int i2p, int pr, bool pipe = false) {
   ColsBwdRegLayout l;
   l.pr = pr;
   l.lz = tc_ld(i2p);
@@ -446,7 +447,8 @@ __host__ __device__ inline ColsBwdRegLayout cols_bwd_reg_layout(int i1p, int i2p
   const int tc = (i1p / 16) * (i1p / 8), td = (i2p / 16) * (i2p / 8);
   l.hh = 0;
   l.ph = xb;
-  l.ct = 2 * xb;
+  l.pstep = pipe ? (int64_t)pr * l.ps : 0;
+  l.ct = (pipe ? 3 : 2) * xb;
   l.dt = l.ct + (int64_t)i1p * l.lc * 2;
   l.red = (l.dt + (int64_t)i2p * l.ld * 2 + 15) / 16 * 16;
   l.bytes = l.red + (int64_t)TC_WARPS * (tc > td ? tc : td) * 32 * 16;
@@ -569,13 +571,13 @@ template <typename T, int I1P, int I2P>
 __global__ void __launch_bounds__(TC_THREADS, 1)
 kron_cols_bwd_reg_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc, const T *__restrict__ fd,
                          float *__restrict__ part, int o1, int i1, int i2, int pr, int64_t O, int64_t r0, int64_t nr,
-                         int64_t nexp, int64_t expert, FactorReduce<T> prev) {
+                         int64_t nexp, int64_t expert, FactorReduce<T> prev, int pipe) {
   CAMEX_DYNAMIC_SMEM(smem);
   using P = ColsBwdPrec<T>;
   using KP = Prec<RowsBwdPrec<T>::data_lo, false>;  // K as the rows side takes it
   static_assert(!P::data_lo && !P::factor_lo && !KP::data_lo, "single-pass operands and exact factors only");
   constexpr int MC = I1P / 16, NC = I1P / 8, MD = I2P / 16, ND = I2P / 8;  // k steps: MC over c, MD over d
-  const ColsBwdRegLayout L = cols_bwd_reg_layout(I1P, I2P, pr);
+  const ColsBwdRegLayout L = cols_bwd_reg_layout(I1P, I2P, pr, pipe != 0);
   MmaT *Hs = reinterpret_cast<MmaT *>(smem + L.hh), *Ps = reinterpret_cast<MmaT *>(smem + L.ph);
   MmaT *Ct = reinterpret_cast<MmaT *>(smem + L.ct), *Dt = reinterpret_cast<MmaT *>(smem + L.dt);
   float4 *red = reinterpret_cast<float4 *>(smem + L.red);
@@ -585,18 +587,38 @@ kron_cols_bwd_reg_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc,
   const int lz = L.lz;
   const int64_t ps = L.ps;
 
+  // Pipelined (pipe: the launcher's cols_bwd_reg_pipe): the next rank's P rows go in by cp.async, one
+  // group per rank, into the other P buffer, while this rank's are multiplied (the first rank's
+  // while H's rows come in); the bits are the unpipelined path's.
+  const bool piped = L.pstep != 0;
+  const int64_t zrank = ZMem<BwdZ<T>>::planes * plane;  // Z's elements per rank
   zero_smem(smem, L.red);  // the padding of H, P and the factors (red is written whole before reads)
   __syncthreads();
+  if (piped) {
+    load_z_rows<P, BwdZ<T>, true>(Ps, nullptr, lz, ps, z, p0, pr, O, i1, i2);
+    cp_async_commit();
+  }
   load_h_rows<T, P>(Hs, nullptr, lz, ps, h, p0, pr, O, o1, i1, i2);
 
   for (int64_t rl = 0; rl < nr; ++rl) {
     const int64_t r = r0 + rl;
-    __syncthreads();  // the previous rank's readers of P (K by then) and the factors are done
+    // The previous rank's readers of P (K by then, copied out: the buffer the next copies
+    // overwrite) and of the factors are done.
+    __syncthreads();
     load_factor_t<P>(Ct, nullptr, fc + (r * nexp + expert) * i1 * i1, i1, L.lc);
     load_factor_t<P>(Dt, nullptr, fd + (r * nexp + expert) * i2 * i2, i2, L.ld);
-    MmaT *zr = z + rl * ZMem<BwdZ<T>>::planes * plane;
+    MmaT *zr = z + rl * zrank;
     float *out = part + (rl * blocks + blockIdx.x) * ((int64_t)i1 * i1 + (int64_t)i2 * i2);
-    load_z_rows<P, BwdZ<T>>(Ps, nullptr, lz, ps, zr, p0, pr, O, i1, i2);
+    const int buf = piped ? (int)(rl & 1) : 0;
+    MmaT *Pc = Ps + buf * L.pstep;  // this rank's P (then K)
+    if (piped) {
+      pipe_next_rank(rl, nr, buf, [&](int64_t nl, int nb) {
+        load_z_rows<P, BwdZ<T>, true>(Ps + nb * L.pstep, nullptr, lz, ps, z + nl * zrank, p0, pr, O, i1, i2);
+        cp_async_commit();
+      });
+    } else {
+      load_z_rows<P, BwdZ<T>>(Ps, nullptr, lz, ps, zr, p0, pr, O, i1, i2);
+    }
     __syncthreads();
     // The factors' A fragments, for the whole rank: C^T (M = c', K = c) and D^T (M = d', K = d);
     // their halves are the B fragments of C (K = c, N = c') and D (K = d, N = d').
@@ -612,7 +634,7 @@ kron_cols_bwd_reg_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc,
 
     float dd[MD][ND][4] = {};
     for (int pl = warp; pl < pr && p0 + pl < O; pl += TC_WARPS) {
-      const MmaT *hp = Hs + pl * ps, *pp = Ps + pl * ps;
+      const MmaT *hp = Hs + pl * ps, *pp = Pc + pl * ps;
       // T2^T = H^T C (H^T through ldmatrix.trans), then dD[d][d'] += sum_c' T2^T[d][c'] P[c'][d']
       // (P's B fragment through ldmatrix.trans: k = c' is its row index).
       uint32_t hta[MD][MC][4];
@@ -629,7 +651,7 @@ kron_cols_bwd_reg_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc,
     float dc[MC][NC][4] = {};
     for (int pl = warp; pl < pr && p0 + pl < O; pl += TC_WARPS) {
       const MmaT *hp = Hs + pl * ps;
-      MmaT *pp = Ps + pl * ps;
+      MmaT *pp = Pc + pl * ps;
       uint32_t ha[MC][MD][4];  // H's A fragments (M = c, K = d); halves: H^T's B (K = d, N = c)
 #pragma unroll
       for (int mt = 0; mt < MC; ++mt)
@@ -672,12 +694,12 @@ kron_cols_bwd_reg_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc,
         const int64_t sl = x / pr, pl = x % pr, zrow = p0 + pl, q = sl * TC_QC;
         if (zrow < O)
           *reinterpret_cast<uint4 *>(zr + slab_at(q, zrow, O)) =
-              *reinterpret_cast<const uint4 *>(Ps + pl * ps + (q / i2) * lz + q % i2);
+              *reinterpret_cast<const uint4 *>(Pc + pl * ps + (q / i2) * lz + q % i2);
       }
     } else {
       for (int64_t x = threadIdx.x; x < (int64_t)pr * I; x += TC_THREADS) {
         const int64_t pl = x / I, q = x % I, zrow = p0 + pl;
-        if (zrow < O) zr[slab_at(q, zrow, O)] = Ps[pl * ps + (q / i2) * lz + q % i2];
+        if (zrow < O) zr[slab_at(q, zrow, O)] = Pc[pl * ps + (q / i2) * lz + q % i2];
       }
     }
   }
@@ -1179,6 +1201,13 @@ template <typename T> inline ColsBwdPlan cols_bwd_plan(int64_t O, int i1, int i2
   return {false, pr, cols_bwd_layout(i1, i2, pr, ColsBwdPrec<T>::split()).bytes};
 }
 
+// Whether the register kernel takes its pipelined layout (a second P buffer, filled by cp.async:
+// load_z_rows' 16-byte plane copies, so i2 % 8 == 0) at pr rows within `lim`. It runs one block per
+// SM, so the buffer costs no block; pr stays the plan's, and with it the partials' workspace.
+inline bool cols_bwd_reg_pipe(int i1, int i2, int pr, int64_t lim) {
+  return i2 % TC_QC == 0 && cols_bwd_reg_layout(tc_pad(i1), tc_pad(i2), pr, true).bytes <= lim;
+}
+
 // Shared memory of the three stages (rows forward, columns backward, rows backward), each under
 // its own precision policy, in their smallest layouts.
 // A 1 x 1 factor makes its gradient one cancelling sum per rank and expert, which bound 1 judges
@@ -1249,6 +1278,7 @@ template <typename T> struct ColsBwdArgs {
   int o1, i1, i2, pr;
   int64_t O, r0, nr, nexp, expert;
   FactorReduce<T> prev;  // the previous expert's factor gradients, or none
+  int pipe;              // the register kernel's pipelined layout (cols_bwd_reg_pipe)
 };
 
 // The register kernel's instance for i1 x i2 (cols_bwd_reg_ok): with `a`, launched on `grid`
@@ -1265,7 +1295,7 @@ inline cudaError_t cols_bwd_reg_launch(cudaStream_t s, int i1, int i2, unsigned 
     if (!a) return CAMEX_SET_MAX_SMEM((kron_cols_bwd_reg_kernel<T, C, D>), lim);                            \
     CAMEX_LAUNCH_SMEM((kron_cols_bwd_reg_kernel<T, C, D>), grid, TC_THREADS, bytes, s)(                     \
         a->h, a->z, a->fc, a->fd, a->part, a->o1, a->i1, a->i2, a->pr, a->O, a->r0, a->nr, a->nexp, a->expert,  \
-        a->prev);                                                                                           \
+        a->prev, a->pipe);                                                                                  \
     return cudaGetLastError();                                                                              \
   }
     CAMEX_COLS_BWD_REG(16, 16)
@@ -1306,7 +1336,9 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
   const ColsBwdPlan cp = cols_bwd_plan<T>(O, i1, i2, lim);
   const bool creg = cp.reg;
   const int pr = cp.pr;
-  const int64_t cbytes = cp.bytes;
+  // The register kernel pipelined where its second P buffer fits at the plan's rows.
+  const int cpipe = creg && cols_bwd_reg_pipe(i1, i2, pr, lim) && (reinterpret_cast<uintptr_t>(z) & 15) == 0;
+  const int64_t cbytes = cpipe ? cols_bwd_reg_layout(tc_pad(i1), tc_pad(i2), pr, true).bytes : cp.bytes;
   const int bmode = rows_bwd_mode(o1, o2, RowsBwdPrec<T>::split(), lim);
   const RowsBwdLayout bl = rows_bwd_layout(o1, o2, RowsBwdPrec<T>::split(), bmode);
   const int64_t cblocks = (O + pr - 1) / pr;
@@ -1361,7 +1393,7 @@ inline int kron_backward_tc(cudaStream_t s, float *gt, Opnd h, Opnd tau, const K
       CAMEX_CHECK_LAUNCH();
     }
     const ColsBwdArgs<T> ca = {h, zs, fc, fd, pcd + r0 * cblocks * scd, o1, i1, i2, pr, O, r0, nr, f.n, expert,
-                               r0 == 0 ? prev : FactorReduce<T>{}};
+                               r0 == 0 ? prev : FactorReduce<T>{}, cpipe};
     if (creg) {
       err = cols_bwd_reg_launch<T>(s, i1, i2, (unsigned)cblocks, cbytes, 0, &ca);
       if (err != cudaSuccess) return (int)err;

@@ -879,10 +879,11 @@ fn emu_kron_chain_on_tensor_cores() {
 /// The forward's two stages pipelined in bf16, where the next rank's operands come in by cp.async
 /// while this rank's are multiplied: stage 2 (`kron_cols_kernel` under `cols_pipe`: Z's rows and
 /// the factors C, D; i1 and i2 multiples of 8, I = 64 = 8 x 8, with a last block of rows partly past
-/// O = 20) and stage 1 (`kron_rows_body` under `rows_pipe`: A and B; O = 64 = 8 x 8). Rounds of
-/// two ranks and of one (R = 3; the CA-merge lends Z its output, the curvature op has rounds of
-/// one). The emulation executes a cp.async only at the wait that covers it, so a missing or early
-/// wait, or a buffer overwritten while it is read, changes the result.
+/// O = 20) and stage 1 (`kron_rows_body` under `rows_pipe`: A and B; O = 64 = 8 x 8); and the
+/// backward's columns side (`kron_cols_bwd_reg_kernel` under `cols_bwd_reg_pipe`: P's rows, at
+/// I = 64). Rounds of two ranks and of one (R = 3; the CA-merge lends Z its output, the curvature
+/// op has rounds of one). The emulation executes a cp.async only at the wait that covers it, so a
+/// missing or early wait, or a buffer overwritten while it is read, changes the result.
 #[test]
 fn emu_pipelined_stages() {
     if !on("emu_pipelined_stages") {
