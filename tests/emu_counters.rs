@@ -579,6 +579,44 @@ fn the_columns_side_backward_sizes_its_rows_on_the_device() {
     }
 }
 
+/// The backward's columns side at T5-base `wi`'s factor sizes (O x I = 3072 x 768 as 48 x 64 |
+/// 24 x 32; bf16, R = 2) runs the register kernel at 24 rows a block under both sm_90's and
+/// sm_80's limits, and takes the cp.async pipeline (a second P buffer, the next rank's P rows
+/// copied while this rank's are multiplied) where that buffer fits: under sm_90's limit (218 KiB),
+/// not under sm_80's (158 KiB without it). Same rows per block, so the same sums in the same order:
+/// the pipelined and plain kernels give every gradient bit for bit alike.
+#[test]
+fn the_columns_side_backward_pipelines_where_it_fits() {
+    let _g = COUNTING.lock().unwrap_or_else(|e| e.into_inner());
+    if !emulated("the_columns_side_backward_pipelines_where_it_fits") {
+        return;
+    }
+    let dims = [1, 3072, 768, 2, 48, 64, 24, 32];
+    let (c90, g90) = backward_under(false, dims, "kron_cols_bwd_reg_kernel", SM90);
+    let (c80, g80) = backward_under(false, dims, "kron_cols_bwd_reg_kernel", SM80);
+    assert!(
+        !c90.is_empty() && !c80.is_empty(),
+        "the register kernel under both limits, {:?} and {:?} KiB",
+        kib(&c90),
+        kib(&c80)
+    );
+    assert!(
+        c90.iter().all(|&b| b > SM80) && c80.iter().all(|&b| b < 160 * 1024),
+        "the second P buffer under sm_90's limit only, {:?} KiB against {:?}",
+        kib(&c90),
+        kib(&c80)
+    );
+    for (t, (x, y)) in g90.iter().zip(&g80).enumerate() {
+        assert_eq!(x.len(), y.len());
+        for (k, (a, b)) in x.iter().zip(y).enumerate() {
+            assert!(
+                a.is_finite() && a.to_bits() == b.to_bits(),
+                "gradient {t} value {k}: {a} pipelined, {b} plain"
+            );
+        }
+    }
+}
+
 /// `CAMEX_TC_SMEM_LIMIT` (bytes, read once per process) caps the shared memory the tensor-core
 /// launchers plan for, below the device's: `scripts/gpu-check.sh` runs the tensor-core GPU test
 /// with sm_80's on the H200. This test runs itself again in a child process with the variable at
@@ -630,8 +668,25 @@ fn kib(c: &[i64]) -> Vec<i64> {
 /// (every launch checked within `limit`), and every gradient as f32 values (base, experts, the
 /// four factors').
 fn wo_like_backward(f16: bool, limit: i64) -> (Vec<i64>, Vec<Vec<f32>>) {
-    let (n, o, i, r) = (2usize, 8usize, 3072usize, 2usize);
-    let (o1, o2, i1, i2) = (2usize, 4usize, 48usize, 64usize);
+    backward_under(
+        f16,
+        [2, 8, 3072, 2, 2, 4, 48, 64],
+        "kron_cols_bwd_kernel",
+        limit,
+    )
+}
+
+/// A curvature forward and backward at `dims` ([n, o, i, r, o1, o2, i1, i2]), counting every
+/// block, under the emulated device's opt-in shared memory `limit`: the shared memory of each
+/// launch of the kernel whose name starts with `kernel` (every launch checked within `limit`), and
+/// every gradient as f32 values (base, experts, the four factors').
+fn backward_under(
+    f16: bool,
+    dims: [usize; 8],
+    kernel: &str,
+    limit: i64,
+) -> (Vec<i64>, Vec<Vec<f32>>) {
+    let [n, o, i, r, o1, o2, i1, i2] = dims;
     let v = |k: usize, seed: u64| varied(k, seed, f16);
     let factor = |d: usize| r * n * d * d;
     let sizes = [o * i, n * o * i, factor(o1), factor(o2), factor(i1)];
@@ -654,7 +709,7 @@ fn wo_like_backward(f16: bool, limit: i64) -> (Vec<i64>, Vec<Vec<f32>>) {
     let recs = counted(1, || {
         run_curvature_under(
             f16,
-            [n, o, i, r, o1, o2, i1, i2],
+            dims,
             [
                 &base, &experts, &fa, &fb, &fc, &fd, &curved, &gc, &gb, &ge, &grads[0], &grads[1],
                 &grads[2], &grads[3],
@@ -667,16 +722,17 @@ fn wo_like_backward(f16: bool, limit: i64) -> (Vec<i64>, Vec<Vec<f32>>) {
         recs.iter().all(|l| l.dyn_smem_bytes <= limit),
         "every launch within {limit} bytes"
     );
-    let cols = recs
+    let launches = recs
         .iter()
-        .filter(|l| kernel_name(l).starts_with("kron_cols_bwd_kernel"))
+        // A launch through a macro names its kernel in parentheses.
+        .filter(|l| kernel_name(l).trim_start_matches('(').starts_with(kernel))
         .map(|l| l.dyn_smem_bytes)
         .collect();
     let mut vals = vec![halves(&gb, sizes[0], f16), halves(&ge, sizes[1], f16)];
     for (g, &k) in grads.iter().zip(&sizes[2..]) {
         vals.push(halves(g, k, f16));
     }
-    (cols, vals)
+    (launches, vals)
 }
 
 /// The first `k` 16-bit values of `v` (bf16, or f16 with `f16`) as f32.
