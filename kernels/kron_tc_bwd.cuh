@@ -592,12 +592,13 @@ kron_cols_bwd_reg_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc,
   // while H's rows come in); the bits are the unpipelined path's.
   const bool piped = L.pstep != 0;
   const int64_t zrank = ZMem<BwdZ<T>>::planes * plane;  // Z's elements per rank
+  auto prefetch = [&](int64_t rl, int buf) {  // rank rl's P rows into buffer buf, as one group
+    load_z_rows<P, BwdZ<T>, true>(Ps + buf * L.pstep, nullptr, lz, ps, z + rl * zrank, p0, pr, O, i1, i2);
+    cp_async_commit();
+  };
   zero_smem(smem, L.red);  // the padding of H, P and the factors (red is written whole before reads)
   __syncthreads();
-  if (piped) {
-    load_z_rows<P, BwdZ<T>, true>(Ps, nullptr, lz, ps, z, p0, pr, O, i1, i2);
-    cp_async_commit();
-  }
+  if (piped) prefetch(0, 0);
   load_h_rows<T, P>(Hs, nullptr, lz, ps, h, p0, pr, O, o1, i1, i2);
 
   for (int64_t rl = 0; rl < nr; ++rl) {
@@ -611,14 +612,8 @@ kron_cols_bwd_reg_kernel(Opnd h, MmaT *__restrict__ z, const T *__restrict__ fc,
     float *out = part + (rl * blocks + blockIdx.x) * ((int64_t)i1 * i1 + (int64_t)i2 * i2);
     const int buf = piped ? (int)(rl & 1) : 0;
     MmaT *Pc = Ps + buf * L.pstep;  // this rank's P (then K)
-    if (piped) {
-      pipe_next_rank(rl, nr, buf, [&](int64_t nl, int nb) {
-        load_z_rows<P, BwdZ<T>, true>(Ps + nb * L.pstep, nullptr, lz, ps, z + nl * zrank, p0, pr, O, i1, i2);
-        cp_async_commit();
-      });
-    } else {
-      load_z_rows<P, BwdZ<T>>(Ps, nullptr, lz, ps, zr, p0, pr, O, i1, i2);
-    }
+    if (piped) pipe_next_rank(rl, nr, buf, prefetch);
+    else load_z_rows<P, BwdZ<T>>(Ps, nullptr, lz, ps, zr, p0, pr, O, i1, i2);
     __syncthreads();
     // The factors' A fragments, for the whole rank: C^T (M = c', K = c) and D^T (M = d', K = d);
     // their halves are the B fragments of C (K = c, N = c') and D (K = d, N = d').
